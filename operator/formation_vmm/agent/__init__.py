@@ -1,0 +1,1 @@
+"""The per-node agent: turns the VMs bound to its node into libvirt domains and reports status."""

@@ -1,0 +1,75 @@
+"""A VM's files on the node: runtime directory, blank disks. No symlink is followed out of the
+configured directories, and qemu-img runs without a shell."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from formation_vmm.api.quantity import parse_quantity
+from formation_vmm.domain.spec import DomainSpec
+
+
+class UnsafePathError(RuntimeError):
+    """A path that would leave its base directory (through '..' or a symlink)."""
+
+
+def ensure_inside(base: Path, path: Path) -> Path:
+    """Return ``path`` if, with every symlink resolved, it stays inside ``base``."""
+    real_base = base.resolve()
+    real = path.resolve()
+    if real != real_base and real_base not in real.parents:
+        raise UnsafePathError(f"{path} resolves to {real}, outside {real_base}")
+    return path
+
+
+def qemu_img() -> str:
+    """Absolute path of qemu-img, so no later change of PATH or cwd picks another binary."""
+    found = shutil.which("qemu-img")
+    if found is None:
+        raise FileNotFoundError("qemu-img is not installed (Debian package qemu-utils)")
+    return found
+
+
+def make_dir(base: Path, path: Path) -> None:
+    base.mkdir(parents=True, exist_ok=True)
+    ensure_inside(base, path)
+    path.mkdir(parents=True, exist_ok=True)
+    ensure_inside(base, path)  # again: a component may have been a symlink created meanwhile
+
+
+def create_blank_disk(base: Path, path: Path, size: str) -> None:
+    """Create a sparse qcow2 disk of ``size`` unless it exists. Written under a temporary name and
+    renamed, so a crash never leaves a half-made disk under the real name."""
+    make_dir(base, path.parent)
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    subprocess.run(  # noqa: S603 - fixed argv and a validated path, no shell
+        [qemu_img(), "create", "-q", "-f", "qcow2", str(tmp), str(parse_quantity(size))],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    os.replace(tmp, path)
+
+
+def prepare(spec: DomainSpec, sizes: dict[str, str], runtime_base: Path, disks_base: Path) -> None:
+    """Create what the domain refers to: its runtime directory and its blank disks."""
+    make_dir(runtime_base, spec.console_log.parent)
+    for disk in spec.disks:
+        size = sizes.get(disk.name)
+        if size is not None:
+            create_blank_disk(disks_base, disk.path, size)
+
+
+def remove_tree(base: Path, path: Path) -> None:
+    """Remove a VM's directory; a symlink in its place is removed, never followed."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    ensure_inside(base, path)
+    shutil.rmtree(path)

@@ -1,0 +1,241 @@
+"""Typed models of the custom resources, mirroring ``crds/`` field by field.
+
+``tests/api/test_models_match_crds.py`` walks these models and the CRD schemas side by side, so a
+field added to one and not the other fails the tests. The CRDs are the canonical copy (they carry
+the descriptions, defaults and CEL rules users meet); these models are what the code reads.
+"""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from formation_vmm.api.quantity import parse_quantity
+
+RunStrategy = Literal["Always", "RerunOnFailure", "Once", "Halted"]
+VmPhase = Literal[
+    "Pending",
+    "Scheduled",
+    "Provisioning",
+    "Starting",
+    "Running",
+    "Paused",
+    "Stopping",
+    "Stopped",
+    "Failed",
+    "Terminating",
+    "Unknown",
+]
+ImagePhase = Literal["Pending", "Downloading", "Converting", "Ready", "Failed"]
+ImageFormat = Literal["auto", "raw", "qcow2", "vmdk", "form"]
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are ignored, not fatal."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_api(self) -> dict[str, Any]:
+        """The JSON form the apiserver stores, without unset optional fields."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --- VirtualMachine -------------------------------------------------------------------------
+
+
+class CpuTopology(ApiModel):
+    cores: int = 1
+    sockets: int = 1
+    threads: int = 1
+
+
+class Disk(ApiModel):
+    name: str
+    image: str | None = None
+    size: str | None = None
+    bus: Literal["virtio", "sata", "scsi"] = "virtio"
+    read_only: bool = False
+    boot_order: int | None = None
+
+
+class KernelBoot(ApiModel):
+    image: str
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+class SecretKeyRef(ApiModel):
+    name: str
+    key: str = "userdata"
+
+
+class CloudInit(ApiModel):
+    user_data: str | None = None
+    user_data_secret_ref: SecretKeyRef | None = None
+    network_data: str | None = None
+
+
+class Network(ApiModel):
+    name: str
+    network: str | None = None
+    bridge: str | None = None
+    mac_address: str | None = None
+    model: Literal["virtio", "e1000", "rtl8139"] = "virtio"
+
+
+class Toleration(ApiModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class TcpSocketProbe(ApiModel):
+    port: int
+
+
+class HttpGetProbe(ApiModel):
+    port: int
+    path: str = "/"
+
+
+class GuestAgentPingProbe(ApiModel):
+    pass
+
+
+class Probe(ApiModel):
+    tcp_socket: TcpSocketProbe | None = None
+    http_get: HttpGetProbe | None = None
+    guest_agent_ping: GuestAgentPingProbe | None = None
+    initial_delay_seconds: int = 0
+    period_seconds: int = 10
+    timeout_seconds: int = 1
+    failure_threshold: int = 3
+
+
+class VirtualMachineSpec(ApiModel):
+    run_strategy: RunStrategy = "Always"
+    paused: bool = False
+    restart_requested_at: datetime | None = None
+    cpu: CpuTopology | None = None
+    cpus: int | None = None
+    memory: str = "512Mi"
+    disks: list[Disk] = Field(default_factory=list)
+    kernel: KernelBoot | None = None
+    cloud_init: CloudInit | None = None
+    networks: list[Network] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    readiness_probe: Probe | None = None
+    termination_grace_period_seconds: int = 30
+
+    @property
+    def topology(self) -> CpuTopology:
+        """The CPU topology, whichever of ``cpu`` and ``cpus`` the user wrote."""
+        if self.cpu is not None:
+            return self.cpu
+        return CpuTopology(cores=self.cpus or 1)
+
+    @property
+    def vcpus(self) -> int:
+        topo = self.topology
+        return topo.cores * topo.sockets * topo.threads
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_quantity(self.memory)
+
+
+class Condition(ApiModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class InterfaceStatus(ApiModel):
+    name: str
+    mac: str | None = None
+    ip_address: str | None = None
+
+
+class VirtualMachineStatus(ApiModel):
+    phase: VmPhase | None = None
+    node_name: str | None = None
+    interfaces: list[InterfaceStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    domain_uuid: str | None = Field(default=None, alias="domainUUID")
+    started_at: datetime | None = None
+    restart_count: int = 0
+    message: str | None = None
+    vcpus: int | None = None
+
+
+class ObjectMeta(ApiModel):
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class VirtualMachine(ApiModel):
+    metadata: ObjectMeta
+    spec: VirtualMachineSpec = Field(default_factory=VirtualMachineSpec)
+    status: VirtualMachineStatus = Field(default_factory=VirtualMachineStatus)
+
+
+# --- VmImage -------------------------------------------------------------------------------
+
+
+class AuthSecretRef(ApiModel):
+    name: str
+    key: str = "authorization"
+
+
+class HttpSource(ApiModel):
+    url: str
+    secret_ref: AuthSecretRef | None = None
+
+
+class HostPathSource(ApiModel):
+    path: str
+
+
+class ImageSource(ApiModel):
+    http: HttpSource | None = None
+    host_path: HostPathSource | None = None
+
+
+class VmImageSpec(ApiModel):
+    source: ImageSource
+    format: ImageFormat = "auto"
+    checksum: str | None = None
+    prefetch: Literal["OnDemand", "AllNodes"] = "OnDemand"
+
+
+class ImageNodeStatus(ApiModel):
+    name: str
+    phase: ImagePhase
+    message: str | None = None
+
+
+class VmImageStatus(ApiModel):
+    phase: ImagePhase | None = None
+    progress: str | None = None
+    size: int | None = None
+    virtual_size: int | None = None
+    format: str | None = None
+    nodes: list[ImageNodeStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class VmImage(ApiModel):
+    metadata: ObjectMeta
+    spec: VmImageSpec
+    status: VmImageStatus = Field(default_factory=VmImageStatus)

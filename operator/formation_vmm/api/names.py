@@ -1,0 +1,31 @@
+"""Names shared by the controller, the agent, the CRDs and the tests."""
+
+GROUP = "vmm.formation.cloud"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+VM_PLURAL = "virtualmachines"
+VM_KIND = "VirtualMachine"
+IMAGE_PLURAL = "vmimages"
+IMAGE_KIND = "VmImage"
+
+# A node runs an agent, and may receive VMs, only when it carries this label set to "true".
+HYPERVISOR_LABEL = f"{GROUP}/hypervisor"
+# The controller binds a VM to a node with this label (and status.nodeName); each agent watches
+# only the VMs carrying its own node's name here.
+NODE_LABEL = f"{GROUP}/node"
+
+# kopf requires distinct finalizers and persistence prefixes when two operators handle one kind.
+CONTROLLER_FINALIZER = f"controller.{GROUP}/finalizer"
+AGENT_FINALIZER = f"agent.{GROUP}/finalizer"
+CONTROLLER_PREFIX = f"controller.{GROUP}"
+AGENT_PREFIX = f"agent.{GROUP}"
+
+# Node annotations written by the agent: what the node offers to VMs.
+CAPACITY_CPUS_ANNOTATION = f"{GROUP}/capacity-cpus"
+CAPACITY_MEMORY_ANNOTATION = f"{GROUP}/capacity-memory"
+HEARTBEAT_ANNOTATION = f"{GROUP}/agent-heartbeat"
+
+# libvirt <metadata> namespace in which the agent records which VM owns a domain.
+LIBVIRT_METADATA_NS = f"https://{GROUP}/domain"
+LIBVIRT_METADATA_PREFIX = "vmm"

@@ -1,0 +1,68 @@
+"""``vmm``: run the controller or the agent, or a local cluster (``vmm dev up|down|status``)."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from formation_vmm import config
+
+
+def _operator_flags(parser: argparse.ArgumentParser) -> None:
+    # Every flag defaults to None so that an absent flag leaves the env or file value in force.
+    parser.add_argument("--config", dest="config_path", type=Path, help="YAML config file (VMM_CONFIG_PATH)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="VMM_LOG_LEVEL")
+    parser.add_argument("--api-port", type=int, help="health and metrics port (VMM_API_PORT, default 3003)")
+    parser.add_argument("--namespace", dest="namespaces", action="append", help="watch only this namespace")
+
+
+def _agent_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node-name", help="this node's name (VMM_NODE_NAME)")
+    parser.add_argument("--libvirt-uri", help="libvirt URI (VMM_LIBVIRT_URI, default qemu:///system)")
+    parser.add_argument("--domain-type", choices=["kvm", "qemu", "test"], help="VMM_DOMAIN_TYPE")
+    parser.add_argument("--vm-dir", type=Path, help="runtime files (VMM_VM_DIR)")
+    parser.add_argument("--disks-dir", type=Path, help="VM disks (VMM_DISKS_DIR)")
+    parser.add_argument("--images-dir", type=Path, help="image cache (VMM_IMAGES_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    controller = sub.add_parser("controller", help="run the cluster controller (placement, node health)")
+    _operator_flags(controller)
+    agent = sub.add_parser("agent", help="run the node agent (libvirt domains, disks, status)")
+    _operator_flags(agent)
+    _agent_flags(agent)
+    dev = sub.add_parser("dev", help="a local cluster on this machine")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    up = dev_sub.add_parser("up", help="start control plane, controller and agent; apply a sample VM")
+    up.add_argument("--no-sample", action="store_true", help="do not apply the sample VM")
+    dev_sub.add_parser("down", help="delete the VMs and stop everything `up` started")
+    dev_sub.add_parser("status", help="say what runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "dev_command")}
+    if args.command == "controller":
+        from formation_vmm.run import run_controller
+
+        run_controller(config.load(flags))
+    elif args.command == "agent":
+        from formation_vmm.run import run_agent
+
+        run_agent(config.load(flags))
+    elif args.command == "dev":
+        from formation_vmm.devcluster import local
+
+        if args.dev_command == "up":
+            return local.up(sample=not args.no_sample)
+        if args.dev_command == "down":
+            return local.down()
+        return local.status()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

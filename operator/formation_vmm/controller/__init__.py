@@ -1,0 +1,1 @@
+"""The cluster controller: places VMs on hypervisor nodes and watches node health."""

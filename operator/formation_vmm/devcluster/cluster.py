@@ -1,0 +1,142 @@
+"""Everything on top of a bare control plane that a working Formation VMM needs: CRDs, the
+peering object, hypervisor Node objects, and the controller and agent processes.
+
+Shared by ``vmm dev up`` and the control-plane test fixtures, so the tests exercise exactly what
+users start.
+"""
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from formation_vmm.api.names import HYPERVISOR_LABEL
+from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.devcluster.processes import free_port, spawn
+from formation_vmm.run import PEERING_NAME
+
+
+def source_root() -> Path:
+    """The checkout this package runs from (crds/, manifests/ live there)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "crds").is_dir() and (parent / "pyproject.toml").exists():
+            return parent
+    raise RuntimeError("crds/ not found: run from a checkout of formation-vmm (pip install -e .)")
+
+
+class Kubectl:
+    def __init__(self, binary: Path, kubeconfig: Path) -> None:
+        self.binary = binary
+        self.kubeconfig = kubeconfig
+
+    def run(self, *args: str, input_text: str | None = None) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(  # noqa: S603 - fixed binary, argv from this package
+            [str(self.binary), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input_text,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def __call__(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        proc = self.run(*args, input_text=input_text)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def apply_docs(self, docs: list[dict[str, object]]) -> None:
+        self("apply", "--server-side", "--force-conflicts", "-f", "-", input_text=yaml.safe_dump_all(docs))
+
+
+def install_crds(kubectl: Kubectl, crds: Path | None = None) -> None:
+    directory = crds or source_root() / "crds"
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(directory))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    kubectl.apply_docs(
+        [{"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING_NAME}}]
+    )
+
+
+def register_node(kubectl: Kubectl, name: str, labels: dict[str, str] | None = None) -> None:
+    """A Node object for a machine that has no kubelet, labeled as a hypervisor."""
+    all_labels = {HYPERVISOR_LABEL: "true", "kubernetes.io/hostname": name, **(labels or {})}
+    kubectl.apply_docs(
+        [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}}]
+    )
+    # The apiserver taints every new Node not-ready until a kubelet reports; there is no kubelet
+    # here, so we stand in for it. Placement itself honours every taint.
+    kubectl("taint", "node", name, "node.kubernetes.io/not-ready:NoSchedule-", check=False)
+
+
+@dataclass
+class OperatorProcess:
+    name: str
+    pid: int
+    port: int
+    log: Path
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        from formation_vmm.devcluster.processes import alive
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not alive(self.pid):
+                tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+                raise RuntimeError(f"{self.name} exited; log {self.log}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
+
+
+def start_operator(
+    plane: ControlPlane, name: str, command: list[str], env_extra: dict[str, str]
+) -> OperatorProcess:
+    """Start ``vmm <command>`` against ``plane`` as a recorded background process."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(plane.kubeconfig),
+        "VMM_API_PORT": str(port),
+        "VMM_API_HOST": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+        **env_extra,
+    }
+    log = plane.logs / f"{name}.log"
+    pid = spawn([sys.executable, "-m", "formation_vmm.cli", *command], log, env=env)
+    plane.processes.add(name, pid)
+    return OperatorProcess(name=name, pid=pid, port=port, log=log)
+
+
+def start_agent(
+    plane: ControlPlane,
+    node: str,
+    libvirt_uri: str,
+    domain_type: str,
+    env_extra: dict[str, str] | None = None,
+) -> OperatorProcess:
+    base = plane.root / "nodes" / node
+    env = {
+        "VMM_NODE_NAME": node,
+        "VMM_LIBVIRT_URI": libvirt_uri,
+        "VMM_DOMAIN_TYPE": domain_type,
+        "VMM_VM_DIR": str(base / "run"),
+        "VMM_DISKS_DIR": str(base / "disks"),
+        "VMM_IMAGES_DIR": str(base / "images"),
+        **(env_extra or {}),
+    }
+    return start_operator(plane, f"agent-{node}", ["agent"], env)
+
+
+def start_controller(plane: ControlPlane, env_extra: dict[str, str] | None = None) -> OperatorProcess:
+    return start_operator(plane, "controller", ["controller"], env_extra or {})

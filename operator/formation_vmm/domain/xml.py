@@ -1,0 +1,123 @@
+"""DomainSpec <-> libvirt domain XML. Elements are written in one fixed order so golden files hold."""
+
+import xml.etree.ElementTree as ET
+
+from formation_vmm.api.names import LIBVIRT_METADATA_NS, LIBVIRT_METADATA_PREFIX
+from formation_vmm.domain.spec import DiskDevice, DomainSpec, InterfaceDevice, Owner
+
+ET.register_namespace(LIBVIRT_METADATA_PREFIX, LIBVIRT_METADATA_NS)
+
+_BUS_DEVICE_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd"}
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    child = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        child.text = text
+    return child
+
+
+def _device_name(bus: str, index: int) -> str:
+    return _BUS_DEVICE_PREFIX[bus] + chr(ord("a") + index)
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """The libvirt domain XML for ``spec``."""
+    dom = ET.Element("domain", type=spec.domain_type)
+    _sub(dom, "name", spec.name)
+    if spec.uuid:
+        _sub(dom, "uuid", spec.uuid)
+    _owner(_sub(dom, "metadata"), spec.owner)
+    _sub(dom, "memory", str(spec.memory_kib), unit="KiB")
+    _sub(dom, "vcpu", str(spec.vcpus), placement="static")
+    _os(_sub(dom, "os"), spec)
+    features = _sub(dom, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    cpu = _sub(dom, "cpu")
+    _sub(
+        cpu, "topology", sockets=str(spec.sockets), dies="1", cores=str(spec.cores), threads=str(spec.threads)
+    )
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    # A crash must leave the domain shut off so the agent sees it and applies the runStrategy.
+    _sub(dom, "on_crash", "destroy")
+    devices = _sub(dom, "devices")
+    _disks(devices, spec.disks)
+    _interfaces(devices, spec.interfaces)
+    _console(devices, spec)
+    ET.indent(dom, "  ")
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _owner(metadata: ET.Element, owner: Owner) -> None:
+    el = ET.SubElement(metadata, f"{{{LIBVIRT_METADATA_NS}}}owner")
+    for key in ("namespace", "name", "uid"):
+        ET.SubElement(el, f"{{{LIBVIRT_METADATA_NS}}}{key}").text = getattr(owner, key)
+
+
+def _os(os_el: ET.Element, spec: DomainSpec) -> None:
+    _sub(os_el, "type", "hvm", arch="x86_64")
+    if spec.kernel is None:
+        return
+    _sub(os_el, "kernel", str(spec.kernel.kernel))
+    if spec.kernel.initrd is not None:
+        _sub(os_el, "initrd", str(spec.kernel.initrd))
+    if spec.kernel.cmdline:
+        _sub(os_el, "cmdline", spec.kernel.cmdline)
+
+
+def _disks(devices: ET.Element, disks: tuple[DiskDevice, ...]) -> None:
+    per_prefix: dict[str, int] = {}
+    for disk in disks:
+        prefix = _BUS_DEVICE_PREFIX[disk.bus]
+        index = per_prefix.get(prefix, 0)
+        per_prefix[prefix] = index + 1
+        el = _sub(devices, "disk", type="file", device=disk.device)
+        _sub(el, "driver", name="qemu", type=disk.driver_type)
+        _sub(el, "source", file=str(disk.path))
+        _sub(el, "target", dev=_device_name(disk.bus, index), bus=disk.bus)
+        if disk.read_only:
+            _sub(el, "readonly")
+        if disk.boot_order is not None:
+            _sub(el, "boot", order=str(disk.boot_order))
+        _sub(el, "alias", name=f"ua-disk-{disk.name}")
+
+
+def _interfaces(devices: ET.Element, interfaces: tuple[InterfaceDevice, ...]) -> None:
+    for iface in interfaces:
+        if iface.bridge:
+            el = _sub(devices, "interface", type="bridge")
+            _sub(el, "source", bridge=iface.bridge)
+        else:
+            el = _sub(devices, "interface", type="network")
+            _sub(el, "source", network=iface.network or "default")
+        _sub(el, "mac", address=iface.mac)
+        _sub(el, "model", type=iface.model)
+        _sub(el, "alias", name=f"ua-net-{iface.name}")
+
+
+def _console(devices: ET.Element, spec: DomainSpec) -> None:
+    """Serial console appended to a log file the agent (and `kubectl vm console`) can read."""
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=str(spec.console_log), append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(devices, "console", type="file")
+    _sub(console, "source", path=str(spec.console_log), append="on")
+    _sub(console, "target", type="serial", port="0")
+
+
+def owner_of(xml: str) -> Owner | None:
+    """The VM recorded in a domain's metadata, or None for a domain that is not ours."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
+    except ET.ParseError:
+        return None
+    owner = root.find(f"metadata/{{{LIBVIRT_METADATA_NS}}}owner")
+    if owner is None:
+        return None
+    values = {key: owner.findtext(f"{{{LIBVIRT_METADATA_NS}}}{key}") for key in ("namespace", "name", "uid")}
+    if not all(values.values()):
+        return None
+    return Owner(namespace=values["namespace"] or "", name=values["name"] or "", uid=values["uid"] or "")

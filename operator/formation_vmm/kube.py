@@ -1,0 +1,98 @@
+"""Direct Kubernetes API calls the handlers need beyond what kopf does for them.
+
+The one place that builds a kubernetes client; kopf's own calls go through kopf.
+"""
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.config.config_exception import ConfigException
+
+log = logging.getLogger(__name__)
+
+
+def _load_config() -> None:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def core_api() -> client.CoreV1Api:
+    _load_config()
+    return client.CoreV1Api()
+
+
+def annotate_node(api: client.CoreV1Api, node: str, annotations: dict[str, str]) -> None:
+    api.patch_node(node, {"metadata": {"annotations": annotations}})
+
+
+def node_exists(api: client.CoreV1Api, node: str) -> bool:
+    try:
+        api.read_node(node)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def node_summary(body: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a Node the controller's placement reads."""
+    meta = body.get("metadata", {})
+    spec = body.get("spec", {})
+    return {
+        "name": meta.get("name"),
+        "labels": dict(meta.get("labels") or {}),
+        "annotations": dict(meta.get("annotations") or {}),
+        "taints": [dict(t) for t in spec.get("taints") or []],
+    }
+
+
+StatusUpdate = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class StatusWriter:
+    """Writes a custom object's status with optimistic concurrency.
+
+    The controller and the agent both write a VM's status, and a JSON merge patch replaces lists
+    whole; a writer working from a stale copy would erase the other's conditions. So each write
+    carries the resourceVersion it was computed from, and on a conflict the update is computed
+    again from a fresh read. ``update`` maps the current status to the fields to change.
+    """
+
+    def __init__(self, api: client.CustomObjectsApi, group: str, version: str, plural: str) -> None:
+        self.api = api
+        self.group = group
+        self.version = version
+        self.plural = plural
+
+    def write(self, body: dict[str, Any], update: StatusUpdate, attempts: int = 5) -> dict[str, Any]:
+        """Apply ``update`` to ``body``'s status; returns the fields finally written."""
+        meta = body["metadata"]
+        current = body
+        for _ in range(attempts):
+            fields = update(dict(current.get("status") or {}))
+            patch = {
+                "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                "status": fields,
+            }
+            try:
+                self.api.patch_namespaced_custom_object_status(
+                    self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
+                )
+                return fields
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+            current = self.api.get_namespaced_custom_object(
+                self.group, self.version, meta["namespace"], self.plural, meta["name"]
+            )  # type: ignore[assignment]  # the client types every custom object as `object`
+        raise RuntimeError(f"status of {meta['namespace']}/{meta['name']} kept changing under us")
+
+
+def custom_api() -> client.CustomObjectsApi:
+    _load_config()
+    return client.CustomObjectsApi()

@@ -1,0 +1,101 @@
+"""Start the controller or the agent: settings in, a kopf operator plus the health server out."""
+
+import asyncio
+import logging
+
+import kopf
+from aiohttp import web
+
+from formation_vmm import health
+from formation_vmm.agent import debug_api
+from formation_vmm.agent import handlers as agent_handlers
+from formation_vmm.agent.handlers import AgentMemo
+from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.api.names import GROUP, VERSION, VM_PLURAL
+from formation_vmm.config import Settings
+from formation_vmm.controller import handlers as controller_handlers
+from formation_vmm.controller.handlers import ControllerMemo
+from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.kube import StatusWriter, core_api, custom_api
+
+PEERING_NAME = "formation-vmm-controller"
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    # kopf logs every handler call at INFO; keep those at DEBUG unless asked for.
+    if settings.log_level != "DEBUG":
+        logging.getLogger("kopf").setLevel(logging.WARNING)
+
+
+async def _serve(
+    settings: Settings,
+    registry: kopf.OperatorRegistry,
+    state: object,
+    *,
+    standalone: bool,
+    peering_name: str | None,
+    routes: list[web.RouteDef] | None = None,
+) -> None:
+    ready = asyncio.Event()
+    app = health.build_app(lambda: None if ready.is_set() else "the operator is starting", routes)
+    runner = await health.serve(app, settings.api_host, settings.api_port)
+    try:
+        await kopf.operator(
+            registry=registry,
+            memo=kopf.Memo(state=state),
+            standalone=standalone,
+            peering_name=peering_name,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            ready_flag=ready,
+        )
+    finally:
+        await runner.cleanup()
+
+
+def _registry() -> kopf.OperatorRegistry:
+    """A registry of our own (two operators live in one package), with kopf's login through the
+    kubernetes client: in-cluster service account, else the kubeconfig."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    return registry
+
+
+def _vm_status_writer() -> StatusWriter:
+    return StatusWriter(custom_api(), GROUP, VERSION, VM_PLURAL)
+
+
+def run_controller(settings: Settings) -> None:
+    _logging(settings)
+    registry = _registry()
+    controller_handlers.register(registry)
+    state = ControllerMemo(settings=settings, status=_vm_status_writer())
+    asyncio.run(_serve(settings, registry, state, standalone=False, peering_name=PEERING_NAME))
+
+
+def run_agent(settings: Settings) -> None:
+    _logging(settings)
+    if not settings.node_name:
+        raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
+    registry = _registry()
+    agent_handlers.register(registry, settings.node_name)
+    hypervisor = Hypervisor(settings.libvirt_uri)
+    layout = NodeLayout(vm_dir=settings.vm_dir, disks_dir=settings.disks_dir, images_dir=settings.images_dir)
+    state = AgentMemo(
+        settings=settings,
+        node=settings.node_name,
+        hypervisor=hypervisor,
+        reconciler=Reconciler(hypervisor, layout, settings.domain_type),
+        api=core_api(),
+        status=_vm_status_writer(),
+    )
+    # The agent is one per node and owns only its node's VMs: no peering between agents.
+    asyncio.run(
+        _serve(
+            settings, registry, state, standalone=True, peering_name=None, routes=debug_api.routes(hypervisor)
+        )
+    )

@@ -1,0 +1,34 @@
+import pytest
+
+from formation_vmm.api.quantity import QuantityError, format_mebibytes, parse_quantity
+
+pytestmark = pytest.mark.pure
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("512Mi", 512 * 2**20),
+        ("1Gi", 2**30),
+        ("2G", 2 * 10**9),
+        ("1.5Gi", 3 * 2**29),
+        ("100", 100),
+        ("0.5k", 500),
+    ],
+)
+def test_parses_kubernetes_quantities(text: str, expected: int) -> None:
+    assert parse_quantity(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "", "12XB", "-1Gi", "1.2.3Mi"])
+def test_rejects_what_is_not_a_quantity(text: str) -> None:
+    with pytest.raises(QuantityError, match="not a quantity"):
+        parse_quantity(text)
+
+
+def test_rounds_fractions_of_a_byte_up() -> None:
+    assert parse_quantity("0.1") == 1
+
+
+def test_formats_mebibytes_rounding_down() -> None:
+    assert format_mebibytes(3 * 2**20 + 5) == "3Mi"

@@ -1,0 +1,142 @@
+"""Invalid manifests are rejected by the real apiserver with a message a user understands."""
+
+import json
+
+import pytest
+import yaml
+
+from formation_vmm.devcluster.cluster import Kubectl
+
+pytestmark = pytest.mark.controlplane
+
+VM = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VirtualMachine"}
+IMG = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmImage"}
+HEX = "a" * 64
+
+INVALID = [
+    (
+        "negative cpus",
+        VM,
+        {"cpus": -2},
+        "spec.cpus: Invalid value: -2: spec.cpus in body should be greater than or equal to 1",
+    ),
+    (
+        "memory lots",
+        VM,
+        {"memory": "lots"},
+        "memory must be a positive Kubernetes quantity such as 512Mi or 4Gi",
+    ),
+    ("zero memory", VM, {"memory": "0"}, "memory must be a positive Kubernetes quantity"),
+    (
+        "duplicate disk names",
+        VM,
+        {"disks": [{"name": "root", "size": "1Gi"}, {"name": "root", "size": "2Gi"}]},
+        "disk names must be unique within a VM",
+    ),
+    ("unknown runStrategy", VM, {"runStrategy": "Sometimes"}, 'Unsupported value: "Sometimes"'),
+    (
+        "disk with image and size",
+        VM,
+        {"disks": [{"name": "root", "image": "debian", "size": "1Gi"}]},
+        "a disk is either a copy of an image or a blank disk of a given size, not both",
+    ),
+    (
+        "disk with neither",
+        VM,
+        {"disks": [{"name": "root"}]},
+        "a disk needs an image (a VmImage name) or a size",
+    ),
+    (
+        "disk name not a label",
+        VM,
+        {"disks": [{"name": "Root_Disk", "size": "1Gi"}]},
+        "must be a DNS-1123 label",
+    ),
+    (
+        "cpu and cpus",
+        VM,
+        {"cpus": 2, "cpu": {"cores": 2}},
+        "set either cpu (sockets, cores, threads) or cpus, not both",
+    ),
+    (
+        "blank disk size",
+        VM,
+        {"disks": [{"name": "d", "size": "big"}]},
+        "size must be a positive Kubernetes quantity",
+    ),
+    (
+        "image with two sources",
+        IMG,
+        {"source": {"http": {"url": "https://example.com/a.img"}, "hostPath": {"path": "a.img"}}},
+        "an image source needs exactly one of http or hostPath",
+    ),
+    ("image with no source", IMG, {"source": {}}, "an image source needs exactly one of http or hostPath"),
+    (
+        "checksum not sha256",
+        IMG,
+        {"source": {"hostPath": {"path": "a.img"}}, "checksum": "md5:abc"},
+        "checksum must be 'sha256:' followed by 64 lower-case hex digits",
+    ),
+    (
+        "ftp url",
+        IMG,
+        {"source": {"http": {"url": "ftp://example.com/a.img"}}},
+        "url must be an http:// or https:// URL",
+    ),
+    (
+        "hostPath escaping",
+        IMG,
+        {"source": {"hostPath": {"path": "../etc/shadow"}}},
+        "path must be relative to the images directory, without '..' components",
+    ),
+    (
+        "unknown format",
+        IMG,
+        {"source": {"hostPath": {"path": "a"}}, "format": "iso"},
+        'Unsupported value: "iso"',
+    ),
+]
+
+
+def rejection(kubectl: Kubectl, verb: str, doc: dict[str, object]) -> str:
+    """What the apiserver says when it refuses ``doc``; fails the test if it is accepted."""
+    proc = kubectl.run(verb, "-f", "-", input_text=yaml.safe_dump(doc))
+    assert proc.returncode != 0, f"accepted: {doc}"
+    return proc.stderr
+
+
+@pytest.mark.parametrize(("case", "head", "spec", "message"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_manifest_is_rejected(
+    kubectl: Kubectl, namespace: str, case: str, head: dict[str, str], spec: dict[str, object], message: str
+) -> None:
+    doc = {**head, "metadata": {"name": "bad", "namespace": namespace}, "spec": spec}
+    assert message in rejection(kubectl, "create", doc)
+
+
+def test_a_valid_vm_is_accepted_with_defaults(kubectl: Kubectl, namespace: str) -> None:
+    doc = {
+        **VM,
+        "metadata": {"name": "ok", "namespace": namespace},
+        "spec": {"disks": [{"name": "d", "size": "1Gi"}]},
+    }
+    kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    got = json.loads(kubectl("get", "vm", "ok", "-n", namespace, "-o", "json"))
+    assert got["spec"]["runStrategy"] == "Always"
+    assert got["spec"]["memory"] == "512Mi"
+    assert got["spec"]["disks"][0]["bus"] == "virtio"
+
+
+def test_a_disk_image_cannot_change(kubectl: Kubectl, namespace: str) -> None:
+    doc = {
+        **VM,
+        "metadata": {"name": "img", "namespace": namespace},
+        "spec": {"disks": [{"name": "root", "image": "a"}]},
+    }
+    kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    doc["spec"] = {"disks": [{"name": "root", "image": "b"}]}
+    assert "a disk's image cannot change once the VM exists" in rejection(kubectl, "apply", doc)
+
+
+def test_kubectl_explain_helps(kubectl: Kubectl) -> None:
+    out = kubectl("explain", "vm.spec.memory")
+    assert "Guest memory as a Kubernetes quantity" in out
