@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -f charts/formation-vmm/crds/*.yaml
-cp crds/*.yaml charts/formation-vmm/crds/
+for f in crds/*.yaml; do
+  [[ "$(basename "$f")" == kustomization.yaml ]] && continue
+  cp "$f" charts/formation-vmm/crds/
+done

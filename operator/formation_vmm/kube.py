@@ -29,16 +29,6 @@ def annotate_node(api: client.CoreV1Api, node: str, annotations: dict[str, str])
     api.patch_node(node, {"metadata": {"annotations": annotations}})
 
 
-def node_exists(api: client.CoreV1Api, node: str) -> bool:
-    try:
-        api.read_node(node)
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
-
-
 def node_summary(body: dict[str, Any]) -> dict[str, Any]:
     """The parts of a Node the controller's placement reads."""
     meta = body.get("metadata", {})
@@ -96,3 +86,14 @@ class StatusWriter:
 def custom_api() -> client.CustomObjectsApi:
     _load_config()
     return client.CustomObjectsApi()
+
+
+def ensure_cluster_peering(api: client.CustomObjectsApi, name: str) -> None:
+    """Create kopf's ClusterKopfPeering object unless it exists: `kubectl apply` cannot create it
+    in the same run as its CRD, so the controller makes its own on start."""
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    try:
+        api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise

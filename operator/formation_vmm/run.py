@@ -17,7 +17,7 @@ from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.kube import StatusWriter, core_api, custom_api
+from formation_vmm.kube import StatusWriter, core_api, custom_api, ensure_cluster_peering
 
 PEERING_NAME = "formation-vmm-controller"
 
@@ -74,6 +74,7 @@ def run_controller(settings: Settings) -> None:
     registry = _registry()
     controller_handlers.register(registry)
     state = ControllerMemo(settings=settings, status=_vm_status_writer())
+    ensure_cluster_peering(custom_api(), PEERING_NAME)
     asyncio.run(_serve(settings, registry, state, standalone=False, peering_name=PEERING_NAME))
 
 

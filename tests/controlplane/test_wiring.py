@@ -14,7 +14,9 @@ from formation_vmm.api.names import NODE_LABEL
 from formation_vmm.devcluster.cluster import (
     Kubectl,
     OperatorProcess,
+    install_rbac,
     register_node,
+    service_account_kubeconfig,
     start_agent,
     start_controller,
 )
@@ -30,9 +32,21 @@ NODE = "wiring-node"
 @pytest.fixture(scope="module")
 def operators(control_plane: ControlPlane, kubectl: Kubectl) -> Iterator[dict[str, OperatorProcess]]:
     register_node(kubectl, NODE)
+    # Each process authenticates as its own service account: the RBAC of manifests/ is what
+    # lets them work here, so a missing rule fails these tests.
+    install_rbac(kubectl)
     procs = {
-        "controller": start_controller(control_plane),
-        "agent": start_agent(control_plane, NODE, "test:///default", "test"),
+        "controller": start_controller(
+            control_plane,
+            kubeconfig=service_account_kubeconfig(kubectl, control_plane, "formation-vmm-controller"),
+        ),
+        "agent": start_agent(
+            control_plane,
+            NODE,
+            "test:///default",
+            "test",
+            kubeconfig=service_account_kubeconfig(kubectl, control_plane, "formation-vmm-agent"),
+        ),
     }
     try:
         for proc in procs.values():

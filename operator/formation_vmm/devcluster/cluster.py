@@ -18,7 +18,6 @@ import yaml
 from formation_vmm.api.names import HYPERVISOR_LABEL
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.processes import free_port, spawn
-from formation_vmm.run import PEERING_NAME
 
 
 def source_root() -> Path:
@@ -56,11 +55,34 @@ class Kubectl:
 
 def install_crds(kubectl: Kubectl, crds: Path | None = None) -> None:
     directory = crds or source_root() / "crds"
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(directory))
+    kubectl("apply", "--server-side", "--force-conflicts", "-k", str(directory))
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-    kubectl.apply_docs(
-        [{"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING_NAME}}]
-    )
+
+
+def install_rbac(kubectl: Kubectl) -> None:
+    """The namespace, service accounts and RBAC of manifests/, exactly as users install them."""
+    base = source_root() / "manifests" / "base"
+    for name in ("namespace.yaml", "rbac-controller.yaml", "rbac-agent.yaml"):
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(base / name))
+
+
+def service_account_kubeconfig(kubectl: Kubectl, plane: ControlPlane, account: str) -> Path:
+    """A kubeconfig that authenticates as ``formation-vmm/<account>`` with a bound token, so a
+    process run with it has exactly the RBAC that manifests/ grants that account."""
+    token = kubectl("create", "token", account, "-n", "formation-vmm", "--duration=24h").strip()
+    admin = yaml.safe_load(plane.kubeconfig.read_text())
+    config = {
+        **admin,
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [
+            {"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}
+        ],
+        "current-context": account,
+    }
+    path = plane.root / f"kubeconfig-{account}"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
 
 
 def register_node(kubectl: Kubectl, name: str, labels: dict[str, str] | None = None) -> None:
@@ -100,13 +122,17 @@ class OperatorProcess:
 
 
 def start_operator(
-    plane: ControlPlane, name: str, command: list[str], env_extra: dict[str, str]
+    plane: ControlPlane,
+    name: str,
+    command: list[str],
+    env_extra: dict[str, str],
+    kubeconfig: Path | None = None,
 ) -> OperatorProcess:
     """Start ``vmm <command>`` against ``plane`` as a recorded background process."""
     port = free_port()
     env = {
         **os.environ,
-        "KUBECONFIG": str(plane.kubeconfig),
+        "KUBECONFIG": str(kubeconfig or plane.kubeconfig),
         "VMM_API_PORT": str(port),
         "VMM_API_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
@@ -124,6 +150,7 @@ def start_agent(
     libvirt_uri: str,
     domain_type: str,
     env_extra: dict[str, str] | None = None,
+    kubeconfig: Path | None = None,
 ) -> OperatorProcess:
     base = plane.root / "nodes" / node
     env = {
@@ -135,8 +162,10 @@ def start_agent(
         "VMM_IMAGES_DIR": str(base / "images"),
         **(env_extra or {}),
     }
-    return start_operator(plane, f"agent-{node}", ["agent"], env)
+    return start_operator(plane, f"agent-{node}", ["agent"], env, kubeconfig)
 
 
-def start_controller(plane: ControlPlane, env_extra: dict[str, str] | None = None) -> OperatorProcess:
-    return start_operator(plane, "controller", ["controller"], env_extra or {})
+def start_controller(
+    plane: ControlPlane, env_extra: dict[str, str] | None = None, kubeconfig: Path | None = None
+) -> OperatorProcess:
+    return start_operator(plane, "controller", ["controller"], env_extra or {}, kubeconfig)
