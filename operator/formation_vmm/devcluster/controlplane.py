@@ -17,7 +17,7 @@ import yaml
 from formation_vmm.devcluster import certs
 from formation_vmm.devcluster.processes import ProcessTable, alive, free_port, spawn
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 
 
 class ControlPlaneError(RuntimeError):
@@ -34,7 +34,7 @@ def find_binaries(bin_dir: Path | None = None) -> Path:
         if all((cand / b).exists() for b in BINARIES):
             return cand
     raise ControlPlaneError(
-        "kube-apiserver, kube-controller-manager, kubectl and etcd were not found; run "
+        "kube-apiserver, kube-controller-manager, kubectl, etcd and helm were not found; run "
         "hack/control-plane-bins.sh and set VMM_BIN_DIR to the directory it prints"
     )
 
