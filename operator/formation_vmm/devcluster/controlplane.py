@@ -59,14 +59,27 @@ class ControlPlane:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    def binaries(self) -> Path:
+        """The binaries this plane runs with: as given, found, or as recorded when it started
+        (so `vmm dev status` works from a shell without VMM_BIN_DIR)."""
+        recorded = self.root / "bin-dir"
+        try:
+            return find_binaries(self.bin_dir)
+        except ControlPlaneError:
+            if recorded.exists():
+                return find_binaries(Path(recorded.read_text().strip()))
+            raise
+
     def running(self) -> bool:
         table = self.processes.read()
         return bool(table) and all(alive(pid) for pid in table.values())
 
     def start(self, timeout: float = 60.0) -> None:
         """Start from a clean state: anything a crashed earlier run left is stopped and wiped."""
-        bins = find_binaries(self.bin_dir)
+        bins = self.binaries()
         self.stop()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "bin-dir").write_text(f"{bins}\n")
         shutil.rmtree(self.root / "etcd", ignore_errors=True)
         certs.make_pki(self.pki)
         ports = Endpoints(free_port(), free_port(), free_port())

@@ -16,7 +16,7 @@ from formation_vmm.devcluster.cluster import (
     start_agent,
     start_controller,
 )
-from formation_vmm.devcluster.controlplane import ControlPlane, find_binaries
+from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.processes import alive
 
 
@@ -83,7 +83,7 @@ def up(sample: bool = True) -> int:
     down(quiet=True)
     plane.start()
     _print(f"control plane ready in {time.monotonic() - started:.1f}s")
-    kubectl = Kubectl(find_binaries() / "kubectl", plane.kubeconfig)
+    kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
     install_crds(kubectl)
     node = node_name()
     register_node(kubectl, node)
@@ -121,7 +121,7 @@ def down(quiet: bool = False) -> int:
     table = plane.processes.read()
     if table and all(alive(pid) for pid in table.values()):
         # Let the agent remove the domains while it still runs, so no guest outlives the cluster.
-        kubectl = Kubectl(find_binaries() / "kubectl", plane.kubeconfig)
+        kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
         kubectl("delete", "vm", "--all", "-A", "--wait=true", "--timeout=60s", check=False)
     plane.stop()
     (root / "info.json").unlink(missing_ok=True)
@@ -140,7 +140,7 @@ def status() -> int:
     for name, pid in table.items():
         _print(f"{name:28} pid {pid:<8} {'running' if alive(pid) else 'NOT RUNNING'}")
     if plane.running():
-        kubectl = Kubectl(find_binaries() / "kubectl", plane.kubeconfig)
+        kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
         _print(kubectl("get", "nodes,vm", "-A", check=False))
         _print(f"export KUBECONFIG={plane.kubeconfig}")
         return 0

@@ -34,18 +34,24 @@ def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie does not: its parent may be gone and PID 1 in a sandbox
+    may never reap it, so it can linger after the process itself is long dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child of ours is dead for every purpose here; reap it.
     with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
         if done == pid:
             return False
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state is the first field after the parenthesised command name.
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def stop(pid: int, timeout: float = 10.0) -> None:
@@ -60,22 +66,47 @@ def stop(pid: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None if there is no such
+    process. With the pid it names one process for good: pids are reused, start times are not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[-1].split()[19])
+
+
 class ProcessTable:
-    """name -> pid, kept in a JSON file beside the processes' logs."""
+    """name -> pid, kept in a JSON file beside the processes' logs.
+
+    Each entry also records the process's start time, so a stale file (after a reboot, or
+    long after a crash) never makes us signal an unrelated process that got the same pid.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def read(self) -> dict[str, int]:
+    def _entries(self) -> dict[str, dict[str, int | None]]:
         try:
             data = json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
-        return {str(k): int(v) for k, v in data.items()}
+        return {str(k): dict(v) for k, v in data.items() if isinstance(v, dict)}
+
+    def read(self) -> dict[str, int]:
+        """The recorded processes that are still the ones we started (dead ones included, as
+        long as their pid was not reused)."""
+        table = {}
+        for name, entry in self._entries().items():
+            pid = int(entry["pid"] or 0)
+            now = start_time(pid)
+            if now is None or now == entry.get("start"):
+                table[name] = pid
+        return table
 
     def add(self, name: str, pid: int) -> None:
-        table = self.read()
-        table[name] = pid
+        table = self._entries()
+        table[name] = {"pid": pid, "start": start_time(pid)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=2))
@@ -83,6 +114,6 @@ class ProcessTable:
 
     def stop_all(self) -> None:
         """Stop every recorded process, newest first, and forget them."""
-        for _name, pid in reversed(list(self.read().items())):
+        for pid in reversed(list(self.read().values())):
             stop(pid)
         self.path.unlink(missing_ok=True)
