@@ -20,7 +20,8 @@ def test_a_real_qemu_domain_starts_pauses_and_goes(tmp_path: Path) -> None:
     layout = NodeLayout(vm_dir=tmp_path / "run", disks_dir=tmp_path / "disks", images_dir=tmp_path / "images")
     rec = Reconciler(hv, layout, "qemu")
     name = f"qemu-{uuid.uuid4().hex[:8]}"
-    vm = make_vm(name=name, uid=str(uuid.uuid4()), cpus=1, memory="64Mi", disks=[{"name": "d", "size": "16Mi"}])
+    disks = [{"name": "d", "size": "16Mi"}]
+    vm = make_vm(name=name, uid=str(uuid.uuid4()), cpus=1, memory="64Mi", disks=disks)
     try:
         out = rec.reconcile(vm)
         assert out.actions == [Action.PREPARE_FILES, Action.DEFINE, Action.START]

@@ -28,7 +28,8 @@ def test_a_recycled_pid_is_never_signalled(tmp_path: Path) -> None:
 
 def test_stop_all_kills_the_whole_group(tmp_path: Path) -> None:
     table = ProcessTable(tmp_path / "pids.json")
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    sleeper = "import time; time.sleep(60)"
+    script = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); {sleeper}"
     pid = spawn([sys.executable, "-c", script], tmp_path / "log")
     table.add("parent", pid)
     assert start_time(pid) is not None
