@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # How often the agent refreshes its heartbeat and capacity on the Node, and how long the
     # controller waits without one before it calls the node's VMs Unknown.
     heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # How often the agent compares every domain with its VM (drift, orphans, IP addresses).
+    resync_seconds: float = Field(default=15.0, gt=0)
+    # The address other machines reach this agent's API at (defaults to http://<node>:<port>).
+    advertise_url: str | None = None
     node_lost_seconds: float = Field(default=40.0, gt=0)
 
     @classmethod

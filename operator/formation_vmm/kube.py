@@ -5,10 +5,13 @@ The one place that builds a kubernetes client; kopf's own calls go through kopf.
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
+
+from formation_vmm.api.names import GROUP, NODE_LABEL, VERSION, VM_PLURAL
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +100,60 @@ def ensure_cluster_peering(api: client.CustomObjectsApi, name: str) -> None:
     except client.ApiException as exc:
         if exc.status != 409:
             raise
+
+
+class EventRecorder:
+    """Posts Kubernetes Events about VMs, the `kubectl describe` story.
+
+    Ours rather than kopf's because the agent also reports from outside kopf's handlers (libvirt
+    lifecycle events, the periodic resync), where kopf's posting context does not exist.
+    """
+
+    def __init__(self, api: client.CoreV1Api, component: str, host: str | None = None) -> None:
+        self.api = api
+        self.component = component
+        self.host = host
+
+    def post(self, body: dict[str, Any], kind: str, reason: str, message: str, type_: str = "Normal") -> None:
+        meta = body["metadata"]
+        now = datetime.now(UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=body.get("apiVersion"),
+                kind=kind,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            source=client.V1EventSource(component=self.component, host=self.host),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        try:
+            self.api.create_namespaced_event(meta["namespace"], event)
+        except client.ApiException as exc:
+            # An event is a courtesy to the user; failing to post one must not fail the work.
+            log.warning(
+                "cannot post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason
+            )
+
+
+def vm_bound_here(api: client.CustomObjectsApi, node: str) -> Callable[[str, str, str], bool]:
+    """A check whether a VM still exists with that uid and is bound to ``node``. Any doubt (an
+    API error) answers yes: it guards the removal of domains."""
+
+    def exists(namespace: str, name: str, uid: str) -> bool:
+        try:
+            vm: Any = api.get_namespaced_custom_object(GROUP, VERSION, namespace, VM_PLURAL, name)
+        except client.ApiException as exc:
+            return bool(exc.status != 404)
+        meta = vm.get("metadata", {})
+        return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
+
+    return exists

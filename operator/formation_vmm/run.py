@@ -10,14 +10,23 @@ from formation_vmm import health
 from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.handlers import AgentMemo
-from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
+from formation_vmm.agent.inputs import ClusterInputs
 from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.sync import VmSync
 from formation_vmm.api.names import GROUP, VERSION, VM_PLURAL
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.kube import StatusWriter, core_api, custom_api, ensure_cluster_peering
+from formation_vmm.kube import (
+    EventRecorder,
+    StatusWriter,
+    core_api,
+    custom_api,
+    ensure_cluster_peering,
+    vm_bound_here,
+)
 
 PEERING_NAME = "formation-vmm-controller"
 
@@ -82,21 +91,24 @@ def run_agent(settings: Settings) -> None:
     _logging(settings)
     if not settings.node_name:
         raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
+    node = settings.node_name
     registry = _registry()
-    agent_handlers.register(registry, settings.node_name)
+    agent_handlers.register(registry, node)
+    start_event_loop()  # before any libvirt connection opens, so lifecycle events arrive
     hypervisor = Hypervisor(settings.libvirt_uri)
     layout = NodeLayout(vm_dir=settings.vm_dir, disks_dir=settings.disks_dir, images_dir=settings.images_dir)
+    core, custom = core_api(), custom_api()
+    reconciler = Reconciler(hypervisor, layout, settings.domain_type, ClusterInputs(layout, custom, core))
+    sync = VmSync(reconciler, _vm_status_writer(), EventRecorder(core, "formation-vmm-agent", node), node)
     state = AgentMemo(
         settings=settings,
-        node=settings.node_name,
+        node=node,
         hypervisor=hypervisor,
-        reconciler=Reconciler(hypervisor, layout, settings.domain_type),
-        api=core_api(),
-        status=_vm_status_writer(),
+        sync=sync,
+        api=core,
+        vm_exists=vm_bound_here(custom, node),
+        endpoint=settings.advertise_url or f"http://{node}:{settings.api_port}",
     )
     # The agent is one per node and owns only its node's VMs: no peering between agents.
-    asyncio.run(
-        _serve(
-            settings, registry, state, standalone=True, peering_name=None, routes=debug_api.routes(hypervisor)
-        )
-    )
+    routes = debug_api.routes(hypervisor, layout)
+    asyncio.run(_serve(settings, registry, state, standalone=True, peering_name=None, routes=routes))

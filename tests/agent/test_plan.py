@@ -57,3 +57,53 @@ def test_phase(actual: Actual | None, phase: str) -> None:
 
 def test_deleting_is_terminating_whatever_the_domain() -> None:
     assert phase_of(Desired("Always", False, deleting=True), RUNNING) == "Terminating"
+
+
+NEW = "hash-new"
+OLD = "hash-old"
+
+
+@pytest.mark.parametrize(
+    ("desired", "actual", "expected"),
+    [
+        # A restart request reboots a running VM, and picks up a changed spec on the way.
+        (
+            Desired("Always", False, restart_requested=True, spec_hash=NEW),
+            Actual(DomainState.RUNNING, spec_hash=NEW),
+            [A.SHUTDOWN, A.START],
+        ),
+        (
+            Desired("Always", False, restart_requested=True, spec_hash=NEW),
+            Actual(DomainState.RUNNING, spec_hash=OLD),
+            [A.SHUTDOWN, A.PREPARE_FILES, A.DEFINE, A.START],
+        ),
+        (Desired("Always", True, restart_requested=True), RUNNING, [A.SHUTDOWN, A.START, A.SUSPEND]),
+        # Restarting a stopped VM is nothing to do.
+        (Desired("Halted", False, restart_requested=True), OFF, []),
+        # A changed spec on a running VM waits for a restart (status says RestartRequired).
+        (Desired("Always", False, spec_hash=NEW), Actual(DomainState.RUNNING, spec_hash=OLD), []),
+        # ... and is applied when the domain is stopped anyway.
+        (
+            Desired("Halted", False, spec_hash=NEW),
+            Actual(DomainState.SHUTOFF, spec_hash=OLD),
+            [A.PREPARE_FILES, A.DEFINE],
+        ),
+        (
+            Desired("Always", False, has_run=True, spec_hash=NEW),
+            Actual(DomainState.SHUTOFF, ShutoffReason.CRASHED, spec_hash=OLD),
+            [A.PREPARE_FILES, A.DEFINE, A.START],
+        ),
+        # Destroyed behind our back counts as a failure.
+        (
+            Desired("RerunOnFailure", False, has_run=True),
+            Actual(DomainState.SHUTOFF, ShutoffReason.DESTROYED),
+            [A.START],
+        ),
+        (Desired("Once", False, has_run=True), Actual(DomainState.SHUTOFF, ShutoffReason.DESTROYED), []),
+        # libvirt's own record says it ran, even when our status does not know yet.
+        (Desired("Once", False, has_run=False), GUEST_OFF, []),
+        (Desired("Halted", False), Actual(DomainState.SHUTTING_DOWN), [A.SHUTDOWN]),
+    ],
+)
+def test_plan_restarts_and_spec_changes(desired: Desired, actual: Actual, expected: list[Action]) -> None:
+    assert plan(desired, actual) == expected

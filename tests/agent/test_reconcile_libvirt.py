@@ -63,7 +63,7 @@ def test_create_pause_resume_halt_delete(hv: Hypervisor, layout: NodeLayout) -> 
     assert out.domain.owner is not None and out.domain.owner.uid == vm.metadata.uid
     assert out.domain.vcpus == 2
     assert (layout.disk_path("default", name, "data")).exists()
-    status = status_after(vm, {}, out.actions, out.domain, "node-a")
+    status = status_after(vm, {}, out, "node-a")
     assert status["phase"] == "Running" and status["startedAt"] and status["domainUUID"] == out.domain.uuid
 
     # Reconciling again changes nothing: idempotent.

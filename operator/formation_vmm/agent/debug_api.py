@@ -1,12 +1,18 @@
-"""Read-only endpoints of the replaced vmm-service, for node-local debugging: what libvirt on
-this node holds, straight from libvirt (not from the Kubernetes API)."""
+"""Read-only endpoints of the replaced vmm-service, for node-local debugging, straight from
+libvirt and the node's files (not from the Kubernetes API); and the serial console log that
+`kubectl vm console` follows."""
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from formation_vmm.agent.hypervisor import DomainInfo, Hypervisor
+from formation_vmm.domain.layout import NodeLayout
+
+# How often a followed console log is checked for new output.
+FOLLOW_POLL_SECONDS = 0.2
 
 
 def _describe(info: DomainInfo) -> dict[str, Any]:
@@ -23,20 +29,67 @@ def _describe(info: DomainInfo) -> dict[str, Any]:
     }
 
 
-def routes(hypervisor: Hypervisor) -> list[web.RouteDef]:
+def routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
+    async def owned() -> list[DomainInfo]:
+        return await asyncio.to_thread(hypervisor.owned_domains)
+
+    async def find(request: web.Request) -> DomainInfo:
+        wanted = request.match_info["vm_id"]
+        for info in await owned():
+            if info.owner is not None and wanted in (info.owner.uid, info.name):
+                return info
+        raise web.HTTPNotFound(text=f"no VM {wanted} on this node\n")
+
     async def vms(_: web.Request) -> web.Response:
-        domains = await asyncio.get_running_loop().run_in_executor(None, hypervisor.owned_domains)
-        return web.json_response([_describe(d) for d in domains])
+        return web.json_response([_describe(d) for d in await owned()])
 
     async def vm(request: web.Request) -> web.Response:
-        domains = await asyncio.get_running_loop().run_in_executor(None, hypervisor.owned_domains)
-        wanted = request.match_info["vm_id"]
-        for info in domains:
-            if info.owner is not None and wanted in (info.owner.uid, info.name):
-                return web.json_response(_describe(info))
-        return web.json_response({"error": f"no VM {wanted} on this node"}, status=404)
+        return web.json_response(_describe(await find(request)))
+
+    async def console(request: web.Request) -> web.StreamResponse:
+        info = await find(request)
+        assert info.owner is not None
+        path = layout.console_log(info.owner.namespace, info.owner.name)
+        follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        await _stream(path, response, follow)
+        return response
+
+    async def images(_: web.Request) -> web.Response:
+        root = layout.images_dir
+        entries = []
+        if root.is_dir():
+            for path in sorted(root.rglob("*")):
+                if path.is_file() and not path.is_symlink():
+                    entries.append({"path": str(path.relative_to(root)), "size": path.stat().st_size})
+        return web.json_response(entries)
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "libvirt": hypervisor.uri})
 
-    return [web.get("/health", health), web.get("/vms", vms), web.get("/vms/{vm_id}", vm)]
+    return [
+        web.get("/health", health),
+        web.get("/vms", vms),
+        web.get("/vms/{vm_id}", vm),
+        web.get("/vms/{vm_id}/console", console),
+        web.get("/images", images),
+    ]
+
+
+async def _stream(path: Path, response: web.StreamResponse, follow: bool) -> None:
+    offset = 0
+    while True:
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            offset += len(chunk)
+            await response.write(chunk)
+        elif not follow:
+            return
+        else:
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)

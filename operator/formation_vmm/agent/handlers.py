@@ -1,21 +1,20 @@
-"""kopf handlers of the agent. Thin: parse, reconcile, patch status, post events."""
+"""kopf handlers of the agent. Thin: every VM change goes to VmSync, which decides and reports."""
 
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from kubernetes import client
 
-from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
-from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.status import status_after
-from formation_vmm.api.conditions import set_condition
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.sync import VmSync
+from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.api.names import (
+    AGENT_ENDPOINT_ANNOTATION,
     AGENT_FINALIZER,
     AGENT_PREFIX,
     CAPACITY_CPUS_ANNOTATION,
@@ -24,18 +23,17 @@ from formation_vmm.api.names import (
     HEARTBEAT_ANNOTATION,
     NODE_LABEL,
     VERSION,
+    VM_COUNT_ANNOTATION,
     VM_PLURAL,
 )
 from formation_vmm.api.quantity import format_mebibytes, parse_quantity
 from formation_vmm.config import Settings
-from formation_vmm.domain.build import UnsupportedSpecError
-from formation_vmm.domain.naming import UnsafeNameError
-from formation_vmm.kube import StatusWriter, annotate_node
+from formation_vmm.kube import annotate_node
 
 log = logging.getLogger(__name__)
 
-# How long to wait before retrying after libvirt failed.
-HYPERVISOR_RETRY_SECONDS = 10.0
+# How long to wait before retrying a VM whose inputs or hypervisor were not ready.
+RETRY_SECONDS = 10.0
 
 
 @dataclass
@@ -43,14 +41,16 @@ class AgentMemo:
     settings: Settings
     node: str
     hypervisor: Hypervisor
-    reconciler: Reconciler
+    sync: VmSync
     api: client.CoreV1Api
-    status: StatusWriter
-    heartbeat: asyncio.Task[None] | None = None
+    vm_exists: Any
+    endpoint: str
+    cache: VmCache = field(default_factory=VmCache)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 def publish_node(memo: AgentMemo) -> None:
-    """Write this node's capacity (less the reserve) and a heartbeat on its Node object."""
+    """Write this node's capacity (less the reserve), VM count, endpoint and a heartbeat."""
     cpus, memory = memo.hypervisor.capacity()
     settings = memo.settings
     annotate_node(
@@ -61,17 +61,18 @@ def publish_node(memo: AgentMemo) -> None:
             CAPACITY_MEMORY_ANNOTATION: format_mebibytes(
                 max(memory - parse_quantity(settings.reserved_memory), 0)
             ),
+            VM_COUNT_ANNOTATION: str(len(memo.cache.bodies)),
+            AGENT_ENDPOINT_ANNOTATION: memo.endpoint,
             HEARTBEAT_ANNOTATION: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
     )
 
 
 async def _heartbeat(memo: AgentMemo) -> None:
-    loop = asyncio.get_running_loop()
     while True:
         try:
-            await loop.run_in_executor(None, publish_node, memo)
-        except Exception:
+            await asyncio.to_thread(publish_node, memo)
+        except Exception:  # a missed beat is logged and retried, never fatal
             log.exception("cannot publish the heartbeat of node %s", memo.node)
         await asyncio.sleep(memo.settings.heartbeat_seconds)
 
@@ -87,65 +88,40 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             prefix=AGENT_PREFIX, key="last-handled-configuration"
         )
         state: AgentMemo = memo.state
-        await asyncio.get_running_loop().run_in_executor(None, publish_node, state)
-        state.heartbeat = asyncio.create_task(_heartbeat(state))
+        watcher = Watcher(state.sync, state.hypervisor, state.cache, state.vm_exists)
+        # Before the first libvirt call: the connection subscribes to events when it opens.
+        state.hypervisor.listener = watcher.on_domain_event
+        await asyncio.to_thread(publish_node, state)
+        state.tasks = [
+            asyncio.create_task(_heartbeat(state)),
+            asyncio.create_task(watcher.run_events()),
+            asyncio.create_task(watcher.run_resync(state.settings.resync_seconds)),
+        ]
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
         state: AgentMemo = memo.state
-        if state.heartbeat is not None:
-            state.heartbeat.cancel()
+        for task in state.tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await state.heartbeat
+                await task
         state.hypervisor.close()
+
+    @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="cache", registry=registry)
+    def cache(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo.state.cache.update(event.get("type"), dict(event["object"]))
 
     @kopf.on.create(GROUP, VERSION, VM_PLURAL, labels=mine, id="reconcile", registry=registry)
     @kopf.on.resume(GROUP, VERSION, VM_PLURAL, labels=mine, id="reconcile", registry=registry)
     @kopf.on.update(GROUP, VERSION, VM_PLURAL, labels=mine, id="reconcile", registry=registry)
     def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         state: AgentMemo = memo.state
-        vm = VirtualMachine.model_validate(dict(body))
-        raw = dict(body)
-        old_phase = vm.status.phase
-        try:
-            outcome = state.reconciler.reconcile(vm)
-        except (UnsupportedSpecError, UnsafeNameError) as exc:
-            _fail(state, body, vm, "InvalidSpec", str(exc))
-            raise kopf.PermanentError(str(exc)) from exc
-        except HypervisorError as exc:
-            _fail(state, body, vm, "HypervisorError", str(exc))
-            raise kopf.TemporaryError(str(exc), delay=HYPERVISOR_RETRY_SECONDS) from exc
-        new = state.status.write(
-            raw, lambda st: status_after(vm, st, outcome.actions, outcome.domain, state.node)
-        )
-        if new["phase"] != old_phase:
-            kopf.info(
-                body, reason=new["phase"], message=f"{old_phase or 'new'} -> {new['phase']} on {state.node}"
-            )
+        result = state.sync.sync(dict(body))
+        if result.permanent:
+            raise kopf.PermanentError(result.permanent)
+        if result.retry:
+            raise kopf.TemporaryError(result.retry, delay=RETRY_SECONDS)
 
     @kopf.on.delete(GROUP, VERSION, VM_PLURAL, labels=mine, id="teardown", registry=registry)
     def teardown(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        state: AgentMemo = memo.state
-        vm = VirtualMachine.model_validate(dict(body))
-        try:
-            state.reconciler.reconcile(
-                vm, deleting=True, grace_seconds=vm.spec.termination_grace_period_seconds
-            )
-        except HypervisorError as exc:
-            raise kopf.TemporaryError(str(exc), delay=HYPERVISOR_RETRY_SECONDS) from exc
-
-
-def _fail(state: "AgentMemo", body: kopf.Body, vm: VirtualMachine, reason: str, message: str) -> None:
-    if vm.status.message == message and vm.status.phase == "Failed":
-        return  # said already: no second write, no second event
-    state.status.write(
-        dict(body),
-        lambda st: {
-            "phase": "Failed",
-            "message": message,
-            "conditions": set_condition(
-                st.get("conditions"), "Ready", False, reason, message, vm.metadata.generation
-            ),
-        },
-    )
-    kopf.warn(body, reason=reason, message=message)
+        memo.state.sync.delete(dict(body))

@@ -1,14 +1,17 @@
 """The one module that imports libvirt. It wraps libvirt errors into HypervisorError once, here."""
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
 
 from formation_vmm.agent.plan import Actual, DomainState, ShutoffReason
 from formation_vmm.domain.spec import Owner
-from formation_vmm.domain.xml import owner_of
+from formation_vmm.domain.xml import metadata_of
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +47,56 @@ _SHUTOFF_REASONS = {
     libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: ShutoffReason.GUEST_SHUTDOWN,
     libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: ShutoffReason.CRASHED,
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: ShutoffReason.CRASHED,
-    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: ShutoffReason.STOPPED_BY_US,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: ShutoffReason.DESTROYED,
+}
+
+
+_event_loop_started = False
+_event_loop_lock = threading.Lock()
+
+
+def start_event_loop() -> None:
+    """Run libvirt's default event loop in a daemon thread, once per process. It must run
+    before a connection opens for that connection to deliver lifecycle events and keepalives."""
+    global _event_loop_started  # noqa: PLW0603 - libvirt's event loop is process-wide by design
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+DomainListener = Callable[[str, str], None]  # (domain name, event) -> None
+
+
+_EVENT_NAMES = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
 }
 
 
 class Hypervisor:
-    """A libvirt connection. libvirt connections are thread-safe; kopf calls us from threads."""
+    """A libvirt connection. libvirt connections are thread-safe; kopf calls us from threads.
 
-    def __init__(self, uri: str) -> None:
+    With a listener, every domain lifecycle event on the connection is passed to it (from
+    libvirt's event thread), and a connection that dies is reopened, events included.
+    """
+
+    def __init__(self, uri: str, listener: DomainListener | None = None) -> None:
         self.uri = uri
+        self.listener = listener
         self._lock = threading.Lock()
         self._conn: libvirt.virConnect | None = None
 
@@ -63,7 +107,23 @@ class Hypervisor:
                     self._conn = libvirt.open(self.uri)
                 except libvirt.libvirtError as exc:
                     raise HypervisorError(f"cannot connect to {self.uri}: {exc}") from exc
+                if self.listener is not None:
+                    self._subscribe(self._conn)
             return self._conn
+
+    def _subscribe(self, conn: libvirt.virConnect) -> None:
+        listener = self.listener
+        assert listener is not None
+
+        def on_lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
+            try:
+                listener(dom.name(), _EVENT_NAMES.get(event, str(event)))
+            except Exception:  # an exception must not escape into libvirt's C event loop
+                log.exception("domain event listener failed")
+
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+        with contextlib.suppress(libvirt.libvirtError):  # not every driver has keepalives (test:///)
+            conn.setKeepAlive(5, 3)
 
     def close(self) -> None:
         with self._lock:
@@ -101,11 +161,12 @@ class Hypervisor:
         if folded is DomainState.SHUTOFF:
             shutoff = _SHUTOFF_REASONS.get(reason, ShutoffReason.NEVER_STARTED)
         _, max_mem, _, vcpus, _ = dom.info()
+        meta = metadata_of(dom.XMLDesc(0))
         return DomainInfo(
             name=dom.name(),
             uuid=dom.UUIDString(),
-            owner=owner_of(dom.XMLDesc(0)),
-            actual=Actual(folded, shutoff),
+            owner=meta.owner if meta else None,
+            actual=Actual(folded, shutoff, meta.spec_hash if meta else None),
             vcpus=int(vcpus),
             memory_kib=int(max_mem),
         )
@@ -147,6 +208,30 @@ class Hypervisor:
             if verb == "destroy" and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
                 return
             raise HypervisorError(f"cannot {verb} {name}: {exc}") from exc
+
+    def addresses(self, name: str) -> dict[str, str]:
+        """MAC -> first IPv4 address of a running domain, from the libvirt network's DHCP leases,
+        else from the guest agent when one answers. Empty when neither knows yet."""
+        dom = self._lookup(name)
+        if dom is None:
+            return {}
+        found: dict[str, str] = {}
+        for source in (
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+        ):
+            try:
+                ifaces = dom.interfaceAddresses(source)
+            except libvirt.libvirtError:
+                continue  # no leases on this network, or no guest agent: not an error
+            for iface in (ifaces or {}).values():
+                mac = (iface.get("hwaddr") or "").lower()
+                for addr in iface.get("addrs") or []:
+                    if mac and mac not in found and addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                        found[mac] = str(addr["addr"])
+            if found:
+                break
+        return found
 
     def start(self, name: str) -> None:
         self._call(name, "create")

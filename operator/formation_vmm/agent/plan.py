@@ -27,7 +27,9 @@ class ShutoffReason(Enum):
     NEVER_STARTED = "never-started"
     GUEST_SHUTDOWN = "guest-shutdown"
     CRASHED = "crashed"
-    STOPPED_BY_US = "stopped-by-us"
+    # Destroyed (hard-stopped): by us when a grace period ran out, or by someone else behind
+    # our back. While the VM should run it counts as a failure.
+    DESTROYED = "destroyed"
 
 
 class Action(Enum):
@@ -48,12 +50,24 @@ class Desired:
     paused: bool
     deleting: bool = False
     has_run: bool = False  # the VM has been started at least once (status.startedAt set)
+    restart_requested: bool = False  # spec.restartRequestedAt is newer than the last one handled
+    spec_hash: str | None = None  # of the domain the spec asks for; None: do not compare
 
 
 @dataclass(frozen=True)
 class Actual:
     state: DomainState
     reason: ShutoffReason = ShutoffReason.NEVER_STARTED
+    spec_hash: str | None = None  # recorded in the domain's metadata when it was defined
+
+    @property
+    def active(self) -> bool:
+        return self.state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN)
+
+
+def is_stale(desired: Desired, actual: Actual) -> bool:
+    """The domain was defined from another spec than the one asked for now."""
+    return desired.spec_hash is not None and actual.spec_hash != desired.spec_hash
 
 
 def should_run(desired: Desired, actual: Actual | None) -> bool:
@@ -61,12 +75,16 @@ def should_run(desired: Desired, actual: Actual | None) -> bool:
     strategy = desired.run_strategy
     if strategy == "Halted":
         return False
-    if strategy == "Always" or not desired.has_run:
+    has_run = desired.has_run or (actual is not None and actual.reason is not ShutoffReason.NEVER_STARTED)
+    if strategy == "Always" or not has_run:
         return True
     if actual is None or actual.state not in (DomainState.SHUTOFF, DomainState.CRASHED):
         return True  # it runs now; nothing to decide until it stops
     if strategy == "RerunOnFailure":
-        return actual.state is DomainState.CRASHED or actual.reason is ShutoffReason.CRASHED
+        return actual.state is DomainState.CRASHED or actual.reason in (
+            ShutoffReason.CRASHED,
+            ShutoffReason.DESTROYED,
+        )
     return False  # Once: it ran, and stopped
 
 
@@ -81,18 +99,22 @@ def plan(desired: Desired, actual: Actual | None) -> list[Action]:
     steps: list[Action] = []
     if actual is None:
         steps += [Action.PREPARE_FILES, Action.DEFINE]
-        actual = Actual(DomainState.SHUTOFF)
+        actual = Actual(DomainState.SHUTOFF, spec_hash=desired.spec_hash)
     run = should_run(desired, actual)
     state = actual.state
+    restart = desired.restart_requested and actual.active and run
+    if state is DomainState.CRASHED or (restart and state is DomainState.SHUTTING_DOWN):
+        steps.append(Action.DESTROY)
+    elif restart or (not run and actual.active):
+        steps.append(Action.SHUTDOWN)
     if not run:
-        if state in (DomainState.RUNNING, DomainState.PAUSED):
-            steps.append(Action.SHUTDOWN)
-        elif state is DomainState.CRASHED:
-            steps.append(Action.DESTROY)
+        # Keep a stopped domain's definition current, so `virsh dumpxml` tells the truth.
+        if not actual.active and is_stale(desired, actual):
+            steps += [Action.PREPARE_FILES, Action.DEFINE]
         return steps
-    if state in (DomainState.SHUTOFF, DomainState.CRASHED):
-        if state is DomainState.CRASHED:
-            steps.append(Action.DESTROY)
+    if restart or not actual.active:
+        if is_stale(desired, actual):
+            steps += [Action.PREPARE_FILES, Action.DEFINE]
         steps.append(Action.START)
         if desired.paused:
             steps.append(Action.SUSPEND)

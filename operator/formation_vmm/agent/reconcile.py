@@ -2,17 +2,22 @@
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from formation_vmm.agent import files
 from formation_vmm.agent.hypervisor import DomainInfo, Hypervisor
-from formation_vmm.agent.plan import Action, Actual, Desired, DomainState, plan
+from formation_vmm.agent.inputs import Inputs
+from formation_vmm.agent.plan import Action, Desired, DomainState, plan
+from formation_vmm.agent.seed import write_seed
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.domain.build import build_domain_spec
+from formation_vmm.domain.cloudinit import seed_files
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
-from formation_vmm.domain.xml import domain_xml
+from formation_vmm.domain.spec import DomainSpec
+from formation_vmm.domain.xml import domain_xml, spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -21,29 +26,60 @@ log = logging.getLogger(__name__)
 class Outcome:
     actions: list[Action]
     domain: DomainInfo | None
+    spec_hash: str | None = None
+    addresses: dict[str, str] = field(default_factory=dict)  # MAC -> IPv4
 
 
-def desired_of(vm: VirtualMachine, deleting: bool) -> Desired:
+class NoInputs:
+    """For VMs that need no image files and no user data from the cluster (tests, test:///)."""
+
+    def images(self, vm: VirtualMachine) -> dict[str, Path]:
+        return {}
+
+    def user_data(self, vm: VirtualMachine) -> str:
+        return vm.spec.cloud_init.user_data or "" if vm.spec.cloud_init else ""
+
+
+def restart_requested(vm: VirtualMachine) -> bool:
+    """spec.restartRequestedAt is newer than the last request carried out."""
+    asked = vm.spec.restart_requested_at
+    done = vm.status.last_restart_requested_at
+    return asked is not None and (done is None or _aware(asked) > _aware(done))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def desired_of(vm: VirtualMachine, deleting: bool, hash_: str | None = None) -> Desired:
     return Desired(
         run_strategy=vm.spec.run_strategy,
         paused=vm.spec.paused,
         deleting=deleting,
         has_run=vm.status.started_at is not None,
+        restart_requested=restart_requested(vm),
+        spec_hash=hash_,
     )
 
 
 class Reconciler:
-    def __init__(self, hypervisor: Hypervisor, layout: NodeLayout, domain_type: str) -> None:
+    def __init__(
+        self, hypervisor: Hypervisor, layout: NodeLayout, domain_type: str, inputs: Inputs | None = None
+    ) -> None:
         self.hypervisor = hypervisor
         self.layout = layout
         self.domain_type = domain_type
+        self.inputs: Inputs = inputs or NoInputs()
+
+    def desired_spec(self, vm: VirtualMachine) -> DomainSpec:
+        """The domain the VM asks for; raises when an input is not ready or the spec is unusable."""
+        return build_domain_spec(vm, self.layout, self.domain_type, self.inputs.images(vm))
 
     def reconcile(
         self, vm: VirtualMachine, deleting: bool = False, grace_seconds: float | None = None
     ) -> Outcome:
         meta = vm.metadata
-        namespace = meta.namespace or ""
-        name = domain_name(namespace, meta.name)
+        name = domain_name(meta.namespace or "", meta.name)
         current = self.hypervisor.describe(name)
         if current is not None and current.owner is not None and current.owner.uid != meta.uid:
             # A domain of that name belongs to an older VM of the same name: it is not ours to
@@ -51,21 +87,35 @@ class Reconciler:
             self.hypervisor.destroy(name)
             self.hypervisor.undefine(name)
             current = None
-        desired = desired_of(vm, deleting)
-        actions = plan(desired, current.actual if current else None)
+        spec = None if deleting else self.desired_spec(vm)
+        digest = spec_hash(spec) if spec is not None else None
+        actions = plan(desired_of(vm, deleting, digest), current.actual if current else None)
+        grace = vm.spec.termination_grace_period_seconds if grace_seconds is None else grace_seconds
         for action in actions:
-            self._act(action, vm, name, grace_seconds)
-        return Outcome(actions, self.hypervisor.describe(name))
+            self._act(action, vm, name, spec, grace)
+        after = self.hypervisor.describe(name)
+        addresses = {}
+        if after is not None and after.actual.state is DomainState.RUNNING and vm.spec.networks:
+            addresses = self.hypervisor.addresses(name)
+        return Outcome(actions, after, digest, addresses)
 
-    def _act(self, action: Action, vm: VirtualMachine, name: str, grace_seconds: float | None) -> None:
+    def _act(
+        self, action: Action, vm: VirtualMachine, name: str, spec: DomainSpec | None, grace: float
+    ) -> None:
         namespace = vm.metadata.namespace or ""
         log.info("%s/%s: %s", namespace, vm.metadata.name, action.value)
         if action is Action.PREPARE_FILES:
-            spec = build_domain_spec(vm, self.layout, self.domain_type)
+            assert spec is not None
             sizes = {d.name: d.size for d in vm.spec.disks if d.size is not None}
             files.prepare(spec, sizes, self.layout.vm_dir, self.layout.disks_dir)
+            if vm.spec.cloud_init is not None:
+                write_seed(
+                    self.layout.seed_path(namespace, vm.metadata.name),
+                    seed_files(vm, self.inputs.user_data(vm)),
+                )
         elif action is Action.DEFINE:
-            self.hypervisor.define(domain_xml(build_domain_spec(vm, self.layout, self.domain_type)))
+            assert spec is not None
+            self.hypervisor.define(domain_xml(spec))
         elif action is Action.START:
             self.hypervisor.start(name)
         elif action is Action.SUSPEND:
@@ -73,9 +123,7 @@ class Reconciler:
         elif action is Action.RESUME:
             self.hypervisor.resume(name)
         elif action is Action.SHUTDOWN:
-            self._shutdown(
-                name, vm.spec.termination_grace_period_seconds if grace_seconds is None else grace_seconds
-            )
+            self._shutdown(name, grace)
         elif action is Action.DESTROY:
             self.hypervisor.destroy(name)
         elif action is Action.UNDEFINE:
@@ -86,19 +134,12 @@ class Reconciler:
 
     def _shutdown(self, name: str, grace_seconds: float) -> None:
         """ACPI shutdown, then a hard stop once the grace period is over."""
-        self.hypervisor.shutdown(name)
-        deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline:
-            info = self.hypervisor.describe(name)
-            if info is None or info.actual.state is DomainState.SHUTOFF:
-                return
-            time.sleep(0.2)
+        if grace_seconds > 0:
+            self.hypervisor.shutdown(name)
+            deadline = time.monotonic() + grace_seconds
+            while time.monotonic() < deadline:
+                info = self.hypervisor.describe(name)
+                if info is None or info.actual.state is DomainState.SHUTOFF:
+                    return
+                time.sleep(0.2)
         self.hypervisor.destroy(name)
-
-
-def is_active(actual: Actual | None) -> bool:
-    return actual is not None and actual.state in (DomainState.RUNNING, DomainState.PAUSED)
-
-
-def console_path(layout: NodeLayout, vm: VirtualMachine) -> Path:
-    return layout.console_log(vm.metadata.namespace or "", vm.metadata.name)

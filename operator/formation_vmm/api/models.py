@@ -173,6 +173,7 @@ class VirtualMachineStatus(ApiModel):
     restart_count: int = 0
     message: str | None = None
     vcpus: int | None = None
+    last_restart_requested_at: datetime | None = None
 
 
 class ObjectMeta(ApiModel):

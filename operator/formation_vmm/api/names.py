@@ -25,6 +25,9 @@ AGENT_PREFIX = f"agent.{GROUP}"
 CAPACITY_CPUS_ANNOTATION = f"{GROUP}/capacity-cpus"
 CAPACITY_MEMORY_ANNOTATION = f"{GROUP}/capacity-memory"
 HEARTBEAT_ANNOTATION = f"{GROUP}/agent-heartbeat"
+VM_COUNT_ANNOTATION = f"{GROUP}/vms"
+# Where the node's agent serves its HTTP API (console logs for `kubectl vm console`).
+AGENT_ENDPOINT_ANNOTATION = f"{GROUP}/agent-endpoint"
 
 # libvirt <metadata> namespace in which the agent records which VM owns a domain.
 LIBVIRT_METADATA_NS = f"https://{GROUP}/domain"

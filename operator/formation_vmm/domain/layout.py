@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from formation_vmm.domain.naming import require_label, require_object_name
+from formation_vmm.domain.naming import UnsafeNameError, require_label, require_object_name
 
 
 @dataclass(frozen=True)
@@ -23,3 +23,14 @@ class NodeLayout:
 
     def console_log(self, namespace: str, name: str) -> Path:
         return self.runtime_dir(namespace, name) / "console.log"
+
+    def seed_path(self, namespace: str, name: str) -> Path:
+        return self.runtime_dir(namespace, name) / "cloud-init.iso"
+
+    def image_path(self, relative: str) -> Path:
+        """A hostPath image, relative to the images directory. Refuses absolute paths and '..'
+        (the CRD refuses them too); symlinks are checked when the file is used."""
+        parts = Path(relative).parts
+        if not relative or Path(relative).is_absolute() or ".." in parts:
+            raise UnsafeNameError(f"image path {relative!r} must be relative, inside the images directory")
+        return self.images_dir / relative

@@ -1,6 +1,6 @@
 """What the agent wants a domain to be: the VM spec resolved against the node (paths, type)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +57,6 @@ class DomainSpec:
     interfaces: tuple[InterfaceDevice, ...] = ()
     kernel: KernelFiles | None = None
     uuid: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def vcpus(self) -> int:

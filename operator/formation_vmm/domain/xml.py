@@ -1,6 +1,8 @@
 """DomainSpec <-> libvirt domain XML. Elements are written in one fixed order so golden files hold."""
 
+import hashlib
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 
 from formation_vmm.api.names import LIBVIRT_METADATA_NS, LIBVIRT_METADATA_PREFIX
 from formation_vmm.domain.spec import DiskDevice, DomainSpec, InterfaceDevice, Owner
@@ -21,13 +23,24 @@ def _device_name(bus: str, index: int) -> str:
     return _BUS_DEVICE_PREFIX[bus] + chr(ord("a") + index)
 
 
+def spec_hash(spec: DomainSpec) -> str:
+    """A digest of everything the domain is made of; recorded in the domain's metadata so the
+    agent can tell a domain defined from an older spec (which needs a restart to change)."""
+    return hashlib.sha256(_render(spec, None).encode()).hexdigest()[:16]
+
+
 def domain_xml(spec: DomainSpec) -> str:
-    """The libvirt domain XML for ``spec``."""
+    """The libvirt domain XML for ``spec``, its spec hash recorded in the metadata."""
+    return _render(spec, spec_hash(spec))
+
+
+def _render(spec: DomainSpec, digest: str | None) -> str:
     dom = ET.Element("domain", type=spec.domain_type)
     _sub(dom, "name", spec.name)
     if spec.uuid:
         _sub(dom, "uuid", spec.uuid)
-    _owner(_sub(dom, "metadata"), spec.owner)
+    metadata = _sub(dom, "metadata")
+    _owner(metadata, spec.owner, digest)
     _sub(dom, "memory", str(spec.memory_kib), unit="KiB")
     _sub(dom, "vcpu", str(spec.vcpus), placement="static")
     _os(_sub(dom, "os"), spec)
@@ -51,10 +64,12 @@ def domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(dom, encoding="unicode") + "\n"
 
 
-def _owner(metadata: ET.Element, owner: Owner) -> None:
+def _owner(metadata: ET.Element, owner: Owner, digest: str | None) -> None:
     el = ET.SubElement(metadata, f"{{{LIBVIRT_METADATA_NS}}}owner")
     for key in ("namespace", "name", "uid"):
         ET.SubElement(el, f"{{{LIBVIRT_METADATA_NS}}}{key}").text = getattr(owner, key)
+    if digest is not None:
+        ET.SubElement(el, f"{{{LIBVIRT_METADATA_NS}}}spec-hash").text = digest
 
 
 def _os(os_el: ET.Element, spec: DomainSpec) -> None:
@@ -108,7 +123,13 @@ def _console(devices: ET.Element, spec: DomainSpec) -> None:
     _sub(console, "target", type="serial", port="0")
 
 
-def owner_of(xml: str) -> Owner | None:
+@dataclass(frozen=True)
+class DomainMetadata:
+    owner: Owner
+    spec_hash: str | None
+
+
+def metadata_of(xml: str) -> DomainMetadata | None:
     """The VM recorded in a domain's metadata, or None for a domain that is not ours."""
     try:
         root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
@@ -120,4 +141,7 @@ def owner_of(xml: str) -> Owner | None:
     values = {key: owner.findtext(f"{{{LIBVIRT_METADATA_NS}}}{key}") for key in ("namespace", "name", "uid")}
     if not all(values.values()):
         return None
-    return Owner(namespace=values["namespace"] or "", name=values["name"] or "", uid=values["uid"] or "")
+    return DomainMetadata(
+        owner=Owner(namespace=values["namespace"] or "", name=values["name"] or "", uid=values["uid"] or ""),
+        spec_hash=owner.findtext(f"{{{LIBVIRT_METADATA_NS}}}spec-hash"),
+    )

@@ -1,0 +1,110 @@
+"""Everything that syncs VMs besides kopf's handlers: libvirt lifecycle events (a crash or a
+guest shutdown shows in status within a second) and the periodic resync (drift: a domain removed
+behind our back is recreated, a domain whose VM is gone is removed, IPs appear)."""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.sync import VmSync
+from formation_vmm.domain.naming import domain_name
+
+log = logging.getLogger(__name__)
+
+VmExists = Callable[[str, str, str], bool]  # (namespace, name, uid) -> still there, bound here
+
+
+@dataclass
+class VmCache:
+    """The latest body of every VM bound to this node, by domain name, fed by kopf's watch."""
+
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def update(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = domain_name(meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            self.bodies.pop(key, None)
+        else:
+            self.bodies[key] = body
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.bodies.get(key)
+
+    def uids(self) -> set[str]:
+        return {b["metadata"].get("uid") for b in self.bodies.values()}
+
+
+class Watcher:
+    def __init__(self, sync: VmSync, hypervisor: Hypervisor, cache: VmCache, vm_exists: VmExists) -> None:
+        self.sync = sync
+        self.hypervisor = hypervisor
+        self.cache = cache
+        self.vm_exists = vm_exists
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._loop = asyncio.get_running_loop()
+
+    def on_domain_event(self, name: str, event: str) -> None:
+        """Called from libvirt's event thread."""
+        log.debug("domain %s: %s", name, event)
+        self._loop.call_soon_threadsafe(self._enqueue, name)
+
+    def _enqueue(self, name: str) -> None:
+        if name not in self._queued:
+            self._queued.add(name)
+            self.queue.put_nowait(name)
+
+    async def run_events(self) -> None:
+        while True:
+            name = await self.queue.get()
+            self._queued.discard(name)
+            body = self.cache.get(name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                await asyncio.to_thread(self.sync.sync, body)
+            except Exception:  # one VM's failure must not stop the others' events
+                log.exception("sync after a libvirt event on %s failed", name)
+
+    async def run_resync(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.resync_once)
+            except Exception:
+                log.exception("periodic resync failed")
+
+    def resync_once(self) -> None:
+        try:
+            domains = self.hypervisor.owned_domains()
+        except HypervisorError as exc:
+            log.warning("resync: %s", exc)
+            return
+        known = self.cache.uids()
+        for info in domains:
+            owner = info.owner
+            if owner is None or owner.uid in known:
+                continue
+            # Not in our cache: confirm with the API before removing anything, so a cache that
+            # is late never costs a VM its domain.
+            if not self.vm_exists(owner.namespace, owner.name, owner.uid):
+                log.warning(
+                    "removing domain %s: its VM %s/%s is gone", info.name, owner.namespace, owner.name
+                )
+                self.sync.delete(
+                    {"metadata": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid}},
+                    grace_seconds=0,
+                )
+        for body in list(self.cache.bodies.values()):
+            if body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                self.sync.sync(body)
+            except Exception:
+                log.exception(
+                    "resync of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"]
+                )
