@@ -62,8 +62,9 @@ class StatusWriter:
         self.version = version
         self.plural = plural
 
-    def write(self, body: dict[str, Any], update: StatusUpdate, attempts: int = 5) -> dict[str, Any]:
-        """Apply ``update`` to ``body``'s status; returns the fields finally written."""
+    def write(self, body: dict[str, Any], update: StatusUpdate, attempts: int = 5) -> dict[str, Any] | None:
+        """Apply ``update`` to ``body``'s status. Returns the object as written, or None when it
+        no longer exists (a VM deleted meanwhile has no status to keep)."""
         meta = body["metadata"]
         current = body
         for _ in range(attempts):
@@ -73,17 +74,43 @@ class StatusWriter:
                 "status": fields,
             }
             try:
-                self.api.patch_namespaced_custom_object_status(
+                written: Any = self.api.patch_namespaced_custom_object_status(
                     self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
                 )
-                return fields
+                return dict(written)
             except client.ApiException as exc:
+                if exc.status == 404:
+                    return None
                 if exc.status != 409:
                     raise
-            current = self.api.get_namespaced_custom_object(
-                self.group, self.version, meta["namespace"], self.plural, meta["name"]
-            )  # type: ignore[assignment]  # the client types every custom object as `object`
+            try:
+                current = self.get(meta["namespace"], meta["name"])
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
         raise RuntimeError(f"status of {meta['namespace']}/{meta['name']} kept changing under us")
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        found: Any = self.api.get_namespaced_custom_object(
+            self.group, self.version, namespace, self.plural, name
+        )
+        return dict(found)
+
+    def set_label(self, body: dict[str, Any], key: str, value: str) -> bool:
+        """Set a label only if the object is still at ``body``'s resourceVersion (optimistic
+        concurrency). False when it changed meanwhile (or is gone): re-read and decide again."""
+        meta = body["metadata"]
+        patch = {"metadata": {"labels": {key: value}, "resourceVersion": meta["resourceVersion"]}}
+        try:
+            self.api.patch_namespaced_custom_object(
+                self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
+            )
+        except client.ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
 
 
 def custom_api() -> client.CustomObjectsApi:

@@ -17,6 +17,7 @@ from formation_vmm.agent.sync import VmSync
 from formation_vmm.api.names import GROUP, VERSION, VM_PLURAL
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
+from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.kube import (
@@ -82,7 +83,15 @@ def run_controller(settings: Settings) -> None:
     _logging(settings)
     registry = _registry()
     controller_handlers.register(registry)
-    state = ControllerMemo(settings=settings, status=_vm_status_writer())
+    core = core_api()
+    binder = Binder(
+        _vm_status_writer(),
+        EventRecorder(core, "formation-vmm-controller"),
+        settings.cpu_overcommit,
+        settings.memory_overcommit,
+        settings.node_lost_seconds,
+    )
+    state = ControllerMemo(settings=settings, binder=binder)
     ensure_cluster_peering(custom_api(), PEERING_NAME)
     asyncio.run(_serve(settings, registry, state, standalone=False, peering_name=PEERING_NAME))
 

@@ -1,0 +1,212 @@
+"""Binding VMs to nodes, and telling the truth about VMs whose node went silent.
+
+Fed by kopf's watch events (nodes and VMs); binds from one loop, so two placements never race
+for the last free slot. Writes go straight to the API with optimistic concurrency: the status
+(Scheduled, nodeName) first, then the node label, which is the binding of record and is only
+ever written on an unlabeled VM at the resourceVersion the decision was made from. A controller
+killed between the two writes finds the VM unlabeled and binds it afresh; no VM is bound twice.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from formation_vmm.api.conditions import get_condition, set_condition
+from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.names import NODE_LABEL, VM_KIND
+from formation_vmm.controller.nodes import node_info
+from formation_vmm.kube import EventRecorder, StatusWriter
+from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
+
+log = logging.getLogger(__name__)
+
+NODE_LOST_MESSAGE = "the agent on node {node} has not reported for {seconds:.0f}s; the VM's state is unknown"
+
+
+@dataclass
+class Bound:
+    node: str
+    vcpus: int
+    memory: int
+    body: dict[str, Any]
+
+
+class Binder:
+    def __init__(
+        self,
+        status: StatusWriter,
+        events: EventRecorder,
+        cpu_overcommit: float = 1.0,
+        memory_overcommit: float = 1.0,
+        node_lost_seconds: float = 40.0,
+    ) -> None:
+        self.status = status
+        self.events = events
+        self.cpu_overcommit = cpu_overcommit
+        self.memory_overcommit = memory_overcommit
+        self.node_lost_seconds = node_lost_seconds
+        self._lock = threading.Lock()
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._bound: dict[str, Bound] = {}  # uid -> binding
+        self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
+        self.changed = threading.Event()  # set when binding could now succeed where it failed
+
+    # --- what the watches tell us ------------------------------------------------------------
+
+    def node_event(self, event_type: str | None, summary: dict[str, Any]) -> None:
+        with self._lock:
+            if event_type == "DELETED":
+                self._nodes.pop(summary["name"], None)
+            else:
+                self._nodes[summary["name"]] = summary
+        self.changed.set()
+
+    def vm_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        uid = body["metadata"].get("uid", "")
+        label = (body["metadata"].get("labels") or {}).get(NODE_LABEL)
+        with self._lock:
+            if event_type == "DELETED":
+                freed = self._bound.pop(uid, None)
+                self._pending.pop(uid, None)
+                if freed is not None:
+                    self.changed.set()
+                return
+            if label:
+                vm = VirtualMachine.model_validate(body)
+                old = self._bound.get(uid)
+                self._bound[uid] = Bound(label, vm.spec.vcpus, vm.spec.memory_bytes, body)
+                self._pending.pop(uid, None)
+                if old is not None and (old.vcpus > vm.spec.vcpus or old.memory > vm.spec.memory_bytes):
+                    self.changed.set()  # a VM shrank: room for a pending one, perhaps
+            elif uid not in self._bound and not body["metadata"].get("deletionTimestamp"):
+                # (A VM we are binding right now shows up unlabeled once, after its status write.)
+                self._pending[uid] = body
+                self.changed.set()
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    def _node_infos(self) -> list[NodeInfo]:
+        return [node_info(summary, self.node_lost_seconds) for summary in self._nodes.values()]
+
+    def _loads(self) -> dict[str, Load]:
+        loads: dict[str, Load] = {}
+        for bound in self._bound.values():
+            cur = loads.get(bound.node, Load())
+            loads[bound.node] = Load(cur.vcpus + bound.vcpus, cur.memory + bound.memory)
+        return loads
+
+    def bind_pending(self) -> None:
+        """Try to bind every unbound VM, oldest first."""
+        with self._lock:
+            pending = sorted(
+                self._pending.values(), key=lambda b: b["metadata"].get("creationTimestamp") or ""
+            )
+        for body in pending:
+            try:
+                self.bind(body)
+            except Exception:
+                log.exception("binding %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
+
+    def bind(self, body: dict[str, Any]) -> Decision:
+        vm = VirtualMachine.model_validate(body)
+        request = Request(
+            vcpus=vm.spec.vcpus,
+            memory=vm.spec.memory_bytes,
+            node_selector=vm.spec.node_selector,
+            tolerations=tuple(vm.spec.tolerations),
+        )
+        uid = vm.metadata.uid or ""
+        with self._lock:
+            if uid in self._bound:
+                return Decision(self._bound[uid].node, "bound already")
+            decision = place(
+                request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
+            )
+            if decision.node is not None:
+                # Count it now, so the next VM in this pass sees the slot as taken.
+                self._bound[vm.metadata.uid or ""] = Bound(decision.node, request.vcpus, request.memory, body)
+                self._pending.pop(vm.metadata.uid or "", None)
+        if decision.node is None:
+            self._unschedulable(body, vm, decision.message)
+            return decision
+        if not self._write_binding(body, vm, decision.node, decision.message):
+            with self._lock:  # it changed under us: forget the slot and decide again from the watch
+                self._bound.pop(vm.metadata.uid or "", None)
+        return decision
+
+    def _write_binding(self, body: dict[str, Any], vm: VirtualMachine, node: str, why: str) -> bool:
+        gen = vm.metadata.generation
+        written = self.status.write(
+            body,
+            lambda st: {
+                "phase": "Scheduled",
+                "nodeName": node,
+                "vcpus": vm.spec.vcpus,
+                "message": f"scheduled on {node}",
+                "conditions": set_condition(st.get("conditions"), "Scheduled", True, "Scheduled", why, gen),
+            },
+        )
+        if written is None:
+            return False  # deleted meanwhile
+        if (written["metadata"].get("labels") or {}).get(NODE_LABEL):
+            return True  # bound by an earlier run of ours; the label stands
+        if not self.status.set_label(written, NODE_LABEL, node):
+            return False
+        self.events.post(body, VM_KIND, "Scheduled", f"bound to node {node}")
+        return True
+
+    def _unschedulable(self, body: dict[str, Any], vm: VirtualMachine, message: str) -> None:
+        old = get_condition((body.get("status") or {}).get("conditions"), "Scheduled")
+        if old is not None and old.get("message") == message:
+            return  # said already: no write, no event
+        gen = vm.metadata.generation
+        self.status.write(
+            body,
+            lambda st: {
+                "phase": "Pending",
+                "vcpus": vm.spec.vcpus,
+                "message": message,
+                "conditions": set_condition(
+                    st.get("conditions"), "Scheduled", False, "Unschedulable", message, gen
+                ),
+            },
+        )
+        self.events.post(body, VM_KIND, "Unschedulable", message, "Warning")
+
+    def repair_status(self, body: dict[str, Any]) -> None:
+        """A labeled VM whose status does not name its node (a restart between our two writes
+        of an earlier controller version, or a hand-made label): make the status follow."""
+        vm = VirtualMachine.model_validate(body)
+        node = vm.metadata.labels.get(NODE_LABEL)
+        if node and (vm.status.node_name != node or vm.status.vcpus != vm.spec.vcpus):
+            self.status.write(body, lambda _st: {"nodeName": node, "vcpus": vm.spec.vcpus})
+
+    # --- node health -------------------------------------------------------------------------
+
+    def mark_lost_nodes(self) -> None:
+        """VMs on a node whose agent stopped reporting become Unknown, with the reason. The agent
+        rewrites their status when it comes back."""
+        with self._lock:
+            infos = {info.name: info for info in self._node_infos()}
+            victims = [b for b in self._bound.values() if b.node in infos and not infos[b.node].ready]
+        for bound in victims:
+            status = bound.body.get("status") or {}
+            if status.get("phase") in ("Unknown", None) or bound.body["metadata"].get("deletionTimestamp"):
+                continue
+            message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
+            self.status.write(bound.body, _lost(message, bound.body["metadata"].get("generation")))
+            self.events.post(bound.body, VM_KIND, "NodeLost", message, "Warning")
+
+
+def _lost(message: str, generation: int | None) -> Any:
+    def update(status: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "phase": "Unknown",
+            "message": message,
+            "conditions": set_condition(
+                status.get("conditions"), "Ready", "Unknown", "NodeLost", message, generation
+            ),
+        }
+
+    return update
