@@ -1,0 +1,205 @@
+"""``kubectl vm``: start, stop, restart, pause, resume, console and list VMs.
+
+Each verb patches the VM's spec (the API is the only interface; nothing here talks to a node
+except ``console``, which follows the serial log the node's agent serves) and waits for the
+status to show the result, unless ``--no-wait``.
+"""
+
+import argparse
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config
+
+from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.names import AGENT_ENDPOINT_ANNOTATION, GROUP, VERSION, VM_PLURAL
+
+Check = Callable[[VirtualMachine], bool]
+
+
+class PluginError(RuntimeError):
+    pass
+
+
+class Vms:
+    def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None) -> None:
+        config.load_kube_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
+        if namespace is None:
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+            namespace = (active or {}).get("context", {}).get("namespace") or "default"
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi()
+        self.core = client.CoreV1Api()
+
+    def get(self, name: str) -> VirtualMachine:
+        try:
+            raw: Any = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, VM_PLURAL, name
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:
+                raise PluginError(f"virtualmachine {self.namespace}/{name} not found") from exc
+            raise
+        return VirtualMachine.model_validate(raw)
+
+    def list(self) -> list[VirtualMachine]:
+        raw: Any = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, VM_PLURAL)
+        return [VirtualMachine.model_validate(item) for item in raw.get("items", [])]
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, VM_PLURAL, name, {"spec": spec}
+        )
+
+    def wait(self, name: str, check: Check, what: str, timeout: float) -> VirtualMachine:
+        deadline = time.monotonic() + timeout
+        while True:
+            vm = self.get(name)
+            if check(vm):
+                return vm
+            if time.monotonic() > deadline:
+                raise PluginError(
+                    f"timed out after {timeout:.0f}s waiting for {name} to be {what}; "
+                    f"it is {vm.status.phase or 'new'}: {vm.status.message or ''}"
+                )
+            time.sleep(0.3)
+
+
+def _phase(*phases: str) -> Check:
+    return lambda vm: vm.status.phase in phases
+
+
+def _restarted(since: datetime) -> Check:
+    def check(vm: VirtualMachine) -> bool:
+        done = vm.status.last_restart_requested_at
+        return done is not None and done >= since and vm.status.phase in ("Running", "Paused")
+
+    return check
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def verb_change(vms: Vms, args: argparse.Namespace) -> str:
+    """start, stop, restart, pause, resume: the patch, and the status that shows it took."""
+    name = args.name
+    vm = vms.get(name)
+    if args.verb == "start":
+        patch: dict[str, Any] = {"runStrategy": "Always"} if vm.spec.run_strategy != "Always" else {}
+        check, what = _phase("Running", "Paused"), "running"
+    elif args.verb == "stop":
+        patch, check, what = {"runStrategy": "Halted"}, _phase("Stopped"), "stopped"
+    elif args.verb == "restart":
+        since = _now()
+        patch, check, what = (
+            {"restartRequestedAt": since.strftime("%Y-%m-%dT%H:%M:%SZ")},
+            _restarted(since),
+            "restarted",
+        )
+    elif args.verb == "pause":
+        patch, check, what = {"paused": True}, _phase("Paused"), "paused"
+    else:
+        patch, check, what = {"paused": False}, _phase("Running"), "running"
+    if patch:
+        vms.patch_spec(name, patch)
+    if args.no_wait:
+        return f"virtualmachine {vms.namespace}/{name}: {args.verb} requested"
+    vm = vms.wait(name, check, what, args.timeout)
+    return f"virtualmachine {vms.namespace}/{name} is {vm.status.phase}"
+
+
+def verb_list(vms: Vms, _: argparse.Namespace) -> str:
+    rows = [["NAME", "PHASE", "NODE", "IP", "CPUS", "MEMORY", "READY"]]
+    for vm in vms.list():
+        ready = next((c.status for c in vm.status.conditions if c.type == "Ready"), "")
+        ip = next((i.ip_address for i in vm.status.interfaces if i.ip_address), "")
+        rows.append(
+            [
+                vm.metadata.name,
+                vm.status.phase or "",
+                vm.status.node_name or "",
+                ip or "",
+                str(vm.spec.vcpus),
+                vm.spec.memory,
+                ready,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def verb_console(vms: Vms, args: argparse.Namespace) -> str:
+    vm = vms.get(args.name)
+    if not vm.status.node_name:
+        raise PluginError(f"{args.name} is not bound to a node yet ({vm.status.phase or 'new'})")
+    node = vms.core.read_node(vm.status.node_name)
+    endpoint = ((node.metadata.annotations if node.metadata else None) or {}).get(AGENT_ENDPOINT_ANNOTATION)
+    if not endpoint:
+        raise PluginError(
+            f"node {vm.status.node_name} has no agent endpoint annotation; is its agent running?"
+        )
+    follow = "false" if args.no_follow else "true"
+    url = f"{endpoint.rstrip('/')}/vms/{vm.metadata.uid}/console?follow={follow}"
+    if not url.startswith(("http://", "https://")):
+        raise PluginError(f"agent endpoint {endpoint!r} is not an http(s) URL")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - checked scheme above
+            while chunk := resp.read1(65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise PluginError(f"cannot read the console from {endpoint}: {exc}") from exc
+    return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubectl vm", description=__doc__)
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, text in (
+        ("start", "run the VM (sets runStrategy: Always)"),
+        ("stop", "stop the VM: ACPI shutdown, hard stop after its grace period (runStrategy: Halted)"),
+        ("restart", "reboot the VM (sets restartRequestedAt), applying a changed spec"),
+        ("pause", "suspend the VM's CPUs"),
+        ("resume", "resume a paused VM"),
+    ):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("name")
+        cmd.add_argument("--no-wait", action="store_true", help="return once the change is requested")
+        cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+        cmd.set_defaults(run=verb_change)
+    console = sub.add_parser("console", help="print the VM's serial console, following it")
+    console.add_argument("name")
+    console.add_argument("--no-follow", action="store_true", help="print what is there and exit")
+    console.set_defaults(run=verb_console)
+    sub.add_parser("list", help="the VMs of the namespace").set_defaults(run=verb_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        vms = Vms(args.kubeconfig, args.context, args.namespace)
+        out = args.run(vms, args)
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if out:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
