@@ -1,6 +1,8 @@
 """``vmm``: run the controller or the agent, or a local cluster (``vmm dev up|down|status``)."""
 
 import argparse
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill -USR1 <pid>` prints every thread's stack to the log: how to see what a stuck agent waits on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "dev_command")}
     if args.command == "controller":

@@ -4,6 +4,8 @@ The one place that builds a kubernetes client; kopf's own calls go through kopf.
 """
 
 import logging
+import random
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -62,12 +64,12 @@ class StatusWriter:
         self.version = version
         self.plural = plural
 
-    def write(self, body: dict[str, Any], update: StatusUpdate, attempts: int = 5) -> dict[str, Any] | None:
+    def write(self, body: dict[str, Any], update: StatusUpdate, attempts: int = 10) -> dict[str, Any] | None:
         """Apply ``update`` to ``body``'s status. Returns the object as written, or None when it
         no longer exists (a VM deleted meanwhile has no status to keep)."""
         meta = body["metadata"]
         current = body
-        for _ in range(attempts):
+        for attempt in range(attempts):
             fields = update(dict(current.get("status") or {}))
             patch = {
                 "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
@@ -83,6 +85,9 @@ class StatusWriter:
                     return None
                 if exc.status != 409:
                     raise
+            # Another writer got there first (kopf's own patches, the other process): back off
+            # a little, with jitter, so two writers do not keep colliding in lockstep.
+            time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter, not crypto
             try:
                 current = self.get(meta["namespace"], meta["name"])
             except client.ApiException as exc:

@@ -103,6 +103,12 @@ OLD = "hash-old"
         # libvirt's own record says it ran, even when our status does not know yet.
         (Desired("Once", False, has_run=False), GUEST_OFF, []),
         (Desired("Halted", False), Actual(DomainState.SHUTTING_DOWN), [A.SHUTDOWN]),
+        # Undefined behind our back while running: defined again, left running.
+        (
+            Desired("Always", False),
+            Actual(DomainState.RUNNING, persistent=False),
+            [A.PREPARE_FILES, A.DEFINE],
+        ),
     ],
 )
 def test_plan_restarts_and_spec_changes(desired: Desired, actual: Actual, expected: list[Action]) -> None:

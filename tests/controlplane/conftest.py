@@ -1,12 +1,9 @@
 """A real control plane (etcd, kube-apiserver, kube-controller-manager) for the whole session,
 the CRDs installed from crds/, one namespace per test. A missing binary fails, never skips."""
 
-import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -41,25 +38,5 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def get_json(kubectl: Kubectl, *args: str) -> dict[str, Any]:
-    return json.loads(kubectl("get", *args, "-o", "json"))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except Exception as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-@pytest.fixture
-def logs_on_failure(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[Path]:
-    yield control_plane.logs
+# The multi-node fixture lives in fleet.py; imported here so test modules use it by name.
+from tests.controlplane.fleet import fleet  # noqa: E402, F401

@@ -22,7 +22,7 @@ from formation_vmm.devcluster.cluster import (
 )
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.processes import stop
-from tests.controlplane.conftest import get_json, wait_for
+from tests.controlplane.helpers import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
 

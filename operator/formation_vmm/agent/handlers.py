@@ -15,8 +15,6 @@ from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
-    AGENT_FINALIZER,
-    AGENT_PREFIX,
     CAPACITY_CPUS_ANNOTATION,
     CAPACITY_MEMORY_ANNOTATION,
     GROUP,
@@ -25,6 +23,8 @@ from formation_vmm.api.names import (
     VERSION,
     VM_COUNT_ANNOTATION,
     VM_PLURAL,
+    agent_finalizer,
+    agent_prefix,
 )
 from formation_vmm.api.quantity import format_mebibytes, parse_quantity
 from formation_vmm.config import Settings
@@ -82,10 +82,10 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        settings.persistence.finalizer = AGENT_FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=AGENT_PREFIX)
+        settings.persistence.finalizer = agent_finalizer(node)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=agent_prefix(node))
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=AGENT_PREFIX, key="last-handled-configuration"
+            prefix=agent_prefix(node), key="last-handled-configuration"
         )
         state: AgentMemo = memo.state
         watcher = Watcher(state.sync, state.hypervisor, state.cache, state.vm_exists)
@@ -124,4 +124,5 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
 
     @kopf.on.delete(GROUP, VERSION, VM_PLURAL, labels=mine, id="teardown", registry=registry)
     def teardown(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        log.info("%s/%s: deleted, removing its domain and files", body.metadata.namespace, body.metadata.name)
         memo.state.sync.delete(dict(body))

@@ -166,7 +166,7 @@ class Hypervisor:
             name=dom.name(),
             uuid=dom.UUIDString(),
             owner=meta.owner if meta else None,
-            actual=Actual(folded, shutoff, meta.spec_hash if meta else None),
+            actual=Actual(folded, shutoff, meta.spec_hash if meta else None, bool(dom.isPersistent())),
             vcpus=int(vcpus),
             memory_kib=int(max_mem),
         )

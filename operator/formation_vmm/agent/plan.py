@@ -59,6 +59,9 @@ class Actual:
     state: DomainState
     reason: ShutoffReason = ShutoffReason.NEVER_STARTED
     spec_hash: str | None = None  # recorded in the domain's metadata when it was defined
+    # False for a running domain someone undefined behind our back: it would vanish when it
+    # stops, so it is defined again.
+    persistent: bool = True
 
     @property
     def active(self) -> bool:
@@ -100,6 +103,8 @@ def plan(desired: Desired, actual: Actual | None) -> list[Action]:
     if actual is None:
         steps += [Action.PREPARE_FILES, Action.DEFINE]
         actual = Actual(DomainState.SHUTOFF, spec_hash=desired.spec_hash)
+    elif not actual.persistent:
+        steps += [Action.PREPARE_FILES, Action.DEFINE]
     run = should_run(desired, actual)
     state = actual.state
     restart = desired.restart_requested and actual.active and run

@@ -2,7 +2,7 @@
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -76,28 +76,43 @@ class Reconciler:
         return build_domain_spec(vm, self.layout, self.domain_type, self.inputs.images(vm))
 
     def reconcile(
-        self, vm: VirtualMachine, deleting: bool = False, grace_seconds: float | None = None
+        self,
+        vm: VirtualMachine,
+        deleting: bool = False,
+        grace_seconds: float | None = None,
+        dry_run: bool = False,
     ) -> Outcome:
+        """Plan and act. With ``dry_run``, only plan: the actions it would take, and the domain
+        as it is."""
         meta = vm.metadata
         name = domain_name(meta.namespace or "", meta.name)
         current = self.hypervisor.describe(name)
         if current is not None and current.owner is not None and current.owner.uid != meta.uid:
             # A domain of that name belongs to an older VM of the same name: it is not ours to
             # reuse, but it is ours to remove (its VM is gone, or this name would not be free).
+            if dry_run:
+                return Outcome([Action.DESTROY, Action.UNDEFINE], current)
             self.hypervisor.destroy(name)
             self.hypervisor.undefine(name)
             current = None
         spec = None if deleting else self.desired_spec(vm)
+        if spec is not None and current is not None:
+            # Redefining a domain must keep its UUID, or libvirt refuses the name as taken.
+            spec = replace(spec, uuid=current.uuid)
         digest = spec_hash(spec) if spec is not None else None
         actions = plan(desired_of(vm, deleting, digest), current.actual if current else None)
+        if dry_run:
+            return Outcome(actions, current, digest, self._addresses(vm, current))
         grace = vm.spec.termination_grace_period_seconds if grace_seconds is None else grace_seconds
         for action in actions:
             self._act(action, vm, name, spec, grace)
         after = self.hypervisor.describe(name)
-        addresses = {}
-        if after is not None and after.actual.state is DomainState.RUNNING and vm.spec.networks:
-            addresses = self.hypervisor.addresses(name)
-        return Outcome(actions, after, digest, addresses)
+        return Outcome(actions, after, digest, self._addresses(vm, after))
+
+    def _addresses(self, vm: VirtualMachine, domain: DomainInfo | None) -> dict[str, str]:
+        if domain is None or domain.actual.state is not DomainState.RUNNING or not vm.spec.networks:
+            return {}
+        return self.hypervisor.addresses(domain.name)
 
     def _act(
         self, action: Action, vm: VirtualMachine, name: str, spec: DomainSpec | None, grace: float

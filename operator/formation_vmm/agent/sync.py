@@ -11,6 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.client import ApiException
+
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.reconcile import Reconciler, restart_requested
@@ -52,10 +54,37 @@ class VmSync:
         with self._guard:
             self._locks.pop(uid, None)
 
-    def sync(self, body: dict[str, Any]) -> SyncResult:
+    def sync(self, body: dict[str, Any], refresh: bool = False) -> SyncResult:
+        """Reconcile ``body``. With ``refresh`` (a body from a cache that may lag behind our own
+        last write), first look: if anything is to be done or written, re-read the VM and work
+        from that, so a restart already carried out is never carried out twice."""
         vm = VirtualMachine.model_validate(body)
         with self._lock(vm.metadata.uid or ""):
+            if refresh:
+                fresh = self._fresh(body, vm)
+                if fresh is None:
+                    return SyncResult(vm.status.phase)
+                body, vm = fresh, VirtualMachine.model_validate(fresh)
             return self._sync(body, vm)
+
+    def _fresh(self, body: dict[str, Any], vm: VirtualMachine) -> dict[str, Any] | None:
+        """None when nothing needs doing (or the VM is gone); else the VM as the API has it now."""
+        try:
+            preview = self.reconciler.reconcile(vm, dry_run=True)
+            idle = not preview.actions and not changes(
+                dict(body.get("status") or {}),
+                status_after(vm, dict(body.get("status") or {}), preview, self.node),
+            )
+        except Exception:  # an input or libvirt problem: the full pass reports it
+            idle = False
+        if idle:
+            return None
+        try:
+            return self.status.get(vm.metadata.namespace or "", vm.metadata.name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def delete(self, body: dict[str, Any], grace_seconds: float | None = None) -> None:
         vm = VirtualMachine.model_validate(body)

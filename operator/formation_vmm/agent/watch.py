@@ -66,7 +66,7 @@ class Watcher:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 continue
             try:
-                await asyncio.to_thread(self.sync.sync, body)
+                await asyncio.to_thread(self.sync.sync, body, True)
             except Exception:  # one VM's failure must not stop the others' events
                 log.exception("sync after a libvirt event on %s failed", name)
 
@@ -103,7 +103,7 @@ class Watcher:
             if body["metadata"].get("deletionTimestamp"):
                 continue
             try:
-                self.sync.sync(body)
+                self.sync.sync(body, refresh=True)
             except Exception:
                 log.exception(
                     "resync of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"]

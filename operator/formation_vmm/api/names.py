@@ -1,5 +1,7 @@
 """Names shared by the controller, the agent, the CRDs and the tests."""
 
+import hashlib
+
 GROUP = "vmm.formation.cloud"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -16,10 +18,26 @@ HYPERVISOR_LABEL = f"{GROUP}/hypervisor"
 NODE_LABEL = f"{GROUP}/node"
 
 # kopf requires distinct finalizers and persistence prefixes when two operators handle one kind.
+# Every agent is an operator of its own: kopf removes its finalizer from objects none of its
+# handlers match, so agents sharing one finalizer name would strip each other's.
 CONTROLLER_FINALIZER = f"controller.{GROUP}/finalizer"
-AGENT_FINALIZER = f"agent.{GROUP}/finalizer"
 CONTROLLER_PREFIX = f"controller.{GROUP}"
-AGENT_PREFIX = f"agent.{GROUP}"
+
+
+def _node_key(node: str) -> str:
+    """A short DNS label naming a node in finalizers and annotation prefixes."""
+    if len(node) <= 40 and all(c.isalnum() or c == "-" for c in node):
+        return node.lower()
+    return "n" + hashlib.sha256(node.encode()).hexdigest()[:16]
+
+
+def agent_finalizer(node: str) -> str:
+    return f"agent.{GROUP}/{_node_key(node)}"
+
+
+def agent_prefix(node: str) -> str:
+    return f"{_node_key(node)}.agent.{GROUP}"
+
 
 # Node annotations written by the agent: what the node offers to VMs.
 CAPACITY_CPUS_ANNOTATION = f"{GROUP}/capacity-cpus"

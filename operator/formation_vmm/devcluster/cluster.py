@@ -17,7 +17,7 @@ import yaml
 
 from formation_vmm.api.names import HYPERVISOR_LABEL
 from formation_vmm.devcluster.controlplane import ControlPlane
-from formation_vmm.devcluster.processes import free_port, spawn
+from formation_vmm.devcluster.processes import free_port, spawn, stop
 
 
 def source_root() -> Path:
@@ -102,6 +102,17 @@ class OperatorProcess:
     pid: int
     port: int
     log: Path
+    argv: list[str]
+    env: dict[str, str]
+
+    def kill(self) -> None:
+        """Stop it the hard way, as a crash or a lost node would."""
+        stop(self.pid, timeout=0)
+
+    def restart(self, plane: ControlPlane) -> None:
+        """Start it again exactly as before (same port, same environment)."""
+        self.pid = spawn(self.argv, self.log, env=self.env)
+        plane.processes.add(self.name, self.pid)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         from formation_vmm.devcluster.processes import alive
@@ -135,13 +146,16 @@ def start_operator(
         "KUBECONFIG": str(kubeconfig or plane.kubeconfig),
         "VMM_API_PORT": str(port),
         "VMM_API_HOST": "127.0.0.1",
+        # Local processes are reached on loopback, whatever their node is called.
+        "VMM_ADVERTISE_URL": f"http://127.0.0.1:{port}",
         "PYTHONUNBUFFERED": "1",
         **env_extra,
     }
     log = plane.logs / f"{name}.log"
-    pid = spawn([sys.executable, "-m", "formation_vmm.cli", *command], log, env=env)
+    argv = [sys.executable, "-m", "formation_vmm.cli", *command]
+    pid = spawn(argv, log, env=env)
     plane.processes.add(name, pid)
-    return OperatorProcess(name=name, pid=pid, port=port, log=log)
+    return OperatorProcess(name=name, pid=pid, port=port, log=log, argv=argv, env=env)
 
 
 def start_agent(

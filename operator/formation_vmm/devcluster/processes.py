@@ -55,11 +55,14 @@ def alive(pid: int) -> bool:
 
 
 def stop(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM the process group of ``pid``, then SIGKILL whatever is left after ``timeout``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM the process group of ``pid``, then SIGKILL whatever is left after ``timeout``
+    (with no timeout: SIGKILL at once)."""
+    # After SIGKILL, wait a little for the kernel to reap it, so callers see it gone.
+    steps = [(signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)] if timeout > 0 else [(signal.SIGKILL, 5.0)]
+    for sig, wait in steps:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not alive(pid):
                 return

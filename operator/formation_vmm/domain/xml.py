@@ -2,7 +2,7 @@
 
 import hashlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from formation_vmm.api.names import LIBVIRT_METADATA_NS, LIBVIRT_METADATA_PREFIX
 from formation_vmm.domain.spec import DiskDevice, DomainSpec, InterfaceDevice, Owner
@@ -26,7 +26,8 @@ def _device_name(bus: str, index: int) -> str:
 def spec_hash(spec: DomainSpec) -> str:
     """A digest of everything the domain is made of; recorded in the domain's metadata so the
     agent can tell a domain defined from an older spec (which needs a restart to change)."""
-    return hashlib.sha256(_render(spec, None).encode()).hexdigest()[:16]
+    # Without the UUID: a redefinition keeps the domain's UUID, which is not part of the spec.
+    return hashlib.sha256(_render(replace(spec, uuid=None), None).encode()).hexdigest()[:16]
 
 
 def domain_xml(spec: DomainSpec) -> str:

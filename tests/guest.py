@@ -1,0 +1,70 @@
+"""A real guest small enough to boot on TCG in seconds: Debian's cloud kernel and an initramfs
+holding busybox and an /init this module writes. The initramfs is built here, from the packages
+hack/install-system-deps.sh installs (linux-image-cloud-amd64, busybox-static)."""
+
+import gzip
+import io
+import shutil
+import stat
+from pathlib import Path
+
+# What /init prints first, so a test can find it in the serial console log.
+BOOT_MARKER = "formation-vmm guest: /init running"
+POWEROFF_MARKER = "formation-vmm guest: powering off"
+
+INIT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "{BOOT_MARKER}"
+# vmm.poweroff=N on the kernel command line: power the machine off after N seconds, the way a
+# guest OS shuts itself down.
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in vmm.poweroff=*) delay="${{arg#vmm.poweroff=}}" ;; esac
+done
+if [ -n "$delay" ]; then
+  sleep "$delay"
+  echo "{POWEROFF_MARKER}"
+  poweroff -f
+fi
+while true; do sleep 3600; done
+"""
+
+
+def kernel() -> Path:
+    found = sorted(Path("/boot").glob("vmlinuz-*-cloud-amd64"))
+    if not found:
+        raise FileNotFoundError("no Debian cloud kernel in /boot: install linux-image-cloud-amd64")
+    return found[-1]
+
+
+def _cpio_entry(name: str, mode: int, data: bytes, ino: int, rdev: tuple[int, int] = (0, 0)) -> bytes:
+    """One entry of a cpio archive in the 'newc' format the kernel unpacks."""
+    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+    header = b"070701" + b"".join(f"{v:08X}".encode() for v in fields)
+    blob = header + name.encode() + b"\0"
+    blob += b"\0" * (-len(blob) % 4)
+    blob += data
+    blob += b"\0" * (-len(blob) % 4)
+    return blob
+
+
+def build_initramfs(dest: Path) -> Path:
+    """Write a gzip'd newc cpio with /bin/busybox and /init to ``dest``."""
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    entries = [
+        ("bin", stat.S_IFDIR | 0o755, b""),
+        ("proc", stat.S_IFDIR | 0o755, b""),
+        ("sys", stat.S_IFDIR | 0o755, b""),
+        ("dev", stat.S_IFDIR | 0o755, b""),
+        ("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
+        ("init", stat.S_IFREG | 0o755, INIT.encode()),
+    ]
+    out = io.BytesIO()
+    for ino, (name, mode, data) in enumerate(entries, start=1):
+        out.write(_cpio_entry(name, mode, data, ino))
+    # The kernel gives /init this console as stdout: without it, nothing reaches the serial log.
+    out.write(_cpio_entry("dev/console", stat.S_IFCHR | 0o600, b"", len(entries) + 1, rdev=(5, 1)))
+    out.write(_cpio_entry("TRAILER!!!", 0, b"", 0))
+    dest.write_bytes(gzip.compress(out.getvalue(), compresslevel=1))
+    return dest
