@@ -31,11 +31,18 @@ def kubectl(control_plane: ControlPlane) -> Kubectl:
 
 
 @pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
+def ns(kubectl: Kubectl) -> Iterator[str]:
+    """A namespace whose VMs are deleted, and their domains with them, before the next test."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", name)
     yield name
+    kubectl("delete", "vm", "--all", "-n", name, "--wait=true", "--timeout=60s", check=False)
     kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(ns: str) -> str:
+    return ns
 
 
 # The multi-node fixture lives in fleet.py; imported here so test modules use it by name.

@@ -8,13 +8,11 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from formation_vmm.api.names import NODE_LABEL
-from formation_vmm.devcluster.cluster import Kubectl
 from tests.controlplane.fleet import QEMU_NODE, QEMU_TOLERATION, Fleet, condition
 from tests.controlplane.helpers import wait_for
 
@@ -27,16 +25,6 @@ ON_QEMU = {
     "tolerations": [QEMU_TOLERATION],
     "terminationGracePeriodSeconds": 0,
 }
-
-
-@pytest.fixture
-def ns(kubectl: Kubectl) -> Iterator[str]:
-    """A namespace whose VMs are deleted, and their domains with them, before the next test."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
-    yield name
-    kubectl("delete", "vm", "--all", "-n", name, "--wait=true", "--timeout=60s", check=False)
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def virsh(*args: str) -> str:

@@ -1,0 +1,145 @@
+"""A real guest on real QEMU (TCG) through libvirtd: Debian's cloud kernel booted directly with a
+busybox initramfs the test builds, its console read through `kubectl vm console`."""
+
+import hashlib
+import io
+import shutil
+from pathlib import Path
+
+import pycdlib
+import pytest
+import yaml
+
+from formation_vmm.api.names import GROUP, VERSION
+from tests.controlplane.fleet import QEMU_NODE, Fleet, condition
+from tests.controlplane.helpers import wait_for
+from tests.controlplane.test_lifecycle import ON_QEMU
+from tests.guest import BOOT_MARKER, POWEROFF_MARKER, build_initramfs, kernel
+
+pytestmark = pytest.mark.controlplane
+
+
+@pytest.fixture(scope="module")
+def guest_files(fleet: Fleet) -> dict[str, str]:
+    """Kernel and initramfs in node-q's images directory; returns their sha256 checksums."""
+    root = fleet.images_dir(QEMU_NODE) / "guest"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kernel(), root / "vmlinuz")
+    build_initramfs(root / "initrd.gz")
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in ("vmlinuz", "initrd.gz")}
+
+
+def apply_image(fleet: Fleet, namespace: str, name: str, path: str, checksum: str | None = None) -> None:
+    spec: dict[str, object] = {"source": {"hostPath": {"path": path}}}
+    if checksum:
+        spec["checksum"] = f"sha256:{checksum}"
+    doc = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VmImage",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+
+
+def guest_spec(cmdline: str = "", **extra: object) -> dict[str, object]:
+    return {
+        **ON_QEMU,
+        "memory": "128Mi",
+        "terminationGracePeriodSeconds": 1,
+        "kernel": {
+            "image": "kernel",
+            "initrd": "initrd",
+            "cmdline": f"console=ttyS0 panic=-1 {cmdline}".strip(),
+        },
+        **extra,
+    }
+
+
+def console(fleet: Fleet, namespace: str, name: str) -> str:
+    out = fleet.plugin("-n", namespace, "console", name, "--no-follow")
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_boot_console_pause_resume_stop(fleet: Fleet, ns: str, guest_files: dict[str, str]) -> None:
+    apply_image(fleet, ns, "kernel", "guest/vmlinuz", guest_files["vmlinuz"])
+    # The VM comes first: it waits in Provisioning for the image it names, then starts.
+    fleet.apply_vm(ns, "guest", **guest_spec())
+    vm = fleet.wait_vm(
+        ns, "guest", lambda v: condition(v, "ImageReady").get("reason") == "ImageNotFound", "waiting"
+    )
+    assert vm["status"]["phase"] == "Provisioning"
+    assert condition(vm, "ImageReady")["message"] == f"VmImage {ns}/initrd does not exist"
+    apply_image(fleet, ns, "initrd", "guest/initrd.gz", guest_files["initrd.gz"])
+    fleet.wait_phase(ns, "guest", "Running", 60)
+    wait_for(lambda: BOOT_MARKER in console(fleet, ns, "guest"), 60, "the guest's /init to print its marker")
+    assert "Linux version" in console(fleet, ns, "guest")
+
+    for verb, phase in (("pause", "Paused"), ("resume", "Running"), ("stop", "Stopped")):
+        out = fleet.plugin("-n", ns, verb, "guest")
+        assert out.returncode == 0, out.stderr
+        assert fleet.vm(ns, "guest")["status"]["phase"] == phase
+
+
+def test_guest_power_off_per_run_strategy(fleet: Fleet, ns: str, guest_files: dict[str, str]) -> None:
+    apply_image(fleet, ns, "kernel", "guest/vmlinuz")
+    apply_image(fleet, ns, "initrd", "guest/initrd.gz")
+    # The guest powers itself off 2 s after /init starts, as an OS shutting down would.
+    fleet.apply_vm(ns, "once-off", runStrategy="RerunOnFailure", **guest_spec("vmm.poweroff=2"))
+    vm = fleet.wait_phase(ns, "once-off", "Stopped", 90)
+    assert vm["status"].get("restartCount", 0) == 0  # a clean power-off is no failure
+    assert POWEROFF_MARKER in console(fleet, ns, "once-off")
+    fleet.kubectl("delete", "vm", "once-off", "-n", ns)
+
+    fleet.apply_vm(ns, "always-on", runStrategy="Always", **guest_spec("vmm.poweroff=2"))
+    vm = fleet.wait_vm(
+        ns, "always-on", lambda v: v.get("status", {}).get("restartCount", 0) >= 1, "restarted", 90
+    )
+    assert vm["status"]["phase"] in ("Running", "Stopped")
+
+
+def test_a_wrong_checksum_keeps_the_vm_waiting(fleet: Fleet, ns: str, guest_files: dict[str, str]) -> None:
+    apply_image(fleet, ns, "kernel", "guest/vmlinuz", "0" * 64)
+    apply_image(fleet, ns, "initrd", "guest/initrd.gz")
+    fleet.apply_vm(ns, "bad", **guest_spec())
+    vm = fleet.wait_vm(
+        ns, "bad", lambda v: condition(v, "ImageReady").get("reason") == "ChecksumMismatch", "refused"
+    )
+    assert vm["status"]["phase"] == "Provisioning"
+    assert "does not match its checksum" in condition(vm, "ImageReady")["message"]
+    events = fleet.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=bad")
+    assert "ChecksumMismatch" in events
+
+
+def test_cloud_init_seed_is_attached(fleet: Fleet, ns: str) -> None:
+    user_data = "#cloud-config\nhostname: seeded\n"
+    fleet.apply_vm(ns, "seeded", cloudInit={"userData": user_data}, **{**ON_QEMU, "cpus": 1})
+    fleet.wait_phase(ns, "seeded", "Running", 60)
+    seed = fleet.plane.root / "nodes" / QEMU_NODE / "run" / ns / "seeded" / "cloud-init.iso"
+    iso = pycdlib.PyCdlib()
+    iso.open(str(seed))
+    try:
+        assert iso.get_record(joliet_path="/").file_identifier()  # readable as an ISO
+        assert iso.pvd.volume_identifier.decode().strip() == "cidata"
+        content = {}
+        for name in ("user-data", "meta-data"):
+            buf = io.BytesIO()
+            iso.get_file_from_iso_fp(buf, joliet_path=f"/{name}")
+            content[name] = buf.getvalue().decode()
+    finally:
+        iso.close()
+    assert content["user-data"] == user_data
+    vm = fleet.vm(ns, "seeded")
+    assert yaml.safe_load(content["meta-data"]) == {
+        "instance-id": vm["metadata"]["uid"],
+        "local-hostname": "seeded",
+    }
+    xml = Path(seed).parent  # the domain really has the seed as a CD-ROM
+    import subprocess
+
+    dumped = subprocess.run(
+        ["virsh", "dumpxml", f"{ns}_seeded"], capture_output=True, text=True, check=True
+    ).stdout
+    assert str(seed) in dumped and "cdrom" in dumped
+    del xml
