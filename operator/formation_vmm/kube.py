@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +51,7 @@ StatusUpdate = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class StatusWriter:
-    """Writes a custom object's status with optimistic concurrency.
+    """Writes a custom object's status (and labels, finalizers) with optimistic concurrency.
 
     The controller and the agent both write a VM's status, and a JSON merge patch replaces lists
     whole; a writer working from a stale copy would erase the other's conditions. So each write
@@ -96,17 +97,64 @@ class StatusWriter:
                 raise
         raise RuntimeError(f"status of {meta['namespace']}/{meta['name']} kept changing under us")
 
+    def add_finalizer(self, body: dict[str, Any], finalizer: str) -> None:
+        self._edit_finalizers(body, lambda names: names if finalizer in names else [*names, finalizer])
+
+    def remove_finalizer(self, body: dict[str, Any], finalizer: str) -> None:
+        self._edit_finalizers(body, lambda names: [n for n in names if n != finalizer])
+
+    def _edit_finalizers(self, body: dict[str, Any], edit: Callable[[list[str]], list[str]]) -> None:
+        """Change the finalizer list at the resourceVersion it was read at (a merge patch
+        replaces the whole list, so another writer's change must not be lost)."""
+        current: dict[str, Any] | None = body
+        for attempt in range(10):
+            if current is None:
+                return
+            meta = current["metadata"]
+            names = list(meta.get("finalizers") or [])
+            wanted = edit(names)
+            if wanted == names:
+                return
+            patch = {"metadata": {"finalizers": wanted, "resourceVersion": meta["resourceVersion"]}}
+            try:
+                self.api.patch_namespaced_custom_object(
+                    self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
+                )
+                return
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    return
+                if exc.status != 409:
+                    raise
+            time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter, not crypto
+            current = self._get_or_none(meta["namespace"], meta["name"])
+        raise RuntimeError(f"finalizers of {body['metadata']['name']} kept changing under us")
+
+    def _get_or_none(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.get(namespace, name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         found: Any = self.api.get_namespaced_custom_object(
             self.group, self.version, namespace, self.plural, name
         )
         return dict(found)
 
-    def set_label(self, body: dict[str, Any], key: str, value: str) -> bool:
-        """Set a label only if the object is still at ``body``'s resourceVersion (optimistic
-        concurrency). False when it changed meanwhile (or is gone): re-read and decide again."""
+    def set_label(self, body: dict[str, Any], key: str, value: str, finalizer: str | None = None) -> bool:
+        """Set a label (and add a finalizer) only if the object is still at ``body``'s
+        resourceVersion (optimistic concurrency). False when it changed meanwhile (or is gone):
+        re-read and decide again."""
         meta = body["metadata"]
-        patch = {"metadata": {"labels": {key: value}, "resourceVersion": meta["resourceVersion"]}}
+        new_meta: dict[str, Any] = {"labels": {key: value}, "resourceVersion": meta["resourceVersion"]}
+        patch = {"metadata": new_meta}
+        if finalizer is not None:
+            # A merge patch replaces the list: keep the finalizers there are, add ours.
+            current = list(meta.get("finalizers") or [])
+            new_meta["finalizers"] = current + ([finalizer] if finalizer not in current else [])
         try:
             self.api.patch_namespaced_custom_object(
                 self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
@@ -145,8 +193,13 @@ class EventRecorder:
         self.api = api
         self.component = component
         self.host = host
+        # Posted in the background: the work an event reports on must not wait for the event.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
 
     def post(self, body: dict[str, Any], kind: str, reason: str, message: str, type_: str = "Normal") -> None:
+        self._pool.submit(self._post, body, kind, reason, message, type_)
+
+    def _post(self, body: dict[str, Any], kind: str, reason: str, message: str, type_: str) -> None:
         meta = body["metadata"]
         now = datetime.now(UTC)
         event = client.CoreV1Event(

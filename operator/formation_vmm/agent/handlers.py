@@ -24,7 +24,6 @@ from formation_vmm.api.names import (
     VM_COUNT_ANNOTATION,
     VM_PLURAL,
     agent_finalizer,
-    agent_prefix,
 )
 from formation_vmm.api.quantity import format_mebibytes, parse_quantity
 from formation_vmm.config import Settings
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # How long to wait before retrying a VM whose inputs or hypervisor were not ready.
 RETRY_SECONDS = 10.0
+HANDLER_THREADS = 16
 
 
 @dataclass
@@ -46,6 +46,7 @@ class AgentMemo:
     vm_exists: Any
     endpoint: str
     cache: VmCache = field(default_factory=VmCache)
+    watcher: Watcher | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -82,20 +83,28 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        settings.persistence.finalizer = agent_finalizer(node)
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=agent_prefix(node))
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=agent_prefix(node), key="last-handled-configuration"
-        )
+        # Only this node's VMs come down the watch: the apiserver filters, not every agent.
+        settings.watching.label_selectors[GROUP, VM_PLURAL] = f"{NODE_LABEL}={node}"
+        # Each VM's sync blocks a thread on libvirt and the API; kopf's default pool (cores + 4)
+        # would make a burst of new VMs queue behind a handful of threads.
+        settings.execution.max_workers = HANDLER_THREADS
         state: AgentMemo = memo.state
-        watcher = Watcher(state.sync, state.hypervisor, state.cache, state.vm_exists)
+        state.watcher = Watcher(
+            state.sync,
+            state.hypervisor,
+            state.cache,
+            state.vm_exists,
+            state.sync.status,
+            agent_finalizer(node),
+            RETRY_SECONDS,
+        )
         # Before the first libvirt call: the connection subscribes to events when it opens.
-        state.hypervisor.listener = watcher.on_domain_event
+        state.hypervisor.listener = state.watcher.on_domain_event
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             asyncio.create_task(_heartbeat(state)),
-            asyncio.create_task(watcher.run_events()),
-            asyncio.create_task(watcher.run_resync(state.settings.resync_seconds)),
+            asyncio.create_task(state.watcher.run_events()),
+            asyncio.create_task(state.watcher.run_resync(state.settings.resync_seconds)),
         ]
 
     @kopf.on.cleanup(registry=registry)
@@ -107,22 +116,13 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
                 await task
         state.hypervisor.close()
 
-    @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="cache", registry=registry)
-    def cache(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo.state.cache.update(event.get("type"), dict(event["object"]))
-
-    @kopf.on.create(GROUP, VERSION, VM_PLURAL, labels=mine, id="reconcile", registry=registry)
-    @kopf.on.resume(GROUP, VERSION, VM_PLURAL, labels=mine, id="reconcile", registry=registry)
-    @kopf.on.update(GROUP, VERSION, VM_PLURAL, labels=mine, id="reconcile", registry=registry)
-    def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # Only a watch handler: the agent decides from the VM and the domain as they are, so it
+    # needs none of kopf's per-object bookkeeping (annotations, its own finalizer), each of which
+    # would cost a write per VM. The finalizer that guards deletion is ours (see Watcher.handle).
+    @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="vm", registry=registry)
+    def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state: AgentMemo = memo.state
-        result = state.sync.sync(dict(body))
-        if result.permanent:
-            raise kopf.PermanentError(result.permanent)
-        if result.retry:
-            raise kopf.TemporaryError(result.retry, delay=RETRY_SECONDS)
-
-    @kopf.on.delete(GROUP, VERSION, VM_PLURAL, labels=mine, id="teardown", registry=registry)
-    def teardown(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        log.info("%s/%s: deleted, removing its domain and files", body.metadata.namespace, body.metadata.name)
-        memo.state.sync.delete(dict(body))
+        body = dict(event["object"])
+        state.cache.update(event.get("type"), body)
+        if event.get("type") != "DELETED" and state.watcher is not None:
+            state.watcher.handle(body)

@@ -44,6 +44,7 @@ class VmSync:
         self.events = events
         self.node = node
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._written: set[str] = set()  # VMs whose status this process has written
         self._guard = threading.Lock()
 
     def _lock(self, uid: str) -> threading.Lock:
@@ -53,14 +54,17 @@ class VmSync:
     def forget(self, uid: str) -> None:
         with self._guard:
             self._locks.pop(uid, None)
+            self._written.discard(uid)
 
     def sync(self, body: dict[str, Any], refresh: bool = False) -> SyncResult:
-        """Reconcile ``body``. With ``refresh`` (a body from a cache that may lag behind our own
-        last write), first look: if anything is to be done or written, re-read the VM and work
-        from that, so a restart already carried out is never carried out twice."""
+        """Reconcile ``body``. With ``refresh`` (a body from a watch or cache that may lag behind
+        our own last status write), first look: if anything is to be done or written, re-read
+        the VM and work from that, so a restart already carried out is never carried out twice.
+        A VM we have not written since we started cannot lag behind us: no re-read for it."""
         vm = VirtualMachine.model_validate(body)
-        with self._lock(vm.metadata.uid or ""):
-            if refresh:
+        uid = vm.metadata.uid or ""
+        with self._lock(uid):
+            if refresh and uid in self._written:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
                     return SyncResult(vm.status.phase)
@@ -114,6 +118,7 @@ class VmSync:
         fields = status_after(vm, old, outcome, self.node)
         if changes(old, fields):
             self.status.write(body, lambda st: status_after(vm, st, outcome, self.node))
+            self._written.add(vm.metadata.uid or "")
         if fields["phase"] != old.get("phase"):
             self.events.post(
                 body,
@@ -139,5 +144,6 @@ class VmSync:
         old = dict(body.get("status") or {})
         if changes(old, update(old)):
             self.status.write(body, update)
+            self._written.add(vm.metadata.uid or "")
         if old.get("message") != message:
             self.events.post(body, VM_KIND, reason, message, "Warning")

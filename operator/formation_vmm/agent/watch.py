@@ -11,6 +11,7 @@ from typing import Any
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.domain.naming import domain_name
+from formation_vmm.kube import StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,47 @@ class VmCache:
 
 
 class Watcher:
-    def __init__(self, sync: VmSync, hypervisor: Hypervisor, cache: VmCache, vm_exists: VmExists) -> None:
+    """Every path by which a VM of this node gets synced: the watch (``handle``, from kopf),
+    libvirt's lifecycle events, retries after a failure, and the periodic resync."""
+
+    def __init__(
+        self,
+        sync: VmSync,
+        hypervisor: Hypervisor,
+        cache: VmCache,
+        vm_exists: VmExists,
+        writer: StatusWriter,
+        finalizer: str,
+        retry_seconds: float = 10.0,
+    ) -> None:
         self.sync = sync
         self.hypervisor = hypervisor
         self.cache = cache
         self.vm_exists = vm_exists
+        self.writer = writer
+        self.finalizer = finalizer
+        self.retry_seconds = retry_seconds
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._loop = asyncio.get_running_loop()
+
+    def handle(self, body: dict[str, Any]) -> None:
+        """One VM as the watch shows it now (called in a worker thread, one VM at a time)."""
+        meta = body["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if meta.get("deletionTimestamp"):
+            if self.finalizer in finalizers:
+                log.info("%s/%s: deleted, removing its domain and files", meta["namespace"], meta["name"])
+                self.sync.delete(body)
+                self.writer.remove_finalizer(body, self.finalizer)
+            return
+        if self.finalizer not in finalizers:
+            # The controller adds it when it binds the VM; a VM labeled by other means gets it here.
+            self.writer.add_finalizer(body, self.finalizer)
+        result = self.sync.sync(body, refresh=True)
+        if result.retry:
+            name = domain_name(meta["namespace"], meta["name"])
+            self._loop.call_soon_threadsafe(self._loop.call_later, self.retry_seconds, self._enqueue, name)
 
     def on_domain_event(self, name: str, event: str) -> None:
         """Called from libvirt's event thread."""
@@ -63,10 +97,10 @@ class Watcher:
             name = await self.queue.get()
             self._queued.discard(name)
             body = self.cache.get(name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
+            if body is None:
                 continue
             try:
-                await asyncio.to_thread(self.sync.sync, body, True)
+                await asyncio.to_thread(self.handle, body)
             except Exception:  # one VM's failure must not stop the others' events
                 log.exception("sync after a libvirt event on %s failed", name)
 
@@ -100,10 +134,8 @@ class Watcher:
                     grace_seconds=0,
                 )
         for body in list(self.cache.bodies.values()):
-            if body["metadata"].get("deletionTimestamp"):
-                continue
             try:
-                self.sync.sync(body, refresh=True)
+                self.handle(body)
             except Exception:
                 log.exception(
                     "resync of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"]

@@ -18,8 +18,7 @@ HYPERVISOR_LABEL = f"{GROUP}/hypervisor"
 NODE_LABEL = f"{GROUP}/node"
 
 # kopf requires distinct finalizers and persistence prefixes when two operators handle one kind.
-# Every agent is an operator of its own: kopf removes its finalizer from objects none of its
-# handlers match, so agents sharing one finalizer name would strip each other's.
+# The agent manages its finalizer itself, one per node: an agent must never touch another's.
 CONTROLLER_FINALIZER = f"controller.{GROUP}/finalizer"
 CONTROLLER_PREFIX = f"controller.{GROUP}"
 
@@ -33,10 +32,6 @@ def _node_key(node: str) -> str:
 
 def agent_finalizer(node: str) -> str:
     return f"agent.{GROUP}/{_node_key(node)}"
-
-
-def agent_prefix(node: str) -> str:
-    return f"{_node_key(node)}.agent.{GROUP}"
 
 
 # Node annotations written by the agent: what the node offers to VMs.

@@ -50,6 +50,7 @@ async def _bind_loop(binder: Binder) -> None:
 def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
         settings.persistence.finalizer = CONTROLLER_FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=CONTROLLER_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -65,14 +66,16 @@ def register(registry: kopf.OperatorRegistry) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    # Async on purpose: these only update the binder's memory (a thread hop per watch event
+    # would cost more than the work); the rare API write goes to a thread.
     @kopf.on.event("", "v1", "nodes", labels={HYPERVISOR_LABEL: "true"}, id="nodes", registry=registry)
-    def nodes(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    async def nodes(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo.state.binder.node_event(event.get("type"), node_summary(dict(event["object"])))
 
     @kopf.on.event(GROUP, VERSION, VM_PLURAL, id="vms", registry=registry)
-    def vms(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    async def vms(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         binder: Binder = memo.state.binder
         body = dict(event["object"])
         binder.vm_event(event.get("type"), body)
-        if event.get("type") != "DELETED":
-            binder.repair_status(body)
+        if event.get("type") != "DELETED" and binder.status_needs_repair(body):
+            await asyncio.to_thread(binder.repair_status, body)
