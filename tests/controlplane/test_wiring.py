@@ -1,61 +1,14 @@
-"""The controller and one agent wired end to end against the real control plane; the agent on
-its own test:/// hypervisor. Apply a VM, see it placed, started and reported; delete it, see the
-domain gone."""
-
-import json
-import urllib.request
-from collections.abc import Iterator
-from typing import Any
+"""The controller and an agent wired end to end against the real control plane (the fleet's
+node-a, on its own test:/// hypervisor): apply a VM, see it placed, started and reported in
+`kubectl get` and `kubectl describe`; delete it, see the domain gone."""
 
 import pytest
 import yaml
 
-from formation_vmm.api.names import NODE_LABEL
-from formation_vmm.devcluster.cluster import (
-    Kubectl,
-    OperatorProcess,
-    install_rbac,
-    register_node,
-    service_account_kubeconfig,
-    start_agent,
-    start_controller,
-)
-from formation_vmm.devcluster.controlplane import ControlPlane
-from formation_vmm.devcluster.processes import stop
-from tests.controlplane.helpers import get_json, wait_for
+from formation_vmm.api.names import NODE_LABEL, agent_finalizer
+from tests.controlplane.fleet import Fleet, condition
 
 pytestmark = pytest.mark.controlplane
-
-NODE = "wiring-node"
-
-
-@pytest.fixture(scope="module")
-def operators(control_plane: ControlPlane, kubectl: Kubectl) -> Iterator[dict[str, OperatorProcess]]:
-    register_node(kubectl, NODE)
-    # Each process authenticates as its own service account: the RBAC of manifests/ is what
-    # lets them work here, so a missing rule fails these tests.
-    install_rbac(kubectl)
-    procs = {
-        "controller": start_controller(
-            control_plane,
-            kubeconfig=service_account_kubeconfig(kubectl, control_plane, "formation-vmm-controller"),
-        ),
-        "agent": start_agent(
-            control_plane,
-            NODE,
-            "test:///default",
-            "test",
-            kubeconfig=service_account_kubeconfig(kubectl, control_plane, "formation-vmm-agent"),
-        ),
-    }
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
-        yield procs
-    finally:
-        for proc in procs.values():
-            stop(proc.pid)
-        kubectl("delete", "node", NODE, check=False)
 
 
 def parse_table(text: str) -> list[list[str]]:
@@ -67,68 +20,56 @@ def parse_table(text: str) -> list[list[str]]:
     return [[line[a:b].strip() for a, b in zip(starts, bounds, strict=True)] for line in lines]
 
 
-def agent_vms(agent: OperatorProcess) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/vms", timeout=5) as resp:
-        return list(json.load(resp))
-
-
-def test_apply_place_run_delete(
-    kubectl: Kubectl, namespace: str, operators: dict[str, OperatorProcess]
-) -> None:
+def test_apply_place_run_delete(fleet: Fleet, ns: str) -> None:
     doc = {
         "apiVersion": "vmm.formation.cloud/v1alpha1",
         "kind": "VirtualMachine",
-        "metadata": {"name": "wired", "namespace": namespace},
-        "spec": {"cpus": 2, "memory": "256Mi", "disks": [{"name": "data", "size": "16Mi"}]},
+        "metadata": {"name": "wired", "namespace": ns},
+        "spec": {
+            "cpus": 2,
+            "memory": "256Mi",
+            "nodeSelector": {"zone": "a"},
+            "disks": [{"name": "data", "size": "16Mi"}],
+        },
     }
-    kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
-
-    def running() -> dict[str, Any] | None:
-        vm = get_json(kubectl, "vm", "wired", "-n", namespace)
-        return vm if vm.get("status", {}).get("phase") == "Running" else None
-
-    vm = wait_for(running, 60, "the VM to be Running")
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+    vm = fleet.wait_phase(ns, "wired", "Running")
     status = vm["status"]
-    assert status["nodeName"] == NODE
-    assert vm["metadata"]["labels"][NODE_LABEL] == NODE
-    scheduled = next(c for c in status["conditions"] if c["type"] == "Scheduled")
-    assert (scheduled["status"], scheduled["reason"]) == ("True", "Scheduled")
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "True"
-    assert status["vcpus"] == 2
-    domains = agent_vms(operators["agent"])
-    assert [(d["id"], d["state"], d["uuid"]) for d in domains] == [
+    assert status["nodeName"] == "node-a"
+    assert vm["metadata"]["labels"][NODE_LABEL] == "node-a"
+    assert vm["metadata"]["finalizers"] == [agent_finalizer("node-a")]
+    assert (condition(vm, "Scheduled")["status"], condition(vm, "Scheduled")["reason"]) == (
+        "True",
+        "Scheduled",
+    )
+    assert condition(vm, "Ready")["status"] == "True"
+    assert status["vcpus"] == 2 and status["observedGeneration"] == 1 and status["startedAt"]
+    domains = fleet.agent_vms("node-a")
+    assert [(d["id"], d["state"], d["uuid"]) for d in domains if d["namespace"] == ns] == [
         (vm["metadata"]["uid"], "running", status["domainUUID"])
     ]
 
-    header, row = parse_table(kubectl("get", "vm", "wired", "-n", namespace))[:2]
+    header, row = parse_table(fleet.kubectl("get", "vm", "wired", "-n", ns))[:2]
     assert header == ["NAME", "PHASE", "NODE", "IP", "CPUS", "MEMORY", "READY", "AGE"]
-    assert row[:7] == ["wired", "Running", NODE, "", "2", "256Mi", "True"]
+    assert row[:7] == ["wired", "Running", "node-a", "", "2", "256Mi", "True"]
 
-    events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=wired")
-    assert "Scheduled" in events and "Running" in events
+    described = fleet.kubectl("describe", "vm", "wired", "-n", ns)
+    assert "bound to node node-a" in described and "Scheduled -> Running on node-a" in described
 
-    kubectl("delete", "vm", "wired", "-n", namespace, "--timeout=60s")
-    assert agent_vms(operators["agent"]) == []
+    fleet.kubectl("delete", "vm", "wired", "-n", ns, "--timeout=60s")
+    assert [d for d in fleet.agent_vms("node-a") if d["namespace"] == ns] == []
 
 
-def test_no_hypervisor_fits_stays_pending_with_the_reason(
-    kubectl: Kubectl, namespace: str, operators: dict[str, OperatorProcess]
-) -> None:
-    doc = {
-        "apiVersion": "vmm.formation.cloud/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": "nowhere", "namespace": namespace},
-        "spec": {"nodeSelector": {"zone": "mars"}},
-    }
-    kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
-
-    def unschedulable() -> dict[str, Any] | None:
-        status = get_json(kubectl, "vm", "nowhere", "-n", namespace).get("status", {})
-        cond = next((c for c in status.get("conditions", []) if c["type"] == "Scheduled"), None)
-        return cond if cond and cond["reason"] == "Unschedulable" else None
-
-    cond = wait_for(unschedulable, 30, "Scheduled=False/Unschedulable")
-    assert cond["status"] == "False"
-    assert "do not match the nodeSelector" in cond["message"]
-    assert get_json(kubectl, "vm", "nowhere", "-n", namespace)["status"]["phase"] == "Pending"
+def test_no_hypervisor_fits_stays_pending_with_the_reason(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(ns, "nowhere", nodeSelector={"zone": "mars"})
+    vm = fleet.wait_vm(
+        ns, "nowhere", lambda v: condition(v, "Scheduled").get("reason") == "Unschedulable", "refused"
+    )
+    assert condition(vm, "Scheduled")["status"] == "False"
+    assert (
+        condition(vm, "Scheduled")["message"]
+        == "0/3 hypervisor nodes can take the VM: 3 do not match the nodeSelector"
+    )
+    assert vm["status"]["phase"] == "Pending"
+    described = fleet.kubectl("describe", "vm", "nowhere", "-n", ns)
+    assert "Unschedulable" in described
