@@ -70,9 +70,12 @@ class Fleet:
             namespace, name, lambda vm: vm.get("status", {}).get("phase") == phase, f"phase {phase}", timeout
         )
 
+    def agent_get(self, node: str, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.agents[node].port}{path}", timeout=5) as resp:
+            return json.load(resp)
+
     def agent_vms(self, node: str) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.agents[node].port}/vms", timeout=5) as resp:
-            return list(json.load(resp))
+        return list(self.agent_get(node, "/vms"))
 
     def plugin(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -7,6 +7,7 @@ import yaml
 
 from formation_vmm.api.names import NODE_LABEL, agent_finalizer
 from tests.controlplane.fleet import Fleet, condition
+from tests.controlplane.helpers import wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -55,6 +56,16 @@ def test_apply_place_run_delete(fleet: Fleet, ns: str) -> None:
 
     described = fleet.kubectl("describe", "vm", "wired", "-n", ns)
     assert "bound to node node-a" in described and "Scheduled -> Running on node-a" in described
+
+    # The node says what it offers and holds; the agent answers the old service's endpoints.
+    def node_annotations() -> str:
+        return fleet.kubectl("get", "node", "node-a", "-o", "jsonpath={.metadata.annotations}")
+
+    wait_for(lambda: '"vmm.formation.cloud/vms":"1"' in node_annotations(), 10, "the next heartbeat")
+    assert '"vmm.formation.cloud/capacity-cpus":"4"' in node_annotations()
+    assert fleet.agent_get("node-a", "/health")["status"] == "ok"
+    assert fleet.agent_get("node-a", f"/vms/{vm['metadata']['uid']}")["name"] == "wired"
+    assert isinstance(fleet.agent_get("node-a", "/images"), list)
 
     fleet.kubectl("delete", "vm", "wired", "-n", ns, "--timeout=60s")
     assert [d for d in fleet.agent_vms("node-a") if d["namespace"] == ns] == []
