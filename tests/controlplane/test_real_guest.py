@@ -3,7 +3,6 @@ busybox initramfs the test builds, its console read through `kubectl vm console`
 
 import hashlib
 import io
-import shutil
 from pathlib import Path
 
 import pycdlib
@@ -11,10 +10,10 @@ import pytest
 import yaml
 
 from formation_vmm.api.names import GROUP, VERSION
+from formation_vmm.devcluster.guest import BOOT_MARKER, POWEROFF_MARKER, install
 from tests.controlplane.fleet import QEMU_NODE, Fleet, condition
 from tests.controlplane.helpers import wait_for
 from tests.controlplane.test_lifecycle import ON_QEMU
-from tests.guest import BOOT_MARKER, POWEROFF_MARKER, build_initramfs, kernel
 
 pytestmark = pytest.mark.controlplane
 
@@ -22,11 +21,8 @@ pytestmark = pytest.mark.controlplane
 @pytest.fixture(scope="module")
 def guest_files(fleet: Fleet) -> dict[str, str]:
     """Kernel and initramfs in node-q's images directory; returns their sha256 checksums."""
-    root = fleet.images_dir(QEMU_NODE) / "guest"
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(kernel(), root / "vmlinuz")
-    build_initramfs(root / "initrd.gz")
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in ("vmlinuz", "initrd.gz")}
+    files = install(fleet.images_dir(QEMU_NODE))
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
 def apply_image(fleet: Fleet, namespace: str, name: str, path: str, checksum: str | None = None) -> None:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.cluster import (
     Kubectl,
     install_crds,
@@ -107,12 +108,26 @@ def up(sample: bool = True) -> int:
     )
     _print(f"controller and agent ready (node {node}, libvirt {uri}, domain type {domain_type})")
     if sample:
-        example = source_root() / "manifests" / "examples" / "vm-sample.yaml"
-        kubectl("apply", "-f", str(example))
-        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=120s", "vm/sample")
+        _apply_sample(kubectl, plane.root / "nodes" / node / "images")
     _print(kubectl("get", "vm", "-A"))
     _print(f"export KUBECONFIG={plane.kubeconfig}")
     return 0
+
+
+def _apply_sample(kubectl: Kubectl, images_dir: Path) -> None:
+    """The sample VM boots a real kernel when this machine has one (Debian's cloud kernel), else
+    it is a VM with a blank disk and nothing to boot."""
+    examples = source_root() / "manifests" / "examples"
+    try:
+        guest.install(images_dir, "sample")
+    except FileNotFoundError as exc:
+        _print(f"WARNING: {exc}; the sample VM gets a blank disk instead of a kernel to boot")
+        kubectl("apply", "-f", str(examples / "vm-blank.yaml"))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=120s", "vm/blank")
+        return
+    kubectl("apply", "-f", str(examples / "vm-sample.yaml"))
+    kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=120s", "vm/sample")
+    _print("the sample VM boots Debian's cloud kernel; see its console with: kubectl vm console sample")
 
 
 def down(quiet: bool = False) -> int:

@@ -1,6 +1,7 @@
 """A real guest small enough to boot on TCG in seconds: Debian's cloud kernel and an initramfs
 holding busybox and an /init this module writes. The initramfs is built here, from the packages
-hack/install-system-deps.sh installs (linux-image-cloud-amd64, busybox-static)."""
+hack/install-system-deps.sh installs (linux-image-cloud-amd64, busybox-static). `vmm dev up`
+boots its sample VM from these, and the real-guest tests do too."""
 
 import gzip
 import io
@@ -52,6 +53,8 @@ def _cpio_entry(name: str, mode: int, data: bytes, ino: int, rdev: tuple[int, in
 def build_initramfs(dest: Path) -> Path:
     """Write a gzip'd newc cpio with /bin/busybox and /init to ``dest``."""
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    if not busybox.exists():
+        raise FileNotFoundError("no busybox binary: install busybox-static")
     entries = [
         ("bin", stat.S_IFDIR | 0o755, b""),
         ("proc", stat.S_IFDIR | 0o755, b""),
@@ -68,3 +71,12 @@ def build_initramfs(dest: Path) -> Path:
     out.write(_cpio_entry("TRAILER!!!", 0, b"", 0))
     dest.write_bytes(gzip.compress(out.getvalue(), compresslevel=1))
     return dest
+
+
+def install(images_dir: Path, subdir: str = "guest") -> tuple[Path, Path]:
+    """Put the kernel and a fresh initramfs under ``images_dir/subdir``; returns both paths."""
+    target = images_dir / subdir
+    target.mkdir(parents=True, exist_ok=True)
+    vmlinuz = target / "vmlinuz"
+    shutil.copyfile(kernel(), vmlinuz)
+    return vmlinuz, build_initramfs(target / "initrd.gz")
