@@ -147,12 +147,6 @@ class Hypervisor:
                 return None
             raise HypervisorError(str(exc)) from exc
 
-    def _require(self, name: str) -> libvirt.virDomain:
-        dom = self._lookup(name)
-        if dom is None:
-            raise HypervisorError(f"domain {name} does not exist")
-        return dom
-
     @staticmethod
     def _info(dom: libvirt.virDomain) -> DomainInfo:
         state, reason = dom.state()

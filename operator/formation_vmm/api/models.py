@@ -6,7 +6,7 @@ the descriptions, defaults and CEL rules users meet); these models are what the 
 """
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -35,10 +35,6 @@ class ApiModel(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown fields are ignored, not fatal."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    def to_api(self) -> dict[str, Any]:
-        """The JSON form the apiserver stores, without unset optional fields."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 # --- VirtualMachine -------------------------------------------------------------------------
