@@ -14,13 +14,17 @@ pytestmark = pytest.mark.pure
         ("1.5Gi", 3 * 2**29),
         ("100", 100),
         ("0.5k", 500),
+        ("1e3", 1000),
+        ("5E6", 5 * 10**6),
+        ("1500m", 2),  # 1.5 bytes, rounded up
+        (".5Ki", 512),
     ],
 )
 def test_parses_kubernetes_quantities(text: str, expected: int) -> None:
     assert parse_quantity(text) == expected
 
 
-@pytest.mark.parametrize("text", ["lots", "", "12XB", "-1Gi", "1.2.3Mi"])
+@pytest.mark.parametrize("text", ["lots", "", "12XB", "-1Gi", "1.2.3Mi", "1e", "Mi"])
 def test_rejects_what_is_not_a_quantity(text: str) -> None:
     with pytest.raises(QuantityError, match="not a quantity"):
         parse_quantity(text)

@@ -3,22 +3,25 @@
 import re
 from decimal import Decimal, InvalidOperation
 
-_SUFFIXES: dict[str, int] = {
-    "": 1,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
+_SUFFIXES: dict[str, Decimal] = {
+    "m": Decimal("0.001"),
+    "": Decimal(1),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50),
+    "Ei": Decimal(2**60),
 }
-_QUANTITY = re.compile(r"^([+]?[0-9.]+)([a-zA-Z]{0,2})$")
+# A number, then a binary or decimal suffix, or a decimal exponent (1e3, 5E-2), as Kubernetes'
+# resource.Quantity accepts them: whatever the CRD's isQuantity() lets through must parse here.
+_QUANTITY = re.compile(r"^\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:([eE][+-]?[0-9]+)|([a-zA-Z]{0,2}))$")
 
 
 class QuantityError(ValueError):
@@ -28,13 +31,15 @@ class QuantityError(ValueError):
 def parse_quantity(text: str) -> int:
     """Return the number of bytes (rounded up) that a quantity such as ``512Mi`` names."""
     match = _QUANTITY.match(text.strip())
-    if not match or match.group(2) not in _SUFFIXES:
+    suffix = match.group(3) if match else None
+    if not match or (suffix is not None and suffix not in _SUFFIXES):
         raise QuantityError(f"{text!r} is not a quantity such as 512Mi or 2Gi")
     try:
         number = Decimal(match.group(1))
+        scale = Decimal(10) ** int(match.group(2)[1:]) if match.group(2) else _SUFFIXES[suffix or ""]
     except InvalidOperation as exc:
         raise QuantityError(f"{text!r} is not a quantity such as 512Mi or 2Gi") from exc
-    value = number * _SUFFIXES[match.group(2)]
+    value = number * scale
     whole = int(value)
     return whole if whole == value else whole + 1
 
