@@ -14,6 +14,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
+from formation_vmm import metrics
 from formation_vmm.api.names import GROUP, NODE_LABEL, VERSION, VM_PLURAL
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class StatusWriter:
                 "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
                 "status": fields,
             }
+            metrics.STATUS_WRITES.inc()
             try:
                 written: Any = self.api.patch_namespaced_custom_object_status(
                     self.group, self.version, meta["namespace"], self.plural, meta["name"], patch

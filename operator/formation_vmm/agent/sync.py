@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes.client import ApiException
 
+from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.reconcile import Reconciler, restart_requested
@@ -33,6 +34,7 @@ class SyncResult:
     phase: str | None
     retry: str | None = None  # why the VM should be synced again soon
     permanent: str | None = None  # why the VM cannot run as specified
+    outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid
 
 
 class VmSync:
@@ -97,24 +99,30 @@ class VmSync:
         self.forget(vm.metadata.uid or "")
 
     def _sync(self, body: dict[str, Any], vm: VirtualMachine) -> SyncResult:
+        with metrics.SYNC_SECONDS.time():
+            result = self._sync_timed(body, vm)
+        metrics.SYNCS.labels(result.outcome).inc()
+        return result
+
+    def _sync_timed(self, body: dict[str, Any], vm: VirtualMachine) -> SyncResult:
         old = dict(body.get("status") or {})
         try:
             outcome = self.reconciler.reconcile(vm)
         except InputNotReadyError as exc:
             reason, message = exc.reason, str(exc)
             self._report(body, vm, lambda st: status_waiting(vm, st, reason, message), reason, message)
-            return SyncResult("Provisioning", retry=message)
+            return SyncResult("Provisioning", retry=message, outcome="waiting")
         except (UnsupportedSpecError, UnsafeNameError) as exc:
             message = str(exc)
             self._report(
                 body, vm, lambda st: status_failed(vm, st, "InvalidSpec", message), "InvalidSpec", message
             )
-            return SyncResult("Failed", permanent=message)
+            return SyncResult("Failed", permanent=message, outcome="invalid")
         except (HypervisorError, OSError) as exc:
             reason = "HypervisorError" if isinstance(exc, HypervisorError) else "HostError"
             message = str(exc)
             self._report(body, vm, lambda st: status_failed(vm, st, reason, message), reason, message)
-            return SyncResult("Failed", retry=message)
+            return SyncResult("Failed", retry=message, outcome="failed")
         fields = status_after(vm, old, outcome, self.node)
         if changes(old, fields):
             self.status.write(body, lambda st: status_after(vm, st, outcome, self.node))
@@ -135,7 +143,9 @@ class VmSync:
                 "the guest stopped and was started again per runStrategy",
                 "Warning",
             )
-        return SyncResult(fields["phase"])
+        for action in outcome.actions:
+            metrics.ACTIONS.labels(action.value).inc()
+        return SyncResult(fields["phase"], outcome="acted" if outcome.actions else "idle")
 
     def _report(
         self, body: dict[str, Any], vm: VirtualMachine, update: Any, reason: str, message: str

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.domain.naming import domain_name
@@ -85,6 +86,7 @@ class Watcher:
     def on_domain_event(self, name: str, event: str) -> None:
         """Called from libvirt's event thread."""
         log.debug("domain %s: %s", name, event)
+        metrics.DOMAIN_EVENTS.labels(event).inc()
         self._loop.call_soon_threadsafe(self._enqueue, name)
 
     def _enqueue(self, name: str) -> None:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from formation_vmm import metrics
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import NODE_LABEL, VM_KIND, agent_finalizer
@@ -134,11 +135,15 @@ class Binder:
                 self._bound[vm.metadata.uid or ""] = Bound(decision.node, request.vcpus, request.memory, body)
                 self._pending.pop(vm.metadata.uid or "", None)
         if decision.node is None:
+            metrics.BINDINGS.labels("unschedulable").inc()
             self._unschedulable(body, vm, decision.message)
             return decision
         if not self._write_binding(body, vm, decision.node, decision.message):
+            metrics.BINDINGS.labels("conflict").inc()
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
                 self._bound.pop(vm.metadata.uid or "", None)
+            return decision
+        metrics.BINDINGS.labels("bound").inc()
         return decision
 
     def _write_binding(self, body: dict[str, Any], vm: VirtualMachine, node: str, why: str) -> bool:
@@ -209,6 +214,7 @@ class Binder:
         rewrites their status when it comes back."""
         with self._lock:
             infos = {info.name: info for info in self._node_infos()}
+            metrics.NODES_LOST.set(sum(1 for info in infos.values() if not info.ready))
             victims = [b for b in self._bound.values() if b.node in infos and not infos[b.node].ready]
         for bound in victims:
             status = bound.body.get("status") or {}

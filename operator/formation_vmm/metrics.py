@@ -1,0 +1,27 @@
+"""Prometheus metrics of the controller and the agent, served on /metrics."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BINDINGS = Counter(
+    "vmm_controller_bindings_total",
+    "Placement decisions, by result (bound, unschedulable, conflict).",
+    ["result"],
+)
+PENDING = Gauge("vmm_controller_pending_vms", "VMs waiting for a node.")
+NODES_LOST = Gauge("vmm_controller_lost_nodes", "Hypervisor nodes whose agent stopped reporting.")
+
+SYNCS = Counter(
+    "vmm_agent_syncs_total",
+    "VM syncs by the agent, by outcome (idle, acted, waiting, failed, invalid).",
+    ["outcome"],
+)
+SYNC_SECONDS = Histogram(
+    "vmm_agent_sync_seconds",
+    "Time one VM sync took (plan, libvirt calls, status write).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ACTIONS = Counter("vmm_agent_actions_total", "Actions carried out on domains, by action.", ["action"])
+DOMAIN_EVENTS = Counter(
+    "vmm_agent_libvirt_events_total", "libvirt lifecycle events received, by event.", ["event"]
+)
+STATUS_WRITES = Counter("vmm_status_writes_total", "Status patches sent to the API.")
