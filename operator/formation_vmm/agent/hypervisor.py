@@ -170,15 +170,24 @@ class Hypervisor:
             dom = self._lookup(name)
             return None if dom is None else self._info(dom)
         except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # undefined between the lookup and the look
             raise HypervisorError(str(exc)) from exc
 
     def owned_domains(self) -> list[DomainInfo]:
         """Every domain whose metadata names a VM: the agent's, found without guessing from names."""
         try:
             domains = self._connection().listAllDomains(0)
-            infos = [self._info(dom) for dom in domains]
         except libvirt.libvirtError as exc:
             raise HypervisorError(str(exc)) from exc
+        infos = []
+        for dom in domains:
+            try:
+                infos.append(self._info(dom))
+            except libvirt.libvirtError as exc:
+                # Undefined between the listing and the look: gone, which is no error.
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise HypervisorError(str(exc)) from exc
         return [info for info in infos if info.owner is not None]
 
     def define(self, xml: str) -> str:
