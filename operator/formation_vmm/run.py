@@ -11,7 +11,7 @@ from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
-from formation_vmm.agent.inputs import ClusterInputs
+from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.api.names import GROUP, VERSION, VM_PLURAL
@@ -107,7 +107,10 @@ def run_agent(settings: Settings) -> None:
     hypervisor = Hypervisor(settings.libvirt_uri)
     layout = NodeLayout(vm_dir=settings.vm_dir, disks_dir=settings.disks_dir, images_dir=settings.images_dir)
     core, custom = core_api(), custom_api()
-    reconciler = Reconciler(hypervisor, layout, settings.domain_type, ClusterInputs(layout, custom, core))
+    images = ImageCatalog()
+    reconciler = Reconciler(
+        hypervisor, layout, settings.domain_type, ClusterInputs(layout, custom, core, images)
+    )
     sync = VmSync(reconciler, _vm_status_writer(), EventRecorder(core, "formation-vmm-agent", node), node)
     state = AgentMemo(
         settings=settings,
@@ -117,6 +120,7 @@ def run_agent(settings: Settings) -> None:
         api=core,
         vm_exists=vm_bound_here(custom, node),
         endpoint=settings.advertise_url or f"http://{node}:{settings.api_port}",
+        images=images,
     )
     # The agent is one per node and owns only its node's VMs: no peering between agents.
     routes = debug_api.routes(hypervisor, layout)

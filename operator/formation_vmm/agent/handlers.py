@@ -11,6 +11,7 @@ import kopf
 from kubernetes import client
 
 from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.inputs import ImageCatalog
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.api.names import (
@@ -19,6 +20,7 @@ from formation_vmm.api.names import (
     CAPACITY_MEMORY_ANNOTATION,
     GROUP,
     HEARTBEAT_ANNOTATION,
+    IMAGE_PLURAL,
     NODE_LABEL,
     VERSION,
     VM_COUNT_ANNOTATION,
@@ -46,6 +48,7 @@ class AgentMemo:
     vm_exists: Any
     endpoint: str
     cache: VmCache = field(default_factory=VmCache)
+    images: ImageCatalog = field(default_factory=ImageCatalog)
     watcher: Watcher | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -119,6 +122,13 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
     # Only a watch handler: the agent decides from the VM and the domain as they are, so it
     # needs none of kopf's per-object bookkeeping (annotations, its own finalizer), each of which
     # would cost a write per VM. The finalizer that guards deletion is ours (see Watcher.handle).
+    @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="image", registry=registry)
+    def image_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        state: AgentMemo = memo.state
+        image = state.images.observe(event.get("type"), dict(event["object"]))
+        if event.get("type") != "DELETED" and state.watcher is not None:
+            state.watcher.image_changed(image.metadata.namespace or "", image.metadata.name)
+
     @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="vm", registry=registry)
     def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state: AgentMemo = memo.state

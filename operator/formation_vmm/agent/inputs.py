@@ -41,18 +41,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ImageCatalog:
+    """The VmImages the agent's watch has seen, so a sync reads them from memory, not the API."""
+
+    def __init__(self) -> None:
+        self._images: dict[tuple[str, str], VmImage] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, event_type: str | None, body: dict[str, Any]) -> VmImage:
+        image = VmImage.model_validate(body)
+        key = (image.metadata.namespace or "", image.metadata.name)
+        with self._lock:
+            if event_type == "DELETED":
+                self._images.pop(key, None)
+            else:
+                self._images[key] = image
+        return image
+
+    def get(self, namespace: str, name: str) -> VmImage | None:
+        with self._lock:
+            return self._images.get((namespace, name))
+
+
 class ClusterInputs:
     """Images from hostPath VmImages (download and conversion arrive with the images work),
     user data inline or from a Secret in the VM's namespace."""
 
-    def __init__(self, layout: NodeLayout, custom: client.CustomObjectsApi, core: client.CoreV1Api) -> None:
+    def __init__(
+        self,
+        layout: NodeLayout,
+        custom: client.CustomObjectsApi,
+        core: client.CoreV1Api,
+        catalog: ImageCatalog | None = None,
+    ) -> None:
         self.layout = layout
         self.custom = custom
         self.core = core
+        self.catalog = catalog or ImageCatalog()
         self._verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
         self._lock = threading.Lock()
 
     def _get_image(self, namespace: str, name: str) -> VmImage:
+        seen = self.catalog.get(namespace, name)
+        if seen is not None:
+            return seen
+        # Not seen (yet): the watch may lag behind a VmImage created a moment ago.
         try:
             raw: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, IMAGE_PLURAL, name)
         except client.ApiException as exc:

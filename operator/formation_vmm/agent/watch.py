@@ -40,6 +40,11 @@ class VmCache:
         return {b["metadata"].get("uid") for b in self.bodies.values()}
 
 
+def _images_of(body: dict[str, Any]) -> set[str]:
+    kernel = (body.get("spec") or {}).get("kernel") or {}
+    return {name for name in (kernel.get("image"), kernel.get("initrd")) if name}
+
+
 class Watcher:
     """Every path by which a VM of this node gets synced: the watch (``handle``, from kopf),
     libvirt's lifecycle events, retries after a failure, and the periodic resync."""
@@ -82,6 +87,12 @@ class Watcher:
         if result.retry:
             name = domain_name(meta["namespace"], meta["name"])
             self._loop.call_soon_threadsafe(self._loop.call_later, self.retry_seconds, self._enqueue, name)
+
+    def image_changed(self, namespace: str, image: str) -> None:
+        """A VmImage appeared or changed: the VMs that wait for it need not wait for a retry."""
+        for key, body in list(self.cache.bodies.items()):
+            if body["metadata"]["namespace"] == namespace and image in _images_of(body):
+                self._loop.call_soon_threadsafe(self._enqueue, key)
 
     def on_domain_event(self, name: str, event: str) -> None:
         """Called from libvirt's event thread."""
