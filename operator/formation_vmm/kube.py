@@ -91,12 +91,10 @@ class StatusWriter:
             # Another writer got there first (kopf's own patches, the other process): back off
             # a little, with jitter, so two writers do not keep colliding in lockstep.
             time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter, not crypto
-            try:
-                current = self.get(meta["namespace"], meta["name"])
-            except client.ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
+            fresh = self.get_or_none(meta["namespace"], meta["name"])
+            if fresh is None:
+                return None
+            current = fresh
         raise RuntimeError(f"status of {meta['namespace']}/{meta['name']} kept changing under us")
 
     def add_finalizer(self, body: dict[str, Any], finalizer: str) -> None:
@@ -129,10 +127,11 @@ class StatusWriter:
                 if exc.status != 409:
                     raise
             time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter, not crypto
-            current = self._get_or_none(meta["namespace"], meta["name"])
+            current = self.get_or_none(meta["namespace"], meta["name"])
         raise RuntimeError(f"finalizers of {body['metadata']['name']} kept changing under us")
 
-    def _get_or_none(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_or_none(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as the API has it now, or None when it is gone."""
         try:
             return self.get(namespace, name)
         except client.ApiException as exc:

@@ -11,8 +11,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes.client import ApiException
-
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.inputs import InputNotReadyError
@@ -58,15 +56,15 @@ class VmSync:
             self._locks.pop(uid, None)
             self._written.discard(uid)
 
-    def sync(self, body: dict[str, Any], refresh: bool = False) -> SyncResult:
-        """Reconcile ``body``. With ``refresh`` (a body from a watch or cache that may lag behind
-        our own last status write), first look: if anything is to be done or written, re-read
-        the VM and work from that, so a restart already carried out is never carried out twice.
-        A VM we have not written since we started cannot lag behind us: no re-read for it."""
+    def sync(self, body: dict[str, Any]) -> SyncResult:
+        """Reconcile ``body``, which comes from a watch or a cache and may lag behind our own
+        last status write: first look, and if anything is to be done or written, re-read the VM
+        and work from that, so a restart already carried out is never carried out twice. A VM
+        we have not written since we started cannot lag behind us: no re-read for it."""
         vm = VirtualMachine.model_validate(body)
         uid = vm.metadata.uid or ""
         with self._lock(uid):
-            if refresh and uid in self._written:
+            if uid in self._written:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
                     return SyncResult(vm.status.phase)
@@ -77,20 +75,13 @@ class VmSync:
         """None when nothing needs doing (or the VM is gone); else the VM as the API has it now."""
         try:
             preview = self.reconciler.reconcile(vm, dry_run=True)
-            idle = not preview.actions and not changes(
-                dict(body.get("status") or {}),
-                status_after(vm, dict(body.get("status") or {}), preview, self.node),
-            )
+            old = dict(body.get("status") or {})
+            idle = not preview.actions and not changes(old, status_after(vm, old, preview, self.node))
         except Exception:  # an input or libvirt problem: the full pass reports it
             idle = False
         if idle:
             return None
-        try:
-            return self.status.get(vm.metadata.namespace or "", vm.metadata.name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.status.get_or_none(vm.metadata.namespace or "", vm.metadata.name)
 
     def delete(self, body: dict[str, Any], grace_seconds: float | None = None) -> None:
         vm = VirtualMachine.model_validate(body)

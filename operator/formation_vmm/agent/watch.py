@@ -83,7 +83,7 @@ class Watcher:
         if self.finalizer not in finalizers:
             # The controller adds it when it binds the VM; a VM labeled by other means gets it here.
             self.writer.add_finalizer(body, self.finalizer)
-        result = self.sync.sync(body, refresh=True)
+        result = self.sync.sync(body)
         if result.retry:
             name = domain_name(meta["namespace"], meta["name"])
             self._loop.call_soon_threadsafe(self._loop.call_later, self.retry_seconds, self._enqueue, name)

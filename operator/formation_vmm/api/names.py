@@ -17,10 +17,8 @@ HYPERVISOR_LABEL = f"{GROUP}/hypervisor"
 # only the VMs carrying its own node's name here.
 NODE_LABEL = f"{GROUP}/node"
 
-# kopf requires distinct finalizers and persistence prefixes when two operators handle one kind.
-# The agent manages its finalizer itself, one per node: an agent must never touch another's.
-CONTROLLER_FINALIZER = f"controller.{GROUP}/finalizer"
-CONTROLLER_PREFIX = f"controller.{GROUP}"
+# Neither process uses kopf's per-object state (finalizer, annotations): both handle only watch
+# events. The one finalizer is the agent's own, one per node: an agent never touches another's.
 
 
 def _node_key(node: str) -> str:

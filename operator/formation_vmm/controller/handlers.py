@@ -11,8 +11,6 @@ from typing import Any
 import kopf
 
 from formation_vmm.api.names import (
-    CONTROLLER_FINALIZER,
-    CONTROLLER_PREFIX,
     GROUP,
     HYPERVISOR_LABEL,
     VERSION,
@@ -51,11 +49,6 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
-        settings.persistence.finalizer = CONTROLLER_FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=CONTROLLER_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=CONTROLLER_PREFIX, key="last-handled-configuration"
-        )
         state: ControllerMemo = memo.state
         state.tasks = [asyncio.create_task(_bind_loop(state.binder))]
 

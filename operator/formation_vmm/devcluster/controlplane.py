@@ -187,10 +187,6 @@ class ControlPlane:
         self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
         self.kubeconfig.chmod(0o600)
 
-    def server_url(self) -> str:
-        config = yaml.safe_load(self.kubeconfig.read_text())
-        return str(config["clusters"][0]["cluster"]["server"])
-
     def _wait_ready(self, port: int, timeout: float) -> None:
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
         ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))

@@ -4,7 +4,6 @@ background. There is no kubelet: ``up`` registers this machine's Node object its
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -160,7 +159,3 @@ def status() -> int:
         _print(f"export KUBECONFIG={plane.kubeconfig}")
         return 0
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(up())
