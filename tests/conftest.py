@@ -1,8 +1,8 @@
-"""Tiers: every test module carries exactly one of the markers pure, libvirt, controlplane."""
+"""Tiers: every test module carries exactly one of the markers pure, host, libvirt, controlplane."""
 
 import pytest
 
-TIERS = {"pure", "libvirt", "controlplane"}
+TIERS = {"pure", "host", "libvirt", "controlplane"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     # The address other machines reach this agent's API at (defaults to http://<node>:<port>).
     advertise_url: str | None = None
     node_lost_seconds: float = Field(default=40.0, gt=0)
+    # Image imports on the agent: the largest download (and unpacked image) accepted, the HTTP
+    # timeouts (read: the longest silence mid-transfer), how long a failed import waits before
+    # it is tried again, how often progress is written, parallel imports per node, and how long
+    # a cached base no VmImage or VM refers to is kept before it is removed.
+    image_max_bytes: int = Field(default=64 << 30, gt=0)
+    image_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    image_read_timeout_seconds: float = Field(default=60.0, gt=0)
+    image_retry_seconds: float = Field(default=60.0, gt=0)
+    image_progress_seconds: float = Field(default=3.0, gt=0)
+    image_workers: int = Field(default=2, ge=1)
+    image_gc_grace_seconds: float = Field(default=3600.0, ge=0)
+    image_gc_interval_seconds: float = Field(default=300.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from typing import Any
 
 import kopf
 from aiohttp import web
@@ -11,15 +12,19 @@ from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
-from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog
+from formation_vmm.agent.image_status import ImageStatusReporter
+from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, secret_authorization
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.sync import VmSync
-from formation_vmm.api.names import GROUP, VERSION, VM_PLURAL
+from formation_vmm.api.names import GROUP, IMAGE_PLURAL, VERSION, VM_PLURAL
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.handlers import ControllerMemo
+from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.images.fetch import FetchLimits
+from formation_vmm.images.node import NodeImages
 from formation_vmm.kube import (
     EventRecorder,
     StatusWriter,
@@ -91,7 +96,18 @@ def run_controller(settings: Settings) -> None:
         settings.memory_overcommit,
         settings.node_lost_seconds,
     )
-    state = ControllerMemo(settings=settings, binder=binder)
+    custom = custom_api()
+
+    def list_vms(namespace: str) -> list[dict[str, Any]]:
+        found: Any = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VM_PLURAL)
+        return list(found.get("items") or [])
+
+    guard = ImageGuard(
+        StatusWriter(custom, GROUP, VERSION, IMAGE_PLURAL),
+        EventRecorder(core, "formation-vmm-controller"),
+        list_vms,
+    )
+    state = ControllerMemo(settings=settings, binder=binder, guard=guard)
     ensure_cluster_peering(custom_api(), PEERING_NAME)
     asyncio.run(_serve(settings, registry, state, standalone=False, peering_name=PEERING_NAME))
 
@@ -108,8 +124,22 @@ def run_agent(settings: Settings) -> None:
     layout = NodeLayout(vm_dir=settings.vm_dir, disks_dir=settings.disks_dir, images_dir=settings.images_dir)
     core, custom = core_api(), custom_api()
     images = ImageCatalog()
+    node_images = NodeImages(
+        node,
+        layout,
+        FetchLimits(
+            settings.image_max_bytes,
+            settings.image_connect_timeout_seconds,
+            settings.image_read_timeout_seconds,
+        ),
+        ImageStatusReporter(StatusWriter(custom, GROUP, VERSION, IMAGE_PLURAL), node),
+        secret_authorization(core),
+        retry_seconds=settings.image_retry_seconds,
+        progress_seconds=settings.image_progress_seconds,
+        workers=settings.image_workers,
+    )
     reconciler = Reconciler(
-        hypervisor, layout, settings.domain_type, ClusterInputs(layout, custom, core, images)
+        hypervisor, layout, settings.domain_type, ClusterInputs(custom, core, node_images, images)
     )
     sync = VmSync(reconciler, _vm_status_writer(), EventRecorder(core, "formation-vmm-agent", node), node)
     state = AgentMemo(
@@ -121,6 +151,7 @@ def run_agent(settings: Settings) -> None:
         vm_exists=vm_bound_here(custom, node),
         endpoint=settings.advertise_url or f"http://{node}:{settings.api_port}",
         images=images,
+        node_images=node_images,
     )
     # The agent is one per node and owns only its node's VMs: no peering between agents.
     routes = debug_api.routes(hypervisor, layout)

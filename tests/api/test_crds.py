@@ -75,7 +75,13 @@ def compare(model: type[BaseModel], schema: dict[str, Any], path: str, problems:
 
 
 @pytest.mark.parametrize(
-    ("plural", "model"), [("virtualmachines", models.VirtualMachine), ("vmimages", models.VmImage)]
+    ("plural", "model"),
+    [
+        ("virtualmachines", models.VirtualMachine),
+        ("vmimages", models.VmImage),
+        ("vmsnapshots", models.VmSnapshot),
+        ("vmrestores", models.VmRestore),
+    ],
 )
 def test_models_mirror_the_crd_field_by_field(plural: str, model: type[BaseModel]) -> None:
     problems: list[str] = []

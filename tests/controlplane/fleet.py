@@ -103,7 +103,12 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl) -> Iterator[Fleet]:
     kubectl("taint", "node", QEMU_NODE, "dedicated=qemu:NoSchedule", "--overwrite")
     controller_config = service_account_kubeconfig(kubectl, control_plane, "formation-vmm-controller")
     agent_config = service_account_kubeconfig(kubectl, control_plane, "formation-vmm-agent")
-    fast = {"VMM_HEARTBEAT_SECONDS": "1", "VMM_RESYNC_SECONDS": "2"}
+    fast = {
+        "VMM_HEARTBEAT_SECONDS": "1",
+        "VMM_RESYNC_SECONDS": "2",
+        "VMM_IMAGE_PROGRESS_SECONDS": "0.5",
+        "VMM_IMAGE_RETRY_SECONDS": "3",
+    }
     controller = start_controller(control_plane, {"VMM_NODE_LOST_SECONDS": "6"}, kubeconfig=controller_config)
     agents = {
         node: start_agent(

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.controlplane
 
 VM = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VirtualMachine"}
 IMG = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmImage"}
+SNAP = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmSnapshot"}
+RESTORE = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmRestore"}
 HEX = "a" * 64
 
 INVALID = [
@@ -34,12 +36,6 @@ INVALID = [
         "disk names must be unique within a VM",
     ),
     ("unknown runStrategy", VM, {"runStrategy": "Sometimes"}, 'Unsupported value: "Sometimes"'),
-    (
-        "disk with image and size",
-        VM,
-        {"disks": [{"name": "root", "image": "debian", "size": "1Gi"}]},
-        "a disk is either a copy of an image or a blank disk of a given size, not both",
-    ),
     (
         "disk with neither",
         VM,
@@ -89,6 +85,8 @@ INVALID = [
         {"source": {"hostPath": {"path": "../etc/shadow"}}},
         "path must be relative to the images directory, without '..' components",
     ),
+    ("snapshot of no VM", SNAP, {"includeMemory": True}, "spec.vmName: Required value"),
+    ("restore from no snapshot", RESTORE, {"vmName": "web"}, "spec.snapshotName: Required value"),
     (
         "unknown format",
         IMG,
@@ -140,3 +138,33 @@ def test_a_disk_image_cannot_change(kubectl: Kubectl, namespace: str) -> None:
 def test_kubectl_explain_helps(kubectl: Kubectl) -> None:
     out = kubectl("explain", "vm.spec.memory")
     assert "Guest memory as a Kubernetes quantity" in out
+
+
+def test_a_disk_can_grow_but_not_shrink(kubectl: Kubectl, namespace: str) -> None:
+    doc = {
+        **VM,
+        "metadata": {"name": "grow", "namespace": namespace},
+        "spec": {"disks": [{"name": "root", "image": "a", "size": "2Gi"}, {"name": "data", "size": "1Gi"}]},
+    }
+    kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    doc["spec"] = {"disks": [{"name": "root", "image": "a", "size": "1Gi"}, {"name": "data", "size": "1Gi"}]}
+    assert "a disk can grow but never shrink" in rejection(kubectl, "apply", doc)
+    doc["spec"] = {
+        "disks": [{"name": "root", "image": "a", "size": "3Gi"}, {"name": "data", "size": "2048Mi"}]
+    }
+    kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+
+
+def test_snapshots_and_restores_cannot_be_changed(kubectl: Kubectl, namespace: str) -> None:
+    snap = {**SNAP, "metadata": {"name": "s", "namespace": namespace}, "spec": {"vmName": "a"}}
+    kubectl("create", "-f", "-", input_text=yaml.safe_dump(snap))
+    snap["spec"] = {"vmName": "b"}
+    assert "a snapshot cannot be changed" in rejection(kubectl, "apply", snap)
+    restore = {
+        **RESTORE,
+        "metadata": {"name": "r", "namespace": namespace},
+        "spec": {"vmName": "a", "snapshotName": "s"},
+    }
+    kubectl("create", "-f", "-", input_text=yaml.safe_dump(restore))
+    restore["spec"] = {"vmName": "a", "snapshotName": "t"}
+    assert "a restore cannot be changed" in rejection(kubectl, "apply", restore)

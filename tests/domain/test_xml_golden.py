@@ -14,7 +14,7 @@ from formation_vmm.api.models import VirtualMachine
 from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec, image_names
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import UnsafeNameError, domain_name, stable_mac
-from formation_vmm.domain.spec import Owner
+from formation_vmm.domain.spec import BaseImage, Owner
 from formation_vmm.domain.xml import domain_xml, metadata_of
 from tests.factories import make_vm
 
@@ -29,8 +29,22 @@ CASES = sorted(p.name.removesuffix("-in.yaml") for p in GOLDEN.glob("*-in.yaml")
 
 def render(case: str, domain_type: str = "kvm") -> str:
     vm = VirtualMachine.model_validate(yaml.safe_load((GOLDEN / f"{case}-in.yaml").read_text()))
-    images = {name: LAYOUT.images_dir / f"{name}.img" for name in image_names(vm)}
-    return domain_xml(build_domain_spec(vm, LAYOUT, domain_type, images))
+    return domain_xml(build_domain_spec(vm, LAYOUT, domain_type, bases(vm)))
+
+
+def bases(vm: VirtualMachine, virtual_size: int = 1 << 30, **extra: object) -> dict[str, BaseImage]:
+    """Each image the VM names, as if cached on the node."""
+    return {
+        name: BaseImage(
+            sha256="0" * 64,
+            path=LAYOUT.images_dir / f"{name}.img",
+            format="raw",
+            size=virtual_size,
+            virtual_size=virtual_size,
+            **extra,  # type: ignore[arg-type]
+        )
+        for name in image_names(vm)
+    }
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -75,9 +89,22 @@ def test_names_from_manifests_cannot_escape_into_paths() -> None:
         build_domain_spec(make_vm(disks=[{"name": "Bad_Name", "size": "1Gi"}]), LAYOUT, "kvm")
 
 
-def test_image_disks_are_refused_until_images_exist() -> None:
-    with pytest.raises(UnsupportedSpecError, match="does not import images yet"):
-        build_domain_spec(make_vm(disks=[{"name": "root", "image": "debian"}]), LAYOUT, "kvm")
+def test_an_image_disk_is_an_overlay_in_the_vms_disk_directory() -> None:
+    vm = make_vm(disks=[{"name": "root", "image": "debian", "size": "2Gi"}])
+    spec = build_domain_spec(vm, LAYOUT, "kvm", bases(vm))
+    assert spec.disks[0].path == LAYOUT.disk_path(vm.metadata.namespace or "", vm.metadata.name, "root")
+    assert spec.disks[0].driver_type == "qcow2"
+
+
+def test_an_image_disk_smaller_than_its_image_or_a_vm_below_its_minimum_is_refused() -> None:
+    small = make_vm(disks=[{"name": "root", "image": "debian", "size": "512Mi"}])
+    with pytest.raises(UnsupportedSpecError, match="smaller than image 'debian'"):
+        build_domain_spec(small, LAYOUT, "kvm", bases(small))
+    vm = make_vm(disks=[{"name": "root", "image": "debian"}])
+    with pytest.raises(UnsupportedSpecError, match="at least 4 CPUs"):
+        build_domain_spec(vm, LAYOUT, "kvm", bases(vm, min_cpus=4))
+    with pytest.raises(UnsupportedSpecError, match="at least 64Gi of memory"):
+        build_domain_spec(vm, LAYOUT, "kvm", bases(vm, min_memory="64Gi"))
 
 
 def test_a_kernel_boot_needs_its_images_resolved() -> None:

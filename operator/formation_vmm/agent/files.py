@@ -1,13 +1,14 @@
 """A VM's files on the node: runtime directory, blank disks. No symlink is followed out of the
 configured directories, and qemu-img runs without a shell."""
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from formation_vmm.api.quantity import parse_quantity
-from formation_vmm.domain.spec import DomainSpec
+from formation_vmm.domain.spec import BaseImage, DomainSpec
 
 
 class UnsafePathError(RuntimeError):
@@ -55,12 +56,53 @@ def create_blank_disk(base: Path, path: Path, size: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare(spec: DomainSpec, sizes: dict[str, str], runtime_base: Path, disks_base: Path) -> None:
-    """Create what the domain refers to: its runtime directory and its blank disks."""
+def create_overlay(base_dir: Path, path: Path, base: BaseImage, size: str | None) -> None:
+    """A qcow2 overlay on a cached base, so the base is never written and many VMs share it.
+    Made in milliseconds whatever the base's size. Same temporary-name-then-rename as above."""
+    make_dir(base_dir, path.parent)
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    args = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", base.format, "-b", str(base.path), str(tmp)]
+    if size is not None:
+        args.append(str(max(parse_quantity(size), base.virtual_size)))
+    subprocess.run(args, check=True, capture_output=True, text=True)  # noqa: S603 - no shell
+    os.replace(tmp, path)
+
+
+def virtual_size(path: Path) -> int:
+    """The size the guest sees; -U reads it even while QEMU holds the image."""
+    done = subprocess.run(  # noqa: S603 - fixed argv and a validated path, no shell
+        [qemu_img(), "info", "-U", "--output=json", str(path)], check=True, capture_output=True, text=True
+    )
+    return int(json.loads(done.stdout)["virtual-size"])
+
+
+def resize_offline(path: Path, size: int) -> None:
+    subprocess.run(  # noqa: S603 - fixed argv and a validated path, no shell
+        [qemu_img(), "resize", "-q", "-f", "qcow2", str(path), str(size)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+def prepare(
+    spec: DomainSpec,
+    sizes: dict[str, str],
+    runtime_base: Path,
+    disks_base: Path,
+    bases: dict[str, BaseImage] | None = None,
+) -> None:
+    """Create what the domain refers to: its runtime directory, its overlays and blank disks."""
     make_dir(runtime_base, spec.console_log.parent)
+    bases = bases or {}
     for disk in spec.disks:
         size = sizes.get(disk.name)
-        if size is not None:
+        if disk.name in bases:
+            create_overlay(disks_base, disk.path, bases[disk.name], size)
+        elif size is not None:
             create_blank_disk(disks_base, disk.path, size)
 
 

@@ -29,6 +29,7 @@ from formation_vmm.api.names import (
 )
 from formation_vmm.api.quantity import format_mebibytes, parse_quantity
 from formation_vmm.config import Settings
+from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kube import annotate_node
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class AgentMemo:
     endpoint: str
     cache: VmCache = field(default_factory=VmCache)
     images: ImageCatalog = field(default_factory=ImageCatalog)
+    node_images: NodeImages | None = None
     watcher: Watcher | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -70,6 +72,18 @@ def publish_node(memo: AgentMemo) -> None:
             HEARTBEAT_ANNOTATION: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         },
     )
+
+
+async def _image_gc(memo: AgentMemo) -> None:
+    assert memo.node_images is not None
+    collector = GarbageCollector(memo.node_images, memo.settings.image_gc_grace_seconds)
+    while True:
+        # First sleep, then collect: by then the watch has listed every VmImage.
+        await asyncio.sleep(memo.settings.image_gc_interval_seconds)
+        try:
+            await asyncio.to_thread(collector.collect, memo.images.all())
+        except Exception:
+            log.exception("image garbage collection failed")
 
 
 async def _heartbeat(memo: AgentMemo) -> None:
@@ -103,12 +117,16 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         )
         # Before the first libvirt call: the connection subscribes to events when it opens.
         state.hypervisor.listener = state.watcher.on_domain_event
+        if state.node_images is not None:
+            state.node_images.notify = state.watcher.image_changed
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             asyncio.create_task(_heartbeat(state)),
             asyncio.create_task(state.watcher.run_events()),
             asyncio.create_task(state.watcher.run_resync(state.settings.resync_seconds)),
         ]
+        if state.node_images is not None:
+            state.tasks.append(asyncio.create_task(_image_gc(state)))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
@@ -118,6 +136,8 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         state.hypervisor.close()
+        if state.node_images is not None:
+            state.node_images.close()
 
     # Only a watch handler: the agent decides from the VM and the domain as they are, so it
     # needs none of kopf's per-object bookkeeping (annotations, its own finalizer), each of which
@@ -126,7 +146,15 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
     def image_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state: AgentMemo = memo.state
         image = state.images.observe(event.get("type"), dict(event["object"]))
-        if event.get("type") != "DELETED" and state.watcher is not None:
+        if event.get("type") == "DELETED":
+            return
+        if (
+            image.spec.prefetch == "AllNodes"
+            and state.node_images is not None
+            and not image.metadata.deletion_timestamp
+        ):
+            state.node_images.prefetch(image)
+        if state.watcher is not None:
             state.watcher.image_changed(image.metadata.namespace or "", image.metadata.name)
 
     @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="vm", registry=registry)

@@ -251,5 +251,19 @@ class Hypervisor:
     def destroy(self, name: str) -> None:
         self._call(name, "destroy", missing_ok=True)
 
+    @property
+    def live_block_ops(self) -> bool:
+        """False on the test driver, whose domains hold no image open (files change offline)."""
+        return not self.uri.startswith("test:")
+
+    def block_resize(self, name: str, path: str, size: int) -> None:
+        dom = self._lookup(name)
+        if dom is None:
+            raise HypervisorError(f"domain {name} is gone")
+        try:
+            dom.blockResize(path, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot grow {path} of {name}: {exc.get_error_message()}") from exc
+
     def undefine(self, name: str) -> None:
         self._call(name, "undefine", missing_ok=True)

@@ -5,18 +5,18 @@ small protocol so the reconciler can be driven in tests with files only.
 """
 
 import base64
-import hashlib
 import threading
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from kubernetes import client
 
-from formation_vmm.agent.files import UnsafePathError, ensure_inside
 from formation_vmm.api.models import VirtualMachine, VmImage
 from formation_vmm.api.names import GROUP, IMAGE_PLURAL, VERSION
 from formation_vmm.domain.build import image_names
-from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.domain.spec import BaseImage
+from formation_vmm.images.fetch import FetchError
+from formation_vmm.images.node import ImageNotReadyError, NodeImages
 
 
 class InputNotReadyError(RuntimeError):
@@ -28,17 +28,9 @@ class InputNotReadyError(RuntimeError):
 
 
 class Inputs(Protocol):
-    def images(self, vm: VirtualMachine) -> dict[str, Path]: ...
+    def images(self, vm: VirtualMachine) -> dict[str, BaseImage]: ...
 
     def user_data(self, vm: VirtualMachine) -> str: ...
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ImageCatalog:
@@ -62,24 +54,26 @@ class ImageCatalog:
         with self._lock:
             return self._images.get((namespace, name))
 
+    def all(self) -> list[VmImage]:
+        with self._lock:
+            return list(self._images.values())
+
 
 class ClusterInputs:
-    """Images from hostPath VmImages (download and conversion arrive with the images work),
-    user data inline or from a Secret in the VM's namespace."""
+    """Images through the node's image manager (which fetches, verifies and caches them), user
+    data inline or from a Secret in the VM's namespace."""
 
     def __init__(
         self,
-        layout: NodeLayout,
         custom: client.CustomObjectsApi,
         core: client.CoreV1Api,
+        node_images: NodeImages,
         catalog: ImageCatalog | None = None,
     ) -> None:
-        self.layout = layout
         self.custom = custom
         self.core = core
+        self.node_images = node_images
         self.catalog = catalog or ImageCatalog()
-        self._verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
-        self._lock = threading.Lock()
 
     def _get_image(self, namespace: str, name: str) -> VmImage:
         seen = self.catalog.get(namespace, name)
@@ -96,42 +90,17 @@ class ClusterInputs:
             raise
         return VmImage.model_validate(raw)
 
-    def _checksum(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            known = self._verified.get(key)
-        if known is None:
-            known = sha256_file(path)
-            with self._lock:
-                self._verified[key] = known
-        return known
-
-    def images(self, vm: VirtualMachine) -> dict[str, Path]:
+    def images(self, vm: VirtualMachine) -> dict[str, BaseImage]:
         namespace = vm.metadata.namespace or ""
-        found: dict[str, Path] = {}
+        found: dict[str, BaseImage] = {}
         for name in image_names(vm):
             image = self._get_image(namespace, name)
-            source = image.spec.source
-            if source.host_path is None:
-                raise InputNotReadyError(
-                    "ImageSourceUnsupported",
-                    f"VmImage {name} downloads over HTTP; this agent uses hostPath images only so far",
-                )
+            if image.metadata.deletion_timestamp is not None and vm.status.started_at is None:
+                raise InputNotReadyError("ImageDeleting", f"VmImage {name} is being deleted")
             try:
-                path = self.layout.image_path(source.host_path.path)
-                ensure_inside(self.layout.images_dir, path)
-            except (ValueError, UnsafePathError) as exc:
-                raise InputNotReadyError("ImagePathRefused", f"VmImage {name}: {exc}") from exc
-            if not path.is_file():
-                raise InputNotReadyError(
-                    "ImageMissing", f"VmImage {name}: {source.host_path.path} is not on this node"
-                )
-            if image.spec.checksum and f"sha256:{self._checksum(path)}" != image.spec.checksum:
-                raise InputNotReadyError(
-                    "ChecksumMismatch", f"VmImage {name}: {path.name} does not match its checksum"
-                )
-            found[name] = path
+                found[name] = self.node_images.ensure(image)
+            except ImageNotReadyError as exc:
+                raise InputNotReadyError(exc.reason, str(exc)) from exc
         return found
 
     def user_data(self, vm: VirtualMachine) -> str:
@@ -158,3 +127,21 @@ class ClusterInputs:
                 "SecretKeyMissing", f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
             )
         return base64.b64decode(data).decode()
+
+
+def secret_authorization(core: client.CoreV1Api) -> Callable[[str, str, str], str]:
+    """The Authorization header value a VmImage's secretRef names, read when an import starts."""
+
+    def read(namespace: str, secret: str, key: str) -> str:
+        try:
+            found = core.read_namespaced_secret(secret, namespace)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                raise FetchError("SecretNotFound", f"Secret {namespace}/{secret} does not exist") from exc
+            raise
+        data = (found.data or {}).get(key)
+        if data is None:
+            raise FetchError("SecretKeyMissing", f"Secret {namespace}/{secret} has no key {key!r}")
+        return base64.b64decode(data).decode().strip()
+
+    return read

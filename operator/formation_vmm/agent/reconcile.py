@@ -12,11 +12,12 @@ from formation_vmm.agent.inputs import Inputs
 from formation_vmm.agent.plan import Action, Desired, DomainState, plan
 from formation_vmm.agent.seed import write_seed
 from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.build import build_domain_spec
 from formation_vmm.domain.cloudinit import seed_files
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
-from formation_vmm.domain.spec import DomainSpec
+from formation_vmm.domain.spec import BaseImage, DomainSpec
 from formation_vmm.domain.xml import domain_xml, spec_hash
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class Outcome:
 class NoInputs:
     """For VMs that need no image files and no user data from the cluster (tests, test:///)."""
 
-    def images(self, vm: VirtualMachine) -> dict[str, Path]:
+    def images(self, vm: VirtualMachine) -> dict[str, BaseImage]:
         return {}
 
     def user_data(self, vm: VirtualMachine) -> str:
@@ -70,10 +71,12 @@ class Reconciler:
         self.layout = layout
         self.domain_type = domain_type
         self.inputs: Inputs = inputs or NoInputs()
+        self._sizes: dict[Path, int] = {}  # disk -> virtual size, as last read or set
 
-    def desired_spec(self, vm: VirtualMachine) -> DomainSpec:
+    def desired_spec(self, vm: VirtualMachine, images: dict[str, BaseImage] | None = None) -> DomainSpec:
         """The domain the VM asks for; raises when an input is not ready or the spec is unusable."""
-        return build_domain_spec(vm, self.layout, self.domain_type, self.inputs.images(vm))
+        images = self.inputs.images(vm) if images is None else images
+        return build_domain_spec(vm, self.layout, self.domain_type, images)
 
     def reconcile(
         self,
@@ -95,7 +98,8 @@ class Reconciler:
             self.hypervisor.destroy(name)
             self.hypervisor.undefine(name)
             current = None
-        spec = None if deleting else self.desired_spec(vm)
+        images = {} if deleting else self.inputs.images(vm)
+        spec = None if deleting else self.desired_spec(vm, images)
         if spec is not None and current is not None:
             # Redefining a domain must keep its UUID, or libvirt refuses the name as taken.
             spec = replace(spec, uuid=current.uuid)
@@ -105,8 +109,10 @@ class Reconciler:
             return Outcome(actions, current, digest, self._addresses(vm, current))
         grace = vm.spec.termination_grace_period_seconds if grace_seconds is None else grace_seconds
         for action in actions:
-            self._act(action, vm, name, spec, grace)
+            self._act(action, vm, name, spec, grace, images)
         after = self.hypervisor.describe(name)
+        if after is not None and not deleting:
+            self._grow_disks(vm, name, after, images)
         return Outcome(actions, after, digest, self._addresses(vm, after))
 
     def _addresses(self, vm: VirtualMachine, domain: DomainInfo | None) -> dict[str, str]:
@@ -114,15 +120,47 @@ class Reconciler:
             return {}
         return self.hypervisor.addresses(domain.name)
 
+    def _grow_disks(
+        self, vm: VirtualMachine, name: str, domain: DomainInfo, images: dict[str, BaseImage]
+    ) -> None:
+        """A disk whose ``size`` went up grows: live through libvirt while QEMU runs, else with
+        qemu-img. A smaller size is refused by the CRD; a size below the image is InvalidSpec."""
+        namespace = vm.metadata.namespace or ""
+        for disk in vm.spec.disks:
+            if disk.size is None:
+                continue
+            path = self.layout.disk_path(namespace, vm.metadata.name, disk.name)
+            if not path.exists():
+                continue
+            wanted = parse_quantity(disk.size)
+            known = self._sizes.get(path)
+            if known is None:
+                known = self._sizes[path] = files.virtual_size(path)
+            if wanted <= known:
+                continue
+            log.info("%s/%s: growing disk %s to %d bytes", namespace, vm.metadata.name, disk.name, wanted)
+            if domain.actual.active and self.hypervisor.live_block_ops:
+                self.hypervisor.block_resize(name, str(path), wanted)
+            else:
+                files.resize_offline(path, wanted)
+            self._sizes[path] = wanted
+
     def _act(
-        self, action: Action, vm: VirtualMachine, name: str, spec: DomainSpec | None, grace: float
+        self,
+        action: Action,
+        vm: VirtualMachine,
+        name: str,
+        spec: DomainSpec | None,
+        grace: float,
+        images: dict[str, BaseImage],
     ) -> None:
         namespace = vm.metadata.namespace or ""
         log.info("%s/%s: %s", namespace, vm.metadata.name, action.value)
         if action is Action.PREPARE_FILES:
             assert spec is not None
             sizes = {d.name: d.size for d in vm.spec.disks if d.size is not None}
-            files.prepare(spec, sizes, self.layout.vm_dir, self.layout.disks_dir)
+            bases = {d.name: images[d.image] for d in vm.spec.disks if d.image and d.image in images}
+            files.prepare(spec, sizes, self.layout.vm_dir, self.layout.disks_dir, bases)
             if vm.spec.cloud_init is not None:
                 write_seed(
                     self.layout.seed_path(namespace, vm.metadata.name),
@@ -145,7 +183,10 @@ class Reconciler:
             self.hypervisor.undefine(name)
         elif action is Action.REMOVE_FILES:
             files.remove_tree(self.layout.vm_dir, self.layout.runtime_dir(namespace, vm.metadata.name))
-            files.remove_tree(self.layout.disks_dir, self.layout.disk_dir(namespace, vm.metadata.name))
+            disk_dir = self.layout.disk_dir(namespace, vm.metadata.name)
+            files.remove_tree(self.layout.disks_dir, disk_dir)
+            for path in [p for p in self._sizes if p.parent == disk_dir]:
+                self._sizes.pop(path, None)
 
     def _shutdown(self, name: str, grace_seconds: float) -> None:
         """ACPI shutdown, then a hard stop once the grace period is over."""

@@ -41,8 +41,10 @@ class VmCache:
 
 
 def _images_of(body: dict[str, Any]) -> set[str]:
-    kernel = (body.get("spec") or {}).get("kernel") or {}
-    return {name for name in (kernel.get("image"), kernel.get("initrd")) if name}
+    spec = body.get("spec") or {}
+    kernel = spec.get("kernel") or {}
+    disks = [d.get("image") for d in spec.get("disks") or []]
+    return {name for name in (kernel.get("image"), kernel.get("initrd"), *disks) if name}
 
 
 class Watcher:

@@ -179,6 +179,7 @@ class ObjectMeta(ApiModel):
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+    deletion_timestamp: datetime | None = None
 
 
 class VirtualMachine(ApiModel):
@@ -236,3 +237,45 @@ class VmImage(ApiModel):
     metadata: ObjectMeta
     spec: VmImageSpec
     status: VmImageStatus = Field(default_factory=VmImageStatus)
+
+
+# --- VmSnapshot and VmRestore ----------------------------------------------------------------
+
+
+class VmSnapshotSpec(ApiModel):
+    vm_name: str
+    include_memory: bool = False
+
+
+class VmSnapshotStatus(ApiModel):
+    phase: Literal["Pending", "InProgress", "Ready", "Failed"] | None = None
+    ready_to_use: bool | None = None
+    creation_time: datetime | None = None
+    size: int | None = None
+    error: str | None = None
+    node_name: str | None = None
+    memory: bool | None = None
+    disks: list[str] = Field(default_factory=list)
+
+
+class VmSnapshot(ApiModel):
+    metadata: ObjectMeta
+    spec: VmSnapshotSpec
+    status: VmSnapshotStatus = Field(default_factory=VmSnapshotStatus)
+
+
+class VmRestoreSpec(ApiModel):
+    vm_name: str
+    snapshot_name: str
+
+
+class VmRestoreStatus(ApiModel):
+    phase: Literal["Pending", "InProgress", "Succeeded", "Failed"] | None = None
+    completed_at: datetime | None = None
+    error: str | None = None
+
+
+class VmRestore(ApiModel):
+    metadata: ObjectMeta
+    spec: VmRestoreSpec
+    status: VmRestoreStatus = Field(default_factory=VmRestoreStatus)

@@ -10,6 +10,10 @@ VM_PLURAL = "virtualmachines"
 VM_KIND = "VirtualMachine"
 IMAGE_PLURAL = "vmimages"
 IMAGE_KIND = "VmImage"
+SNAPSHOT_PLURAL = "vmsnapshots"
+SNAPSHOT_KIND = "VmSnapshot"
+RESTORE_PLURAL = "vmrestores"
+RESTORE_KIND = "VmRestore"
 
 # A node runs an agent, and may receive VMs, only when it carries this label set to "true".
 HYPERVISOR_LABEL = f"{GROUP}/hypervisor"
@@ -26,6 +30,10 @@ def _node_key(node: str) -> str:
     if len(node) <= 40 and all(c.isalnum() or c == "-" for c in node):
         return node.lower()
     return "n" + hashlib.sha256(node.encode()).hexdigest()[:16]
+
+
+# The controller's, on every VmImage: held while VMs use a deleted image.
+IMAGE_FINALIZER = f"{GROUP}/image-in-use"
 
 
 def agent_finalizer(node: str) -> str:

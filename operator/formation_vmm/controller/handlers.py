@@ -13,11 +13,13 @@ import kopf
 from formation_vmm.api.names import (
     GROUP,
     HYPERVISOR_LABEL,
+    IMAGE_PLURAL,
     VERSION,
     VM_PLURAL,
 )
 from formation_vmm.config import Settings
 from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.kube import node_summary
 
 log = logging.getLogger(__name__)
@@ -31,16 +33,19 @@ RETRY_SECONDS = 5.0
 class ControllerMemo:
     settings: Settings
     binder: Binder
+    guard: ImageGuard
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-async def _bind_loop(binder: Binder) -> None:
+async def _bind_loop(binder: Binder, guard: ImageGuard) -> None:
     while True:
         await asyncio.to_thread(binder.changed.wait, RETRY_SECONDS)
         binder.changed.clear()
         try:
             await asyncio.to_thread(binder.bind_pending)
             await asyncio.to_thread(binder.mark_lost_nodes)
+            for image in guard.pending():  # deleted images held for their VMs: look again
+                await asyncio.to_thread(guard.release_if_unused, image)
         except Exception:  # the loop must outlive any one failure
             log.exception("binding pass failed")
 
@@ -50,7 +55,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
         state: ControllerMemo = memo.state
-        state.tasks = [asyncio.create_task(_bind_loop(state.binder))]
+        state.tasks = [asyncio.create_task(_bind_loop(state.binder, state.guard))]
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
@@ -70,5 +75,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
         binder: Binder = memo.state.binder
         body = dict(event["object"])
         binder.vm_event(event.get("type"), body)
+        guard: ImageGuard = memo.state.guard
+        for image in guard.vm_event(event.get("type"), body):
+            await asyncio.to_thread(guard.release_if_unused, image)
         if event.get("type") != "DELETED" and binder.status_needs_repair(body):
             await asyncio.to_thread(binder.repair_status, body)
+
+    @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="images", registry=registry)
+    def images(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        memo.state.guard.image_event(event.get("type"), dict(event["object"]))

@@ -1,12 +1,12 @@
 """VirtualMachine -> DomainSpec: the spec resolved against the node's layout. Pure."""
 
 from collections.abc import Mapping
-from pathlib import Path
 
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.models import Disk, VirtualMachine
+from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name, require_label, stable_mac
-from formation_vmm.domain.spec import DiskDevice, DomainSpec, InterfaceDevice, KernelFiles, Owner
+from formation_vmm.domain.spec import BaseImage, DiskDevice, DomainSpec, InterfaceDevice, KernelFiles, Owner
 
 
 class UnsupportedSpecError(ValueError):
@@ -14,18 +14,36 @@ class UnsupportedSpecError(ValueError):
 
 
 def image_names(vm: VirtualMachine) -> list[str]:
-    """The VmImages a VM needs before it can get a domain (kernel and initrd for now)."""
+    """The VmImages a VM needs before it can get a domain: its disks' and its kernel's."""
+    names = [d.image for d in vm.spec.disks if d.image]
     kernel = vm.spec.kernel
-    if kernel is None:
-        return []
-    return [kernel.image] + ([kernel.initrd] if kernel.initrd else [])
+    if kernel is not None:
+        names += [kernel.image] + ([kernel.initrd] if kernel.initrd else [])
+    return list(dict.fromkeys(names))
+
+
+def _check_base(vm: VirtualMachine, disk: Disk, base: BaseImage) -> None:
+    """A disk may be larger than its image (the guest grows into it), never smaller; a .form
+    image may ask for a minimum of CPUs and memory."""
+    if disk.size is not None and parse_quantity(disk.size) < base.virtual_size:
+        raise UnsupportedSpecError(
+            f"disk {disk.name!r} is {disk.size}, smaller than image {disk.image!r} "
+            f"({base.virtual_size} bytes); leave size out or make it at least that"
+        )
+    if vm.spec.vcpus < base.min_cpus:
+        raise UnsupportedSpecError(f"image {disk.image!r} needs at least {base.min_cpus} CPUs")
+    if base.min_memory and vm.spec.memory_bytes < parse_quantity(base.min_memory):
+        raise UnsupportedSpecError(f"image {disk.image!r} needs at least {base.min_memory} of memory")
 
 
 def build_domain_spec(
-    vm: VirtualMachine, layout: NodeLayout, domain_type: str, images: Mapping[str, Path] | None = None
+    vm: VirtualMachine, layout: NodeLayout, domain_type: str, images: Mapping[str, BaseImage] | None = None
 ) -> DomainSpec:
-    """``images`` maps each name of ``image_names(vm)`` to the file that holds it on this node."""
+    """``images`` maps each name of ``image_names(vm)`` to its cached base on this node."""
     images = images or {}
+    missing = [name for name in image_names(vm) if name not in images]
+    if missing:
+        raise UnsupportedSpecError(f"images not resolved: {', '.join(missing)}")
     meta = vm.metadata
     if meta.namespace is None or meta.uid is None:
         raise UnsupportedSpecError("a VM needs a namespace and a uid before it gets a domain")
@@ -34,9 +52,7 @@ def build_domain_spec(
     for disk in spec.disks:
         require_label(disk.name, "disk name")
         if disk.image is not None:
-            raise UnsupportedSpecError(
-                f"disk {disk.name!r} uses image {disk.image!r}, and this agent does not import images yet"
-            )
+            _check_base(vm, disk, images[disk.image])
         disks.append(
             DiskDevice(
                 name=disk.name,
@@ -59,13 +75,14 @@ def build_domain_spec(
         )
     kernel = None
     if spec.kernel is not None:
-        missing = [name for name in image_names(vm) if name not in images]
-        if missing:
-            raise UnsupportedSpecError(f"images not resolved: {', '.join(missing)}")
+        # A .form disk image may carry the command line its kernel wants.
+        default_cmdline = next(
+            (images[d.image].cmdline for d in spec.disks if d.image and images[d.image].cmdline), None
+        )
         kernel = KernelFiles(
-            kernel=images[spec.kernel.image],
-            initrd=images[spec.kernel.initrd] if spec.kernel.initrd else None,
-            cmdline=spec.kernel.cmdline,
+            kernel=images[spec.kernel.image].path,
+            initrd=images[spec.kernel.initrd].path if spec.kernel.initrd else None,
+            cmdline=spec.kernel.cmdline or default_cmdline,
         )
     interfaces = tuple(
         InterfaceDevice(

@@ -17,6 +17,20 @@ class DiskDevice:
 
 
 @dataclass(frozen=True)
+class BaseImage:
+    """A verified image in the node's cache, as a VM's overlay disk or kernel uses it."""
+
+    sha256: str  # of the bytes as fetched (the VmImage checksum, when it has one)
+    path: Path
+    format: str  # raw or qcow2
+    size: int  # bytes on disk
+    virtual_size: int  # bytes the guest sees
+    min_cpus: int = 1  # from a .form manifest
+    min_memory: str | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
 class InterfaceDevice:
     name: str
     mac: str

@@ -1,0 +1,104 @@
+"""The node's image cache: one file per distinct content, named by the sha256 of the bytes as
+fetched, so two VmImages with the same bytes share one base. Every file arrives under a scratch
+name, is fsync'd and renamed into place: a crash leaves scratch files, never a half base."""
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from formation_vmm.agent.files import ensure_inside
+from formation_vmm.domain.spec import BaseImage
+
+CACHE_DIR = ".vmm-cache"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ImageCache:
+    def __init__(self, images_dir: Path) -> None:
+        self.images_dir = images_dir
+        self.root = images_dir / CACHE_DIR
+        self.blobs = self.root / "blobs"
+        self.specs = self.root / "specs"
+        self.scratch = self.root / "scratch"
+
+    def setup(self) -> None:
+        """Create the directories and drop scratch files a killed import left behind."""
+        for path in (self.blobs, self.specs, self.scratch):
+            path.mkdir(parents=True, exist_ok=True)
+            ensure_inside(self.images_dir, path)
+        for leftover in self.scratch.iterdir():
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink()
+
+    def scratch_file(self, label: str) -> Path:
+        return self.scratch / f"{label}.{os.getpid()}.{time.monotonic_ns()}"
+
+    def _meta_path(self, sha256: str) -> Path:
+        return self.blobs / f"{sha256}.json"
+
+    def lookup(self, sha256: str) -> BaseImage | None:
+        try:
+            data: Any = json.loads(self._meta_path(sha256).read_text())
+            image = BaseImage(**{**data, "path": Path(data["path"])})
+        except (OSError, ValueError, TypeError):
+            return None
+        return image if image.path.is_file() else None
+
+    def store(self, sha256: str, file: Path, image: BaseImage) -> BaseImage:
+        """Move ``file`` (a scratch file) into the cache as the base for ``sha256``."""
+        final = self.blobs / f"{sha256}.{image.format}"
+        with file.open("rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(file, 0o444)  # a base is only ever read: overlays take the writes
+        os.replace(file, final)
+        stored = BaseImage(**{**asdict(image), "path": final, "sha256": sha256})
+        self._write_json(self._meta_path(sha256), {**asdict(stored), "path": str(final)})
+        fsync_dir(self.blobs)
+        return stored
+
+    def remember_spec(self, key: str, sha256: str) -> None:
+        """Which content a VmImage spec resolved to, so a restarted agent finds it again."""
+        self._write_json(self.specs / key, {"sha256": sha256})
+
+    def recalled_sha(self, key: str) -> str | None:
+        try:
+            return str(json.loads((self.specs / key).read_text())["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def recall_spec(self, key: str) -> BaseImage | None:
+        sha = self.recalled_sha(key)
+        return self.lookup(sha) if sha else None
+
+    def forget_spec(self, key: str) -> None:
+        (self.specs / key).unlink(missing_ok=True)
+
+    def _write_json(self, path: Path, data: dict[str, Any]) -> None:
+        tmp = self.scratch_file(path.name)
+        with tmp.open("w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def spec_keys(self) -> list[str]:
+        return [p.name for p in self.specs.iterdir()] if self.specs.is_dir() else []
+
+    def blobs_on_disk(self) -> dict[str, list[Path]]:
+        """Every cached content hash with its files (base and metadata)."""
+        found: dict[str, list[Path]] = {}
+        if not self.blobs.is_dir():
+            return found
+        for path in self.blobs.iterdir():
+            found.setdefault(path.name.split(".", 1)[0], []).append(path)
+        return found

@@ -1,0 +1,357 @@
+"""This node's side of every VmImage: import on demand (or at once with ``prefetch: AllNodes``)
+in background threads, report the node's entry in the VmImage's status, and answer a VM's sync
+with the cached base or with why it must wait. A sync never blocks on a download."""
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from formation_vmm.agent.files import UnsafePathError, ensure_inside
+from formation_vmm.api.models import VmImage
+from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.domain.naming import UnsafeNameError
+from formation_vmm.domain.spec import BaseImage
+from formation_vmm.images import fetch
+from formation_vmm.images.cache import ImageCache
+from formation_vmm.images.fetch import FetchError, FetchLimits, Throttle
+from formation_vmm.images.formats import ImageRefusedError, progress_text, qcow2_backing_name
+from formation_vmm.images.pipeline import Expectation, import_fetched
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+Report = Callable[[VmImage, str, str | None, dict[str, Any]], None]  # image, phase, message, details
+Authorization = Callable[[str, str, str], str]  # (namespace, secret, key) -> header value
+Notify = Callable[[str, str], None]  # (namespace, name): the image's state on this node changed
+
+
+class ImageNotReadyError(RuntimeError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _State:
+    spec_key: str
+    phase: str = "Pending"
+    reason: str = "ImagePending"
+    message: str = ""
+    progress: str = ""
+    cached: BaseImage | None = None
+    failed_at: float = 0.0
+    running: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_key(image: VmImage, layout: NodeLayout) -> str:
+    """Identifies what the spec asks for; a hostPath file that changed is a new import. The
+    namespace and the secret are part of it: bytes fetched with one namespace's credentials are
+    never handed to another namespace by URL alone (by content hash, only after its own fetch)."""
+    spec = image.spec
+    ident: dict[str, Any] = {"ns": image.metadata.namespace, "format": spec.format, "checksum": spec.checksum}
+    if spec.source.http is not None:
+        ident["url"] = spec.source.http.url
+        if spec.source.http.secret_ref is not None:
+            ident["secret"] = [spec.source.http.secret_ref.name, spec.source.http.secret_ref.key]
+    elif spec.source.host_path is not None:
+        path = host_path(image, layout)
+        stat = path.stat()
+        ident["path"] = spec.source.host_path.path
+        ident["stat"] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def host_path(image: VmImage, layout: NodeLayout) -> Path:
+    assert image.spec.source.host_path is not None
+    relative = image.spec.source.host_path.path
+    try:
+        path = layout.image_path(relative)
+        ensure_inside(layout.images_dir, path)
+    except (UnsafeNameError, UnsafePathError) as exc:
+        raise ImageRefusedError("ImagePathRefused", str(exc)) from exc
+    if not path.is_file():
+        raise FetchError("ImageMissing", f"{relative} is not a file in this node's images directory")
+    return path
+
+
+class NodeImages:
+    def __init__(
+        self,
+        node: str,
+        layout: NodeLayout,
+        limits: FetchLimits,
+        report: Report,
+        authorization: Authorization,
+        notify: Notify | None = None,
+        retry_seconds: float = 60.0,
+        progress_seconds: float = 3.0,
+        workers: int = 2,
+    ) -> None:
+        self.node = node
+        self.layout = layout
+        self.cache = ImageCache(layout.images_dir)
+        self.limits = limits
+        self.report = report
+        self.authorization = authorization
+        self.notify = notify
+        self.retry_seconds = retry_seconds
+        self.progress_seconds = progress_seconds
+        self._states: dict[Key, _State] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-import")
+        self._setup_done = False
+
+    def _setup(self) -> None:
+        if not self._setup_done:
+            self.cache.setup()
+            self._setup_done = True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def ensure(self, image: VmImage) -> BaseImage:
+        """The cached base of ``image``, or ImageNotReadyError (an import is started if none runs)."""
+        self._setup()
+        key = (image.metadata.namespace or "", image.metadata.name)
+        try:
+            wanted = spec_key(image, self.layout)
+        except (ImageRefusedError, FetchError) as exc:
+            self._fail_now(image, key, exc)
+            raise ImageNotReadyError(exc.reason, f"VmImage {image.metadata.name}: {exc}") from exc
+        with self._lock:
+            state = self._states.get(key)
+            if state is None or state.spec_key != wanted:
+                state = _State(spec_key=wanted)
+                self._states[key] = state
+                recalled = self.cache.recall_spec(wanted)
+                if recalled is not None:
+                    state.phase, state.cached = "Ready", recalled
+                    state.details = _details(recalled)
+            if state.cached is not None and state.cached.path.is_file():
+                cached = state.cached
+                mine = [n for n in image.status.nodes if n.name == self.node]
+                stale = not mine or mine[0].phase != "Ready"
+            else:
+                cached = None
+                stale = False
+                if state.cached is not None:  # the base vanished from disk: fetch again
+                    state.cached, state.phase = None, "Pending"
+                retry_due = (
+                    state.phase == "Failed" and time.monotonic() - state.failed_at >= self.retry_seconds
+                )
+                if not state.running and (state.phase != "Failed" or retry_due):
+                    state.running = True
+                    state.phase, state.reason, state.message = "Pending", "ImagePending", "queued"
+                    self._pool.submit(self._import, image, key, wanted)
+                reason, message = state.reason, state.message
+                phase, progress = state.phase, state.progress
+        if cached is not None:
+            if stale:  # recalled from disk by a restarted agent: say so in the status once
+                self._pool.submit(self._safe_report, image, "Ready", None, _details(cached))
+            return cached
+        if phase == "Failed":
+            raise ImageNotReadyError(reason, f"VmImage {image.metadata.name}: {message}")
+        shown = f" ({progress})" if progress else ""
+        raise ImageNotReadyError(
+            "ImageDownloading", f"VmImage {image.metadata.name} is {phase.lower()} on this node{shown}"
+        )
+
+    def prefetch(self, image: VmImage) -> None:
+        """Start importing now (``prefetch: AllNodes``); errors show in the status, not here."""
+        with contextlib.suppress(ImageNotReadyError):
+            self.ensure(image)
+
+    def known_spec_keys(self, live: list[VmImage]) -> set[str]:
+        """The spec keys of live VmImages' states; states of VmImages gone are dropped."""
+        wanted = {(i.metadata.namespace or "", i.metadata.name) for i in live}
+        with self._lock:
+            for key in [k for k in self._states if k not in wanted]:
+                del self._states[key]
+            return {s.spec_key for s in self._states.values() if s.spec_key}
+
+    def _fail_now(self, image: VmImage, key: Key, exc: ImageRefusedError | FetchError) -> None:
+        with self._lock:
+            state = self._states.get(key)
+            already = state is not None and state.phase == "Failed" and state.message == str(exc)
+            self._states[key] = _State(
+                spec_key="", phase="Failed", reason=exc.reason, message=str(exc), failed_at=time.monotonic()
+            )
+        if not already:
+            self._pool.submit(self._safe_report, image, "Failed", str(exc), {"progress": ""})
+
+    def _set(self, key: Key, wanted: str, **changes: Any) -> bool:
+        with self._lock:
+            state = self._states.get(key)
+            if state is None or state.spec_key != wanted:
+                return False  # the spec changed meanwhile: this import's result is not wanted
+            for name, value in changes.items():
+                setattr(state, name, value)
+            return True
+
+    def _safe_report(self, image: VmImage, phase: str, message: str | None, details: dict[str, Any]) -> None:
+        try:
+            self.report(image, phase, message, details)
+        except Exception:  # the status is best effort; the next change writes it again
+            log.exception("cannot write the status of VmImage %s", image.metadata.name)
+
+    def _import(self, image: VmImage, key: Key, wanted: str) -> None:
+        name = image.metadata.name
+        started = time.monotonic()
+
+        def progress(done: int, total: int | None) -> None:
+            text = progress_text(done, total)
+            self._set(key, wanted, phase="Downloading", progress=text)
+            self._safe_report(image, "Downloading", None, {"progress": text})
+
+        def phase(value: str) -> None:
+            self._set(key, wanted, phase=value)
+            self._safe_report(image, value, None, {})
+
+        try:
+            self._set(key, wanted, phase="Downloading", reason="ImageDownloading", message="")
+            fetched = self._fetch(image, Throttle(progress, self.progress_seconds))
+            cached = import_fetched(fetched, _expectation(image), self.cache, self.limits, phase)
+            self.cache.remember_spec(wanted, cached.sha256)
+        except (ImageRefusedError, FetchError) as exc:
+            log.warning("VmImage %s/%s failed: %s", key[0], name, exc)
+            if self._set(
+                key,
+                wanted,
+                phase="Failed",
+                reason=exc.reason,
+                message=str(exc),
+                failed_at=time.monotonic(),
+                running=False,
+                progress="",
+            ):
+                self._safe_report(image, "Failed", str(exc), {"progress": ""})
+        except Exception as exc:  # a bug or host problem: Failed with the error, retried later
+            log.exception("VmImage %s/%s import crashed", key[0], name)
+            if self._set(
+                key,
+                wanted,
+                phase="Failed",
+                reason="ImportError",
+                message=str(exc),
+                failed_at=time.monotonic(),
+                running=False,
+                progress="",
+            ):
+                self._safe_report(image, "Failed", str(exc), {"progress": ""})
+        else:
+            log.info(
+                "VmImage %s/%s ready in %.2fs: %s %s bytes",
+                key[0],
+                name,
+                time.monotonic() - started,
+                cached.format,
+                cached.virtual_size,
+            )
+            if self._set(
+                key,
+                wanted,
+                phase="Ready",
+                cached=cached,
+                running=False,
+                progress="100%",
+                details=_details(cached),
+            ):
+                self._safe_report(image, "Ready", None, _details(cached))
+        if self.notify is not None:
+            self.notify(key[0], name)
+
+    def _fetch(self, image: VmImage, progress: fetch.Progress) -> fetch.Fetched:
+        source = image.spec.source
+        dest = self.cache.scratch_file("fetch")
+        try:
+            if source.http is not None:
+                auth = None
+                if source.http.secret_ref is not None:
+                    ref = source.http.secret_ref
+                    auth = self.authorization(image.metadata.namespace or "", ref.name, ref.key)
+                return fetch.download(source.http.url, dest, self.limits, progress, auth)
+            return fetch.copy_local(host_path(image, self.layout), dest, self.limits, progress)
+        except BaseException:
+            dest.unlink(missing_ok=True)  # a partial download is worth nothing
+            raise
+
+
+def _expectation(image: VmImage) -> Expectation:
+    return Expectation(format=image.spec.format, checksum=image.spec.checksum)
+
+
+def _details(cached: BaseImage) -> dict[str, Any]:
+    return {
+        "progress": "100%",
+        "size": cached.size,
+        "virtualSize": cached.virtual_size,
+        "format": cached.format,
+    }
+
+
+def overlay_bases(disks_dir: Path) -> set[str]:
+    """The backing files named by the qcow2 disks under ``disks_dir`` (VM overlays)."""
+    found: set[str] = set()
+    if not disks_dir.is_dir():
+        return found
+    for disk in disks_dir.glob("*/*/*.qcow2"):
+        if disk.is_symlink() or not disk.is_file():
+            continue
+        with disk.open("rb") as f:
+            backing = qcow2_backing_name(f.read(4096))
+        if backing:
+            found.add(backing)
+    return found
+
+
+class GarbageCollector:
+    """Removes cached bases no VmImage and no VM overlay refers to, ``grace`` seconds after
+    they were first seen unreferenced (a VmImage deleted and re-created meanwhile keeps its
+    base). The clock is this process's: a restarted agent waits a full grace period again."""
+
+    def __init__(self, images: NodeImages, grace_seconds: float) -> None:
+        self.images = images
+        self.grace = grace_seconds
+        self._unreferenced_since: dict[str, float] = {}
+
+    def collect(self, live: list[VmImage], now: float | None = None) -> list[str]:
+        """Returns the content hashes removed."""
+        images = self.images
+        cache = images.cache
+        if not cache.root.is_dir():
+            return []
+        moment = time.monotonic() if now is None else now
+        keys = set()
+        for image in live:
+            try:
+                keys.add(spec_key(image, images.layout))
+            except (ImageRefusedError, FetchError, OSError):
+                continue
+        keys |= images.known_spec_keys(live)
+        for key in cache.spec_keys():
+            if key not in keys:
+                cache.forget_spec(key)
+        referenced = {sha for sha in (cache.recalled_sha(k) for k in cache.spec_keys()) if sha}
+        bases = overlay_bases(images.layout.disks_dir)
+        removed = []
+        for sha, paths in cache.blobs_on_disk().items():
+            if sha in referenced or any(str(p) in bases for p in paths):
+                self._unreferenced_since.pop(sha, None)
+                continue
+            since = self._unreferenced_since.setdefault(sha, moment)
+            if moment - since >= self.grace:
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                self._unreferenced_since.pop(sha, None)
+                removed.append(sha)
+                log.info("removed cached image %s: unreferenced for %.0fs", sha[:12], moment - since)
+        return removed

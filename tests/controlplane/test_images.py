@@ -1,0 +1,205 @@
+"""VmImages end to end: the agents of the fleet import from a real HTTP server in this process,
+VMs boot from qcow2 overlays on the cached bases, failures show on the image and its VMs, and an
+image in use cannot be deleted from under them."""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from formation_vmm.images.pipeline import disk_info
+from tests.controlplane.fleet import Fleet, condition
+from tests.controlplane.helpers import get_json, wait_for
+from tests.images import files
+from tests.images.server import ImageServer, serve
+
+pytestmark = pytest.mark.controlplane
+
+ON_A = {"zone": "a"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageServer]:
+    root = tmp_path_factory.mktemp("served")
+    raw = files.raw(root / "disk.raw")
+    files.convert(raw, root / "disk.qcow2", "qcow2")
+    files.raw(root / "slow.raw", size=2 * files.MIB, marker=b"slow")
+    with serve(root) as srv:
+        yield srv
+
+
+def apply_image(fleet: Fleet, namespace: str, name: str, url: str, **spec: Any) -> None:
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VmImage",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"source": {"http": {"url": url}}, **spec},
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+
+
+def image(fleet: Fleet, namespace: str, name: str) -> dict[str, Any]:
+    return get_json(fleet.kubectl, "vmimg", name, "-n", namespace)
+
+
+def wait_image(
+    fleet: Fleet, namespace: str, name: str, check: Any, what: str, timeout: float = 60
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        found = image(fleet, namespace, name)
+        return found if check(found) else None
+
+    return wait_for(probe, timeout, f"VmImage {name} {what}")  # type: ignore[no-any-return]
+
+
+def disk_file(fleet: Fleet, node: str, namespace: str, vm: str, disk: str) -> Path:
+    return fleet.plane.root / "nodes" / node / "disks" / namespace / vm / f"{disk}.qcow2"
+
+
+def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
+    fleet: Fleet, ns: str, server: ImageServer
+) -> None:
+    qcow = server.root / "disk.qcow2"
+    apply_image(fleet, ns, "debian", server.url("/files/disk.qcow2"), checksum=files.sha256(qcow))
+    fleet.apply_vm(
+        ns, "web", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "root", "image": "debian"}]
+    )
+    vm = fleet.wait_phase(ns, "web", "Running")
+    assert condition(vm, "ImageReady")["status"] == "True"
+    img = wait_image(fleet, ns, "debian", lambda i: i.get("status", {}).get("phase") == "Ready", "Ready")
+    status = img["status"]
+    assert (
+        status["format"] == "qcow2"
+        and status["virtualSize"] == 2 * files.MIB
+        and status["progress"] == "100%"
+    )
+    assert {"name": "node-a", "phase": "Ready"} in status["nodes"]
+    assert condition(img, "Ready")["status"] == "True"
+    # The disk is an overlay on the node's cached base, which lies in that node's images dir.
+    overlay = disk_file(fleet, "node-a", ns, "web", "root")
+    info = disk_info(overlay)
+    assert info.format == "qcow2" and info.backing is not None
+    assert Path(info.backing).parent == fleet.images_dir("node-a") / ".vmm-cache" / "blobs"
+    assert info.virtual_size == 2 * files.MIB
+    # Growing size grows the disk (offline here: test:/// holds no file open) with no restart.
+    fleet.kubectl(
+        "patch",
+        "vm",
+        "web",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "add", "path": "/spec/disks/0/size", "value": "8Mi"}]),
+    )
+    wait_for(lambda: disk_info(overlay).virtual_size == 8 * files.MIB, 30, "the disk to grow to 8Mi")
+    vm = fleet.vm(ns, "web")
+    assert vm["status"]["phase"] == "Running" and condition(vm, "RestartRequired")["status"] == "False"
+
+
+def test_a_failed_image_shows_on_the_image_and_its_vms_and_they_start_once_it_is_fixed(
+    fleet: Fleet, ns: str, server: ImageServer
+) -> None:
+    apply_image(fleet, ns, "broken", server.url("/files/nothing-here.img"))
+    for name in ("one", "two"):
+        fleet.apply_vm(
+            ns, name, cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "root", "image": "broken"}]
+        )
+    for name in ("one", "two"):
+        vm = fleet.wait_vm(
+            ns,
+            name,
+            lambda v: condition(v, "ImageReady").get("reason") == "DownloadFailed",
+            "ImageReady=False",
+        )
+        assert vm["status"]["phase"] == "Provisioning"
+        assert "HTTP 404" in condition(vm, "ImageReady")["message"]
+    img = wait_image(fleet, ns, "broken", lambda i: i.get("status", {}).get("phase") == "Failed", "Failed")
+    entry = next(n for n in img["status"]["nodes"] if n["name"] == "node-a")
+    assert entry["phase"] == "Failed" and "HTTP 404" in entry["message"]
+    events = fleet.kubectl(
+        "get", "events", "-n", ns, "--field-selector", "involvedObject.name=one", "-o", "json"
+    )
+    assert any("HTTP 404" in e["message"] for e in json.loads(events)["items"])
+    # Fixed: the VMs go on their own.
+    apply_image(fleet, ns, "broken", server.url("/files/disk.raw"))
+    for name in ("one", "two"):
+        fleet.wait_phase(ns, name, "Running")
+    wait_image(
+        fleet, ns, "broken", lambda i: i.get("status", {}).get("phase") == "Ready", "Ready after the fix"
+    )
+
+
+def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
+    fleet: Fleet, ns: str, server: ImageServer
+) -> None:
+    apply_image(fleet, ns, "first", server.url("/files/disk.raw"))
+    apply_image(fleet, ns, "second", server.url("/files/disk.raw?copy=2"))
+    fleet.apply_vm(
+        ns, "vm-x", cpus=1, memory="64Mi", nodeSelector={"zone": "b"}, disks=[{"name": "root", "image": "first"}]
+    )
+    fleet.apply_vm(
+        ns,
+        "vm-y",
+        cpus=1,
+        memory="64Mi",
+        nodeSelector={"zone": "b"},
+        disks=[{"name": "root", "image": "second"}],
+    )
+    fleet.wait_phase(ns, "vm-x", "Running")
+    fleet.wait_phase(ns, "vm-y", "Running")
+    bases = {disk_info(disk_file(fleet, "node-b", ns, vm, "root")).backing for vm in ("vm-x", "vm-y")}
+    assert len(bases) == 1
+    blobs = fleet.images_dir("node-b") / ".vmm-cache" / "blobs"
+    assert len(list(blobs.glob(f"{files.sha256(server.root / 'disk.raw')[7:]}.*"))) == 2  # base + metadata
+
+
+def test_an_image_in_use_is_deleted_only_after_its_vms(fleet: Fleet, ns: str, server: ImageServer) -> None:
+    apply_image(fleet, ns, "held", server.url("/files/disk.raw"))
+    fleet.apply_vm(
+        ns, "user", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "root", "image": "held"}]
+    )
+    fleet.wait_phase(ns, "user", "Running")
+    wait_image(
+        fleet,
+        ns,
+        "held",
+        lambda i: "vmm.formation.cloud/image-in-use" in i["metadata"].get("finalizers", []),
+        "the controller's finalizer",
+    )
+    fleet.kubectl("delete", "vmimg", "held", "-n", ns, "--wait=false")
+    img = wait_image(fleet, ns, "held", lambda i: condition(i, "InUse").get("status") == "True", "InUse")
+    assert "user" in condition(img, "InUse")["message"]
+    time.sleep(2)
+    assert fleet.vm(ns, "user")["status"]["phase"] == "Running"  # the VM is untouched
+    fleet.kubectl("delete", "vm", "user", "-n", ns, "--wait=true", "--timeout=60s")
+    wait_for(
+        lambda: fleet.kubectl.run("get", "vmimg", "held", "-n", ns).returncode != 0,
+        30,
+        "the image to be gone",
+    )
+
+
+def test_prefetch_all_nodes_imports_on_every_hypervisor_with_progress(
+    fleet: Fleet, ns: str, server: ImageServer
+) -> None:
+    apply_image(fleet, ns, "everywhere", server.url("/slow/slow.raw"), prefetch="AllNodes")
+    seen: set[str] = set()
+
+    def all_ready() -> bool:
+        status = image(fleet, ns, "everywhere").get("status", {})
+        if status.get("progress"):
+            seen.add(status["progress"])
+        names = {n["name"] for n in status.get("nodes", []) if n["phase"] == "Ready"}
+        return names == {"node-a", "node-b", "node-q"}
+
+    wait_for(all_ready, 90, "the image on all three nodes")
+    assert image(fleet, ns, "everywhere")["status"]["phase"] == "Ready"
+    partial = [p for p in seen if p.endswith("%") and 0 < int(p[:-1]) < 100]
+    assert partial, f"no progress between 0 and 100% was shown: {seen}"
+    out = fleet.kubectl("get", "vmimg", "everywhere", "-n", ns)
+    assert "Ready" in out and "raw" in out and "100%" in out
