@@ -140,7 +140,12 @@ def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
     apply_image(fleet, ns, "first", server.url("/files/disk.raw"))
     apply_image(fleet, ns, "second", server.url("/files/disk.raw?copy=2"))
     fleet.apply_vm(
-        ns, "vm-x", cpus=1, memory="64Mi", nodeSelector={"zone": "b"}, disks=[{"name": "root", "image": "first"}]
+        ns,
+        "vm-x",
+        cpus=1,
+        memory="64Mi",
+        nodeSelector={"zone": "b"},
+        disks=[{"name": "root", "image": "first"}],
     )
     fleet.apply_vm(
         ns,

@@ -32,6 +32,20 @@ def qemu_img() -> str:
     return found
 
 
+class QemuImgError(OSError):
+    """qemu-img refused; an OSError so a VM's sync reports it as a host error, not a crash."""
+
+
+def run_qemu_img(*args: str) -> str:
+    """qemu-img with a fixed argv and no shell; its stdout, or QemuImgError with its stderr."""
+    done = subprocess.run(  # noqa: S603 - fixed argv, validated paths, no shell
+        [qemu_img(), *args], check=False, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise QemuImgError(f"qemu-img {args[0]} failed: {done.stderr.strip()[:300]}")
+    return done.stdout
+
+
 def make_dir(base: Path, path: Path) -> None:
     base.mkdir(parents=True, exist_ok=True)
     ensure_inside(base, path)
@@ -47,12 +61,7 @@ def create_blank_disk(base: Path, path: Path, size: str) -> None:
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    subprocess.run(  # noqa: S603 - fixed argv and a validated path, no shell
-        [qemu_img(), "create", "-q", "-f", "qcow2", str(tmp), str(parse_quantity(size))],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    run_qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(parse_quantity(size)))
     os.replace(tmp, path)
 
 
@@ -64,28 +73,20 @@ def create_overlay(base_dir: Path, path: Path, base: BaseImage, size: str | None
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    args = [qemu_img(), "create", "-q", "-f", "qcow2", "-F", base.format, "-b", str(base.path), str(tmp)]
+    args = ["create", "-q", "-f", "qcow2", "-F", base.format, "-b", str(base.path), str(tmp)]
     if size is not None:
         args.append(str(max(parse_quantity(size), base.virtual_size)))
-    subprocess.run(args, check=True, capture_output=True, text=True)  # noqa: S603 - no shell
+    run_qemu_img(*args)
     os.replace(tmp, path)
 
 
 def virtual_size(path: Path) -> int:
     """The size the guest sees; -U reads it even while QEMU holds the image."""
-    done = subprocess.run(  # noqa: S603 - fixed argv and a validated path, no shell
-        [qemu_img(), "info", "-U", "--output=json", str(path)], check=True, capture_output=True, text=True
-    )
-    return int(json.loads(done.stdout)["virtual-size"])
+    return int(json.loads(run_qemu_img("info", "-U", "--output=json", str(path)))["virtual-size"])
 
 
 def resize_offline(path: Path, size: int) -> None:
-    subprocess.run(  # noqa: S603 - fixed argv and a validated path, no shell
-        [qemu_img(), "resize", "-q", "-f", "qcow2", str(path), str(size)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    run_qemu_img("resize", "-q", "-f", "qcow2", str(path), str(size))
 
 
 def prepare(

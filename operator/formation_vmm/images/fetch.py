@@ -99,7 +99,9 @@ def download(
             raise FetchError(
                 "DownloadFailed", f"the server closed the connection after {done} of {total} bytes"
             ) from exc
-        raise FetchError("DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}") from exc
+        raise FetchError(
+            "DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}"
+        ) from exc
     except requests.RequestException as exc:
         raise FetchError(
             "DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}"
