@@ -15,8 +15,10 @@ from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, secret_authorization
 from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
-from formation_vmm.api.names import GROUP, IMAGE_PLURAL, VERSION, VM_PLURAL
+from formation_vmm.agent.watch import VmCache
+from formation_vmm.api.names import GROUP, IMAGE_PLURAL, RESTORE_PLURAL, SNAPSHOT_PLURAL, VERSION, VM_PLURAL
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.binder import Binder
@@ -141,7 +143,19 @@ def run_agent(settings: Settings) -> None:
     reconciler = Reconciler(
         hypervisor, layout, settings.domain_type, ClusterInputs(custom, core, node_images, images)
     )
-    sync = VmSync(reconciler, _vm_status_writer(), EventRecorder(core, "formation-vmm-agent", node), node)
+    events = EventRecorder(core, "formation-vmm-agent", node)
+    sync = VmSync(reconciler, _vm_status_writer(), events, node)
+    cache = VmCache()
+    snapshots = Snapshots(
+        node,
+        hypervisor,
+        layout,
+        sync,
+        cache,
+        StatusWriter(custom, GROUP, VERSION, SNAPSHOT_PLURAL),
+        StatusWriter(custom, GROUP, VERSION, RESTORE_PLURAL),
+        events,
+    )
     state = AgentMemo(
         settings=settings,
         node=node,
@@ -152,6 +166,8 @@ def run_agent(settings: Settings) -> None:
         endpoint=settings.advertise_url or f"http://{node}:{settings.api_port}",
         images=images,
         node_images=node_images,
+        cache=cache,
+        snapshots=snapshots,
     )
     # The agent is one per node and owns only its node's VMs: no peering between agents.
     routes = debug_api.routes(hypervisor, layout)

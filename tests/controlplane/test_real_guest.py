@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from formation_vmm.api.names import GROUP, VERSION
-from formation_vmm.devcluster.guest import BOOT_MARKER, POWEROFF_MARKER, install
+from formation_vmm.devcluster.guest import BOOT_MARKER, DISK_NOW, DISK_SAYS, POWEROFF_MARKER, install
 from tests.controlplane.fleet import QEMU_NODE, Fleet, condition
-from tests.controlplane.helpers import wait_for
+from tests.controlplane.helpers import get_json, wait_for
 from tests.controlplane.test_lifecycle import ON_QEMU
 
 pytestmark = pytest.mark.controlplane
@@ -139,3 +139,70 @@ def test_cloud_init_seed_is_attached(fleet: Fleet, ns: str) -> None:
     ).stdout
     assert str(seed) in dumped and "cdrom" in dumped
     del xml
+
+
+def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
+    fleet: Fleet, ns: str, guest_files: dict[str, str]
+) -> None:
+    """The guest keeps a counter on its disk: each boot reads it, prints it, writes it plus one.
+    Snapshot live after the first boot (count=1), reboot (the guest overwrites it with 2),
+    restore: the next boot finds count=1 again."""
+    apply_image(fleet, ns, "kernel", "guest/vmlinuz")
+    apply_image(fleet, ns, "initrd", "guest/initrd.gz")
+    fleet.apply_vm(ns, "keeper", **guest_spec("vmm.disk=1", disks=[{"name": "data", "size": "1Mi"}]))
+    fleet.wait_phase(ns, "keeper", "Running", 60)
+    wait_for(
+        lambda: f"{DISK_NOW} count=1" in console(fleet, ns, "keeper"), 90, "the first boot to write count=1"
+    )
+
+    snapshot = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VmSnapshot",
+        "metadata": {"name": "first", "namespace": ns},
+        "spec": {"vmName": "keeper"},
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(snapshot))
+    ready = wait_for(
+        lambda: (
+            (s := get_json(fleet.kubectl, "vmsnap", "first", "-n", ns)).get("status", {}).get("phase")
+            == "Ready"
+            and s
+        ),
+        60,
+        "the live snapshot",
+    )
+    assert ready["status"]["nodeName"] == QEMU_NODE and ready["status"]["memory"] is False
+    assert fleet.vm(ns, "keeper")["status"]["phase"] == "Running"  # taken live, not stopped
+
+    out = fleet.plugin("-n", ns, "restart", "keeper")
+    assert out.returncode == 0, out.stderr
+    try:
+        wait_for(lambda: f"{DISK_NOW} count=2" in console(fleet, ns, "keeper"), 90, "the reboot to overwrite it")
+    except AssertionError:
+        print(console(fleet, ns, "keeper")[-3000:])
+        print(fleet.vm(ns, "keeper"))
+        raise
+
+    restore = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VmRestore",
+        "metadata": {"name": "back", "namespace": ns},
+        "spec": {"vmName": "keeper", "snapshotName": "first"},
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(restore))
+    wait_for(
+        lambda: (
+            get_json(fleet.kubectl, "vmrestore", "back", "-n", ns).get("status", {}).get("phase")
+            == "Succeeded"
+        ),
+        60,
+        "the restore",
+    )
+    # Booted again per runStrategy Always: the third boot reads what the first one wrote.
+    wait_for(
+        lambda: console(fleet, ns, "keeper").count(f"{DISK_SAYS} [count=1]") == 2,
+        90,
+        "the guest to find count=1 again",
+    )
+    log = console(fleet, ns, "keeper")
+    assert log.count(f"{DISK_SAYS} [count=2]") == 0, log[-2000:]

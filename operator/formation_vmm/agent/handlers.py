@@ -12,6 +12,7 @@ from kubernetes import client
 
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import ImageCatalog
+from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.api.names import (
@@ -22,6 +23,10 @@ from formation_vmm.api.names import (
     HEARTBEAT_ANNOTATION,
     IMAGE_PLURAL,
     NODE_LABEL,
+    RESTORE_KIND,
+    RESTORE_PLURAL,
+    SNAPSHOT_KIND,
+    SNAPSHOT_PLURAL,
     VERSION,
     VM_COUNT_ANNOTATION,
     VM_PLURAL,
@@ -51,6 +56,7 @@ class AgentMemo:
     cache: VmCache = field(default_factory=VmCache)
     images: ImageCatalog = field(default_factory=ImageCatalog)
     node_images: NodeImages | None = None
+    snapshots: Snapshots | None = None
     watcher: Watcher | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -86,6 +92,16 @@ async def _image_gc(memo: AgentMemo) -> None:
             log.exception("image garbage collection failed")
 
 
+async def _retry_snapshots(memo: AgentMemo) -> None:
+    assert memo.snapshots is not None
+    while True:
+        await asyncio.sleep(memo.settings.resync_seconds)
+        try:
+            await asyncio.to_thread(memo.snapshots.retry_waiting)
+        except Exception:
+            log.exception("snapshot retry failed")
+
+
 async def _heartbeat(memo: AgentMemo) -> None:
     while True:
         try:
@@ -119,6 +135,8 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         state.hypervisor.listener = state.watcher.on_domain_event
         if state.node_images is not None:
             state.node_images.notify = state.watcher.image_changed
+        if state.snapshots is not None:
+            state.snapshots.poke = state.watcher.poke
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             asyncio.create_task(_heartbeat(state)),
@@ -127,6 +145,8 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         ]
         if state.node_images is not None:
             state.tasks.append(asyncio.create_task(_image_gc(state)))
+        if state.snapshots is not None:
+            state.tasks.append(asyncio.create_task(_retry_snapshots(state)))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
@@ -164,3 +184,31 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         state.cache.update(event.get("type"), body)
         if event.get("type") != "DELETED" and state.watcher is not None:
             state.watcher.handle(body)
+
+    _register_snapshots(registry)
+
+
+def _register_snapshots(registry: kopf.OperatorRegistry) -> None:
+    """Snapshots and restores of every namespace: each agent acts on those of its own VMs."""
+
+    @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshot", registry=registry)
+    def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        state: AgentMemo = memo.state
+        if state.snapshots is None:
+            return
+        body = dict(event["object"])
+        if event.get("type") == "DELETED":
+            state.snapshots.forget(SNAPSHOT_KIND, body)
+            return
+        state.snapshots.snapshot_event(body)
+
+    @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restore", registry=registry)
+    def restore_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        state: AgentMemo = memo.state
+        if state.snapshots is None:
+            return
+        body = dict(event["object"])
+        if event.get("type") == "DELETED":
+            state.snapshots.forget(RESTORE_KIND, body)
+            return
+        state.snapshots.restore_event(body)

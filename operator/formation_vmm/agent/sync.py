@@ -5,9 +5,11 @@ and the periodic resync (anything drifted). A lock per VM keeps two triggers fro
 same domain at once; the status is written only when it changes.
 """
 
+import contextlib
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,12 @@ class VmSync:
     def _lock(self, uid: str) -> threading.Lock:
         with self._guard:
             return self._locks[uid]
+
+    @contextlib.contextmanager
+    def locked(self, uid: str) -> Iterator[None]:
+        """Hold the VM's lock: no sync acts on its domain meanwhile (snapshots, restores)."""
+        with self._lock(uid):
+            yield
 
     def forget(self, uid: str) -> None:
         with self._guard:

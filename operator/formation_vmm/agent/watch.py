@@ -96,6 +96,10 @@ class Watcher:
             if body["metadata"]["namespace"] == namespace and image in _images_of(body):
                 self._loop.call_soon_threadsafe(self._enqueue, key)
 
+    def poke(self, name: str) -> None:
+        """Sync the VM of domain ``name`` soon (callable from any thread)."""
+        self._loop.call_soon_threadsafe(self._enqueue, name)
+
     def on_domain_event(self, name: str, event: str) -> None:
         """Called from libvirt's event thread."""
         log.debug("domain %s: %s", name, event)

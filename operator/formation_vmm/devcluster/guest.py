@@ -5,6 +5,7 @@ boots its sample VM from these, and the real-guest tests do too."""
 
 import gzip
 import io
+import lzma
 import shutil
 import stat
 from pathlib import Path
@@ -12,6 +13,19 @@ from pathlib import Path
 # What /init prints first, so a test can find it in the serial console log.
 BOOT_MARKER = "formation-vmm guest: /init running"
 POWEROFF_MARKER = "formation-vmm guest: powering off"
+# With vmm.disk=1, /init reads a counter from the first disk (/dev/vda), prints it, and writes
+# it back plus one: a disk whose contents a test can follow through snapshots and restores.
+DISK_SAYS = "formation-vmm guest: disk says"
+DISK_NOW = "formation-vmm guest: disk now"
+# The virtio modules /dev/vda needs (Debian's cloud kernel builds them as modules), in load order.
+VIRTIO_MODULES = (
+    "virtio/virtio_ring",
+    "virtio/virtio",
+    "virtio/virtio_pci_legacy_dev",
+    "virtio/virtio_pci_modern_dev",
+    "virtio/virtio_pci",
+    "block/virtio_blk",
+)
 
 INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -21,8 +35,28 @@ echo "{BOOT_MARKER}"
 # vmm.poweroff=N on the kernel command line: power the machine off after N seconds, the way a
 # guest OS shuts itself down.
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in vmm.poweroff=*) delay="${{arg#vmm.poweroff=}}" ;; esac
+  case "$arg" in
+    vmm.poweroff=*) delay="${{arg#vmm.poweroff=}}" ;;
+    vmm.disk=*) disk="${{arg#vmm.disk=}}" ;;
+  esac
 done
+if [ -n "$disk" ]; then
+  for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+  mount -t devtmpfs devtmpfs /dev
+  i=0
+  while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  if [ ! -b /dev/vda ]; then echo "{DISK_SAYS} no disk"; disk=""; fi
+fi
+if [ -n "$disk" ]; then
+  said=$(dd if=/dev/vda bs=64 count=1 2>/dev/null | tr -d '\\000' | head -n 1)
+  echo "{DISK_SAYS} [$said]"
+  n="${{said#count=}}"
+  case "$n" in ''|*[!0-9]*) n=0 ;; esac
+  n=$((n + 1))
+  printf 'count=%s\\n' "$n" | dd of=/dev/vda bs=64 count=1 conv=sync,fsync 2>/dev/null
+  sync
+  echo "{DISK_NOW} count=$n"
+fi
 if [ -n "$delay" ]; then
   sleep "$delay"
   echo "{POWEROFF_MARKER}"
@@ -50,12 +84,33 @@ def _cpio_entry(name: str, mode: int, data: bytes, ino: int, rdev: tuple[int, in
     return blob
 
 
+def _modules() -> list[tuple[str, int, bytes]]:
+    """The virtio modules of the kernel ``kernel()`` returns, numbered in load order (the /init
+    loop loads them in name order), decompressed if Debian shipped them xz'd."""
+    version = kernel().name.removeprefix("vmlinuz-")
+    base = Path("/lib/modules") / version / "kernel" / "drivers"
+    found = []
+    for index, module in enumerate(VIRTIO_MODULES):
+        plain, packed = base / f"{module}.ko", base / f"{module}.ko.xz"
+        if plain.exists():
+            data = plain.read_bytes()
+        elif packed.exists():
+            data = lzma.decompress(packed.read_bytes())
+        else:
+            continue  # built in, or absent: the guest boots without a disk then
+        found.append((f"lib/modules/{index}-{module.rsplit('/', 1)[1]}.ko", stat.S_IFREG | 0o644, data))
+    return found
+
+
 def build_initramfs(dest: Path) -> Path:
     """Write a gzip'd newc cpio with /bin/busybox and /init to ``dest``."""
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     if not busybox.exists():
         raise FileNotFoundError("no busybox binary: install busybox-static")
     entries = [
+        ("lib", stat.S_IFDIR | 0o755, b""),
+        ("lib/modules", stat.S_IFDIR | 0o755, b""),
+        *_modules(),
         ("bin", stat.S_IFDIR | 0o755, b""),
         ("proc", stat.S_IFDIR | 0o755, b""),
         ("sys", stat.S_IFDIR | 0o755, b""),

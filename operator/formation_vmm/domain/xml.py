@@ -146,3 +146,29 @@ def metadata_of(xml: str) -> DomainMetadata | None:
         owner=Owner(namespace=values["namespace"] or "", name=values["name"] or "", uid=values["uid"] or ""),
         spec_hash=owner.findtext(f"{{{LIBVIRT_METADATA_NS}}}spec-hash"),
     )
+
+
+def block_nodes(xml: str) -> dict[str, str]:
+    """Disk file -> QEMU block node name, from a running domain's live XML: libvirt names the
+    format node of the disk whose source has index N ``libvirt-N-format``."""
+    found: dict[str, str] = {}
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
+    except ET.ParseError:
+        return found
+    for disk in root.iterfind("./devices/disk"):
+        source = disk.find("source")
+        if source is None or source.get("file") is None or source.get("index") is None:
+            continue
+        found[str(source.get("file"))] = f"libvirt-{source.get('index')}-format"
+    return found
+
+
+def readonly_targets(xml: str) -> list[str]:
+    """Target names of a domain's read-only disks (the cloud-init seed): left out of snapshots."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
+    return [
+        str(disk.find("target").get("dev"))  # type: ignore[union-attr]
+        for disk in root.iterfind("./devices/disk")
+        if disk.find("readonly") is not None and disk.find("target") is not None
+    ]

@@ -144,7 +144,9 @@ def import_fetched(
     """Turn a fetched file into a cached base (or find the base its bytes already made)."""
     if expect.checksum is not None and f"sha256:{fetched.sha256}" != expect.checksum:
         raise ImageRefusedError(
-            "ChecksumMismatch", f"the fetched file has sha256:{fetched.sha256}, not {expect.checksum}"
+            "ChecksumMismatch",
+            f"the fetched file does not match its checksum: it has sha256:{fetched.sha256}, "
+            f"the VmImage says {expect.checksum}",
         )
     known = cache.lookup(fetched.sha256)
     if known is not None:

@@ -1,0 +1,149 @@
+"""VmSnapshot and VmRestore through the fleet's test:/// nodes: the data is real (internal
+qcow2 snapshots in the VM's real disk files, written and read with qemu-io); the domain is the
+test driver's, which holds no file open, so the agent takes these snapshots with qemu-img. The
+live QEMU path (and a guest that finds its marker again) is in test_real_guest.py."""
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.controlplane.fleet import Fleet, condition
+from tests.controlplane.helpers import get_json, wait_for
+
+pytestmark = pytest.mark.controlplane
+
+ON_A = {"zone": "a"}
+
+
+def apply(fleet: Fleet, kind: str, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+
+
+def wait_phase(
+    fleet: Fleet, kind: str, namespace: str, name: str, phase: str, timeout: float = 60
+) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        got = get_json(fleet.kubectl, kind, name, "-n", namespace)
+        return got if got.get("status", {}).get("phase") == phase else None
+
+    return wait_for(probe, timeout, f"{kind} {name} phase {phase}")  # type: ignore[no-any-return]
+
+
+def disk(fleet: Fleet, namespace: str, vm: str, name: str = "data", node: str = "node-a") -> Path:
+    return fleet.plane.root / "nodes" / node / "disks" / namespace / vm / f"{name}.qcow2"
+
+
+def write_pattern(path: Path, byte: int) -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {byte} 0 64k", str(path)], check=True, capture_output=True
+    )
+
+
+def has_pattern(path: Path, byte: int) -> bool:
+    done = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"read -P {byte} 0 64k", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.returncode == 0 and "Pattern verification failed" not in done.stdout
+
+
+def internal_snapshots(path: Path) -> str:
+    return subprocess.run(
+        ["qemu-img", "snapshot", "-l", "-U", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_snapshot_restore_and_delete_on_a_vms_disks(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(
+        ns, "db", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    fleet.wait_phase(ns, "db", "Running")
+    data = disk(fleet, ns, "db")
+    write_pattern(data, 0x41)
+    apply(fleet, "VmSnapshot", ns, "before", {"vmName": "db"})
+    snap = wait_phase(fleet, "vmsnap", ns, "before", "Ready")
+    status = snap["status"]
+    assert status["readyToUse"] is True and status["nodeName"] == "node-a" and status["disks"] == ["data"]
+    assert status["size"] > 0 and status["memory"] is False and status["creationTime"]
+    assert snap["metadata"]["labels"]["vmm.formation.cloud/node"] == "node-a"
+    assert snap["metadata"]["ownerReferences"][0]["name"] == "db"
+    uid = snap["metadata"]["uid"]
+    assert f"vmsnap-{uid}" in internal_snapshots(data)
+    out = fleet.kubectl("get", "vmsnap", "-n", ns)
+    assert out.split("\n")[0].split() == ["NAME", "PHASE", "VM", "READY", "SIZE", "AGE"]
+    assert "before   Ready   db    true" in out
+
+    write_pattern(data, 0x42)  # the VM "overwrites" its disk
+    assert not has_pattern(data, 0x41)
+    apply(fleet, "VmRestore", ns, "undo", {"vmName": "db", "snapshotName": "before"})
+    restore = wait_phase(fleet, "vmrestore", ns, "undo", "Succeeded")
+    assert restore["status"]["completedAt"]
+    assert has_pattern(data, 0x41)
+    fleet.wait_phase(ns, "db", "Running")  # started again per runStrategy Always
+    events = json.loads(fleet.kubectl("get", "events", "-n", ns, "-o", "json"))["items"]
+    assert any(e["reason"] == "Restored" and e["involvedObject"]["name"] == "db" for e in events)
+
+    # Deleting the snapshot removes its data from the disk.
+    fleet.kubectl("delete", "vmsnap", "before", "-n", ns, "--wait=true", "--timeout=30s")
+    assert f"vmsnap-{uid}" not in internal_snapshots(data)
+
+
+def test_restore_errors_are_reported(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(
+        ns, "app", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    fleet.wait_phase(ns, "app", "Running")
+    apply(fleet, "VmRestore", ns, "nothing", {"vmName": "app", "snapshotName": "never-taken"})
+    failed = wait_phase(fleet, "vmrestore", ns, "nothing", "Failed")
+    assert failed["status"]["error"] == "VmSnapshot never-taken does not exist"
+    fleet.apply_vm(
+        ns, "other", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    apply(fleet, "VmSnapshot", ns, "of-other", {"vmName": "other"})
+    wait_phase(fleet, "vmsnap", ns, "of-other", "Ready")
+    apply(fleet, "VmRestore", ns, "crossed", {"vmName": "app", "snapshotName": "of-other"})
+    failed = wait_phase(fleet, "vmrestore", ns, "crossed", "Failed")
+    assert "is of VM other, not app" in failed["status"]["error"]
+    assert fleet.vm(ns, "app")["status"]["phase"] == "Running"  # a failed restore touches nothing
+
+
+def test_memory_snapshot_and_revert(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(
+        ns, "mem", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    fleet.wait_phase(ns, "mem", "Running")
+    apply(fleet, "VmSnapshot", ns, "full", {"vmName": "mem", "includeMemory": True})
+    snap = wait_phase(fleet, "vmsnap", ns, "full", "Ready")
+    assert snap["status"]["memory"] is True
+    apply(fleet, "VmRestore", ns, "back", {"vmName": "mem", "snapshotName": "full"})
+    wait_phase(fleet, "vmrestore", ns, "back", "Succeeded")
+    vm = fleet.wait_phase(ns, "mem", "Running")
+    assert condition(vm, "Ready")["status"] == "True"
+
+
+def test_deleting_a_vm_deletes_its_snapshots(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(
+        ns, "gone", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    fleet.wait_phase(ns, "gone", "Running")
+    apply(fleet, "VmSnapshot", ns, "s1", {"vmName": "gone"})
+    wait_phase(fleet, "vmsnap", ns, "s1", "Ready")
+    fleet.kubectl("delete", "vm", "gone", "-n", ns, "--wait=true", "--timeout=60s")
+    assert not disk(fleet, ns, "gone").exists()
+    wait_for(
+        lambda: fleet.kubectl.run("get", "vmsnap", "s1", "-n", ns).returncode != 0,
+        60,
+        "the snapshot to be garbage-collected with its VM",
+    )
