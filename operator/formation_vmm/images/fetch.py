@@ -3,19 +3,20 @@ into a file of the cache's scratch directory, hashing as the bytes pass."""
 
 import hashlib
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from urllib3.exceptions import HTTPError, ProtocolError
 
 from formation_vmm.images.formats import ImageRefusedError
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total if known)
 CHUNK = 1 << 20
-# Smaller for the network: a read returns only once it has this much, and progress waits on it.
-NET_CHUNK = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,49 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class HashingWriter:
+    """Hashes and writes chunks in a thread of its own, so sha256 and the disk overlap with the
+    network (hashlib and file writes release the GIL). fsync'd before it reports done."""
+
+    def __init__(self, dest: Path) -> None:
+        self._fd = _open_new(dest)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._digest = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
+        self._thread.start()
+        self.hexdigest = ""
+
+    def _run(self) -> None:
+        try:
+            with os.fdopen(self._fd, "wb") as out:
+                while (chunk := self._queue.get()) is not None:
+                    if self._error is None:
+                        self._digest.update(chunk)
+                        out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException as exc:  # reported to the reader in __exit__
+            self._error = exc
+            while self._queue.get() is not None:  # drain, so the reader never blocks on put
+                pass
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+        self.hexdigest = self._digest.hexdigest()
+
+
 def _open_new(dest: Path) -> int:
     # O_EXCL|O_NOFOLLOW: never write through a symlink someone placed at the scratch name.
     dest.unlink(missing_ok=True)
@@ -60,7 +104,6 @@ def download(
     headers = {"User-Agent": "formation-vmm-agent"}
     if authorization:
         headers["Authorization"] = authorization
-    digest = hashlib.sha256()
     done = 0
     total: int | None = None
     try:
@@ -78,23 +121,21 @@ def download(
                 raise ImageRefusedError(
                     "TooLarge", f"the image is {total} bytes, over the limit of {limits.max_bytes}"
                 )
-            fd = _open_new(dest)
-            with os.fdopen(fd, "wb") as out:
+            with HashingWriter(dest) as sink:
                 progress(0, total)
-                for chunk in response.iter_content(NET_CHUNK):
+                # read1: whatever has arrived, up to CHUNK; big reads when the network is fast,
+                # and progress still moves on a trickle.
+                for chunk in iter(lambda: response.raw.read1(CHUNK, decode_content=True), b""):
                     done += len(chunk)
                     if done > limits.max_bytes:
                         raise ImageRefusedError(
                             "TooLarge", f"the download passed the limit of {limits.max_bytes} bytes"
                         )
-                    digest.update(chunk)
-                    out.write(chunk)
+                    sink.put(chunk)
                     progress(done, total)
-                out.flush()
-                os.fsync(out.fileno())
             if total is not None and done != total:
                 raise FetchError("DownloadFailed", f"the server closed after {done} of {total} bytes")
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, ProtocolError) as exc:
         if total is not None and 0 < done < total:
             raise FetchError(
                 "DownloadFailed", f"the server closed the connection after {done} of {total} bytes"
@@ -102,11 +143,11 @@ def download(
         raise FetchError(
             "DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}"
         ) from exc
-    except requests.RequestException as exc:
+    except (requests.RequestException, HTTPError) as exc:
         raise FetchError(
             "DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}"
         ) from exc
-    return Fetched(dest, digest.hexdigest(), done)
+    return Fetched(dest, sink.hexdigest, done)
 
 
 def copy_local(source: Path, dest: Path, limits: FetchLimits, progress: Progress) -> Fetched:
