@@ -1,6 +1,7 @@
 """Invalid manifests are rejected by the real apiserver with a message a user understands."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -168,3 +169,11 @@ def test_snapshots_and_restores_cannot_be_changed(kubectl: Kubectl, namespace: s
     kubectl("create", "-f", "-", input_text=yaml.safe_dump(restore))
     restore["spec"] = {"vmName": "a", "snapshotName": "t"}
     assert "a restore cannot be changed" in rejection(kubectl, "apply", restore)
+
+
+def test_the_example_manifests_are_valid(kubectl: Kubectl) -> None:
+    examples = Path(__file__).parents[2] / "manifests" / "examples"
+    paths = sorted(examples.glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        kubectl("apply", "--dry-run=server", "-f", str(path))  # nothing is stored

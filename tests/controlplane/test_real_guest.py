@@ -177,7 +177,9 @@ def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
     out = fleet.plugin("-n", ns, "restart", "keeper")
     assert out.returncode == 0, out.stderr
     try:
-        wait_for(lambda: f"{DISK_NOW} count=2" in console(fleet, ns, "keeper"), 90, "the reboot to overwrite it")
+        wait_for(
+            lambda: f"{DISK_NOW} count=2" in console(fleet, ns, "keeper"), 90, "the reboot to overwrite it"
+        )
     except AssertionError:
         print(console(fleet, ns, "keeper")[-3000:])
         print(fleet.vm(ns, "keeper"))
