@@ -11,6 +11,7 @@ import yaml
 
 from formation_vmm.api.names import GROUP, VERSION
 from formation_vmm.devcluster.guest import BOOT_MARKER, DISK_NOW, DISK_SAYS, POWEROFF_MARKER, install
+from formation_vmm.images.pipeline import disk_info
 from tests.controlplane.fleet import QEMU_NODE, Fleet, condition
 from tests.controlplane.helpers import get_json, wait_for
 from tests.controlplane.test_lifecycle import ON_QEMU
@@ -208,3 +209,14 @@ def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
     )
     log = console(fleet, ns, "keeper")
     assert log.count(f"{DISK_SAYS} [count=2]") == 0, log[-2000:]
+
+    # A bigger size grows the disk of the running guest through libvirt, without a restart.
+    before = fleet.vm(ns, "keeper")["status"].get("restartCount")
+    fleet.kubectl(
+        "patch", "vm", "keeper", "-n", ns, "--type=json",
+        "-p", '[{"op": "replace", "path": "/spec/disks/0/size", "value": "4Mi"}]',
+    )  # fmt: skip
+    overlay = fleet.plane.root / "nodes" / QEMU_NODE / "disks" / ns / "keeper" / "data.qcow2"
+    wait_for(lambda: disk_info(overlay).virtual_size == 4 << 20, 30, "the live disk to grow to 4Mi")
+    vm = fleet.vm(ns, "keeper")
+    assert vm["status"]["phase"] == "Running" and vm["status"].get("restartCount") == before
