@@ -92,7 +92,8 @@ def main() -> None:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         port = httpd.server_address[1]
         print(
-            f"machine: {len(os.sched_getaffinity(0))} cores; {args.runs} runs each, medians; files of random bytes"
+            f"machine: {len(os.sched_getaffinity(0))} cores; {args.runs} runs each, medians; "
+            "files of random bytes"
         )
         for kind, path in made.items():
             size = path.stat().st_size / 1e6

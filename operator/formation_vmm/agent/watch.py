@@ -11,6 +11,7 @@ from typing import Any
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.sync import VmSync
+from formation_vmm.api.references import images_named
 from formation_vmm.domain.naming import domain_name
 from formation_vmm.kube import StatusWriter
 
@@ -38,13 +39,6 @@ class VmCache:
 
     def uids(self) -> set[str]:
         return {b["metadata"].get("uid") for b in self.bodies.values()}
-
-
-def _images_of(body: dict[str, Any]) -> set[str]:
-    spec = body.get("spec") or {}
-    kernel = spec.get("kernel") or {}
-    disks = [d.get("image") for d in spec.get("disks") or []]
-    return {name for name in (kernel.get("image"), kernel.get("initrd"), *disks) if name}
 
 
 class Watcher:
@@ -93,7 +87,7 @@ class Watcher:
     def image_changed(self, namespace: str, image: str) -> None:
         """A VmImage appeared or changed: the VMs that wait for it need not wait for a retry."""
         for key, body in list(self.cache.bodies.items()):
-            if body["metadata"]["namespace"] == namespace and image in _images_of(body):
+            if body["metadata"]["namespace"] == namespace and image in images_named(body):
                 self._loop.call_soon_threadsafe(self._enqueue, key)
 
     def poke(self, name: str) -> None:

@@ -11,19 +11,13 @@ from typing import Any
 
 from formation_vmm.api.conditions import set_condition
 from formation_vmm.api.names import IMAGE_FINALIZER, IMAGE_KIND
+from formation_vmm.api.references import images_named
 from formation_vmm.kube import EventRecorder, StatusWriter
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 ListVms = Callable[[str], list[dict[str, Any]]]  # namespace -> the VMs in it, from the API
-
-
-def images_used(body: dict[str, Any]) -> set[str]:
-    spec = body.get("spec") or {}
-    kernel = spec.get("kernel") or {}
-    names = {kernel.get("image"), kernel.get("initrd")} | {d.get("image") for d in spec.get("disks") or []}
-    return {n for n in names if n}
 
 
 def in_use_message(users: list[str]) -> str:
@@ -50,13 +44,13 @@ class ImageGuard:
                 self._uses.pop(key, None)
                 after: set[str] = set()
             else:
-                after = images_used(body)
+                after = images_named(body)
                 self._uses[key] = after
             released = before - after
             return [b for (ns, name), b in self._deleting.items() if ns == key[0] and name in released]
 
     def users(self, namespace: str, image: str) -> list[str]:
-        return sorted(vm["metadata"]["name"] for vm in self.list_vms(namespace) if image in images_used(vm))
+        return sorted(vm["metadata"]["name"] for vm in self.list_vms(namespace) if image in images_named(vm))
 
     def image_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         """Add the finalizer to a live image; release or hold a deleted one. Runs in a thread."""

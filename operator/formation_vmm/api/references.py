@@ -1,0 +1,11 @@
+"""Which VmImages a VM's raw body names (disk images, kernel, initrd), for the watch paths that
+see bodies, not models. ``domain.build.image_names`` is the same on a validated model."""
+
+from typing import Any
+
+
+def images_named(body: dict[str, Any]) -> set[str]:
+    spec = body.get("spec") or {}
+    kernel = spec.get("kernel") or {}
+    names = {kernel.get("image"), kernel.get("initrd")} | {d.get("image") for d in spec.get("disks") or []}
+    return {n for n in names if n}
