@@ -3,6 +3,7 @@ busybox initramfs the test builds, its console read through `kubectl vm console`
 
 import hashlib
 import io
+import time
 from pathlib import Path
 
 import pycdlib
@@ -220,3 +221,52 @@ def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
     wait_for(lambda: disk_info(overlay).virtual_size == 4 << 20, 30, "the live disk to grow to 4Mi")
     vm = fleet.vm(ns, "keeper")
     assert vm["status"]["phase"] == "Running" and vm["status"].get("restartCount") == before
+
+
+def test_a_memory_snapshot_restores_the_running_guest_without_a_boot(
+    fleet: Fleet, ns: str, guest_files: dict[str, str]
+) -> None:
+    apply_image(fleet, ns, "kernel", "guest/vmlinuz")
+    apply_image(fleet, ns, "initrd", "guest/initrd.gz")
+    fleet.apply_vm(ns, "sleeper", **guest_spec("vmm.disk=1", disks=[{"name": "data", "size": "1Mi"}]))
+    wait_for(lambda: f"{DISK_NOW} count=1" in console(fleet, ns, "sleeper"), 90, "the guest to boot")
+    snapshot = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VmSnapshot",
+        "metadata": {"name": "awake", "namespace": ns},
+        "spec": {"vmName": "sleeper", "includeMemory": True},
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(snapshot))
+    ready = wait_for(
+        lambda: (
+            (s := get_json(fleet.kubectl, "vmsnap", "awake", "-n", ns)).get("status", {}).get("phase")
+            in ("Ready", "Failed")
+            and s
+        ),
+        90,
+        "the memory snapshot",
+    )
+    assert ready["status"]["phase"] == "Ready", ready["status"]
+    assert ready["status"]["memory"] is True
+    restore = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "VmRestore",
+        "metadata": {"name": "wake", "namespace": ns},
+        "spec": {"vmName": "sleeper", "snapshotName": "awake"},
+    }
+    boots = console(fleet, ns, "sleeper").count(BOOT_MARKER)
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(restore))
+    done = wait_for(
+        lambda: (
+            (r := get_json(fleet.kubectl, "vmrestore", "wake", "-n", ns)).get("status", {}).get("phase")
+            in ("Succeeded", "Failed")
+            and r
+        ),
+        90,
+        "the restore",
+    )
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    fleet.wait_phase(ns, "sleeper", "Running")
+    time.sleep(5)  # a cold boot would print its marker within seconds
+    assert console(fleet, ns, "sleeper").count(BOOT_MARKER) == boots  # resumed, not booted
+    assert fleet.vm(ns, "sleeper")["status"]["phase"] == "Running"
