@@ -208,3 +208,29 @@ def test_prefetch_all_nodes_imports_on_every_hypervisor_with_progress(
     assert partial, f"no progress between 0 and 100% was shown: {seen}"
     out = fleet.kubectl("get", "vmimg", "everywhere", "-n", ns)
     assert "Ready" in out and "raw" in out and "100%" in out
+
+
+def test_an_agent_killed_mid_download_starts_over_cleanly(fleet: Fleet, ns: str, server: ImageServer) -> None:
+    apply_image(fleet, ns, "interrupted", server.url("/slow/slow.raw"))
+    fleet.apply_vm(
+        ns,
+        "patient",
+        cpus=1,
+        memory="64Mi",
+        nodeSelector={"zone": "b"},
+        disks=[{"name": "root", "image": "interrupted"}],
+    )
+    scratch = fleet.images_dir("node-b") / ".vmm-cache" / "scratch"
+    wait_for(lambda: any(scratch.iterdir()), 30, "a partial download in scratch")
+    agent = fleet.agents["node-b"]
+    agent.kill()
+    try:
+        assert fleet.vm(ns, "patient")["status"]["phase"] == "Provisioning"
+    finally:
+        agent.restart(fleet.plane)
+    agent.wait_ready()
+    fleet.wait_phase(ns, "patient", "Running", 90)
+    assert list(scratch.iterdir()) == []  # the killed download's leftovers were removed
+    img = image(fleet, ns, "interrupted")
+    assert img["status"]["phase"] == "Ready"
+    assert disk_info(disk_file(fleet, "node-b", ns, "patient", "root")).virtual_size == 2 * files.MIB
