@@ -18,12 +18,22 @@ from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache
-from formation_vmm.api.names import GROUP, IMAGE_PLURAL, RESTORE_PLURAL, SNAPSHOT_PLURAL, VERSION, VM_PLURAL
+from formation_vmm.api.names import (
+    GROUP,
+    IMAGE_PLURAL,
+    RESTORE_KIND,
+    RESTORE_PLURAL,
+    SNAPSHOT_KIND,
+    SNAPSHOT_PLURAL,
+    VERSION,
+    VM_PLURAL,
+)
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
+from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import NodeImages
@@ -109,7 +119,14 @@ def run_controller(settings: Settings) -> None:
         EventRecorder(core, "formation-vmm-controller"),
         list_vms,
     )
-    state = ControllerMemo(settings=settings, binder=binder, guard=guard)
+    notes = SnapshotNotes(
+        _vm_status_writer(),
+        {
+            SNAPSHOT_KIND: StatusWriter(custom, GROUP, VERSION, SNAPSHOT_PLURAL),
+            RESTORE_KIND: StatusWriter(custom, GROUP, VERSION, RESTORE_PLURAL),
+        },
+    )
+    state = ControllerMemo(settings=settings, binder=binder, guard=guard, notes=notes)
     ensure_cluster_peering(custom_api(), PEERING_NAME)
     asyncio.run(_serve(settings, registry, state, standalone=False, peering_name=PEERING_NAME))
 

@@ -147,3 +147,20 @@ def test_deleting_a_vm_deletes_its_snapshots(fleet: Fleet, ns: str) -> None:
         60,
         "the snapshot to be garbage-collected with its VM",
     )
+
+
+def test_a_snapshot_of_a_vm_not_there_yet_says_so_then_is_taken(fleet: Fleet, ns: str) -> None:
+    apply(fleet, "VmSnapshot", ns, "early", {"vmName": "later"})
+    snap = wait_for(
+        lambda: (
+            (s := get_json(fleet.kubectl, "vmsnap", "early", "-n", ns)).get("status", {}).get("error") and s
+        ),
+        30,
+        "the controller's note",
+    )
+    assert snap["status"] == {"phase": "Pending", "error": "VirtualMachine later does not exist"}
+    fleet.apply_vm(
+        ns, "later", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    ready = wait_phase(fleet, "vmsnap", ns, "early", "Ready", 60)
+    assert "error" not in ready["status"]

@@ -14,12 +14,17 @@ from formation_vmm.api.names import (
     GROUP,
     HYPERVISOR_LABEL,
     IMAGE_PLURAL,
+    RESTORE_KIND,
+    RESTORE_PLURAL,
+    SNAPSHOT_KIND,
+    SNAPSHOT_PLURAL,
     VERSION,
     VM_PLURAL,
 )
 from formation_vmm.config import Settings
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
+from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.kube import node_summary
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,7 @@ class ControllerMemo:
     settings: Settings
     binder: Binder
     guard: ImageGuard
+    notes: SnapshotNotes
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -84,3 +90,13 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="images", registry=registry)
     def images(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         memo.state.guard.image_event(event.get("type"), dict(event["object"]))
+
+    @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshots", registry=registry)
+    def snapshots(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        if event.get("type") != "DELETED":
+            memo.state.notes.event(SNAPSHOT_KIND, dict(event["object"]))
+
+    @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restores", registry=registry)
+    def restores(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        if event.get("type") != "DELETED":
+            memo.state.notes.event(RESTORE_KIND, dict(event["object"]))

@@ -1,0 +1,16 @@
+"""Why a snapshot or restore waits, as the controller words it. Pure."""
+
+import pytest
+
+from formation_vmm.controller.snapshot_notes import waiting_reason
+
+pytestmark = pytest.mark.pure
+
+
+def test_waiting_reasons() -> None:
+    assert waiting_reason(None, "web") == "VirtualMachine web does not exist"
+    assert waiting_reason({"status": {"phase": "Pending"}}, "web") == (
+        "VirtualMachine web is not on a node yet (phase Pending)"
+    )
+    assert waiting_reason({}, "web") == "VirtualMachine web is not on a node yet (phase Pending)"
+    assert waiting_reason({"status": {"nodeName": "node-a", "phase": "Running"}}, "web") is None
