@@ -25,3 +25,20 @@ DOMAIN_EVENTS = Counter(
     "vmm_agent_libvirt_events_total", "libvirt lifecycle events received, by event.", ["event"]
 )
 STATUS_WRITES = Counter("vmm_status_writes_total", "Status patches sent to the API.")
+IMAGE_IMPORTS = Counter(
+    "vmm_agent_image_imports_total",
+    "Image imports on this node, by result (ready, or the failure's reason).",
+    ["result"],
+)
+IMAGE_IMPORT_SECONDS = Histogram(
+    "vmm_agent_image_import_seconds",
+    "Time from the start of an import to its cached base (download, checks, conversion).",
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+IMAGE_BYTES = Counter("vmm_agent_image_bytes_total", "Bytes fetched by image imports.")
+IMAGE_CACHE_REMOVED = Counter("vmm_agent_image_cache_removed_total", "Cached bases removed by the collector.")
+SNAPSHOTS = Counter(
+    "vmm_agent_snapshot_operations_total",
+    "Snapshots and restores carried out, by operation and result.",
+    ["operation", "result"],
+)

@@ -4,6 +4,7 @@ image in use cannot be deleted from under them."""
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,10 @@ def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
     wait_for(lambda: disk_info(overlay).virtual_size == 8 * files.MIB, 30, "the disk to grow to 8Mi")
     vm = fleet.vm(ns, "web")
     assert vm["status"]["phase"] == "Running" and condition(vm, "RestartRequired")["status"] == "False"
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.agents['node-a'].port}/metrics", timeout=5) as resp:
+        exported = resp.read().decode()
+    assert 'vmm_agent_image_imports_total{result="ready"}' in exported
+    assert "vmm_agent_image_import_seconds_count" in exported
 
 
 def test_a_failed_image_shows_on_the_image_and_its_vms_and_they_start_once_it_is_fixed(

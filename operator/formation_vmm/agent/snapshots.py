@@ -15,6 +15,7 @@ from typing import Any
 
 from kubernetes import client
 
+from formation_vmm import metrics
 from formation_vmm.agent import files
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.plan import DomainState
@@ -182,6 +183,7 @@ class Snapshots:
                 size = sum(_allocated(d) for d in disks)
         except (SnapshotError, HypervisorError, OSError) as exc:
             message = str(exc)
+            metrics.SNAPSHOTS.labels("snapshot", "failed").inc()
             self.snapshots.write(body, lambda st: {"phase": "Failed", "readyToUse": False, "error": message})
             self.events.post(body, SNAPSHOT_KIND, "SnapshotFailed", message, "Warning")
             return
@@ -196,6 +198,7 @@ class Snapshots:
             "error": None,
         }
         self.snapshots.write(body, lambda st: fields)
+        metrics.SNAPSHOTS.labels("snapshot", "ready").inc()
         kind = "disks and memory" if memory else "disks"
         self.events.post(
             body, SNAPSHOT_KIND, "SnapshotReady", f"{kind} of VM {vm.metadata.name} saved on {self.node}"
@@ -251,10 +254,12 @@ class Snapshots:
             self._revert(vm, dom, snap)
         except (SnapshotError, HypervisorError, OSError) as exc:
             message = str(exc)
+            metrics.SNAPSHOTS.labels("restore", "failed").inc()
             self.restores.write(body, lambda st: {"phase": "Failed", "error": message, "completedAt": _now()})
             self.events.post(body, RESTORE_KIND, "RestoreFailed", message, "Warning")
             return
         self.restores.write(body, lambda st: {"phase": "Succeeded", "completedAt": _now(), "error": None})
+        metrics.SNAPSHOTS.labels("restore", "succeeded").inc()
         message = f"disks of VM {vm.metadata.name} restored from snapshot {restore.spec.snapshot_name}"
         self.events.post(body, RESTORE_KIND, "Restored", message)
         self.events.post(vm_body, VM_KIND, "Restored", message)

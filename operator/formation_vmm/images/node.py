@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from formation_vmm import metrics
 from formation_vmm.agent.files import UnsafePathError, ensure_inside
 from formation_vmm.api.models import VmImage
 from formation_vmm.domain.layout import NodeLayout
@@ -222,6 +223,7 @@ class NodeImages:
             cached = import_fetched(fetched, _expectation(image), self.cache, self.limits, phase)
             self.cache.remember_spec(wanted, cached.sha256)
         except (ImageRefusedError, FetchError) as exc:
+            metrics.IMAGE_IMPORTS.labels(exc.reason).inc()
             log.warning("VmImage %s/%s failed: %s", key[0], name, exc)
             if self._set(
                 key,
@@ -235,6 +237,7 @@ class NodeImages:
             ):
                 self._safe_report(image, "Failed", str(exc), {"progress": ""})
         except Exception as exc:  # a bug or host problem: Failed with the error, retried later
+            metrics.IMAGE_IMPORTS.labels("ImportError").inc()
             log.exception("VmImage %s/%s import crashed", key[0], name)
             if self._set(
                 key,
@@ -248,6 +251,9 @@ class NodeImages:
             ):
                 self._safe_report(image, "Failed", str(exc), {"progress": ""})
         else:
+            metrics.IMAGE_IMPORTS.labels("ready").inc()
+            metrics.IMAGE_IMPORT_SECONDS.observe(time.monotonic() - started)
+            metrics.IMAGE_BYTES.inc(fetched.size)
             log.info(
                 "VmImage %s/%s ready in %.2fs: %s %s bytes",
                 key[0],
@@ -353,5 +359,6 @@ class GarbageCollector:
                     path.unlink(missing_ok=True)
                 self._unreferenced_since.pop(sha, None)
                 removed.append(sha)
+                metrics.IMAGE_CACHE_REMOVED.inc()
                 log.info("removed cached image %s: unreferenced for %.0fs", sha[:12], moment - since)
         return removed
