@@ -104,6 +104,12 @@ def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
         exported = resp.read().decode()
     assert 'vmm_agent_image_imports_total{result="ready"}' in exported
     assert "vmm_agent_image_import_seconds_count" in exported
+    # The replaced service's /images endpoint lists the cached base with what the import found.
+    listed = fleet.agent_get("node-a", "/images")
+    sha = files.sha256(qcow)[len("sha256:") :]
+    assert {"format": "qcow2", "sha256": sha, "virtualSize": 2 * files.MIB}.items() <= next(
+        e for e in listed if e.get("sha256") == sha
+    ).items()
 
 
 def test_a_failed_image_shows_on_the_image_and_its_vms_and_they_start_once_it_is_fixed(
@@ -226,16 +232,18 @@ def test_an_agent_killed_mid_download_starts_over_cleanly(fleet: Fleet, ns: str,
         disks=[{"name": "root", "image": "interrupted"}],
     )
     scratch = fleet.images_dir("node-b") / ".vmm-cache" / "scratch"
+    vm = fleet.wait_phase(ns, "patient", "Provisioning", 30)
+    assert condition(vm, "ImageReady")["reason"] == "ImageDownloading"
     wait_for(lambda: any(scratch.iterdir()), 30, "a partial download in scratch")
     agent = fleet.agents["node-b"]
+    killed = agent.pid
+    assert any(f".{killed}." in p.name for p in scratch.iterdir())
     agent.kill()
-    try:
-        assert fleet.vm(ns, "patient")["status"]["phase"] == "Provisioning"
-    finally:
-        agent.restart(fleet.plane)
+    agent.restart(fleet.plane)
     agent.wait_ready()
     fleet.wait_phase(ns, "patient", "Running", 90)
-    assert list(scratch.iterdir()) == []  # the killed download's leftovers were removed
+    # The killed download's leftovers were removed (scratch files carry their process's pid).
+    assert not [p for p in scratch.iterdir() if f".{killed}." in p.name]
     img = image(fleet, ns, "interrupted")
     assert img["status"]["phase"] == "Ready"
     assert disk_info(disk_file(fleet, "node-b", ns, "patient", "root")).virtual_size == 2 * files.MIB

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from formation_vmm.agent.hypervisor import DomainInfo, Hypervisor
 from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.images.cache import ImageCache
 
 # How often a followed console log is checked for new output.
 FOLLOW_POLL_SECONDS = 0.2
@@ -57,12 +58,28 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
         return response
 
     async def images(_: web.Request) -> web.Response:
+        """Image files on this node: hostPath sources, and the cached bases with what the
+        import found (format, sizes); the cache's bookkeeping files are left out."""
         root = layout.images_dir
-        entries = []
+        cache = ImageCache(root)
+        entries: list[dict[str, object]] = []
         if root.is_dir():
             for path in sorted(root.rglob("*")):
-                if path.is_file() and not path.is_symlink():
-                    entries.append({"path": str(path.relative_to(root)), "size": path.stat().st_size})
+                if not path.is_file() or path.is_symlink() or cache.root in path.parents:
+                    continue
+                entries.append({"path": str(path.relative_to(root)), "size": path.stat().st_size})
+            for sha in sorted(cache.blobs_on_disk()):
+                base = cache.lookup(sha)
+                if base is not None:
+                    entries.append(
+                        {
+                            "path": str(base.path.relative_to(root)),
+                            "size": base.size,
+                            "sha256": base.sha256,
+                            "format": base.format,
+                            "virtualSize": base.virtual_size,
+                        }
+                    )
         return web.json_response(entries)
 
     async def health(_: web.Request) -> web.Response:
