@@ -172,6 +172,7 @@ def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
     assert len(bases) == 1
     blobs = fleet.images_dir("node-b") / ".vmm-cache" / "blobs"
     assert len(list(blobs.glob(f"{files.sha256(server.root / 'disk.raw')[7:]}.*"))) == 2  # base + metadata
+    assert list((blobs.parent / "scratch").iterdir()) == []  # the second download was dropped
 
 
 def test_an_image_in_use_is_deleted_only_after_its_vms(fleet: Fleet, ns: str, server: ImageServer) -> None:

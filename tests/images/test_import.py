@@ -356,6 +356,7 @@ def test_two_images_with_the_same_bytes_share_one_base_and_a_restart_finds_it(
     two = resolve(images, vmimage("two", url=server.url("/files/same.raw")))
     assert one.path == two.path
     assert len([p for p in (layout.images_dir / ".vmm-cache" / "blobs").iterdir() if p.suffix == ".raw"]) == 1
+    assert list((layout.images_dir / ".vmm-cache" / "scratch").iterdir()) == []  # the second fetch is gone
     # A restarted agent (a new manager on the same directory) finds it without downloading.
     count = len(server.requests)
     again = manager(layout, Recorder())

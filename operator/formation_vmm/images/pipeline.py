@@ -149,7 +149,8 @@ def import_fetched(
             f"the VmImage says {expect.checksum}",
         )
     known = cache.lookup(fetched.sha256)
-    if known is not None:
+    if known is not None:  # the same bytes came before, under another VmImage: share that base
+        fetched.path.unlink(missing_ok=True)
         return known
     scratch = [fetched.path]
     try:
