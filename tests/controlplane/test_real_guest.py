@@ -270,3 +270,22 @@ def test_a_memory_snapshot_restores_the_running_guest_without_a_boot(
     time.sleep(5)  # a cold boot would print its marker within seconds
     assert console(fleet, ns, "sleeper").count(BOOT_MARKER) == boots  # resumed, not booted
     assert fleet.vm(ns, "sleeper")["status"]["phase"] == "Running"
+
+
+def test_a_guest_reads_its_image_through_the_overlay_and_writes_only_the_overlay(
+    fleet: Fleet, ns: str, guest_files: dict[str, str]
+) -> None:
+    counter = fleet.images_dir(QEMU_NODE) / "guest" / "counter.raw"
+    with counter.open("wb") as f:
+        f.truncate(1 << 20)
+        f.write(b"count=41\n")
+    apply_image(fleet, ns, "kernel", "guest/vmlinuz")
+    apply_image(fleet, ns, "initrd", "guest/initrd.gz")
+    apply_image(fleet, ns, "counter", "guest/counter.raw")
+    fleet.apply_vm(ns, "reader", **guest_spec("vmm.disk=1", disks=[{"name": "data", "image": "counter"}]))
+    wait_for(lambda: f"{DISK_NOW} count=42" in console(fleet, ns, "reader"), 90, "the guest to count on")
+    assert f"{DISK_SAYS} [count=41]" in console(fleet, ns, "reader")
+    # The cached base is untouched: the write went to the VM's overlay.
+    base = disk_info(fleet.plane.root / "nodes" / QEMU_NODE / "disks" / ns / "reader" / "data.qcow2").backing
+    assert base is not None
+    assert Path(base).read_bytes()[:9] == b"count=41\n"
