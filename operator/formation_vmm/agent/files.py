@@ -36,12 +36,18 @@ class QemuImgError(OSError):
     """qemu-img refused; an OSError so a VM's sync reports it as a host error, not a crash."""
 
 
-def run_qemu_img(*args: str) -> str:
+QEMU_IMG_TIMEOUT = 3600.0  # a conversion of a large image; a hung qemu-img must not hang a thread
+
+
+def run_qemu_img(*args: str, ok_codes: tuple[int, ...] = (0,)) -> str:
     """qemu-img with a fixed argv and no shell; its stdout, or QemuImgError with its stderr."""
-    done = subprocess.run(  # noqa: S603 - fixed argv, validated paths, no shell
-        [qemu_img(), *args], check=False, capture_output=True, text=True
-    )
-    if done.returncode != 0:
+    try:
+        done = subprocess.run(  # noqa: S603 - fixed argv, validated paths, no shell
+            [qemu_img(), *args], check=False, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise QemuImgError(f"qemu-img {args[0]} took longer than {QEMU_IMG_TIMEOUT:.0f}s") from exc
+    if done.returncode not in ok_codes:
         raise QemuImgError(f"qemu-img {args[0]} failed: {done.stderr.strip()[:300]}")
     return done.stdout
 

@@ -5,14 +5,13 @@ Every qemu-img call has a fixed argv and no shell."""
 import gzip
 import lzma
 import os
-import subprocess
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from formation_vmm.agent.files import qemu_img
+from formation_vmm.agent.files import QemuImgError, run_qemu_img
 from formation_vmm.domain.spec import BaseImage
 from formation_vmm.images.cache import ImageCache
 from formation_vmm.images.fetch import CHUNK, Fetched, FetchLimits, sha256_file
@@ -29,7 +28,6 @@ from formation_vmm.images.formats import (
     safe_member_name,
 )
 
-QEMU_IMG_TIMEOUT = 3600.0
 MANIFEST_MAX = 64 << 10
 
 
@@ -44,22 +42,19 @@ class Expectation:
 Phase = Callable[[str], None]  # told "Converting" when conversion starts
 
 
-def _run(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(  # noqa: S603 - fixed argv, paths made by this module
-        [qemu_img(), *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False
-    )
-    if done.returncode not in ok_codes:
-        raise ImageRefusedError(
-            "CorruptImage", f"qemu-img {args[0]} refused the image: {done.stderr.strip()[:300]}"
-        )
-    return done
+def _run(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:
+    """qemu-img on an image being imported: a refusal means the image is unusable."""
+    try:
+        return run_qemu_img(*args, ok_codes=ok_codes)
+    except QemuImgError as exc:
+        raise ImageRefusedError("CorruptImage", str(exc).replace(" failed:", " refused the image:")) from exc
 
 
 def disk_info(path: Path, fmt: str | None = None) -> DiskInfo:
     args = ["info", "--output=json", "-U"]
     if fmt:
         args += ["-f", fmt]
-    return parse_qemu_info(_run([*args, str(path)]).stdout)
+    return parse_qemu_info(_run([*args, str(path)]))
 
 
 def _copy_limited(src: IO[bytes], dest: Path, max_bytes: int) -> None:
