@@ -108,6 +108,8 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl) -> Iterator[Fleet]:
         "VMM_RESYNC_SECONDS": "2",
         "VMM_IMAGE_PROGRESS_SECONDS": "0.5",
         "VMM_IMAGE_RETRY_SECONDS": "3",
+        "VMM_IMAGE_GC_GRACE_SECONDS": "3",
+        "VMM_IMAGE_GC_INTERVAL_SECONDS": "1",
     }
     controller = start_controller(control_plane, {"VMM_NODE_LOST_SECONDS": "6"}, kubeconfig=controller_config)
     agents = {

@@ -248,3 +248,26 @@ def test_an_agent_killed_mid_download_starts_over_cleanly(fleet: Fleet, ns: str,
     img = image(fleet, ns, "interrupted")
     assert img["status"]["phase"] == "Ready"
     assert disk_info(disk_file(fleet, "node-b", ns, "patient", "root")).virtual_size == 2 * files.MIB
+
+
+def test_a_base_nothing_refers_to_is_collected_after_the_grace_period(
+    fleet: Fleet, ns: str, server: ImageServer
+) -> None:
+    files.raw(server.root / "gc.raw", marker=f"only for {ns}".encode())  # bytes no other test has
+    apply_image(fleet, ns, "short-lived", server.url("/files/gc.raw"))
+    fleet.apply_vm(
+        ns,
+        "brief",
+        cpus=1,
+        memory="64Mi",
+        nodeSelector=ON_A,
+        disks=[{"name": "root", "image": "short-lived"}],
+    )
+    fleet.wait_phase(ns, "brief", "Running")
+    base = Path(str(disk_info(disk_file(fleet, "node-a", ns, "brief", "root")).backing))
+    fleet.kubectl("delete", "vm", "brief", "-n", ns, "--wait=true", "--timeout=60s")
+    time.sleep(6)  # twice the fleet's grace period: the VmImage still refers to the base
+    assert base.exists()
+    fleet.kubectl("delete", "vmimg", "short-lived", "-n", ns, "--wait=true", "--timeout=30s")
+    wait_for(lambda: not base.exists(), 30, "the unreferenced base to be collected")
+    assert not base.with_suffix(".json").exists()

@@ -175,7 +175,8 @@ class NodeImages:
         """The spec keys of live VmImages' states; states of VmImages gone are dropped."""
         wanted = {(i.metadata.namespace or "", i.metadata.name) for i in live}
         with self._lock:
-            for key in [k for k in self._states if k not in wanted]:
+            # An import in flight stays: its VmImage may be newer than the caller's list.
+            for key in [k for k, st in self._states.items() if k not in wanted and not st.running]:
                 del self._states[key]
             return {s.spec_key for s in self._states.values() if s.spec_key}
 
