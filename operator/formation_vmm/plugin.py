@@ -1,4 +1,4 @@
-"""``kubectl vm``: start, stop, restart, pause, resume, console and list VMs.
+"""``kubectl vm``: start, stop, restart, pause, resume, console, list, snapshot and restore VMs.
 
 Each verb patches the VM's spec (the API is the only interface; nothing here talks to a node
 except ``console``, which follows the serial log the node's agent serves) and waits for the
@@ -6,6 +6,7 @@ status to show the result, unless ``--no-wait``.
 """
 
 import argparse
+import json
 import sys
 import time
 import urllib.error
@@ -17,7 +18,16 @@ from typing import Any
 from kubernetes import client, config
 
 from formation_vmm.api.models import VirtualMachine
-from formation_vmm.api.names import AGENT_ENDPOINT_ANNOTATION, GROUP, VERSION, VM_PLURAL
+from formation_vmm.api.names import (
+    AGENT_ENDPOINT_ANNOTATION,
+    GROUP,
+    RESTORE_KIND,
+    RESTORE_PLURAL,
+    SNAPSHOT_KIND,
+    SNAPSHOT_PLURAL,
+    VERSION,
+    VM_PLURAL,
+)
 
 Check = Callable[[VirtualMachine], bool]
 
@@ -55,6 +65,29 @@ class Vms:
         self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, self.namespace, VM_PLURAL, name, {"spec": spec}
         )
+
+    def create(self, plural: str, kind: str, name: str, spec: dict[str, Any]) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
+        except client.ApiException as exc:
+            if exc.status in (409, 422):
+                raise PluginError(f"{kind} {name}: {_api_message(exc)}") from exc
+            raise
+
+    def wait_done(self, plural: str, name: str, done: set[str], timeout: float) -> dict[str, Any]:
+        """The object once its status.phase is one of ``done``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            raw: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+            status = raw.get("status") or {}
+            if status.get("phase") in done:
+                return dict(raw)
+            if time.monotonic() > deadline:
+                note = f": {status['error']}" if status.get("error") else ""
+                phase = status.get("phase") or "new"
+                raise PluginError(f"timed out after {timeout:.0f}s waiting for {name}; it is {phase}{note}")
+            time.sleep(0.3)
 
     def wait(self, name: str, check: Check, what: str, timeout: float) -> VirtualMachine:
         deadline = time.monotonic() + timeout
@@ -160,6 +193,44 @@ def verb_console(vms: Vms, args: argparse.Namespace) -> str:
     return ""
 
 
+def _api_message(exc: client.ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
+def _stamp() -> str:
+    return _now().strftime("%Y%m%d-%H%M%S")
+
+
+def verb_snapshot(vms: Vms, args: argparse.Namespace) -> str:
+    vms.get(args.name)  # a clear error for a VM that does not exist
+    name = args.snapshot or f"{args.name}-{_stamp()}"
+    vms.create(SNAPSHOT_PLURAL, SNAPSHOT_KIND, name, {"vmName": args.name, "includeMemory": args.memory})
+    if args.no_wait:
+        return f"vmsnapshot/{name} requested"
+    snap = vms.wait_done(SNAPSHOT_PLURAL, name, {"Ready", "Failed"}, args.timeout)
+    status = snap["status"]
+    if status["phase"] == "Failed":
+        raise PluginError(f"vmsnapshot/{name} failed: {status.get('error', '')}")
+    memory = ", memory included" if status.get("memory") else ""
+    return f"vmsnapshot/{name} Ready on {status.get('nodeName')}: {status.get('size')} bytes{memory}"
+
+
+def verb_restore(vms: Vms, args: argparse.Namespace) -> str:
+    vms.get(args.name)
+    name = f"{args.name}-restore-{_stamp()}"
+    vms.create(RESTORE_PLURAL, RESTORE_KIND, name, {"vmName": args.name, "snapshotName": args.snapshot})
+    if args.no_wait:
+        return f"vmrestore/{name} requested"
+    restore = vms.wait_done(RESTORE_PLURAL, name, {"Succeeded", "Failed"}, args.timeout)
+    status = restore["status"]
+    if status["phase"] == "Failed":
+        raise PluginError(f"vmrestore/{name} failed: {status.get('error', '')}")
+    return f"vmrestore/{name} Succeeded: {args.name} is back at {args.snapshot}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl vm", description=__doc__)
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
@@ -183,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("--no-follow", action="store_true", help="print what is there and exit")
     console.set_defaults(run=verb_console)
     sub.add_parser("list", help="the VMs of the namespace").set_defaults(run=verb_list)
+    snapshot = sub.add_parser("snapshot", help="snapshot the VM's disks (a VmSnapshot), and wait until Ready")
+    snapshot.add_argument("name")
+    snapshot.add_argument("snapshot", nargs="?", help="snapshot name (default: <vm>-<time>)")
+    snapshot.add_argument("--memory", action="store_true", help="also save a running VM's memory")
+    restore = sub.add_parser("restore", help="bring the VM's disks back to a snapshot (a VmRestore)")
+    restore.add_argument("name")
+    restore.add_argument("snapshot")
+    for cmd, run in ((snapshot, verb_snapshot), (restore, verb_restore)):
+        cmd.add_argument("--no-wait", action="store_true", help="return once it is requested")
+        cmd.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+        cmd.set_defaults(run=run)
     return parser
 
 

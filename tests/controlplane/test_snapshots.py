@@ -164,3 +164,24 @@ def test_a_snapshot_of_a_vm_not_there_yet_says_so_then_is_taken(fleet: Fleet, ns
     )
     ready = wait_phase(fleet, "vmsnap", ns, "early", "Ready", 60)
     assert "error" not in ready["status"]
+
+
+def test_the_plugin_snapshots_and_restores(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(
+        ns, "cli", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+    fleet.wait_phase(ns, "cli", "Running")
+    data = disk(fleet, ns, "cli")
+    write_pattern(data, 0x51)
+    out = fleet.plugin("-n", ns, "snapshot", "cli", "good")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("vmsnapshot/good Ready on node-a: ")
+    write_pattern(data, 0x52)
+    out = fleet.plugin("-n", ns, "restore", "cli", "good")
+    assert out.returncode == 0, out.stderr
+    assert "Succeeded: cli is back at good" in out.stdout
+    assert has_pattern(data, 0x51)
+    out = fleet.plugin("-n", ns, "restore", "cli", "no-such-snapshot")
+    assert out.returncode == 1 and "VmSnapshot no-such-snapshot does not exist" in out.stderr
+    out = fleet.plugin("-n", ns, "snapshot", "nobody")
+    assert out.returncode == 1 and "virtualmachine" in out.stderr and "not found" in out.stderr
