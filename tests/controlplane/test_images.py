@@ -43,6 +43,18 @@ def apply_image(fleet: Fleet, namespace: str, name: str, url: str, **spec: Any) 
     fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
 
 
+def apply_image_vm(fleet: Fleet, namespace: str, name: str, image_name: str, zone: str = "a") -> None:
+    """A small VM in ``zone`` whose root disk is an overlay on VmImage ``image_name``."""
+    fleet.apply_vm(
+        namespace,
+        name,
+        cpus=1,
+        memory="64Mi",
+        nodeSelector={"zone": zone},
+        disks=[{"name": "root", "image": image_name}],
+    )
+
+
 def image(fleet: Fleet, namespace: str, name: str) -> dict[str, Any]:
     return get_json(fleet.kubectl, "vmimg", name, "-n", namespace)
 
@@ -66,9 +78,7 @@ def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
 ) -> None:
     qcow = server.root / "disk.qcow2"
     apply_image(fleet, ns, "debian", server.url("/files/disk.qcow2"), checksum=files.sha256(qcow))
-    fleet.apply_vm(
-        ns, "web", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "root", "image": "debian"}]
-    )
+    apply_image_vm(fleet, ns, "web", "debian")
     vm = fleet.wait_phase(ns, "web", "Running")
     assert condition(vm, "ImageReady")["status"] == "True"
     img = wait_image(fleet, ns, "debian", lambda i: i.get("status", {}).get("phase") == "Ready", "Ready")
@@ -117,9 +127,7 @@ def test_a_failed_image_shows_on_the_image_and_its_vms_and_they_start_once_it_is
 ) -> None:
     apply_image(fleet, ns, "broken", server.url("/files/nothing-here.img"))
     for name in ("one", "two"):
-        fleet.apply_vm(
-            ns, name, cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "root", "image": "broken"}]
-        )
+        apply_image_vm(fleet, ns, name, "broken")
     for name in ("one", "two"):
         vm = fleet.wait_vm(
             ns,
@@ -150,22 +158,8 @@ def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
 ) -> None:
     apply_image(fleet, ns, "first", server.url("/files/disk.raw"))
     apply_image(fleet, ns, "second", server.url("/files/disk.raw?copy=2"))
-    fleet.apply_vm(
-        ns,
-        "vm-x",
-        cpus=1,
-        memory="64Mi",
-        nodeSelector={"zone": "b"},
-        disks=[{"name": "root", "image": "first"}],
-    )
-    fleet.apply_vm(
-        ns,
-        "vm-y",
-        cpus=1,
-        memory="64Mi",
-        nodeSelector={"zone": "b"},
-        disks=[{"name": "root", "image": "second"}],
-    )
+    apply_image_vm(fleet, ns, "vm-x", "first", zone="b")
+    apply_image_vm(fleet, ns, "vm-y", "second", zone="b")
     fleet.wait_phase(ns, "vm-x", "Running")
     fleet.wait_phase(ns, "vm-y", "Running")
     bases = {disk_info(disk_file(fleet, "node-b", ns, vm, "root")).backing for vm in ("vm-x", "vm-y")}
@@ -177,9 +171,7 @@ def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
 
 def test_an_image_in_use_is_deleted_only_after_its_vms(fleet: Fleet, ns: str, server: ImageServer) -> None:
     apply_image(fleet, ns, "held", server.url("/files/disk.raw"))
-    fleet.apply_vm(
-        ns, "user", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "root", "image": "held"}]
-    )
+    apply_image_vm(fleet, ns, "user", "held")
     fleet.wait_phase(ns, "user", "Running")
     wait_image(
         fleet,
@@ -224,14 +216,7 @@ def test_prefetch_all_nodes_imports_on_every_hypervisor_with_progress(
 
 def test_an_agent_killed_mid_download_starts_over_cleanly(fleet: Fleet, ns: str, server: ImageServer) -> None:
     apply_image(fleet, ns, "interrupted", server.url("/slow/slow.raw"))
-    fleet.apply_vm(
-        ns,
-        "patient",
-        cpus=1,
-        memory="64Mi",
-        nodeSelector={"zone": "b"},
-        disks=[{"name": "root", "image": "interrupted"}],
-    )
+    apply_image_vm(fleet, ns, "patient", "interrupted", zone="b")
     scratch = fleet.images_dir("node-b") / ".vmm-cache" / "scratch"
     vm = fleet.wait_phase(ns, "patient", "Provisioning", 30)
     assert condition(vm, "ImageReady")["reason"] == "ImageDownloading"
@@ -255,14 +240,7 @@ def test_a_base_nothing_refers_to_is_collected_after_the_grace_period(
 ) -> None:
     files.raw(server.root / "gc.raw", marker=f"only for {ns}".encode())  # bytes no other test has
     apply_image(fleet, ns, "short-lived", server.url("/files/gc.raw"))
-    fleet.apply_vm(
-        ns,
-        "brief",
-        cpus=1,
-        memory="64Mi",
-        nodeSelector=ON_A,
-        disks=[{"name": "root", "image": "short-lived"}],
-    )
+    apply_image_vm(fleet, ns, "brief", "short-lived")
     fleet.wait_phase(ns, "brief", "Running")
     base = Path(str(disk_info(disk_file(fleet, "node-a", ns, "brief", "root")).backing))
     fleet.kubectl("delete", "vm", "brief", "-n", ns, "--wait=true", "--timeout=60s")

@@ -29,6 +29,13 @@ def apply(fleet: Fleet, kind: str, namespace: str, name: str, spec: dict[str, An
     fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
 
 
+def apply_vm_with_disk(fleet: Fleet, namespace: str, name: str) -> None:
+    """A small VM on node-a with one blank 16Mi disk, ``data``."""
+    fleet.apply_vm(
+        namespace, name, cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
+    )
+
+
 def wait_phase(
     fleet: Fleet, kind: str, namespace: str, name: str, phase: str, timeout: float = 60
 ) -> dict[str, Any]:
@@ -66,9 +73,7 @@ def internal_snapshots(path: Path) -> str:
 
 
 def test_snapshot_restore_and_delete_on_a_vms_disks(fleet: Fleet, ns: str) -> None:
-    fleet.apply_vm(
-        ns, "db", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "db")
     fleet.wait_phase(ns, "db", "Running")
     data = disk(fleet, ns, "db")
     write_pattern(data, 0x41)
@@ -101,16 +106,12 @@ def test_snapshot_restore_and_delete_on_a_vms_disks(fleet: Fleet, ns: str) -> No
 
 
 def test_restore_errors_are_reported(fleet: Fleet, ns: str) -> None:
-    fleet.apply_vm(
-        ns, "app", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "app")
     fleet.wait_phase(ns, "app", "Running")
     apply(fleet, "VmRestore", ns, "nothing", {"vmName": "app", "snapshotName": "never-taken"})
     failed = wait_phase(fleet, "vmrestore", ns, "nothing", "Failed")
     assert failed["status"]["error"] == "VmSnapshot never-taken does not exist"
-    fleet.apply_vm(
-        ns, "other", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "other")
     apply(fleet, "VmSnapshot", ns, "of-other", {"vmName": "other"})
     wait_phase(fleet, "vmsnap", ns, "of-other", "Ready")
     apply(fleet, "VmRestore", ns, "crossed", {"vmName": "app", "snapshotName": "of-other"})
@@ -120,9 +121,7 @@ def test_restore_errors_are_reported(fleet: Fleet, ns: str) -> None:
 
 
 def test_memory_snapshot_and_revert(fleet: Fleet, ns: str) -> None:
-    fleet.apply_vm(
-        ns, "mem", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "mem")
     fleet.wait_phase(ns, "mem", "Running")
     apply(fleet, "VmSnapshot", ns, "full", {"vmName": "mem", "includeMemory": True})
     snap = wait_phase(fleet, "vmsnap", ns, "full", "Ready")
@@ -134,9 +133,7 @@ def test_memory_snapshot_and_revert(fleet: Fleet, ns: str) -> None:
 
 
 def test_deleting_a_vm_deletes_its_snapshots(fleet: Fleet, ns: str) -> None:
-    fleet.apply_vm(
-        ns, "gone", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "gone")
     fleet.wait_phase(ns, "gone", "Running")
     apply(fleet, "VmSnapshot", ns, "s1", {"vmName": "gone"})
     wait_phase(fleet, "vmsnap", ns, "s1", "Ready")
@@ -159,17 +156,13 @@ def test_a_snapshot_of_a_vm_not_there_yet_says_so_then_is_taken(fleet: Fleet, ns
         "the controller's note",
     )
     assert snap["status"] == {"phase": "Pending", "error": "VirtualMachine later does not exist"}
-    fleet.apply_vm(
-        ns, "later", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "later")
     ready = wait_phase(fleet, "vmsnap", ns, "early", "Ready", 60)
     assert "error" not in ready["status"]
 
 
 def test_the_plugin_snapshots_and_restores(fleet: Fleet, ns: str) -> None:
-    fleet.apply_vm(
-        ns, "cli", cpus=1, memory="64Mi", nodeSelector=ON_A, disks=[{"name": "data", "size": "16Mi"}]
-    )
+    apply_vm_with_disk(fleet, ns, "cli")
     fleet.wait_phase(ns, "cli", "Running")
     data = disk(fleet, ns, "cli")
     write_pattern(data, 0x51)

@@ -1,7 +1,6 @@
 """A VM's files on the node: runtime directory, blank disks. No symlink is followed out of the
 configured directories, and qemu-img runs without a shell."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.spec import BaseImage, DomainSpec
+from formation_vmm.images.formats import parse_qemu_info
 
 
 class UnsafePathError(RuntimeError):
@@ -88,7 +88,7 @@ def create_overlay(base_dir: Path, path: Path, base: BaseImage, size: str | None
 
 def virtual_size(path: Path) -> int:
     """The size the guest sees; -U reads it even while QEMU holds the image."""
-    return int(json.loads(run_qemu_img("info", "-U", "--output=json", str(path)))["virtual-size"])
+    return parse_qemu_info(run_qemu_img("info", "-U", "--output=json", str(path))).virtual_size
 
 
 def resize_offline(path: Path, size: int) -> None:

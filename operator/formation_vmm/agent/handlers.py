@@ -193,22 +193,10 @@ def _register_snapshots(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshot", registry=registry)
     def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state: AgentMemo = memo.state
-        if state.snapshots is None:
-            return
-        body = dict(event["object"])
-        if event.get("type") == "DELETED":
-            state.snapshots.forget(SNAPSHOT_KIND, body)
-            return
-        state.snapshots.snapshot_event(body)
+        if memo.state.snapshots is not None:
+            memo.state.snapshots.event(SNAPSHOT_KIND, event.get("type"), dict(event["object"]))
 
     @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restore", registry=registry)
     def restore_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state: AgentMemo = memo.state
-        if state.snapshots is None:
-            return
-        body = dict(event["object"])
-        if event.get("type") == "DELETED":
-            state.snapshots.forget(RESTORE_KIND, body)
-            return
-        state.snapshots.restore_event(body)
+        if memo.state.snapshots is not None:
+            memo.state.snapshots.event(RESTORE_KIND, event.get("type"), dict(event["object"]))

@@ -6,10 +6,8 @@ it is stopped. Its data lives inside the VM's disks: deleting the VM deletes it 
 A snapshot or restore works under the VM's lock (the one every sync takes), so no sync starts,
 stops or redefines the domain in the middle of one."""
 
-import json
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.plan import DomainState
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache
+from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VirtualMachine, VmRestore, VmSnapshot
 from formation_vmm.api.names import (
     API_VERSION,
@@ -35,6 +34,7 @@ from formation_vmm.api.names import (
 )
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
+from formation_vmm.images.formats import parse_qemu_info
 from formation_vmm.kube import EventRecorder, StatusWriter
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,6 @@ class SnapshotError(RuntimeError):
 
 def snapshot_name(uid: str) -> str:
     return f"vmsnap-{uid}"
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Snapshots:
@@ -84,13 +80,19 @@ class Snapshots:
         meta = body["metadata"]
         self._waiting.pop((kind, meta["namespace"], meta["name"]), None)
 
+    def event(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
+        """A watch event of a VmSnapshot or VmRestore (``kind``)."""
+        if event_type == "DELETED":
+            self.forget(kind, body)
+        elif kind == SNAPSHOT_KIND:
+            self.snapshot_event(body)
+        else:
+            self.restore_event(body)
+
     def retry_waiting(self) -> None:
         for (kind, _ns, _name), body in list(self._waiting.items()):
             self.forget(kind, body)
-            if kind == SNAPSHOT_KIND:
-                self.snapshot_event(body)
-            else:
-                self.restore_event(body)
+            self.event(kind, None, body)
 
     # --- VmSnapshot ------------------------------------------------------------------------
 
@@ -145,11 +147,12 @@ class Snapshots:
 
     def _disks(self, vm: VirtualMachine) -> list[Path]:
         namespace = vm.metadata.namespace or ""
-        return [
+        paths = (
             self.layout.disk_path(namespace, vm.metadata.name, d.name)
             for d in vm.spec.disks
-            if not d.read_only and self.layout.disk_path(namespace, vm.metadata.name, d.name).exists()
-        ]
+            if not d.read_only
+        )
+        return [p for p in paths if p.exists()]
 
     def _take(self, body: dict[str, Any], snap: VmSnapshot, vm: VirtualMachine) -> None:
         # The event may predate our own last write (Ready): decide on the object as it is now.
@@ -190,7 +193,7 @@ class Snapshots:
         fields = {
             "phase": "Ready",
             "readyToUse": True,
-            "creationTime": _now(),
+            "creationTime": now(),
             "size": size,
             "memory": memory,
             "disks": [d.stem for d in disks],
@@ -255,10 +258,10 @@ class Snapshots:
         except (SnapshotError, HypervisorError, OSError) as exc:
             message = str(exc)
             metrics.SNAPSHOTS.labels("restore", "failed").inc()
-            self.restores.write(body, lambda st: {"phase": "Failed", "error": message, "completedAt": _now()})
+            self.restores.write(body, lambda st: {"phase": "Failed", "error": message, "completedAt": now()})
             self.events.post(body, RESTORE_KIND, "RestoreFailed", message, "Warning")
             return
-        self.restores.write(body, lambda st: {"phase": "Succeeded", "completedAt": _now(), "error": None})
+        self.restores.write(body, lambda st: {"phase": "Succeeded", "completedAt": now(), "error": None})
         metrics.SNAPSHOTS.labels("restore", "succeeded").inc()
         message = f"disks of VM {vm.metadata.name} restored from snapshot {restore.spec.snapshot_name}"
         self.events.post(body, RESTORE_KIND, "Restored", message)
@@ -313,5 +316,4 @@ def _has_internal(disk: Path, name: str) -> bool:
 
 
 def _allocated(disk: Path) -> int:
-    info = json.loads(files.run_qemu_img("info", "-U", "--output=json", str(disk)))
-    return int(info.get("actual-size") or 0)
+    return parse_qemu_info(files.run_qemu_img("info", "-U", "--output=json", str(disk))).actual_size

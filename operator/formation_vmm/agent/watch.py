@@ -88,7 +88,7 @@ class Watcher:
         """A VmImage appeared or changed: the VMs that wait for it need not wait for a retry."""
         for key, body in list(self.cache.bodies.items()):
             if body["metadata"]["namespace"] == namespace and image in images_named(body):
-                self._loop.call_soon_threadsafe(self._enqueue, key)
+                self.poke(key)
 
     def poke(self, name: str) -> None:
         """Sync the VM of domain ``name`` soon (callable from any thread)."""
@@ -98,7 +98,7 @@ class Watcher:
         """Called from libvirt's event thread."""
         log.debug("domain %s: %s", name, event)
         metrics.DOMAIN_EVENTS.labels(event).inc()
-        self._loop.call_soon_threadsafe(self._enqueue, name)
+        self.poke(name)
 
     def _enqueue(self, name: str) -> None:
         if name not in self._queued:

@@ -11,8 +11,6 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 TAR_MAGIC_OFFSET = 257  # "ustar" in a POSIX tar header
 MANIFEST_NAME = "manifest.json"
 FORM_VERSION = 1
-# The disk formats a VM's overlay can sit on; anything else qemu-img reads is converted to qcow2.
-BASE_FORMATS = ("raw", "qcow2")
 SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class _State:
     cached: BaseImage | None = None
     failed_at: float = 0.0
     running: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def spec_key(image: VmImage, layout: NodeLayout) -> str:
@@ -136,7 +135,6 @@ class NodeImages:
                 recalled = self.cache.recall_spec(wanted)
                 if recalled is not None:
                     state.phase, state.cached = "Ready", recalled
-                    state.details = _details(recalled)
             if state.cached is not None and state.cached.path.is_file():
                 cached = state.cached
                 mine = [n for n in image.status.nodes if n.name == self.node]
@@ -270,7 +268,6 @@ class NodeImages:
                 cached=cached,
                 running=False,
                 progress="100%",
-                details=_details(cached),
             ):
                 self._safe_report(image, "Ready", None, _details(cached))
         if self.notify is not None:
