@@ -10,3 +10,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tiers = {m.name for m in item.iter_markers()} & TIERS
         if len(tiers) != 1:
             raise pytest.UsageError(f"{item.nodeid} must carry exactly one tier marker of {sorted(TIERS)}")
+
+
+from tests.support.nodes import qemu_node  # noqa: E402, F401

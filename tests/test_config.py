@@ -35,3 +35,30 @@ def test_bad_values_are_refused_with_the_setting_named(monkeypatch: pytest.Monke
     monkeypatch.setenv("VMM_API_PORT", "not-a-port")
     with pytest.raises(ValueError, match="api_port"):
         config.load()
+
+
+def test_quantities_are_read_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMM_RESERVED_MEMORY", "2Gi")
+    assert config.load().reserved_memory == 2 << 30
+    monkeypatch.setenv("VMM_RESERVED_MEMORY", "two gigs")
+    with pytest.raises(ValueError, match="reserved_memory"):
+        config.load()
+
+
+def test_wait_for_is_the_replaced_services_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAIT_FOR", "127.0.0.1:6443, db.local:5432")
+    assert config.load().wait_for == ["127.0.0.1:6443", "db.local:5432"]
+    monkeypatch.setenv("WAIT_FOR", "no-port-here")
+    with pytest.raises(ValueError, match="is not host:port"):
+        config.load()
+
+
+def test_the_old_state_url_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMM_STATE_URL", "http://state:8080")
+    assert config.load().state_url == "http://state:8080"
+
+
+def test_a_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VMM_CONFIG_PATH", str(tmp_path / "absent.yaml"))
+    with pytest.raises(ValueError, match=r"absent\.yaml does not exist"):
+        config.load()

@@ -1,22 +1,29 @@
-"""Process configuration: a YAML file, then ``VMM_*`` environment variables, then flags.
+"""Process configuration: a YAML file, then environment variables, then flags.
 
-The variable names are those of the REST ``vmm-service`` this project replaces, so existing
-deployments keep their settings. Precedence from low to high: defaults, the file named by
-``VMM_CONFIG_PATH`` (or ``--config``), environment variables, command-line flags.
+The variable names are those of the REST ``vmm-service`` this project replaces (``VMM_*``, and
+``WAIT_FOR``), so existing deployments keep their settings. Precedence from low to high: defaults,
+the file named by ``VMM_CONFIG_PATH`` (or ``--config``), environment variables, command-line
+flags. A value that does not parse stops the process at start, naming the setting.
 """
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from formation_vmm.api.quantity import QuantityError, parse_quantity
 
 
 class Settings(BaseSettings):
-    """Every knob of the controller and the agent; each has a ``VMM_`` environment variable."""
+    """Every knob of the controller and the agent; each has an environment variable."""
 
     model_config = SettingsConfigDict(env_prefix="VMM_", extra="ignore")
 
@@ -37,7 +44,7 @@ class Settings(BaseSettings):
     namespaces: list[str] = Field(default_factory=list)
     # Placement: what the agent keeps back for the host, and how far the controller may overcommit.
     reserved_cpus: int = Field(default=0, ge=0)
-    reserved_memory: str = "0"
+    reserved_memory: int = Field(default=0, ge=0, description="a quantity such as 2Gi, in bytes once read")
     cpu_overcommit: float = Field(default=1.0, gt=0)
     memory_overcommit: float = Field(default=1.0, gt=0)
     # How often the agent refreshes its heartbeat and capacity on the Node, and how long the
@@ -45,9 +52,18 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     # How often the agent compares every domain with its VM (drift, orphans, IP addresses).
     resync_seconds: float = Field(default=15.0, gt=0)
+    # Threads syncing VMs on a node; a sync never waits out a grace period, so a few suffice.
+    sync_workers: int = Field(default=8, ge=1, le=64)
+    # How long a VM whose inputs or hypervisor were not ready waits before it is tried again.
+    retry_seconds: float = Field(default=10.0, gt=0)
     # The address other machines reach this agent's API at (defaults to http://<node>:<port>).
     advertise_url: str | None = None
     node_lost_seconds: float = Field(default=40.0, gt=0)
+    # The controller's leader election: the Lease's namespace (the controller's own; from the
+    # downward API in the chart), how long a lease holds without renewal, how often it is renewed.
+    controller_namespace: str = "formation-vmm"
+    leader_lease_seconds: float = Field(default=15.0, gt=0)
+    leader_renew_seconds: float = Field(default=5.0, gt=0)
     # Image imports on the agent: the largest download (and unpacked image) accepted, the HTTP
     # timeouts (read: the longest silence mid-transfer), how long a failed import waits before
     # it is tried again, how often progress is written, parallel imports per node, and how long
@@ -60,6 +76,35 @@ class Settings(BaseSettings):
     image_workers: int = Field(default=2, ge=1)
     image_gc_grace_seconds: float = Field(default=3600.0, ge=0)
     image_gc_interval_seconds: float = Field(default=300.0, gt=0)
+    # The replaced service's start-up gate: host:port targets to wait for before starting.
+    wait_for: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("wait_for", "WAIT_FOR")
+    )
+    wait_for_timeout_seconds: float = Field(default=120.0, gt=0)
+    # The replaced service kept its state behind this URL; the apiserver holds it now. Accepted
+    # (so old deployments start) and reported as ignored.
+    state_url: str | None = None
+
+    @field_validator("reserved_memory", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse_quantity(value)
+            except QuantityError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("wait_for", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for target in value or []:
+            host, sep, port = str(target).rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{target!r} is not host:port")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -73,26 +118,12 @@ class Settings(BaseSettings):
         # The first source wins: flags (passed as init kwargs), then env, then the file.
         init_kwargs = getattr(init_settings, "init_kwargs", {})
         path = init_kwargs.get("config_path") or os.environ.get("VMM_CONFIG_PATH")
-        return (init_settings, env_settings, _YamlFileSource(settings_cls, path))
-
-
-class _YamlFileSource(PydanticBaseSettingsSource):
-    """Settings from a YAML mapping whose keys are the settings' names (``vm_dir: /run/vms``)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], path: str | Path | None) -> None:
-        super().__init__(settings_cls)
-        self.path = Path(path) if path else None
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ returns the whole mapping at once
-
-    def __call__(self) -> dict[str, Any]:
-        if self.path is None:
-            return {}
-        data = yaml.safe_load(self.path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.path}: the config file must hold a mapping of setting names to values")
-        return {str(k).replace("-", "_"): v for k, v in data.items()}
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            if not Path(path).is_file():
+                raise ValueError(f"config file {path} does not exist")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
 
 
 def load(flags: dict[str, Any] | None = None) -> Settings:

@@ -1,112 +1,285 @@
-"""Direct Kubernetes API calls the handlers need beyond what kopf does for them.
+"""The one module that talks to the Kubernetes API (kopf's own watches aside): custom objects,
+Secrets, Nodes, Events, reviews. ``ApiException`` is turned into this module's errors here, once;
+objects come back as plain dicts (custom objects as the API sends them, core objects serialized
+the same way), so callers never see the client library's types."""
 
-The one place that builds a kubernetes client; kopf's own calls go through kopf.
-"""
-
+import contextlib
+import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
+from pydantic import BaseModel
 
 from formation_vmm import metrics
-from formation_vmm.api.names import GROUP, NODE_LABEL, VERSION, VM_PLURAL
+from formation_vmm.api.models import to_wire
+from formation_vmm.api.names import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 
+Body = dict[str, Any]
 
-def _load_config() -> None:
+
+class ApiError(RuntimeError):
+    """The API refused a request; ``status`` is the HTTP status, the message the API's own."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFoundError(ApiError):
+    pass
+
+
+class ConflictError(ApiError):
+    """409: the object changed since it was read (or already exists, for a create)."""
+
+
+def _translate(exc: client.ApiException) -> ApiError:
+    message = str(exc.reason)
+    with contextlib.suppress(ValueError):
+        message = str(json.loads(exc.body or "{}").get("message") or message)
+    status = int(exc.status or 0)
+    kind = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
+    return kind(status, message)
+
+
+def load_config(kubeconfig: str | None = None, context: str | None = None) -> None:
+    """In a pod: the service account; else the kubeconfig (``$KUBECONFIG`` or ``kubeconfig``)."""
+    if kubeconfig is None and context is None:
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            return
+        except ConfigException:
+            pass
+    config.load_kube_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
+
+
+def kubeconfig_namespace(kubeconfig: str | None = None) -> str:
+    """The namespace of the kubeconfig's current context, else ``default``."""
     try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        _, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
     except ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        return "default"
+    return str((active or {}).get("context", {}).get("namespace") or "default")
 
 
-def core_api() -> client.CoreV1Api:
-    _load_config()
-    return client.CoreV1Api()
+class Kube:
+    """A Kubernetes API client for one process; thread-safe (the client's pool is)."""
+
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self._client = api_client or client.ApiClient()
+        self._custom = client.CustomObjectsApi(self._client)
+        self._core = client.CoreV1Api(self._client)
+        self._auth = client.AuthenticationV1Api(self._client)
+        self._authz = client.AuthorizationV1Api(self._client)
+        self._coordination = client.CoordinationV1Api(self._client)
+
+    @classmethod
+    def from_kubeconfig(cls, path: str) -> "Kube":
+        """A client of the cluster ``path`` names, leaving the process's default alone."""
+        return cls(config.new_client_from_config(config_file=path))  # type: ignore[no-untyped-call]
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except client.ApiException as exc:
+            raise _translate(exc) from None
+
+    def _plain(self, obj: Any) -> Body:
+        return dict(self._client.sanitize_for_serialization(obj))  # type: ignore[no-untyped-call]
+
+    # --- custom objects of our group ----------------------------------------------------------
+
+    def get(self, plural: str, namespace: str | None, name: str) -> Body:
+        if namespace is None:
+            return dict(self._call(self._custom.get_cluster_custom_object, GROUP, VERSION, plural, name))
+        return dict(
+            self._call(self._custom.get_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+        )
+
+    def get_or_none(self, plural: str, namespace: str | None, name: str) -> Body | None:
+        try:
+            return self.get(plural, namespace, name)
+        except NotFoundError:
+            return None
+
+    def list(self, plural: str, namespace: str | None = None, label_selector: str = "") -> list[Body]:
+        if namespace is None:
+            found = self._call(
+                self._custom.list_cluster_custom_object, GROUP, VERSION, plural, label_selector=label_selector
+            )
+        else:
+            found = self._call(
+                self._custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                label_selector=label_selector,
+            )
+        return [dict(item) for item in found.get("items") or []]
+
+    def create(self, plural: str, namespace: str | None, body: Body) -> Body:
+        if namespace is None:
+            return dict(self._call(self._custom.create_cluster_custom_object, GROUP, VERSION, plural, body))
+        return dict(
+            self._call(self._custom.create_namespaced_custom_object, GROUP, VERSION, namespace, plural, body)
+        )
+
+    def patch(self, plural: str, namespace: str | None, name: str, patch: Body) -> Body:
+        """A JSON merge patch of the object (metadata, spec)."""
+        if namespace is None:
+            return dict(
+                self._call(self._custom.patch_cluster_custom_object, GROUP, VERSION, plural, name, patch)
+            )
+        return dict(
+            self._call(
+                self._custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, plural, name, patch
+            )
+        )
+
+    def patch_status(self, plural: str, namespace: str | None, name: str, patch: Body) -> Body:
+        metrics.STATUS_WRITES.inc()
+        if namespace is None:
+            return dict(
+                self._call(
+                    self._custom.patch_cluster_custom_object_status, GROUP, VERSION, plural, name, patch
+                )
+            )
+        return dict(
+            self._call(
+                self._custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                patch,
+            )
+        )
+
+    def delete(self, plural: str, namespace: str, name: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            self._call(self._custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+
+    # --- core objects ---------------------------------------------------------------------------
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        """A Secret's data, base64 as the API sends it."""
+        secret = self._call(self._core.read_namespaced_secret, name, namespace)
+        return dict(secret.data or {})
+
+    def node(self, name: str) -> Body:
+        return self._plain(self._call(self._core.read_node, name))
+
+    def patch_node(self, name: str, patch: Body) -> None:
+        self._call(self._core.patch_node, name, patch)
+
+    def create_event(self, namespace: str, event: Body) -> None:
+        self._call(self._core.create_namespaced_event, namespace, event)
+
+    def lease(self, namespace: str, name: str) -> Body | None:
+        try:
+            return self._plain(self._call(self._coordination.read_namespaced_lease, name, namespace))
+        except NotFoundError:
+            return None
+
+    def create_lease(self, namespace: str, body: Body) -> Body:
+        return self._plain(self._call(self._coordination.create_namespaced_lease, namespace, body))
+
+    def replace_lease(self, namespace: str, name: str, body: Body) -> Body:
+        """A PUT: with ``metadata.resourceVersion`` set, it fails with ConflictError if the lease
+        changed since it was read."""
+        return self._plain(self._call(self._coordination.replace_namespaced_lease, name, namespace, body))
+
+    def version(self) -> str:
+        """The apiserver's version: the cheapest request that proves it answers."""
+        info = self._call(client.VersionApi(self._client).get_code)
+        return str(info.git_version)
 
 
-def annotate_node(api: client.CoreV1Api, node: str, annotations: dict[str, str]) -> None:
-    api.patch_node(node, {"metadata": {"annotations": annotations}})
+S = TypeVar("S", bound=BaseModel)
+StatusUpdate = Callable[[S], S]
 
 
-def node_summary(body: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a Node the controller's placement reads."""
-    meta = body.get("metadata", {})
-    spec = body.get("spec", {})
-    return {
-        "name": meta.get("name"),
-        "labels": dict(meta.get("labels") or {}),
-        "annotations": dict(meta.get("annotations") or {}),
-        "taints": [dict(t) for t in spec.get("taints") or []],
-    }
-
-
-StatusUpdate = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class StatusWriter:
-    """Writes a custom object's status (and labels, finalizers) with optimistic concurrency.
+class StatusWriter(Generic[S]):
+    """Writes one kind's status (and its labels, finalizers) with optimistic concurrency.
 
     The controller and the agent both write a VM's status, and a JSON merge patch replaces lists
-    whole; a writer working from a stale copy would erase the other's conditions. So each write
+    whole: a writer working from a stale copy would erase the other's conditions. So each write
     carries the resourceVersion it was computed from, and on a conflict the update is computed
-    again from a fresh read. ``update`` maps the current status to the fields to change.
+    again from a fresh read. ``update`` maps the status as read (a model) to a model holding the
+    fields to change (only the fields set on it are sent).
     """
 
-    def __init__(self, api: client.CustomObjectsApi, group: str, version: str, plural: str) -> None:
-        self.api = api
-        self.group = group
-        self.version = version
+    def __init__(self, kube: Kube, plural: str, model: type[S], cluster_scoped: bool = False) -> None:
+        self.kube = kube
         self.plural = plural
+        self.model = model
+        self.cluster_scoped = cluster_scoped
 
-    def write(self, body: dict[str, Any], update: StatusUpdate, attempts: int = 10) -> dict[str, Any] | None:
+    def _ns(self, body: Body) -> str | None:
+        return None if self.cluster_scoped else str(body["metadata"]["namespace"])
+
+    def status_of(self, body: Body) -> S:
+        return self.model.model_validate(body.get("status") or {})
+
+    def write(
+        self,
+        body: Body,
+        update: StatusUpdate[S],
+        attempts: int = 10,
+        guard: Callable[[Body], bool] | None = None,
+    ) -> Body | None:
         """Apply ``update`` to ``body``'s status. Returns the object as written, or None when it
-        no longer exists (a VM deleted meanwhile has no status to keep)."""
-        meta = body["metadata"]
+        no longer exists (an object deleted meanwhile has no status to keep). With ``guard``, the
+        object as read (again) must pass it, or nothing is written and it is returned as it is."""
         current = body
+        name = str(body["metadata"]["name"])
         for attempt in range(attempts):
-            fields = update(dict(current.get("status") or {}))
+            if guard is not None and not guard(current):
+                return current
+            fields = to_wire(update(self.status_of(current)))
             patch = {
                 "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
                 "status": fields,
             }
-            metrics.STATUS_WRITES.inc()
             try:
-                written: Any = self.api.patch_namespaced_custom_object_status(
-                    self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
-                )
-                return dict(written)
-            except client.ApiException as exc:
-                if exc.status == 404:
-                    return None
-                if exc.status != 409:
-                    raise
-            # Another writer got there first (kopf's own patches, the other process): back off
-            # a little, with jitter, so two writers do not keep colliding in lockstep.
+                return self.kube.patch_status(self.plural, self._ns(current), name, patch)
+            except NotFoundError:
+                return None
+            except ConflictError:
+                pass
+            # Another writer got there first (the other process, another agent): back off a
+            # little, with jitter, so two writers do not keep colliding in lockstep.
             time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter, not crypto
-            fresh = self.get_or_none(meta["namespace"], meta["name"])
+            fresh = self.get_or_none(self._ns(current), name)
             if fresh is None:
                 return None
             current = fresh
-        raise RuntimeError(f"status of {meta['namespace']}/{meta['name']} kept changing under us")
+        raise RuntimeError(f"status of {self.plural} {name} kept changing under us")
 
-    def add_finalizer(self, body: dict[str, Any], finalizer: str) -> None:
+    def get_or_none(self, namespace: str | None, name: str) -> Body | None:
+        return self.kube.get_or_none(self.plural, namespace, name)
+
+    def add_finalizer(self, body: Body, finalizer: str) -> None:
         self._edit_finalizers(body, lambda names: names if finalizer in names else [*names, finalizer])
 
-    def remove_finalizer(self, body: dict[str, Any], finalizer: str) -> None:
+    def remove_finalizer(self, body: Body, finalizer: str) -> None:
         self._edit_finalizers(body, lambda names: [n for n in names if n != finalizer])
 
-    def _edit_finalizers(self, body: dict[str, Any], edit: Callable[[list[str]], list[str]]) -> None:
+    def _edit_finalizers(self, body: Body, edit: Callable[[list[str]], list[str]]) -> None:
         """Change the finalizer list at the resourceVersion it was read at (a merge patch
         replaces the whole list, so another writer's change must not be lost)."""
-        current: dict[str, Any] | None = body
+        current: Body | None = body
         for attempt in range(10):
             if current is None:
                 return
@@ -117,129 +290,67 @@ class StatusWriter:
                 return
             patch = {"metadata": {"finalizers": wanted, "resourceVersion": meta["resourceVersion"]}}
             try:
-                self.api.patch_namespaced_custom_object(
-                    self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
-                )
+                self.kube.patch(self.plural, self._ns(current), meta["name"], patch)
                 return
-            except client.ApiException as exc:
-                if exc.status == 404:
-                    return
-                if exc.status != 409:
-                    raise
+            except NotFoundError:
+                return
+            except ConflictError:
+                pass
             time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter, not crypto
-            current = self.get_or_none(meta["namespace"], meta["name"])
+            current = self.get_or_none(self._ns(current), meta["name"])
         raise RuntimeError(f"finalizers of {body['metadata']['name']} kept changing under us")
 
-    def get_or_none(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The object as the API has it now, or None when it is gone."""
-        try:
-            return self.get(namespace, name)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def get(self, namespace: str, name: str) -> dict[str, Any]:
-        found: Any = self.api.get_namespaced_custom_object(
-            self.group, self.version, namespace, self.plural, name
-        )
-        return dict(found)
-
-    def set_label(self, body: dict[str, Any], key: str, value: str, finalizer: str | None = None) -> bool:
-        """Set a label (and add a finalizer) only if the object is still at ``body``'s
-        resourceVersion (optimistic concurrency). False when it changed meanwhile (or is gone):
-        re-read and decide again."""
+    def patch_at_version(self, body: Body, metadata: Body) -> Body | None:
+        """Patch ``metadata`` (labels, finalizers, owners) only if the object is still at
+        ``body``'s resourceVersion. None when it changed meanwhile or is gone: re-read and decide
+        again."""
         meta = body["metadata"]
-        new_meta: dict[str, Any] = {"labels": {key: value}, "resourceVersion": meta["resourceVersion"]}
-        patch = {"metadata": new_meta}
-        if finalizer is not None:
-            # A merge patch replaces the list: keep the finalizers there are, add ours.
-            current = list(meta.get("finalizers") or [])
-            new_meta["finalizers"] = current + ([finalizer] if finalizer not in current else [])
+        patch = {"metadata": {**metadata, "resourceVersion": meta["resourceVersion"]}}
         try:
-            self.api.patch_namespaced_custom_object(
-                self.group, self.version, meta["namespace"], self.plural, meta["name"], patch
-            )
-        except client.ApiException as exc:
-            if exc.status in (404, 409):
-                return False
-            raise
-        return True
-
-
-def custom_api() -> client.CustomObjectsApi:
-    _load_config()
-    return client.CustomObjectsApi()
-
-
-def ensure_cluster_peering(api: client.CustomObjectsApi, name: str) -> None:
-    """Create kopf's ClusterKopfPeering object unless it exists: `kubectl apply` cannot create it
-    in the same run as its CRD, so the controller makes its own on start."""
-    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
-    try:
-        api.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
-    except client.ApiException as exc:
-        if exc.status != 409:
-            raise
+            return self.kube.patch(self.plural, self._ns(body), meta["name"], patch)
+        except (NotFoundError, ConflictError):
+            return None
 
 
 class EventRecorder:
-    """Posts Kubernetes Events about VMs, the `kubectl describe` story.
+    """Posts Kubernetes Events, the `kubectl describe` story, from a background thread: the work
+    an event reports on never waits for it, and failing to post one never fails the work."""
 
-    Ours rather than kopf's because the agent also reports from outside kopf's handlers (libvirt
-    lifecycle events, the periodic resync), where kopf's posting context does not exist.
-    """
-
-    def __init__(self, api: client.CoreV1Api, component: str, host: str | None = None) -> None:
-        self.api = api
+    def __init__(self, kube: Kube, component: str, host: str | None = None) -> None:
+        self.kube = kube
         self.component = component
         self.host = host
-        # Posted in the background: the work an event reports on must not wait for the event.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
 
-    def post(self, body: dict[str, Any], kind: str, reason: str, message: str, type_: str = "Normal") -> None:
+    def post(self, body: Body, kind: str, reason: str, message: str, type_: str = "Normal") -> None:
         self._pool.submit(self._post, body, kind, reason, message, type_)
 
-    def _post(self, body: dict[str, Any], kind: str, reason: str, message: str, type_: str) -> None:
+    def _post(self, body: Body, kind: str, reason: str, message: str, type_: str) -> None:
         meta = body["metadata"]
-        now = datetime.now(UTC)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=body.get("apiVersion"),
-                kind=kind,
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion"),
-            ),
-            reason=reason,
-            message=message[:1024],
-            type=type_,
-            source=client.V1EventSource(component=self.component, host=self.host),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion"),
+                "kind": kind,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": self.component, "host": self.host},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        metrics.EVENTS.labels(reason).inc()
         try:
-            self.api.create_namespaced_event(meta["namespace"], event)
-        except client.ApiException as exc:
-            # An event is a courtesy to the user; failing to post one must not fail the work.
-            log.warning(
-                "cannot post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason
-            )
+            self.kube.create_event(meta["namespace"], event)
+        except ApiError as exc:
+            log.warning("cannot post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
 
-
-def vm_bound_here(api: client.CustomObjectsApi, node: str) -> Callable[[str, str, str], bool]:
-    """A check whether a VM still exists with that uid and is bound to ``node``. Any doubt (an
-    API error) answers yes: it guards the removal of domains."""
-
-    def exists(namespace: str, name: str, uid: str) -> bool:
-        try:
-            vm: Any = api.get_namespaced_custom_object(GROUP, VERSION, namespace, VM_PLURAL, name)
-        except client.ApiException as exc:
-            return bool(exc.status != 404)
-        meta = vm.get("metadata", {})
-        return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
-
-    return exists
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

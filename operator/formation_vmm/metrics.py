@@ -7,7 +7,7 @@ BINDINGS = Counter(
     "Placement decisions, by result (bound, unschedulable, conflict).",
     ["result"],
 )
-PENDING = Gauge("vmm_controller_pending_vms", "VMs waiting for a node.")
+PENDING = Gauge("vmm_controller_pending_vms", "VMs waiting for a node, as of the last binding pass.")
 NODES_LOST = Gauge("vmm_controller_lost_nodes", "Hypervisor nodes whose agent stopped reporting.")
 
 SYNCS = Counter(
@@ -25,6 +25,9 @@ DOMAIN_EVENTS = Counter(
     "vmm_agent_libvirt_events_total", "libvirt lifecycle events received, by event.", ["event"]
 )
 STATUS_WRITES = Counter("vmm_status_writes_total", "Status patches sent to the API.")
+EVENTS = Counter("vmm_events_total", "Kubernetes Events posted, by reason.", ["reason"])
+RESYNCS = Counter("vmm_agent_resyncs_total", "Periodic resyncs of every VM and domain of the node.")
+HEARTBEATS = Counter("vmm_agent_heartbeats_total", "Heartbeats written to the agent's Node.")
 IMAGE_IMPORTS = Counter(
     "vmm_agent_image_imports_total",
     "Image imports on this node, by result (ready, or the failure's reason).",
@@ -37,6 +40,7 @@ IMAGE_IMPORT_SECONDS = Histogram(
 )
 IMAGE_BYTES = Counter("vmm_agent_image_bytes_total", "Bytes fetched by image imports.")
 IMAGE_CACHE_REMOVED = Counter("vmm_agent_image_cache_removed_total", "Cached bases removed by the collector.")
+IMAGE_GC_RUNS = Counter("vmm_agent_image_gc_runs_total", "Passes of the image cache's garbage collector.")
 SNAPSHOTS = Counter(
     "vmm_agent_snapshot_operations_total",
     "Snapshots and restores carried out, by operation and result.",

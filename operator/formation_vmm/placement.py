@@ -35,9 +35,6 @@ class Load:
     vcpus: int = 0
     memory: int = 0
 
-    def plus(self, request: Request) -> "Load":
-        return Load(self.vcpus + request.vcpus, self.memory + request.memory)
-
 
 @dataclass(frozen=True)
 class Decision:

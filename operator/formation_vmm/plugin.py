@@ -6,7 +6,7 @@ status to show the result, unless ``--no-wait``.
 """
 
 import argparse
-import json
+import os
 import sys
 import time
 import urllib.error
@@ -15,19 +15,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client, config
-
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
-    GROUP,
+    API_VERSION,
     RESTORE_KIND,
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
-    VERSION,
     VM_PLURAL,
 )
+from formation_vmm.kube import ApiError, Kube, NotFoundError, kubeconfig_namespace, load_config
 
 Check = Callable[[VirtualMachine], bool]
 
@@ -38,48 +36,36 @@ class PluginError(RuntimeError):
 
 class Vms:
     def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None) -> None:
-        config.load_kube_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
-        if namespace is None:
-            _, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-            namespace = (active or {}).get("context", {}).get("namespace") or "default"
-        self.namespace = namespace
-        self.custom = client.CustomObjectsApi()
-        self.core = client.CoreV1Api()
+        load_config(kubeconfig or _default_kubeconfig(), context)
+        self.namespace = namespace or kubeconfig_namespace(kubeconfig)
+        self.kube = Kube()
 
     def get(self, name: str) -> VirtualMachine:
         try:
-            raw: Any = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, VM_PLURAL, name
-            )
-        except client.ApiException as exc:
-            if exc.status == 404:
-                raise PluginError(f"virtualmachine {self.namespace}/{name} not found") from exc
-            raise
-        return VirtualMachine.model_validate(raw)
+            return VirtualMachine.model_validate(self.kube.get(VM_PLURAL, self.namespace, name))
+        except NotFoundError as exc:
+            raise PluginError(f"virtualmachine {self.namespace}/{name} not found") from exc
 
     def list(self) -> list[VirtualMachine]:
-        raw: Any = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, VM_PLURAL)
-        return [VirtualMachine.model_validate(item) for item in raw.get("items", [])]
+        return [VirtualMachine.model_validate(item) for item in self.kube.list(VM_PLURAL, self.namespace)]
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, VM_PLURAL, name, {"spec": spec}
-        )
+        self.kube.patch(VM_PLURAL, self.namespace, name, {"spec": spec})
 
     def create(self, plural: str, kind: str, name: str, spec: dict[str, Any]) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        body = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
         try:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
-        except client.ApiException as exc:
-            if exc.status in (409, 422):
-                raise PluginError(f"{kind} {name}: {_api_message(exc)}") from exc
+            self.kube.create(plural, self.namespace, body)
+        except ApiError as exc:
+            if exc.status in (409, 422):  # exists already, or refused by the schema: say why
+                raise PluginError(f"{kind} {name}: {exc}") from exc
             raise
 
     def wait_done(self, plural: str, name: str, done: set[str], timeout: float) -> dict[str, Any]:
         """The object once its status.phase is one of ``done``."""
         deadline = time.monotonic() + timeout
         while True:
-            raw: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+            raw = self.kube.get(plural, self.namespace, name)
             status = raw.get("status") or {}
             if status.get("phase") in done:
                 return dict(raw)
@@ -173,8 +159,8 @@ def verb_console(vms: Vms, args: argparse.Namespace) -> str:
     vm = vms.get(args.name)
     if not vm.status.node_name:
         raise PluginError(f"{args.name} is not bound to a node yet ({vm.status.phase or 'new'})")
-    node = vms.core.read_node(vm.status.node_name)
-    endpoint = ((node.metadata.annotations if node.metadata else None) or {}).get(AGENT_ENDPOINT_ANNOTATION)
+    node = vms.kube.node(vm.status.node_name)
+    endpoint = (node.get("metadata", {}).get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
     if not endpoint:
         raise PluginError(
             f"node {vm.status.node_name} has no agent endpoint annotation; is its agent running?"
@@ -191,13 +177,6 @@ def verb_console(vms: Vms, args: argparse.Namespace) -> str:
     except (urllib.error.URLError, TimeoutError) as exc:
         raise PluginError(f"cannot read the console from {endpoint}: {exc}") from exc
     return ""
-
-
-def _api_message(exc: client.ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
 
 
 def _stamp() -> str:
@@ -266,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
         cmd.set_defaults(run=run)
     return parser
+
+
+def _default_kubeconfig() -> str | None:
+    """$KUBECONFIG's first file, else kubectl's default; None lets a pod use its token."""
+    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
+    return path if os.path.exists(path) else None
 
 
 def main(argv: list[str] | None = None) -> int:

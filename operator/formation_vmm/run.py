@@ -1,13 +1,16 @@
-"""Start the controller or the agent: settings in, a kopf operator plus the health server out."""
+"""Start the controller or the agent: settings in, every component built once and handed to the
+next by its constructor, a kopf operator plus the HTTP server out."""
 
 import asyncio
 import logging
-from typing import Any
+import os
+import socket
 
 import kopf
 from aiohttp import web
 
-from formation_vmm import health
+from formation_vmm import health as health_http
+from formation_vmm import metrics
 from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.handlers import AgentMemo
@@ -17,70 +20,86 @@ from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, secret_autho
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.watch import VmCache
+from formation_vmm.agent.watch import VmCache, Watcher
+from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.api.models import VirtualMachineStatus, VmImageStatus, VmRestoreStatus, VmSnapshotStatus
 from formation_vmm.api.names import (
-    GROUP,
     IMAGE_PLURAL,
-    RESTORE_KIND,
+    NODE_LABEL,
     RESTORE_PLURAL,
-    SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
-    VERSION,
     VM_PLURAL,
+    agent_finalizer,
 )
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
+from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.health import Health
 from formation_vmm.images.fetch import FetchLimits
-from formation_vmm.images.node import NodeImages
-from formation_vmm.kube import (
-    EventRecorder,
-    StatusWriter,
-    core_api,
-    custom_api,
-    ensure_cluster_peering,
-    vm_bound_here,
-)
+from formation_vmm.images.node import GarbageCollector, NodeImages
+from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
+from formation_vmm.waiting import WaitTimeoutError, wait_for
 
-PEERING_NAME = "formation-vmm-controller"
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "formation-vmm-controller"
 
 
-def _logging(settings: Settings) -> None:
+def _start(settings: Settings) -> Kube:
+    """What both processes do first: logging, the replaced service's settings, WAIT_FOR, the
+    API client."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     # kopf logs every handler call at INFO; keep those at DEBUG unless asked for.
     if settings.log_level != "DEBUG":
         logging.getLogger("kopf").setLevel(logging.WARNING)
+    if settings.state_url:
+        log.warning(
+            "VMM_STATE_URL=%s is ignored: the Kubernetes API server holds all state now", settings.state_url
+        )
+    if settings.wait_for:
+        try:
+            wait_for(settings.wait_for, settings.wait_for_timeout_seconds)
+        except WaitTimeoutError as exc:
+            raise SystemExit(str(exc)) from exc
+    load_config()
+    return Kube()
 
 
 async def _serve(
     settings: Settings,
     registry: kopf.OperatorRegistry,
     state: object,
-    *,
-    standalone: bool,
-    peering_name: str | None,
+    health: Health,
     routes: list[web.RouteDef] | None = None,
 ) -> None:
     ready = asyncio.Event()
-    app = health.build_app(lambda: None if ready.is_set() else "the operator is starting", routes)
-    runner = await health.serve(app, settings.api_host, settings.api_port)
+    runner = await health_http.serve(
+        health_http.build_app(health, routes), settings.api_host, settings.api_port
+    )
+
+    async def started() -> None:
+        await ready.wait()
+        health.started.set()
+
+    waiter = asyncio.create_task(started())
     try:
         await kopf.operator(
             registry=registry,
             memo=kopf.Memo(state=state),
-            standalone=standalone,
-            peering_name=peering_name,
+            standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             ready_flag=ready,
         )
     finally:
+        waiter.cancel()
         await runner.cleanup()
 
 
@@ -92,57 +111,80 @@ def _registry() -> kopf.OperatorRegistry:
     return registry
 
 
-def _vm_status_writer() -> StatusWriter:
-    return StatusWriter(custom_api(), GROUP, VERSION, VM_PLURAL)
+def _tasks_alive(state: AgentMemo | ControllerMemo) -> str | None:
+    dead = [t.get_name() for t in state.tasks if t.done()]
+    return f"background loops ended: {', '.join(dead)}" if dead else None
 
 
 def run_controller(settings: Settings) -> None:
-    _logging(settings)
+    kube = _start(settings)
     registry = _registry()
-    controller_handlers.register(registry)
-    core = core_api()
-    binder = Binder(
-        _vm_status_writer(),
-        EventRecorder(core, "formation-vmm-controller"),
-        settings.cpu_overcommit,
-        settings.memory_overcommit,
-        settings.node_lost_seconds,
+    namespace = settings.controller_namespace
+    controller_handlers.register(registry, namespace, LEASE_NAME)
+    events = EventRecorder(kube, "formation-vmm-controller")
+    vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    health = Health()
+    # Readiness: the API answered the last lease round, and a lease renewal came back through
+    # the watch, within three renewals.
+    renew = settings.leader_renew_seconds
+    health.pulse("api", 3 * renew, "the API answered the leader election")
+    health.pulse("watch", 3 * renew + 5, "the lease watch delivered a renewal")
+    health.pulse("loop", 3 * RETRY_BIND, "the binding loop ran")
+    state = ControllerMemo(
+        settings=settings,
+        kube=kube,
+        binder=Binder(
+            vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
+        ),
+        guard=ImageGuard(
+            StatusWriter(kube, IMAGE_PLURAL, VmImageStatus), events, lambda ns: kube.list(VM_PLURAL, ns)
+        ),
+        notes=SnapshotNotes(
+            kube,
+            StatusWriter(kube, SNAPSHOT_PLURAL, VmSnapshotStatus),
+            StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
+        ),
+        leader=LeaderElector(
+            kube,
+            namespace,
+            LEASE_NAME,
+            identity,
+            settings.leader_lease_seconds,
+            settings.leader_renew_seconds,
+        ),
+        health=health,
     )
-    custom = custom_api()
+    health.live_check("loops", lambda: _tasks_alive(state))
+    asyncio.run(_serve(settings, registry, state, health))
 
-    def list_vms(namespace: str) -> list[dict[str, Any]]:
-        found: Any = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, VM_PLURAL)
-        return list(found.get("items") or [])
 
-    guard = ImageGuard(
-        StatusWriter(custom, GROUP, VERSION, IMAGE_PLURAL),
-        EventRecorder(core, "formation-vmm-controller"),
-        list_vms,
-    )
-    notes = SnapshotNotes(
-        _vm_status_writer(),
-        {
-            SNAPSHOT_KIND: StatusWriter(custom, GROUP, VERSION, SNAPSHOT_PLURAL),
-            RESTORE_KIND: StatusWriter(custom, GROUP, VERSION, RESTORE_PLURAL),
-        },
-    )
-    state = ControllerMemo(settings=settings, binder=binder, guard=guard, notes=notes)
-    ensure_cluster_peering(custom_api(), PEERING_NAME)
-    asyncio.run(_serve(settings, registry, state, standalone=False, peering_name=PEERING_NAME))
+RETRY_BIND = controller_handlers.RETRY_SECONDS
 
 
 def run_agent(settings: Settings) -> None:
-    _logging(settings)
+    kube = _start(settings)
     if not settings.node_name:
         raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
     node = settings.node_name
     registry = _registry()
     agent_handlers.register(registry, node)
-    start_event_loop()  # before any libvirt connection opens, so lifecycle events arrive
-    hypervisor = Hypervisor(settings.libvirt_uri)
+    health = Health()
     layout = NodeLayout(vm_dir=settings.vm_dir, disks_dir=settings.disks_dir, images_dir=settings.images_dir)
-    core, custom = core_api(), custom_api()
+    queue = WorkQueue()
+    cache = VmCache()
     images = ImageCatalog()
+
+    def on_domain_event(name: str, event: str) -> None:  # from libvirt's event thread
+        metrics.DOMAIN_EVENTS.labels(event).inc()
+        queue.add(name)
+
+    def on_image_change(namespace: str, image: str) -> None:
+        for key in cache.users_of(namespace, image):
+            queue.add(key)
+
+    start_event_loop()  # before any libvirt connection opens, so lifecycle events arrive
+    hypervisor = Hypervisor(settings.libvirt_uri, listener=on_domain_event)
     node_images = NodeImages(
         node,
         layout,
@@ -151,41 +193,68 @@ def run_agent(settings: Settings) -> None:
             settings.image_connect_timeout_seconds,
             settings.image_read_timeout_seconds,
         ),
-        ImageStatusReporter(StatusWriter(custom, GROUP, VERSION, IMAGE_PLURAL), node),
-        secret_authorization(core),
+        ImageStatusReporter(StatusWriter(kube, IMAGE_PLURAL, VmImageStatus), node),
+        secret_authorization(kube),
+        notify=on_image_change,
         retry_seconds=settings.image_retry_seconds,
         progress_seconds=settings.image_progress_seconds,
         workers=settings.image_workers,
     )
     reconciler = Reconciler(
-        hypervisor, layout, settings.domain_type, ClusterInputs(custom, core, node_images, images)
+        hypervisor, layout, settings.domain_type, ClusterInputs(kube, node_images, images)
     )
-    events = EventRecorder(core, "formation-vmm-agent", node)
-    sync = VmSync(reconciler, _vm_status_writer(), events, node)
-    cache = VmCache()
+    events = EventRecorder(kube, "formation-vmm-agent", node)
+    vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
+    sync = VmSync(reconciler, vm_status, events, node, settings.retry_seconds)
+
+    def vm_bound_here(namespace: str, name: str, uid: str) -> bool:
+        """Whether a VM still exists with that uid, bound to this node. Any doubt (an API
+        error) answers yes: it guards the removal of domains."""
+        try:
+            vm = kube.get_or_none(VM_PLURAL, namespace, name)
+        except ApiError:
+            return True
+        meta = (vm or {}).get("metadata", {})
+        return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
+
+    watcher = Watcher(
+        sync, hypervisor, cache, queue, vm_bound_here, vm_status, agent_finalizer(node), layout.vm_dir
+    )
     snapshots = Snapshots(
         node,
         hypervisor,
         layout,
         sync,
         cache,
-        StatusWriter(custom, GROUP, VERSION, SNAPSHOT_PLURAL),
-        StatusWriter(custom, GROUP, VERSION, RESTORE_PLURAL),
+        StatusWriter(kube, SNAPSHOT_PLURAL, VmSnapshotStatus),
+        StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
         events,
+        queue.add,
     )
+    # Readiness: the heartbeat reached the API, the Node watch showed it back, and libvirt
+    # answers; liveness: the sync workers and background loops run.
+    beat = settings.heartbeat_seconds
+    health.pulse("api", 3 * beat, "the heartbeat reached the API")
+    health.pulse("watch", 3 * beat, "the Node watch delivered the heartbeat")
+    health.ready_check("libvirt", hypervisor.reachable)
     state = AgentMemo(
         settings=settings,
         node=node,
-        hypervisor=hypervisor,
-        sync=sync,
-        api=core,
-        vm_exists=vm_bound_here(custom, node),
         endpoint=settings.advertise_url or f"http://{node}:{settings.api_port}",
+        kube=kube,
+        hypervisor=hypervisor,
+        queue=queue,
+        cache=cache,
+        watcher=watcher,
         images=images,
         node_images=node_images,
-        cache=cache,
+        collector=GarbageCollector(node_images, settings.image_gc_grace_seconds),
         snapshots=snapshots,
+        health=health,
     )
-    # The agent is one per node and owns only its node's VMs: no peering between agents.
-    routes = debug_api.routes(hypervisor, layout)
-    asyncio.run(_serve(settings, registry, state, standalone=True, peering_name=None, routes=routes))
+    health.live_check("loops", lambda: _tasks_alive(state))
+    health.live_check(
+        "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
+    )
+    routes = debug_api.routes(hypervisor, layout, health)
+    asyncio.run(_serve(settings, registry, state, health, routes=routes))

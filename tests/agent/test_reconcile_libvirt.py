@@ -9,11 +9,12 @@ import pytest
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.plan import Action, DomainState
 from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.state import owner_of
 from formation_vmm.agent.status import status_after
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
-from tests.domain.test_xml_golden import CASES, render
-from tests.factories import make_vm
+from tests.support.factories import InlineInputs, make_vm
+from tests.support.golden import CASES, render
 
 pytestmark = pytest.mark.libvirt
 
@@ -50,7 +51,7 @@ def test_golden_xml_is_accepted_by_libvirt(case: str) -> None:
 
 
 def test_create_pause_resume_halt_delete(hv: Hypervisor, layout: NodeLayout) -> None:
-    rec = Reconciler(hv, layout, "test")
+    rec = Reconciler(hv, layout, "test", InlineInputs())
     name = fresh_name()
     vm = make_vm(
         name=name, uid=str(uuid.uuid4()), cpus=2, memory="256Mi", disks=[{"name": "data", "size": "64Mi"}]
@@ -62,9 +63,9 @@ def test_create_pause_resume_halt_delete(hv: Hypervisor, layout: NodeLayout) -> 
     assert out.domain is not None and out.domain.actual.state is DomainState.RUNNING
     assert out.domain.owner is not None and out.domain.owner.uid == vm.metadata.uid
     assert out.domain.vcpus == 2
-    assert (layout.disk_path("default", name, "data")).exists()
-    status = status_after(vm, {}, out, "node-a")
-    assert status["phase"] == "Running" and status["startedAt"] and status["domainUUID"] == out.domain.uuid
+    assert layout.disk_path(owner_of(vm), "data").exists()
+    status = status_after(vm, vm.status, out, "node-a")
+    assert status.phase == "Running" and status.started_at and status.domain_uuid == out.domain.uuid
 
     # Reconciling again changes nothing: idempotent.
     assert rec.reconcile(vm).actions == []
@@ -75,31 +76,49 @@ def test_create_pause_resume_halt_delete(hv: Hypervisor, layout: NodeLayout) -> 
     assert rec.reconcile(vm).actions == [Action.RESUME]
 
     halted = vm.model_copy(update={"spec": vm.spec.model_copy(update={"run_strategy": "Halted"})})
-    assert rec.reconcile(halted).actions == [Action.SHUTDOWN]
+    out = rec.reconcile(halted)
+    assert out.actions == [Action.SHUTDOWN]  # the test driver's guests obey ACPI at once
     assert hv.describe(dom).actual.state is DomainState.SHUTOFF  # type: ignore[union-attr]
+    assert not out.stopping and out.requeue_after is None
 
     out = rec.reconcile(vm, deleting=True)
+    assert out.actions == [Action.UNDEFINE, Action.REMOVE_FILES]
     assert out.domain is None
-    assert not layout.disk_dir("default", name).exists()
-    assert not layout.runtime_dir("default", name).exists()
+    assert not layout.disk_dir(owner_of(vm)).exists()
+    assert not layout.runtime_dir(owner_of(vm)).exists()
+    assert not (layout.disks_dir / "default" / name).exists()  # the name's directory went with it
 
 
-def test_a_stale_domain_of_an_older_vm_with_the_same_name_is_replaced(
+def test_a_vm_deleted_and_created_again_under_its_name_never_meets_the_old_one(
     hv: Hypervisor, layout: NodeLayout
 ) -> None:
-    rec = Reconciler(hv, layout, "test")
+    rec = Reconciler(hv, layout, "test", InlineInputs())
     name = fresh_name()
-    old = make_vm(name=name, uid="old-uid")
-    new = make_vm(name=name, uid="new-uid")
+    disks = [{"name": "data", "size": "1Mi"}]
+    old = make_vm(name=name, uid="old-uid", disks=disks)
+    new = make_vm(name=name, uid="new-uid", disks=disks)
     rec.reconcile(old)
+    old_disk = layout.disk_path(owner_of(old), "data")
+    old_disk.write_bytes(b"the old VM's data")
+    # The new VM comes while the old domain is still defined: the old domain is replaced, and
+    # the new VM gets a disk of its own, not the old one's.
     out = rec.reconcile(new)
-    assert out.domain is not None and out.domain.owner is not None
-    assert out.domain.owner.uid == "new-uid"
-    rec.reconcile(new, deleting=True)
+    assert out.actions[:2] == [Action.DESTROY, Action.UNDEFINE]
+    assert out.domain is not None and out.domain.owner is not None and out.domain.owner.uid == "new-uid"
+    assert layout.disk_path(owner_of(new), "data") != old_disk
+    # The old VM's deletion, late, removes its own files and leaves the new VM's domain alone.
+    out = rec.reconcile(old, deleting=True, grace_seconds=0)
+    assert out.actions == [Action.REMOVE_FILES]
+    assert not old_disk.exists()
+    after = hv.describe(domain_name("default", name))
+    assert after is not None and after.owner is not None and after.owner.uid == "new-uid"
+    assert after.actual.state is DomainState.RUNNING
+    assert layout.disk_path(owner_of(new), "data").exists()
+    rec.reconcile(new, deleting=True, grace_seconds=0)
 
 
 def test_owned_domains_are_found_by_metadata_not_by_name(hv: Hypervisor, layout: NodeLayout) -> None:
-    rec = Reconciler(hv, layout, "test")
+    rec = Reconciler(hv, layout, "test", InlineInputs())
     name = fresh_name()
     vm = make_vm(name=name, uid=str(uuid.uuid4()))
     rec.reconcile(vm)
@@ -115,10 +134,10 @@ def test_a_symlinked_vm_directory_is_not_followed(hv: Hypervisor, layout: NodeLa
     outside.mkdir()
     (outside / "precious").write_text("keep me")
     name = fresh_name()
-    layout.disks_dir.joinpath("default").mkdir(parents=True)
-    layout.disk_dir("default", name).symlink_to(outside)
-    rec = Reconciler(hv, layout, "test")
     vm = make_vm(name=name, uid=str(uuid.uuid4()), disks=[{"name": "data", "size": "1Mi"}])
+    layout.disk_dir(owner_of(vm)).parent.mkdir(parents=True)
+    layout.disk_dir(owner_of(vm)).symlink_to(outside)
+    rec = Reconciler(hv, layout, "test", InlineInputs())
     with pytest.raises(RuntimeError, match="outside"):
         rec.reconcile(vm)
     rec.reconcile(vm, deleting=True)

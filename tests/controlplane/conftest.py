@@ -1,5 +1,6 @@
 """A real control plane (etcd, kube-apiserver, kube-controller-manager) for the whole session,
-the CRDs installed from crds/, one namespace per test. A missing binary fails, never skips."""
+the CRDs installed from crds/, one namespace per test. The binaries are built if this machine
+has none yet (hack/control-plane-bins.sh, cached outside the clone); nothing is skipped."""
 
 import time
 import uuid
@@ -8,12 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from formation_vmm.devcluster.cluster import Kubectl, install_crds
-from formation_vmm.devcluster.controlplane import ControlPlane, find_binaries
+from formation_vmm.devcluster.controlplane import ControlPlane
+from tests.support.binaries import binaries
 
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries())
     started = time.monotonic()
     plane.start()
     print(f"control plane ready in {time.monotonic() - started:.1f}s")
@@ -25,7 +27,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 
 @pytest.fixture(scope="session")
 def kubectl(control_plane: ControlPlane) -> Kubectl:
-    k = Kubectl(find_binaries() / "kubectl", control_plane.kubeconfig)
+    k = Kubectl(control_plane.binaries() / "kubectl", control_plane.kubeconfig)
     install_crds(k)
     return k
 
@@ -40,10 +42,4 @@ def ns(kubectl: Kubectl) -> Iterator[str]:
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-@pytest.fixture
-def namespace(ns: str) -> str:
-    return ns
-
-
-# The multi-node fixture lives in fleet.py; imported here so test modules use it by name.
-from tests.controlplane.fleet import fleet  # noqa: E402, F401
+from tests.support.fleet import fleet  # noqa: E402, F401

@@ -106,29 +106,29 @@ def rejection(kubectl: Kubectl, verb: str, doc: dict[str, object]) -> str:
 
 @pytest.mark.parametrize(("case", "head", "spec", "message"), INVALID, ids=[c[0] for c in INVALID])
 def test_invalid_manifest_is_rejected(
-    kubectl: Kubectl, namespace: str, case: str, head: dict[str, str], spec: dict[str, object], message: str
+    kubectl: Kubectl, ns: str, case: str, head: dict[str, str], spec: dict[str, object], message: str
 ) -> None:
-    doc = {**head, "metadata": {"name": "bad", "namespace": namespace}, "spec": spec}
+    doc = {**head, "metadata": {"name": "bad", "namespace": ns}, "spec": spec}
     assert message in rejection(kubectl, "create", doc)
 
 
-def test_a_valid_vm_is_accepted_with_defaults(kubectl: Kubectl, namespace: str) -> None:
+def test_a_valid_vm_is_accepted_with_defaults(kubectl: Kubectl, ns: str) -> None:
     doc = {
         **VM,
-        "metadata": {"name": "ok", "namespace": namespace},
+        "metadata": {"name": "ok", "namespace": ns},
         "spec": {"disks": [{"name": "d", "size": "1Gi"}]},
     }
     kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
-    got = json.loads(kubectl("get", "vm", "ok", "-n", namespace, "-o", "json"))
+    got = json.loads(kubectl("get", "vm", "ok", "-n", ns, "-o", "json"))
     assert got["spec"]["runStrategy"] == "Always"
     assert got["spec"]["memory"] == "512Mi"
     assert got["spec"]["disks"][0]["bus"] == "virtio"
 
 
-def test_a_disk_image_cannot_change(kubectl: Kubectl, namespace: str) -> None:
+def test_a_disk_image_cannot_change(kubectl: Kubectl, ns: str) -> None:
     doc = {
         **VM,
-        "metadata": {"name": "img", "namespace": namespace},
+        "metadata": {"name": "img", "namespace": ns},
         "spec": {"disks": [{"name": "root", "image": "a"}]},
     }
     kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
@@ -141,10 +141,10 @@ def test_kubectl_explain_helps(kubectl: Kubectl) -> None:
     assert "Guest memory as a Kubernetes quantity" in out
 
 
-def test_a_disk_can_grow_but_not_shrink(kubectl: Kubectl, namespace: str) -> None:
+def test_a_disk_can_grow_but_not_shrink(kubectl: Kubectl, ns: str) -> None:
     doc = {
         **VM,
-        "metadata": {"name": "grow", "namespace": namespace},
+        "metadata": {"name": "grow", "namespace": ns},
         "spec": {"disks": [{"name": "root", "image": "a", "size": "2Gi"}, {"name": "data", "size": "1Gi"}]},
     }
     kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
@@ -156,14 +156,14 @@ def test_a_disk_can_grow_but_not_shrink(kubectl: Kubectl, namespace: str) -> Non
     kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
 
 
-def test_snapshots_and_restores_cannot_be_changed(kubectl: Kubectl, namespace: str) -> None:
-    snap = {**SNAP, "metadata": {"name": "s", "namespace": namespace}, "spec": {"vmName": "a"}}
+def test_snapshots_and_restores_cannot_be_changed(kubectl: Kubectl, ns: str) -> None:
+    snap = {**SNAP, "metadata": {"name": "s", "namespace": ns}, "spec": {"vmName": "a"}}
     kubectl("create", "-f", "-", input_text=yaml.safe_dump(snap))
     snap["spec"] = {"vmName": "b"}
     assert "a snapshot cannot be changed" in rejection(kubectl, "apply", snap)
     restore = {
         **RESTORE,
-        "metadata": {"name": "r", "namespace": namespace},
+        "metadata": {"name": "r", "namespace": ns},
         "spec": {"vmName": "a", "snapshotName": "s"},
     }
     kubectl("create", "-f", "-", input_text=yaml.safe_dump(restore))

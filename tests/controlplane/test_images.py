@@ -3,7 +3,6 @@ VMs boot from qcow2 overlays on the cached bases, failures show on the image and
 image in use cannot be deleted from under them."""
 
 import json
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from formation_vmm.images.pipeline import disk_info
-from tests.controlplane.fleet import Fleet, condition
-from tests.controlplane.helpers import get_json, wait_for
-from tests.images import files
-from tests.images.server import ImageServer, serve
+from formation_vmm.host.qemu_img import info as disk_info
+from tests.support import image_files as files
+from tests.support.fleet import Fleet, condition
+from tests.support.image_server import ImageServer, serve
+from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -69,10 +68,6 @@ def wait_image(
     return wait_for(probe, timeout, f"VmImage {name} {what}")  # type: ignore[no-any-return]
 
 
-def disk_file(fleet: Fleet, node: str, namespace: str, vm: str, disk: str) -> Path:
-    return fleet.plane.root / "nodes" / node / "disks" / namespace / vm / f"{disk}.qcow2"
-
-
 def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
     fleet: Fleet, ns: str, server: ImageServer
 ) -> None:
@@ -91,7 +86,7 @@ def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
     assert {"name": "node-a", "phase": "Ready"} in status["nodes"]
     assert condition(img, "Ready")["status"] == "True"
     # The disk is an overlay on the node's cached base, which lies in that node's images dir.
-    overlay = disk_file(fleet, "node-a", ns, "web", "root")
+    overlay = fleet.vm_disk("node-a", ns, "web", "root")
     info = disk_info(overlay)
     assert info.format == "qcow2" and info.backing is not None
     assert Path(info.backing).parent == fleet.images_dir("node-a") / ".vmm-cache" / "blobs"
@@ -162,7 +157,7 @@ def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
     apply_image_vm(fleet, ns, "vm-y", "second", zone="b")
     fleet.wait_phase(ns, "vm-x", "Running")
     fleet.wait_phase(ns, "vm-y", "Running")
-    bases = {disk_info(disk_file(fleet, "node-b", ns, vm, "root")).backing for vm in ("vm-x", "vm-y")}
+    bases = {disk_info(fleet.vm_disk("node-b", ns, vm, "root")).backing for vm in ("vm-x", "vm-y")}
     assert len(bases) == 1
     blobs = fleet.images_dir("node-b") / ".vmm-cache" / "blobs"
     assert len(list(blobs.glob(f"{files.sha256(server.root / 'disk.raw')[7:]}.*"))) == 2  # base + metadata
@@ -183,14 +178,12 @@ def test_an_image_in_use_is_deleted_only_after_its_vms(fleet: Fleet, ns: str, se
     fleet.kubectl("delete", "vmimg", "held", "-n", ns, "--wait=false")
     img = wait_image(fleet, ns, "held", lambda i: condition(i, "InUse").get("status") == "True", "InUse")
     assert "user" in condition(img, "InUse")["message"]
-    time.sleep(2)
-    assert fleet.vm(ns, "user")["status"]["phase"] == "Running"  # the VM is untouched
+    # The image's deletion has been seen by the agent too (it resynced since): the VM is untouched.
+    agent = fleet.agents["node-a"]
+    fleet.wait_metric_above(agent, "vmm_agent_resyncs_total", fleet.metrics(agent)["vmm_agent_resyncs_total"])
+    assert fleet.vm(ns, "user")["status"]["phase"] == "Running"
     fleet.kubectl("delete", "vm", "user", "-n", ns, "--wait=true", "--timeout=60s")
-    wait_for(
-        lambda: fleet.kubectl.run("get", "vmimg", "held", "-n", ns).returncode != 0,
-        30,
-        "the image to be gone",
-    )
+    fleet.wait_gone("vmimg", ns, "held", 30)
 
 
 def test_prefetch_all_nodes_imports_on_every_hypervisor_with_progress(
@@ -232,7 +225,7 @@ def test_an_agent_killed_mid_download_starts_over_cleanly(fleet: Fleet, ns: str,
     assert not [p for p in scratch.iterdir() if f".{killed}." in p.name]
     img = image(fleet, ns, "interrupted")
     assert img["status"]["phase"] == "Ready"
-    assert disk_info(disk_file(fleet, "node-b", ns, "patient", "root")).virtual_size == 2 * files.MIB
+    assert disk_info(fleet.vm_disk("node-b", ns, "patient", "root")).virtual_size == 2 * files.MIB
 
 
 def test_a_base_nothing_refers_to_is_collected_after_the_grace_period(
@@ -242,9 +235,12 @@ def test_a_base_nothing_refers_to_is_collected_after_the_grace_period(
     apply_image(fleet, ns, "short-lived", server.url("/files/gc.raw"))
     apply_image_vm(fleet, ns, "brief", "short-lived")
     fleet.wait_phase(ns, "brief", "Running")
-    base = Path(str(disk_info(disk_file(fleet, "node-a", ns, "brief", "root")).backing))
+    base = Path(str(disk_info(fleet.vm_disk("node-a", ns, "brief", "root")).backing))
     fleet.kubectl("delete", "vm", "brief", "-n", ns, "--wait=true", "--timeout=60s")
-    time.sleep(6)  # twice the fleet's grace period: the VmImage still refers to the base
+    # The collector has run past its grace period (3 s) since: the VmImage still refers to the base.
+    agent = fleet.agents["node-a"]
+    runs = fleet.metrics(agent)["vmm_agent_image_gc_runs_total"]
+    fleet.wait_metric_above(agent, "vmm_agent_image_gc_runs_total", runs + 4)
     assert base.exists()
     fleet.kubectl("delete", "vmimg", "short-lived", "-n", ns, "--wait=true", "--timeout=30s")
     wait_for(lambda: not base.exists(), 30, "the unreferenced base to be collected")

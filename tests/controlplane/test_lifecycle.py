@@ -4,36 +4,15 @@ controller killed mid-placement."""
 
 import os
 import signal
-import subprocess
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from formation_vmm.api.names import NODE_LABEL
-from tests.controlplane.fleet import QEMU_NODE, QEMU_TOLERATION, Fleet, condition
-from tests.controlplane.helpers import wait_for
+from tests.support.fleet import ON_QEMU, QEMU_NODE, TINY, Fleet, condition
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
-
-TINY = {"cpus": 1, "memory": "64Mi"}
-ON_QEMU = {
-    **TINY,
-    "nodeSelector": {"zone": "q"},
-    "tolerations": [QEMU_TOLERATION],
-    "terminationGracePeriodSeconds": 0,
-}
-
-
-def virsh(*args: str) -> str:
-    return subprocess.run(
-        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False
-    ).stdout
-
-
-def qemu_pid(domain: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
 
 
 def running(vm: dict) -> bool:  # type: ignore[type-arg]
@@ -147,7 +126,7 @@ def test_a_crash_is_answered_per_run_strategy(fleet: Fleet, ns: str, strategy: s
     # node-q has the host's 2 vCPUs: one VM per case keeps every case within capacity.
     fleet.apply_vm(ns, "crashy", runStrategy=strategy, **ON_QEMU)
     first = fleet.wait_phase(ns, "crashy", "Running", 90)
-    os.kill(qemu_pid(f"{ns}_crashy"), signal.SIGKILL)  # QEMU dies: a crash
+    os.kill(fleet.qemu_pid(f"{ns}_crashy"), signal.SIGKILL)  # QEMU dies: a crash
     if restarted:
         vm = fleet.wait_vm(
             ns, "crashy", lambda v: v["status"].get("restartCount", 0) >= 1 and running(v), "restarted", 30
@@ -157,7 +136,10 @@ def test_a_crash_is_answered_per_run_strategy(fleet: Fleet, ns: str, strategy: s
         assert "Restarted" in events
     else:
         vm = fleet.wait_phase(ns, "crashy", "Failed", 30)
-        time.sleep(3)  # a resync later, it is still not restarted
+        # Two resyncs later (each looks at every VM of the node), it is still not restarted.
+        agent = fleet.agents[QEMU_NODE]
+        resyncs = fleet.metrics(agent)["vmm_agent_resyncs_total"]
+        fleet.wait_metric_above(agent, "vmm_agent_resyncs_total", resyncs + 1)
         vm = fleet.vm(ns, "crashy")
         assert vm["status"]["phase"] == "Failed"
         assert vm["status"].get("restartCount", 0) == 0
@@ -167,11 +149,11 @@ def test_drift_is_repaired(fleet: Fleet, ns: str) -> None:
     fleet.apply_vm(ns, "drift", **ON_QEMU)
     vm = fleet.wait_phase(ns, "drift", "Running", 90)
     domain = f"{ns}_drift"
-    virsh("destroy", domain)  # stopped behind the agent's back: started again (Always)
-    virsh("undefine", domain)  # and its definition removed: defined again
+    fleet.virsh("destroy", domain)  # stopped behind the agent's back: started again (Always)
+    fleet.virsh("undefine", domain)  # and its definition removed: defined again
 
     def repaired() -> bool:
-        info = virsh("dominfo", domain)
+        info = fleet.virsh("dominfo", domain)
         return "Persistent:     yes" in info and "State:          running" in info
 
     wait_for(repaired, 30, "the domain to be running and defined again")
@@ -182,21 +164,36 @@ def test_drift_is_repaired(fleet: Fleet, ns: str) -> None:
         "restarted",
         30,
     )
-    assert later["status"]["domainUUID"] in virsh("domuuid", domain)
+    assert later["status"]["domainUUID"] in fleet.virsh("domuuid", domain)
 
-    # A domain of ours whose VM does not exist is removed.
+    # A domain of ours whose VM does not exist is removed: its metadata names a VM and its
+    # files lie in this agent's directories.
     orphan = f"{ns}_ghost"
+    console = fleet.node_dir(QEMU_NODE) / "run" / ns / "ghost" / "console.log"
     xml = (
         f"<domain type='qemu'><name>{orphan}</name><memory unit='MiB'>32</memory>"
         "<metadata><vmm:owner xmlns:vmm='https://vmm.formation.cloud/domain'>"
         f"<vmm:namespace>{ns}</vmm:namespace><vmm:name>ghost</vmm:name><vmm:uid>{uuid.uuid4()}</vmm:uid>"
         "</vmm:owner></metadata><os><type arch='x86_64'>hvm</type></os></domain>"
     )
+    serial = "<devices><serial type='file'><source path='{}'/></serial></devices>"
     xml_path = fleet.plane.root / "ghost.xml"
-    xml_path.write_text(xml)
-    virsh("define", str(xml_path))
-    assert orphan in virsh("list", "--all", "--name")
-    wait_for(lambda: orphan not in virsh("list", "--all", "--name"), 30, "the orphan domain to be removed")
+    xml_path.write_text(xml.replace("</os>", "</os>" + serial.format(console)))
+    assert "defined" in fleet.virsh("define", str(xml_path))
+    # One just like it whose files lie elsewhere: another agent's (or cluster's) on a shared
+    # libvirtd. Not ours to remove.
+    stranger = xml.replace(orphan, f"{ns}_stranger").replace(
+        "</os>", "</os>" + serial.format(fleet.plane.root / "elsewhere" / "console.log")
+    )
+    xml_path.write_text(stranger)
+    assert "defined" in fleet.virsh("define", str(xml_path))
+    wait_for(
+        lambda: orphan not in fleet.virsh("list", "--all", "--name"), 30, "the orphan domain to be removed"
+    )
+    agent = fleet.agents[QEMU_NODE]
+    fleet.wait_metric_above(agent, "vmm_agent_resyncs_total", fleet.metrics(agent)["vmm_agent_resyncs_total"])
+    assert f"{ns}_stranger" in fleet.virsh("list", "--all", "--name")
+    fleet.virsh("undefine", f"{ns}_stranger")
 
 
 def test_deletion_and_node_loss_while_the_agent_is_down(fleet: Fleet, ns: str) -> None:
@@ -204,7 +201,7 @@ def test_deletion_and_node_loss_while_the_agent_is_down(fleet: Fleet, ns: str) -
     fleet.apply_vm(ns, "survivor", **ON_QEMU)
     fleet.wait_phase(ns, "doomed", "Running", 90)
     fleet.wait_phase(ns, "survivor", "Running", 90)
-    disk_dir = fleet.plane.root / "nodes" / QEMU_NODE / "disks" / ns / "doomed"
+    disk_dir = fleet.vm_disk(QEMU_NODE, ns, "doomed", "data").parent
     assert disk_dir.exists()
     agent = fleet.agents[QEMU_NODE]
     agent.kill()
@@ -213,14 +210,12 @@ def test_deletion_and_node_loss_while_the_agent_is_down(fleet: Fleet, ns: str) -
         vm = fleet.wait_phase(ns, "survivor", "Unknown", 30)  # the controller notices the silence
         assert condition(vm, "Ready") == {**condition(vm, "Ready"), "status": "Unknown", "reason": "NodeLost"}
         assert fleet.vm(ns, "doomed")["metadata"]["deletionTimestamp"]
-        assert f"{ns}_doomed" in virsh("list", "--name")  # nobody removed it while the agent was away
+        assert f"{ns}_doomed" in fleet.virsh("list", "--name")  # nobody removed it while the agent was away
     finally:
         agent.restart(fleet.plane)
     agent.wait_ready()
-    wait_for(
-        lambda: fleet.kubectl.run("get", "vm", "doomed", "-n", ns).returncode != 0, 60, "doomed to be gone"
-    )
-    assert f"{ns}_doomed" not in virsh("list", "--all", "--name")
+    fleet.wait_gone("vm", ns, "doomed")
+    assert f"{ns}_doomed" not in fleet.virsh("list", "--all", "--name")
     assert not disk_dir.exists()
     fleet.wait_phase(ns, "survivor", "Running", 30)
 
@@ -242,3 +237,61 @@ def test_controller_killed_mid_placement_binds_each_vm_once(fleet: Fleet, ns: st
     assert sorted(placed["node-a"] + placed["node-b"]) == sorted(names)  # each exactly once
     for name, vm in vms.items():
         assert name in placed[vm["status"]["nodeName"]]
+
+
+def test_deleting_a_vm_asks_its_guest_first_and_stops_it_hard_after_the_grace_period(
+    fleet: Fleet, ns: str
+) -> None:
+    # A blank disk: the guest sits in the firmware, which ignores ACPI, so the grace period runs out.
+    fleet.apply_vm(
+        ns, "slow", disks=[{"name": "d", "size": "1Mi"}], **{**ON_QEMU, "terminationGracePeriodSeconds": 6}
+    )
+    fleet.wait_phase(ns, "slow", "Running", 90)
+    agent = fleet.agents[QEMU_NODE]
+    before = fleet.metrics(agent)
+    fleet.kubectl("delete", "vm", "slow", "-n", ns, "--wait=false")
+    vm = fleet.wait_phase(ns, "slow", "Terminating", 30)
+    assert vm["metadata"]["deletionTimestamp"]
+    # ACPI was asked for, and the guest is still running: not destroyed at once.
+    after = fleet.metrics(agent)
+    assert after['vmm_agent_actions_total{action="shutdown"}'] > before.get(
+        'vmm_agent_actions_total{action="shutdown"}', 0
+    )
+    assert f"{ns}_slow" in fleet.virsh("list", "--name")
+    fleet.wait_gone("vm", ns, "slow", 60)
+    assert f"{ns}_slow" not in fleet.virsh("list", "--all", "--name")
+    final = fleet.metrics(agent)
+    assert final['vmm_agent_actions_total{action="destroy"}'] > after.get(
+        'vmm_agent_actions_total{action="destroy"}', 0
+    )
+
+
+def test_a_guest_taking_its_grace_period_blocks_no_other_sync(fleet: Fleet, ns: str) -> None:
+    """node-q's agent syncs with a single worker thread: a stop that waited out its grace period
+    in that thread would hold every other VM of the node for as long."""
+    stubborn = {**ON_QEMU, "terminationGracePeriodSeconds": 300}
+    fleet.apply_vm(ns, "stubborn", disks=[{"name": "d", "size": "1Mi"}], **stubborn)
+    fleet.apply_vm(ns, "other", **ON_QEMU)
+    fleet.wait_phase(ns, "stubborn", "Running", 90)
+    fleet.wait_phase(ns, "other", "Running", 90)
+    assert fleet.plugin("-n", ns, "stop", "stubborn", "--no-wait").returncode == 0
+    fleet.wait_phase(ns, "stubborn", "Stopping", 30)
+    # The other VM is served at once, while the first still has minutes of grace left.
+    for verb, phase in (("pause", "Paused"), ("resume", "Running")):
+        out = fleet.plugin("-n", ns, verb, "other", "--timeout", "30")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"virtualmachine {ns}/other is {phase}"
+    assert fleet.vm(ns, "stubborn")["status"]["phase"] == "Stopping"
+    assert f"{ns}_stubborn" in fleet.virsh("list", "--name")
+    # A shorter grace period takes effect at the next look: stopped hard now.
+    fleet.kubectl(
+        "patch",
+        "vm",
+        "stubborn",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec": {"terminationGracePeriodSeconds": 0}}',
+    )
+    fleet.wait_phase(ns, "stubborn", "Stopped", 30)

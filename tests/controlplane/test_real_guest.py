@@ -3,7 +3,6 @@ busybox initramfs the test builds, its console read through `kubectl vm console`
 
 import hashlib
 import io
-import time
 from pathlib import Path
 
 import pycdlib
@@ -11,11 +10,10 @@ import pytest
 import yaml
 
 from formation_vmm.api.names import GROUP, VERSION
-from formation_vmm.devcluster.guest import BOOT_MARKER, DISK_NOW, DISK_SAYS, POWEROFF_MARKER, install
-from formation_vmm.images.pipeline import disk_info
-from tests.controlplane.fleet import QEMU_NODE, Fleet, condition
-from tests.controlplane.helpers import get_json, wait_for
-from tests.controlplane.test_lifecycle import ON_QEMU
+from formation_vmm.devcluster.guest import BOOT_MARKER, DISK_NOW, DISK_SAYS, POWEROFF_MARKER, TICK, install
+from formation_vmm.host.qemu_img import info as disk_info
+from tests.support.fleet import ON_QEMU, QEMU_NODE, Fleet, condition
+from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -54,8 +52,21 @@ def guest_spec(cmdline: str = "", **extra: object) -> dict[str, object]:
     }
 
 
+def ticks(text: str) -> list[tuple[int, str]]:
+    """(counter, boot id) of each tick line the guest printed."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith(TICK):
+            number, _, boot = line[len(TICK) :].split()
+            found.append((int(number), boot))
+    return found
+
+
 def console(fleet: Fleet, namespace: str, name: str) -> str:
+    """What the guest printed so far; empty while its domain does not exist yet."""
     out = fleet.plugin("-n", namespace, "console", name, "--no-follow")
+    if out.returncode != 0 and ("not bound to a node yet" in out.stderr or "HTTP Error 404" in out.stderr):
+        return ""
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -114,7 +125,8 @@ def test_cloud_init_seed_is_attached(fleet: Fleet, ns: str) -> None:
     user_data = "#cloud-config\nhostname: seeded\n"
     fleet.apply_vm(ns, "seeded", cloudInit={"userData": user_data}, **{**ON_QEMU, "cpus": 1})
     fleet.wait_phase(ns, "seeded", "Running", 60)
-    seed = fleet.plane.root / "nodes" / QEMU_NODE / "run" / ns / "seeded" / "cloud-init.iso"
+    uid = fleet.vm(ns, "seeded")["metadata"]["uid"]
+    seed = fleet.node_dir(QEMU_NODE) / "run" / ns / "seeded" / uid / "cloud-init.iso"
     iso = pycdlib.PyCdlib()
     iso.open(str(seed))
     try:
@@ -133,14 +145,8 @@ def test_cloud_init_seed_is_attached(fleet: Fleet, ns: str) -> None:
         "instance-id": vm["metadata"]["uid"],
         "local-hostname": "seeded",
     }
-    xml = Path(seed).parent  # the domain really has the seed as a CD-ROM
-    import subprocess
-
-    dumped = subprocess.run(
-        ["virsh", "dumpxml", f"{ns}_seeded"], capture_output=True, text=True, check=True
-    ).stdout
+    dumped = fleet.virsh("dumpxml", f"{ns}_seeded")  # the domain really has the seed as a CD-ROM
     assert str(seed) in dumped and "cdrom" in dumped
-    del xml
 
 
 def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
@@ -176,8 +182,8 @@ def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
     assert ready["status"]["nodeName"] == QEMU_NODE and ready["status"]["memory"] is False
     assert fleet.vm(ns, "keeper")["status"]["phase"] == "Running"  # taken live, not stopped
 
-    out = fleet.plugin("-n", ns, "restart", "keeper")
-    assert out.returncode == 0, out.stderr
+    out = fleet.plugin("-n", ns, "restart", "keeper", "--timeout", "40")
+    assert out.returncode == 0, (out.stderr, fleet.vm(ns, "keeper"))
     try:
         wait_for(
             lambda: f"{DISK_NOW} count=2" in console(fleet, ns, "keeper"), 90, "the reboot to overwrite it"
@@ -217,7 +223,7 @@ def test_snapshot_and_restore_bring_back_what_the_guest_wrote(
         "patch", "vm", "keeper", "-n", ns, "--type=json",
         "-p", '[{"op": "replace", "path": "/spec/disks/0/size", "value": "4Mi"}]',
     )  # fmt: skip
-    overlay = fleet.plane.root / "nodes" / QEMU_NODE / "disks" / ns / "keeper" / "data.qcow2"
+    overlay = fleet.vm_disk(QEMU_NODE, ns, "keeper", "data")
     wait_for(lambda: disk_info(overlay).virtual_size == 4 << 20, 30, "the live disk to grow to 4Mi")
     vm = fleet.vm(ns, "keeper")
     assert vm["status"]["phase"] == "Running" and vm["status"].get("restartCount") == before
@@ -228,8 +234,10 @@ def test_a_memory_snapshot_restores_the_running_guest_without_a_boot(
 ) -> None:
     apply_image(fleet, ns, "kernel", "guest/vmlinuz")
     apply_image(fleet, ns, "initrd", "guest/initrd.gz")
-    fleet.apply_vm(ns, "sleeper", **guest_spec("vmm.disk=1", disks=[{"name": "data", "size": "1Mi"}]))
-    wait_for(lambda: f"{DISK_NOW} count=1" in console(fleet, ns, "sleeper"), 90, "the guest to boot")
+    fleet.apply_vm(
+        ns, "sleeper", **guest_spec("vmm.disk=1 vmm.tick=1", disks=[{"name": "data", "size": "1Mi"}])
+    )
+    wait_for(lambda: f"{TICK} 2 " in console(fleet, ns, "sleeper"), 90, "the guest to boot and tick")
     snapshot = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "VmSnapshot",
@@ -254,7 +262,11 @@ def test_a_memory_snapshot_restores_the_running_guest_without_a_boot(
         "metadata": {"name": "wake", "namespace": ns},
         "spec": {"vmName": "sleeper", "snapshotName": "awake"},
     }
-    boots = console(fleet, ns, "sleeper").count(BOOT_MARKER)
+    # Let the guest count on past the snapshot, so that a resumed guest shows by counting again.
+    at_snapshot = ticks(console(fleet, ns, "sleeper"))[-1][0]
+    wait_for(lambda: ticks(console(fleet, ns, "sleeper"))[-1][0] >= at_snapshot + 2, 30, "two more ticks")
+    before = console(fleet, ns, "sleeper")
+    boot_id = ticks(before)[-1][1]
     fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(restore))
     done = wait_for(
         lambda: (
@@ -267,8 +279,14 @@ def test_a_memory_snapshot_restores_the_running_guest_without_a_boot(
     )
     assert done["status"]["phase"] == "Succeeded", done["status"]
     fleet.wait_phase(ns, "sleeper", "Running")
-    time.sleep(5)  # a cold boot would print its marker within seconds
-    assert console(fleet, ns, "sleeper").count(BOOT_MARKER) == boots  # resumed, not booted
+    # The guest goes on where the snapshot left it: the same boot, and its counter takes up the
+    # count it had then, below what it had reached since.
+    after = wait_for(
+        lambda: ticks(console(fleet, ns, "sleeper")[len(before) :]), 60, "the guest to tick again"
+    )
+    assert {boot for _, boot in after} == {boot_id}
+    assert after[0][0] <= at_snapshot + 1 < ticks(before)[-1][0]
+    assert BOOT_MARKER not in console(fleet, ns, "sleeper")[len(before) :]
     assert fleet.vm(ns, "sleeper")["status"]["phase"] == "Running"
 
 
@@ -286,6 +304,6 @@ def test_a_guest_reads_its_image_through_the_overlay_and_writes_only_the_overlay
     wait_for(lambda: f"{DISK_NOW} count=42" in console(fleet, ns, "reader"), 90, "the guest to count on")
     assert f"{DISK_SAYS} [count=41]" in console(fleet, ns, "reader")
     # The cached base is untouched: the write went to the VM's overlay.
-    base = disk_info(fleet.plane.root / "nodes" / QEMU_NODE / "disks" / ns / "reader" / "data.qcow2").backing
+    base = disk_info(fleet.vm_disk(QEMU_NODE, ns, "reader", "data")).backing
     assert base is not None
     assert Path(base).read_bytes()[:9] == b"count=41\n"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.controlplane.fleet import Fleet, condition
-from tests.controlplane.helpers import get_json, wait_for
+from tests.support.fleet import Fleet, condition
+from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -47,7 +47,7 @@ def wait_phase(
 
 
 def disk(fleet: Fleet, namespace: str, vm: str, name: str = "data", node: str = "node-a") -> Path:
-    return fleet.plane.root / "nodes" / node / "disks" / namespace / vm / f"{name}.qcow2"
+    return fleet.vm_disk(node, namespace, vm, name)
 
 
 def write_pattern(path: Path, byte: int) -> None:
@@ -137,13 +137,10 @@ def test_deleting_a_vm_deletes_its_snapshots(fleet: Fleet, ns: str) -> None:
     fleet.wait_phase(ns, "gone", "Running")
     apply(fleet, "VmSnapshot", ns, "s1", {"vmName": "gone"})
     wait_phase(fleet, "vmsnap", ns, "s1", "Ready")
+    data = disk(fleet, ns, "gone")
     fleet.kubectl("delete", "vm", "gone", "-n", ns, "--wait=true", "--timeout=60s")
-    assert not disk(fleet, ns, "gone").exists()
-    wait_for(
-        lambda: fleet.kubectl.run("get", "vmsnap", "s1", "-n", ns).returncode != 0,
-        60,
-        "the snapshot to be garbage-collected with its VM",
-    )
+    assert not data.exists() and not data.parent.parent.exists()  # <ns>/gone/<uid>/ and <ns>/gone/
+    fleet.wait_gone("vmsnap", ns, "s1")
 
 
 def test_a_snapshot_of_a_vm_not_there_yet_says_so_then_is_taken(fleet: Fleet, ns: str) -> None:

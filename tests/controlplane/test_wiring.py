@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from formation_vmm.api.names import NODE_LABEL, agent_finalizer
-from tests.controlplane.fleet import Fleet, condition
-from tests.controlplane.helpers import wait_for
+from tests.support.fleet import Fleet, condition
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
 

@@ -1,16 +1,25 @@
 """`vmm dev up|status|down` as a user runs them: a second `up` is harmless, `down` leaves no
-process behind, and `up` after a crash (processes killed, state left) works."""
+process behind, and `up` after a crash (processes killed, state left) works; after a crash of
+the agent and the controller, `down` still removes the guests, and `up` leaves alone domains
+the dev cluster did not create."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
+from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.devcluster.libvirt_node import LibvirtNode
+from formation_vmm.devcluster.local import node_name
 from formation_vmm.devcluster.processes import alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -84,3 +93,81 @@ def test_up_after_a_crash(dev_env: dict[str, str]) -> None:
         assert set(new.values()).isdisjoint(old.values())
     finally:
         vmm(dev_env, "dev", "down")
+
+
+def qemu_pid(root: Path, domain: str) -> int:
+    pidfile = root / "nodes" / node_name() / "libvirt" / "run" / "qemu" / f"{domain}.pid"
+    return int(pidfile.read_text().strip())
+
+
+def test_down_after_a_crash_still_removes_the_guests(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VMM_LIBVIRT_URI"}
+    env["VMM_DEV_DIR"] = str(tmp_path / "dev")
+    root = Path(env["VMM_DEV_DIR"])
+    try:
+        up = vmm(env, "dev", "up")  # the sample VM boots a real guest on the node's own libvirtd
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "Running" in up.stdout
+        guest = qemu_pid(root, "default_sample")
+        assert alive(guest)
+        table = ControlPlane(root).processes.read()
+        for name in ("controller", f"agent-{node_name()}"):  # a crash of both
+            os.killpg(table[name], signal.SIGKILL)
+        down = vmm(env, "dev", "down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not alive(guest)  # the guest did not outlive the cluster
+        assert not any(alive(pid) for pid in table.values())
+        assert not (root / "nodes").exists()
+    finally:
+        vmm(env, "dev", "down")
+
+
+def test_up_after_a_crash_removes_its_own_leftovers_and_nothing_else(
+    tmp_path: Path, qemu_node: LibvirtNode
+) -> None:
+    """On a libvirtd the dev cluster shares (here the test's own node libvirtd), a crashed dev
+    cluster's domain is removed by the next `up`; a domain someone else made is left alone."""
+    env = {**os.environ, "VMM_DEV_DIR": str(tmp_path / "dev"), "VMM_LIBVIRT_URI": qemu_node.uri}
+    root = Path(env["VMM_DEV_DIR"])
+    stranger = f"stranger-{uuid.uuid4().hex[:6]}"
+    xml = tmp_path / "stranger.xml"
+    xml.write_text(
+        f"<domain type='qemu'><name>{stranger}</name><memory unit='MiB'>32</memory>"
+        "<metadata><vmm:owner xmlns:vmm='https://vmm.formation.cloud/domain'>"
+        f"<vmm:namespace>default</vmm:namespace><vmm:name>x</vmm:name><vmm:uid>{uuid.uuid4()}</vmm:uid>"
+        "</vmm:owner></metadata><os><type arch='x86_64'>hvm</type></os>"
+        f"<devices><serial type='file'><source path='{tmp_path / 'elsewhere.log'}'/></serial></devices>"
+        "</domain>"
+    )
+    virsh = ["virsh", "-c", qemu_node.uri]
+    subprocess.run([*virsh, "define", str(xml)], check=True, capture_output=True)
+    try:
+        assert vmm(env, "dev", "up", "--no-sample").returncode == 0
+        kubectl = Kubectl(ControlPlane(root).binaries() / "kubectl", root / "kubeconfig")
+        vm = {
+            "apiVersion": "vmm.formation.cloud/v1alpha1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": "left", "namespace": "default"},
+            "spec": {"cpus": 1, "memory": "64Mi", "disks": [{"name": "d", "size": "1Mi"}]},
+        }
+        kubectl("apply", "-f", "-", input_text=yaml.safe_dump(vm))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=90s", "vm/left")
+
+        def listed() -> str:
+            return subprocess.run(
+                [*virsh, "list", "--all", "--name"], capture_output=True, text=True, check=True
+            ).stdout
+
+        assert "default_left" in listed()
+        for pid in ControlPlane(root).processes.read().values():  # everything dies
+            os.killpg(pid, signal.SIGKILL)
+        info = json.loads((root / "info.json").read_text())
+        assert info["libvirt_uri"] == qemu_node.uri
+        up = vmm(env, "dev", "up", "--no-sample")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "removed domain default_left" in up.stdout
+        wait_for(lambda: "default_left" not in listed(), 30, "the crashed cluster's domain to go")
+        assert stranger in listed()
+    finally:
+        vmm(env, "dev", "down")
+        subprocess.run([*virsh, "undefine", stranger], capture_output=True, check=False)

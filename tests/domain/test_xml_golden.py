@@ -8,43 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from formation_vmm.api.models import VirtualMachine
-from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec, image_names
-from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec
 from formation_vmm.domain.naming import UnsafeNameError, domain_name, stable_mac
-from formation_vmm.domain.spec import BaseImage, Owner
-from formation_vmm.domain.xml import domain_xml, metadata_of
-from tests.factories import make_vm
+from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
+from formation_vmm.domain.spec import Owner
+from formation_vmm.domain.xml import console_log_of, file_paths, metadata_of
+from tests.support.factories import make_vm
+from tests.support.golden import CASES, GOLDEN, LAYOUT, bases, render
 
 pytestmark = pytest.mark.pure
 
-GOLDEN = Path(__file__).parent / "golden"
-LAYOUT = NodeLayout(
-    vm_dir=Path("/run/form-vm"), disks_dir=Path("/var/lib/formation/vm-disks"), images_dir=Path("/img")
-)
-CASES = sorted(p.name.removesuffix("-in.yaml") for p in GOLDEN.glob("*-in.yaml"))
-
-
-def render(case: str, domain_type: str = "kvm") -> str:
-    vm = VirtualMachine.model_validate(yaml.safe_load((GOLDEN / f"{case}-in.yaml").read_text()))
-    return domain_xml(build_domain_spec(vm, LAYOUT, domain_type, bases(vm)))
-
-
-def bases(vm: VirtualMachine, virtual_size: int = 1 << 30, **extra: object) -> dict[str, BaseImage]:
-    """Each image the VM names, as if cached on the node."""
-    return {
-        name: BaseImage(
-            sha256="0" * 64,
-            path=LAYOUT.images_dir / f"{name}.img",
-            format="raw",
-            size=virtual_size,
-            virtual_size=virtual_size,
-            **extra,  # type: ignore[arg-type]
-        )
-        for name in image_names(vm)
-    }
+OWNER = Owner(namespace="default", name="vm", uid="uid-1")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -82,7 +57,9 @@ def test_mac_is_stable_and_local() -> None:
 
 def test_names_from_manifests_cannot_escape_into_paths() -> None:
     with pytest.raises(UnsafeNameError):
-        LAYOUT.disk_path("default", "vm", "../../etc/passwd")
+        LAYOUT.disk_path(OWNER, "../../etc/passwd")
+    with pytest.raises(UnsafeNameError):
+        LAYOUT.disk_dir(Owner(namespace="default", name="vm", uid="../x"))
     with pytest.raises(UnsafeNameError):
         domain_name("default", "a/b")
     with pytest.raises(UnsafeNameError):
@@ -90,9 +67,10 @@ def test_names_from_manifests_cannot_escape_into_paths() -> None:
 
 
 def test_an_image_disk_is_an_overlay_in_the_vms_disk_directory() -> None:
-    vm = make_vm(disks=[{"name": "root", "image": "debian", "size": "2Gi"}])
+    vm = make_vm(name="vm", disks=[{"name": "root", "image": "debian", "size": "2Gi"}])
     spec = build_domain_spec(vm, LAYOUT, "kvm", bases(vm))
-    assert spec.disks[0].path == LAYOUT.disk_path(vm.metadata.namespace or "", vm.metadata.name, "root")
+    assert spec.disks[0].path == LAYOUT.disk_path(OWNER, "root")
+    assert spec.disks[0].path == Path("/var/lib/formation/vm-disks/default/vm/uid-1/root.qcow2")
     assert spec.disks[0].driver_type == "qcow2"
 
 
@@ -115,6 +93,23 @@ def test_a_kernel_boot_needs_its_images_resolved() -> None:
 
 def test_hostpath_images_stay_inside_the_images_dir() -> None:
     assert LAYOUT.image_path("kernels/vmlinuz") == Path("/img/kernels/vmlinuz")
-    for bad in ("/etc/shadow", "../etc/shadow", "a/../../b", ""):
+    for bad in ("/etc/shadow", "../etc/shadow", "a/../../b", "", ".vmm-cache/blobs/x", "a/.hidden"):
         with pytest.raises(UnsafeNameError):
             LAYOUT.image_path(bad)
+
+
+def test_the_files_a_domain_names_are_read_back_from_its_xml() -> None:
+    xml = render("kernel-cloudinit")
+    log = "/run/form-vm/default/tiny/11111111-2222-3333-4444-555555555555/console.log"
+    assert console_log_of(xml) == log
+    assert log in file_paths(xml)
+    assert any(p.endswith("cloud-init.iso") for p in file_paths(xml))
+    assert file_paths("not xml") == [] and console_log_of("<domain/>") is None
+
+
+def test_memory_snapshot_xml_golden() -> None:
+    got = memory_snapshot_xml("vmsnap-1234", ["sda"])
+    out = GOLDEN / "memory-snapshot-out.xml"
+    if os.environ.get("VMM_UPDATE_GOLDEN"):
+        out.write_text(got)
+    assert got == out.read_text()

@@ -1,21 +1,19 @@
-"""Pure parts of image handling: magic bytes, bundle names and manifests, status merging."""
+"""Pure parts of image handling: magic bytes, bundle names and manifests, qemu-img's verdicts."""
 
 import json
 
 import pytest
 
+from formation_vmm.host.disk_info import DiskInfo, parse_info
 from formation_vmm.images.formats import (
-    DiskInfo,
     ImageRefusedError,
     check_disk,
     compression_of,
     parse_manifest,
-    parse_qemu_info,
     progress_text,
     qcow2_backing_name,
     safe_member_name,
 )
-from formation_vmm.images.status import summarize, with_node
 
 pytestmark = pytest.mark.pure
 
@@ -58,10 +56,10 @@ def test_manifest_fields_are_checked_with_a_message() -> None:
 
 
 def test_backing_files_and_declared_formats() -> None:
-    info = parse_qemu_info(json.dumps({"format": "qcow2", "virtual-size": 10, "backing-filename": "/etc/x"}))
+    info = parse_info(json.dumps({"format": "qcow2", "virtual-size": 10, "backing-filename": "/etc/x"}))
     with pytest.raises(ImageRefusedError, match="backing file"):
         check_disk(info, "auto")
-    plain = DiskInfo("qcow2", 10, 5, None)
+    plain = DiskInfo("qcow2", 10, 5, None, {})
     check_disk(plain, "auto")
     check_disk(plain, "qcow2")
     with pytest.raises(ImageRefusedError, match="declares format raw"):
@@ -84,18 +82,3 @@ def test_qcow2_header_backing_name() -> None:
 def test_progress_text() -> None:
     assert progress_text(50, 200) == "25%"
     assert progress_text(3 << 20, None) == "3.0MiB"
-
-
-def test_each_node_writes_its_entry_and_the_summary_follows_all_entries() -> None:
-    status = with_node({}, "node-b", "Downloading", details={"progress": "10%"})
-    assert status["phase"] == "Downloading" and status["progress"] == "10%"
-    status = with_node(status, "node-a", "Ready")
-    assert [n["name"] for n in status["nodes"]] == ["node-a", "node-b"]
-    assert status["phase"] == "Downloading"
-    status = with_node(status, "node-b", "Failed", "HTTP 404")
-    assert status["phase"] == "Failed"
-    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "False" and "node-b: HTTP 404" in ready["message"]
-    status = with_node(status, "node-b", "Ready")
-    assert status["phase"] == "Ready" and "message" not in status["nodes"][1]
-    assert summarize([]) == "Pending"

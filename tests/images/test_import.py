@@ -13,24 +13,25 @@ from typing import Any
 import pytest
 
 from formation_vmm.agent import files as vm_files
-from formation_vmm.api.models import VmImage
+from formation_vmm.api.models import VmImage, VmImageStatus
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.domain.spec import BaseImage
+from formation_vmm.domain.spec import BaseImage, Owner
+from formation_vmm.host.paths import remove_tree
 from formation_vmm.images.fetch import FetchError, FetchLimits
 from formation_vmm.images.node import GarbageCollector, ImageNotReadyError, NodeImages
 from formation_vmm.images.pipeline import disk_info
-from tests.images import files
-from tests.images.server import ImageServer, serve
+from tests.support import image_files as files
+from tests.support.image_server import ImageServer, serve
 
 pytestmark = pytest.mark.host
 
 
 class Recorder:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str | None, dict[str, Any]]] = []
+        self.calls: list[tuple[str, str, str | None, VmImageStatus]] = []
         self.changed = threading.Event()
 
-    def __call__(self, image: VmImage, phase: str, message: str | None, details: dict[str, Any]) -> None:
+    def __call__(self, image: VmImage, phase: str, message: str | None, details: VmImageStatus) -> None:
         self.calls.append((image.metadata.name, phase, message, details))
 
     def notify(self, namespace: str, name: str) -> None:
@@ -142,7 +143,7 @@ def test_each_kind_of_file_becomes_a_verified_base(
     if kind == "form":
         assert base.min_memory == "64Mi"
     assert recorder.phases("img")[-1] == "Ready"
-    assert recorder.calls[-1][3]["format"] == expected_format
+    assert recorder.calls[-1][3].format == expected_format
     if kind == "vmdk":
         assert "Converting" in recorder.phases("img")
     # Nothing left in scratch.
@@ -155,9 +156,9 @@ def test_a_base_is_an_overlay_backing_and_the_overlay_reads_the_image(
     raw = files.raw(content / "disk.raw")
     images = manager(layout, recorder)
     base = resolve(images, vmimage("img", url=server.url("/files/disk.raw")))
-    overlay = layout.disk_path("ns", "vm", "root")
+    overlay = layout.disk_path(Owner("ns", "vm", "uid-vm"), "root")
     started = time.monotonic()
-    vm_files.create_overlay(layout.disks_dir, overlay, base, "8Mi")
+    vm_files.create_overlay(layout.disks_dir, overlay, base, 8 * files.MIB)
     took = time.monotonic() - started
     info = disk_info(overlay)
     assert info.backing == str(base.path) and info.virtual_size == 8 * files.MIB
@@ -238,7 +239,7 @@ def test_a_slow_download_reports_progress_along_the_way(
     files.raw(content / "disk.raw", size=1 * files.MIB)  # 16 chunks of 64 KiB, 0.25 s apart
     images = manager(layout, recorder, progress_seconds=0.5)
     resolve(images, vmimage("img", url=server.url("/slow/disk.raw")))
-    progress = [c[3]["progress"] for c in recorder.calls if c[1] == "Downloading"]
+    progress = [c[3].progress for c in recorder.calls if c[1] == "Downloading"]
     assert len(progress) >= 3, progress
     assert len(progress) <= 12, progress  # throttled: not one write per chunk
     numbers = [int(p.rstrip("%")) for p in progress]
@@ -373,7 +374,9 @@ def test_garbage_collection_keeps_what_is_referenced_and_removes_the_rest_after_
     a = vmimage("a", url=server.url("/files/a.raw"))
     b = vmimage("b", url=server.url("/files/b.raw"))
     base_a, base_b = resolve(images, a), resolve(images, b)
-    vm_files.create_overlay(layout.disks_dir, layout.disk_path("ns", "vm", "root"), base_b, None)
+    vm_files.create_overlay(
+        layout.disks_dir, layout.disk_path(Owner("ns", "vm", "uid-vm"), "root"), base_b, None
+    )
     gc = GarbageCollector(images, grace_seconds=10)
     # Both VmImages gone; b's base still backs a VM's overlay.
     assert gc.collect([], now=100.0) == []
@@ -381,7 +384,7 @@ def test_garbage_collection_keeps_what_is_referenced_and_removes_the_rest_after_
     assert gc.collect([], now=111.0) == [base_a.sha256]
     assert not base_a.path.exists() and base_b.path.exists()
     # The overlay gone too: b goes after its own grace period.
-    vm_files.remove_tree(layout.disks_dir, layout.disk_dir("ns", "vm"))
+    remove_tree(layout.disks_dir, layout.disk_dir(Owner("ns", "vm", "uid-vm")))
     assert gc.collect([], now=112.0) == []
     assert gc.collect([], now=123.0) == [base_b.sha256]
     # A live VmImage keeps its base forever.

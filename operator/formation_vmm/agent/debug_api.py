@@ -8,8 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from formation_vmm.agent.hypervisor import DomainInfo, Hypervisor
+from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.state import DomainInfo
 from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.health import Health
 from formation_vmm.images.cache import ImageCache
 
 # How often a followed console log is checked for new output.
@@ -30,7 +32,7 @@ def _describe(info: DomainInfo) -> dict[str, Any]:
     }
 
 
-def routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
+def routes(hypervisor: Hypervisor, layout: NodeLayout, health: Health) -> list[web.RouteDef]:
     async def owned() -> list[DomainInfo]:
         return await asyncio.to_thread(hypervisor.owned_domains)
 
@@ -50,7 +52,7 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
     async def console(request: web.Request) -> web.StreamResponse:
         info = await find(request)
         assert info.owner is not None
-        path = layout.console_log(info.owner.namespace, info.owner.name)
+        path = layout.console_log(info.owner)
         follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
@@ -82,11 +84,19 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
                     )
         return web.json_response(entries)
 
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "libvirt": hypervisor.uri})
+    async def health_(_: web.Request) -> web.Response:
+        """The replaced service's health check, telling the truth: libvirt reachable, the API
+        watch delivering, the heartbeat recent (what /readyz checks), as JSON."""
+        problems = await asyncio.to_thread(health.not_ready)
+        body = {
+            "status": "ok" if not problems else "unhealthy",
+            "libvirt": hypervisor.uri,
+            "problems": problems,
+        }
+        return web.json_response(body, status=200 if not problems else 503)
 
     return [
-        web.get("/health", health),
+        web.get("/health", health_),
         web.get("/vms", vms),
         web.get("/vms/{vm_id}", vm),
         web.get("/vms/{vm_id}/console", console),

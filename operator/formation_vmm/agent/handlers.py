@@ -1,20 +1,22 @@
-"""kopf handlers of the agent. Thin: every VM change goes to VmSync, which decides and reports."""
+"""kopf handlers of the agent, and its background loops. Thin: a watch event updates a cache and
+queues a key; the queue's workers and the components built in ``run.py`` do the rest."""
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
-from kubernetes import client
 
+from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import ImageCatalog
 from formation_vmm.agent.snapshots import Snapshots
-from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache, Watcher
+from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.api.conditions import now
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
     CAPACITY_CPUS_ANNOTATION,
@@ -30,85 +32,80 @@ from formation_vmm.api.names import (
     VERSION,
     VM_COUNT_ANNOTATION,
     VM_PLURAL,
-    agent_finalizer,
 )
-from formation_vmm.api.quantity import format_mebibytes, parse_quantity
+from formation_vmm.api.quantity import format_mebibytes
 from formation_vmm.config import Settings
+from formation_vmm.health import Health
 from formation_vmm.images.node import GarbageCollector, NodeImages
-from formation_vmm.kube import annotate_node
+from formation_vmm.kube import Kube
 
 log = logging.getLogger(__name__)
-
-# How long to wait before retrying a VM whose inputs or hypervisor were not ready.
-RETRY_SECONDS = 10.0
-HANDLER_THREADS = 16
 
 
 @dataclass
 class AgentMemo:
+    """Everything the agent's handlers and loops use, built once in ``run.py``."""
+
     settings: Settings
     node: str
-    hypervisor: Hypervisor
-    sync: VmSync
-    api: client.CoreV1Api
-    vm_exists: Any
     endpoint: str
-    cache: VmCache = field(default_factory=VmCache)
-    images: ImageCatalog = field(default_factory=ImageCatalog)
-    node_images: NodeImages | None = None
-    snapshots: Snapshots | None = None
-    watcher: Watcher | None = None
+    kube: Kube
+    hypervisor: Hypervisor
+    queue: WorkQueue
+    cache: VmCache
+    watcher: Watcher
+    images: ImageCatalog
+    node_images: NodeImages
+    collector: GarbageCollector
+    snapshots: Snapshots
+    health: Health
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The heartbeat last written to the Node, until the Node's watch shows it back.
+    sent_beat: str = ""
 
 
-def publish_node(memo: AgentMemo) -> None:
+def agent_memo(memo: kopf.Memo) -> AgentMemo:
+    return cast(AgentMemo, memo.state)
+
+
+def publish_node(state: AgentMemo) -> None:
     """Write this node's capacity (less the reserve), VM count, endpoint and a heartbeat."""
-    cpus, memory = memo.hypervisor.capacity()
-    settings = memo.settings
-    annotate_node(
-        memo.api,
-        memo.node,
+    cpus, memory = state.hypervisor.capacity()
+    settings = state.settings
+    beat = now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    state.kube.patch_node(
+        state.node,
         {
-            CAPACITY_CPUS_ANNOTATION: str(max(cpus - settings.reserved_cpus, 0)),
-            CAPACITY_MEMORY_ANNOTATION: format_mebibytes(
-                max(memory - parse_quantity(settings.reserved_memory), 0)
-            ),
-            VM_COUNT_ANNOTATION: str(len(memo.cache.bodies)),
-            AGENT_ENDPOINT_ANNOTATION: memo.endpoint,
-            HEARTBEAT_ANNOTATION: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "metadata": {
+                "annotations": {
+                    CAPACITY_CPUS_ANNOTATION: str(max(cpus - settings.reserved_cpus, 0)),
+                    CAPACITY_MEMORY_ANNOTATION: format_mebibytes(max(memory - settings.reserved_memory, 0)),
+                    VM_COUNT_ANNOTATION: str(len(state.cache)),
+                    AGENT_ENDPOINT_ANNOTATION: state.endpoint,
+                    HEARTBEAT_ANNOTATION: beat,
+                }
+            }
         },
     )
+    state.sent_beat = beat
+    state.health.beat("api")
+    metrics.HEARTBEATS.inc()
 
 
-async def _image_gc(memo: AgentMemo) -> None:
-    assert memo.node_images is not None
-    collector = GarbageCollector(memo.node_images, memo.settings.image_gc_grace_seconds)
+async def _every(seconds: float, work: Callable[[], Any], what: str, first: bool = True) -> None:
+    """Run ``work`` in a thread every ``seconds``; a failure is logged, never fatal."""
+    if not first:
+        await asyncio.sleep(seconds)
     while True:
-        # First sleep, then collect: by then the watch has listed every VmImage.
-        await asyncio.sleep(memo.settings.image_gc_interval_seconds)
         try:
-            await asyncio.to_thread(collector.collect, memo.images.all())
+            await asyncio.to_thread(work)
         except Exception:
-            log.exception("image garbage collection failed")
+            log.exception("%s failed", what)
+        await asyncio.sleep(seconds)
 
 
-async def _retry_snapshots(memo: AgentMemo) -> None:
-    assert memo.snapshots is not None
-    while True:
-        await asyncio.sleep(memo.settings.resync_seconds)
-        try:
-            await asyncio.to_thread(memo.snapshots.retry_waiting)
-        except Exception:
-            log.exception("snapshot retry failed")
-
-
-async def _heartbeat(memo: AgentMemo) -> None:
-    while True:
-        try:
-            await asyncio.to_thread(publish_node, memo)
-        except Exception:  # a missed beat is logged and retried, never fatal
-            log.exception("cannot publish the heartbeat of node %s", memo.node)
-        await asyncio.sleep(memo.settings.heartbeat_seconds)
+def _task(coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+    return asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
 
 
 def register(registry: kopf.OperatorRegistry, node: str) -> None:
@@ -116,87 +113,74 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        # Only this node's VMs come down the watch: the apiserver filters, not every agent.
+        state = agent_memo(memo)
+        # Only this node's VMs and Node come down the watches: the apiserver filters.
         settings.watching.label_selectors[GROUP, VM_PLURAL] = f"{NODE_LABEL}={node}"
-        # Each VM's sync blocks a thread on libvirt and the API; kopf's default pool (cores + 4)
-        # would make a burst of new VMs queue behind a handful of threads.
-        settings.execution.max_workers = HANDLER_THREADS
-        state: AgentMemo = memo.state
-        state.watcher = Watcher(
-            state.sync,
-            state.hypervisor,
-            state.cache,
-            state.vm_exists,
-            state.sync.status,
-            agent_finalizer(node),
-            RETRY_SECONDS,
-        )
-        # Before the first libvirt call: the connection subscribes to events when it opens.
-        state.hypervisor.listener = state.watcher.on_domain_event
-        if state.node_images is not None:
-            state.node_images.notify = state.watcher.image_changed
-        if state.snapshots is not None:
-            state.snapshots.poke = state.watcher.poke
+        settings.watching.field_selectors["nodes"] = f"metadata.name={node}"
+        settings.posting.enabled = False  # our own EventRecorder posts what users read
+        config = state.settings
+        state.queue.start(state.watcher.process, config.sync_workers, "sync")
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
-            asyncio.create_task(_heartbeat(state)),
-            asyncio.create_task(state.watcher.run_events()),
-            asyncio.create_task(state.watcher.run_resync(state.settings.resync_seconds)),
+            _task(
+                _every(config.heartbeat_seconds, lambda: publish_node(state), "heartbeat", False), "heartbeat"
+            ),
+            _task(_every(config.resync_seconds, state.watcher.resync, "resync", False), "resync"),
+            _task(
+                _every(
+                    config.image_gc_interval_seconds,
+                    lambda: state.collector.collect(state.images.all()),
+                    "image garbage collection",
+                    False,
+                ),
+                "image-gc",
+            ),
+            _task(
+                _every(config.resync_seconds, state.snapshots.retry_waiting, "snapshot retry", False),
+                "snapshots",
+            ),
         ]
-        if state.node_images is not None:
-            state.tasks.append(asyncio.create_task(_image_gc(state)))
-        if state.snapshots is not None:
-            state.tasks.append(asyncio.create_task(_retry_snapshots(state)))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
-        state: AgentMemo = memo.state
+        state = agent_memo(memo)
         for task in state.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        state.queue.close()
+        state.node_images.close()
         state.hypervisor.close()
-        if state.node_images is not None:
-            state.node_images.close()
 
-    # Only a watch handler: the agent decides from the VM and the domain as they are, so it
-    # needs none of kopf's per-object bookkeeping (annotations, its own finalizer), each of which
-    # would cost a write per VM. The finalizer that guards deletion is ours (see Watcher.handle).
+    # Only watch handlers: the agent decides from the VM and the domain as they are, so it needs
+    # none of kopf's per-object bookkeeping (annotations, its own finalizer), each of which would
+    # cost a write per VM. The finalizer that guards deletion is ours (see Watcher.handle).
+    @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="vm", registry=registry)
+    async def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        agent_memo(memo).watcher.vm_event(event.get("type"), dict(event["object"]))
+
     @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="image", registry=registry)
     def image_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state: AgentMemo = memo.state
+        state = agent_memo(memo)
         image = state.images.observe(event.get("type"), dict(event["object"]))
         if event.get("type") == "DELETED":
             return
-        if (
-            image.spec.prefetch == "AllNodes"
-            and state.node_images is not None
-            and not image.metadata.deletion_timestamp
-        ):
+        if image.spec.prefetch == "AllNodes" and not image.metadata.deletion_timestamp:
             state.node_images.prefetch(image)
-        if state.watcher is not None:
-            state.watcher.image_changed(image.metadata.namespace or "", image.metadata.name)
+        state.watcher.image_changed(image.metadata.namespace or "", image.metadata.name)
 
-    @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="vm", registry=registry)
-    def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state: AgentMemo = memo.state
-        body = dict(event["object"])
-        state.cache.update(event.get("type"), body)
-        if event.get("type") != "DELETED" and state.watcher is not None:
-            state.watcher.handle(body)
-
-    _register_snapshots(registry)
-
-
-def _register_snapshots(registry: kopf.OperatorRegistry) -> None:
-    """Snapshots and restores of every namespace: each agent acts on those of its own VMs."""
+    @kopf.on.event("", "v1", "nodes", id="own-node", registry=registry)
+    async def own_node(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        """The Node watch shows our last heartbeat back: proof that our watches deliver."""
+        state = agent_memo(memo)
+        annotations = dict(event["object"].get("metadata", {}).get("annotations") or {})
+        if state.sent_beat and annotations.get(HEARTBEAT_ANNOTATION) == state.sent_beat:
+            state.health.beat("watch")
 
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshot", registry=registry)
     def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        if memo.state.snapshots is not None:
-            memo.state.snapshots.event(SNAPSHOT_KIND, event.get("type"), dict(event["object"]))
+        agent_memo(memo).snapshots.event(SNAPSHOT_KIND, event.get("type"), dict(event["object"]))
 
     @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restore", registry=registry)
     def restore_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        if memo.state.snapshots is not None:
-            memo.state.snapshots.event(RESTORE_KIND, event.get("type"), dict(event["object"]))
+        agent_memo(memo).snapshots.event(RESTORE_KIND, event.get("type"), dict(event["object"]))

@@ -1,7 +1,7 @@
 """What a VM's domain needs from outside its spec: image files and cloud-init user data.
 
-Reads the Kubernetes API (VmImages, Secrets) and the node's images directory. Kept behind a
-small protocol so the reconciler can be driven in tests with files only.
+Reads the Kubernetes API (VmImages, Secrets) and the node's image cache. Kept behind a small
+protocol so the reconciler can be driven in tests with files only.
 """
 
 import base64
@@ -9,14 +9,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from kubernetes import client
-
 from formation_vmm.api.models import VirtualMachine, VmImage
-from formation_vmm.api.names import GROUP, IMAGE_PLURAL, VERSION
+from formation_vmm.api.names import IMAGE_PLURAL
 from formation_vmm.domain.build import image_names
 from formation_vmm.domain.spec import BaseImage
 from formation_vmm.images.fetch import FetchError
 from formation_vmm.images.node import ImageNotReadyError, NodeImages
+from formation_vmm.kube import Kube, NotFoundError
 
 
 class InputNotReadyError(RuntimeError):
@@ -63,31 +62,19 @@ class ClusterInputs:
     """Images through the node's image manager (which fetches, verifies and caches them), user
     data inline or from a Secret in the VM's namespace."""
 
-    def __init__(
-        self,
-        custom: client.CustomObjectsApi,
-        core: client.CoreV1Api,
-        node_images: NodeImages,
-        catalog: ImageCatalog | None = None,
-    ) -> None:
-        self.custom = custom
-        self.core = core
+    def __init__(self, kube: Kube, node_images: NodeImages, catalog: ImageCatalog) -> None:
+        self.kube = kube
         self.node_images = node_images
-        self.catalog = catalog or ImageCatalog()
+        self.catalog = catalog
 
     def _get_image(self, namespace: str, name: str) -> VmImage:
         seen = self.catalog.get(namespace, name)
         if seen is not None:
             return seen
         # Not seen (yet): the watch may lag behind a VmImage created a moment ago.
-        try:
-            raw: Any = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, IMAGE_PLURAL, name)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                raise InputNotReadyError(
-                    "ImageNotFound", f"VmImage {namespace}/{name} does not exist"
-                ) from exc
-            raise
+        raw = self.kube.get_or_none(IMAGE_PLURAL, namespace, name)
+        if raw is None:
+            raise InputNotReadyError("ImageNotFound", f"VmImage {namespace}/{name} does not exist")
         return VmImage.model_validate(raw)
 
     def images(self, vm: VirtualMachine) -> dict[str, BaseImage]:
@@ -114,14 +101,11 @@ class ClusterInputs:
             return ""
         namespace = vm.metadata.namespace or ""
         try:
-            secret = self.core.read_namespaced_secret(ref.name, namespace)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                raise InputNotReadyError(
-                    "SecretNotFound", f"Secret {namespace}/{ref.name} does not exist"
-                ) from exc
-            raise
-        data = (secret.data or {}).get(ref.key)
+            data = self.kube.secret_data(namespace, ref.name).get(ref.key)
+        except NotFoundError as exc:
+            raise InputNotReadyError(
+                "SecretNotFound", f"Secret {namespace}/{ref.name} does not exist"
+            ) from exc
         if data is None:
             raise InputNotReadyError(
                 "SecretKeyMissing", f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
@@ -129,17 +113,14 @@ class ClusterInputs:
         return base64.b64decode(data).decode()
 
 
-def secret_authorization(core: client.CoreV1Api) -> Callable[[str, str, str], str]:
+def secret_authorization(kube: Kube) -> Callable[[str, str, str], str]:
     """The Authorization header value a VmImage's secretRef names, read when an import starts."""
 
     def read(namespace: str, secret: str, key: str) -> str:
         try:
-            found = core.read_namespaced_secret(secret, namespace)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                raise FetchError("SecretNotFound", f"Secret {namespace}/{secret} does not exist") from exc
-            raise
-        data = (found.data or {}).get(key)
+            data = kube.secret_data(namespace, secret).get(key)
+        except NotFoundError as exc:
+            raise FetchError("SecretNotFound", f"Secret {namespace}/{secret} does not exist") from exc
         if data is None:
             raise FetchError("SecretKeyMissing", f"Secret {namespace}/{secret} has no key {key!r}")
         return base64.b64decode(data).decode().strip()

@@ -1,44 +1,54 @@
 """VmSnapshot and VmRestore on the VM's node. A snapshot is an internal qcow2 snapshot, named
 after the VmSnapshot's uid, on each of the VM's writable disks: taken live through QEMU while the
 VM runs (disks only, or with memory through libvirt when ``includeMemory``), with qemu-img while
-it is stopped. Its data lives inside the VM's disks: deleting the VM deletes it too.
+it is stopped (``snapshot_mode``). Its data lives inside the VM's disks: deleting the VM deletes
+it too.
 
-A snapshot or restore works under the VM's lock (the one every sync takes), so no sync starts,
-stops or redefines the domain in the middle of one."""
+A snapshot or restore works under the VM's domain lock (the one every sync takes), so no sync
+starts, stops or redefines the domain in the middle of one. A restore leaves a marker beside the
+VM's disks (``restore.json``) from before it stops the VM until its result is written: while it is
+there the VM is held (no sync starts it), and an agent that crashed mid-restore finishes the same
+restore when it comes back instead of reverting again a VM that ran meanwhile."""
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client
-
 from formation_vmm import metrics
-from formation_vmm.agent import files
+from formation_vmm.agent.files import restore_marker
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
-from formation_vmm.agent.plan import DomainState
+from formation_vmm.agent.hypervisor.snapshots import DomainSnapshots
+from formation_vmm.agent.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
+from formation_vmm.agent.state import owner_of
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache
 from formation_vmm.api.conditions import now
-from formation_vmm.api.models import VirtualMachine, VmRestore, VmSnapshot
+from formation_vmm.api.models import (
+    VirtualMachine,
+    VmRestore,
+    VmRestoreStatus,
+    VmSnapshot,
+    VmSnapshotStatus,
+)
 from formation_vmm.api.names import (
     API_VERSION,
-    GROUP,
     NODE_LABEL,
     RESTORE_KIND,
     SNAPSHOT_KIND,
-    SNAPSHOT_PLURAL,
-    VERSION,
     VM_KIND,
     agent_finalizer,
 )
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
-from formation_vmm.images.formats import parse_qemu_info
+from formation_vmm.domain.spec import Owner
+from formation_vmm.host import atomic, qemu_img
 from formation_vmm.kube import EventRecorder, StatusWriter
 
 log = logging.getLogger(__name__)
 
+Body = dict[str, Any]
 Poke = Callable[[str], None]  # domain name: sync this VM soon
 
 
@@ -58,29 +68,31 @@ class Snapshots:
         layout: NodeLayout,
         sync: VmSync,
         cache: VmCache,
-        snapshots: StatusWriter,
-        restores: StatusWriter,
+        snapshots: StatusWriter[VmSnapshotStatus],
+        restores: StatusWriter[VmRestoreStatus],
         events: EventRecorder,
+        poke: Poke,
     ) -> None:
         self.node = node
         self.hypervisor = hypervisor
+        self.libvirt = DomainSnapshots(hypervisor)
         self.layout = layout
         self.sync = sync
         self.cache = cache
         self.snapshots = snapshots
         self.restores = restores
         self.events = events
+        self.poke = poke
         self.finalizer = agent_finalizer(node)
-        self.poke: Poke | None = None
         # Snapshots and restores of VMs not (yet) in our cache: looked at again by retry_waiting,
         # so one created before its VM was bound here is still taken.
-        self._waiting: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._waiting: dict[tuple[str, str, str], Body] = {}
 
-    def forget(self, kind: str, body: dict[str, Any]) -> None:
+    def forget(self, kind: str, body: Body) -> None:
         meta = body["metadata"]
         self._waiting.pop((kind, meta["namespace"], meta["name"]), None)
 
-    def event(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
+    def event(self, kind: str, event_type: str | None, body: Body) -> None:
         """A watch event of a VmSnapshot or VmRestore (``kind``)."""
         if event_type == "DELETED":
             self.forget(kind, body)
@@ -96,14 +108,14 @@ class Snapshots:
 
     # --- VmSnapshot ------------------------------------------------------------------------
 
-    def snapshot_event(self, body: dict[str, Any]) -> None:
+    def snapshot_event(self, body: Body) -> None:
         snap = VmSnapshot.model_validate(body)
         meta = body["metadata"]
         namespace = meta["namespace"]
         mine = (meta.get("labels") or {}).get(NODE_LABEL) == self.node
         if meta.get("deletionTimestamp"):
             if mine and self.finalizer in (meta.get("finalizers") or []):
-                self._delete_data(snap)
+                self._delete_data(snap, _vm_uid(body))
                 self.snapshots.remove_finalizer(body, self.finalizer)
             return
         if snap.status.phase in ("Ready", "Failed"):
@@ -119,7 +131,7 @@ class Snapshots:
             return  # the claim's own watch event brings us back
         self._take(body, snap, VirtualMachine.model_validate(vm_body))
 
-    def _claim(self, body: dict[str, Any], vm_body: dict[str, Any]) -> None:
+    def _claim(self, body: Body, vm_body: Body) -> None:
         meta = body["metadata"]
         vm_meta = vm_body["metadata"]
         owner = {
@@ -129,112 +141,106 @@ class Snapshots:
             "uid": vm_meta["uid"],
             "blockOwnerDeletion": False,
         }
-        patch = {
-            "metadata": {
-                "resourceVersion": meta["resourceVersion"],
+        # At the version read: if it changed meanwhile, the next event decides again.
+        self.snapshots.patch_at_version(
+            body,
+            {
                 "labels": {NODE_LABEL: self.node},
                 "finalizers": [*(meta.get("finalizers") or []), self.finalizer],
                 "ownerReferences": [*(meta.get("ownerReferences") or []), owner],
-            }
-        }
-        try:
-            self.snapshots.api.patch_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], SNAPSHOT_PLURAL, meta["name"], patch
-            )
-        except client.ApiException as exc:
-            if exc.status not in (404, 409):  # gone, or changed: the next event decides again
-                raise
+            },
+        )
 
     def _disks(self, vm: VirtualMachine) -> list[Path]:
-        namespace = vm.metadata.namespace or ""
-        paths = (
-            self.layout.disk_path(namespace, vm.metadata.name, d.name)
-            for d in vm.spec.disks
-            if not d.read_only
-        )
+        owner = owner_of(vm)
+        paths = (self.layout.disk_path(owner, d.name) for d in vm.spec.disks if not d.read_only)
         return [p for p in paths if p.exists()]
 
-    def _take(self, body: dict[str, Any], snap: VmSnapshot, vm: VirtualMachine) -> None:
+    def _take(self, body: Body, snap: VmSnapshot, vm: VirtualMachine) -> None:
         # The event may predate our own last write (Ready): decide on the object as it is now.
         fresh = self.snapshots.get_or_none(body["metadata"]["namespace"], body["metadata"]["name"])
         if fresh is None or (fresh.get("status") or {}).get("phase") in ("Ready", "Failed"):
             return
         body = fresh
-        uid = snap.metadata.uid or ""
-        name = snapshot_name(uid)
+        name = snapshot_name(snap.metadata.uid or "")
         dom = domain_name(vm.metadata.namespace or "", vm.metadata.name)
-        self.snapshots.write(body, lambda st: {"phase": "InProgress", "nodeName": self.node})
+        self.snapshots.write(body, lambda _: VmSnapshotStatus(phase="InProgress", node_name=self.node))
         try:
-            with self.sync.locked(vm.metadata.uid or ""):
+            with self.sync.locked(dom):
                 disks = self._disks(vm)
                 if not disks:
                     raise SnapshotError(f"VM {vm.metadata.name} has no disk to snapshot on {self.node}")
                 info = self.hypervisor.describe(dom)
-                running = info is not None and info.actual.state in (DomainState.RUNNING, DomainState.PAUSED)
-                memory = False
-                if running and snap.spec.include_memory:
-                    if not self.hypervisor.has_snapshot(dom, name):
-                        self.hypervisor.snapshot_with_memory(dom, name)
-                    memory = True
-                elif running and self.hypervisor.live_block_ops:
+                running = info is not None and info.actual.active
+                mode = snapshot_mode(running, snap.spec.include_memory, self.hypervisor.runs_qemu)
+                if mode is SnapshotMode.MEMORY:
+                    if not self.libvirt.has_snapshot(dom, name):
+                        self.libvirt.snapshot_with_memory(dom, name)
+                elif mode is SnapshotMode.LIVE_DISKS:
                     if not all(_has_internal(d, name) for d in disks):
-                        self.hypervisor.snapshot_disks_live(dom, [str(d) for d in disks], name)
+                        self.libvirt.snapshot_disks_live(dom, [str(d) for d in disks], name)
                 else:
                     for disk in disks:
                         if not _has_internal(disk, name):
-                            files.run_qemu_img("snapshot", "-c", name, str(disk))
-                size = sum(_allocated(d) for d in disks)
+                            qemu_img.run("snapshot", "-c", name, str(disk))
+                size = sum(qemu_img.info(d, "qcow2").actual_size for d in disks)
         except (SnapshotError, HypervisorError, OSError) as exc:
             message = str(exc)
             metrics.SNAPSHOTS.labels("snapshot", "failed").inc()
-            self.snapshots.write(body, lambda st: {"phase": "Failed", "readyToUse": False, "error": message})
+            self.snapshots.write(
+                body, lambda _: VmSnapshotStatus(phase="Failed", ready_to_use=False, error=message)
+            )
             self.events.post(body, SNAPSHOT_KIND, "SnapshotFailed", message, "Warning")
             return
-        fields = {
-            "phase": "Ready",
-            "readyToUse": True,
-            "creationTime": now(),
-            "size": size,
-            "memory": memory,
-            "disks": [d.stem for d in disks],
-            "nodeName": self.node,
-            "error": None,
-        }
-        self.snapshots.write(body, lambda st: fields)
+        fields = VmSnapshotStatus(
+            phase="Ready",
+            ready_to_use=True,
+            creation_time=now(),
+            size=size,
+            memory=mode is SnapshotMode.MEMORY,
+            disks=[d.stem for d in disks],
+            node_name=self.node,
+            error=None,
+        )
+        self.snapshots.write(body, lambda _: fields)
         metrics.SNAPSHOTS.labels("snapshot", "ready").inc()
-        kind = "disks and memory" if memory else "disks"
+        kind = "disks and memory" if fields.memory else "disks"
         self.events.post(
             body, SNAPSHOT_KIND, "SnapshotReady", f"{kind} of VM {vm.metadata.name} saved on {self.node}"
         )
 
-    def _delete_data(self, snap: VmSnapshot) -> None:
+    def _delete_data(self, snap: VmSnapshot, vm_uid: str | None) -> None:
         """Remove the snapshot from the VM's disks (if the VM and its disks are still here)."""
+        if vm_uid is None:
+            return
         namespace = snap.metadata.namespace or ""
+        owner = Owner(namespace=namespace, name=snap.spec.vm_name, uid=vm_uid)
         name = snapshot_name(snap.metadata.uid or "")
-        vm_dir = self.layout.disk_dir(namespace, snap.spec.vm_name)
+        vm_dir = self.layout.disk_dir(owner)
         disks = [vm_dir / f"{d}.qcow2" for d in snap.status.disks if (vm_dir / f"{d}.qcow2").exists()]
         if not disks:
             return  # deleted with the VM's disks
         dom = domain_name(namespace, snap.spec.vm_name)
-        vm_body = self.cache.get(dom)
-        with self.sync.locked((vm_body or {}).get("metadata", {}).get("uid", "")):
+        with self.sync.locked(dom):
             info = self.hypervisor.describe(dom)
-            running = info is not None and info.actual.active
-            if snap.status.memory:
-                self.hypervisor.delete_snapshot(dom, name)
-            elif running and self.hypervisor.live_block_ops:
+            holder = info.owner if info is not None else None
+            active = info is not None and info.actual.active and holder is not None and holder.uid == vm_uid
+            mode = removal_mode(bool(snap.status.memory), active, self.hypervisor.runs_qemu)
+            if mode is SnapshotMode.MEMORY:
+                self.libvirt.delete(dom, name)
+            elif mode is SnapshotMode.LIVE_DISKS:
                 with_it = [d for d in disks if _has_internal(d, name)]
                 if with_it:
-                    self.hypervisor.delete_disk_snapshots_live(dom, [str(d) for d in with_it], name)
+                    self.libvirt.delete_disk_snapshots_live(dom, [str(d) for d in with_it], name)
             else:
                 for disk in disks:
                     if _has_internal(disk, name):
-                        files.run_qemu_img("snapshot", "-d", name, str(disk))
+                        qemu_img.run("snapshot", "-d", name, str(disk))
         log.info("removed snapshot %s/%s from %d disk(s)", namespace, snap.metadata.name, len(disks))
 
     # --- VmRestore -------------------------------------------------------------------------
 
-    def restore_event(self, body: dict[str, Any]) -> None:
+    def restore_event(self, body: Body) -> None:
         restore = VmRestore.model_validate(body)
         meta = body["metadata"]
         if meta.get("deletionTimestamp") or restore.status.phase in ("Succeeded", "Failed"):
@@ -251,23 +257,35 @@ class Snapshots:
         if fresh is None or (fresh.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return
         body = fresh
+        marker = restore_marker(self.layout, owner_of(vm))
         try:
             snap = self._ready_snapshot(namespace, restore, vm)
-            self.restores.write(body, lambda st: {"phase": "InProgress"})
-            self._revert(vm, dom, snap)
+            self.restores.write(body, lambda _: VmRestoreStatus(phase="InProgress"))
+            self._revert(vm, dom, snap, marker, restore.metadata.uid or "")
         except (SnapshotError, HypervisorError, OSError) as exc:
             message = str(exc)
             metrics.SNAPSHOTS.labels("restore", "failed").inc()
-            self.restores.write(body, lambda st: {"phase": "Failed", "error": message, "completedAt": now()})
+            self.restores.write(
+                body, lambda _: VmRestoreStatus(phase="Failed", error=message, completed_at=now())
+            )
             self.events.post(body, RESTORE_KIND, "RestoreFailed", message, "Warning")
+            self._release(marker, restore.metadata.uid or "", dom)
             return
-        self.restores.write(body, lambda st: {"phase": "Succeeded", "completedAt": now(), "error": None})
+        self.restores.write(
+            body, lambda _: VmRestoreStatus(phase="Succeeded", completed_at=now(), error=None)
+        )
         metrics.SNAPSHOTS.labels("restore", "succeeded").inc()
         message = f"disks of VM {vm.metadata.name} restored from snapshot {restore.spec.snapshot_name}"
         self.events.post(body, RESTORE_KIND, "Restored", message)
         self.events.post(vm_body, VM_KIND, "Restored", message)
-        if self.poke is not None:
-            self.poke(dom)  # started again (or not) per runStrategy by the usual sync
+        self._release(marker, restore.metadata.uid or "", dom)
+
+    def _release(self, marker: Path, restore_uid: str, dom: str) -> None:
+        """The restore's result is written: the VM is no longer held, and is started again (or
+        not) per runStrategy by the usual sync."""
+        if _marker_of(marker).get("restore") == restore_uid:
+            marker.unlink(missing_ok=True)
+        self.poke(dom)
 
     def _ready_snapshot(self, namespace: str, restore: VmRestore, vm: VirtualMachine) -> VmSnapshot:
         found = self.snapshots.get_or_none(namespace, restore.spec.snapshot_name)
@@ -286,34 +304,59 @@ class Snapshots:
             raise SnapshotError(
                 f"VmSnapshot {snap.metadata.name} is on node {snap.status.node_name}, not here"
             )
+        if _vm_uid(found) not in (None, vm.metadata.uid):
+            raise SnapshotError(
+                f"VmSnapshot {snap.metadata.name} was taken of an earlier VM named {vm.metadata.name}"
+            )
         return snap
 
-    def _revert(self, vm: VirtualMachine, dom: str, snap: VmSnapshot) -> None:
+    def _revert(self, vm: VirtualMachine, dom: str, snap: VmSnapshot, marker: Path, restore_uid: str) -> None:
         name = snapshot_name(snap.metadata.uid or "")
-        vm_dir = self.layout.disk_dir(vm.metadata.namespace or "", vm.metadata.name)
+        vm_dir = self.layout.disk_dir(owner_of(vm))
         disks = [vm_dir / f"{d}.qcow2" for d in snap.status.disks]
-        missing = [d.name for d in disks if not d.exists() or not _has_internal(d, name)]
-        if missing and not snap.status.memory:
-            raise SnapshotError(f"the snapshot's data is gone from disk(s) {', '.join(missing)}")
-        with self.sync.locked(vm.metadata.uid or ""):
+        with self.sync.locked(dom):
+            state = _marker_of(marker)
+            if state.get("restore") == restore_uid and state.get("stage") == "reverted":
+                return  # done before a crash; only the result was not written
+            missing = [d.name for d in disks if not d.exists() or not _has_internal(d, name)]
+            if missing and not snap.status.memory:
+                raise SnapshotError(f"the snapshot's data is gone from disk(s) {', '.join(missing)}")
+            _write_marker(marker, restore_uid, "reverting")  # from here on the VM is held
             self.hypervisor.destroy(dom)  # stopped hard: its disks are about to be replaced
             if snap.status.memory:
-                self.hypervisor.revert_snapshot(dom, name)  # disks and memory: it resumes
+                self.libvirt.revert(dom, name)  # disks and memory: it resumes
             else:
                 for disk in disks:
-                    files.run_qemu_img("snapshot", "-a", name, str(disk))
+                    qemu_img.run("snapshot", "-a", name, str(disk))
+            _write_marker(marker, restore_uid, "reverted")
         log.info("restored %s/%s from %s", vm.metadata.namespace, vm.metadata.name, snap.metadata.name)
 
 
+def _vm_uid(body: Body) -> str | None:
+    """The VM a claimed snapshot belongs to, from its owner reference."""
+    for ref in body["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == VM_KIND:
+            return str(ref.get("uid"))
+    return None
+
+
+def _marker_of(marker: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_marker(marker: Path, restore_uid: str, stage: str) -> None:
+    atomic.write_bytes(marker, json.dumps({"restore": restore_uid, "stage": stage}).encode())
+
+
 def _internal_snapshots(disk: Path) -> list[str]:
-    out = files.run_qemu_img("snapshot", "-l", "-U", str(disk))
+    out = qemu_img.run("snapshot", "-l", "-U", str(disk))
     # Lines after the two header lines: "ID  TAG  VM SIZE  DATE  VM CLOCK  ICOUNT"
     return [line.split()[1] for line in out.splitlines()[2:] if len(line.split()) > 1]
 
 
 def _has_internal(disk: Path, name: str) -> bool:
     return name in _internal_snapshots(disk)
-
-
-def _allocated(disk: Path) -> int:
-    return parse_qemu_info(files.run_qemu_img("info", "-U", "--output=json", str(disk))).actual_size

@@ -1,140 +1,166 @@
 """Bring one VM and its domain in line, and report it: the one path every trigger takes.
 
-Triggers are kopf's handlers (the VM changed), libvirt's lifecycle events (the domain changed)
-and the periodic resync (anything drifted). A lock per VM keeps two triggers from acting on the
-same domain at once; the status is written only when it changes.
+A lock per domain name keeps two paths (a sync, a snapshot, a deletion) from acting on the same
+domain at once; the status is written only when it changes.
 """
 
 import contextlib
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from formation_vmm import metrics
-from formation_vmm.agent.hypervisor import HypervisorError
+from formation_vmm.agent.hypervisor import HypervisorError, HypervisorUnavailableError
 from formation_vmm.agent.inputs import InputNotReadyError
-from formation_vmm.agent.reconcile import Reconciler, restart_requested
-from formation_vmm.agent.status import changes, status_after, status_failed, status_waiting
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.state import restart_requested
+from formation_vmm.agent.status import changes, status_after, status_failed, status_unknown, status_waiting
+from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import VM_KIND
 from formation_vmm.domain.build import UnsupportedSpecError
-from formation_vmm.domain.naming import UnsafeNameError
+from formation_vmm.domain.naming import UnsafeNameError, domain_name
 from formation_vmm.kube import EventRecorder, StatusWriter
 
 log = logging.getLogger(__name__)
 
+Body = dict[str, Any]
+
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What happened, for the caller to decide on retries: ``retry`` is None when settled."""
+    """What happened, for the caller to decide when to look again."""
 
     phase: str | None
-    retry: str | None = None  # why the VM should be synced again soon
-    permanent: str | None = None  # why the VM cannot run as specified
-    outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid
+    retry_after: float | None = None  # sync this VM again after this many seconds
+    outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid, unavailable
+    finished: bool = False  # a deletion: the domain and files are gone
 
 
 class VmSync:
     def __init__(
-        self, reconciler: Reconciler, status: StatusWriter, events: EventRecorder, node: str
+        self,
+        reconciler: Reconciler,
+        status: StatusWriter[VirtualMachineStatus],
+        events: EventRecorder,
+        node: str,
+        retry_seconds: float = 10.0,
     ) -> None:
         self.reconciler = reconciler
         self.status = status
         self.events = events
         self.node = node
+        self.retry_seconds = retry_seconds
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._written: set[str] = set()  # VMs whose status this process has written
+        self._written: set[str] = set()  # VM uids whose status this process has written
         self._guard = threading.Lock()
 
-    def _lock(self, uid: str) -> threading.Lock:
-        with self._guard:
-            return self._locks[uid]
-
     @contextlib.contextmanager
-    def locked(self, uid: str) -> Iterator[None]:
-        """Hold the VM's lock: no sync acts on its domain meanwhile (snapshots, restores)."""
-        with self._lock(uid):
+    def locked(self, domain: str) -> Iterator[None]:
+        """Hold the lock of the domain named ``domain``: no sync acts on it meanwhile."""
+        with self._guard:
+            lock = self._locks[domain]
+        with lock:
             yield
 
-    def forget(self, uid: str) -> None:
+    def forget(self, domain: str, uid: str) -> None:
         with self._guard:
-            self._locks.pop(uid, None)
+            self._locks.pop(domain, None)
             self._written.discard(uid)
 
-    def sync(self, body: dict[str, Any]) -> SyncResult:
+    def sync(self, body: Body) -> SyncResult:
         """Reconcile ``body``, which comes from a watch or a cache and may lag behind our own
         last status write: first look, and if anything is to be done or written, re-read the VM
         and work from that, so a restart already carried out is never carried out twice. A VM
         we have not written since we started cannot lag behind us: no re-read for it."""
         vm = VirtualMachine.model_validate(body)
         uid = vm.metadata.uid or ""
-        with self._lock(uid):
+        with self.locked(_domain(vm)):
             if uid in self._written:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
                     return SyncResult(vm.status.phase)
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
-            return self._sync(body, vm)
+            with metrics.SYNC_SECONDS.time():
+                result = self._sync(body, vm)
+        metrics.SYNCS.labels(result.outcome).inc()
+        return result
 
-    def _fresh(self, body: dict[str, Any], vm: VirtualMachine) -> dict[str, Any] | None:
+    def _fresh(self, body: Body, vm: VirtualMachine) -> Body | None:
         """None when nothing needs doing (or the VM is gone); else the VM as the API has it now."""
         try:
             preview = self.reconciler.reconcile(vm, dry_run=True)
-            old = dict(body.get("status") or {})
-            idle = not preview.actions and not changes(old, status_after(vm, old, preview, self.node))
+            idle = not preview.actions and not changes(
+                dict(body.get("status") or {}), status_after(vm, vm.status, preview, self.node)
+            )
         except Exception:  # an input or libvirt problem: the full pass reports it
             idle = False
         if idle:
             return None
-        return self.status.get_or_none(vm.metadata.namespace or "", vm.metadata.name)
+        return self.status.get_or_none(vm.metadata.namespace, vm.metadata.name)
 
-    def delete(self, body: dict[str, Any], grace_seconds: float | None = None) -> None:
+    def delete(self, body: Body, grace_seconds: float | None = None) -> SyncResult:
+        """One step of a deleted VM's way out: a graceful stop first (the result says when to
+        look again), then the domain and its files; ``finished`` once they are gone."""
         vm = VirtualMachine.model_validate(body)
-        with self._lock(vm.metadata.uid or ""):
-            self.reconciler.reconcile(vm, deleting=True, grace_seconds=grace_seconds)
-        self.forget(vm.metadata.uid or "")
+        domain = _domain(vm)
+        with self.locked(domain):
+            try:
+                outcome = self.reconciler.reconcile(vm, deleting=True, grace_seconds=grace_seconds)
+            except HypervisorError as exc:
+                log.warning("%s: cannot remove the domain yet: %s", domain, exc)
+                return SyncResult("Terminating", retry_after=self.retry_seconds, outcome="unavailable")
+            owner = outcome.domain.owner if outcome.domain else None
+            mine = owner is not None and owner.uid == vm.metadata.uid
+            if mine and "resourceVersion" in body["metadata"]:
+                self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node, deleting=True))
+        if mine:
+            return SyncResult("Terminating", retry_after=outcome.requeue_after, outcome="acted")
+        self.forget(domain, vm.metadata.uid or "")
+        return SyncResult("Terminating", outcome="acted", finished=True)
 
-    def _sync(self, body: dict[str, Any], vm: VirtualMachine) -> SyncResult:
-        with metrics.SYNC_SECONDS.time():
-            result = self._sync_timed(body, vm)
-        metrics.SYNCS.labels(result.outcome).inc()
-        return result
-
-    def _sync_timed(self, body: dict[str, Any], vm: VirtualMachine) -> SyncResult:
-        old = dict(body.get("status") or {})
+    def _sync(self, body: Body, vm: VirtualMachine) -> SyncResult:
         try:
             outcome = self.reconciler.reconcile(vm)
         except InputNotReadyError as exc:
             reason, message = exc.reason, str(exc)
             self._report(body, vm, lambda st: status_waiting(vm, st, reason, message), reason, message)
-            return SyncResult("Provisioning", retry=message, outcome="waiting")
+            return SyncResult("Provisioning", retry_after=self.retry_seconds, outcome="waiting")
         except (UnsupportedSpecError, UnsafeNameError) as exc:
             message = str(exc)
             self._report(
                 body, vm, lambda st: status_failed(vm, st, "InvalidSpec", message), "InvalidSpec", message
             )
-            return SyncResult("Failed", permanent=message, outcome="invalid")
+            return SyncResult("Failed", outcome="invalid")
+        except HypervisorUnavailableError as exc:
+            message = f"libvirt is unavailable on {self.node}: {exc}"
+            self._report(
+                body,
+                vm,
+                lambda st: status_unknown(vm, st, "HypervisorUnavailable", message),
+                "HypervisorUnavailable",
+                message,
+            )
+            return SyncResult(vm.status.phase, retry_after=self.retry_seconds, outcome="unavailable")
         except (HypervisorError, OSError) as exc:
             reason = "HypervisorError" if isinstance(exc, HypervisorError) else "HostError"
             message = str(exc)
             self._report(body, vm, lambda st: status_failed(vm, st, reason, message), reason, message)
-            return SyncResult("Failed", retry=message, outcome="failed")
-        fields = status_after(vm, old, outcome, self.node)
+            return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
+        old = dict(body.get("status") or {})
+        fields = status_after(vm, vm.status, outcome, self.node)
         if changes(old, fields):
-            self.status.write(body, lambda st: status_after(vm, st, outcome, self.node))
-            self._written.add(vm.metadata.uid or "")
-        if fields["phase"] != old.get("phase"):
+            self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node))
+        if fields.phase != old.get("phase"):
             self.events.post(
                 body,
                 VM_KIND,
-                fields["phase"],
-                f"{old.get('phase') or 'new'} -> {fields['phase']} on {self.node}",
+                str(fields.phase),
+                f"{old.get('phase') or 'new'} -> {fields.phase} on {self.node}",
             )
-        restarted = int(fields.get("restartCount") or 0) > int(old.get("restartCount") or 0)
-        if restarted and not restart_requested(vm):
+        if fields.restart_count > vm.status.restart_count and not restart_requested(vm):
             self.events.post(
                 body,
                 VM_KIND,
@@ -142,17 +168,31 @@ class VmSync:
                 "the guest stopped and was started again per runStrategy",
                 "Warning",
             )
-        for action in outcome.actions:
-            metrics.ACTIONS.labels(action.value).inc()
-        return SyncResult(fields["phase"], outcome="acted" if outcome.actions else "idle")
+        return SyncResult(
+            fields.phase, retry_after=outcome.requeue_after, outcome="acted" if outcome.actions else "idle"
+        )
+
+    def _write(
+        self, body: Body, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]
+    ) -> None:
+        self.status.write(body, update)
+        self._written.add(vm.metadata.uid or "")
 
     def _report(
-        self, body: dict[str, Any], vm: VirtualMachine, update: Any, reason: str, message: str
+        self,
+        body: Body,
+        vm: VirtualMachine,
+        update: Callable[[VirtualMachineStatus], VirtualMachineStatus],
+        reason: str,
+        message: str,
     ) -> None:
-        """Write a waiting or failed status, and say so once per distinct message."""
+        """Write a waiting, failed or unknown status, and say so once per distinct message."""
         old = dict(body.get("status") or {})
-        if changes(old, update(old)):
-            self.status.write(body, update)
-            self._written.add(vm.metadata.uid or "")
+        if changes(old, update(vm.status)):
+            self._write(body, vm, update)
         if old.get("message") != message:
             self.events.post(body, VM_KIND, reason, message, "Warning")
+
+
+def _domain(vm: VirtualMachine) -> str:
+    return domain_name(vm.metadata.namespace or "", vm.metadata.name)

@@ -1,155 +1,179 @@
-"""Everything that syncs VMs besides kopf's handlers: libvirt lifecycle events (a crash or a
-guest shutdown shows in status within a second) and the periodic resync (drift: a domain removed
-behind our back is recreated, a domain whose VM is gone is removed, IPs appear)."""
+"""Every path by which a VM of this node gets synced, and the queue they share: the watch (a VM
+changed), libvirt's lifecycle events (a crash or a guest shutdown shows in status within a
+second), retries and stop deadlines, and the periodic resync (drift: a domain removed behind our
+back is recreated, a domain whose VM is gone is removed, IPs appear). Each only queues the
+domain's name; the queue's workers do the syncing."""
 
-import asyncio
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
-from formation_vmm.agent.sync import VmSync
+from formation_vmm.agent.state import DomainInfo
+from formation_vmm.agent.sync import SyncResult, VmSync
+from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.references import images_named
 from formation_vmm.domain.naming import domain_name
 from formation_vmm.kube import StatusWriter
 
 log = logging.getLogger(__name__)
 
+Body = dict[str, Any]
 VmExists = Callable[[str, str, str], bool]  # (namespace, name, uid) -> still there, bound here
 
 
-@dataclass
 class VmCache:
-    """The latest body of every VM bound to this node, by domain name, fed by kopf's watch."""
+    """The latest body of every VM bound to this node, by domain name, fed by the watch."""
 
-    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._bodies: dict[str, Body] = {}
+        self._lock = threading.Lock()
 
-    def update(self, event_type: str | None, body: dict[str, Any]) -> None:
+    def update(self, event_type: str | None, body: Body) -> str:
         meta = body["metadata"]
         key = domain_name(meta["namespace"], meta["name"])
-        if event_type == "DELETED":
-            self.bodies.pop(key, None)
-        else:
-            self.bodies[key] = body
+        with self._lock:
+            if event_type == "DELETED":
+                if (self._bodies.get(key) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
+                    self._bodies.pop(key, None)
+            else:
+                self._bodies[key] = body
+        return key
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.bodies.get(key)
+    def get(self, key: str) -> Body | None:
+        with self._lock:
+            return self._bodies.get(key)
+
+    def names(self) -> list[str]:
+        """Domain names of every cached VM."""
+        with self._lock:
+            return list(self._bodies)
 
     def uids(self) -> set[str]:
-        return {b["metadata"].get("uid") for b in self.bodies.values()}
+        with self._lock:
+            return {b["metadata"].get("uid") for b in self._bodies.values()}
+
+    def users_of(self, namespace: str, image: str) -> list[str]:
+        """Domain names of the VMs in ``namespace`` that name VmImage ``image``."""
+        with self._lock:
+            return [
+                key
+                for key, body in self._bodies.items()
+                if body["metadata"]["namespace"] == namespace and image in images_named(body)
+            ]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._bodies)
 
 
 class Watcher:
-    """Every path by which a VM of this node gets synced: the watch (``handle``, from kopf),
-    libvirt's lifecycle events, retries after a failure, and the periodic resync."""
-
     def __init__(
         self,
         sync: VmSync,
         hypervisor: Hypervisor,
         cache: VmCache,
+        queue: WorkQueue,
         vm_exists: VmExists,
-        writer: StatusWriter,
+        writer: StatusWriter[Any],
         finalizer: str,
-        retry_seconds: float = 10.0,
+        files_root: Path,
     ) -> None:
         self.sync = sync
         self.hypervisor = hypervisor
         self.cache = cache
+        self.queue = queue
         self.vm_exists = vm_exists
         self.writer = writer
         self.finalizer = finalizer
-        self.retry_seconds = retry_seconds
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: set[str] = set()
-        self._loop = asyncio.get_running_loop()
+        self.files_root = files_root
 
-    def handle(self, body: dict[str, Any]) -> None:
-        """One VM as the watch shows it now (called in a worker thread, one VM at a time)."""
-        meta = body["metadata"]
-        finalizers = meta.get("finalizers") or []
-        if meta.get("deletionTimestamp"):
-            if self.finalizer in finalizers:
-                log.info("%s/%s: deleted, removing its domain and files", meta["namespace"], meta["name"])
-                self.sync.delete(body)
-                self.writer.remove_finalizer(body, self.finalizer)
-            return
-        if self.finalizer not in finalizers:
-            # The controller adds it when it binds the VM; a VM labeled by other means gets it here.
-            self.writer.add_finalizer(body, self.finalizer)
-        result = self.sync.sync(body)
-        if result.retry:
-            name = domain_name(meta["namespace"], meta["name"])
-            self._loop.call_soon_threadsafe(self._loop.call_later, self.retry_seconds, self._enqueue, name)
+    def mine(self, info: DomainInfo) -> bool:
+        """A domain of ours on this node: its metadata names a VM, and its files lie in this
+        agent's directories (a libvirtd may be shared with another agent or cluster)."""
+        return (
+            info.owner is not None
+            and info.console_log is not None
+            and Path(info.console_log).is_relative_to(self.files_root)
+        )
+
+    # --- what asks for a sync ------------------------------------------------------------------
+
+    def vm_event(self, event_type: str | None, body: Body) -> None:
+        """A watch event of a VM bound to this node (from kopf)."""
+        key = self.cache.update(event_type, body)
+        if event_type != "DELETED":
+            self.queue.add(key)
 
     def image_changed(self, namespace: str, image: str) -> None:
         """A VmImage appeared or changed: the VMs that wait for it need not wait for a retry."""
-        for key, body in list(self.cache.bodies.items()):
-            if body["metadata"]["namespace"] == namespace and image in images_named(body):
-                self.poke(key)
-
-    def poke(self, name: str) -> None:
-        """Sync the VM of domain ``name`` soon (callable from any thread)."""
-        self._loop.call_soon_threadsafe(self._enqueue, name)
+        for key in self.cache.users_of(namespace, image):
+            self.queue.add(key)
 
     def on_domain_event(self, name: str, event: str) -> None:
         """Called from libvirt's event thread."""
         log.debug("domain %s: %s", name, event)
         metrics.DOMAIN_EVENTS.labels(event).inc()
-        self.poke(name)
+        self.queue.add(name)
 
-    def _enqueue(self, name: str) -> None:
-        if name not in self._queued:
-            self._queued.add(name)
-            self.queue.put_nowait(name)
-
-    async def run_events(self) -> None:
-        while True:
-            name = await self.queue.get()
-            self._queued.discard(name)
-            body = self.cache.get(name)
-            if body is None:
-                continue
-            try:
-                await asyncio.to_thread(self.handle, body)
-            except Exception:  # one VM's failure must not stop the others' events
-                log.exception("sync after a libvirt event on %s failed", name)
-
-    async def run_resync(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.resync_once)
-            except Exception:
-                log.exception("periodic resync failed")
-
-    def resync_once(self) -> None:
+    def resync(self) -> None:
+        """Queue every VM of the cache, and every domain of ours whose VM the cache lacks."""
+        metrics.RESYNCS.inc()
         try:
             domains = self.hypervisor.owned_domains()
         except HypervisorError as exc:
             log.warning("resync: %s", exc)
-            return
+            domains = []
         known = self.cache.uids()
         for info in domains:
-            owner = info.owner
-            if owner is None or owner.uid in known:
-                continue
-            # Not in our cache: confirm with the API before removing anything, so a cache that
-            # is late never costs a VM its domain.
-            if not self.vm_exists(owner.namespace, owner.name, owner.uid):
-                log.warning(
-                    "removing domain %s: its VM %s/%s is gone", info.name, owner.namespace, owner.name
-                )
-                self.sync.delete(
-                    {"metadata": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid}},
-                    grace_seconds=0,
-                )
-        for body in list(self.cache.bodies.values()):
-            try:
-                self.handle(body)
-            except Exception:
-                log.exception(
-                    "resync of %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"]
-                )
+            if self.mine(info) and info.owner is not None and info.owner.uid not in known:
+                self.queue.add(info.name)
+        for key in self.cache.names():
+            self.queue.add(key)
+
+    # --- the sync itself, in a queue worker ---------------------------------------------------
+
+    def process(self, key: str) -> None:
+        body = self.cache.get(key)
+        if body is None:
+            self._orphan(key)
+            return
+        result = self.handle(body)
+        if result.retry_after is not None:
+            self.queue.add_after(key, result.retry_after)
+
+    def handle(self, body: Body) -> SyncResult:
+        """One VM as the cache shows it now."""
+        meta = body["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if meta.get("deletionTimestamp"):
+            if self.finalizer not in finalizers:
+                return SyncResult("Terminating", finished=True)
+            result = self.sync.delete(body)
+            if result.finished:
+                log.info("%s/%s: domain and files removed", meta["namespace"], meta["name"])
+                self.writer.remove_finalizer(body, self.finalizer)
+            return result
+        if self.finalizer not in finalizers:
+            # The controller adds it when it binds the VM; a VM labeled by other means gets it here.
+            self.writer.add_finalizer(body, self.finalizer)
+        return self.sync.sync(body)
+
+    def _orphan(self, key: str) -> None:
+        """A domain named ``key`` whose VM is not in the cache: removed (at once: its VM is gone)
+        if the API confirms the VM no longer exists here, so a late cache never costs a VM its
+        domain."""
+        try:
+            info = self.hypervisor.describe(key)
+        except HypervisorError as exc:
+            log.warning("cannot look at domain %s: %s", key, exc)
+            return
+        owner = info.owner if info is not None and self.mine(info) else None
+        if owner is None or self.vm_exists(owner.namespace, owner.name, owner.uid):
+            return
+        log.warning("removing domain %s: its VM %s/%s is gone", key, owner.namespace, owner.name)
+        orphan = {"metadata": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid}}
+        self.sync.delete(orphan, grace_seconds=0)

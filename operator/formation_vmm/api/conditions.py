@@ -4,34 +4,41 @@ Status is written with JSON merge patches, which replace lists whole, so each wr
 full list: its own conditions updated, everyone else's kept as read.
 """
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+
+from formation_vmm.api.models import Condition, ConditionStatus
 
 
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now() -> datetime:
+    """The current time as conditions and timestamps carry it: UTC, whole seconds."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _text(status: bool | ConditionStatus) -> ConditionStatus:
+    if isinstance(status, bool):
+        return "True" if status else "False"
+    return status
 
 
 def set_condition(
-    conditions: list[dict[str, Any]] | None,
+    conditions: Sequence[Condition],
     type_: str,
-    status: bool | str,
+    status: bool | ConditionStatus,
     reason: str,
     message: str = "",
     generation: int | None = None,
-    at: str | None = None,
-) -> list[dict[str, Any]]:
+    at: datetime | None = None,
+) -> list[Condition]:
     """Return ``conditions`` with ``type_`` set; lastTransitionTime moves only when status does."""
-    text = status if isinstance(status, str) else ("True" if status else "False")
-    result = [dict(c) for c in conditions or []]
-    old = next((c for c in result if c.get("type") == type_), None)
-    new: dict[str, Any] = {"type": type_, "status": text, "reason": reason, "message": message}
+    text = _text(status)
+    result = list(conditions)
+    old = next((c for c in result if c.type == type_), None)
+    moved = old is None or old.status != text or old.last_transition_time is None
+    stamp = (at or now()) if moved or old is None else old.last_transition_time
+    new = Condition(type=type_, status=text, reason=reason, message=message, last_transition_time=stamp)
     if generation is not None:
-        new["observedGeneration"] = generation
-    if old is not None and old.get("status") == text and old.get("lastTransitionTime"):
-        new["lastTransitionTime"] = old["lastTransitionTime"]
-    else:
-        new["lastTransitionTime"] = at or now()
+        new.observed_generation = generation
     if old is None:
         result.append(new)
     else:
@@ -39,5 +46,5 @@ def set_condition(
     return result
 
 
-def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
-    return next((c for c in conditions or [] if c.get("type") == type_), None)
+def get_condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)

@@ -1,12 +1,12 @@
 """Typed models of the custom resources, mirroring ``crds/`` field by field.
 
-``tests/api/test_models_match_crds.py`` walks these models and the CRD schemas side by side, so a
+``tests/api/test_crds.py`` walks these models and the CRD schemas side by side, so a
 field added to one and not the other fails the tests. The CRDs are the canonical copy (they carry
 the descriptions, defaults and CEL rules users meet); these models are what the code reads.
 """
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -29,12 +29,19 @@ VmPhase = Literal[
 ]
 ImagePhase = Literal["Pending", "Downloading", "Converting", "Ready", "Failed"]
 ImageFormat = Literal["auto", "raw", "qcow2", "vmdk", "form"]
+ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 class ApiModel(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown fields are ignored, not fatal."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+def to_wire(model: BaseModel) -> dict[str, Any]:
+    """The fields of ``model`` that were set (read, or assigned), as the API spells them: what a
+    status patch sends. A field set to None is sent as null, which removes it."""
+    return model.model_dump(by_alias=True, exclude_unset=True, mode="json")
 
 
 # --- VirtualMachine -------------------------------------------------------------------------
@@ -145,7 +152,7 @@ class VirtualMachineSpec(ApiModel):
 
 class Condition(ApiModel):
     type: str
-    status: Literal["True", "False", "Unknown"]
+    status: ConditionStatus
     reason: str = ""
     message: str = ""
     last_transition_time: datetime | None = None

@@ -9,23 +9,19 @@ killed between the two writes finds the VM unlabeled and binds it afresh; no VM 
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.api.conditions import get_condition, set_condition
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import NODE_LABEL, VM_KIND, agent_finalizer
 from formation_vmm.controller.nodes import node_info
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
 
 log = logging.getLogger(__name__)
-
-# Bindings written at once. Each is two small PATCHes; a handful in flight keeps the apiserver
-# busy without queueing behind one another on a 2-core machine.
-BIND_WORKERS = 8
 
 NODE_LOST_MESSAGE = "the agent on node {node} has not reported for {seconds:.0f}s; the VM's state is unknown"
 
@@ -41,7 +37,7 @@ class Bound:
 class Binder:
     def __init__(
         self,
-        status: StatusWriter,
+        status: StatusWriter[VirtualMachineStatus],
         events: EventRecorder,
         cpu_overcommit: float = 1.0,
         memory_overcommit: float = 1.0,
@@ -57,7 +53,6 @@ class Binder:
         self._bound: dict[str, Bound] = {}  # uid -> binding
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
         self.changed = threading.Event()  # set when binding could now succeed where it failed
-        self._pool = ThreadPoolExecutor(max_workers=BIND_WORKERS, thread_name_prefix="bind")
 
     # --- what the watches tell us ------------------------------------------------------------
 
@@ -109,6 +104,7 @@ class Binder:
             pending = sorted(
                 self._pending.values(), key=lambda b: b["metadata"].get("creationTimestamp") or ""
             )
+        metrics.PENDING.set(len(pending))
         for body in pending:
             try:
                 self.bind(body)
@@ -147,43 +143,50 @@ class Binder:
         return decision
 
     def _write_binding(self, body: dict[str, Any], vm: VirtualMachine, node: str, why: str) -> bool:
+        """True when the VM is bound to ``node`` (now, or by an earlier run of ours); False when
+        it is gone or was bound elsewhere meanwhile (the watch brings the truth)."""
         gen = vm.metadata.generation
         written = self.status.write(
             body,
-            lambda st: {
-                "phase": "Scheduled",
-                "nodeName": node,
-                "vcpus": vm.spec.vcpus,
-                "message": f"scheduled on {node}",
-                "conditions": set_condition(st.get("conditions"), "Scheduled", True, "Scheduled", why, gen),
-            },
+            lambda st: VirtualMachineStatus(
+                phase="Scheduled",
+                node_name=node,
+                vcpus=vm.spec.vcpus,
+                message=f"scheduled on {node}",
+                conditions=set_condition(st.conditions, "Scheduled", True, "Scheduled", why, gen),
+            ),
+            guard=lambda current: not _label(current),
         )
         if written is None:
             return False  # deleted meanwhile
-        if (written["metadata"].get("labels") or {}).get(NODE_LABEL):
-            return True  # bound by an earlier run of ours; the label stands
+        if _label(written):
+            return _label(written) == node  # bound before this write: by us earlier, or elsewhere
         # The agent's finalizer comes with the binding, in the same write: the VM cannot be
         # deleted without its agent removing the domain, and the agent saves a write of its own.
-        if not self.status.set_label(written, NODE_LABEL, node, agent_finalizer(node)):
+        finalizers = list(written["metadata"].get("finalizers") or [])
+        if agent_finalizer(node) not in finalizers:
+            finalizers.append(agent_finalizer(node))
+        bound = self.status.patch_at_version(
+            written, {"labels": {NODE_LABEL: node}, "finalizers": finalizers}
+        )
+        if bound is None:
             return False
         self.events.post(body, VM_KIND, "Scheduled", f"bound to node {node}")
         return True
 
     def _unschedulable(self, body: dict[str, Any], vm: VirtualMachine, message: str) -> None:
-        old = get_condition((body.get("status") or {}).get("conditions"), "Scheduled")
-        if old is not None and old.get("message") == message:
+        old = get_condition(vm.status.conditions, "Scheduled")
+        if old is not None and old.message == message:
             return  # said already: no write, no event
         gen = vm.metadata.generation
         self.status.write(
             body,
-            lambda st: {
-                "phase": "Pending",
-                "vcpus": vm.spec.vcpus,
-                "message": message,
-                "conditions": set_condition(
-                    st.get("conditions"), "Scheduled", False, "Unschedulable", message, gen
-                ),
-            },
+            lambda st: VirtualMachineStatus(
+                phase="Pending",
+                vcpus=vm.spec.vcpus,
+                message=message,
+                conditions=set_condition(st.conditions, "Scheduled", False, "Unschedulable", message, gen),
+            ),
         )
         self.events.post(body, VM_KIND, "Unschedulable", message, "Warning")
 
@@ -205,7 +208,7 @@ class Binder:
         vm = VirtualMachine.model_validate(body)
         node = vm.metadata.labels.get(NODE_LABEL)
         if node:
-            self.status.write(body, lambda _st: {"nodeName": node, "vcpus": vm.spec.vcpus})
+            self.status.write(body, lambda _: VirtualMachineStatus(node_name=node, vcpus=vm.spec.vcpus))
 
     # --- node health -------------------------------------------------------------------------
 
@@ -225,14 +228,16 @@ class Binder:
             self.events.post(bound.body, VM_KIND, "NodeLost", message, "Warning")
 
 
-def _lost(message: str, generation: int | None) -> Any:
-    def update(status: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "phase": "Unknown",
-            "message": message,
-            "conditions": set_condition(
-                status.get("conditions"), "Ready", "Unknown", "NodeLost", message, generation
-            ),
-        }
+def _label(body: dict[str, Any]) -> str | None:
+    return (body["metadata"].get("labels") or {}).get(NODE_LABEL)
+
+
+def _lost(message: str, generation: int | None) -> Callable[[VirtualMachineStatus], VirtualMachineStatus]:
+    def update(status: VirtualMachineStatus) -> VirtualMachineStatus:
+        return VirtualMachineStatus(
+            phase="Unknown",
+            message=message,
+            conditions=set_condition(status.conditions, "Ready", "Unknown", "NodeLost", message, generation),
+        )
 
     return update

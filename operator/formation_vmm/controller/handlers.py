@@ -1,12 +1,12 @@
 """kopf handlers of the controller. The controller only watches (kopf ``on.event``: no
-finalizers, no annotations written on VMs) and hands what it sees to the Binder, whose own loop
-binds VMs and watches node health."""
+finalizers, no annotations written on VMs) and hands what it sees to the Binder and its helpers.
+Every replica watches (so a standby has warm caches); only the leader writes."""
 
 import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -24,8 +24,11 @@ from formation_vmm.api.names import (
 from formation_vmm.config import Settings
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
+from formation_vmm.controller.leader import LeaderElector
+from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
-from formation_vmm.kube import node_summary
+from formation_vmm.health import Health
+from formation_vmm.kube import Kube
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +40,27 @@ RETRY_SECONDS = 5.0
 @dataclass
 class ControllerMemo:
     settings: Settings
+    kube: Kube
     binder: Binder
     guard: ImageGuard
     notes: SnapshotNotes
+    leader: LeaderElector
+    health: Health
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-async def _bind_loop(binder: Binder, guard: ImageGuard) -> None:
+def controller_memo(memo: kopf.Memo) -> ControllerMemo:
+    return cast(ControllerMemo, memo.state)
+
+
+async def _bind_loop(state: ControllerMemo) -> None:
+    binder, guard = state.binder, state.guard
     while True:
         await asyncio.to_thread(binder.changed.wait, RETRY_SECONDS)
         binder.changed.clear()
+        state.health.beat("loop")
+        if not state.leader.is_leader():
+            continue
         try:
             await asyncio.to_thread(binder.bind_pending)
             await asyncio.to_thread(binder.mark_lost_nodes)
@@ -56,47 +70,93 @@ async def _bind_loop(binder: Binder, guard: ImageGuard) -> None:
             log.exception("binding pass failed")
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
+async def _lead(state: ControllerMemo) -> None:
+    leader = state.leader
+    while True:
+        try:
+            leading = await asyncio.to_thread(leader.step)
+            state.health.beat("api")
+            if leading:
+                state.binder.changed.set()  # a new leader binds what waited at once
+        except Exception:
+            log.exception("leader election failed")
+        await asyncio.sleep(leader.renew)
+
+
+def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: str) -> None:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
-        state: ControllerMemo = memo.state
-        state.tasks = [asyncio.create_task(_bind_loop(state.binder, state.guard))]
+        settings.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.name={lease_name}"
+        settings.posting.enabled = False  # our own EventRecorder posts what users read
+        state = controller_memo(memo)
+        state.tasks = [
+            asyncio.create_task(_lead(state), name="leader"),
+            asyncio.create_task(_bind_loop(state), name="bind"),
+        ]
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
-        for task in memo.state.tasks:
+        for task in controller_memo(memo).tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @kopf.on.event(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        id="lease",
+        registry=registry,
+        when=_in_namespace(lease_namespace),
+    )
+    async def lease(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        """The lease watch shows a renewal: proof that our watches deliver (the leader sees its
+        own; a standby, the leader's)."""
+        state = controller_memo(memo)
+        renewed = (event["object"].get("spec") or {}).get("renewTime")
+        if renewed and (not state.leader.is_leader() or renewed == state.leader.last_written):
+            state.health.beat("watch")
 
     # Async on purpose: these only update the binder's memory (a thread hop per watch event
     # would cost more than the work); the rare API write goes to a thread.
     @kopf.on.event("", "v1", "nodes", labels={HYPERVISOR_LABEL: "true"}, id="nodes", registry=registry)
     async def nodes(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo.state.binder.node_event(event.get("type"), node_summary(dict(event["object"])))
+        controller_memo(memo).binder.node_event(event.get("type"), node_summary(dict(event["object"])))
 
     @kopf.on.event(GROUP, VERSION, VM_PLURAL, id="vms", registry=registry)
     async def vms(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        binder: Binder = memo.state.binder
+        state = controller_memo(memo)
         body = dict(event["object"])
-        binder.vm_event(event.get("type"), body)
-        guard: ImageGuard = memo.state.guard
-        for image in guard.vm_event(event.get("type"), body):
-            await asyncio.to_thread(guard.release_if_unused, image)
-        if event.get("type") != "DELETED" and binder.status_needs_repair(body):
-            await asyncio.to_thread(binder.repair_status, body)
+        state.binder.vm_event(event.get("type"), body)
+        released = state.guard.vm_event(event.get("type"), body)
+        if not state.leader.is_leader():
+            return
+        for image in released:
+            await asyncio.to_thread(state.guard.release_if_unused, image)
+        if event.get("type") != "DELETED" and state.binder.status_needs_repair(body):
+            await asyncio.to_thread(state.binder.repair_status, body)
 
     @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="images", registry=registry)
     def images(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        memo.state.guard.image_event(event.get("type"), dict(event["object"]))
+        state = controller_memo(memo)
+        state.guard.image_event(event.get("type"), dict(event["object"]), write=state.leader.is_leader())
 
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshots", registry=registry)
     def snapshots(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        if event.get("type") != "DELETED":
-            memo.state.notes.event(SNAPSHOT_KIND, dict(event["object"]))
+        state = controller_memo(memo)
+        if event.get("type") != "DELETED" and state.leader.is_leader():
+            state.notes.event(SNAPSHOT_KIND, dict(event["object"]))
 
     @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restores", registry=registry)
     def restores(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        if event.get("type") != "DELETED":
-            memo.state.notes.event(RESTORE_KIND, dict(event["object"]))
+        state = controller_memo(memo)
+        if event.get("type") != "DELETED" and state.leader.is_leader():
+            state.notes.event(RESTORE_KIND, dict(event["object"]))
+
+
+def _in_namespace(namespace: str) -> Any:
+    def check(body: kopf.Body, **_: Any) -> bool:
+        return bool(body.get("metadata", {}).get("namespace") == namespace)
+
+    return check

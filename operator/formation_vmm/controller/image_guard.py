@@ -9,7 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from formation_vmm.api.conditions import set_condition
+from formation_vmm.api.conditions import get_condition, set_condition
+from formation_vmm.api.models import VmImageStatus
 from formation_vmm.api.names import IMAGE_FINALIZER, IMAGE_KIND
 from formation_vmm.api.references import images_named
 from formation_vmm.kube import EventRecorder, StatusWriter
@@ -26,7 +27,7 @@ def in_use_message(users: list[str]) -> str:
 
 
 class ImageGuard:
-    def __init__(self, writer: StatusWriter, events: EventRecorder, list_vms: ListVms) -> None:
+    def __init__(self, writer: StatusWriter[VmImageStatus], events: EventRecorder, list_vms: ListVms) -> None:
         self.writer = writer
         self.events = events
         self.list_vms = list_vms
@@ -52,8 +53,9 @@ class ImageGuard:
     def users(self, namespace: str, image: str) -> list[str]:
         return sorted(vm["metadata"]["name"] for vm in self.list_vms(namespace) if image in images_named(vm))
 
-    def image_event(self, event_type: str | None, body: dict[str, Any]) -> None:
-        """Add the finalizer to a live image; release or hold a deleted one. Runs in a thread."""
+    def image_event(self, event_type: str | None, body: dict[str, Any], write: bool = True) -> None:
+        """Add the finalizer to a live image; release or hold a deleted one. Runs in a thread.
+        With ``write`` False (a standby controller) it only remembers what it saw."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         finalizers = meta.get("finalizers") or []
@@ -62,14 +64,15 @@ class ImageGuard:
                 self._deleting.pop(key, None)
             return
         if not meta.get("deletionTimestamp"):
-            if IMAGE_FINALIZER not in finalizers:
+            if IMAGE_FINALIZER not in finalizers and write:
                 self.writer.add_finalizer(body, IMAGE_FINALIZER)
             return
         if IMAGE_FINALIZER not in finalizers:
             return
         with self._lock:
             self._deleting[key] = body
-        self.release_if_unused(body)
+        if write:
+            self.release_if_unused(body)
 
     def release_if_unused(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -77,14 +80,13 @@ class ImageGuard:
         users = self.users(namespace, name)
         if users:
             message = in_use_message(users)
-            conditions = (body.get("status") or {}).get("conditions") or []
-            old: dict[str, Any] = next((c for c in conditions if c.get("type") == "InUse"), {})
-            if old.get("message") != message:
+            old = get_condition(self.writer.status_of(body).conditions, "InUse")
+            if old is None or old.message != message:
                 self.writer.write(
                     body,
-                    lambda st: {
-                        "conditions": set_condition(st.get("conditions"), "InUse", True, "UsedByVMs", message)
-                    },
+                    lambda st: VmImageStatus(
+                        conditions=set_condition(st.conditions, "InUse", True, "UsedByVMs", message)
+                    ),
                 )
                 self.events.post(body, IMAGE_KIND, "DeletionBlocked", message, "Warning")
             return

@@ -38,3 +38,15 @@ def node_info(summary: dict[str, Any], lost_after: float, now: datetime | None =
         memory=memory,
         ready=ready,
     )
+
+
+def node_summary(body: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a Node the controller's placement reads (kept in memory per node)."""
+    meta = body.get("metadata", {})
+    spec = body.get("spec", {})
+    return {
+        "name": meta.get("name"),
+        "labels": dict(meta.get("labels") or {}),
+        "annotations": dict(meta.get("annotations") or {}),
+        "taints": [dict(t) for t in spec.get("taints") or []],
+    }

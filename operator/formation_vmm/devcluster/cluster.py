@@ -1,5 +1,5 @@
 """Everything on top of a bare control plane that a working Formation VMM needs: CRDs, the
-peering object, hypervisor Node objects, and the controller and agent processes.
+namespace and RBAC, hypervisor Node objects, and the controller and agent processes.
 
 Shared by ``vmm dev up`` and the control-plane test fixtures, so the tests exercise exactly what
 users start.

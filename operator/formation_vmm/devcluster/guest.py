@@ -17,6 +17,10 @@ POWEROFF_MARKER = "formation-vmm guest: powering off"
 # it back plus one: a disk whose contents a test can follow through snapshots and restores.
 DISK_SAYS = "formation-vmm guest: disk says"
 DISK_NOW = "formation-vmm guest: disk now"
+# With vmm.tick=1, /init prints this every second with a counter kept in memory and the kernel's
+# boot id: a guest resumed (restored, migrated) goes on counting under the same boot id, a
+# guest booted again starts over under a new one.
+TICK = "formation-vmm guest: tick"
 # The virtio modules /dev/vda needs (Debian's cloud kernel builds them as modules), in load order.
 VIRTIO_MODULES = (
     "virtio/virtio_ring",
@@ -38,6 +42,7 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vmm.poweroff=*) delay="${{arg#vmm.poweroff=}}" ;;
     vmm.disk=*) disk="${{arg#vmm.disk=}}" ;;
+    vmm.tick=*) tick="${{arg#vmm.tick=}}" ;;
   esac
 done
 if [ -n "$disk" ]; then
@@ -61,6 +66,11 @@ if [ -n "$delay" ]; then
   sleep "$delay"
   echo "{POWEROFF_MARKER}"
   poweroff -f
+fi
+if [ -n "$tick" ]; then
+  boot=$(cat /proc/sys/kernel/random/boot_id)
+  n=0
+  while true; do n=$((n + 1)); echo "{TICK} $n boot $boot"; sleep 1; done
 fi
 while true; do sleep 3600; done
 """

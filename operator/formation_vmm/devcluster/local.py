@@ -3,21 +3,26 @@ background. There is no kubelet: ``up`` registers this machine's Node object its
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
+from formation_vmm.agent.hypervisor import Hypervisor, probe
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.cluster import (
     Kubectl,
     install_crds,
+    install_rbac,
     register_node,
     source_root,
     start_agent,
     start_controller,
 )
 from formation_vmm.devcluster.controlplane import ControlPlane
-from formation_vmm.devcluster.processes import alive
+from formation_vmm.devcluster.libvirt_node import LibvirtNode, LibvirtNodeError
+from formation_vmm.devcluster.processes import alive, stop
+from formation_vmm.domain.xml import file_paths
 
 
 def state_dir() -> Path:
@@ -46,26 +51,42 @@ def _kvm_usable() -> bool:
     return " hypervisor" not in cpuinfo
 
 
-def choose_libvirt() -> tuple[str, str, str | None]:
-    """(uri, domain type, warning): qemu:///system when libvirtd answers, else test:///default."""
-    uri = os.environ.get("VMM_LIBVIRT_URI", "qemu:///system")
-    if uri.startswith("test:"):
-        return uri, "test", None
-    try:
-        import libvirt
-
-        conn = libvirt.open(uri)
-        conn.close()
-    except Exception as exc:
-        return (
-            "test:///default",
-            "test",
-            f"WARNING: cannot reach libvirt at {uri} ({exc}); the agent uses libvirt's test driver "
-            "(test:///default): VMs get domains, but no guest really runs. Start libvirtd "
-            "(hack/setup-libvirt.sh) and run `vmm dev up` again for real guests.",
-        )
+def start_libvirt(plane: ControlPlane, node: str) -> tuple[str, str, str | None]:
+    """(uri, domain type, warning). By default the node gets a libvirtd of its own (in a mount
+    namespace, see ``libvirt_node``), so the dev cluster never shares this machine's libvirtd.
+    ``VMM_LIBVIRT_URI`` names another (``test:///default`` for libvirt's test driver); without
+    root or libvirtd, the test driver it is, with a warning."""
     domain_type = os.environ.get("VMM_DOMAIN_TYPE") or ("kvm" if _kvm_usable() else "qemu")
-    return uri, domain_type, None
+    uri = os.environ.get("VMM_LIBVIRT_URI")
+    if uri is not None:
+        if uri.startswith("test:"):
+            return uri, "test", None
+        why = probe(uri)
+        if why is None:
+            return uri, domain_type, None
+        return _test_driver(f"cannot reach libvirt at {uri} ({why})")
+    if os.geteuid() != 0 or not shutil.which("libvirtd") or not shutil.which("unshare"):
+        return _test_driver("a node libvirtd needs root, libvirtd and unshare")
+    libvirt = LibvirtNode(_libvirt_root(plane.root, node), node)
+    try:
+        libvirt.start(plane.processes)
+    except LibvirtNodeError as exc:
+        return _test_driver(str(exc))
+    return libvirt.uri, domain_type, None
+
+
+def _test_driver(why: str) -> tuple[str, str, str]:
+    return (
+        "test:///default",
+        "test",
+        f"WARNING: {why}; the agent uses libvirt's test driver (test:///default): VMs get "
+        "domains, but no guest really runs. Run `vmm dev up` as root on a machine with libvirt "
+        "(hack/install-system-deps.sh) for real guests.",
+    )
+
+
+def _libvirt_root(root: Path, node: str) -> Path:
+    return root / "nodes" / node / "libvirt"
 
 
 def _print(msg: str) -> None:
@@ -85,9 +106,10 @@ def up(sample: bool = True) -> int:
     _print(f"control plane ready in {time.monotonic() - started:.1f}s")
     kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
     install_crds(kubectl)
+    install_rbac(kubectl)  # the namespace, as an install has it (the controller's Lease lives there)
     node = node_name()
     register_node(kubectl, node)
-    uri, domain_type, warning = choose_libvirt()
+    uri, domain_type, warning = start_libvirt(plane, node)
     if warning:
         _print(warning)
     controller = start_controller(plane)
@@ -130,18 +152,66 @@ def _apply_sample(kubectl: Kubectl, images_dir: Path) -> None:
 
 
 def down(quiet: bool = False) -> int:
+    """Stop everything ``up`` started and remove every domain and file it created, whether or
+    not its processes are still alive (after a crash of the agent, the guests still run)."""
     root = state_dir()
     plane = ControlPlane(root)
     table = plane.processes.read()
     if table and all(alive(pid) for pid in table.values()):
-        # Let the agent remove the domains while it still runs, so no guest outlives the cluster.
+        # Let the agent remove the domains while it still runs: the graceful way.
         kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
         kubectl("delete", "vm", "--all", "-A", "--wait=true", "--timeout=60s", check=False)
+    # Whatever is left: no agent may start a guest again while it is removed.
+    for name, pid in table.items():
+        if name == "controller" or name.startswith("agent-"):
+            stop(pid)
+    nodes = root / "nodes"
+    node_dirs = sorted(p.parent for p in nodes.glob("*/libvirt"))
+    for node_dir in node_dirs:
+        for name in LibvirtNode(node_dir / "libvirt", node_dir.name).destroy_domains():
+            _print(f"removed domain {name}, left behind by a dev cluster process that died")
+    uri = _recorded_uri(root)
+    if uri is not None:  # a libvirtd of the user's: only the domains whose files are ours
+        for name in sweep_domains(uri, nodes):
+            _print(f"removed domain {name}, left behind by a dev cluster process that died")
     plane.stop()
+    for node_dir in node_dirs:  # its libvirtd died before it could destroy them
+        LibvirtNode(node_dir / "libvirt", node_dir.name).kill_leftovers()
+    shutil.rmtree(nodes, ignore_errors=True)
     (root / "info.json").unlink(missing_ok=True)
     if not quiet:
         _print("formation-vmm dev cluster stopped")
     return 0
+
+
+def _recorded_uri(root: Path) -> str | None:
+    """The libvirt URI `up` used when it was not a node libvirtd of the dev cluster's own."""
+    try:
+        info = json.loads((root / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    uri = info.get("libvirt_uri")
+    return uri if isinstance(uri, str) and "socket=" + str(root) not in uri else None
+
+
+def sweep_domains(uri: str, files_root: Path) -> list[str]:
+    """Destroy and undefine the domains of ours whose files lie under ``files_root`` (the dev
+    cluster's node directories) on a libvirtd the dev cluster does not own: exactly those it
+    created, never another's. libvirt's test driver keeps no domain beyond its process."""
+    if uri.startswith("test:") or probe(uri) is not None:
+        return []
+    hypervisor = Hypervisor(uri)
+    removed = []
+    try:
+        for info in hypervisor.owned_domains():
+            paths = file_paths(hypervisor.domain_xml(info.name))
+            if any(Path(p).is_relative_to(files_root) for p in paths):
+                hypervisor.destroy(info.name)
+                hypervisor.undefine(info.name)
+                removed.append(info.name)
+    finally:
+        hypervisor.close()
+    return removed
 
 
 def status() -> int:

@@ -47,6 +47,7 @@ def build_domain_spec(
     meta = vm.metadata
     if meta.namespace is None or meta.uid is None:
         raise UnsupportedSpecError("a VM needs a namespace and a uid before it gets a domain")
+    owner = Owner(namespace=meta.namespace, name=meta.name, uid=meta.uid)
     spec = vm.spec
     disks = []
     for disk in spec.disks:
@@ -56,7 +57,7 @@ def build_domain_spec(
         disks.append(
             DiskDevice(
                 name=disk.name,
-                path=layout.disk_path(meta.namespace, meta.name, disk.name),
+                path=layout.disk_path(owner, disk.name),
                 bus=disk.bus,
                 read_only=disk.read_only,
                 boot_order=disk.boot_order,
@@ -66,7 +67,7 @@ def build_domain_spec(
         disks.append(
             DiskDevice(
                 name="cloudinit",
-                path=layout.seed_path(meta.namespace, meta.name),
+                path=layout.seed_path(owner),
                 bus="sata",
                 read_only=True,
                 driver_type="raw",
@@ -97,13 +98,13 @@ def build_domain_spec(
     topo = spec.topology
     return DomainSpec(
         name=domain_name(meta.namespace, meta.name),
-        owner=Owner(namespace=meta.namespace, name=meta.name, uid=meta.uid),
+        owner=owner,
         domain_type=domain_type,
         memory_kib=-(-spec.memory_bytes // 1024),
         sockets=topo.sockets,
         cores=topo.cores,
         threads=topo.threads,
-        console_log=layout.console_log(meta.namespace, meta.name),
+        console_log=layout.console_log(owner),
         disks=tuple(disks),
         interfaces=interfaces,
         kernel=kernel,

@@ -172,3 +172,29 @@ def readonly_targets(xml: str) -> list[str]:
         for disk in root.iterfind("./devices/disk")
         if disk.find("readonly") is not None and disk.find("target") is not None
     ]
+
+
+def file_paths(xml: str) -> list[str]:
+    """Every host file a domain's XML names: disk sources, serial and console logs."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
+    except ET.ParseError:
+        return []
+    found = [str(el.get("file")) for el in root.iterfind("./devices/disk/source") if el.get("file")]
+    found += [
+        str(el.get("path"))
+        for tag in ("serial", "console")
+        for el in root.iterfind(f"./devices/{tag}/source")
+        if el.get("path")
+    ]
+    return found
+
+
+def console_log_of(xml: str) -> str | None:
+    """The file a domain logs its serial console to, if any."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
+    except ET.ParseError:
+        return None
+    source = root.find("./devices/serial/source")
+    return source.get("path") if source is not None else None

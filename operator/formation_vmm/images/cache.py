@@ -9,18 +9,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from formation_vmm.agent.files import ensure_inside
 from formation_vmm.domain.spec import BaseImage
+from formation_vmm.host.atomic import fsync_dir
+from formation_vmm.host.paths import ensure_inside
 
 CACHE_DIR = ".vmm-cache"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ImageCache:

@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 from urllib3.exceptions import HTTPError, ProtocolError
 
+from formation_vmm.host.paths import open_new, open_read
 from formation_vmm.images.formats import ImageRefusedError
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total if known)
@@ -54,7 +55,7 @@ class HashingWriter:
     network (hashlib and file writes release the GIL). fsync'd before it reports done."""
 
     def __init__(self, dest: Path) -> None:
-        self._fd = _open_new(dest)
+        self._fd = open_new(dest)
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
         self._digest = hashlib.sha256()
         self._error: BaseException | None = None
@@ -90,12 +91,6 @@ class HashingWriter:
         if self._error is not None and exc[0] is None:
             raise self._error
         self.hexdigest = self._digest.hexdigest()
-
-
-def _open_new(dest: Path) -> int:
-    # O_EXCL|O_NOFOLLOW: never write through a symlink someone placed at the scratch name.
-    dest.unlink(missing_ok=True)
-    return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
 
 
 def download(
@@ -154,8 +149,8 @@ def copy_local(source: Path, dest: Path, limits: FetchLimits, progress: Progress
     """Copy a hostPath image (already checked to lie inside the images directory)."""
     digest = hashlib.sha256()
     done = 0
-    fd_in = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd_in, "rb") as src, os.fdopen(_open_new(dest), "wb") as out:
+    fd_in = open_read(source)
+    with os.fdopen(fd_in, "rb") as src, os.fdopen(open_new(dest), "wb") as out:
         total = os.fstat(src.fileno()).st_size
         if total > limits.max_bytes:
             raise ImageRefusedError(

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from formation_vmm.host.disk_info import DiskInfo
+
 GZIP_MAGIC = b"\x1f\x8b"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 TAR_MAGIC_OFFSET = 257  # "ustar" in a POSIX tar header
@@ -33,26 +35,6 @@ def compression_of(head: bytes) -> str | None:
 
 def is_tar(head: bytes) -> bool:
     return head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] == b"ustar"
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    format: str
-    virtual_size: int
-    actual_size: int
-    backing: str | None
-
-
-def parse_qemu_info(text: str) -> DiskInfo:
-    """``qemu-img info --output=json`` of one file (no backing chain)."""
-    data: Any = json.loads(text)
-    backing = data.get("full-backing-filename") or data.get("backing-filename")
-    return DiskInfo(
-        format=str(data["format"]),
-        virtual_size=int(data["virtual-size"]),
-        actual_size=int(data.get("actual-size") or 0),
-        backing=str(backing) if backing else None,
-    )
 
 
 def check_disk(info: DiskInfo, expected: str) -> None:

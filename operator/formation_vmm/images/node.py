@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from formation_vmm import metrics
-from formation_vmm.agent.files import UnsafePathError, ensure_inside
-from formation_vmm.api.models import VmImage
+from formation_vmm.api.models import ImagePhase, VmImage, VmImageStatus
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import UnsafeNameError
 from formation_vmm.domain.spec import BaseImage
+from formation_vmm.host.paths import UnsafePathError, ensure_inside
 from formation_vmm.images import fetch
 from formation_vmm.images.cache import ImageCache
 from formation_vmm.images.fetch import FetchError, FetchLimits, Throttle
@@ -29,7 +29,7 @@ from formation_vmm.images.pipeline import Expectation, import_fetched
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
-Report = Callable[[VmImage, str, str | None, dict[str, Any]], None]  # image, phase, message, details
+Report = Callable[[VmImage, ImagePhase, str | None, VmImageStatus], None]  # image, phase, message, details
 Authorization = Callable[[str, str, str], str]  # (namespace, secret, key) -> header value
 Notify = Callable[[str, str], None]  # (namespace, name): the image's state on this node changed
 
@@ -186,7 +186,7 @@ class NodeImages:
                 spec_key="", phase="Failed", reason=exc.reason, message=str(exc), failed_at=time.monotonic()
             )
         if not already:
-            self._pool.submit(self._safe_report, image, "Failed", str(exc), {"progress": ""})
+            self._pool.submit(self._safe_report, image, "Failed", str(exc), VmImageStatus(progress=""))
 
     def _set(self, key: Key, wanted: str, **changes: Any) -> bool:
         with self._lock:
@@ -197,7 +197,9 @@ class NodeImages:
                 setattr(state, name, value)
             return True
 
-    def _safe_report(self, image: VmImage, phase: str, message: str | None, details: dict[str, Any]) -> None:
+    def _safe_report(
+        self, image: VmImage, phase: ImagePhase, message: str | None, details: VmImageStatus
+    ) -> None:
         try:
             self.report(image, phase, message, details)
         except Exception:  # the status is best effort; the next change writes it again
@@ -210,11 +212,11 @@ class NodeImages:
         def progress(done: int, total: int | None) -> None:
             text = progress_text(done, total)
             self._set(key, wanted, phase="Downloading", progress=text)
-            self._safe_report(image, "Downloading", None, {"progress": text})
+            self._safe_report(image, "Downloading", None, VmImageStatus(progress=text))
 
-        def phase(value: str) -> None:
+        def phase(value: ImagePhase) -> None:
             self._set(key, wanted, phase=value)
-            self._safe_report(image, value, None, {})
+            self._safe_report(image, value, None, VmImageStatus())
 
         try:
             self._set(key, wanted, phase="Downloading", reason="ImageDownloading", message="")
@@ -234,7 +236,7 @@ class NodeImages:
                 running=False,
                 progress="",
             ):
-                self._safe_report(image, "Failed", str(exc), {"progress": ""})
+                self._safe_report(image, "Failed", str(exc), VmImageStatus(progress=""))
         except Exception as exc:  # a bug or host problem: Failed with the error, retried later
             metrics.IMAGE_IMPORTS.labels("ImportError").inc()
             log.exception("VmImage %s/%s import crashed", key[0], name)
@@ -248,7 +250,7 @@ class NodeImages:
                 running=False,
                 progress="",
             ):
-                self._safe_report(image, "Failed", str(exc), {"progress": ""})
+                self._safe_report(image, "Failed", str(exc), VmImageStatus(progress=""))
         else:
             metrics.IMAGE_IMPORTS.labels("ready").inc()
             metrics.IMAGE_IMPORT_SECONDS.observe(time.monotonic() - started)
@@ -293,13 +295,10 @@ def _expectation(image: VmImage) -> Expectation:
     return Expectation(format=image.spec.format, checksum=image.spec.checksum)
 
 
-def _details(cached: BaseImage) -> dict[str, Any]:
-    return {
-        "progress": "100%",
-        "size": cached.size,
-        "virtualSize": cached.virtual_size,
-        "format": cached.format,
-    }
+def _details(cached: BaseImage) -> VmImageStatus:
+    return VmImageStatus(
+        progress="100%", size=cached.size, virtual_size=cached.virtual_size, format=cached.format
+    )
 
 
 def overlay_bases(disks_dir: Path) -> set[str]:
@@ -307,7 +306,7 @@ def overlay_bases(disks_dir: Path) -> set[str]:
     found: set[str] = set()
     if not disks_dir.is_dir():
         return found
-    for disk in disks_dir.glob("*/*/*.qcow2"):
+    for disk in disks_dir.glob("*/*/*/*.qcow2"):  # <namespace>/<vm>/<uid>/<disk>.qcow2
         if disk.is_symlink() or not disk.is_file():
             continue
         with disk.open("rb") as f:
@@ -329,6 +328,7 @@ class GarbageCollector:
 
     def collect(self, live: list[VmImage], now: float | None = None) -> list[str]:
         """Returns the content hashes removed."""
+        metrics.IMAGE_GC_RUNS.inc()
         images = self.images
         cache = images.cache
         if not cache.root.is_dir():

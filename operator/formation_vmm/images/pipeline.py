@@ -11,20 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from formation_vmm.agent.files import QemuImgError, run_qemu_img
+from formation_vmm.api.models import ImagePhase
 from formation_vmm.domain.spec import BaseImage
+from formation_vmm.host import qemu_img
+from formation_vmm.host.disk_info import DiskInfo, parse_info
+from formation_vmm.host.paths import open_new
 from formation_vmm.images.cache import ImageCache
 from formation_vmm.images.fetch import CHUNK, Fetched, FetchLimits, sha256_file
 from formation_vmm.images.formats import (
     MANIFEST_NAME,
-    DiskInfo,
     FormManifest,
     ImageRefusedError,
     check_disk,
     compression_of,
     is_tar,
     parse_manifest,
-    parse_qemu_info,
     safe_member_name,
 )
 
@@ -39,14 +40,14 @@ class Expectation:
     checksum: str | None  # sha256:<hex> of the bytes as fetched
 
 
-Phase = Callable[[str], None]  # told "Converting" when conversion starts
+Phase = Callable[[ImagePhase], None]  # told "Converting" when conversion starts
 
 
 def _run(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:
     """qemu-img on an image being imported: a refusal means the image is unusable."""
     try:
-        return run_qemu_img(*args, ok_codes=ok_codes)
-    except QemuImgError as exc:
+        return qemu_img.run(*args, ok_codes=ok_codes)
+    except qemu_img.QemuImgError as exc:
         raise ImageRefusedError("CorruptImage", str(exc).replace(" failed:", " refused the image:")) from exc
 
 
@@ -54,13 +55,12 @@ def disk_info(path: Path, fmt: str | None = None) -> DiskInfo:
     args = ["info", "--output=json", "-U"]
     if fmt:
         args += ["-f", fmt]
-    return parse_qemu_info(_run([*args, str(path)]))
+    return parse_info(_run([*args, str(path)]))
 
 
 def _copy_limited(src: IO[bytes], dest: Path, max_bytes: int) -> None:
     done = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
+    with os.fdopen(open_new(dest), "wb") as out:
         for chunk in iter(lambda: src.read(CHUNK), b""):
             done += len(chunk)
             if done > max_bytes:

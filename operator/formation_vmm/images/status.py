@@ -1,16 +1,16 @@
 """A VmImage's status: each agent writes its own node's entry, and the overall fields are
 recomputed from all entries on every write, so any agent's write leaves them consistent. Pure."""
 
-from typing import Any
-
 from formation_vmm.api.conditions import set_condition
+from formation_vmm.api.models import ImageNodeStatus, ImagePhase, VmImageStatus
 
-ORDER = ("Failed", "Downloading", "Converting", "Pending")
+# The overall phase is the first of these any node is in; Ready only when every node is.
+ORDER: tuple[ImagePhase, ...] = ("Failed", "Downloading", "Converting", "Pending")
 
 
-def summarize(nodes: list[dict[str, Any]]) -> str:
+def summarize(nodes: list[ImageNodeStatus]) -> ImagePhase:
     """Failed if any node failed, else the least advanced state; Ready only when all are."""
-    phases = {n.get("phase") for n in nodes}
+    phases = {n.phase for n in nodes}
     for phase in ORDER:
         if phase in phases:
             return phase
@@ -18,44 +18,40 @@ def summarize(nodes: list[dict[str, Any]]) -> str:
 
 
 def with_node(
-    status: dict[str, Any],
+    status: VmImageStatus,
     node: str,
-    phase: str,
+    phase: ImagePhase,
     message: str | None = None,
-    details: dict[str, Any] | None = None,
+    details: VmImageStatus | None = None,
     generation: int | None = None,
-) -> dict[str, Any]:
+) -> VmImageStatus:
     """The status fields to write when ``node``'s state of the image becomes ``phase``.
-    ``details``: progress, size, virtualSize, format as this node knows them."""
-    entry: dict[str, Any] = {"name": node, "phase": phase}
+    ``details``: progress, size, virtualSize, format as this node knows them (the fields set)."""
+    entry = ImageNodeStatus(name=node, phase=phase)
     if message:
-        entry["message"] = message
-    nodes = [n for n in status.get("nodes") or [] if n.get("name") != node] + [entry]
-    nodes.sort(key=lambda n: str(n.get("name")))
+        entry.message = message
+    nodes = [n for n in status.nodes if n.name != node] + [entry]
+    nodes.sort(key=lambda n: n.name)
     overall = summarize(nodes)
-    failed = [n for n in nodes if n.get("phase") == "Failed"]
+    failed = [n for n in nodes if n.phase == "Failed"]
     if overall == "Ready":
         reason, text = "Imported", f"cached on {len(nodes)} node(s)"
     elif failed:
-        reason, text = "ImportFailed", "; ".join(f"{n['name']}: {n.get('message', 'failed')}" for n in failed)
+        reason, text = "ImportFailed", "; ".join(f"{n.name}: {n.message or 'failed'}" for n in failed)
     else:
         reason, text = (
             overall,
-            f"{overall.lower()} on {', '.join(n['name'] for n in nodes if n['phase'] != 'Ready')}",
+            f"{overall.lower()} on {', '.join(n.name for n in nodes if n.phase != 'Ready')}",
         )
-    fields: dict[str, Any] = {
-        "phase": overall,
-        "nodes": nodes,
-        "conditions": set_condition(
-            status.get("conditions"), "Ready", overall == "Ready", reason, text, generation
-        ),
-    }
-    fields.update(details or {})
+    fields = VmImageStatus(
+        phase=overall,
+        nodes=nodes,
+        conditions=set_condition(status.conditions, "Ready", overall == "Ready", reason, text, generation),
+    )
+    for name in details.model_fields_set if details is not None else set():
+        setattr(fields, name, getattr(details, name))
     return fields
 
 
-def node_entry(status: dict[str, Any], node: str) -> dict[str, Any] | None:
-    for entry in status.get("nodes") or []:
-        if entry.get("name") == node:
-            return dict(entry)
-    return None
+def node_entry(status: VmImageStatus, node: str) -> ImageNodeStatus | None:
+    return next((entry for entry in status.nodes if entry.name == node), None)

@@ -1,0 +1,349 @@
+"""One libvirt connection: domains defined, started, stopped and described; lifecycle events
+passed on; a dead connection reopened."""
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+
+from formation_vmm.agent.plan import Actual, DomainState, ShutoffReason
+from formation_vmm.agent.state import DomainInfo
+from formation_vmm.domain.xml import console_log_of, metadata_of
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr by default, even those we expect and handle (looking up
+# a domain that does not exist yet); errors reach us as exceptions instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+# A daemon that stops answering is noticed after about KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT + 1)
+# seconds; every call waiting on it then fails instead of hanging its thread.
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+
+
+class HypervisorError(RuntimeError):
+    """A libvirt call failed; the message is libvirt's own, fit for a condition."""
+
+
+class HypervisorUnavailableError(HypervisorError):
+    """libvirtd cannot be reached (stopped, restarting, hung): nothing is known of the domains."""
+
+
+# Error domains of the connection itself, not of an operation on a domain.
+_CONNECTION_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+_CONNECTION_CODES = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT}
+
+
+def hypervisor_error(exc: libvirt.libvirtError, context: str = "") -> HypervisorError:
+    prefix = f"{context}: " if context else ""
+    text = f"{prefix}{exc.get_error_message() or exc}"
+    if exc.get_error_domain() in _CONNECTION_DOMAINS or exc.get_error_code() in _CONNECTION_CODES:
+        return HypervisorUnavailableError(text)
+    return HypervisorError(text)
+
+
+_event_loop_started = False
+_event_loop_lock = threading.Lock()
+
+
+def start_event_loop() -> None:
+    """Run libvirt's default event loop in a daemon thread, once per process. It must run
+    before a connection opens for that connection to deliver lifecycle events and keepalives."""
+    global _event_loop_started  # noqa: PLW0603 - libvirt's event loop is process-wide by design
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                try:
+                    libvirt.virEventRunDefaultImpl()
+                except Exception:  # the loop serves every connection: it must outlive any error
+                    log.exception("libvirt's event loop failed an iteration")
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def probe(uri: str) -> str | None:
+    """None when libvirt answers at ``uri``, else why not (for `vmm dev up`'s choice)."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        return str(exc)
+    conn.close()
+    return None
+
+
+DomainListener = Callable[[str, str], None]  # (domain name, event) -> None
+
+_EVENT_NAMES = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.SHUTTING_DOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+}
+_SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: ShutoffReason.GUEST_SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: ShutoffReason.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: ShutoffReason.CRASHED,
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: ShutoffReason.DESTROYED,
+}
+
+
+class Hypervisor:
+    """A libvirt connection. libvirt connections are thread-safe; the agent calls from threads.
+
+    With a listener, every domain lifecycle event on the connection is passed to it (from
+    libvirt's event thread), and a connection that dies is reopened, events included. One
+    thread reopens; the others fail fast meanwhile instead of queueing behind a hung daemon.
+    """
+
+    def __init__(self, uri: str, listener: DomainListener | None = None) -> None:
+        self.uri = uri
+        self.listener = listener
+        self._lock = threading.Lock()
+        self._opening = threading.Lock()
+        self._conn: libvirt.virConnect | None = None
+        self._type: str | None = None
+
+    def _connection(self) -> libvirt.virConnect:
+        with self._lock:
+            conn = self._conn
+        if conn is not None and conn.isAlive():
+            return conn
+        if not self._opening.acquire(blocking=False):
+            raise HypervisorUnavailableError(f"reconnecting to {self.uri}")
+        try:
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorUnavailableError(f"cannot connect to {self.uri}: {exc}") from exc
+            with contextlib.suppress(libvirt.libvirtError):  # not every driver has keepalives
+                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            if self.listener is not None:
+                self._subscribe(conn)
+            self._type = str(conn.getType())
+            with self._lock:
+                old, self._conn = self._conn, conn
+            if old is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    old.close()
+            return conn
+        finally:
+            self._opening.release()
+
+    def _subscribe(self, conn: libvirt.virConnect) -> None:
+        listener = self.listener
+        assert listener is not None
+
+        def on_lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
+            try:
+                listener(dom.name(), _EVENT_NAMES.get(event, str(event)))
+            except Exception:  # an exception must not escape into libvirt's C event loop
+                log.exception("domain event listener failed")
+
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def reachable(self) -> str | None:
+        """None when libvirtd answers now, else why not (for /readyz and /health)."""
+        try:
+            self._connection().getLibVersion()
+        except HypervisorError as exc:
+            return str(exc)
+        except libvirt.libvirtError as exc:
+            return str(hypervisor_error(exc))
+        return None
+
+    @property
+    def runs_qemu(self) -> bool:
+        """Whether domains are real QEMU processes that hold their images open (libvirt's test
+        driver runs nothing): disks of a running domain then change only through QEMU."""
+        if self._type is None:
+            self._connection()
+        return self._type == "QEMU"
+
+    def capacity(self) -> tuple[int, int]:
+        """(logical CPUs, memory in bytes) of the host."""
+        try:
+            info = self._connection().getInfo()
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc) from exc
+        return int(info[2]), int(info[1]) * 2**20
+
+    def lookup(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self._connection().lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise hypervisor_error(exc) from exc
+
+    def require(self, name: str) -> libvirt.virDomain:
+        dom = self.lookup(name)
+        if dom is None:
+            raise HypervisorError(f"domain {name} does not exist")
+        return dom
+
+    @staticmethod
+    def _info(dom: libvirt.virDomain) -> DomainInfo:
+        state, reason = dom.state()
+        folded = _STATES.get(state, DomainState.OTHER)
+        shutoff = ShutoffReason.NEVER_STARTED
+        if folded is DomainState.SHUTOFF:
+            shutoff = _SHUTOFF_REASONS.get(reason, ShutoffReason.NEVER_STARTED)
+        _, max_mem, _, vcpus, _ = dom.info()
+        xml = dom.XMLDesc(0)
+        meta = metadata_of(xml)
+        owner = meta.owner if meta else None
+        return DomainInfo(
+            name=dom.name(),
+            uuid=dom.UUIDString(),
+            owner=owner,
+            actual=Actual(
+                folded,
+                shutoff,
+                meta.spec_hash if meta else None,
+                bool(dom.isPersistent()),
+                owner.uid if owner else None,
+            ),
+            vcpus=int(vcpus),
+            memory_kib=int(max_mem),
+            console_log=console_log_of(xml),
+        )
+
+    def describe(self, name: str) -> DomainInfo | None:
+        try:
+            dom = self.lookup(name)
+            return None if dom is None else self._info(dom)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # undefined between the lookup and the look
+            raise hypervisor_error(exc) from exc
+
+    def owned_domains(self) -> list[DomainInfo]:
+        """Every domain whose metadata names a VM: the agent's, found without guessing from names."""
+        try:
+            domains = self._connection().listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc) from exc
+        infos = []
+        for dom in domains:
+            try:
+                infos.append(self._info(dom))
+            except libvirt.libvirtError as exc:
+                # Undefined between the listing and the look: gone, which is no error.
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise hypervisor_error(exc) from exc
+        return [info for info in infos if info.owner is not None]
+
+    def domain_xml(self, name: str) -> str:
+        try:
+            return str(self.require(name).XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc) from exc
+
+    def define(self, xml: str) -> str:
+        try:
+            return str(self._connection().defineXML(xml).UUIDString())
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc, "cannot define the domain") from exc
+
+    def _call(self, name: str, verb: str, *, missing_ok: bool = False) -> None:
+        dom = self.lookup(name)
+        if dom is None:
+            if missing_ok:
+                return
+            raise HypervisorError(f"domain {name} does not exist")
+        try:
+            getattr(dom, verb)()
+        except libvirt.libvirtError as exc:
+            if missing_ok and exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return
+            # Stopping a stopped domain is what we wanted anyway.
+            if verb in ("destroy", "shutdown") and exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                return
+            raise hypervisor_error(exc, f"cannot {verb} {name}") from exc
+
+    def addresses(self, name: str) -> dict[str, str]:
+        """MAC -> first IPv4 address of a running domain, from the libvirt network's DHCP leases,
+        else from the guest agent when one answers. Empty when neither knows yet."""
+        dom = self.lookup(name)
+        if dom is None:
+            return {}
+        found: dict[str, str] = {}
+        for source in (
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+        ):
+            try:
+                ifaces = dom.interfaceAddresses(source)
+            except libvirt.libvirtError:
+                continue  # no leases on this network, or no guest agent: not an error
+            for iface in (ifaces or {}).values():
+                mac = (iface.get("hwaddr") or "").lower()
+                for addr in iface.get("addrs") or []:
+                    if mac and mac not in found and addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                        found[mac] = str(addr["addr"])
+            if found:
+                break
+        return found
+
+    def start(self, name: str) -> None:
+        self._call(name, "create")
+
+    def suspend(self, name: str) -> None:
+        self._call(name, "suspend")
+
+    def resume(self, name: str) -> None:
+        self._call(name, "resume")
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI); returns at once."""
+        self._call(name, "shutdown", missing_ok=True)
+
+    def destroy(self, name: str) -> None:
+        self._call(name, "destroy", missing_ok=True)
+
+    def block_resize(self, name: str, path: str, size: int) -> None:
+        try:
+            self.require(name).blockResize(path, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc, f"cannot grow {path} of {name}") from exc
+
+    def undefine(self, name: str) -> None:
+        """Undefine, with the metadata of any memory snapshots (their data goes with the disks)."""
+        dom = self.lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise hypervisor_error(exc, f"cannot undefine {name}") from exc

@@ -1,0 +1,152 @@
+"""A node's own libvirtd and virtlogd on this machine, so several nodes (and several clusters,
+and the test suite beside `vmm dev up`) never share one daemon.
+
+Each runs in a private mount namespace (and, when asked, a network namespace of its own), with
+per-node copies of libvirt's directories bind-mounted over ``/etc/libvirt``, ``/run/libvirt``,
+``/var/lib/libvirt``, ``/var/cache/libvirt`` and ``/var/log/libvirt``, its own ``unix_sock_dir``
+(outside those, so the agent and other nodes reach it), its own pid files, and an explicit
+``host_uuid`` (this machine has no SMBIOS: without one each start gets a random UUID, and two
+equal ones make libvirt refuse a migration "to the same host"). libvirt documents running its
+daemons side by side this way. QEMU processes outlive the daemon, as on a real host: ``stop``
+destroys the domains first, then kills whatever QEMU is left from its pid file.
+"""
+
+import os
+import shlex
+import shutil
+import signal
+import time
+import uuid
+from pathlib import Path
+
+from formation_vmm.agent.hypervisor import Hypervisor, probe
+from formation_vmm.devcluster.processes import ProcessTable, alive, spawn, stop
+
+# libvirt's directories that get a per-node copy, as (name under the node's root, mount point).
+MOUNTS = (
+    ("etc", "/etc/libvirt"),
+    ("run", "/run/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+    ("log", "/var/log/libvirt"),
+)
+# As root in a sandbox without cgroup delegation or mount namespaces for QEMU.
+QEMU_CONF = """user = "root"
+group = "root"
+cgroup_controllers = [ ]
+namespaces = [ ]
+"""
+
+
+class LibvirtNodeError(RuntimeError):
+    pass
+
+
+class LibvirtNode:
+    def __init__(self, root: Path, name: str, network_namespace: bool = False) -> None:
+        self.root = root
+        self.name = name
+        self.network_namespace = network_namespace
+        # Stable for the node (a restarted daemon keeps its identity), distinct between nodes.
+        self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"formation-vmm:{root.resolve()}:{name}"))
+        self.sock_dir = root / "sock"
+        self.log = root / "libvirtd.log"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.sock_dir / 'libvirt-sock'}"
+
+    def path(self, inside: str) -> Path:
+        """Where a path under one of libvirt's directories inside the namespace lies outside it
+        (``/run/libvirt/qemu/x.pid`` -> ``<root>/run/qemu/x.pid``)."""
+        for local, mount in MOUNTS:
+            if inside == mount or inside.startswith(mount + "/"):
+                return self.root / local / inside[len(mount) + 1 :]
+        raise ValueError(f"{inside} is not under one of libvirt's directories")
+
+    def _prepare(self) -> None:
+        for local, _ in MOUNTS:
+            (self.root / local).mkdir(parents=True, exist_ok=True)
+        self.sock_dir.mkdir(parents=True, exist_ok=True)
+        etc = self.root / "etc"
+        if not (etc / "libvirtd.conf").exists():
+            shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True, symlinks=True)
+            # No network of the host's starts in this node's namespace by itself.
+            shutil.rmtree(etc / "qemu" / "networks" / "autostart", ignore_errors=True)
+        (etc / "qemu.conf").write_text(QEMU_CONF)
+        (etc / "libvirtd.conf").write_text(
+            f'unix_sock_dir = "{self.sock_dir}"\nhost_uuid = "{self.host_uuid}"\n'
+            'unix_sock_group = "root"\nunix_sock_rw_perms = "0770"\nauth_unix_rw = "none"\n'
+        )
+        (etc / "virtlogd.conf").write_text("")
+
+    def _script(self) -> str:
+        mounts = " && ".join(
+            f"mount --bind {shlex.quote(str(self.root / local))} {point}" for local, point in MOUNTS
+        )
+        lines = [
+            "set -e",
+            "mount --make-rprivate /",
+            mounts,
+            *(["ip link set lo up"] if self.network_namespace else []),
+            f"virtlogd -p {shlex.quote(str(self.root / 'virtlogd.pid'))} &",
+            f"exec libvirtd --pid-file {shlex.quote(str(self.root / 'libvirtd.pid'))}",
+        ]
+        return "\n".join(lines)
+
+    def start(self, processes: ProcessTable, timeout: float = 30.0) -> None:
+        self._prepare()
+        flags = ["--mount", *(["--net"] if self.network_namespace else [])]
+        pid = spawn(["unshare", *flags, "sh", "-c", self._script()], self.log)
+        processes.add(f"libvirtd-{self.name}", pid)
+        deadline = time.monotonic() + timeout
+        why: str | None = "not started"
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise LibvirtNodeError(f"libvirtd of {self.name} exited; {self.log}:\n{tail}")
+            why = probe(self.uri)
+            if why is None:
+                return
+            time.sleep(0.2)
+        raise LibvirtNodeError(f"libvirtd of {self.name} does not answer at {self.uri}: {why}")
+
+    def netns_path(self, processes: ProcessTable) -> Path:
+        """The network namespace of the node (``/proc/<libvirtd>/ns/net``)."""
+        pid = processes.read().get(f"libvirtd-{self.name}")
+        if pid is None:
+            raise LibvirtNodeError(f"libvirtd of {self.name} is not running")
+        return Path(f"/proc/{pid}/ns/net")
+
+    def destroy_domains(self) -> list[str]:
+        """Destroy and undefine every domain of this node's daemon (if it answers)."""
+        if probe(self.uri) is not None:
+            return []
+        hypervisor = Hypervisor(self.uri)
+        names = []
+        try:
+            for info in hypervisor.owned_domains():
+                hypervisor.destroy(info.name)
+                hypervisor.undefine(info.name)
+                names.append(info.name)
+        finally:
+            hypervisor.close()
+        return names
+
+    def kill_leftovers(self) -> None:
+        """QEMU (and dnsmasq) processes the daemon started and that outlived it."""
+        for pidfile in [*self.root.glob("run/qemu/*.pid"), *self.root.glob("run/network/*.pid")]:
+            try:
+                pid = int(pidfile.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if str(self.root).encode() in cmdline or pidfile.stem.encode() in cmdline:
+                os.kill(pid, signal.SIGKILL)
+
+    def stop(self, processes: ProcessTable) -> None:
+        self.destroy_domains()
+        pid = processes.read().get(f"libvirtd-{self.name}")
+        if pid is not None:
+            stop(pid)
+        self.kill_leftovers()

@@ -1,0 +1,50 @@
+"""Paths on the node built from manifest values: kept inside their base directory, with every
+symlink resolved, opened without following a symlink, removed without following one."""
+
+import os
+import shutil
+from pathlib import Path
+
+
+class UnsafePathError(RuntimeError):
+    """A path that would leave its base directory (through '..' or a symlink)."""
+
+
+def ensure_inside(base: Path, path: Path) -> Path:
+    """Return ``path`` if, with every symlink resolved, it stays inside ``base``."""
+    real_base = base.resolve()
+    real = path.resolve()
+    if real != real_base and real_base not in real.parents:
+        raise UnsafePathError(f"{path} resolves to {real}, outside {real_base}")
+    return path
+
+
+def make_dir(base: Path, path: Path, mode: int = 0o700) -> None:
+    """Create ``path`` (and its parents) inside ``base``; private to root unless told otherwise."""
+    base.mkdir(parents=True, exist_ok=True)
+    ensure_inside(base, path)
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    ensure_inside(base, path)  # again: a component may have been a symlink created meanwhile
+
+
+def open_new(path: Path, mode: int = 0o600) -> int:
+    """A file descriptor for writing a new file at ``path``; O_EXCL|O_NOFOLLOW: never through a
+    symlink someone placed there, never into a file that exists."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+
+
+def open_read(path: Path) -> int:
+    """A file descriptor for reading ``path``, refusing a symlink in its last component."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def remove_tree(base: Path, path: Path) -> None:
+    """Remove a directory inside ``base``; a symlink in its place is removed, never followed."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    ensure_inside(base, path)
+    shutil.rmtree(path)

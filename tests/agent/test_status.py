@@ -1,0 +1,129 @@
+"""The status the agent writes (``status_after``) and whether it writes at all (``changes``).
+Pure."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from formation_vmm.agent.plan import Action, Actual, DomainState, ShutoffReason
+from formation_vmm.agent.state import DomainInfo, Outcome
+from formation_vmm.agent.status import (
+    RESTART_REQUIRED_MESSAGE,
+    changes,
+    status_after,
+    status_unknown,
+    status_waiting,
+)
+from formation_vmm.api.models import VirtualMachineStatus, to_wire
+from formation_vmm.domain.naming import stable_mac
+from formation_vmm.domain.spec import Owner
+from tests.support.factories import make_vm
+
+pytestmark = pytest.mark.pure
+
+AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+LATER = datetime(2026, 3, 1, 12, 5, tzinfo=UTC)
+OWNER = Owner(namespace="default", name="vm1", uid="uid-1")
+
+
+def domain(
+    state: DomainState, spec_hash: str = "h1", reason: ShutoffReason = ShutoffReason.NEVER_STARTED
+) -> DomainInfo:
+    return DomainInfo(
+        "default_vm1", "dom-uuid", OWNER, Actual(state, reason, spec_hash, owner_uid="uid-1"), 1, 65536
+    )
+
+
+def conditions(status: VirtualMachineStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in status.conditions}
+
+
+def test_a_first_start_reports_running_ready_and_when() -> None:
+    vm = make_vm(networks=[{"name": "eth0"}])
+    out = Outcome([Action.PREPARE_FILES, Action.DEFINE, Action.START], domain(DomainState.RUNNING), "h1")
+    status = status_after(vm, vm.status, out, "node-a", AT)
+    wire = to_wire(status)
+    assert wire["phase"] == "Running" and wire["nodeName"] == "node-a" and wire["domainUUID"] == "dom-uuid"
+    assert wire["startedAt"] == "2026-03-01T12:00:00Z"
+    assert "restartCount" not in wire  # a first start is no restart
+    assert conditions(status) == {
+        "Ready": ("True", "Running"),
+        "Paused": ("False", "NotPaused"),
+        "RestartRequired": ("False", "UpToDate"),
+        "ImageReady": ("True", "ImagesReady"),
+    }
+    assert wire["interfaces"] == [{"name": "eth0", "mac": stable_mac("uid-1", "eth0")}]
+
+
+def test_a_later_start_counts_a_restart() -> None:
+    vm = make_vm()
+    old = VirtualMachineStatus(started_at=AT, restart_count=2)
+    out = Outcome([Action.START], domain(DomainState.RUNNING), "h1")
+    assert status_after(vm, old, out, "n", LATER).restart_count == 3
+
+
+def test_a_graceful_stop_in_progress_is_stopping_and_not_ready() -> None:
+    vm = make_vm(runStrategy="Halted")
+    out = Outcome([Action.SHUTDOWN], domain(DomainState.RUNNING), "h1", stopping=True, requeue_after=30)
+    status = status_after(vm, vm.status, out, "n", AT)
+    assert status.phase == "Stopping"
+    assert conditions(status)["Ready"] == ("False", "DomainStopping")
+
+
+def test_a_changed_spec_on_a_running_domain_requires_a_restart() -> None:
+    vm = make_vm()
+    status = status_after(vm, vm.status, Outcome([], domain(DomainState.RUNNING, "old"), "new"), "n", AT)
+    required = next(c for c in status.conditions if c.type == "RestartRequired")
+    assert (required.status, required.message) == ("True", RESTART_REQUIRED_MESSAGE)
+
+
+def test_a_restart_is_recorded_only_when_it_was_carried_out() -> None:
+    vm = make_vm(restartRequestedAt="2026-03-01T11:59:00Z")
+    waiting = Outcome([Action.SHUTDOWN], domain(DomainState.RUNNING), "h1", stopping=True)
+    assert "lastRestartRequestedAt" not in to_wire(status_after(vm, vm.status, waiting, "n", AT))
+    done = Outcome([Action.START], domain(DomainState.RUNNING), "h1", restart_done=True)
+    assert (
+        to_wire(status_after(vm, vm.status, done, "n", AT))["lastRestartRequestedAt"]
+        == "2026-03-01T11:59:00Z"
+    )
+
+
+def test_deleting_reports_terminating() -> None:
+    vm = make_vm()
+    out = Outcome([Action.SHUTDOWN], domain(DomainState.RUNNING), None, stopping=True)
+    status = status_after(vm, vm.status, out, "n", AT, deleting=True)
+    assert status.phase == "Terminating" and "ImageReady" not in conditions(status)
+
+
+def test_no_change_means_no_write() -> None:
+    vm = make_vm()
+    out = Outcome([], domain(DomainState.RUNNING), "h1")
+    first = to_wire(status_after(vm, vm.status, out, "n", AT))
+    # Read back as the API stores it, and synced again later: nothing to write.
+    again = status_after(vm, VirtualMachineStatus.model_validate(first), out, "n", LATER)
+    assert changes(first, again) == {}
+    # The domain stopped: phase, message and the Ready condition change, nothing else.
+    stopped = status_after(
+        vm,
+        VirtualMachineStatus.model_validate(first),
+        Outcome([], domain(DomainState.SHUTOFF), "h1"),
+        "n",
+        LATER,
+    )
+    assert set(changes(first, stopped)) == {"phase", "message", "conditions"}
+
+
+def test_libvirt_unavailable_keeps_the_phase_and_says_unknown() -> None:
+    vm = make_vm()
+    old = VirtualMachineStatus(phase="Running")
+    status = status_unknown(vm, old, "HypervisorUnavailable", "libvirt is unavailable")
+    wire = to_wire(status)
+    assert "phase" not in wire
+    assert conditions(status)["Ready"] == ("Unknown", "HypervisorUnavailable")
+
+
+def test_waiting_for_an_image_is_provisioning() -> None:
+    vm = make_vm()
+    status = status_waiting(vm, vm.status, "ImageDownloading", "VmImage x is downloading")
+    assert status.phase == "Provisioning"
+    assert conditions(status)["ImageReady"] == ("False", "ImageDownloading")

@@ -1,0 +1,155 @@
+"""Writes that race, against the real apiserver (which produces the conflicts itself): the status
+writer's retry on 409 keeps the other writer's fields, and the binder that loses a race for a VM
+never binds it twice. On a control plane of their own: the shared fleet's controller would race
+these writes itself."""
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from formation_vmm.api.conditions import now, set_condition
+from formation_vmm.api.models import VirtualMachineStatus
+from formation_vmm.api.names import (
+    CAPACITY_CPUS_ANNOTATION,
+    CAPACITY_MEMORY_ANNOTATION,
+    HEARTBEAT_ANNOTATION,
+    NODE_LABEL,
+    VM_PLURAL,
+)
+from formation_vmm.controller.binder import Binder
+from formation_vmm.devcluster.cluster import Kubectl, install_crds
+from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.kube import EventRecorder, Kube, StatusWriter
+from tests.support.binaries import binaries
+
+pytestmark = pytest.mark.controlplane
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    private = ControlPlane(tmp_path_factory.mktemp("writes-plane"), binaries())
+    private.start()
+    try:
+        yield private
+    finally:
+        private.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(plane: ControlPlane) -> Kube:
+    return Kube.from_kubeconfig(str(plane.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def kubectl(plane: ControlPlane) -> Kubectl:
+    k = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
+    install_crds(k)
+    return k
+
+
+@pytest.fixture
+def ns(kubectl: Kubectl) -> str:
+    name = f"w-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    return name
+
+
+def make_vm(kubectl: Kubectl, ns: str, name: str) -> dict[str, Any]:
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"cpus": 1, "memory": "64Mi"},
+    }
+    kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+    return dict(kubectl_json(kubectl, ns, name))
+
+
+def kubectl_json(kubectl: Kubectl, ns: str, name: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", "vm", name, "-n", ns, "-o", "json"))  # type: ignore[no-any-return]
+
+
+def test_a_write_from_a_stale_copy_is_computed_again_and_keeps_the_other_writers_fields(
+    kube: Kube, kubectl: Kubectl, ns: str
+) -> None:
+    stale = make_vm(kubectl, ns, "raced")
+    writer = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
+    # Another writer changes the status first: the copy we hold is now stale.
+    writer.write(
+        stale,
+        lambda st: VirtualMachineStatus(
+            conditions=set_condition(st.conditions, "Scheduled", True, "Scheduled")
+        ),
+    )
+    seen: list[list[str]] = []
+
+    def update(status: VirtualMachineStatus) -> VirtualMachineStatus:
+        seen.append([c.type for c in status.conditions])
+        return VirtualMachineStatus(conditions=set_condition(status.conditions, "Ready", True, "Running"))
+
+    written = writer.write(stale, update)
+    assert written is not None
+    # First computed from the stale copy (refused with 409), then from a fresh read.
+    assert seen == [[], ["Scheduled"]]
+    final = kubectl_json(kubectl, ns, "raced")
+    assert [c["type"] for c in final["status"]["conditions"]] == ["Scheduled", "Ready"]
+
+
+def test_a_write_to_a_vm_deleted_meanwhile_is_dropped(kube: Kube, kubectl: Kubectl, ns: str) -> None:
+    body = make_vm(kubectl, ns, "gone")
+    kubectl("delete", "vm", "gone", "-n", ns)
+    writer = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
+    assert writer.write(body, lambda st: VirtualMachineStatus(phase="Running")) is None
+
+
+def test_a_binder_that_loses_the_race_for_a_vm_binds_it_nowhere_else(
+    kube: Kube, kubectl: Kubectl, ns: str
+) -> None:
+    body = make_vm(kubectl, ns, "contested")
+    # Someone else (an earlier controller) bound it while our copy was being read.
+    kubectl("label", "vm", "contested", "-n", ns, f"{NODE_LABEL}=node-x")
+    binder = binder_with_a_node(kube)
+    decision = binder.bind(body)
+    assert decision.node == NODE  # it would have fitted ...
+    vm = kubectl_json(kubectl, ns, "contested")
+    assert vm["metadata"]["labels"][NODE_LABEL] == "node-x"  # ... but the binding of record stands
+    assert "nodeName" not in vm.get("status", {})  # and the status does not claim otherwise
+    # The slot it nearly took is free again: the next VM gets the whole node.
+    assert binder.bind(make_vm(kubectl, ns, "next")).node == NODE
+    assert kubectl_json(kubectl, ns, "next")["metadata"]["labels"][NODE_LABEL] == NODE
+    release(kubectl, ns, "next")
+
+
+def test_a_binder_binding_a_vm_deleted_meanwhile_frees_the_slot(
+    kube: Kube, kubectl: Kubectl, ns: str
+) -> None:
+    binder = binder_with_a_node(kube, cpus=1)
+    stale = make_vm(kubectl, ns, "brief")
+    kubectl("delete", "vm", "brief", "-n", ns)
+    binder.bind(stale)
+    # Had the slot stayed counted, a 1-CPU node would have no room left.
+    assert binder.bind(make_vm(kubectl, ns, "after")).node == NODE
+    release(kubectl, ns, "after")
+
+
+def release(kubectl: Kubectl, ns: str, name: str) -> None:
+    """No agent runs for NODE: take its finalizer off, as its agent would, so the VM can go."""
+    kubectl("patch", "vm", name, "-n", ns, "--type=merge", "-p", '{"metadata": {"finalizers": null}}')
+
+
+NODE = "node-writes"
+
+
+def binder_with_a_node(kube: Kube, cpus: int = 4) -> Binder:
+    binder = Binder(StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), EventRecorder(kube, "test"))
+    annotations = {
+        CAPACITY_CPUS_ANNOTATION: str(cpus),
+        CAPACITY_MEMORY_ANNOTATION: "4096Mi",
+        HEARTBEAT_ANNOTATION: now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    binder.node_event("ADDED", {"name": NODE, "labels": {}, "annotations": annotations, "taints": []})
+    return binder
