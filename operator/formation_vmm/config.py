@@ -6,6 +6,7 @@ the file named by ``VMM_CONFIG_PATH`` (or ``--config``), environment variables, 
 flags. A value that does not parse stops the process at start, naming the setting.
 """
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet, not from loopback
     vm_dir: Path = Path("/run/form-vm")
     images_dir: Path = Path("/var/lib/formation/vm-images")
+    # Verified image bases, apart from images_dir so no hostPath VmImage can name them.
+    image_cache_dir: Path = Path("/var/lib/formation/image-cache")
     # VM disks outlive reboots, so they are not under vm_dir (a tmpfs on most hosts).
     disks_dir: Path = Path("/var/lib/formation/vm-disks")
     kernel_path: Path | None = None
@@ -74,8 +77,21 @@ class Settings(BaseSettings):
     image_retry_seconds: float = Field(default=60.0, gt=0)
     image_progress_seconds: float = Field(default=3.0, gt=0)
     image_workers: int = Field(default=2, ge=1)
+    # How many of those one namespace may hold at once (the others take turns).
+    image_workers_per_namespace: int = Field(default=1, ge=1)
     image_gc_grace_seconds: float = Field(default=3600.0, ge=0)
     image_gc_interval_seconds: float = Field(default=300.0, gt=0)
+    # The longest a whole download may take, however steadily bytes arrive.
+    image_download_deadline_seconds: float = Field(default=3600.0, gt=0)
+    # Egress policy of image downloads (images/egress.py): CIDR ranges opened despite the
+    # default refusal of loopback, link-local, private and reserved space; and, if set, the
+    # refused ranges instead of that default. CA certificates for https sources.
+    image_egress_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_egress_deny: Annotated[list[str] | None, NoDecode] = None
+    image_ca_file: Path | None = None
+    # qemu-img on imported bytes runs sandboxed under these limits (CDI's: 1 GiB, 30 s).
+    image_qemu_img_memory: int = Field(default=1 << 30, gt=0, description="a quantity such as 1Gi")
+    image_qemu_img_cpu_seconds: int = Field(default=30, ge=1)
     # The replaced service's start-up gate: host:port targets to wait for before starting.
     wait_for: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias=AliasChoices("wait_for", "WAIT_FOR")
@@ -85,7 +101,7 @@ class Settings(BaseSettings):
     # (so old deployments start) and reported as ignored.
     state_url: str | None = None
 
-    @field_validator("reserved_memory", mode="before")
+    @field_validator("reserved_memory", "image_qemu_img_memory", mode="before")
     @classmethod
     def _quantity(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -93,6 +109,18 @@ class Settings(BaseSettings):
                 return parse_quantity(value)
             except QuantityError as exc:
                 raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("image_egress_allow", "image_egress_deny", mode="before")
+    @classmethod
+    def _cidrs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for text in value or []:
+            try:
+                ipaddress.ip_network(str(text), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{text!r} is not a CIDR range such as 10.0.0.0/8") from exc
         return value
 
     @field_validator("wait_for", mode="before")

@@ -40,6 +40,7 @@ from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.health import Health
+from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
@@ -170,7 +171,12 @@ def run_agent(settings: Settings) -> None:
     registry = _registry()
     agent_handlers.register(registry, node)
     health = Health()
-    layout = NodeLayout(vm_dir=settings.vm_dir, disks_dir=settings.disks_dir, images_dir=settings.images_dir)
+    layout = NodeLayout(
+        vm_dir=settings.vm_dir,
+        disks_dir=settings.disks_dir,
+        images_dir=settings.images_dir,
+        cache_dir=settings.image_cache_dir,
+    )
     queue = WorkQueue()
     cache = VmCache()
     images = ImageCatalog()
@@ -192,6 +198,11 @@ def run_agent(settings: Settings) -> None:
             settings.image_max_bytes,
             settings.image_connect_timeout_seconds,
             settings.image_read_timeout_seconds,
+            settings.image_download_deadline_seconds,
+            EgressPolicy.from_settings(settings.image_egress_allow, settings.image_egress_deny),
+            settings.image_ca_file,
+            settings.image_qemu_img_memory,
+            settings.image_qemu_img_cpu_seconds,
         ),
         ImageStatusReporter(StatusWriter(kube, IMAGE_PLURAL, VmImageStatus), node),
         secret_authorization(kube),
@@ -199,6 +210,7 @@ def run_agent(settings: Settings) -> None:
         retry_seconds=settings.image_retry_seconds,
         progress_seconds=settings.image_progress_seconds,
         workers=settings.image_workers,
+        per_namespace=settings.image_workers_per_namespace,
     )
     reconciler = Reconciler(
         hypervisor, layout, settings.domain_type, ClusterInputs(kube, node_images, images)

@@ -23,7 +23,12 @@ URI = "test:///default"
 
 @pytest.fixture
 def layout(tmp_path: Path) -> NodeLayout:
-    return NodeLayout(vm_dir=tmp_path / "run", disks_dir=tmp_path / "disks", images_dir=tmp_path / "images")
+    return NodeLayout(
+        vm_dir=tmp_path / "run",
+        disks_dir=tmp_path / "disks",
+        images_dir=tmp_path / "images",
+        cache_dir=tmp_path / "image-cache",
+    )
 
 
 @pytest.fixture

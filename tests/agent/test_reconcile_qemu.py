@@ -30,7 +30,12 @@ def test_a_real_qemu_domain_starts_pauses_and_stops_without_waiting(
     tmp_path: Path, qemu_node: LibvirtNode
 ) -> None:
     hv = Hypervisor(qemu_node.uri)
-    layout = NodeLayout(vm_dir=tmp_path / "run", disks_dir=tmp_path / "disks", images_dir=tmp_path / "images")
+    layout = NodeLayout(
+        vm_dir=tmp_path / "run",
+        disks_dir=tmp_path / "disks",
+        images_dir=tmp_path / "images",
+        cache_dir=tmp_path / "image-cache",
+    )
     clock = Clock()
     rec = Reconciler(hv, layout, "qemu", InlineInputs(), clock)
     name = f"qemu-{uuid.uuid4().hex[:8]}"

@@ -89,7 +89,7 @@ def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
     overlay = fleet.vm_disk("node-a", ns, "web", "root")
     info = disk_info(overlay)
     assert info.format == "qcow2" and info.backing is not None
-    assert Path(info.backing).parent == fleet.images_dir("node-a") / ".vmm-cache" / "blobs"
+    assert Path(info.backing).parent == fleet.node_dir("node-a") / "image-cache" / "blobs"
     assert info.virtual_size == 2 * files.MIB
     # Growing size grows the disk (offline here: test:/// holds no file open) with no restart.
     fleet.kubectl(
@@ -159,7 +159,7 @@ def test_two_vms_and_two_images_with_the_same_bytes_share_one_base(
     fleet.wait_phase(ns, "vm-y", "Running")
     bases = {disk_info(fleet.vm_disk("node-b", ns, vm, "root")).backing for vm in ("vm-x", "vm-y")}
     assert len(bases) == 1
-    blobs = fleet.images_dir("node-b") / ".vmm-cache" / "blobs"
+    blobs = fleet.node_dir("node-b") / "image-cache" / "blobs"
     assert len(list(blobs.glob(f"{files.sha256(server.root / 'disk.raw')[7:]}.*"))) == 2  # base + metadata
     assert list((blobs.parent / "scratch").iterdir()) == []  # the second download was dropped
 
@@ -210,7 +210,7 @@ def test_prefetch_all_nodes_imports_on_every_hypervisor_with_progress(
 def test_an_agent_killed_mid_download_starts_over_cleanly(fleet: Fleet, ns: str, server: ImageServer) -> None:
     apply_image(fleet, ns, "interrupted", server.url("/slow/slow.raw"))
     apply_image_vm(fleet, ns, "patient", "interrupted", zone="b")
-    scratch = fleet.images_dir("node-b") / ".vmm-cache" / "scratch"
+    scratch = fleet.node_dir("node-b") / "image-cache" / "scratch"
     vm = fleet.wait_phase(ns, "patient", "Provisioning", 30)
     assert condition(vm, "ImageReady")["reason"] == "ImageDownloading"
     wait_for(lambda: any(scratch.iterdir()), 30, "a partial download in scratch")

@@ -7,7 +7,6 @@ import pytest
 from formation_vmm.host.disk_info import DiskInfo, parse_info
 from formation_vmm.images.formats import (
     ImageRefusedError,
-    check_disk,
     compression_of,
     parse_manifest,
     progress_text,
@@ -55,15 +54,18 @@ def test_manifest_fields_are_checked_with_a_message() -> None:
         parse_manifest(b"{nope")
 
 
-def test_backing_files_and_declared_formats() -> None:
-    info = parse_info(json.dumps({"format": "qcow2", "virtual-size": 10, "backing-filename": "/etc/x"}))
-    with pytest.raises(ImageRefusedError, match="backing file"):
-        check_disk(info, "auto")
-    plain = DiskInfo("qcow2", 10, 5, None, {})
-    check_disk(plain, "auto")
-    check_disk(plain, "qcow2")
-    with pytest.raises(ImageRefusedError, match="declares format raw"):
-        check_disk(plain, "raw")
+def test_qemu_img_info_is_read_with_its_format_specific_block() -> None:
+    info = parse_info(
+        json.dumps(
+            {
+                "format": "qcow2",
+                "virtual-size": 10,
+                "backing-filename": "/etc/x",
+                "format-specific": {"type": "qcow2", "data": {"data-file": "/dev/sda"}},
+            }
+        )
+    )
+    assert info == DiskInfo("qcow2", 10, 0, "/etc/x", {"data-file": "/dev/sda"})
 
 
 def test_qcow2_header_backing_name() -> None:

@@ -17,9 +17,10 @@ from formation_vmm.api.models import VmImage, VmImageStatus
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import BaseImage, Owner
 from formation_vmm.host.paths import remove_tree
+from formation_vmm.host.qemu_img import info as disk_info
+from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchError, FetchLimits
 from formation_vmm.images.node import GarbageCollector, ImageNotReadyError, NodeImages
-from formation_vmm.images.pipeline import disk_info
 from tests.support import image_files as files
 from tests.support.image_server import ImageServer, serve
 
@@ -56,7 +57,12 @@ def server(content: Path) -> Iterator[ImageServer]:
 
 @pytest.fixture
 def layout(tmp_path: Path) -> NodeLayout:
-    return NodeLayout(vm_dir=tmp_path / "run", disks_dir=tmp_path / "disks", images_dir=tmp_path / "images")
+    return NodeLayout(
+        vm_dir=tmp_path / "run",
+        disks_dir=tmp_path / "disks",
+        images_dir=tmp_path / "images",
+        cache_dir=tmp_path / "image-cache",
+    )
 
 
 @pytest.fixture
@@ -70,9 +76,21 @@ def manager(layout: NodeLayout, recorder: Recorder, **kw: Any) -> NodeImages:
             raise FetchError("SecretNotFound", f"Secret {namespace}/{secret} does not exist")
         return "Bearer s3cret"
 
-    limits = kw.pop("limits", FetchLimits(max_bytes=64 << 20, read_timeout=5))
+    limits = kw.pop("limits", loopback_limits())
     images = NodeImages("node-a", layout, limits, recorder, auth, recorder.notify, **kw)
     return images
+
+
+def loopback_limits(**kw: Any) -> FetchLimits:
+    """The agent's limits with the egress policy opened for exactly the test server's address."""
+    return FetchLimits(
+        **{
+            "max_bytes": 64 << 20,
+            "read_timeout": 5,
+            "egress": EgressPolicy.from_settings(["127.0.0.1/32"], None),
+            **kw,
+        }
+    )
 
 
 def vmimage(name: str, *, url: str | None = None, path: str | None = None, **spec: Any) -> VmImage:
@@ -138,7 +156,7 @@ def test_each_kind_of_file_becomes_a_verified_base(
     )
     assert base.format == expected_format
     assert base.virtual_size == 2 * files.MIB
-    assert base.path.is_file() and base.path.parent == layout.images_dir / ".vmm-cache" / "blobs"
+    assert base.path.is_file() and base.path.parent == layout.cache_dir / "blobs"
     assert disk_info(base.path).format == expected_format
     if kind == "form":
         assert base.min_memory == "64Mi"
@@ -147,7 +165,7 @@ def test_each_kind_of_file_becomes_a_verified_base(
     if kind == "vmdk":
         assert "Converting" in recorder.phases("img")
     # Nothing left in scratch.
-    assert list((layout.images_dir / ".vmm-cache" / "scratch").iterdir()) == []
+    assert list((layout.cache_dir / "scratch").iterdir()) == []
 
 
 def test_a_base_is_an_overlay_backing_and_the_overlay_reads_the_image(
@@ -216,8 +234,8 @@ def test_server_failures_become_failed_with_the_cause(
     assert err.value.reason == reason
     assert words in str(err.value)
     assert recorder.calls[-1][1] == "Failed" and words in (recorder.calls[-1][2] or "")
-    assert list((layout.images_dir / ".vmm-cache" / "blobs").iterdir()) == []
-    assert list((layout.images_dir / ".vmm-cache" / "scratch").iterdir()) == []
+    assert list((layout.cache_dir / "blobs").iterdir()) == []
+    assert list((layout.cache_dir / "scratch").iterdir()) == []
 
 
 def test_secret_ref_sends_the_authorization_header(
@@ -251,7 +269,7 @@ def test_a_stalled_server_times_out(
 ) -> None:
     files.raw(content / "disk.raw", size=1 * files.MIB)
     server.slow_delay = 2.0
-    images = manager(layout, recorder, limits=FetchLimits(max_bytes=64 << 20, read_timeout=0.5))
+    images = manager(layout, recorder, limits=loopback_limits(read_timeout=0.5))
     with pytest.raises(ImageNotReadyError, match="timed out"):
         resolve(images, vmimage("img", url=server.url("/slow/disk.raw")))
 
@@ -260,7 +278,7 @@ def test_an_image_over_the_size_limit_is_refused(
     content: Path, server: ImageServer, layout: NodeLayout, recorder: Recorder
 ) -> None:
     files.raw(content / "disk.raw", size=4 * files.MIB)
-    images = manager(layout, recorder, limits=FetchLimits(max_bytes=1 * files.MIB))
+    images = manager(layout, recorder, limits=loopback_limits(max_bytes=1 * files.MIB))
     with pytest.raises(ImageNotReadyError, match="limit") as err:
         resolve(images, vmimage("img", url=server.url("/files/disk.raw")))
     assert err.value.reason == "TooLarge"
@@ -327,7 +345,7 @@ def test_form_bundles_with_unsafe_members_are_refused(
     assert err.value.reason == reason, str(err.value)
     # Nothing was written outside the cache, and nothing stays in it.
     assert not (tmp_path / "escape").exists()
-    assert list((layout.images_dir / ".vmm-cache" / "scratch").iterdir()) == []
+    assert list((layout.cache_dir / "scratch").iterdir()) == []
 
 
 def test_host_path_images_stay_inside_the_images_directory(
@@ -356,8 +374,8 @@ def test_two_images_with_the_same_bytes_share_one_base_and_a_restart_finds_it(
     one = resolve(images, vmimage("one", url=server.url("/files/disk.raw")))
     two = resolve(images, vmimage("two", url=server.url("/files/same.raw")))
     assert one.path == two.path
-    assert len([p for p in (layout.images_dir / ".vmm-cache" / "blobs").iterdir() if p.suffix == ".raw"]) == 1
-    assert list((layout.images_dir / ".vmm-cache" / "scratch").iterdir()) == []  # the second fetch is gone
+    assert len([p for p in (layout.cache_dir / "blobs").iterdir() if p.suffix == ".raw"]) == 1
+    assert list((layout.cache_dir / "scratch").iterdir()) == []  # the second fetch is gone
     # A restarted agent (a new manager on the same directory) finds it without downloading.
     count = len(server.requests)
     again = manager(layout, Recorder())

@@ -56,6 +56,8 @@ FAST = {
     "VMM_IMAGE_RETRY_SECONDS": "3",
     "VMM_IMAGE_GC_GRACE_SECONDS": "3",
     "VMM_IMAGE_GC_INTERVAL_SECONDS": "1",
+    # Exactly the loopback address the tests serve images from; everything else stays refused.
+    "VMM_IMAGE_EGRESS_ALLOW": "127.0.0.1/32",
 }
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 

@@ -12,7 +12,10 @@ from formation_vmm.domain.xml import domain_xml
 
 GOLDEN = Path(__file__).resolve().parents[1] / "domain" / "golden"
 LAYOUT = NodeLayout(
-    vm_dir=Path("/run/form-vm"), disks_dir=Path("/var/lib/formation/vm-disks"), images_dir=Path("/img")
+    vm_dir=Path("/run/form-vm"),
+    disks_dir=Path("/var/lib/formation/vm-disks"),
+    images_dir=Path("/img"),
+    cache_dir=Path("/var/lib/formation/image-cache"),
 )
 CASES = sorted(p.name.removesuffix("-in.yaml") for p in GOLDEN.glob("*-in.yaml"))
 

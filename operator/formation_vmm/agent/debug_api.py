@@ -63,25 +63,25 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout, health: Health) -> list[w
         """Image files on this node: hostPath sources, and the cached bases with what the
         import found (format, sizes); the cache's bookkeeping files are left out."""
         root = layout.images_dir
-        cache = ImageCache(root)
+        cache = ImageCache(layout.cache_dir)
         entries: list[dict[str, object]] = []
         if root.is_dir():
             for path in sorted(root.rglob("*")):
-                if not path.is_file() or path.is_symlink() or cache.root in path.parents:
+                if not path.is_file() or path.is_symlink():
                     continue
                 entries.append({"path": str(path.relative_to(root)), "size": path.stat().st_size})
-            for sha in sorted(cache.blobs_on_disk()):
-                base = cache.lookup(sha)
-                if base is not None:
-                    entries.append(
-                        {
-                            "path": str(base.path.relative_to(root)),
-                            "size": base.size,
-                            "sha256": base.sha256,
-                            "format": base.format,
-                            "virtualSize": base.virtual_size,
-                        }
-                    )
+        for sha in sorted(cache.blobs_on_disk()):
+            base = cache.lookup(sha)
+            if base is not None:
+                entries.append(
+                    {
+                        "cached": str(base.path),
+                        "size": base.size,
+                        "sha256": base.sha256,
+                        "format": base.format,
+                        "virtualSize": base.virtual_size,
+                    }
+                )
         return web.json_response(entries)
 
     async def health_(_: web.Request) -> web.Response:

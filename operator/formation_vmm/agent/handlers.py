@@ -17,6 +17,7 @@ from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
+from formation_vmm.api.models import VmImage
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
     CAPACITY_CPUS_ANNOTATION,
@@ -92,6 +93,13 @@ def publish_node(state: AgentMemo) -> None:
     metrics.HEARTBEATS.inc()
 
 
+def collect_images(state: AgentMemo) -> None:
+    """One pass of the image cache's collector, against the VmImages the API lists now (never
+    the watch's memory, which is empty until the watch has listed them all)."""
+    live = [VmImage.model_validate(body) for body in state.kube.list(IMAGE_PLURAL)]
+    state.collector.collect(live)
+
+
 async def _every(seconds: float, work: Callable[[], Any], what: str, first: bool = True) -> None:
     """Run ``work`` in a thread every ``seconds``; a failure is logged, never fatal."""
     if not first:
@@ -127,12 +135,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             ),
             _task(_every(config.resync_seconds, state.watcher.resync, "resync", False), "resync"),
             _task(
-                _every(
-                    config.image_gc_interval_seconds,
-                    lambda: state.collector.collect(state.images.all()),
-                    "image garbage collection",
-                    False,
-                ),
+                _every(config.image_gc_interval_seconds, lambda: collect_images(state), "image GC", False),
                 "image-gc",
             ),
             _task(

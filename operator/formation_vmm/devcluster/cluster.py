@@ -174,6 +174,7 @@ def start_agent(
         "VMM_VM_DIR": str(base / "run"),
         "VMM_DISKS_DIR": str(base / "disks"),
         "VMM_IMAGES_DIR": str(base / "images"),
+        "VMM_IMAGE_CACHE_DIR": str(base / "image-cache"),
         **(env_extra or {}),
     }
     return start_operator(plane, f"agent-{node}", ["agent"], env, kubeconfig)

@@ -14,6 +14,7 @@ class NodeLayout:
     vm_dir: Path  # runtime files: console logs, cloud-init seeds (VMM_VM_DIR)
     disks_dir: Path  # persistent VM disks (VMM_DISKS_DIR)
     images_dir: Path  # hostPath image sources (VMM_IMAGES_DIR)
+    cache_dir: Path  # verified image bases (VMM_IMAGE_CACHE_DIR), never under images_dir
 
     @staticmethod
     def _relative(owner: Owner) -> Path:

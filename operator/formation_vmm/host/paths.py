@@ -19,11 +19,20 @@ def ensure_inside(base: Path, path: Path) -> Path:
     return path
 
 
-def make_dir(base: Path, path: Path, mode: int = 0o700) -> None:
-    """Create ``path`` (and its parents) inside ``base``; private to root unless told otherwise."""
+def make_dir(base: Path, path: Path, mode: int = 0o711) -> None:
+    """Create ``path`` (and its parents) inside ``base``. 0711 by default: QEMU, which may run
+    as a user of its own, must traverse to a VM's files; nobody but root lists or writes them
+    (the files themselves are 0600, handed to QEMU by libvirt)."""
     base.mkdir(parents=True, exist_ok=True)
     ensure_inside(base, path)
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    missing = []
+    for parent in [path, *path.parents]:
+        if parent == base or parent.exists():
+            break
+        missing.append(parent)
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        directory.chmod(mode)  # whatever the umask said
     ensure_inside(base, path)  # again: a component may have been a symlink created meanwhile
 
 

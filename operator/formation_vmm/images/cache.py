@@ -1,6 +1,10 @@
 """The node's image cache: one file per distinct content, named by the sha256 of the bytes as
 fetched, so two VmImages with the same bytes share one base. Every file arrives under a scratch
-name, is fsync'd and renamed into place: a crash leaves scratch files, never a half base."""
+name, is fsync'd and renamed into place: a crash leaves scratch files, never a half base.
+
+The cache lives in a directory of its own (``VMM_IMAGE_CACHE_DIR``), never under the hostPath
+images directory, so no VmImage can name cached bytes. Directories are 0711 (QEMU, which may run
+as its own user, traverses them; nobody lists them), bases 0444."""
 
 import json
 import os
@@ -13,25 +17,43 @@ from formation_vmm.domain.spec import BaseImage
 from formation_vmm.host.atomic import fsync_dir
 from formation_vmm.host.paths import ensure_inside
 
-CACHE_DIR = ".vmm-cache"
-
 
 class ImageCache:
-    def __init__(self, images_dir: Path) -> None:
-        self.images_dir = images_dir
-        self.root = images_dir / CACHE_DIR
-        self.blobs = self.root / "blobs"
-        self.specs = self.root / "specs"
-        self.scratch = self.root / "scratch"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.specs = root / "specs"
+        self.scratch = root / "scratch"
+        # One file per import under way: one found at start is an import the agent died in.
+        self.importing = root / "importing"
 
     def setup(self) -> None:
         """Create the directories and drop scratch files a killed import left behind."""
-        for path in (self.blobs, self.specs, self.scratch):
-            path.mkdir(parents=True, exist_ok=True)
-            ensure_inside(self.images_dir, path)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        for path in (self.blobs, self.specs, self.scratch, self.importing):
+            path.mkdir(exist_ok=True, mode=0o711)
+            ensure_inside(self.root, path)
+        self.scratch.chmod(0o700)  # tenant bytes before they are checked: root only
         for leftover in self.scratch.iterdir():
             if leftover.is_file() or leftover.is_symlink():
                 leftover.unlink()
+
+    def interrupted(self) -> dict[str, int]:
+        """Imports an earlier process started and never finished (spec key -> how many times in
+        a row), as the markers it left say."""
+        found = {}
+        for marker in self.importing.iterdir() if self.importing.is_dir() else []:
+            try:
+                found[marker.name] = int(json.loads(marker.read_text()).get("attempts", 1))
+            except (OSError, ValueError, AttributeError):
+                found[marker.name] = 1
+        return found
+
+    def begin_import(self, key: str, attempts: int) -> None:
+        self._write_json(self.importing / key, {"pid": os.getpid(), "attempts": attempts})
+
+    def end_import(self, key: str) -> None:
+        (self.importing / key).unlink(missing_ok=True)
 
     def scratch_file(self, label: str) -> Path:
         return self.scratch / f"{label}.{os.getpid()}.{time.monotonic_ns()}"

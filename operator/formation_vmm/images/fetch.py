@@ -4,16 +4,20 @@ into a file of the cache's scratch directory, hashing as the bytes pass."""
 import hashlib
 import os
 import queue
+import socket
+import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-from urllib3.exceptions import HTTPError, ProtocolError
+import urllib3
+from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from formation_vmm.host.paths import open_new, open_read
+from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.formats import ImageRefusedError
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total if known)
@@ -25,6 +29,12 @@ class FetchLimits:
     max_bytes: int
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # the longest silence tolerated mid-transfer
+    deadline: float = 3600.0  # the longest a whole download may take
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+    ca_file: Path | None = None  # CA certificates for https sources, else the system's
+    # qemu-img on the imported bytes runs under these (see host/sandbox.py).
+    qemu_img_memory: int = 1 << 30
+    qemu_img_cpu_seconds: int = 30
 
 
 @dataclass(frozen=True)
@@ -93,44 +103,176 @@ class HashingWriter:
         self.hexdigest = self._digest.hexdigest()
 
 
-def download(
-    url: str, dest: Path, limits: FetchLimits, progress: Progress, authorization: str | None = None
-) -> Fetched:
-    headers = {"User-Agent": "formation-vmm-agent"}
-    if authorization:
-        headers["Authorization"] = authorization
-    done = 0
-    total: int | None = None
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+Resolver = Callable[[str, int], list[str]]  # (host, port) -> the addresses it names
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, once: the connection goes to one of these, checked,
+    never to a second lookup an attacker's DNS could answer differently."""
     try:
-        with requests.get(
-            url, headers=headers, stream=True, timeout=(limits.connect_timeout, limits.read_timeout)
-        ) as response:
-            if response.status_code != 200:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+    @property
+    def host_header(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return shown if self.port == default else f"{shown}:{self.port}"
+
+
+def _target(url: str) -> _Target:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchError("DownloadFailed", f"{_shown(url)} is not an http(s) URL")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise FetchError("DownloadFailed", f"{_shown(url)} has no valid port") from exc
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return _Target(parts.scheme, parts.hostname, port, path)
+
+
+def _pool(target: _Target, address: str, limits: FetchLimits) -> urllib3.HTTPConnectionPool:
+    """A connection pool to the checked address; TLS checks the certificate against the URL's
+    host name, not the address."""
+    timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.read_timeout)
+    if target.scheme == "https":
+        context = ssl.create_default_context(cafile=str(limits.ca_file) if limits.ca_file else None)
+        return urllib3.HTTPSConnectionPool(
+            address,
+            target.port,
+            timeout=timeout,
+            retries=False,
+            ssl_context=context,
+            server_hostname=target.host,
+            assert_hostname=target.host,
+        )
+    return urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
+
+
+def download(
+    url: str,
+    dest: Path,
+    limits: FetchLimits,
+    progress: Progress,
+    authorization: str | None = None,
+    resolver: Resolver = resolve,
+) -> Fetched:
+    """Stream ``url`` into ``dest``. Every hop (the URL and each redirect) is resolved once and
+    every address checked against the egress policy before a connection is made; the body is
+    stored as sent (no content-encoding is undone: the image pipeline reads what it is); proxies
+    and .netrc are not consulted. Failures to connect say no more than that, so the agent never
+    tells a tenant which ports answer where."""
+    deadline = time.monotonic() + limits.deadline
+    current, origin = url, _target(url).origin
+    for _ in range(MAX_REDIRECTS + 1):
+        target = _target(current)
+        addresses = resolver(target.host, target.port)
+        if not addresses:
+            raise FetchError("DownloadFailed", f"cannot resolve {target.host}")
+        if not limits.egress.permits_all(addresses):
+            raise FetchError(
+                "EgressRefused",
+                f"{_shown(current)}: {target.host} is not an address images may be fetched from "
+                "in this cluster (see the agent's egress policy)",
+            )
+        headers = {
+            "User-Agent": "formation-vmm-agent",
+            "Host": target.host_header,
+            "Accept-Encoding": "identity",
+        }
+        if authorization and target.origin == origin:  # credentials never follow a redirect away
+            headers["Authorization"] = authorization
+        pool = _pool(target, addresses[0], limits)
+        try:
+            response = pool.urlopen(
+                "GET",
+                target.path,
+                headers=headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                decode_content=False,
+            )
+        except (HTTPError, OSError) as exc:
+            raise FetchError(
+                "DownloadFailed", f"cannot connect to {target.host}:{target.port} (or complete TLS with it)"
+            ) from exc
+        try:
+            if response.status in REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise FetchError("DownloadFailed", f"GET {_shown(current)} redirected nowhere")
+                current = urllib.parse.urljoin(current, location)
+                continue
+            if response.status != 200:
                 raise FetchError(
                     "DownloadFailed",
-                    f"GET {_shown(url)} answered HTTP {response.status_code} {response.reason}",
+                    f"GET {_shown(current)} answered HTTP {response.status} {response.reason}",
                 )
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            if total is not None and total > limits.max_bytes:
-                raise ImageRefusedError(
-                    "TooLarge", f"the image is {total} bytes, over the limit of {limits.max_bytes}"
-                )
-            with HashingWriter(dest) as sink:
-                progress(0, total)
-                # read1: whatever has arrived, up to CHUNK; big reads when the network is fast,
-                # and progress still moves on a trickle.
-                for chunk in iter(lambda: response.raw.read1(CHUNK, decode_content=True), b""):
-                    done += len(chunk)
-                    if done > limits.max_bytes:
-                        raise ImageRefusedError(
-                            "TooLarge", f"the download passed the limit of {limits.max_bytes} bytes"
-                        )
-                    sink.put(chunk)
-                    progress(done, total)
-            if total is not None and done != total:
-                raise FetchError("DownloadFailed", f"the server closed after {done} of {total} bytes")
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, ProtocolError) as exc:
+            return _receive(response, current, dest, limits, progress, deadline)
+        finally:
+            response.release_conn()
+            pool.close()
+    raise FetchError("DownloadFailed", f"GET {_shown(url)} redirected more than {MAX_REDIRECTS} times")
+
+
+def _receive(
+    response: urllib3.BaseHTTPResponse,
+    url: str,
+    dest: Path,
+    limits: FetchLimits,
+    progress: Progress,
+    deadline: float,
+) -> Fetched:
+    done = 0
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    if total is not None and total > limits.max_bytes:
+        raise ImageRefusedError(
+            "TooLarge", f"the image is {total} bytes, over the limit of {limits.max_bytes}"
+        )
+    try:
+        with HashingWriter(dest) as sink:
+            progress(0, total)
+            # read1: whatever has arrived, up to CHUNK; big reads when the network is fast, and
+            # progress still moves on a trickle.
+            for chunk in iter(lambda: response.read1(CHUNK), b""):
+                done += len(chunk)
+                if done > limits.max_bytes:
+                    raise ImageRefusedError(
+                        "TooLarge", f"the download passed the limit of {limits.max_bytes} bytes"
+                    )
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        "DownloadFailed", f"the download took longer than {limits.deadline:.0f}s in all"
+                    )
+                sink.put(chunk)
+                progress(done, total)
+    except (ReadTimeoutError, TimeoutError) as exc:
+        raise FetchError(
+            "DownloadFailed",
+            f"GET {_shown(url)} timed out: nothing arrived for {limits.read_timeout:.0f}s after {done} bytes",
+        ) from exc
+    except (ProtocolError, HTTPError, OSError) as exc:
         if total is not None and 0 < done < total:
             raise FetchError(
                 "DownloadFailed", f"the server closed the connection after {done} of {total} bytes"
@@ -138,10 +280,8 @@ def download(
         raise FetchError(
             "DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}"
         ) from exc
-    except (requests.RequestException, HTTPError) as exc:
-        raise FetchError(
-            "DownloadFailed", f"GET {_shown(url)} failed after {done} bytes: {_brief(exc)}"
-        ) from exc
+    if total is not None and done != total:
+        raise FetchError("DownloadFailed", f"the server closed after {done} of {total} bytes")
     return Fetched(dest, sink.hexdigest, done)
 
 

@@ -6,8 +6,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from formation_vmm.host.disk_info import DiskInfo
-
 GZIP_MAGIC = b"\x1f\x8b"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 TAR_MAGIC_OFFSET = 257  # "ustar" in a POSIX tar header
@@ -33,23 +31,13 @@ def compression_of(head: bytes) -> str | None:
     return None
 
 
+def is_vmdk_descriptor(head: bytes) -> bool:
+    """A VMDK descriptor in a file of its own: text naming the files that hold the data."""
+    return head.lstrip().startswith(b"# Disk DescriptorFile")
+
+
 def is_tar(head: bytes) -> bool:
     return head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] == b"ustar"
-
-
-def check_disk(info: DiskInfo, expected: str) -> None:
-    """Refuse what must never be used: a backing file (it could point at any file on the node)
-    and a format other than the one the VmImage declares."""
-    if info.backing is not None:
-        raise ImageRefusedError(
-            "BackingFileRefused",
-            f"the image has a backing file ({info.backing!r}); only self-contained images are accepted",
-        )
-    declared = {"auto": None, "form": None}.get(expected, expected)
-    if declared is not None and info.format != declared:
-        raise ImageRefusedError(
-            "FormatMismatch", f"the image is {info.format}, but the VmImage declares format {expected}"
-        )
 
 
 def safe_member_name(name: str) -> str:

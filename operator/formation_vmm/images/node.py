@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from formation_vmm.images.cache import ImageCache
 from formation_vmm.images.fetch import FetchError, FetchLimits, Throttle
 from formation_vmm.images.formats import ImageRefusedError, progress_text, qcow2_backing_name
 from formation_vmm.images.pipeline import Expectation, import_fetched
+from formation_vmm.images.reporting import LatestReporter
+from formation_vmm.images.scheduling import FairPool
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ Key = tuple[str, str]  # (namespace, name)
 Report = Callable[[VmImage, ImagePhase, str | None, VmImageStatus], None]  # image, phase, message, details
 Authorization = Callable[[str, str, str], str]  # (namespace, secret, key) -> header value
 Notify = Callable[[str, str], None]  # (namespace, name): the image's state on this node changed
+
+# The longest an import the agent died in waits before it is tried again.
+INTERRUPTED_RETRY_MAX = 3600.0
 
 
 class ImageNotReadyError(RuntimeError):
@@ -49,7 +53,9 @@ class _State:
     progress: str = ""
     cached: BaseImage | None = None
     failed_at: float = 0.0
+    retry_after: float = 0.0  # seconds after failed_at; 0: the node's retry_seconds
     running: bool = False
+    attempts: int = 1  # this import's attempt, counting the ones the agent died in
 
 
 def spec_key(image: VmImage, layout: NodeLayout) -> str:
@@ -95,10 +101,11 @@ class NodeImages:
         retry_seconds: float = 60.0,
         progress_seconds: float = 3.0,
         workers: int = 2,
+        per_namespace: int = 1,
     ) -> None:
         self.node = node
         self.layout = layout
-        self.cache = ImageCache(layout.images_dir)
+        self.cache = ImageCache(layout.cache_dir)
         self.limits = limits
         self.report = report
         self.authorization = authorization
@@ -107,16 +114,21 @@ class NodeImages:
         self.progress_seconds = progress_seconds
         self._states: dict[Key, _State] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-import")
+        self._pool = FairPool(workers, per_namespace)
+        self._reporter = LatestReporter(self._write_report)
         self._setup_done = False
+        self._interrupted: dict[str, int] = {}
 
     def _setup(self) -> None:
-        if not self._setup_done:
-            self.cache.setup()
-            self._setup_done = True
+        with self._lock:
+            if not self._setup_done:
+                self.cache.setup()
+                self._interrupted = self.cache.interrupted()
+                self._setup_done = True
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
+        self._reporter.close()
 
     def ensure(self, image: VmImage) -> BaseImage:
         """The cached base of ``image``, or ImageNotReadyError (an import is started if none runs)."""
@@ -135,6 +147,8 @@ class NodeImages:
                 recalled = self.cache.recall_spec(wanted)
                 if recalled is not None:
                     state.phase, state.cached = "Ready", recalled
+                elif wanted in self._interrupted:
+                    self._mark_interrupted(state, self._interrupted.pop(wanted))
             if state.cached is not None and state.cached.path.is_file():
                 cached = state.cached
                 mine = [n for n in image.status.nodes if n.name == self.node]
@@ -144,18 +158,17 @@ class NodeImages:
                 stale = False
                 if state.cached is not None:  # the base vanished from disk: fetch again
                     state.cached, state.phase = None, "Pending"
-                retry_due = (
-                    state.phase == "Failed" and time.monotonic() - state.failed_at >= self.retry_seconds
-                )
+                wait = state.retry_after or self.retry_seconds
+                retry_due = state.phase == "Failed" and time.monotonic() - state.failed_at >= wait
                 if not state.running and (state.phase != "Failed" or retry_due):
                     state.running = True
                     state.phase, state.reason, state.message = "Pending", "ImagePending", "queued"
-                    self._pool.submit(self._import, image, key, wanted)
+                    self._pool.submit(key[0], lambda: self._import(image, key, wanted))
                 reason, message = state.reason, state.message
                 phase, progress = state.phase, state.progress
         if cached is not None:
             if stale:  # recalled from disk by a restarted agent: say so in the status once
-                self._pool.submit(self._safe_report, image, "Ready", None, _details(cached))
+                self._safe_report(image, "Ready", None, _details(cached))
             return cached
         if phase == "Failed":
             raise ImageNotReadyError(reason, f"VmImage {image.metadata.name}: {message}")
@@ -186,7 +199,7 @@ class NodeImages:
                 spec_key="", phase="Failed", reason=exc.reason, message=str(exc), failed_at=time.monotonic()
             )
         if not already:
-            self._pool.submit(self._safe_report, image, "Failed", str(exc), VmImageStatus(progress=""))
+            self._safe_report(image, "Failed", str(exc), VmImageStatus(progress=""))
 
     def _set(self, key: Key, wanted: str, **changes: Any) -> bool:
         with self._lock:
@@ -197,15 +210,41 @@ class NodeImages:
                 setattr(state, name, value)
             return True
 
+    def _mark_interrupted(self, state: _State, attempts: int) -> None:
+        """The agent died during this import last time, perhaps because of it: failed, and
+        tried again only after a delay that doubles with each such death, never in a loop."""
+        state.phase, state.reason = "Failed", "ImportInterrupted"
+        state.retry_after = min(self.retry_seconds * 2 ** (attempts - 1), INTERRUPTED_RETRY_MAX)
+        state.message = (
+            f"the agent stopped during {attempts} import(s) of this image in a row (the image may be "
+            f"what stopped it); trying again in {state.retry_after:.0f}s"
+        )
+        state.failed_at = time.monotonic()
+        state.attempts = attempts + 1
+
     def _safe_report(
         self, image: VmImage, phase: ImagePhase, message: str | None, details: VmImageStatus
     ) -> None:
-        try:
-            self.report(image, phase, message, details)
-        except Exception:  # the status is best effort; the next change writes it again
-            log.exception("cannot write the status of VmImage %s", image.metadata.name)
+        """Queued for the reporter thread: an import never waits on the API."""
+        key = (image.metadata.namespace or "", image.metadata.name)
+        self._reporter.submit(key, image, phase, message, details)
+
+    def _write_report(
+        self, image: VmImage, phase: ImagePhase, message: str | None, details: VmImageStatus
+    ) -> None:
+        self.report(image, phase, message, details)
 
     def _import(self, image: VmImage, key: Key, wanted: str) -> None:
+        with self._lock:
+            state = self._states.get(key)
+            attempts = state.attempts if state is not None else 1
+        self.cache.begin_import(wanted, attempts)
+        try:
+            self._import_marked(image, key, wanted)
+        finally:
+            self.cache.end_import(wanted)
+
+    def _import_marked(self, image: VmImage, key: Key, wanted: str) -> None:
         name = image.metadata.name
         started = time.monotonic()
 
@@ -233,6 +272,7 @@ class NodeImages:
                 reason=exc.reason,
                 message=str(exc),
                 failed_at=time.monotonic(),
+                retry_after=0.0,
                 running=False,
                 progress="",
             ):
@@ -247,6 +287,7 @@ class NodeImages:
                 reason="ImportError",
                 message=str(exc),
                 failed_at=time.monotonic(),
+                retry_after=0.0,
                 running=False,
                 progress="",
             ):

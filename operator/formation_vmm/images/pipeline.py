@@ -1,11 +1,12 @@
-"""From fetched bytes to a cached base: checksum, decompression, ``.form`` unpacking, format
-detection and refusal of backing files with ``qemu-img info``, integrity check, conversion.
-Every qemu-img call has a fixed argv and no shell."""
+"""From fetched bytes to a cached base: checksum, bounded decompression, ``.form`` unpacking,
+format detection and inspection (``inspect.py``), integrity check, conversion. Every qemu-img
+call on the tenant's bytes runs in the sandbox (``host/sandbox.py``), with an explicit ``-f``
+once the format is known."""
 
-import gzip
 import lzma
 import os
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,23 +14,31 @@ from typing import IO
 
 from formation_vmm.api.models import ImagePhase
 from formation_vmm.domain.spec import BaseImage
-from formation_vmm.host import qemu_img
+from formation_vmm.host import sandbox
 from formation_vmm.host.disk_info import DiskInfo, parse_info
 from formation_vmm.host.paths import open_new
+from formation_vmm.host.qemu_img import QemuImgError
 from formation_vmm.images.cache import ImageCache
 from formation_vmm.images.fetch import CHUNK, Fetched, FetchLimits, sha256_file
 from formation_vmm.images.formats import (
     MANIFEST_NAME,
     FormManifest,
     ImageRefusedError,
-    check_disk,
     compression_of,
     is_tar,
+    is_vmdk_descriptor,
     parse_manifest,
     safe_member_name,
 )
+from formation_vmm.images.inspect import inspect
 
 MANIFEST_MAX = 64 << 10
+# A .form bundle holds a manifest and a disk; a few other files are tolerated, no more: a tar
+# of a million members is refused after the first few, never listed whole.
+MAX_MEMBERS = 16
+# xz streams declare the dictionary they need; one that asks for more memory than this is
+# refused before it is decompressed (xz -9 needs 65 MiB).
+XZ_MEMLIMIT = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -43,25 +52,37 @@ class Expectation:
 Phase = Callable[[ImagePhase], None]  # told "Converting" when conversion starts
 
 
-def _run(args: list[str], ok_codes: tuple[int, ...] = (0,)) -> str:
-    """qemu-img on an image being imported: a refusal means the image is unusable."""
+def _qemu_img(args: list[str], reads: list[Path], limits: sandbox.Limits, scratch: Path | None = None) -> str:
+    """qemu-img in the sandbox on an image being imported: a refusal means the image is
+    unusable (its message says why: corrupt, or over a limit)."""
     try:
-        return qemu_img.run(*args, ok_codes=ok_codes)
-    except qemu_img.QemuImgError as exc:
-        raise ImageRefusedError("CorruptImage", str(exc).replace(" failed:", " refused the image:")) from exc
+        return sandbox.run(args, reads, scratch, limits, ok_codes=(0, 3) if args[0] == "check" else (0,))
+    except QemuImgError as exc:
+        message = str(exc).replace(" failed:", " refused the image:")
+        if "Permission denied" in message:  # the file it was handed is always readable
+            raise ImageRefusedError(
+                "ExternalFileRefused",
+                f"the image refers to a file outside itself, which is refused ({message})",
+            ) from exc
+        raise ImageRefusedError("CorruptImage", message) from exc
 
 
-def disk_info(path: Path, fmt: str | None = None) -> DiskInfo:
-    args = ["info", "--output=json", "-U"]
+def _limits(limits: FetchLimits, **more: int) -> sandbox.Limits:
+    return sandbox.Limits(memory=limits.qemu_img_memory, cpu_seconds=limits.qemu_img_cpu_seconds, **more)
+
+
+def disk_info(path: Path, limits: FetchLimits, fmt: str | None = None) -> DiskInfo:
+    """``qemu-img info`` in the sandbox; without ``fmt`` it detects the format from the bytes."""
+    args = ["info", "--output=json"]
     if fmt:
         args += ["-f", fmt]
-    return parse_info(_run([*args, str(path)]))
+    return parse_info(_qemu_img([*args, str(path)], [path], _limits(limits)))
 
 
-def _copy_limited(src: IO[bytes], dest: Path, max_bytes: int) -> None:
+def _write_limited(dest: Path, max_bytes: int, produce: Callable[[], bytes]) -> None:
     done = 0
     with os.fdopen(open_new(dest), "wb") as out:
-        for chunk in iter(lambda: src.read(CHUNK), b""):
+        while chunk := produce():
             done += len(chunk)
             if done > max_bytes:
                 raise ImageRefusedError(
@@ -70,67 +91,146 @@ def _copy_limited(src: IO[bytes], dest: Path, max_bytes: int) -> None:
             out.write(chunk)
 
 
+class _Unpacker:
+    """gzip or xz, stream by stream (a file may hold several), never more than CHUNK of output
+    at a time, so neither a bomb nor a long file grows memory."""
+
+    def __init__(self, kind: str, src: IO[bytes]) -> None:
+        self.kind = kind
+        self.src = src
+        self.pending = b""
+        self.decoder = self._new()
+
+    def _new(self) -> "zlib._Decompress | lzma.LZMADecompressor":
+        if self.kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+
+    def __call__(self) -> bytes:
+        while True:
+            decoder = self.decoder
+            if isinstance(decoder, lzma.LZMADecompressor):
+                if decoder.eof:
+                    if not self._next_stream(decoder.unused_data):
+                        return b""
+                    continue
+                data = self.pending or (self.src.read(CHUNK) if decoder.needs_input else b"")
+                self.pending = b""
+                if not data and decoder.needs_input:
+                    raise ImageRefusedError("CorruptImage", "the xz stream ends early")
+                out = decoder.decompress(data, CHUNK)
+            else:
+                if decoder.eof:
+                    if not self._next_stream(decoder.unused_data):
+                        return b""
+                    continue
+                data = self.pending or decoder.unconsumed_tail or self.src.read(CHUNK)
+                self.pending = b""
+                if not data:
+                    raise ImageRefusedError("CorruptImage", "the gzip stream ends early")
+                out = decoder.decompress(data, CHUNK)
+            if out:
+                return out
+
+    def _next_stream(self, unused: bytes) -> bool:
+        rest = (unused + self.src.read(CHUNK)).lstrip(b"\0")  # xz pads streams with zeros
+        if not rest:
+            return False
+        self.pending = rest
+        self.decoder = self._new()
+        return True
+
+
 def decompress(path: Path, cache: ImageCache, limits: FetchLimits) -> Path:
     """The file itself, or a decompressed copy when its bytes say gzip or xz."""
     with path.open("rb") as f:
         kind = compression_of(f.read(8))
     if kind is None:
         return path
-    opener = gzip.open if kind == "gzip" else lzma.open
     out = cache.scratch_file("unpacked")
     try:
-        with opener(path, "rb") as src:
-            _copy_limited(src, out, limits.max_bytes)  # type: ignore[arg-type]
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+        with path.open("rb") as src:
+            _write_limited(out, limits.max_bytes, _Unpacker(kind, src))
+    except lzma.LZMAError as exc:
+        out.unlink(missing_ok=True)
+        if "Memory usage limit" in str(exc):
+            raise ImageRefusedError(
+                "DecompressionBomb",
+                f"the xz stream needs more than {XZ_MEMLIMIT >> 20} MiB of memory to unpack; refused",
+            ) from exc
+        raise ImageRefusedError("CorruptImage", f"the xz stream is damaged: {exc}") from exc
+    except (OSError, EOFError, zlib.error) as exc:
         out.unlink(missing_ok=True)
         raise ImageRefusedError("CorruptImage", f"the {kind} stream is damaged: {exc}") from exc
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     return out
 
 
+def _members(bundle: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The bundle's members, read one header at a time: each a regular file with a plain
+    relative name, named once, and no more than MAX_MEMBERS of them."""
+    found: dict[str, tarfile.TarInfo] = {}
+    for count, member in enumerate(bundle, start=1):
+        if count > MAX_MEMBERS:
+            raise ImageRefusedError("UnsafeBundle", f"the bundle has more than {MAX_MEMBERS} members")
+        safe_member_name(member.name)
+        if not member.isfile():
+            raise ImageRefusedError(
+                "UnsafeBundle", f"bundle member {member.name!r} is not a regular file (links are refused)"
+            )
+        if member.name in found:
+            raise ImageRefusedError("UnsafeBundle", "the bundle names a member twice")
+        found[member.name] = member
+    return found
+
+
 def unpack_form(path: Path, cache: ImageCache, limits: FetchLimits) -> tuple[Path, FormManifest]:
-    """Read a ``.form`` bundle member by member, never extracting by name: every member must be
-    a regular file with a plain relative name; the disk is copied out to a scratch file."""
-    manifest: FormManifest | None = None
-    disk_out: Path | None = None
-    disk_name: str | None = None
+    """Read a ``.form`` bundle member by member, never extracting by name; the disk is copied
+    out to a scratch file."""
+    disk_out = cache.scratch_file("form-disk")
     try:
         with tarfile.open(path, mode="r:") as bundle:
-            members = bundle.getmembers()
-            for member in members:
-                safe_member_name(member.name)
-                if not member.isfile():
-                    raise ImageRefusedError(
-                        "UnsafeBundle",
-                        f"bundle member {member.name!r} is not a regular file (links are refused)",
-                    )
-            names = [m.name for m in members]
-            if len(set(names)) != len(names):
-                raise ImageRefusedError("UnsafeBundle", "the bundle names a member twice")
-            by_name = {m.name: m for m in members}
-            if MANIFEST_NAME not in by_name or by_name[MANIFEST_NAME].size > MANIFEST_MAX:
+            by_name = _members(bundle)
+            manifest_member = by_name.get(MANIFEST_NAME)
+            if manifest_member is None or manifest_member.size > MANIFEST_MAX:
                 raise ImageRefusedError(
                     "InvalidBundle", f"the bundle has no {MANIFEST_NAME} (or one too large)"
                 )
-            raw = bundle.extractfile(by_name[MANIFEST_NAME])
+            raw = bundle.extractfile(manifest_member)
             assert raw is not None
-            manifest = parse_manifest(raw.read())
-            disk_name = manifest.disk
-            if disk_name not in by_name or disk_name == MANIFEST_NAME:
+            manifest = parse_manifest(raw.read(MANIFEST_MAX))
+            disk = by_name.get(manifest.disk)
+            if disk is None or manifest.disk == MANIFEST_NAME:
                 raise ImageRefusedError(
-                    "InvalidBundle", f"the manifest names disk {disk_name!r}, not in the bundle"
+                    "InvalidBundle", f"the manifest names disk {manifest.disk!r}, not in the bundle"
                 )
-            src = bundle.extractfile(by_name[disk_name])
+            src = bundle.extractfile(disk)
             assert src is not None
-            disk_out = cache.scratch_file("form-disk")
-            _copy_limited(src, disk_out, limits.max_bytes)
+            _write_limited(disk_out, limits.max_bytes, lambda: src.read(CHUNK))
     except tarfile.TarError as exc:
+        disk_out.unlink(missing_ok=True)
         raise ImageRefusedError("InvalidBundle", f"the bundle is not a readable tar archive: {exc}") from exc
+    except BaseException:
+        disk_out.unlink(missing_ok=True)
+        raise
     if manifest.checksum is not None and f"sha256:{sha256_file(disk_out)}" != manifest.checksum:
         disk_out.unlink(missing_ok=True)
         raise ImageRefusedError(
-            "ChecksumMismatch", f"bundle disk {disk_name} does not match the manifest's checksum"
+            "ChecksumMismatch", f"bundle disk {manifest.disk} does not match the manifest's checksum"
         )
     return disk_out, manifest
+
+
+def _refuse_descriptor(path: Path) -> None:
+    with path.open("rb") as f:
+        if is_vmdk_descriptor(f.read(512)):
+            raise ImageRefusedError(
+                "ExternalExtentRefused",
+                "the image is a VMDK descriptor, which names other files for its data; only "
+                "self-contained VMDK images (monolithicSparse, streamOptimized) are accepted",
+            )
 
 
 def import_fetched(
@@ -167,22 +267,33 @@ def import_fetched(
             raise ImageRefusedError(
                 "FormatMismatch", "the VmImage declares a .form bundle, but the file is no tar archive"
             )
-        info = disk_info(work)
-        check_disk(info, declared)
+        _refuse_descriptor(work)
+        info = disk_info(work, limits)  # detection, from the bytes
+        inspect(info, str(work), declared)
+        info = disk_info(work, limits, info.format)  # from here on the format is stated, never probed
+        inspect(info, str(work), declared)
         if info.format == "qcow2":
             # Exit 3 means leaked clusters only: harmless wasted space. 2 means corruption.
-            _run(["check", "-q", "-f", "qcow2", str(work)], ok_codes=(0, 3))
+            _qemu_img(["check", "-q", "-f", "qcow2", str(work)], [work], _limits(limits))
         elif info.format == "vmdk":
             phase("Converting")
             converted = cache.scratch_file("converted")
-            _run(["convert", "-q", "-f", "vmdk", "-O", "qcow2", str(work), str(converted)])
             scratch.append(converted)
-            work = converted
-            info = disk_info(work, "qcow2")
-        elif info.format != "raw":
-            raise ImageRefusedError(
-                "UnsupportedFormat", f"the image is {info.format}; raw, qcow2, vmdk and .form are supported"
+            _qemu_img(
+                ["convert", "-q", "-f", "vmdk", "-O", "qcow2", str(work), str(converted)],
+                [work],
+                sandbox.Limits(
+                    memory=limits.qemu_img_memory,
+                    # Time to convert: the info budget plus a second per 16 MiB of disk.
+                    cpu_seconds=limits.qemu_img_cpu_seconds + info.virtual_size // (16 << 20),
+                    file_size=limits.max_bytes,
+                    wall_seconds=3600,
+                ),
+                scratch=cache.scratch,
             )
+            work = converted
+            info = disk_info(work, limits, "qcow2")
+            inspect(info, str(work), "qcow2")
         image = BaseImage(
             sha256=fetched.sha256,
             path=work,
