@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     # How often the agent compares every domain with its VM (drift, orphans, IP addresses).
     resync_seconds: float = Field(default=15.0, gt=0)
+    # The networks VMs may attach to (by name); anything else is refused with a reason.
+    offered_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
     # Threads syncing VMs on a node; a sync never waits out a grace period, so a few suffice.
     sync_workers: int = Field(default=8, ge=1, le=64)
     # How long a VM whose inputs or hypervisor were not ready waits before it is tried again.
@@ -109,6 +111,13 @@ class Settings(BaseSettings):
                 return parse_quantity(value)
             except QuantityError as exc:
                 raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("offered_networks", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("image_egress_allow", "image_egress_deny", mode="before")

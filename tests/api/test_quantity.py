@@ -36,3 +36,14 @@ def test_rounds_fractions_of_a_byte_up() -> None:
 
 def test_formats_mebibytes_rounding_down() -> None:
     assert format_mebibytes(3 * 2**20 + 5) == "3Mi"
+
+
+@pytest.mark.parametrize("text", ["1e999999999", "9e30", "1e19", "99999999999Ei", "1" * 50])
+def test_refuses_quantities_too_large_for_64_bits_without_computing_them(text: str) -> None:
+    with pytest.raises(QuantityError, match="too large"):
+        parse_quantity(text)
+
+
+def test_the_largest_quantities_that_fit() -> None:
+    assert parse_quantity("7Ei") == 7 * 2**60
+    assert parse_quantity("9e18") == 9 * 10**18

@@ -113,3 +113,21 @@ def test_memory_snapshot_xml_golden() -> None:
     if os.environ.get("VMM_UPDATE_GOLDEN"):
         out.write_text(got)
     assert got == out.read_text()
+
+
+def test_a_vm_attaches_only_to_networks_the_cluster_offers() -> None:
+    offered = frozenset({"default"})
+    ok = make_vm(networks=[{"name": "eth0"}])
+    assert build_domain_spec(ok, LAYOUT, "kvm", {}, offered).interfaces[0].network == "default"
+    other = make_vm(networks=[{"name": "eth0", "network": "storage"}])
+    with pytest.raises(UnsupportedSpecError, match="does not offer to VMs \\(offered: default\\)"):
+        build_domain_spec(other, LAYOUT, "kvm", {}, offered)
+    bridged = make_vm(networks=[{"name": "eth0", "bridge": "br-mgmt"}])
+    with pytest.raises(UnsupportedSpecError, match="names host bridge 'br-mgmt'"):
+        build_domain_spec(bridged, LAYOUT, "kvm", {}, None)
+
+
+def test_every_interface_carries_the_anti_spoofing_filter_with_its_mac() -> None:
+    xml = render("topology-networks")
+    assert xml.count("<filterref filter=\"clean-traffic\">") == 3
+    assert '<parameter name="MAC" value="02:aa:bb:cc:dd:ee" />' in xml

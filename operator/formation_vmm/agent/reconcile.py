@@ -48,12 +48,14 @@ class Reconciler:
         domain_type: str,
         inputs: Inputs,
         clock: Clock = time.monotonic,
+        offered_networks: frozenset[str] | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.layout = layout
         self.domain_type = domain_type
         self.inputs = inputs
         self.clock = clock
+        self.offered_networks = offered_networks
         self._sizes: dict[Path, int] = {}  # disk -> virtual size, as last read or set
         # VM uid -> when its graceful stop runs out. In memory: a restarted agent sends the ACPI
         # request again and gives the guest a fresh grace period.
@@ -62,7 +64,7 @@ class Reconciler:
 
     def desired_spec(self, vm: VirtualMachine, images: dict[str, BaseImage]) -> DomainSpec:
         """The domain the VM asks for; raises when an input is not ready or the spec is unusable."""
-        return build_domain_spec(vm, self.layout, self.domain_type, images)
+        return build_domain_spec(vm, self.layout, self.domain_type, images, self.offered_networks)
 
     def _deadline(self, uid: str) -> float | None:
         with self._lock:

@@ -149,6 +149,13 @@ class VmSync:
             message = str(exc)
             self._report(body, vm, lambda st: status_failed(vm, st, reason, message), reason, message)
             return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
+        except Exception as exc:  # a bug, or input nobody foresaw: said, never a crash loop
+            log.exception("%s: sync failed", _domain(vm))
+            message = f"the agent could not handle this VM: {type(exc).__name__}: {exc}"[:500]
+            self._report(
+                body, vm, lambda st: status_failed(vm, st, "InternalError", message), "InternalError", message
+            )
+            return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
         old = dict(body.get("status") or {})
         fields = status_after(vm, vm.status, outcome, self.node)
         if changes(old, fields):

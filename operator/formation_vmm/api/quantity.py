@@ -28,18 +28,31 @@ class QuantityError(ValueError):
     """A string that is not a Kubernetes quantity."""
 
 
+# Kubernetes keeps quantities in 64 bits; so do we, and a number past that (1e999999999, which
+# a schema's isQuantity() may admit) is refused before any arithmetic grows with it.
+LARGEST = 2**63 - 1
+MAX_EXPONENT = 30
+
+
 def parse_quantity(text: str) -> int:
     """Return the number of bytes (rounded up) that a quantity such as ``512Mi`` names."""
     match = _QUANTITY.match(text.strip())
     suffix = match.group(3) if match else None
     if not match or (suffix is not None and suffix not in _SUFFIXES):
         raise QuantityError(f"{text!r} is not a quantity such as 512Mi or 2Gi")
+    exponent = match.group(2)
+    if exponent is not None and (len(exponent) > 4 or abs(int(exponent[1:])) > MAX_EXPONENT):
+        raise QuantityError(f"{text!r} is too large a quantity")
+    if len(match.group(1)) > 40:
+        raise QuantityError(f"{text!r} is too large a quantity")
     try:
         number = Decimal(match.group(1))
-        scale = Decimal(10) ** int(match.group(2)[1:]) if match.group(2) else _SUFFIXES[suffix or ""]
+        scale = Decimal(10) ** int(exponent[1:]) if exponent else _SUFFIXES[suffix or ""]
     except InvalidOperation as exc:
         raise QuantityError(f"{text!r} is not a quantity such as 512Mi or 2Gi") from exc
     value = number * scale
+    if value > LARGEST:
+        raise QuantityError(f"{text!r} is too large a quantity")
     whole = int(value)
     return whole if whole == value else whole + 1
 

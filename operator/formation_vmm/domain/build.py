@@ -36,10 +36,44 @@ def _check_base(vm: VirtualMachine, disk: Disk, base: BaseImage) -> None:
         raise UnsupportedSpecError(f"image {disk.image!r} needs at least {base.min_memory} of memory")
 
 
+def _networks(vm: VirtualMachine, offered: frozenset[str] | None) -> tuple[InterfaceDevice, ...]:
+    """Interfaces on networks the cluster offers (``offered``; None: any, for tests of the XML),
+    each with the MAC it keeps for the VM's life, and libvirt's anti-spoofing filter bound to it."""
+    uid = vm.metadata.uid or ""
+    interfaces = []
+    for net in vm.spec.networks:
+        require_label(net.name, "network name")
+        if net.bridge is not None:
+            raise UnsupportedSpecError(
+                f"interface {net.name!r} names host bridge {net.bridge!r}; a VM attaches only to networks "
+                "a cluster admin offers"
+            )
+        network = net.network or "default"
+        if offered is not None and network not in offered:
+            raise UnsupportedSpecError(
+                f"interface {net.name!r} names network {network!r}, which this cluster does not offer to VMs "
+                f"(offered: {', '.join(sorted(offered)) or 'none'})"
+            )
+        interfaces.append(
+            InterfaceDevice(
+                name=net.name,
+                mac=(net.mac_address or stable_mac(uid, net.name)).lower(),
+                model=net.model,
+                network=network,
+            )
+        )
+    return tuple(interfaces)
+
+
 def build_domain_spec(
-    vm: VirtualMachine, layout: NodeLayout, domain_type: str, images: Mapping[str, BaseImage] | None = None
+    vm: VirtualMachine,
+    layout: NodeLayout,
+    domain_type: str,
+    images: Mapping[str, BaseImage] | None = None,
+    offered_networks: frozenset[str] | None = None,
 ) -> DomainSpec:
-    """``images`` maps each name of ``image_names(vm)`` to its cached base on this node."""
+    """``images`` maps each name of ``image_names(vm)`` to its cached base on this node;
+    ``offered_networks`` names the networks VMs may use (None: any)."""
     images = images or {}
     missing = [name for name in image_names(vm) if name not in images]
     if missing:
@@ -85,16 +119,7 @@ def build_domain_spec(
             initrd=images[spec.kernel.initrd].path if spec.kernel.initrd else None,
             cmdline=spec.kernel.cmdline or default_cmdline,
         )
-    interfaces = tuple(
-        InterfaceDevice(
-            name=require_label(net.name, "network name"),
-            mac=(net.mac_address or stable_mac(meta.uid, net.name)).lower(),
-            model=net.model,
-            network=None if net.bridge else (net.network or "default"),
-            bridge=net.bridge,
-        )
-        for net in spec.networks
-    )
+    interfaces = _networks(vm, offered_networks)
     topo = spec.topology
     return DomainSpec(
         name=domain_name(meta.namespace, meta.name),

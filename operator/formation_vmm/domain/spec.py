@@ -35,8 +35,7 @@ class InterfaceDevice:
     name: str
     mac: str
     model: str
-    network: str | None = None
-    bridge: str | None = None
+    network: str
 
 
 @dataclass(frozen=True)

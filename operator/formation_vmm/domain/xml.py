@@ -103,14 +103,14 @@ def _disks(devices: ET.Element, disks: tuple[DiskDevice, ...]) -> None:
 
 def _interfaces(devices: ET.Element, interfaces: tuple[InterfaceDevice, ...]) -> None:
     for iface in interfaces:
-        if iface.bridge:
-            el = _sub(devices, "interface", type="bridge")
-            _sub(el, "source", bridge=iface.bridge)
-        else:
-            el = _sub(devices, "interface", type="network")
-            _sub(el, "source", network=iface.network or "default")
+        el = _sub(devices, "interface", type="network")
+        _sub(el, "source", network=iface.network)
         _sub(el, "mac", address=iface.mac)
         _sub(el, "model", type=iface.model)
+        # libvirt's anti-spoofing filter: frames only from this MAC (and, once known, its IP),
+        # so a guest cannot take another guest's address on the network.
+        filterref = _sub(el, "filterref", filter="clean-traffic")
+        _sub(filterref, "parameter", name="MAC", value=iface.mac)
         _sub(el, "alias", name=f"ua-net-{iface.name}")
 
 
