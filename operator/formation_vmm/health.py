@@ -72,6 +72,32 @@ class Health:
         return _run(self._live_checks)
 
 
+def within(seconds: float, check: Check) -> Check:
+    """``check``, answered within ``seconds`` or reported as hanging. It runs in a thread of its
+    own, so a probe never waits on a hung daemon; and at most one runs at a time, so probes of a
+    daemon that stays hung do not pile up threads (nor calls queued on its connection)."""
+    lock = threading.Lock()
+    running: list[threading.Thread] = []
+    started = [0.0]
+
+    def bounded() -> str | None:
+        answer: list[str | None] = []
+        with lock:
+            if running and running[0].is_alive():
+                waited = time.monotonic() - started[0]
+                return f"no answer for {waited:.0f}s"
+            thread = threading.Thread(target=lambda: answer.append(check()), daemon=True)
+            running[:] = [thread]
+            started[0] = time.monotonic()
+            thread.start()
+        thread.join(seconds)
+        if not answer:
+            return f"no answer within {seconds:.0f}s"
+        return answer[0]
+
+    return bounded
+
+
 def _run(checks: dict[str, Check]) -> list[str]:
     problems = []
     for name, check in list(checks.items()):

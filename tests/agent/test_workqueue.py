@@ -49,6 +49,23 @@ def test_keys_for_later_come_when_due() -> None:
     assert queue.get() == "late"
 
 
+def test_a_key_asked_for_later_again_and_again_waits_once_for_the_earliest_moment() -> None:
+    """Every sync of a waiting VM asks for a retry; syncs for other reasons (watch events, the
+    periodic resync) must not add retries that then each run the VM again."""
+    clock = Clock()
+    queue = WorkQueue(clock)
+    for delay in (10, 10, 20, 5, 10):
+        queue.add_after("vm", delay)
+    assert queue.waiting() == 1
+    clock.now += 5
+    assert queue.get() == "vm"
+    queue.done("vm")
+    clock.now += 100  # long past every moment asked for above: nothing else comes
+    queue.add("other")
+    assert queue.get() == "other"
+    assert len(queue) == 0 and queue.waiting() == 0
+
+
 def test_a_waiting_worker_wakes_when_a_key_is_queued() -> None:
     queue = WorkQueue()
     got: list[str | None] = []

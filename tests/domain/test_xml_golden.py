@@ -129,5 +129,5 @@ def test_a_vm_attaches_only_to_networks_the_cluster_offers() -> None:
 
 def test_every_interface_carries_the_anti_spoofing_filter_with_its_mac() -> None:
     xml = render("topology-networks")
-    assert xml.count("<filterref filter=\"clean-traffic\">") == 3
+    assert xml.count('<filterref filter="clean-traffic">') == 3
     assert '<parameter name="MAC" value="02:aa:bb:cc:dd:ee" />' in xml

@@ -1,8 +1,10 @@
 """A work queue of keys (domain names) served by a fixed pool of threads, as client-go's
 workqueue: a key queued many times is processed once; a key is never processed by two threads
 at once (queued again while it is processed, it runs once more afterwards); keys may be queued
-for later. Whatever asks for a sync (the watch, libvirt's events, retries, a stop's deadline, the
-periodic resync) only queues a key, so nothing waits on the hypervisor but these workers."""
+for later, and a key waits for at most one such moment (the earliest asked for), so retries
+asked for again and again do not pile up. Whatever asks for a sync (the watch, libvirt's
+events, retries, a stop's deadline, the periodic resync) only queues a key, so nothing waits
+on the hypervisor but these workers."""
 
 import heapq
 import itertools
@@ -24,7 +26,8 @@ class WorkQueue:
         self._queue: deque[str] = deque()
         self._dirty: set[str] = set()  # queued, not yet taken
         self._processing: set[str] = set()
-        self._later: list[tuple[float, int, str]] = []  # (when, tiebreak, key)
+        self._later: list[tuple[float, int, str]] = []  # (when, tiebreak, key); stale ones skipped
+        self._due: dict[str, float] = {}  # key -> when it is queued (its one live entry in _later)
         self._seq = itertools.count()
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -38,7 +41,11 @@ class WorkQueue:
             self.add(key)
             return
         with self._cond:
-            heapq.heappush(self._later, (self._clock() + delay, next(self._seq), key))
+            when = self._clock() + delay
+            if self._due.get(key, when + 1) <= when:
+                return  # queued for an earlier moment already
+            self._due[key] = when
+            heapq.heappush(self._later, (when, next(self._seq), key))
             self._cond.notify()
 
     def _add_locked(self, key: str) -> None:
@@ -53,8 +60,10 @@ class WorkQueue:
         """Queue the delayed keys that are due; returns seconds until the next one, or None."""
         now = self._clock()
         while self._later and self._later[0][0] <= now:
-            _, _, key = heapq.heappop(self._later)
-            self._add_locked(key)
+            when, _, key = heapq.heappop(self._later)
+            if self._due.get(key) == when:
+                del self._due[key]
+                self._add_locked(key)
         return self._later[0][0] - now if self._later else None
 
     def get(self) -> str | None:
@@ -81,6 +90,11 @@ class WorkQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    def waiting(self) -> int:
+        """Keys queued for later (each counted once)."""
+        with self._cond:
+            return len(self._due)
 
     def start(self, handler: Handler, workers: int, name: str = "sync") -> None:
         """Serve keys with ``workers`` threads calling ``handler(key)``; a handler's exception is

@@ -1,5 +1,5 @@
-"""One libvirt connection: domains defined, started, stopped and described; lifecycle events
-passed on; a dead connection reopened."""
+"""libvirt, for the agent: domains defined, started, stopped and described; lifecycle events
+passed on; dead connections reopened."""
 
 import contextlib
 import logging
@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 # A daemon that stops answering is noticed after about KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT + 1)
-# seconds; every call waiting on it then fails instead of hanging its thread.
+# seconds; the call waiting on it then fails instead of hanging its thread.
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
+# How long a caller waits for a connection to open before it is told libvirtd does not answer.
+OPEN_TIMEOUT = 10.0
 
 
 class HypervisorError(RuntimeError):
@@ -110,47 +112,117 @@ _SHUTOFF_REASONS = {
 }
 
 
-class Hypervisor:
-    """A libvirt connection. libvirt connections are thread-safe; the agent calls from threads.
+class _Slot:
+    """A connection and the lock that lets one call at a time use it."""
 
-    With a listener, every domain lifecycle event on the connection is passed to it (from
-    libvirt's event thread), and a connection that dies is reopened, events included. One
-    thread reopens; the others fail fast meanwhile instead of queueing behind a hung daemon.
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: libvirt.virConnect | None = None
+
+
+class Hypervisor:
+    """libvirt for many threads. Each thread calls on a connection of its own: libvirt's client
+    (9.0) wakes only one of the calls waiting on a connection when keepalive declares the daemon
+    dead, and leaves the others hanging until the daemon answers again. One call in flight per
+    connection means every call waiting on a hung daemon fails after the keepalive timeout.
+
+    With a listener, every domain lifecycle event is passed to it (from libvirt's event thread),
+    over a connection that carries nothing else, and that is reopened when it dies. One thread
+    opens at a time; the others wait at most OPEN_TIMEOUT, so a hung daemon holds one opener.
     """
 
     def __init__(self, uri: str, listener: DomainListener | None = None) -> None:
         self.uri = uri
         self.listener = listener
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _threads
+        self._threads: dict[threading.Thread, libvirt.virConnect] = {}
         self._opening = threading.Lock()
-        self._conn: libvirt.virConnect | None = None
+        self._events: libvirt.virConnect | None = None
+        self._probe = _Slot()
         self._type: str | None = None
 
     def _connection(self) -> libvirt.virConnect:
+        """This thread's connection, opened or reopened as needed."""
         with self._lock:
-            conn = self._conn
-        if conn is not None and conn.isAlive():
+            conn = self._threads.get(threading.current_thread())
+        if conn is not None and conn.isAlive() and self._events_alive():
             return conn
-        if not self._opening.acquire(blocking=False):
-            raise HypervisorUnavailableError(f"reconnecting to {self.uri}")
+        return self._bounded_open()
+
+    def _events_alive(self) -> bool:
+        return self.listener is None or (self._events is not None and self._events.isAlive())
+
+    def _bounded_open(self) -> libvirt.virConnect:
+        # Opened in a thread of its own: a daemon that accepts the socket but never answers
+        # (stopped, hung) would hold the caller forever, as libvirt has no deadline for this.
+        if not self._opening.acquire(timeout=OPEN_TIMEOUT):
+            raise HypervisorUnavailableError(f"{self.uri} does not answer (an open waits on it)")
+        outcome: list[libvirt.virConnect | BaseException] = []
+        opener = threading.Thread(
+            target=self._open,
+            args=(threading.current_thread(), outcome),
+            name="libvirt-open",
+            daemon=True,
+        )
+        opener.start()
+        opener.join(OPEN_TIMEOUT)
+        if not outcome:
+            raise HypervisorUnavailableError(f"{self.uri} does not answer (waited {OPEN_TIMEOUT:.0f}s)")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _open(
+        self,
+        caller: threading.Thread,
+        outcome: list[libvirt.virConnect | BaseException],
+    ) -> None:
+        """Open a connection for ``caller`` (and the events' one if it died); then let the next
+        opener in. An open that outlasts the caller's wait still becomes its connection, found
+        on its next call. Connections of threads that ended are closed here."""
         try:
-            try:
-                conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise HypervisorUnavailableError(f"cannot connect to {self.uri}: {exc}") from exc
-            with contextlib.suppress(libvirt.libvirtError):  # not every driver has keepalives
-                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
-            if self.listener is not None:
-                self._subscribe(conn)
+            self._sweep()
+            if not self._events_alive():
+                events = self._open_one()
+                self._subscribe(events)
+                old, self._events = self._events, events
+                if old is not None:
+                    self._close_quietly(old)
+            conn = self._open_one()
             self._type = str(conn.getType())
             with self._lock:
-                old, self._conn = self._conn, conn
-            if old is not None:
-                with contextlib.suppress(libvirt.libvirtError):
-                    old.close()
-            return conn
+                stale = self._threads.get(caller)
+                self._threads[caller] = conn
+            if stale is not None:
+                self._close_quietly(stale)
+            outcome.append(conn)
+        except BaseException as exc:  # reported to the caller, if it still waits
+            outcome.append(exc)
         finally:
             self._opening.release()
+
+    def _open_one(self) -> libvirt.virConnect:
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorUnavailableError(f"cannot connect to {self.uri}: {exc}") from exc
+        try:
+            conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        except libvirt.libvirtError as exc:  # test:///, or no event loop (a one-off tool)
+            log.debug("no keepalive on %s: %s", self.uri, exc)
+        return conn
+
+    def _sweep(self) -> None:
+        with self._lock:
+            ended = [thread for thread in self._threads if not thread.is_alive()]
+            conns = [self._threads.pop(thread) for thread in ended]
+        for conn in conns:
+            self._close_quietly(conn)
+
+    @staticmethod
+    def _close_quietly(conn: libvirt.virConnect) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
     def _subscribe(self, conn: libvirt.virConnect) -> None:
         listener = self.listener
@@ -164,21 +236,40 @@ class Hypervisor:
 
         conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
 
+    def connections(self) -> int:
+        """Open connections, the events' one included (for the agent's metrics and tests)."""
+        with self._lock:
+            count = len(self._threads)
+        return count + (self._events is not None) + (self._probe.conn is not None)
+
     def close(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            conns = list(self._threads.values())
+            self._threads.clear()
+        conns += [c for c in (self._events, self._probe.conn) if c is not None]
+        self._events = self._probe.conn = None
+        for conn in conns:
+            self._close_quietly(conn)
 
     def reachable(self) -> str | None:
-        """None when libvirtd answers now, else why not (for /readyz and /health)."""
+        """None when libvirtd answers now, else why not (for /readyz and /health). Probes share
+        one connection, so threads made for probing do not each open one; one probes at a time."""
+        slot = self._probe
+        if not slot.lock.acquire(blocking=False):
+            return "an earlier probe still waits for libvirtd"
         try:
-            self._connection().getLibVersion()
+            if slot.conn is None or not slot.conn.isAlive():
+                if slot.conn is not None:
+                    self._close_quietly(slot.conn)
+                slot.conn = None
+                slot.conn = self._open_one()
+            slot.conn.getLibVersion()
         except HypervisorError as exc:
             return str(exc)
         except libvirt.libvirtError as exc:
             return str(hypervisor_error(exc))
+        finally:
+            slot.lock.release()
         return None
 
     @property
