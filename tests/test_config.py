@@ -62,3 +62,9 @@ def test_a_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("VMM_CONFIG_PATH", str(tmp_path / "absent.yaml"))
     with pytest.raises(ValueError, match=r"absent\.yaml does not exist"):
         config.load()
+
+
+def test_every_setting_is_documented() -> None:
+    documented = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    missing = [name for name in config.Settings.model_fields if f"| `{name}` |" not in documented]
+    assert missing == [], f"docs/configuration.md has no row for {missing}"

@@ -58,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_agent(config.load(flags))
     elif args.command == "dev":
-        try:
-            from formation_vmm.devcluster import local
-        except ModuleNotFoundError as exc:  # the dev extra (the local cluster's PKI) is missing
-            hint = "pip install 'formation-vmm[dev]'"
-            raise SystemExit(f"vmm dev needs the dev extra: {hint} ({exc})") from exc
+        from formation_vmm.devcluster import local
 
         if args.dev_command == "up":
             return local.up(sample=not args.no_sample)

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet, not from loopback
     vm_dir: Path = Path("/run/form-vm")
     images_dir: Path = Path("/var/lib/formation/vm-images")
+    # The agent's own state: the key Secrets are sealed to for it, its lock file.
+    state_dir: Path = Path("/var/lib/formation/agent")
     # Verified image bases, apart from images_dir so no hostPath VmImage can name them.
     image_cache_dir: Path = Path("/var/lib/formation/image-cache")
     # VM disks outlive reboots, so they are not under vm_dir (a tmpfs on most hosts).
@@ -57,6 +59,9 @@ class Settings(BaseSettings):
     resync_seconds: float = Field(default=15.0, gt=0)
     # The networks VMs may attach to (by name); anything else is refused with a reason.
     offered_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
+    # How often the agent checks its memory of the node's VMs against a list from the API (a
+    # deletion missed while the watch was down); one LIST of the node's VMs.
+    vm_list_seconds: float = Field(default=300.0, gt=0)
     # Threads syncing VMs on a node; a sync never waits out a grace period, so a few suffice.
     sync_workers: int = Field(default=8, ge=1, le=64)
     # How long a VM whose inputs or hypervisor were not ready waits before it is tried again.
@@ -64,6 +69,9 @@ class Settings(BaseSettings):
     # The address other machines reach this agent's API at (defaults to http://<node>:<port>).
     advertise_url: str | None = None
     node_lost_seconds: float = Field(default=40.0, gt=0)
+    # How often the controller reads again every Secret it sealed for a node (Secrets are not
+    # watched: that would hold every Secret of the cluster in its memory).
+    seal_refresh_seconds: float = Field(default=60.0, gt=0)
     # The controller's leader election: the Lease's namespace (the controller's own; from the
     # downward API in the chart), how long a lease holds without renewal, how often it is renewed.
     controller_namespace: str = "formation-vmm"

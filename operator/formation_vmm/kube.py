@@ -172,10 +172,10 @@ class Kube:
 
     # --- core objects ---------------------------------------------------------------------------
 
-    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
-        """A Secret's data, base64 as the API sends it."""
-        secret = self._call(self._core.read_namespaced_secret, name, namespace)
-        return dict(secret.data or {})
+    def secret(self, namespace: str, name: str) -> Body:
+        """A Secret (its data base64, as the API sends it). The controller's only: agents read
+        no Secrets (sealing.py)."""
+        return self._plain(self._call(self._core.read_namespaced_secret, name, namespace))
 
     def node(self, name: str) -> Body:
         return self._plain(self._call(self._core.read_node, name))

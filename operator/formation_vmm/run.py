@@ -16,7 +16,7 @@ from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
 from formation_vmm.agent.image_status import ImageStatusReporter
-from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, secret_authorization
+from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
@@ -37,13 +37,16 @@ from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
+from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.health import Health
+from formation_vmm.health import Health, within
+from formation_vmm.host.paths import AlreadyRunningError, hold_lock
 from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
+from formation_vmm.sealing import NodeKey
 from formation_vmm.waiting import WaitTimeoutError, wait_for
 
 log = logging.getLogger(__name__)
@@ -132,20 +135,20 @@ def run_controller(settings: Settings) -> None:
     health.pulse("api", 3 * renew, "the API answered the leader election")
     health.pulse("watch", 3 * renew + 5, "the lease watch delivered a renewal")
     health.pulse("loop", 3 * RETRY_BIND, "the binding loop ran")
+    image_status = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
     state = ControllerMemo(
         settings=settings,
         kube=kube,
         binder=Binder(
             vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
         ),
-        guard=ImageGuard(
-            StatusWriter(kube, IMAGE_PLURAL, VmImageStatus), events, lambda ns: kube.list(VM_PLURAL, ns)
-        ),
+        guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
         notes=SnapshotNotes(
             kube,
             StatusWriter(kube, SNAPSHOT_PLURAL, VmSnapshotStatus),
             StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
         ),
+        sealer=Sealer(kube, vm_status, image_status, events, settings.seal_refresh_seconds),
         leader=LeaderElector(
             kube,
             namespace,
@@ -168,6 +171,11 @@ def run_agent(settings: Settings) -> None:
     if not settings.node_name:
         raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
     node = settings.node_name
+    try:
+        # One agent per node: two would each take the other's domains for orphans.
+        hold_lock(settings.state_dir / "agent.lock")
+    except AlreadyRunningError as exc:
+        raise SystemExit(f"another agent runs on node {node} with these directories: {exc}") from exc
     registry = _registry()
     agent_handlers.register(registry, node)
     health = Health()
@@ -189,6 +197,8 @@ def run_agent(settings: Settings) -> None:
         for key in cache.users_of(namespace, image):
             queue.add(key)
 
+    # The key the controller seals this node's Secrets to (sealing.py), kept across restarts.
+    key = NodeKey(settings.state_dir / "node.key")
     start_event_loop()  # before any libvirt connection opens, so lifecycle events arrive
     hypervisor = Hypervisor(settings.libvirt_uri, listener=on_domain_event)
     node_images = NodeImages(
@@ -205,7 +215,7 @@ def run_agent(settings: Settings) -> None:
             settings.image_qemu_img_cpu_seconds,
         ),
         ImageStatusReporter(StatusWriter(kube, IMAGE_PLURAL, VmImageStatus), node),
-        secret_authorization(kube),
+        image_authorization(key, node),
         notify=on_image_change,
         retry_seconds=settings.image_retry_seconds,
         progress_seconds=settings.image_progress_seconds,
@@ -213,7 +223,11 @@ def run_agent(settings: Settings) -> None:
         per_namespace=settings.image_workers_per_namespace,
     )
     reconciler = Reconciler(
-        hypervisor, layout, settings.domain_type, ClusterInputs(kube, node_images, images)
+        hypervisor,
+        layout,
+        settings.domain_type,
+        ClusterInputs(kube, node_images, images, key, node),
+        offered_networks=frozenset(settings.offered_networks),
     )
     events = EventRecorder(kube, "formation-vmm-agent", node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
@@ -229,8 +243,20 @@ def run_agent(settings: Settings) -> None:
         meta = (vm or {}).get("metadata", {})
         return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
 
+    def list_bound() -> set[str]:
+        return {b["metadata"]["uid"] for b in kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}")}
+
     watcher = Watcher(
-        sync, hypervisor, cache, queue, vm_bound_here, vm_status, agent_finalizer(node), layout.vm_dir
+        sync,
+        hypervisor,
+        cache,
+        queue,
+        vm_bound_here,
+        vm_status,
+        agent_finalizer(node),
+        layout.vm_dir,
+        list_bound,
+        max(1, round(settings.vm_list_seconds / settings.resync_seconds)),
     )
     snapshots = Snapshots(
         node,
@@ -248,7 +274,7 @@ def run_agent(settings: Settings) -> None:
     beat = settings.heartbeat_seconds
     health.pulse("api", 3 * beat, "the heartbeat reached the API")
     health.pulse("watch", 3 * beat, "the Node watch delivered the heartbeat")
-    health.ready_check("libvirt", hypervisor.reachable)
+    health.ready_check("libvirt", within(2.0, hypervisor.reachable))
     state = AgentMemo(
         settings=settings,
         node=node,
@@ -263,6 +289,7 @@ def run_agent(settings: Settings) -> None:
         collector=GarbageCollector(node_images, settings.image_gc_grace_seconds),
         snapshots=snapshots,
         health=health,
+        key=key,
     )
     health.live_check("loops", lambda: _tasks_alive(state))
     health.live_check(

@@ -2,6 +2,7 @@
 The status reporter is the one stand-in: it records what would be written to the VmImage
 (the control-plane tests check the real writes)."""
 
+import base64
 import os
 import tarfile
 import threading
@@ -13,14 +14,16 @@ from typing import Any
 import pytest
 
 from formation_vmm.agent import files as vm_files
-from formation_vmm.api.models import VmImage, VmImageStatus
+from formation_vmm.agent.inputs import image_authorization
+from formation_vmm.api.models import SealedValue, VmImage, VmImageStatus
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import BaseImage, Owner
 from formation_vmm.host.paths import remove_tree
 from formation_vmm.host.qemu_img import info as disk_info
 from formation_vmm.images.egress import EgressPolicy
-from formation_vmm.images.fetch import FetchError, FetchLimits
+from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import GarbageCollector, ImageNotReadyError, NodeImages
+from formation_vmm.sealing import NodeKey, image_context, key_id, seal
 from tests.support import image_files as files
 from tests.support.image_server import ImageServer, serve
 
@@ -71,14 +74,12 @@ def recorder() -> Recorder:
 
 
 def manager(layout: NodeLayout, recorder: Recorder, **kw: Any) -> NodeImages:
-    def auth(namespace: str, secret: str, key: str) -> str:
-        if secret != "token":
-            raise FetchError("SecretNotFound", f"Secret {namespace}/{secret} does not exist")
-        return "Bearer s3cret"
-
+    """The node's image manager as the agent builds it: credentials come sealed for node-a."""
+    key = NodeKey(layout.vm_dir.parent / "agent" / "node.key")
     limits = kw.pop("limits", loopback_limits())
-    images = NodeImages("node-a", layout, limits, recorder, auth, recorder.notify, **kw)
-    return images
+    return NodeImages(
+        "node-a", layout, limits, recorder, image_authorization(key, "node-a"), recorder.notify, **kw
+    )
 
 
 def loopback_limits(**kw: Any) -> FetchLimits:
@@ -238,17 +239,38 @@ def test_server_failures_become_failed_with_the_cause(
     assert list((layout.cache_dir / "scratch").iterdir()) == []
 
 
-def test_secret_ref_sends_the_authorization_header(
+def sealed_for(image: VmImage, node: str, public_b64: str, value: bytes) -> VmImage:
+    """``image`` with its secretRef's value sealed for ``node``, as the controller writes it."""
+    ref = image.spec.source.http.secret_ref  # type: ignore[union-attr]
+    context = image_context("ns", image.metadata.name, image.metadata.uid or "", ref.name, ref.key)  # type: ignore[union-attr]
+    entry = SealedValue(
+        node=node, key_id=key_id(base64.b64decode(public_b64)), data=seal(public_b64, value, context)
+    )
+    return image.model_copy(update={"status": VmImageStatus(credentials=[entry])})
+
+
+def test_secret_ref_sends_the_authorization_header_sealed_for_this_node(
     content: Path, server: ImageServer, layout: NodeLayout, recorder: Recorder
 ) -> None:
     files.raw(content / "disk.raw")
     images = manager(layout, recorder)
-    image = vmimage("img", url=server.url("/auth/disk.raw"), secretRef={"name": "token"})
-    assert resolve(images, image).format == "raw"
-    missing = vmimage("other", url=server.url("/auth/disk.raw"), secretRef={"name": "nope"})
-    with pytest.raises(ImageNotReadyError, match="does not exist") as err:
-        resolve(images, missing)
-    assert err.value.reason == "SecretNotFound"
+    public = NodeKey(layout.vm_dir.parent / "agent" / "node.key").public_b64
+    plain = vmimage("img", url=server.url("/auth/disk.raw"), secretRef={"name": "token"})
+    with pytest.raises(ImageNotReadyError, match="waiting for the controller") as err:
+        resolve(images, plain)
+    assert err.value.reason == "SecretNotSealed" and server.requests == []
+    assert resolve(images, sealed_for(plain, "node-a", public, b"Bearer s3cret")).format == "raw"
+    assert server.headers[-1]["Authorization"] == "Bearer s3cret"
+    # Sealed for another node's key, or for another image: it does not open here.
+    other_key = NodeKey(layout.vm_dir.parent / "other" / "node.key").public_b64
+    stolen = vmimage("other", url=server.url("/auth/disk.raw?other"), secretRef={"name": "token"})
+    with pytest.raises(ImageNotReadyError, match="current key"):
+        resolve(images, sealed_for(stolen, "node-a", other_key, b"Bearer s3cret"))
+    copied = stolen.model_copy(
+        update={"status": sealed_for(plain, "node-a", public, b"Bearer s3cret").status}
+    )
+    with pytest.raises(ImageNotReadyError, match="does not open"):
+        resolve(images, copied)
 
 
 def test_a_slow_download_reports_progress_along_the_way(

@@ -1,6 +1,6 @@
-"""A real control plane (etcd, kube-apiserver, kube-controller-manager) for the whole session,
-the CRDs installed from crds/, one namespace per test. The binaries are built if this machine
-has none yet (hack/control-plane-bins.sh, cached outside the clone); nothing is skipped."""
+"""Fixtures: a real control plane (etcd, kube-apiserver, kube-controller-manager) for the whole
+session, the CRDs installed from crds/, one namespace per test. The binaries are built if this
+machine has none yet (hack/control-plane-bins.sh, cached outside the clone); nothing is skipped."""
 
 import time
 import uuid
@@ -40,6 +40,3 @@ def ns(kubectl: Kubectl) -> Iterator[str]:
     yield name
     kubectl("delete", "vm", "--all", "-n", name, "--wait=true", "--timeout=60s", check=False)
     kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-from tests.support.fleet import fleet  # noqa: E402, F401

@@ -52,6 +52,7 @@ FAST = {
     "VMM_HEARTBEAT_SECONDS": "1",
     "VMM_RESYNC_SECONDS": "2",
     "VMM_RETRY_SECONDS": "2",
+    "VMM_VM_LIST_SECONDS": "4",
     "VMM_IMAGE_PROGRESS_SECONDS": "0.5",
     "VMM_IMAGE_RETRY_SECONDS": "3",
     "VMM_IMAGE_GC_GRACE_SECONDS": "3",
@@ -181,8 +182,16 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode)
     register_node(kubectl, QEMU_NODE, {"zone": "q"})
     kubectl("taint", "node", QEMU_NODE, "dedicated=qemu:NoSchedule", "--overwrite")
     controller_config = service_account_kubeconfig(kubectl, control_plane, "formation-vmm-controller")
-    agent_config = service_account_kubeconfig(kubectl, control_plane, "formation-vmm-agent")
-    controller = start_controller(control_plane, {"VMM_NODE_LOST_SECONDS": "6"}, kubeconfig=controller_config)
+    # Each agent's token is bound to its node, as the DaemonSet's are.
+    agent_config = {
+        node: service_account_kubeconfig(kubectl, control_plane, "formation-vmm-agent", node)
+        for node in [*TEST_NODES, QEMU_NODE]
+    }
+    controller = start_controller(
+        control_plane,
+        {"VMM_NODE_LOST_SECONDS": "6", "VMM_SEAL_REFRESH_SECONDS": "2"},
+        kubeconfig=controller_config,
+    )
     agents = {
         node: start_agent(
             control_plane,
@@ -190,7 +199,7 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode)
             "test:///default",
             "test",
             {**FAST, "VMM_RESERVED_CPUS": str(TEST_NODE_RESERVED_CPUS)},
-            kubeconfig=agent_config,
+            kubeconfig=agent_config[node],
         )
         for node in TEST_NODES
     }
@@ -201,7 +210,7 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode)
         qemu_node.uri,
         "qemu",
         {**FAST, "VMM_SYNC_WORKERS": "1"},
-        kubeconfig=agent_config,
+        kubeconfig=agent_config[QEMU_NODE],
     )
     fleet = Fleet(control_plane, kubectl, controller, agents, qemu_node)
     try:

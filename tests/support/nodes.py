@@ -14,9 +14,9 @@ from formation_vmm.devcluster.processes import ProcessTable
 def qemu_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtNode]:
     root = tmp_path_factory.mktemp("qemu-node")
     table = ProcessTable(root / "pids.json")
-    node = LibvirtNode(root / "libvirt", "qemu-node")
-    node.start(table)
+    node = LibvirtNode(root / "libvirt", "qemu-node", table)
+    node.start()
     try:
         yield node
     finally:
-        node.stop(table)
+        node.stop()

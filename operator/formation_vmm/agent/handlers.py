@@ -20,6 +20,7 @@ from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VmImage
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
+    AGENT_KEY_ANNOTATION,
     CAPACITY_CPUS_ANNOTATION,
     CAPACITY_MEMORY_ANNOTATION,
     GROUP,
@@ -39,6 +40,7 @@ from formation_vmm.config import Settings
 from formation_vmm.health import Health
 from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kube import Kube
+from formation_vmm.sealing import NodeKey
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,13 @@ class AgentMemo:
     collector: GarbageCollector
     snapshots: Snapshots
     health: Health
+    key: NodeKey
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
     sent_beat: str = ""
+    # The host's (CPUs, memory) as libvirt last told: the heartbeat goes on while libvirtd
+    # does not answer (the node and its guests are there; libvirt's state shows on the VMs).
+    capacity: tuple[int, int] | None = None
 
 
 def agent_memo(memo: kopf.Memo) -> AgentMemo:
@@ -71,7 +77,9 @@ def agent_memo(memo: kopf.Memo) -> AgentMemo:
 
 def publish_node(state: AgentMemo) -> None:
     """Write this node's capacity (less the reserve), VM count, endpoint and a heartbeat."""
-    cpus, memory = state.hypervisor.capacity()
+    if state.capacity is None:
+        state.capacity = state.hypervisor.capacity()  # once: the host does not change under us
+    cpus, memory = state.capacity
     settings = state.settings
     beat = now().strftime("%Y-%m-%dT%H:%M:%SZ")
     state.kube.patch_node(
@@ -83,6 +91,7 @@ def publish_node(state: AgentMemo) -> None:
                     CAPACITY_MEMORY_ANNOTATION: format_mebibytes(max(memory - settings.reserved_memory, 0)),
                     VM_COUNT_ANNOTATION: str(len(state.cache)),
                     AGENT_ENDPOINT_ANNOTATION: state.endpoint,
+                    AGENT_KEY_ANNOTATION: state.key.public_b64,
                     HEARTBEAT_ANNOTATION: beat,
                 }
             }

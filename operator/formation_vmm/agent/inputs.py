@@ -4,18 +4,18 @@ Reads the Kubernetes API (VmImages, Secrets) and the node's image cache. Kept be
 protocol so the reconciler can be driven in tests with files only.
 """
 
-import base64
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from formation_vmm.api.models import VirtualMachine, VmImage
+from formation_vmm.api.models import SealedValue, VirtualMachine, VmImage
 from formation_vmm.api.names import IMAGE_PLURAL
 from formation_vmm.domain.build import image_names
 from formation_vmm.domain.spec import BaseImage
 from formation_vmm.images.fetch import FetchError
 from formation_vmm.images.node import ImageNotReadyError, NodeImages
-from formation_vmm.kube import Kube, NotFoundError
+from formation_vmm.kube import Kube
+from formation_vmm.sealing import NodeKey, SealError, image_context, user_data_context
 
 
 class InputNotReadyError(RuntimeError):
@@ -60,12 +60,16 @@ class ImageCatalog:
 
 class ClusterInputs:
     """Images through the node's image manager (which fetches, verifies and caches them), user
-    data inline or from a Secret in the VM's namespace."""
+    data inline or, from a Secret, as the controller sealed it for this node (sealing.py)."""
 
-    def __init__(self, kube: Kube, node_images: NodeImages, catalog: ImageCatalog) -> None:
+    def __init__(
+        self, kube: Kube, node_images: NodeImages, catalog: ImageCatalog, key: NodeKey, node: str
+    ) -> None:
         self.kube = kube
         self.node_images = node_images
         self.catalog = catalog
+        self.key = key
+        self.node = node
 
     def _get_image(self, namespace: str, name: str) -> VmImage:
         seen = self.catalog.get(namespace, name)
@@ -100,29 +104,42 @@ class ClusterInputs:
         if ref is None:
             return ""
         namespace = vm.metadata.namespace or ""
+        context = user_data_context(namespace, vm.metadata.name, vm.metadata.uid or "", ref.name, ref.key)
+        what = f"Secret {namespace}/{ref.name} (key {ref.key!r})"
+        return open_sealed(vm.status.sealed_user_data, self.key, self.node, context, what).decode()
+
+
+def open_sealed(sealed: SealedValue | None, key: NodeKey, node: str, context: str, what: str) -> bytes:
+    """The value the controller sealed for this node, or why the VM or image must wait."""
+    if sealed is None or sealed.node != node:
+        raise InputNotReadyError("SecretNotSealed", f"waiting for the controller to hand this node {what}")
+    if sealed.error is not None:
+        reason = "SecretNotFound" if "does not exist" in sealed.error else "SecretNotSealed"
+        raise InputNotReadyError(reason, sealed.error)
+    if sealed.data is None or sealed.key_id != key.id:
+        raise InputNotReadyError(
+            "SecretNotSealed", f"waiting for the controller to seal {what} to this node's current key"
+        )
+    try:
+        return key.open(sealed.data, context)
+    except SealError as exc:
+        raise InputNotReadyError("SecretNotSealed", f"{what}: {exc}") from exc
+
+
+def image_authorization(key: NodeKey, node: str) -> Callable[[VmImage], str]:
+    """The Authorization header value a VmImage's secretRef names, as sealed for this node."""
+
+    def read(image: VmImage) -> str:
+        http = image.spec.source.http
+        ref = http.secret_ref if http is not None else None
+        assert ref is not None
+        namespace = image.metadata.namespace or ""
+        context = image_context(namespace, image.metadata.name, image.metadata.uid or "", ref.name, ref.key)
+        sealed = next((c for c in image.status.credentials if c.node == node), None)
+        what = f"Secret {namespace}/{ref.name} (key {ref.key!r})"
         try:
-            data = self.kube.secret_data(namespace, ref.name).get(ref.key)
-        except NotFoundError as exc:
-            raise InputNotReadyError(
-                "SecretNotFound", f"Secret {namespace}/{ref.name} does not exist"
-            ) from exc
-        if data is None:
-            raise InputNotReadyError(
-                "SecretKeyMissing", f"Secret {namespace}/{ref.name} has no key {ref.key!r}"
-            )
-        return base64.b64decode(data).decode()
-
-
-def secret_authorization(kube: Kube) -> Callable[[str, str, str], str]:
-    """The Authorization header value a VmImage's secretRef names, read when an import starts."""
-
-    def read(namespace: str, secret: str, key: str) -> str:
-        try:
-            data = kube.secret_data(namespace, secret).get(key)
-        except NotFoundError as exc:
-            raise FetchError("SecretNotFound", f"Secret {namespace}/{secret} does not exist") from exc
-        if data is None:
-            raise FetchError("SecretKeyMissing", f"Secret {namespace}/{secret} has no key {key!r}")
-        return base64.b64decode(data).decode().strip()
+            return open_sealed(sealed, key, node, context, what).decode().strip()
+        except InputNotReadyError as exc:
+            raise FetchError(exc.reason, str(exc)) from exc
 
     return read

@@ -252,6 +252,11 @@ class Snapshots:
             self._waiting[(RESTORE_KIND, namespace, meta["name"])] = body
             return
         vm = VirtualMachine.model_validate(vm_body)
+        if (meta.get("labels") or {}).get(NODE_LABEL) != self.node:
+            # Claim it for this node first (at the version read): only then may this agent write
+            # its status (the admission policy binding agents to their nodes says so).
+            self.restores.patch_at_version(body, {"labels": {NODE_LABEL: self.node}})
+            return  # the claim's own watch event brings us back
         # The event may predate our own last write: a restore is carried out once, never again.
         fresh = self.restores.get_or_none(namespace, meta["name"])
         if fresh is None or (fresh.get("status") or {}).get("phase") in ("Succeeded", "Failed"):

@@ -37,6 +37,7 @@ class SyncResult:
     retry_after: float | None = None  # sync this VM again after this many seconds
     outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid, unavailable
     finished: bool = False  # a deletion: the domain and files are gone
+    gone: bool = False  # the VM no longer exists in the API (its deletion was missed)
 
 
 class VmSync:
@@ -82,6 +83,8 @@ class VmSync:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
                     return SyncResult(vm.status.phase)
+                if fresh.get("metadata", {}).get("uid") != uid:
+                    return SyncResult(vm.status.phase, gone=True)
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
             with metrics.SYNC_SECONDS.time():
                 result = self._sync(body, vm)
@@ -89,7 +92,8 @@ class VmSync:
         return result
 
     def _fresh(self, body: Body, vm: VirtualMachine) -> Body | None:
-        """None when nothing needs doing (or the VM is gone); else the VM as the API has it now."""
+        """None when nothing needs doing; else the VM as the API has it now (an empty body when
+        it is gone, or another VM's when the name was taken again)."""
         try:
             preview = self.reconciler.reconcile(vm, dry_run=True)
             idle = not preview.actions and not changes(
@@ -99,7 +103,7 @@ class VmSync:
             idle = False
         if idle:
             return None
-        return self.status.get_or_none(vm.metadata.namespace, vm.metadata.name)
+        return self.status.get_or_none(vm.metadata.namespace, vm.metadata.name) or {}
 
     def delete(self, body: Body, grace_seconds: float | None = None) -> SyncResult:
         """One step of a deleted VM's way out: a graceful stop first (the result says when to

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 Body = dict[str, Any]
 VmExists = Callable[[str, str, str], bool]  # (namespace, name, uid) -> still there, bound here
+ListBound = Callable[[], set[str]]  # the uids of the VMs bound to this node, as the API lists them
 
 
 class VmCache:
@@ -42,6 +43,12 @@ class VmCache:
             else:
                 self._bodies[key] = body
         return key
+
+    def drop(self, key: str, uid: str) -> None:
+        """Forget the VM (a deletion the watch never delivered)."""
+        with self._lock:
+            if (self._bodies.get(key) or {}).get("metadata", {}).get("uid") == uid:
+                self._bodies.pop(key, None)
 
     def get(self, key: str) -> Body | None:
         with self._lock:
@@ -81,6 +88,8 @@ class Watcher:
         writer: StatusWriter[Any],
         finalizer: str,
         files_root: Path,
+        list_bound: ListBound,
+        list_every: int = 20,
     ) -> None:
         self.sync = sync
         self.hypervisor = hypervisor
@@ -90,6 +99,9 @@ class Watcher:
         self.writer = writer
         self.finalizer = finalizer
         self.files_root = files_root
+        self.list_bound = list_bound
+        self.list_every = list_every
+        self._resyncs = 0
 
     def mine(self, info: DomainInfo) -> bool:
         """A domain of ours on this node: its metadata names a VM, and its files lie in this
@@ -120,8 +132,14 @@ class Watcher:
         self.queue.add(name)
 
     def resync(self) -> None:
-        """Queue every VM of the cache, and every domain of ours whose VM the cache lacks."""
+        """Queue every VM of the cache, and every domain of ours whose VM the cache lacks. Every
+        ``list_every``-th time, first check the cache against a list from the API: a VM deleted
+        while the watch was down (a re-list shows no deletion) is dropped, and its domain goes
+        the way of an orphan's."""
         metrics.RESYNCS.inc()
+        self._resyncs += 1
+        if self._resyncs % self.list_every == 0:
+            self.forget_missing()
         try:
             domains = self.hypervisor.owned_domains()
         except HypervisorError as exc:
@@ -134,6 +152,20 @@ class Watcher:
         for key in self.cache.names():
             self.queue.add(key)
 
+    def forget_missing(self) -> None:
+        try:
+            listed = self.list_bound()
+        except Exception as exc:  # no list, no conclusion: nothing is dropped
+            log.warning("cannot list this node's VMs: %s", exc)
+            return
+        for key in self.cache.names():
+            body = self.cache.get(key)
+            uid = (body or {}).get("metadata", {}).get("uid", "")
+            if body is not None and uid not in listed:
+                log.warning("VM %s is gone from the API, though no deletion came down the watch", key)
+                self.cache.drop(key, uid)
+                self.queue.add(key)
+
     # --- the sync itself, in a queue worker ---------------------------------------------------
 
     def process(self, key: str) -> None:
@@ -142,7 +174,10 @@ class Watcher:
             self._orphan(key)
             return
         result = self.handle(body)
-        if result.retry_after is not None:
+        if result.gone:
+            self.cache.drop(key, body["metadata"].get("uid", ""))
+            self.queue.add(key)  # now an orphan: removed once the API confirms
+        elif result.retry_after is not None:
             self.queue.add_after(key, result.retry_after)
 
     def handle(self, body: Body) -> SyncResult:

@@ -165,6 +165,16 @@ class InterfaceStatus(ApiModel):
     ip_address: str | None = None
 
 
+class SealedValue(ApiModel):
+    """A Secret's value sealed to one node's agent (see sealing.py); or why it is not there."""
+
+    node: str
+    key_id: str | None = None
+    data: str | None = None
+    secret_version: str | None = None  # the Secret's resourceVersion when it was sealed
+    error: str | None = None  # why the controller could not seal it (a missing Secret or key)
+
+
 class VirtualMachineStatus(ApiModel):
     phase: VmPhase | None = None
     node_name: str | None = None
@@ -177,6 +187,7 @@ class VirtualMachineStatus(ApiModel):
     message: str | None = None
     vcpus: int | None = None
     last_restart_requested_at: datetime | None = None
+    sealed_user_data: SealedValue | None = None
 
 
 class ObjectMeta(ApiModel):
@@ -238,6 +249,7 @@ class VmImageStatus(ApiModel):
     format: str | None = None
     nodes: list[ImageNodeStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
+    credentials: list[SealedValue] = Field(default_factory=list)
 
 
 class VmImage(ApiModel):

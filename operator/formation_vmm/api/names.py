@@ -26,8 +26,10 @@ NODE_LABEL = f"{GROUP}/node"
 
 
 def _node_key(node: str) -> str:
-    """A short DNS label naming a node in finalizers and annotation prefixes."""
-    if len(node) <= 40 and all(c.isalnum() or c == "-" for c in node):
+    """The node as the name part of a finalizer: the node's own name when it fits (at most 63
+    characters; node names are lower-case DNS names, which are valid there), else a digest. The
+    admission policy that binds an agent to its node checks the first form exactly."""
+    if len(node) <= 63 and all(c.isalnum() or c in "-." for c in node):
         return node.lower()
     return "n" + hashlib.sha256(node.encode()).hexdigest()[:16]
 
@@ -47,6 +49,8 @@ HEARTBEAT_ANNOTATION = f"{GROUP}/agent-heartbeat"
 VM_COUNT_ANNOTATION = f"{GROUP}/vms"
 # Where the node's agent serves its HTTP API (console logs for `kubectl vm console`).
 AGENT_ENDPOINT_ANNOTATION = f"{GROUP}/agent-endpoint"
+# The public key secrets are sealed to for this node's agent (sealing.py).
+AGENT_KEY_ANNOTATION = f"{GROUP}/agent-key"
 
 # libvirt <metadata> namespace in which the agent records which VM owns a domain.
 LIBVIRT_METADATA_NS = f"https://{GROUP}/domain"

@@ -26,6 +26,7 @@ from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.nodes import node_summary
+from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
 from formation_vmm.kube import Kube
@@ -45,6 +46,7 @@ class ControllerMemo:
     guard: ImageGuard
     notes: SnapshotNotes
     leader: LeaderElector
+    sealer: Sealer
     health: Health
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -64,6 +66,7 @@ async def _bind_loop(state: ControllerMemo) -> None:
         try:
             await asyncio.to_thread(binder.bind_pending)
             await asyncio.to_thread(binder.mark_lost_nodes)
+            await asyncio.to_thread(state.sealer.pass_once)
             for image in guard.pending():  # deleted images held for their VMs: look again
                 await asyncio.to_thread(guard.release_if_unused, image)
         except Exception:  # the loop must outlive any one failure
@@ -122,13 +125,17 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
     # would cost more than the work); the rare API write goes to a thread.
     @kopf.on.event("", "v1", "nodes", labels={HYPERVISOR_LABEL: "true"}, id="nodes", registry=registry)
     async def nodes(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        controller_memo(memo).binder.node_event(event.get("type"), node_summary(dict(event["object"])))
+        state = controller_memo(memo)
+        summary = node_summary(dict(event["object"]))
+        state.binder.node_event(event.get("type"), summary)
+        state.sealer.node_event(event.get("type"), summary)
 
     @kopf.on.event(GROUP, VERSION, VM_PLURAL, id="vms", registry=registry)
     async def vms(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state = controller_memo(memo)
         body = dict(event["object"])
         state.binder.vm_event(event.get("type"), body)
+        state.sealer.vm_event(event.get("type"), body)
         released = state.guard.vm_event(event.get("type"), body)
         if not state.leader.is_leader():
             return
@@ -140,7 +147,9 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
     @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="images", registry=registry)
     def images(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state = controller_memo(memo)
-        state.guard.image_event(event.get("type"), dict(event["object"]), write=state.leader.is_leader())
+        body = dict(event["object"])
+        state.sealer.image_event(event.get("type"), body)
+        state.guard.image_event(event.get("type"), body, write=state.leader.is_leader())
 
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshots", registry=registry)
     def snapshots(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

@@ -60,16 +60,25 @@ def install_crds(kubectl: Kubectl, crds: Path | None = None) -> None:
 
 
 def install_rbac(kubectl: Kubectl) -> None:
-    """The namespace, service accounts and RBAC of manifests/, exactly as users install them."""
+    """The namespace, service accounts, RBAC and admission policies of manifests/, exactly as
+    users install them."""
     base = source_root() / "manifests" / "base"
-    for name in ("namespace.yaml", "rbac-controller.yaml", "rbac-agent.yaml"):
+    for name in ("namespace.yaml", "rbac-controller.yaml", "rbac-agent.yaml", "policies.yaml"):
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(base / name))
 
 
-def service_account_kubeconfig(kubectl: Kubectl, plane: ControlPlane, account: str) -> Path:
+def service_account_kubeconfig(
+    kubectl: Kubectl, plane: ControlPlane, account: str, node: str | None = None
+) -> Path:
     """A kubeconfig that authenticates as ``formation-vmm/<account>`` with a bound token, so a
-    process run with it has exactly the RBAC that manifests/ grants that account."""
-    token = kubectl("create", "token", account, "-n", "formation-vmm", "--duration=24h").strip()
+    process run with it has exactly the RBAC that manifests/ grants that account. With ``node``,
+    the token is bound to that Node, as the DaemonSet's pod-bound token is to the pod's node (the
+    token then carries authentication.kubernetes.io/node-name)."""
+    args = ["create", "token", account, "-n", "formation-vmm", "--duration=24h"]
+    if node is not None:
+        uid = kubectl("get", "node", node, "-o", "jsonpath={.metadata.uid}").strip()
+        args += ["--bound-object-kind=Node", f"--bound-object-name={node}", f"--bound-object-uid={uid}"]
+    token = kubectl(*args).strip()
     admin = yaml.safe_load(plane.kubeconfig.read_text())
     config = {
         **admin,
@@ -79,7 +88,7 @@ def service_account_kubeconfig(kubectl: Kubectl, plane: ControlPlane, account: s
         ],
         "current-context": account,
     }
-    path = plane.root / f"kubeconfig-{account}"
+    path = plane.root / (f"kubeconfig-{account}" + (f"-{node}" if node else ""))
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     path.chmod(0o600)
     return path
@@ -175,6 +184,7 @@ def start_agent(
         "VMM_DISKS_DIR": str(base / "disks"),
         "VMM_IMAGES_DIR": str(base / "images"),
         "VMM_IMAGE_CACHE_DIR": str(base / "image-cache"),
+        "VMM_STATE_DIR": str(base / "agent"),
         **(env_extra or {}),
     }
     return start_operator(plane, f"agent-{node}", ["agent"], env, kubeconfig)

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from formation_vmm.devcluster import certs
-from formation_vmm.devcluster.processes import ProcessTable, alive, free_port, spawn
+from formation_vmm.devcluster.processes import ProcessTable, alive, free_port, spawn, stop
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 
@@ -56,6 +56,7 @@ class ControlPlane:
         self.logs = root / "logs"
         self.kubeconfig = root / "kubeconfig"
         self.processes = ProcessTable(root / "pids.json")
+        self._apiserver: tuple[list[str], int] | None = None  # argv and port, for a restart
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -136,6 +137,18 @@ class ControlPlane:
             "--v=1",
         ]
         self.processes.add("kube-apiserver", spawn(argv, self.logs / "kube-apiserver.log"))
+        self._apiserver = (argv, ports.apiserver)
+
+    def restart_apiserver(self, timeout: float = 60.0) -> None:
+        """Stop kube-apiserver and start it again as before: every watch of every client
+        breaks, and each must list again (what an apiserver upgrade or crash does)."""
+        assert self._apiserver is not None, "only the process that started this plane restarts it"
+        argv, port = self._apiserver
+        pid = self.processes.read().get("kube-apiserver")
+        if pid is not None:
+            stop(pid)
+        self.processes.add("kube-apiserver", spawn(argv, self.logs / "kube-apiserver.log"))
+        self._wait_ready(port, timeout)
 
     def _start_controller_manager(self, bins: Path) -> None:
         argv = [

@@ -43,9 +43,12 @@ class LibvirtNodeError(RuntimeError):
 
 
 class LibvirtNode:
-    def __init__(self, root: Path, name: str, network_namespace: bool = False) -> None:
+    def __init__(
+        self, root: Path, name: str, processes: ProcessTable, network_namespace: bool = False
+    ) -> None:
         self.root = root
         self.name = name
+        self.processes = processes
         self.network_namespace = network_namespace
         # Stable for the node (a restarted daemon keeps its identity), distinct between nodes.
         self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"formation-vmm:{root.resolve()}:{name}"))
@@ -94,11 +97,16 @@ class LibvirtNode:
         ]
         return "\n".join(lines)
 
-    def start(self, processes: ProcessTable, timeout: float = 30.0) -> None:
+    @property
+    def _key(self) -> str:
+        return f"libvirtd-{self.name}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the daemons (again: QEMU processes that outlived them are taken up again)."""
         self._prepare()
         flags = ["--mount", *(["--net"] if self.network_namespace else [])]
         pid = spawn(["unshare", *flags, "sh", "-c", self._script()], self.log)
-        processes.add(f"libvirtd-{self.name}", pid)
+        self.processes.add(self._key, pid)
         deadline = time.monotonic() + timeout
         why: str | None = "not started"
         while time.monotonic() < deadline:
@@ -111,9 +119,12 @@ class LibvirtNode:
             time.sleep(0.2)
         raise LibvirtNodeError(f"libvirtd of {self.name} does not answer at {self.uri}: {why}")
 
-    def netns_path(self, processes: ProcessTable) -> Path:
+    def pid(self) -> int | None:
+        return self.processes.read().get(self._key)
+
+    def netns_path(self) -> Path:
         """The network namespace of the node (``/proc/<libvirtd>/ns/net``)."""
-        pid = processes.read().get(f"libvirtd-{self.name}")
+        pid = self.pid()
         if pid is None:
             raise LibvirtNodeError(f"libvirtd of {self.name} is not running")
         return Path(f"/proc/{pid}/ns/net")
@@ -144,9 +155,15 @@ class LibvirtNode:
             if str(self.root).encode() in cmdline or pidfile.stem.encode() in cmdline:
                 os.kill(pid, signal.SIGKILL)
 
-    def stop(self, processes: ProcessTable) -> None:
+    def kill_daemon(self) -> None:
+        """Kill libvirtd and virtlogd the hard way, as a crash would; the guests run on."""
+        pid = self.pid()
+        if pid is not None:
+            stop(pid, timeout=0)
+
+    def stop(self) -> None:
         self.destroy_domains()
-        pid = processes.read().get(f"libvirtd-{self.name}")
+        pid = self.pid()
         if pid is not None:
             stop(pid)
         self.kill_leftovers()

@@ -67,9 +67,9 @@ def start_libvirt(plane: ControlPlane, node: str) -> tuple[str, str, str | None]
         return _test_driver(f"cannot reach libvirt at {uri} ({why})")
     if os.geteuid() != 0 or not shutil.which("libvirtd") or not shutil.which("unshare"):
         return _test_driver("a node libvirtd needs root, libvirtd and unshare")
-    libvirt = LibvirtNode(_libvirt_root(plane.root, node), node)
+    libvirt = LibvirtNode(_libvirt_root(plane.root, node), node, plane.processes)
     try:
-        libvirt.start(plane.processes)
+        libvirt.start()
     except LibvirtNodeError as exc:
         return _test_driver(str(exc))
     return libvirt.uri, domain_type, None
@@ -168,7 +168,7 @@ def down(quiet: bool = False) -> int:
     nodes = root / "nodes"
     node_dirs = sorted(p.parent for p in nodes.glob("*/libvirt"))
     for node_dir in node_dirs:
-        for name in LibvirtNode(node_dir / "libvirt", node_dir.name).destroy_domains():
+        for name in LibvirtNode(node_dir / "libvirt", node_dir.name, plane.processes).destroy_domains():
             _print(f"removed domain {name}, left behind by a dev cluster process that died")
     uri = _recorded_uri(root)
     if uri is not None:  # a libvirtd of the user's: only the domains whose files are ours
@@ -176,7 +176,7 @@ def down(quiet: bool = False) -> int:
             _print(f"removed domain {name}, left behind by a dev cluster process that died")
     plane.stop()
     for node_dir in node_dirs:  # its libvirtd died before it could destroy them
-        LibvirtNode(node_dir / "libvirt", node_dir.name).kill_leftovers()
+        LibvirtNode(node_dir / "libvirt", node_dir.name, plane.processes).kill_leftovers()
     shutil.rmtree(nodes, ignore_errors=True)
     (root / "info.json").unlink(missing_ok=True)
     if not quiet:

@@ -1,6 +1,7 @@
 """Paths on the node built from manifest values: kept inside their base directory, with every
 symlink resolved, opened without following a symlink, removed without following one."""
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -57,3 +58,23 @@ def remove_tree(base: Path, path: Path) -> None:
         return
     ensure_inside(base, path)
     shutil.rmtree(path)
+
+
+class AlreadyRunningError(RuntimeError):
+    """Another process holds the lock."""
+
+
+def hold_lock(path: Path) -> int:
+    """Take an exclusive lock on ``path`` for the life of this process (the descriptor stays
+    open); AlreadyRunningError naming the holder if another process has it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunningError(f"another process (pid {holder}) holds {path}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -31,11 +31,14 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 Report = Callable[[VmImage, ImagePhase, str | None, VmImageStatus], None]  # image, phase, message, details
-Authorization = Callable[[str, str, str], str]  # (namespace, secret, key) -> header value
+Authorization = Callable[[VmImage], str]  # the image -> its secretRef's Authorization value
 Notify = Callable[[str, str], None]  # (namespace, name): the image's state on this node changed
 
 # The longest an import the agent died in waits before it is tried again.
 INTERRUPTED_RETRY_MAX = 3600.0
+# Failures that only wait for the controller (sealed credentials), retried at the next look.
+WAITING_REASONS = ("SecretNotSealed", "SecretNotFound")
+WAITING_RETRY = 1.0
 
 
 class ImageNotReadyError(RuntimeError):
@@ -56,6 +59,7 @@ class _State:
     retry_after: float = 0.0  # seconds after failed_at; 0: the node's retry_seconds
     running: bool = False
     attempts: int = 1  # this import's attempt, counting the ones the agent died in
+    credentials: str | None = None  # the sealed credentials this node had when it last tried
 
 
 def spec_key(image: VmImage, layout: NodeLayout) -> str:
@@ -159,9 +163,13 @@ class NodeImages:
                 if state.cached is not None:  # the base vanished from disk: fetch again
                     state.cached, state.phase = None, "Pending"
                 wait = state.retry_after or self.retry_seconds
-                retry_due = state.phase == "Failed" and time.monotonic() - state.failed_at >= wait
+                retry_due = state.phase == "Failed" and (
+                    time.monotonic() - state.failed_at >= wait
+                    or (state.reason in WAITING_REASONS and self._credentials(image) != state.credentials)
+                )
                 if not state.running and (state.phase != "Failed" or retry_due):
                     state.running = True
+                    state.credentials = self._credentials(image)
                     state.phase, state.reason, state.message = "Pending", "ImagePending", "queued"
                     self._pool.submit(key[0], lambda: self._import(image, key, wanted))
                 reason, message = state.reason, state.message
@@ -209,6 +217,10 @@ class NodeImages:
             for name, value in changes.items():
                 setattr(state, name, value)
             return True
+
+    def _credentials(self, image: VmImage) -> str | None:
+        """What the controller sealed for this node, as far as the image tells."""
+        return next((c.data for c in image.status.credentials if c.node == self.node), None)
 
     def _mark_interrupted(self, state: _State, attempts: int) -> None:
         """The agent died during this import last time, perhaps because of it: failed, and
@@ -272,7 +284,9 @@ class NodeImages:
                 reason=exc.reason,
                 message=str(exc),
                 failed_at=time.monotonic(),
-                retry_after=0.0,
+                # Waiting for the controller to seal the credentials costs no download: look
+                # again as soon as the image changes (its sealed credentials arrive).
+                retry_after=WAITING_RETRY if exc.reason in WAITING_REASONS else 0.0,
                 running=False,
                 progress="",
             ):
@@ -321,10 +335,7 @@ class NodeImages:
         dest = self.cache.scratch_file("fetch")
         try:
             if source.http is not None:
-                auth = None
-                if source.http.secret_ref is not None:
-                    ref = source.http.secret_ref
-                    auth = self.authorization(image.metadata.namespace or "", ref.name, ref.key)
+                auth = self.authorization(image) if source.http.secret_ref is not None else None
                 return fetch.download(source.http.url, dest, self.limits, progress, auth)
             return fetch.copy_local(host_path(image, self.layout), dest, self.limits, progress)
         except BaseException:

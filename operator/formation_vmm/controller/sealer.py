@@ -1,0 +1,218 @@
+"""Hands each node the Secret values its VMs need, sealed to that node's agent (sealing.py):
+a VM's cloud-init user data (``userDataSecretRef``) in ``status.sealedUserData``, a VmImage's
+Authorization value (``secretRef``) in ``status.credentials``, one entry per node that fetches it
+(the nodes of the VMs that use it, every hypervisor node for ``prefetch: AllNodes``). Agents read
+no Secrets.
+
+Fed by the watches (which objects need what, and each node's key); a pass writes what is missing
+or stale (another node, a new key, a changed Secret). Passes run on change, and every
+``refresh_seconds`` for Secrets changed behind our back. What a node gets (``sealed_for``) and
+whether what it has will do (``unchanged``) are pure."""
+
+import base64
+import logging
+import threading
+import time
+from typing import Any
+
+from formation_vmm.api.models import (
+    SealedValue,
+    VirtualMachine,
+    VirtualMachineStatus,
+    VmImage,
+    VmImageStatus,
+)
+from formation_vmm.api.names import AGENT_KEY_ANNOTATION, IMAGE_KIND, NODE_LABEL, VM_KIND
+from formation_vmm.api.references import images_named
+from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
+from formation_vmm.sealing import image_context, key_id, seal, user_data_context
+
+log = logging.getLogger(__name__)
+
+Body = dict[str, Any]
+Key = tuple[str, str]
+
+
+Secret = tuple[bytes | None, str | None, str | None]  # (value, resourceVersion, why there is none)
+
+
+def unchanged(have: SealedValue | None, want: SealedValue) -> bool:
+    """Whether ``have`` already says what ``want`` does: sealed for the same node, to the same
+    key, from the same version of the Secret (a fresh seal differs in every byte, so the data
+    itself is not compared), or the same error."""
+    return have is not None and (have.node, have.key_id, have.secret_version, have.error) == (
+        want.node,
+        want.key_id,
+        want.secret_version,
+        want.error,
+    )
+
+
+def sealed_for(node: str, public: str | None, secret: Secret, context: str) -> SealedValue:
+    """The value for ``node``, sealed to its agent's key ``public``, or why there is none. Every
+    field is set, None included: a status patch merges objects, so a field left unset would
+    keep the previous seal's value (a stale error next to fresh data)."""
+    value, version, error = secret
+    if public is None:
+        error, version = f"the agent of node {node} has not published its key yet", None
+    if error is not None or value is None or public is None:
+        return SealedValue(node=node, key_id=None, data=None, secret_version=version, error=error)
+    return SealedValue(
+        node=node,
+        key_id=key_id(base64.b64decode(public)),
+        data=seal(public, value, context),
+        secret_version=version,
+        error=None,
+    )
+
+
+class Sealer:
+    def __init__(
+        self,
+        kube: Kube,
+        vms: StatusWriter[VirtualMachineStatus],
+        images: StatusWriter[VmImageStatus],
+        events: EventRecorder,
+        refresh_seconds: float = 60.0,
+    ) -> None:
+        self.kube = kube
+        self.vm_writer = vms
+        self.image_writer = images
+        self.events = events
+        self.refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._keys: dict[str, str] = {}  # node -> its agent's public key (base64)
+        self._vms: dict[str, Body] = {}  # uid -> bound VM with a userDataSecretRef
+        self._bound: dict[str, tuple[str, str, set[str]]] = {}  # uid -> (namespace, node, images named)
+        self._images: dict[Key, Body] = {}  # VmImages with a secretRef
+        self._dirty = True
+        self._last_full = 0.0
+
+    # --- what the watches tell --------------------------------------------------------------
+
+    def node_event(self, event_type: str | None, summary: dict[str, Any]) -> None:
+        key = (summary.get("annotations") or {}).get(AGENT_KEY_ANNOTATION)
+        with self._lock:
+            if event_type == "DELETED" or not key:
+                changed = self._keys.pop(summary["name"], None) is not None
+            else:
+                changed = self._keys.get(summary["name"]) != key
+                self._keys[summary["name"]] = key
+            self._dirty |= changed
+
+    def vm_event(self, event_type: str | None, body: Body) -> None:
+        meta = body["metadata"]
+        uid = meta.get("uid", "")
+        node = (meta.get("labels") or {}).get(NODE_LABEL)
+        with self._lock:
+            if event_type == "DELETED" or not node or meta.get("deletionTimestamp"):
+                self._vms.pop(uid, None)
+                self._bound.pop(uid, None)
+                return
+            self._bound[uid] = (meta["namespace"], node, images_named(body))
+            cloud_init = (body.get("spec") or {}).get("cloudInit") or {}
+            if cloud_init.get("userDataSecretRef"):
+                self._vms[uid] = body
+            else:
+                self._vms.pop(uid, None)
+            self._dirty = True
+
+    def image_event(self, event_type: str | None, body: Body) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        source = ((body.get("spec") or {}).get("source") or {}).get("http") or {}
+        with self._lock:
+            if event_type == "DELETED" or not source.get("secretRef") or meta.get("deletionTimestamp"):
+                self._images.pop(key, None)
+            else:
+                self._images[key] = body
+                self._dirty = True
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    def nodes_fetching(self, image: VmImage) -> set[str]:
+        """The nodes that fetch ``image``: those of the VMs that name it, every node with a key
+        for ``prefetch: AllNodes``."""
+        with self._lock:
+            if image.spec.prefetch == "AllNodes":
+                return set(self._keys)
+            namespace = image.metadata.namespace
+            return {
+                node
+                for ns, node, names in self._bound.values()
+                if ns == namespace and image.metadata.name in names
+            }
+
+    # --- passes ------------------------------------------------------------------------------
+
+    def pass_once(self, now: float | None = None) -> None:
+        moment = time.monotonic() if now is None else now
+        with self._lock:
+            full = moment - self._last_full >= self.refresh_seconds
+            if not (self._dirty or full):
+                return
+            self._dirty = False
+            if full:
+                self._last_full = moment
+            vms = list(self._vms.values())
+            images = list(self._images.values())
+            keys = dict(self._keys)
+        for body in vms:
+            try:
+                self._seal_user_data(body, keys)
+            except ApiError as exc:
+                log.warning("cannot seal the user data of %s: %s", body["metadata"]["name"], exc)
+        for body in images:
+            try:
+                self._seal_credentials(body, keys)
+            except ApiError as exc:
+                log.warning("cannot seal the credentials of %s: %s", body["metadata"]["name"], exc)
+
+    def _secret(self, namespace: str, name: str, key: str) -> Secret:
+        try:
+            secret = self.kube.secret(namespace, name)
+        except NotFoundError:
+            return None, None, f"Secret {namespace}/{name} does not exist"
+        encoded = (secret.get("data") or {}).get(key)
+        version = str(secret.get("metadata", {}).get("resourceVersion") or "")
+        if encoded is None:
+            return None, version, f"Secret {namespace}/{name} has no key {key!r}"
+        return base64.b64decode(encoded), version, None
+
+    def _seal_user_data(self, body: Body, keys: dict[str, str]) -> None:
+        vm = VirtualMachine.model_validate(body)
+        ref = vm.spec.cloud_init.user_data_secret_ref if vm.spec.cloud_init else None
+        node = vm.metadata.labels.get(NODE_LABEL)
+        if ref is None or node is None:
+            return
+        namespace = vm.metadata.namespace or ""
+        context = user_data_context(namespace, vm.metadata.name, vm.metadata.uid or "", ref.name, ref.key)
+        sealed = sealed_for(node, keys.get(node), self._secret(namespace, ref.name, ref.key), context)
+        if unchanged(vm.status.sealed_user_data, sealed):
+            return  # sealed already, to the same key, from the same Secret version
+        self.vm_writer.write(body, lambda _: VirtualMachineStatus(sealed_user_data=sealed))
+        if sealed.error:
+            self.events.post(body, VM_KIND, "SecretNotSealed", sealed.error, "Warning")
+
+    def _seal_credentials(self, body: Body, keys: dict[str, str]) -> None:
+        image = VmImage.model_validate(body)
+        http = image.spec.source.http
+        ref = http.secret_ref if http is not None else None
+        if ref is None:
+            return
+        namespace = image.metadata.namespace or ""
+        context = image_context(namespace, image.metadata.name, image.metadata.uid or "", ref.name, ref.key)
+        secret = self._secret(namespace, ref.name, ref.key)
+        have = {entry.node: entry for entry in image.status.credentials}
+        entries = []
+        for node in sorted(self.nodes_fetching(image)):
+            sealed = sealed_for(node, keys.get(node), secret, context)
+            entries.append(have[node] if unchanged(have.get(node), sealed) else sealed)
+        if entries == image.status.credentials:
+            return
+        self.image_writer.write(body, lambda _: VmImageStatus(credentials=entries))
+        for entry in entries:
+            if entry.error and not unchanged(have.get(entry.node), entry):
+                self.events.post(
+                    body, IMAGE_KIND, "SecretNotSealed", f"{entry.node}: {entry.error}", "Warning"
+                )

@@ -1,0 +1,77 @@
+"""Sealed secrets (sealing.py and the sealer's decisions): a value sealed for one node opens
+with that node's key only, for the object it was sealed for only, and not once tampered with."""
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from formation_vmm.api.models import SealedValue, to_wire
+from formation_vmm.controller.sealer import sealed_for, unchanged
+from formation_vmm.sealing import NodeKey, SealError, seal, user_data_context
+
+pytestmark = pytest.mark.pure
+
+CONTEXT = user_data_context("team-a", "web", "uid-1", "cloud", "userdata")
+
+
+def test_a_value_opens_with_its_nodes_key_and_the_key_survives_a_restart(tmp_path: Path) -> None:
+    key = NodeKey(tmp_path / "node.key")
+    sealed = seal(key.public_b64, b"#cloud-config\npassword: s3cret\n", CONTEXT)
+    assert b"s3cret" not in base64.b64decode(sealed)
+    again = NodeKey(tmp_path / "node.key")  # a restarted agent
+    assert again.public == key.public
+    assert again.open(sealed, CONTEXT) == b"#cloud-config\npassword: s3cret\n"
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_another_nodes_key_another_object_or_a_changed_byte_do_not_open_it(tmp_path: Path) -> None:
+    mine = NodeKey(tmp_path / "a.key")
+    theirs = NodeKey(tmp_path / "b.key")
+    sealed = seal(mine.public_b64, b"token", CONTEXT)
+    with pytest.raises(SealError):
+        theirs.open(sealed, CONTEXT)
+    # Copied into another VM's status (same namespace, another uid): refused.
+    with pytest.raises(SealError):
+        mine.open(sealed, user_data_context("team-a", "web", "uid-2", "cloud", "userdata"))
+    raw = bytearray(base64.b64decode(sealed))
+    raw[-1] ^= 1
+    with pytest.raises(SealError):
+        mine.open(base64.b64encode(bytes(raw)).decode(), CONTEXT)
+    with pytest.raises(SealError):
+        mine.open("not base64 at all!", CONTEXT)
+
+
+def test_what_a_node_gets_and_when_it_is_sealed_again(tmp_path: Path) -> None:
+    key = NodeKey(tmp_path / "a.key")
+    secret = (b"value", "41", None)
+    first = sealed_for("node-a", key.public_b64, secret, CONTEXT)
+    assert first.key_id == key.id and first.secret_version == "41" and first.error is None
+    assert first.data is not None and key.open(first.data, CONTEXT) == b"value"
+    # Sealing again gives other bytes; what matters is node, key and Secret version.
+    assert unchanged(first, sealed_for("node-a", key.public_b64, secret, CONTEXT))
+    assert not unchanged(first, sealed_for("node-a", key.public_b64, (b"value2", "42", None), CONTEXT))
+    other = NodeKey(tmp_path / "a2.key")  # the node's agent got a new key (state lost)
+    assert not unchanged(first, sealed_for("node-a", other.public_b64, secret, CONTEXT))
+    assert not unchanged(None, first)
+    # No key published yet, or no Secret: a reason, and no data.
+    waiting = sealed_for("node-b", None, secret, CONTEXT)
+    assert waiting == SealedValue(
+        node="node-b", error="the agent of node node-b has not published its key yet"
+    )
+    missing = sealed_for(
+        "node-a", key.public_b64, (None, None, "Secret team-a/cloud does not exist"), CONTEXT
+    )
+    assert missing.data is None and missing.error == "Secret team-a/cloud does not exist"
+
+
+def test_a_seal_patched_over_an_error_clears_it(tmp_path: Path) -> None:
+    """A status patch merges objects: the fresh seal must say error: null, or the stale error
+    stays beside the data, and the seal never looks done (the controller rewrote it forever)."""
+    key = NodeKey(tmp_path / "a.key")
+    missing = sealed_for("node-a", key.public_b64, (None, None, "Secret t/cloud does not exist"), CONTEXT)
+    fresh = sealed_for("node-a", key.public_b64, (b"value", "41", None), CONTEXT)
+    merged = {**to_wire(missing), **to_wire(fresh)}
+    merged = {k: v for k, v in merged.items() if v is not None}  # what the apiserver keeps
+    assert unchanged(SealedValue.model_validate(merged), fresh)
+    assert to_wire(missing)["data"] is None and to_wire(missing)["keyId"] is None

@@ -1,0 +1,239 @@
+"""A compromised agent holds one node, not the cluster; a tenant cannot steer placement. Each
+attack is made for real: against the real apiserver, with tokens issued the way the DaemonSet's
+are (bound to a Node, so they carry authentication.kubernetes.io/node-name) and the RBAC and
+admission policies we ship (manifests/base), installed by the fleet."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from formation_vmm.api.names import NODE_LABEL, agent_finalizer
+from formation_vmm.devcluster.cluster import Kubectl, service_account_kubeconfig
+from tests.support.fleet import TINY, Fleet
+
+pytestmark = pytest.mark.controlplane
+
+
+def as_(fleet: Fleet, kubeconfig: Path) -> Kubectl:
+    return Kubectl(fleet.kubectl.binary, kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def agent_a(fleet: Fleet) -> Kubectl:
+    """The agent of node-a, as an attacker who took over that node would hold it."""
+    return as_(fleet, service_account_kubeconfig(fleet.kubectl, fleet.plane, "formation-vmm-agent", "node-a"))
+
+
+@pytest.fixture(scope="module")
+def agent_unbound(fleet: Fleet) -> Kubectl:
+    """The agent's service account with a token bound to no node."""
+    return as_(fleet, service_account_kubeconfig(fleet.kubectl, fleet.plane, "formation-vmm-agent"))
+
+
+def refused(kubectl: Kubectl, *args: str, input_text: str | None = None) -> str:
+    proc = kubectl.run(*args, input_text=input_text)
+    assert proc.returncode != 0, f"kubectl {' '.join(args)} was allowed"
+    return proc.stderr
+
+
+def merge(kubectl: Kubectl, *target: str, patch: dict[str, Any], status: bool = False) -> Any:
+    args = ["patch", *target, "--type=merge", "-p", json.dumps(patch)]
+    if status:
+        args.append("--subresource=status")
+    return kubectl.run(*args)
+
+
+def test_an_agent_changes_only_its_own_node_and_only_our_annotations(fleet: Fleet, agent_a: Kubectl) -> None:
+    ours = {"metadata": {"annotations": {"vmm.formation.cloud/probe": "x"}}}
+    assert merge(agent_a, "node", "node-a", patch=ours).returncode == 0
+    err = refused(agent_a, "patch", "node", "node-b", "--type=merge", "-p", json.dumps(ours))
+    assert "may not change node node-b" in err
+    for change in (
+        {"metadata": {"labels": {"vmm.formation.cloud/hypervisor": "false"}}},
+        {"metadata": {"labels": {"zone": "b"}}},
+        {"metadata": {"annotations": {"node.alpha.kubernetes.io/ttl": "15"}}},
+        {"spec": {"unschedulable": True}},
+    ):
+        err = refused(agent_a, "patch", "node", "node-a", "--type=merge", "-p", json.dumps(change))
+        assert "only the vmm.formation.cloud/ annotations of its node" in err, change
+
+
+def test_an_agent_touches_only_the_status_of_its_own_nodes_vms(
+    fleet: Fleet, ns: str, agent_a: Kubectl
+) -> None:
+    fleet.apply_vm(ns, "on-a", nodeSelector={"zone": "a"}, **TINY)
+    fleet.apply_vm(ns, "on-b", nodeSelector={"zone": "b"}, **TINY)
+    fleet.wait_phase(ns, "on-a", "Running")
+    fleet.wait_phase(ns, "on-b", "Running")
+    message = {"status": {"message": "written by the agent of node-a"}}
+    assert merge(agent_a, "vm", "on-a", "-n", ns, patch=message, status=True).returncode == 0
+    err = refused(
+        agent_a,
+        "patch",
+        "vm",
+        "on-b",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(message),
+    )
+    assert "may not change a VM bound to another node" in err
+    for change in (
+        {"spec": {"memory": "4Gi"}},
+        {"metadata": {"labels": {NODE_LABEL: "node-b"}}},
+        {"metadata": {"finalizers": [agent_finalizer("node-a"), agent_finalizer("node-b")]}},
+    ):
+        err = refused(agent_a, "patch", "vm", "on-a", "-n", ns, "--type=merge", "-p", json.dumps(change))
+        assert "never its spec or labels" in err, change
+    moved = {"status": {"nodeName": "node-b"}}
+    err = refused(
+        agent_a,
+        "patch",
+        "vm",
+        "on-a",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(moved),
+    )
+    assert "may not report a VM as on another node" in err
+
+
+def test_an_agent_reads_no_secret(fleet: Fleet, ns: str, agent_a: Kubectl) -> None:
+    fleet.kubectl("create", "secret", "generic", "tenant-secret", "-n", ns, "--from-literal=password=hunter2")
+    err = refused(agent_a, "get", "secret", "tenant-secret", "-n", ns)
+    assert "Forbidden" in err
+    assert "no" in agent_a("auth", "can-i", "get", "secrets", "-A", check=False)
+
+
+def test_an_agent_writes_only_its_own_entry_of_an_image(fleet: Fleet, ns: str, agent_a: Kubectl) -> None:
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VmImage",
+        "metadata": {"name": "shared", "namespace": ns},
+        "spec": {"source": {"hostPath": {"path": "nothing.raw"}}},
+    }
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+    mine = {"status": {"nodes": [{"name": "node-a", "phase": "Pending"}]}}
+    assert merge(agent_a, "vmimg", "shared", "-n", ns, patch=mine, status=True).returncode == 0
+    forged = {
+        "status": {"nodes": [{"name": "node-a", "phase": "Pending"}, {"name": "node-b", "phase": "Failed"}]}
+    }
+    err = refused(
+        agent_a,
+        "patch",
+        "vmimg",
+        "shared",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(forged),
+    )
+    assert "only its own node's entry" in err
+
+
+def test_a_token_bound_to_no_node_is_refused(fleet: Fleet, agent_unbound: Kubectl) -> None:
+    ours = {"metadata": {"annotations": {"vmm.formation.cloud/probe": "y"}}}
+    err = refused(agent_unbound, "patch", "node", "node-a", "--type=merge", "-p", json.dumps(ours))
+    assert "must be bound to its node" in err
+
+
+@pytest.fixture
+def tenant(fleet: Fleet, ns: str, tmp_path: Path) -> Kubectl:
+    """A namespace user who may do anything to VMs and snapshots in their namespace."""
+    rules = [{"apiGroups": ["vmm.formation.cloud"], "resources": ["*"], "verbs": ["*"]}]
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tenant", "namespace": ns}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "vm-admin", "namespace": ns},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "tenant", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vm-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": ns}],
+        },
+    ]
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
+    token = fleet.kubectl("create", "token", "tenant", "-n", ns).strip()
+    admin = yaml.safe_load(fleet.plane.kubeconfig.read_text())
+    config = {
+        **admin,
+        "users": [{"name": "tenant", "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "t",
+                "context": {"cluster": admin["clusters"][0]["name"], "user": "tenant", "namespace": ns},
+            }
+        ],
+        "current-context": "t",
+    }
+    path = tmp_path / "tenant-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return as_(fleet, path)
+
+
+def vm_doc(ns: str, name: str, **meta: Any) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "vmm.formation.cloud/v1alpha1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": ns, **meta},
+            "spec": {"cpus": 1, "memory": "64Mi"},
+        }
+    )
+
+
+def test_a_tenant_cannot_bind_a_vm_to_a_node(fleet: Fleet, ns: str, tenant: Kubectl) -> None:
+    err = refused(tenant, "create", "-f", "-", input_text=vm_doc(ns, "pinned", labels={NODE_LABEL: "node-q"}))
+    assert "only the controller binds a VM" in err
+    tenant("create", "-f", "-", input_text=vm_doc(ns, "honest", labels={"app": "web"}))
+    vm = fleet.wait_phase(ns, "honest", "Running")
+    err = refused(tenant, "label", "vm", "honest", f"{NODE_LABEL}=node-q", "--overwrite")
+    assert "only the controller binds a VM" in err
+    assert fleet.vm(ns, "honest")["metadata"]["labels"][NODE_LABEL] == vm["status"]["nodeName"]
+
+
+def test_a_tenant_cannot_strip_or_forge_an_agents_finalizer(fleet: Fleet, ns: str, tenant: Kubectl) -> None:
+    tenant("create", "-f", "-", input_text=vm_doc(ns, "held"))
+    vm = fleet.wait_phase(ns, "held", "Running")
+    assert vm["metadata"]["finalizers"]
+    err = refused(tenant, "patch", "vm", "held", "--type=merge", "-p", '{"metadata": {"finalizers": null}}')
+    assert "the agents' finalizers" in err
+    forged = {"metadata": {"finalizers": [*vm["metadata"]["finalizers"], agent_finalizer("node-q")]}}
+    err = refused(tenant, "patch", "vm", "held", "--type=merge", "-p", json.dumps(forged))
+    assert "the agents' finalizers" in err
+
+
+def test_per_vm_limits_are_the_admins(fleet: Fleet, ns: str, tenant: Kubectl) -> None:
+    big = yaml.safe_load(vm_doc(ns, "big"))
+    big["spec"]["cpus"] = 128
+    err = refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(big))
+    assert "at most 64 vCPUs in this cluster (it asks for 128)" in err
+    big["spec"] = {"cpus": 2, "memory": "1Ti"}
+    assert "at most 256Gi of memory" in refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(big))
+    limits = json.dumps({"data": {"maxCpus": "2"}})
+    fleet.kubectl(
+        "patch", "configmap", "formation-vmm-limits", "-n", "formation-vmm", "--type=merge", "-p", limits
+    )
+    try:
+        big["spec"] = {"cpus": 4, "memory": "64Mi"}
+        assert "at most 2 vCPUs" in refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(big))
+    finally:
+        restore = json.dumps({"data": {"maxCpus": "64"}})
+        fleet.kubectl(
+            "patch", "configmap", "formation-vmm-limits", "-n", "formation-vmm", "--type=merge", "-p", restore
+        )
