@@ -65,3 +65,12 @@ def test_a_node_without_agent_report_or_heartbeat_gets_nothing() -> None:
     assert decision.node is None
     assert "1 have no agent that reported capacity" in decision.message
     assert "1 have no live agent" in decision.message
+
+
+def test_disks_count_at_their_declared_size_where_the_node_reports_its_disk() -> None:
+    loads = {"a": Load(0, 0, 90 * GI)}
+    nodes = [node("a", disk=100 * GI), node("b", disk=20 * GI)]
+    assert place(Request(1, GI, disk=10 * GI), nodes, loads).node == "a"
+    decision = place(Request(1, GI, disk=30 * GI), nodes, loads)
+    assert decision.node is None and "2 have too little disk space" in decision.message
+    assert place(Request(1, GI, disk=30 * GI), [node("c")], {}).node == "c"  # no report: not checked

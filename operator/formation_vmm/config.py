@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     # How often the agent compares every domain with its VM (drift, orphans, IP addresses).
     resync_seconds: float = Field(default=15.0, gt=0)
+    # Start even when the node's libvirt confines QEMU with nothing (agent/confinement.py):
+    # for development and tests only, where QEMU runs as root in a private libvirtd.
+    allow_unconfined_qemu: bool = False
     # The networks VMs may attach to (by name); anything else is refused with a reason.
     offered_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
     # How often the agent checks its memory of the node's VMs against a list from the API (a

@@ -4,7 +4,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 BINDINGS = Counter(
     "vmm_controller_bindings_total",
-    "Placement decisions, by result (bound, unschedulable, conflict).",
+    "Placement decisions, by result (bound, unschedulable, quotaexceeded, conflict).",
     ["result"],
 )
 PENDING = Gauge("vmm_controller_pending_vms", "VMs waiting for a node, as of the last binding pass.")

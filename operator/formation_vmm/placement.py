@@ -2,7 +2,8 @@
 
 Mirrors what kube-scheduler users expect: nodeSelector must match, NoSchedule/NoExecute taints
 must be tolerated, and a node must have room for the VM's vCPUs and memory within the
-overcommit ratios. A VM that fits nowhere gets a message counting why each node was refused.
+overcommit ratios, and for its disks' declared sizes (never overcommitted: a thin disk still
+grows to its size). A VM that fits nowhere gets a message counting why each node was refused.
 """
 
 from collections import Counter
@@ -20,6 +21,7 @@ class NodeInfo:
     cpus: int | None = None  # None: no agent has reported capacity for this node yet
     memory: int | None = None
     ready: bool = True
+    disk: int | None = None  # bytes for VM disks; None: not reported, not checked
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,14 @@ class Request:
     memory: int
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
+    disk: int = 0  # the disks' declared sizes
 
 
 @dataclass(frozen=True)
 class Load:
     vcpus: int = 0
     memory: int = 0
+    disk: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ def _refusal(node: NodeInfo, req: Request, load: Load, cpu_ratio: float, mem_rat
         return "have too few free vCPUs"
     if load.memory + req.memory > node.memory * mem_ratio:
         return "have too little free memory"
+    if node.disk is not None and load.disk + req.disk > node.disk:
+        return "have too little disk space"
     return None
 
 

@@ -13,8 +13,9 @@ from formation_vmm import health as health_http
 from formation_vmm import metrics
 from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
+from formation_vmm.agent.confinement import confinement_problem
 from formation_vmm.agent.handlers import AgentMemo
-from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
+from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
 from formation_vmm.agent.reconcile import Reconciler
@@ -201,6 +202,7 @@ def run_agent(settings: Settings) -> None:
     key = NodeKey(settings.state_dir / "node.key")
     start_event_loop()  # before any libvirt connection opens, so lifecycle events arrive
     hypervisor = Hypervisor(settings.libvirt_uri, listener=on_domain_event)
+    _check_confinement(hypervisor, settings.allow_unconfined_qemu)
     node_images = NodeImages(
         node,
         layout,
@@ -297,3 +299,18 @@ def run_agent(settings: Settings) -> None:
     )
     routes = debug_api.routes(hypervisor, layout, health)
     asyncio.run(_serve(settings, registry, state, health, routes=routes))
+
+
+def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:
+    """Refuse to run QEMU unconfined (agent/confinement.py): loudly, at start. A libvirtd not
+    reachable yet is not a reason to stop: the agent waits for it as for any outage."""
+    try:
+        problem = confinement_problem(hypervisor.capabilities())
+    except HypervisorError as exc:
+        log.warning("cannot check how libvirt confines QEMU yet: %s", exc)
+        return
+    if problem is None:
+        return
+    if not allowed:
+        raise SystemExit(f"{problem} (VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only)")
+    log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)

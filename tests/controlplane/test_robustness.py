@@ -173,3 +173,16 @@ def test_a_restore_cut_short_by_a_crash_is_finished_once(
     assert not marker.exists()
     fleet.wait_phase(ns, "db", "Running")
     assert fleet.vm(ns, "db")["metadata"]["uid"] == vm["metadata"]["uid"]
+
+
+def test_an_agent_refuses_a_libvirt_that_runs_qemu_unconfined(fleet: Fleet) -> None:
+    """Our private libvirtd runs QEMU as root with DAC only: an agent not told to allow it
+    stops at start, saying why (the fleet's own node-q agent is allowed, as dev clusters are)."""
+    agent = start_agent(fleet.plane, "node-unconfined", fleet.qemu.uri, "qemu", FAST)
+    try:
+        wait_for(lambda: not alive(agent.pid), 30, "the agent to refuse")
+        log = agent.log.read_text()
+        assert "confines QEMU with DAC only and runs it as root" in log
+        assert "VMM_ALLOW_UNCONFINED_QEMU" in log
+    finally:
+        stop(agent.pid)

@@ -4,8 +4,10 @@ queues a key; the queue's workers and the components built in ``run.py`` do the 
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -22,6 +24,7 @@ from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
     AGENT_KEY_ANNOTATION,
     CAPACITY_CPUS_ANNOTATION,
+    CAPACITY_DISK_ANNOTATION,
     CAPACITY_MEMORY_ANNOTATION,
     GROUP,
     HEARTBEAT_ANNOTATION,
@@ -68,18 +71,25 @@ class AgentMemo:
     sent_beat: str = ""
     # The host's (CPUs, memory) as libvirt last told: the heartbeat goes on while libvirtd
     # does not answer (the node and its guests are there; libvirt's state shows on the VMs).
-    capacity: tuple[int, int] | None = None
+    capacity: tuple[int, int, int] | None = None  # vCPUs, memory, disk bytes
 
 
 def agent_memo(memo: kopf.Memo) -> AgentMemo:
     return cast(AgentMemo, memo.state)
 
 
+def disk_capacity(disks_dir: Path) -> int:
+    """The size of the filesystem VM disks go to (placement counts their declared sizes)."""
+    disks_dir.mkdir(parents=True, exist_ok=True)
+    fs = os.statvfs(disks_dir)
+    return fs.f_blocks * fs.f_frsize
+
+
 def publish_node(state: AgentMemo) -> None:
     """Write this node's capacity (less the reserve), VM count, endpoint and a heartbeat."""
-    if state.capacity is None:
-        state.capacity = state.hypervisor.capacity()  # once: the host does not change under us
-    cpus, memory = state.capacity
+    if state.capacity is None:  # once: the host does not change under us
+        state.capacity = (*state.hypervisor.capacity(), disk_capacity(state.settings.disks_dir))
+    cpus, memory, disk = state.capacity
     settings = state.settings
     beat = now().strftime("%Y-%m-%dT%H:%M:%SZ")
     state.kube.patch_node(
@@ -89,6 +99,7 @@ def publish_node(state: AgentMemo) -> None:
                 "annotations": {
                     CAPACITY_CPUS_ANNOTATION: str(max(cpus - settings.reserved_cpus, 0)),
                     CAPACITY_MEMORY_ANNOTATION: format_mebibytes(max(memory - settings.reserved_memory, 0)),
+                    CAPACITY_DISK_ANNOTATION: format_mebibytes(disk),
                     VM_COUNT_ANNOTATION: str(len(state.cache)),
                     AGENT_ENDPOINT_ANNOTATION: state.endpoint,
                     AGENT_KEY_ANNOTATION: state.key.public_b64,

@@ -149,6 +149,12 @@ class VirtualMachineSpec(ApiModel):
     def memory_bytes(self) -> int:
         return parse_quantity(self.memory)
 
+    @property
+    def disk_bytes(self) -> int:
+        """The disks' declared sizes (a disk from an image without a size counts as nothing:
+        its size is the image's, which only the node knows)."""
+        return sum(parse_quantity(disk.size) for disk in self.disks if disk.size)
+
 
 class Condition(ApiModel):
     type: str

@@ -45,6 +45,7 @@ def agent_finalizer(node: str) -> str:
 # Node annotations written by the agent: what the node offers to VMs.
 CAPACITY_CPUS_ANNOTATION = f"{GROUP}/capacity-cpus"
 CAPACITY_MEMORY_ANNOTATION = f"{GROUP}/capacity-memory"
+CAPACITY_DISK_ANNOTATION = f"{GROUP}/capacity-disk"  # the disks directory's filesystem
 HEARTBEAT_ANNOTATION = f"{GROUP}/agent-heartbeat"
 VM_COUNT_ANNOTATION = f"{GROUP}/vms"
 # Where the node's agent serves its HTTP API (console logs for `kubectl vm console`).

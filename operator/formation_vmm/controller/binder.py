@@ -20,6 +20,7 @@ from formation_vmm.api.names import NODE_LABEL, VM_KIND, agent_finalizer
 from formation_vmm.controller.nodes import node_info
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
+from formation_vmm.quota import Quota, Usage, quota_of, refusal
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,15 @@ class Bound:
     vcpus: int
     memory: int
     body: dict[str, Any]
+    disk: int = 0
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"].get("namespace", ""))
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.vcpus, self.memory, self.disk)
 
 
 class Binder:
@@ -52,6 +62,7 @@ class Binder:
         self._nodes: dict[str, dict[str, Any]] = {}
         self._bound: dict[str, Bound] = {}  # uid -> binding
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
+        self._quotas: dict[tuple[str, str], Quota] = {}  # (namespace, ResourceQuota name) -> limits
         self.changed = threading.Event()  # set when binding could now succeed where it failed
 
     # --- what the watches tell us ------------------------------------------------------------
@@ -63,6 +74,16 @@ class Binder:
             else:
                 self._nodes[summary["name"]] = summary
         self.changed.set()
+
+    def quota_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        with self._lock:
+            if event_type == "DELETED":
+                self._quotas.pop(key, None)
+            else:
+                self._quotas[key] = quota_of(key[1], dict((body.get("spec") or {}).get("hard") or {}))
+        self.changed.set()  # a quota raised or gone: VMs waiting on it may fit now
 
     def vm_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid = body["metadata"].get("uid", "")
@@ -77,7 +98,7 @@ class Binder:
             if label:
                 vm = VirtualMachine.model_validate(body)
                 old = self._bound.get(uid)
-                self._bound[uid] = Bound(label, vm.spec.vcpus, vm.spec.memory_bytes, body)
+                self._bound[uid] = Bound(label, vm.spec.vcpus, vm.spec.memory_bytes, body, vm.spec.disk_bytes)
                 self._pending.pop(uid, None)
                 if old is not None and (old.vcpus > vm.spec.vcpus or old.memory > vm.spec.memory_bytes):
                     self.changed.set()  # a VM shrank: room for a pending one, perhaps
@@ -95,8 +116,17 @@ class Binder:
         loads: dict[str, Load] = {}
         for bound in self._bound.values():
             cur = loads.get(bound.node, Load())
-            loads[bound.node] = Load(cur.vcpus + bound.vcpus, cur.memory + bound.memory)
+            loads[bound.node] = Load(
+                cur.vcpus + bound.vcpus, cur.memory + bound.memory, cur.disk + bound.disk
+            )
         return loads
+
+    def _quota_refusal(self, namespace: str, wanted: Usage) -> str | None:
+        quotas = [quota for (ns, _), quota in self._quotas.items() if ns == namespace]
+        if not quotas:
+            return None
+        used = sum((b.usage for b in self._bound.values() if b.namespace == namespace), Usage())
+        return refusal(quotas, used, wanted)
 
     def bind_pending(self) -> None:
         """Try to bind every unbound VM, oldest first."""
@@ -118,21 +148,29 @@ class Binder:
             memory=vm.spec.memory_bytes,
             node_selector=vm.spec.node_selector,
             tolerations=tuple(vm.spec.tolerations),
+            disk=vm.spec.disk_bytes,
         )
         uid = vm.metadata.uid or ""
         with self._lock:
             if uid in self._bound:
                 return Decision(self._bound[uid].node, "bound already")
-            decision = place(
-                request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
+            over = self._quota_refusal(
+                vm.metadata.namespace or "", Usage(request.vcpus, request.memory, request.disk)
             )
+            if over is not None:
+                decision = Decision(None, over)
+            else:
+                decision = place(
+                    request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
+                )
             if decision.node is not None:
                 # Count it now, so the next VM in this pass sees the slot as taken.
-                self._bound[vm.metadata.uid or ""] = Bound(decision.node, request.vcpus, request.memory, body)
-                self._pending.pop(vm.metadata.uid or "", None)
+                self._bound[uid] = Bound(decision.node, request.vcpus, request.memory, body, request.disk)
+                self._pending.pop(uid, None)
         if decision.node is None:
-            metrics.BINDINGS.labels("unschedulable").inc()
-            self._unschedulable(body, vm, decision.message)
+            reason = "QuotaExceeded" if over is not None else "Unschedulable"
+            metrics.BINDINGS.labels(reason.lower()).inc()
+            self._unschedulable(body, vm, decision.message, reason)
             return decision
         if not self._write_binding(body, vm, decision.node, decision.message):
             metrics.BINDINGS.labels("conflict").inc()
@@ -174,7 +212,9 @@ class Binder:
         self.events.post(body, VM_KIND, "Scheduled", f"bound to node {node}")
         return True
 
-    def _unschedulable(self, body: dict[str, Any], vm: VirtualMachine, message: str) -> None:
+    def _unschedulable(
+        self, body: dict[str, Any], vm: VirtualMachine, message: str, reason: str = "Unschedulable"
+    ) -> None:
         old = get_condition(vm.status.conditions, "Scheduled")
         if old is not None and old.message == message:
             return  # said already: no write, no event
@@ -185,10 +225,10 @@ class Binder:
                 phase="Pending",
                 vcpus=vm.spec.vcpus,
                 message=message,
-                conditions=set_condition(st.conditions, "Scheduled", False, "Unschedulable", message, gen),
+                conditions=set_condition(st.conditions, "Scheduled", False, reason, message, gen),
             ),
         )
-        self.events.post(body, VM_KIND, "Unschedulable", message, "Warning")
+        self.events.post(body, VM_KIND, reason, message, "Warning")
 
     @staticmethod
     def status_needs_repair(body: dict[str, Any]) -> bool:

@@ -130,6 +130,11 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         state.binder.node_event(event.get("type"), summary)
         state.sealer.node_event(event.get("type"), summary)
 
+    @kopf.on.event("", "v1", "resourcequotas", id="quotas", registry=registry)
+    async def quotas(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        """A namespace's VM quota (quota.py): the binder counts against it."""
+        controller_memo(memo).binder.quota_event(event.get("type"), dict(event["object"]))
+
     @kopf.on.event(GROUP, VERSION, VM_PLURAL, id="vms", registry=registry)
     async def vms(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state = controller_memo(memo)

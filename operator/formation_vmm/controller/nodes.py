@@ -5,6 +5,7 @@ from typing import Any
 
 from formation_vmm.api.names import (
     CAPACITY_CPUS_ANNOTATION,
+    CAPACITY_DISK_ANNOTATION,
     CAPACITY_MEMORY_ANNOTATION,
     HEARTBEAT_ANNOTATION,
 )
@@ -22,6 +23,11 @@ def node_info(summary: dict[str, Any], lost_after: float, now: datetime | None =
         memory = parse_quantity(ann[CAPACITY_MEMORY_ANNOTATION])
     except (KeyError, ValueError, QuantityError):
         cpus = memory = None
+    disk: int | None
+    try:
+        disk = parse_quantity(ann[CAPACITY_DISK_ANNOTATION])
+    except (KeyError, QuantityError):
+        disk = None
     ready = False
     beat = ann.get(HEARTBEAT_ANNOTATION)
     if beat:
@@ -37,6 +43,7 @@ def node_info(summary: dict[str, Any], lost_after: float, now: datetime | None =
         cpus=cpus,
         memory=memory,
         ready=ready,
+        disk=disk,
     )
 
 

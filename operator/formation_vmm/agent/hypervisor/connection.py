@@ -280,6 +280,13 @@ class Hypervisor:
             self._connection()
         return self._type == "QEMU"
 
+    def capabilities(self) -> str:
+        """libvirt's capabilities XML of this host (its security drivers among them)."""
+        try:
+            return str(self._connection().getCapabilities())
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc) from exc
+
     def capacity(self) -> tuple[int, int]:
         """(logical CPUs, memory in bytes) of the host."""
         try:
