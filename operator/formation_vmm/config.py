@@ -30,7 +30,10 @@ class Settings(BaseSettings):
 
     config_path: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    api_port: int = Field(default=3003, ge=0, le=65535, description="health, metrics and debug HTTP port")
+    api_port: int = Field(default=3003, ge=0, le=65535, description="health, metrics and console HTTP port")
+    # The agent's node-local debug endpoints (/vms, /images, consoles of every VM), on
+    # 127.0.0.1 only; 0: not served.
+    debug_port: int = Field(default=0, ge=0, le=65535)
     api_host: str = "0.0.0.0"  # noqa: S104 - probes come from the kubelet, not from loopback
     vm_dir: Path = Path("/run/form-vm")
     images_dir: Path = Path("/var/lib/formation/vm-images")

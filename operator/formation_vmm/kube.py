@@ -200,6 +200,60 @@ class Kube:
         changed since it was read."""
         return self._plain(self._call(self._coordination.replace_namespaced_lease, name, namespace, body))
 
+    # --- who is calling us (the agent's console endpoint) --------------------------------------
+
+    def review_token(self, token: str) -> Body | None:
+        """The user a bearer token authenticates as (username, uid, groups, extra), or None when
+        the apiserver does not accept it (a TokenReview)."""
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
+        status = self._call(self._auth.create_token_review, review).status
+        if status is None or not status.authenticated or status.user is None:
+            return None
+        return self._plain(status.user)
+
+    def review_access(
+        self,
+        user: Body,
+        *,
+        verb: str,
+        group: str,
+        resource: str,
+        namespace: str,
+        name: str,
+        subresource: str | None = None,
+    ) -> tuple[bool, str]:
+        """Whether ``user`` (as review_token returned it) may ``verb`` that object, and the
+        authorizer's reason (a SubjectAccessReview)."""
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=user.get("username"),
+                uid=user.get("uid"),
+                groups=user.get("groups"),
+                extra=user.get("extra"),
+                resource_attributes=client.V1ResourceAttributes(
+                    verb=verb,
+                    group=group,
+                    resource=resource,
+                    subresource=subresource,
+                    namespace=namespace,
+                    name=name,
+                ),
+            )
+        )
+        status = self._call(self._authz.create_subject_access_review, review).status
+        return bool(status.allowed), str(status.reason or "")
+
+    def bearer_token(self) -> str | None:
+        """The bearer token this client sends (a kubeconfig's token, or one an exec or OIDC
+        provider gave it), or None when it authenticates otherwise (a client certificate)."""
+        configuration = self._client.configuration
+        if configuration.refresh_api_key_hook is not None:
+            configuration.refresh_api_key_hook(configuration)
+        keys = configuration.api_key or {}
+        value = str(keys.get("BearerToken") or keys.get("authorization") or "")  # by client version
+        scheme, _, token = value.partition(" ")
+        return token.strip() or None if scheme.lower() == "bearer" else None
+
     def version(self) -> str:
         """The apiserver's version: the cheapest request that proves it answers."""
         info = self._call(client.VersionApi(self._client).get_code)

@@ -159,21 +159,35 @@ def verb_console(vms: Vms, args: argparse.Namespace) -> str:
     vm = vms.get(args.name)
     if not vm.status.node_name:
         raise PluginError(f"{args.name} is not bound to a node yet ({vm.status.phase or 'new'})")
-    node = vms.kube.node(vm.status.node_name)
-    endpoint = (node.get("metadata", {}).get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
+    # The controller writes the endpoint into the status (tenants cannot read Nodes); a VM
+    # bound before it did so is found through its Node, for those who may read Nodes.
+    endpoint = vm.status.agent_endpoint
+    if not endpoint:
+        node = vms.kube.node(vm.status.node_name)
+        endpoint = (node.get("metadata", {}).get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
     if not endpoint:
         raise PluginError(
             f"node {vm.status.node_name} has no agent endpoint annotation; is its agent running?"
         )
+    token = vms.kube.bearer_token()
+    if token is None:
+        raise PluginError(
+            "the console is read from the VM's node with your bearer token, and your kubeconfig has "
+            "none (a client certificate?): use a context with a token (OIDC, or kubectl create token)"
+        )
     follow = "false" if args.no_follow else "true"
-    url = f"{endpoint.rstrip('/')}/vms/{vm.metadata.uid}/console?follow={follow}"
+    url = f"{endpoint.rstrip('/')}/vms/{vms.namespace}/{args.name}/console?follow={follow}"
     if not url.startswith(("http://", "https://")):
         raise PluginError(f"agent endpoint {endpoint!r} is not an http(s) URL")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - checked scheme above
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - checked scheme above
             while chunk := resp.read1(65536):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2048).decode(errors="replace").strip()
+        raise PluginError(f"the agent on {vm.status.node_name} refused: {detail or exc.reason}") from exc
     except (urllib.error.URLError, TimeoutError) as exc:
         raise PluginError(f"cannot read the console from {endpoint}: {exc}") from exc
     return ""
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vms = Vms(args.kubeconfig, args.context, args.namespace)
         out = args.run(vms, args)
-    except PluginError as exc:
+    except (PluginError, ApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

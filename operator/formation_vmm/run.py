@@ -14,6 +14,7 @@ from formation_vmm import metrics
 from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.confinement import confinement_problem
+from formation_vmm.agent.console_access import ConsoleAccess
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.image_status import ImageStatusReporter
@@ -83,11 +84,18 @@ async def _serve(
     state: object,
     health: Health,
     routes: list[web.RouteDef] | None = None,
+    local_routes: list[web.RouteDef] | None = None,
 ) -> None:
     ready = asyncio.Event()
     runner = await health_http.serve(
         health_http.build_app(health, routes), settings.api_host, settings.api_port
     )
+    runners = [runner]
+    if local_routes and settings.debug_port:
+        # Loopback only, whatever api_host says: these show every tenant's VMs and consoles.
+        local = web.Application()
+        local.add_routes(local_routes)
+        runners.append(await health_http.serve(local, "127.0.0.1", settings.debug_port))
 
     async def started() -> None:
         await ready.wait()
@@ -105,7 +113,8 @@ async def _serve(
         )
     finally:
         waiter.cancel()
-        await runner.cleanup()
+        for each in runners:
+            await each.cleanup()
 
 
 def _registry() -> kopf.OperatorRegistry:
@@ -297,8 +306,9 @@ def run_agent(settings: Settings) -> None:
     health.live_check(
         "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
     )
-    routes = debug_api.routes(hypervisor, layout, health)
-    asyncio.run(_serve(settings, registry, state, health, routes=routes))
+    routes = debug_api.public_routes(hypervisor, layout, health, ConsoleAccess(kube))
+    local_routes = debug_api.node_local_routes(hypervisor, layout)
+    asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
 
 
 def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:

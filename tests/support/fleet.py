@@ -117,8 +117,76 @@ class Fleet:
         )
 
     def agent_get(self, node: str, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.agents[node].port}{path}", timeout=5) as resp:
+        """``/health`` from the agent's public port; the rest from its node-local debug port."""
+        agent = self.agents[node]
+        base = agent.url if path.startswith("/health") else agent.debug_url
+        with urllib.request.urlopen(f"{base}{path}", timeout=5) as resp:
             return json.load(resp)
+
+    def user(self, namespace: str, name: str, cluster_role: str) -> Path:
+        """A kubeconfig for a service account ``name`` of ``namespace`` (created if need be)
+        bound there to Kubernetes' ``edit``, ``view`` or ``admin`` role, as a tenant would be:
+        what it may do to our kinds comes from the roles we ship, aggregated."""
+        if self.kubectl.run("get", "namespace", namespace).returncode != 0:
+            self.kubectl("create", "namespace", namespace)
+        self.kubectl.apply_docs(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ServiceAccount",
+                    "metadata": {"name": name, "namespace": namespace},
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1",
+                    "kind": "RoleBinding",
+                    "metadata": {"name": f"{name}-{cluster_role}", "namespace": namespace},
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io",
+                        "kind": "ClusterRole",
+                        "name": cluster_role,
+                    },
+                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+                },
+            ]
+        )
+        account = f"system:serviceaccount:{namespace}:{name}"
+        wait_for(  # the aggregation controller folds our roles into Kubernetes' own
+            lambda: (
+                self.kubectl.run(
+                    "auth",
+                    "can-i",
+                    "get",
+                    "virtualmachines.vmm.formation.cloud",
+                    "-n",
+                    namespace,
+                    f"--as={account}",
+                ).returncode
+                == 0
+            ),
+            30,
+            f"{account} to be allowed what {cluster_role} grants",
+        )
+        token = self.kubectl("create", "token", name, "-n", namespace).strip()
+        admin = yaml.safe_load(self.plane.kubeconfig.read_text())
+        config = {
+            **admin,
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": name,
+                    "context": {
+                        "cluster": admin["clusters"][0]["name"],
+                        "user": name,
+                        "namespace": namespace,
+                    },
+                }
+            ],
+            "current-context": name,
+        }
+        path = self.plane.root / f"kubeconfig-user-{namespace}-{name}"
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
 
     def agent_vms(self, node: str) -> list[dict[str, Any]]:
         return list(self.agent_get(node, "/vms"))
@@ -141,9 +209,12 @@ class Fleet:
         """Wait until the process's counter ``name`` passes ``value``: proof it looked again."""
         wait_for(lambda: self.metrics(process).get(name, 0) > value, timeout, f"{name} above {value}")
 
-    def plugin(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def plugin(
+        self, *args: str, timeout: float = 120, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        config = kubeconfig or self.plane.kubeconfig
         return subprocess.run(
-            [sys.executable, "-m", "formation_vmm.plugin", f"--kubeconfig={self.plane.kubeconfig}", *args],
+            [sys.executable, "-m", "formation_vmm.plugin", f"--kubeconfig={config}", *args],
             capture_output=True,
             text=True,
             timeout=timeout,

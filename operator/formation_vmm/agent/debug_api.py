@@ -1,6 +1,16 @@
-"""Read-only endpoints of the replaced vmm-service, for node-local debugging, straight from
-libvirt and the node's files (not from the Kubernetes API); and the serial console log that
-`kubectl vm console` follows."""
+"""The agent's HTTP endpoints beyond the probes.
+
+On its public port (``VMM_API_PORT``): ``/health`` (the replaced service's check), and a VM's
+serial console at ``/vms/{namespace}/{name}/console``, for callers allowed to read it
+(console_access.py) - what ``kubectl vm console`` follows.
+
+On the node's loopback only (``VMM_DEBUG_PORT``, off unless set): the replaced vmm-service's
+read-only endpoints, straight from libvirt and the node's files (``/vms``, ``/vms/{id}``,
+``/vms/{id}/console``, ``/images``). They show every tenant's VMs and consoles, so they answer
+only to whoever is on the node already.
+
+Console logs are read in bounded chunks off the event loop: a guest that floods its serial port
+makes a big file, never a big read."""
 
 import asyncio
 from pathlib import Path
@@ -8,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from formation_vmm.agent.console_access import ConsoleAccess, Denied
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.domain.layout import NodeLayout
@@ -16,6 +27,8 @@ from formation_vmm.images.cache import ImageCache
 
 # How often a followed console log is checked for new output.
 FOLLOW_POLL_SECONDS = 0.2
+# The most of a console log read at once.
+CHUNK = 64 * 1024
 
 
 def _describe(info: DomainInfo) -> dict[str, Any]:
@@ -32,7 +45,36 @@ def _describe(info: DomainInfo) -> dict[str, Any]:
     }
 
 
-def routes(hypervisor: Hypervisor, layout: NodeLayout, health: Health) -> list[web.RouteDef]:
+def public_routes(
+    hypervisor: Hypervisor, layout: NodeLayout, health: Health, access: ConsoleAccess
+) -> list[web.RouteDef]:
+    async def console(request: web.Request) -> web.StreamResponse:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        try:
+            await asyncio.to_thread(access.check, request.headers.get("Authorization"), namespace, name)
+        except Denied as denied:
+            return web.Response(status=denied.status, text=denied.message + "\n")
+        for info in await asyncio.to_thread(hypervisor.owned_domains):
+            owner = info.owner
+            if owner is not None and (owner.namespace, owner.name) == (namespace, name):
+                return await _serve_console(request, layout.console_log(owner))
+        raise web.HTTPNotFound(text=f"VM {namespace}/{name} has no domain on this node\n")
+
+    async def health_(_: web.Request) -> web.Response:
+        """The replaced service's health check, telling the truth: libvirt reachable, the API
+        watch delivering, the heartbeat recent (what /readyz checks), as JSON."""
+        problems = await asyncio.to_thread(health.not_ready)
+        body = {
+            "status": "ok" if not problems else "unhealthy",
+            "libvirt": hypervisor.uri,
+            "problems": problems,
+        }
+        return web.json_response(body, status=200 if not problems else 503)
+
+    return [web.get("/health", health_), web.get("/vms/{namespace}/{name}/console", console)]
+
+
+def node_local_routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
     async def owned() -> list[DomainInfo]:
         return await asyncio.to_thread(hypervisor.owned_domains)
 
@@ -52,12 +94,7 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout, health: Health) -> list[w
     async def console(request: web.Request) -> web.StreamResponse:
         info = await find(request)
         assert info.owner is not None
-        path = layout.console_log(info.owner)
-        follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-        await response.prepare(request)
-        await _stream(path, response, follow)
-        return response
+        return await _serve_console(request, layout.console_log(info.owner))
 
     async def images(_: web.Request) -> web.Response:
         """Image files on this node: hostPath sources, and the cached bases with what the
@@ -84,19 +121,7 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout, health: Health) -> list[w
                 )
         return web.json_response(entries)
 
-    async def health_(_: web.Request) -> web.Response:
-        """The replaced service's health check, telling the truth: libvirt reachable, the API
-        watch delivering, the heartbeat recent (what /readyz checks), as JSON."""
-        problems = await asyncio.to_thread(health.not_ready)
-        body = {
-            "status": "ok" if not problems else "unhealthy",
-            "libvirt": hypervisor.uri,
-            "problems": problems,
-        }
-        return web.json_response(body, status=200 if not problems else 503)
-
     return [
-        web.get("/health", health_),
         web.get("/vms", vms),
         web.get("/vms/{vm_id}", vm),
         web.get("/vms/{vm_id}/console", console),
@@ -104,19 +129,35 @@ def routes(hypervisor: Hypervisor, layout: NodeLayout, health: Health) -> list[w
     ]
 
 
+async def _serve_console(request: web.Request, path: Path) -> web.StreamResponse:
+    follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    await _stream(path, response, follow)
+    return response
+
+
 async def _stream(path: Path, response: web.StreamResponse, follow: bool) -> None:
     offset = 0
     while True:
-        try:
-            with path.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            chunk = b""
+        start, chunk = await asyncio.to_thread(_read_chunk, path, offset)
         if chunk:
-            offset += len(chunk)
+            offset = start + len(chunk)
             await response.write(chunk)
         elif not follow:
             return
         else:
             await asyncio.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _read_chunk(path: Path, offset: int) -> tuple[int, bytes]:
+    """At most CHUNK bytes of the log from ``offset``, and where they start: a log rotated
+    meanwhile (now shorter than ``offset``) is read again from its start."""
+    try:
+        with path.open("rb") as f:
+            if offset > f.seek(0, 2):
+                offset = 0
+            f.seek(offset)
+            return offset, f.read(CHUNK)
+    except FileNotFoundError:
+        return offset, b""

@@ -16,7 +16,7 @@ from typing import Any
 from formation_vmm import metrics
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
-from formation_vmm.api.names import NODE_LABEL, VM_KIND, agent_finalizer
+from formation_vmm.api.names import AGENT_ENDPOINT_ANNOTATION, NODE_LABEL, VM_KIND, agent_finalizer
 from formation_vmm.controller.nodes import node_info
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
@@ -109,6 +109,11 @@ class Binder:
 
     # --- decisions ---------------------------------------------------------------------------
 
+    def _endpoint(self, node: str) -> str | None:
+        with self._lock:
+            annotations = (self._nodes.get(node) or {}).get("annotations") or {}
+        return annotations.get(AGENT_ENDPOINT_ANNOTATION)
+
     def _node_infos(self) -> list[NodeInfo]:
         return [node_info(summary, self.node_lost_seconds) for summary in self._nodes.values()]
 
@@ -189,6 +194,7 @@ class Binder:
             lambda st: VirtualMachineStatus(
                 phase="Scheduled",
                 node_name=node,
+                agent_endpoint=self._endpoint(node),
                 vcpus=vm.spec.vcpus,
                 message=f"scheduled on {node}",
                 conditions=set_condition(st.conditions, "Scheduled", True, "Scheduled", why, gen),

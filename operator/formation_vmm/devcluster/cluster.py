@@ -63,7 +63,13 @@ def install_rbac(kubectl: Kubectl) -> None:
     """The namespace, service accounts, RBAC and admission policies of manifests/, exactly as
     users install them."""
     base = source_root() / "manifests" / "base"
-    for name in ("namespace.yaml", "rbac-controller.yaml", "rbac-agent.yaml", "policies.yaml"):
+    for name in (
+        "namespace.yaml",
+        "rbac-controller.yaml",
+        "rbac-agent.yaml",
+        "rbac-users.yaml",
+        "policies.yaml",
+    ):
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(base / name))
 
 
@@ -113,6 +119,16 @@ class OperatorProcess:
     log: Path
     argv: list[str]
     env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def debug_url(self) -> str | None:
+        """The agent's node-local debug endpoints (loopback only), when it serves them."""
+        port = self.env.get("VMM_DEBUG_PORT")
+        return f"http://127.0.0.1:{port}" if port and port != "0" else None
 
     def kill(self) -> None:
         """Stop it the hard way, as a crash or a lost node would."""
@@ -185,6 +201,8 @@ def start_agent(
         "VMM_IMAGES_DIR": str(base / "images"),
         "VMM_IMAGE_CACHE_DIR": str(base / "image-cache"),
         "VMM_STATE_DIR": str(base / "agent"),
+        # The node-local debug endpoints (/vms, /images), on loopback as always.
+        "VMM_DEBUG_PORT": str(free_port()),
         **(env_extra or {}),
     }
     return start_operator(plane, f"agent-{node}", ["agent"], env, kubeconfig)

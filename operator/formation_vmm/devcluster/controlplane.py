@@ -5,6 +5,7 @@ Used by the pytest fixtures and by ``vmm dev up`` alike.
 """
 
 import os
+import secrets
 import shutil
 import ssl
 import time
@@ -127,6 +128,7 @@ class ControlPlane:
             f"--tls-cert-file={pki / 'server.crt'}",
             f"--tls-private-key-file={pki / 'server.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={self._admin_token_file()}",
             "--authorization-mode=RBAC",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -168,8 +170,19 @@ class ControlPlane:
         ]
         self.processes.add("kube-controller-manager", spawn(argv, self.logs / "kube-controller-manager.log"))
 
+    def _admin_token_file(self) -> Path:
+        """A static bearer token for the admin, beside the client certificate: what the agent
+        sees of a user is a token (``kubectl vm console`` sends it, the agent reviews it), and a
+        client certificate cannot be passed on. The apiserver takes the certificate first."""
+        path = self.pki / "tokens.csv"
+        if not path.exists():
+            path.write_text(f'{secrets.token_urlsafe(32)},dev-admin,dev-admin,"system:masters"\n')
+            path.chmod(0o600)
+        return path
+
     def _write_kubeconfig(self, port: int) -> None:
         pki = self.pki
+        token = self._admin_token_file().read_text().split(",", 1)[0]
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -188,6 +201,7 @@ class ControlPlane:
                     "user": {
                         "client-certificate": str(pki / "admin.crt"),
                         "client-key": str(pki / "admin.key"),
+                        "token": token,
                     },
                 }
             ],

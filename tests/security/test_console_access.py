@@ -1,0 +1,97 @@
+"""A VM's console, through its node's agent, only for a caller allowed to read it: the real
+plugin with real tokens, the RBAC we ship aggregated into Kubernetes' own roles, the agent's
+TokenReview and SubjectAccessReview against the real apiserver. The tenant-data endpoints of the
+replaced service answer on the node's loopback only, never on the agent's public port."""
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.fleet import TINY, Fleet
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.controlplane
+
+ON_A = {**TINY, "nodeSelector": {"zone": "a"}}
+
+
+def console_log(fleet: Fleet, ns: str, name: str) -> Path:
+    """The test driver runs no guest, so nothing writes the serial log; we write what a guest
+    would have (the real-QEMU tier reads a real guest's console the same way)."""
+    uid = fleet.vm(ns, name)["metadata"]["uid"]
+    return fleet.node_dir("node-a") / "run" / ns / name / uid / "console.log"
+
+
+def token_of(kubeconfig: Path) -> str:
+    return str(yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]["token"])
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_owner_reads_the_console_and_others_are_refused(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(ns, "talker", **ON_A)
+    fleet.wait_phase(ns, "talker", "Running")
+    console_log(fleet, ns, "talker").write_text("login: secret-banner\n")
+    owner = fleet.user(ns, "owner", "edit")
+    viewer = fleet.user(ns, "viewer", "view")
+    stranger = fleet.user(f"{ns}-x", "stranger", "edit")
+
+    out = fleet.plugin("-n", ns, "console", "talker", "--no-follow", kubeconfig=owner)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "login: secret-banner\n"
+    # A viewer may read the VM, not its console: the agent refuses, saying so.
+    out = fleet.plugin("-n", ns, "console", "talker", "--no-follow", kubeconfig=viewer)
+    assert out.returncode != 0 and "secret-banner" not in out.stdout
+    assert f'may not get virtualmachines/console of "talker" in namespace "{ns}"' in out.stderr
+    # A user of another namespace cannot even read the VM; asking the agent directly with
+    # their valid token gets them nothing either.
+    out = fleet.plugin("-n", ns, "console", "talker", "--no-follow", kubeconfig=stranger)
+    assert out.returncode != 0 and "secret-banner" not in out.stdout
+    url = f"{fleet.agents['node-a'].url}/vms/{ns}/talker/console?follow=false"
+    status, body = get(url, token=token_of(stranger))
+    assert status == 403 and "secret-banner" not in body
+    assert f"system:serviceaccount:{ns}-x:stranger may not get virtualmachines/console" in body
+    assert get(url, token=token_of(owner)) == (200, "login: secret-banner\n")
+
+
+def test_the_agents_public_port_shows_no_tenant_data_without_a_token(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(ns, "quiet", **ON_A)
+    fleet.wait_phase(ns, "quiet", "Running")
+    console_log(fleet, ns, "quiet").write_text("private\n")
+    base = fleet.agents["node-a"].url
+    status, body = get(f"{base}/vms/{ns}/quiet/console?follow=false")
+    assert status == 401 and "bearer token is required" in body
+    status, body = get(f"{base}/vms/{ns}/quiet/console?follow=false", token="not-a-token")
+    assert status == 401 and "private" not in body
+    for path in ("/vms", "/images", f"/vms/{fleet.vm(ns, 'quiet')['metadata']['uid']}/console"):
+        status, body = get(base + path)
+        assert status == 404 and "private" not in body, path
+    # The node-local debug listener (loopback only) still shows them to whoever is on the node.
+    local = fleet.agents["node-a"].debug_url
+    assert local is not None and local.startswith("http://127.0.0.1:")
+    status, body = get(f"{local}/vms")
+    assert status == 200 and '"quiet"' in body
+
+
+def test_a_console_log_larger_than_any_read_comes_whole(fleet: Fleet, ns: str) -> None:
+    """A guest that flooded its serial port: the agent streams the log in bounded chunks off its
+    event loop, and stays healthy."""
+    fleet.apply_vm(ns, "flood", **ON_A)
+    fleet.wait_phase(ns, "flood", "Running")
+    console_log(fleet, ns, "flood").write_bytes(b"0123456789abcdef" * (4 << 20))  # 64 MiB
+    owner = fleet.user(ns, "owner", "edit")
+    out = fleet.plugin("-n", ns, "console", "flood", "--no-follow", kubeconfig=owner)
+    assert out.returncode == 0 and out.stdout == "0123456789abcdef" * (4 << 20)
+    status, _ = get(fleet.agents["node-a"].url + "/healthz")
+    assert status == 200
+    wait_for(lambda: get(fleet.agents["node-a"].url + "/readyz")[0] == 200, 10, "the agent ready")
