@@ -6,6 +6,8 @@ PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc
   python3-venv python3-dev
   qemu-system-x86 qemu-utils
+  # UEFI firmware for firmware: {type: efi} VMs.
+  ovmf
   # A real guest for the boot tests: Debian's cloud kernel, and busybox for the initramfs.
   linux-image-cloud-amd64 busybox-static cpio
   dnsmasq-base iproute2 curl ca-certificates git

@@ -43,7 +43,14 @@ class Settings(BaseSettings):
     image_cache_dir: Path = Path("/var/lib/formation/image-cache")
     # VM disks outlive reboots, so they are not under vm_dir (a tmpfs on most hosts).
     disks_dir: Path = Path("/var/lib/formation/vm-disks")
+    # The firmware VMs boot through (spec.firmware): VMM_KERNEL_PATH, the replaced service's
+    # "hypervisor firmware", is a BIOS image of the node's own (unset: QEMU's SeaBIOS); UEFI is
+    # OVMF, from Debian's ovmf package unless these name other files.
     kernel_path: Path | None = None
+    efi_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    efi_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    efi_secure_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+    efi_secure_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
     libvirt_uri: str = "qemu:///system"
     domain_type: Literal["kvm", "qemu", "test"] = "kvm"
     # The agent's node; in a DaemonSet it comes from the downward API (spec.nodeName).

@@ -7,12 +7,14 @@ import libvirt
 import pytest
 
 from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.plan import Action, DomainState
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.state import owner_of
 from formation_vmm.agent.status import status_after
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
+from formation_vmm.domain.spec import NodeFirmware
 from tests.support.factories import InlineInputs, make_vm
 from tests.support.golden import CASES, render
 
@@ -147,3 +149,26 @@ def test_a_symlinked_vm_directory_is_not_followed(hv: Hypervisor, layout: NodeLa
         rec.reconcile(vm)
     rec.reconcile(vm, deleting=True)
     assert (outside / "precious").read_text() == "keep me"
+
+
+def test_a_uefi_vm_waits_for_missing_firmware_and_goes_with_its_nvram(
+    hv: Hypervisor, layout: NodeLayout, tmp_path: Path
+) -> None:
+    """A node without OVMF: the VM waits, saying which file is missing; once the files are
+    there it gets a domain with its own NVRAM, and leaves without a trace."""
+    firmware = NodeFirmware(efi_code=tmp_path / "fw" / "CODE.fd", efi_vars=tmp_path / "fw" / "VARS.fd")
+    rec = Reconciler(hv, layout, "test", InlineInputs(), firmware=firmware)
+    vm = make_vm(name=fresh_name(), uid=str(uuid.uuid4()), firmware={"type": "efi"})
+    with pytest.raises(InputNotReadyError, match=r"CODE\.fd, .*VARS\.fd is missing on this node") as err:
+        rec.reconcile(vm)
+    assert err.value.reason == "FirmwareMissing"
+    (tmp_path / "fw").mkdir()
+    for name in ("CODE.fd", "VARS.fd"):
+        (tmp_path / "fw" / name).write_bytes(b"\0" * 4096)
+    rec.reconcile(vm)
+    name = domain_name("default", vm.metadata.name)
+    xml = hv.lookup(name).XMLDesc(0)  # type: ignore[union-attr]
+    assert f"{tmp_path}/fw/CODE.fd</loader>" in xml
+    assert f"<nvram template='{tmp_path}/fw/VARS.fd'>{layout.nvram_path(owner_of(vm))}</nvram>" in xml
+    rec.reconcile(vm, deleting=True, grace_seconds=0)
+    assert hv.lookup(name) is None

@@ -116,6 +116,13 @@ INVALID = [
         {"networks": [{"name": "eth0", "bridge": "br-mgmt"}]},
         "a VM cannot attach to a host bridge",
     ),
+    (
+        "secure boot without UEFI",
+        VM,
+        {"firmware": {"secureBoot": True}},
+        "secureBoot needs firmware type: efi",
+    ),
+    ("firmware of another kind", VM, {"firmware": {"type": "coreboot"}}, 'supported values: "bios", "efi"'),
     ("memory past the limit", VM, {"memory": "32Ti"}, "memory must be at most 16Ti"),
     # CEL's isQuantity() alone makes the apiserver time out on this one: refused by pattern.
     ("memory of a googol", VM, {"memory": "1e999999999"}, "memory must be a positive Kubernetes quantity"),

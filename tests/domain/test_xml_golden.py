@@ -12,8 +12,8 @@ import pytest
 from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec
 from formation_vmm.domain.naming import UnsafeNameError, domain_name, stable_mac
 from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
-from formation_vmm.domain.spec import Owner
-from formation_vmm.domain.xml import console_log_of, file_paths, metadata_of
+from formation_vmm.domain.spec import NodeFirmware, Owner
+from formation_vmm.domain.xml import console_log_of, domain_xml, file_paths, metadata_of
 from tests.support.factories import make_vm
 from tests.support.golden import CASES, GOLDEN, LAYOUT, bases, render
 
@@ -131,3 +131,24 @@ def test_every_interface_carries_the_anti_spoofing_filter_with_its_mac() -> None
     xml = render("topology-networks")
     assert xml.count('<filterref filter="clean-traffic">') == 3
     assert '<parameter name="MAC" value="02:aa:bb:cc:dd:ee" />' in xml
+
+
+def test_bios_is_qemus_own_unless_the_node_names_a_firmware_file() -> None:
+    vm = make_vm(firmware={"type": "bios"})
+    assert "<loader" not in domain_xml(build_domain_spec(vm, LAYOUT, "kvm"))
+    node = NodeFirmware(bios=Path("/opt/fw/bios.bin"))
+    xml = domain_xml(build_domain_spec(vm, LAYOUT, "kvm", firmware=node))
+    assert '<loader readonly="yes" type="rom">/opt/fw/bios.bin</loader>' in xml
+    assert "<nvram" not in xml and "smm" not in xml
+
+
+def test_each_uefi_vm_has_its_own_nvram_with_its_disks() -> None:
+    a = build_domain_spec(make_vm(name="a", uid="uid-a", firmware={"type": "efi"}), LAYOUT, "kvm")
+    b = build_domain_spec(make_vm(name="b", uid="uid-b", firmware={"type": "efi"}), LAYOUT, "kvm")
+    assert a.firmware is not None and b.firmware is not None
+    assert a.firmware.nvram != b.firmware.nvram
+    assert a.firmware.nvram is not None and a.firmware.nvram.parent == LAYOUT.disk_dir(a.owner)
+    assert a.firmware.files() == [
+        Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+        Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ]

@@ -50,8 +50,11 @@ def prepare(
     disks_base: Path,
     bases: dict[str, BaseImage],
 ) -> None:
-    """Create what the domain refers to: its runtime directory, its overlays and blank disks."""
+    """Create what the domain refers to: its runtime directory, its overlays and blank disks,
+    and the directory of its NVRAM (libvirt makes the file itself, from the template)."""
     make_dir(runtime_base, spec.console_log.parent)
+    if spec.firmware is not None and spec.firmware.nvram is not None:
+        make_dir(disks_base, spec.firmware.nvram.parent)
     for disk in spec.disks:
         size = sizes.get(disk.name)
         if disk.name in bases:

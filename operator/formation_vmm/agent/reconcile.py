@@ -12,7 +12,7 @@ from formation_vmm import metrics
 from formation_vmm.agent import files
 from formation_vmm.agent.disks import disk_growth
 from formation_vmm.agent.hypervisor import Hypervisor
-from formation_vmm.agent.inputs import Inputs
+from formation_vmm.agent.inputs import InputNotReadyError, Inputs
 from formation_vmm.agent.plan import Action, DomainState, plan, restart_done
 from formation_vmm.agent.seed import write_seed
 from formation_vmm.agent.state import DomainInfo, Outcome, desired_of, owner_of, stop_progress
@@ -22,7 +22,7 @@ from formation_vmm.domain.build import build_domain_spec
 from formation_vmm.domain.cloudinit import seed_files
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
-from formation_vmm.domain.spec import BaseImage, DomainSpec
+from formation_vmm.domain.spec import BaseImage, DomainSpec, NodeFirmware
 from formation_vmm.domain.xml import domain_xml, spec_hash
 from formation_vmm.host.paths import remove_tree
 
@@ -49,6 +49,7 @@ class Reconciler:
         inputs: Inputs,
         clock: Clock = time.monotonic,
         offered_networks: frozenset[str] | None = None,
+        firmware: NodeFirmware | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.layout = layout
@@ -56,6 +57,7 @@ class Reconciler:
         self.inputs = inputs
         self.clock = clock
         self.offered_networks = offered_networks
+        self.firmware = firmware or NodeFirmware()
         self._sizes: dict[Path, int] = {}  # disk -> virtual size, as last read or set
         # VM uid -> when its graceful stop runs out. In memory: a restarted agent sends the ACPI
         # request again and gives the guest a fresh grace period.
@@ -64,7 +66,18 @@ class Reconciler:
 
     def desired_spec(self, vm: VirtualMachine, images: dict[str, BaseImage]) -> DomainSpec:
         """The domain the VM asks for; raises when an input is not ready or the spec is unusable."""
-        return build_domain_spec(vm, self.layout, self.domain_type, images, self.offered_networks)
+        spec = build_domain_spec(
+            vm, self.layout, self.domain_type, images, self.offered_networks, self.firmware
+        )
+        if spec.firmware is not None:
+            missing = [str(path) for path in spec.firmware.files() if not path.is_file()]
+            if missing:
+                raise InputNotReadyError(
+                    "FirmwareMissing",
+                    f"firmware {', '.join(missing)} is missing on this node (Debian's ovmf package "
+                    "provides UEFI; VMM_KERNEL_PATH and VMM_EFI_* name other files)",
+                )
+        return spec
 
     def _deadline(self, uid: str) -> float | None:
         with self._lock:

@@ -68,6 +68,11 @@ class KernelBoot(ApiModel):
     cmdline: str | None = None
 
 
+class Firmware(ApiModel):
+    type: Literal["bios", "efi"] = "bios"
+    secure_boot: bool = False
+
+
 class SecretKeyRef(ApiModel):
     name: str
     key: str = "userdata"
@@ -126,6 +131,7 @@ class VirtualMachineSpec(ApiModel):
     memory: str = "512Mi"
     disks: list[Disk] = Field(default_factory=list)
     kernel: KernelBoot | None = None
+    firmware: Firmware = Field(default_factory=Firmware)
     cloud_init: CloudInit | None = None
     networks: list[Network] = Field(default_factory=list)
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -206,6 +212,7 @@ class ObjectMeta(ApiModel):
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+    creation_timestamp: datetime | None = None
     deletion_timestamp: datetime | None = None
 
 

@@ -6,7 +6,16 @@ from formation_vmm.api.models import Disk, VirtualMachine
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name, require_label, stable_mac
-from formation_vmm.domain.spec import BaseImage, DiskDevice, DomainSpec, InterfaceDevice, KernelFiles, Owner
+from formation_vmm.domain.spec import (
+    BaseImage,
+    DiskDevice,
+    DomainSpec,
+    FirmwareFiles,
+    InterfaceDevice,
+    KernelFiles,
+    NodeFirmware,
+    Owner,
+)
 
 
 class UnsupportedSpecError(ValueError):
@@ -65,15 +74,35 @@ def _networks(vm: VirtualMachine, offered: frozenset[str] | None) -> tuple[Inter
     return tuple(interfaces)
 
 
+def firmware_files(
+    vm: VirtualMachine, layout: NodeLayout, owner: Owner, node: NodeFirmware
+) -> FirmwareFiles | None:
+    """What the VM boots through on this node: the node's BIOS image if it keeps one (else
+    QEMU's SeaBIOS: None), or OVMF with the VM's own NVRAM; Secure Boot uses OVMF's secure-boot
+    build and a variables template with Microsoft's keys enrolled."""
+    firmware = vm.spec.firmware
+    if firmware.type == "bios":
+        return FirmwareFiles(loader=node.bios, kind="rom") if node.bios is not None else None
+    return FirmwareFiles(
+        loader=node.efi_secure_code if firmware.secure_boot else node.efi_code,
+        kind="pflash",
+        secure=firmware.secure_boot,
+        nvram=layout.nvram_path(owner),
+        nvram_template=node.efi_secure_vars if firmware.secure_boot else node.efi_vars,
+    )
+
+
 def build_domain_spec(
     vm: VirtualMachine,
     layout: NodeLayout,
     domain_type: str,
     images: Mapping[str, BaseImage] | None = None,
     offered_networks: frozenset[str] | None = None,
+    firmware: NodeFirmware | None = None,
 ) -> DomainSpec:
     """``images`` maps each name of ``image_names(vm)`` to its cached base on this node;
-    ``offered_networks`` names the networks VMs may use (None: any)."""
+    ``offered_networks`` names the networks VMs may use (None: any); ``firmware``, the node's
+    firmware files (default: Debian's)."""
     images = images or {}
     missing = [name for name in image_names(vm) if name not in images]
     if missing:
@@ -133,4 +162,5 @@ def build_domain_spec(
         disks=tuple(disks),
         interfaces=interfaces,
         kernel=kernel,
+        firmware=firmware_files(vm, layout, owner, firmware or NodeFirmware()),
     )

@@ -33,6 +33,10 @@ class NodeLayout:
     def disk_path(self, owner: Owner, disk: str) -> Path:
         return self.disk_dir(owner) / f"{require_label(disk, 'disk name')}.qcow2"
 
+    def nvram_path(self, owner: Owner) -> Path:
+        """A UEFI VM's variables: kept with its disks, removed with them."""
+        return self.disk_dir(owner) / "nvram.fd"
+
     def console_log(self, owner: Owner) -> Path:
         return self.runtime_dir(owner) / "console.log"
 

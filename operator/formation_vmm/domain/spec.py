@@ -46,6 +46,32 @@ class KernelFiles:
 
 
 @dataclass(frozen=True)
+class NodeFirmware:
+    """The firmware files of a node (settings kernel_path, efi_*): Debian's ovmf package by default."""
+
+    bios: Path | None = None  # VMM_KERNEL_PATH: a BIOS image of the node's own; None: QEMU's SeaBIOS
+    efi_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    efi_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    efi_secure_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+    efi_secure_vars: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")  # Microsoft's keys enrolled
+
+
+@dataclass(frozen=True)
+class FirmwareFiles:
+    """The firmware a domain boots through (None in DomainSpec: QEMU's own SeaBIOS)."""
+
+    loader: Path
+    kind: Literal["rom", "pflash"]  # a BIOS image, or UEFI code in flash
+    secure: bool = False  # Secure Boot: needs SMM and the q35 machine
+    nvram: Path | None = None  # the VM's own UEFI variables, made from the template at first start
+    nvram_template: Path | None = None
+
+    def files(self) -> list[Path]:
+        """The node's files this firmware needs (the NVRAM itself is the VM's)."""
+        return [self.loader, *([self.nvram_template] if self.nvram_template else [])]
+
+
+@dataclass(frozen=True)
 class Owner:
     """The VM a domain belongs to, recorded in the domain's <metadata>."""
 
@@ -69,6 +95,7 @@ class DomainSpec:
     disks: tuple[DiskDevice, ...] = ()
     interfaces: tuple[InterfaceDevice, ...] = ()
     kernel: KernelFiles | None = None
+    firmware: FirmwareFiles | None = None
     uuid: str | None = None
 
     @property

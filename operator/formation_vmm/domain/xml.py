@@ -48,6 +48,8 @@ def _render(spec: DomainSpec, digest: str | None) -> str:
     features = _sub(dom, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
+    if spec.firmware is not None and spec.firmware.secure:
+        _sub(features, "smm", state="on")
     cpu = _sub(dom, "cpu")
     _sub(
         cpu, "topology", sockets=str(spec.sockets), dies="1", cores=str(spec.cores), threads=str(spec.threads)
@@ -74,7 +76,19 @@ def _owner(metadata: ET.Element, owner: Owner, digest: str | None) -> None:
 
 
 def _os(os_el: ET.Element, spec: DomainSpec) -> None:
-    _sub(os_el, "type", "hvm", arch="x86_64")
+    firmware = spec.firmware
+    if firmware is not None and firmware.secure:
+        _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")  # Secure Boot needs SMM: q35
+    else:
+        _sub(os_el, "type", "hvm", arch="x86_64")
+    if firmware is not None:
+        loader = {"readonly": "yes", "type": firmware.kind}
+        if firmware.kind == "pflash":
+            loader["secure"] = "yes" if firmware.secure else "no"
+        _sub(os_el, "loader", str(firmware.loader), **loader)
+        if firmware.nvram is not None:
+            nvram = {"template": str(firmware.nvram_template)} if firmware.nvram_template else {}
+            _sub(os_el, "nvram", str(firmware.nvram), **nvram)
     if spec.kernel is None:
         return
     _sub(os_el, "kernel", str(spec.kernel.kernel))
