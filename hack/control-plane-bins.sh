@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Provide kube-apiserver, kube-controller-manager, kubectl, etcd and helm for the tests and for
-# `vmm dev up`. Each binary is taken from $KUBEBUILDER_ASSETS or $PATH when one of the pinned
+# `vmm dev up`, and promtool (the chart's alerting rules are checked with it). Each binary is taken from $KUBEBUILDER_ASSETS or $PATH when one of the pinned
 # version is there, else built from the Go module proxy and cached by version outside the clone.
 #
 # Usage: hack/control-plane-bins.sh            build what is missing, print the bin directory
@@ -15,6 +15,8 @@ set -euo pipefail
 K8S_VERSION="${VMM_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${VMM_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${VMM_HELM_VERSION:-v3.19.0}"
+# Prometheus v3.16 as a Go module version; promtool sits beside the others, under its own name.
+PROMETHEUS_VERSION="${VMM_PROMETHEUS_VERSION:-v0.316.0}"
 
 CACHE="${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/formation-vmm}"
 BIN="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION"
@@ -135,6 +137,16 @@ build_helm() {
   rmdir "$gobin"
 }
 
+build_promtool() {
+  log "building promtool (prometheus $PROMETHEUS_VERSION)"
+  local gobin
+  gobin=$(mktemp -d)
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
+    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+  mv "$gobin/promtool" "$BIN/promtool-$PROMETHEUS_VERSION"
+  rmdir "$gobin"
+}
+
 missing_k8s=()
 for cmd in kube-apiserver kube-controller-manager kubectl; do
   [[ -x "$BIN/$cmd" ]] || adopt "$cmd" "$K8S_VERSION" || missing_k8s+=("$cmd")
@@ -142,5 +154,7 @@ done
 if ((${#missing_k8s[@]})); then build_k8s "${missing_k8s[@]}"; fi
 [[ -x "$BIN/etcd" ]] || adopt etcd "${ETCD_VERSION#v}" || build_etcd
 [[ -x "$BIN/helm" ]] || adopt helm "$HELM_VERSION" || build_helm
+[[ -x "$BIN/promtool-$PROMETHEUS_VERSION" ]] || build_promtool
+ln -sf "promtool-$PROMETHEUS_VERSION" "$BIN/promtool"
 
 echo "$BIN"

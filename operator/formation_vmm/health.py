@@ -125,7 +125,8 @@ def build_app(health: Health, extra_routes: list[web.RouteDef] | None = None) ->
         return web.Response(text="ok\n")
 
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(REGISTRY)
+        # Off the event loop: the agent's per-VM series ask libvirt (vm_metrics.py).
+        body = await asyncio.to_thread(generate_latest, REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()

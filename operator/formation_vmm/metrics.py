@@ -46,3 +46,12 @@ SNAPSHOTS = Counter(
     "Snapshots and restores carried out, by operation and result.",
     ["operation", "result"],
 )
+
+# Time from a VM's creation to each phase it reaches on its way up (phase="Running" is
+# creation to Running), as KubeVirt's kubevirt_vmi_phase_transition_time_from_creation_seconds.
+PHASE_FROM_CREATION = Histogram(
+    "vmm_vm_phase_transition_from_creation_seconds",
+    "Time from a VM's creation to a phase it reached on its way up, by phase.",
+    ["phase"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)

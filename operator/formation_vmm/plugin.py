@@ -1,11 +1,12 @@
-"""``kubectl vm``: start, stop, restart, pause, resume, console, list, snapshot and restore VMs.
+"""``kubectl vm``: start, stop, restart, pause, resume, console, list, top, snapshot and restore.
 
 Each verb patches the VM's spec (the API is the only interface; nothing here talks to a node
-except ``console``, which follows the serial log the node's agent serves) and waits for the
-status to show the result, unless ``--no-wait``.
+except ``console`` and ``top``, which ask the node's agent with the user's token) and waits for
+the status to show the result, unless ``--no-wait``.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -149,18 +150,21 @@ def verb_list(vms: Vms, _: argparse.Namespace) -> str:
                 ready,
             ]
         )
+    return _table(rows)
+
+
+def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
 
 
-def verb_console(vms: Vms, args: argparse.Namespace) -> str:
-    vm = vms.get(args.name)
+def _endpoint(vms: Vms, vm: VirtualMachine) -> str:
+    """Where the VM's node's agent answers. The controller writes it into the status (tenants
+    cannot read Nodes); a VM bound before it did so is found through its Node."""
     if not vm.status.node_name:
-        raise PluginError(f"{args.name} is not bound to a node yet ({vm.status.phase or 'new'})")
-    # The controller writes the endpoint into the status (tenants cannot read Nodes); a VM
-    # bound before it did so is found through its Node, for those who may read Nodes.
+        raise PluginError(f"{vm.metadata.name} is not bound to a node yet ({vm.status.phase or 'new'})")
     endpoint = vm.status.agent_endpoint
     if not endpoint:
         node = vms.kube.node(vm.status.node_name)
@@ -169,28 +173,96 @@ def verb_console(vms: Vms, args: argparse.Namespace) -> str:
         raise PluginError(
             f"node {vm.status.node_name} has no agent endpoint annotation; is its agent running?"
         )
+    if not endpoint.startswith(("http://", "https://")):
+        raise PluginError(f"agent endpoint {endpoint!r} is not an http(s) URL")
+    return endpoint.rstrip("/")
+
+
+def _open_agent(vms: Vms, url: str, node: str | None) -> Any:
+    """GET ``url`` from an agent with the user's bearer token: the agent asks the apiserver who
+    that is and whether they may (agent/access.py)."""
     token = vms.kube.bearer_token()
     if token is None:
         raise PluginError(
-            "the console is read from the VM's node with your bearer token, and your kubeconfig has "
-            "none (a client certificate?): use a context with a token (OIDC, or kubectl create token)"
+            "the agent is asked with your bearer token, and your kubeconfig has none (a client "
+            "certificate?): use a context with a token (OIDC, or kubectl create token)"
         )
-    follow = "false" if args.no_follow else "true"
-    url = f"{endpoint.rstrip('/')}/vms/{vms.namespace}/{args.name}/console?follow={follow}"
-    if not url.startswith(("http://", "https://")):
-        raise PluginError(f"agent endpoint {endpoint!r} is not an http(s) URL")
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
     try:
-        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - checked scheme above
+        return urllib.request.urlopen(request, timeout=30)  # noqa: S310 - http(s) checked by _endpoint
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2048).decode(errors="replace").strip()
+        raise PluginError(f"the agent on {node} refused: {detail or exc.reason}") from exc
+    except (urllib.error.URLError, TimeoutError) as exc:
+        raise PluginError(f"cannot reach the agent on {node}: {exc}") from exc
+
+
+def verb_console(vms: Vms, args: argparse.Namespace) -> str:
+    vm = vms.get(args.name)
+    follow = "false" if args.no_follow else "true"
+    url = f"{_endpoint(vms, vm)}/vms/{vms.namespace}/{args.name}/console?follow={follow}"
+    with _open_agent(vms, url, vm.status.node_name) as resp:
+        try:
             while chunk := resp.read1(65536):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(2048).decode(errors="replace").strip()
-        raise PluginError(f"the agent on {vm.status.node_name} refused: {detail or exc.reason}") from exc
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise PluginError(f"cannot read the console from {endpoint}: {exc}") from exc
+        except (OSError, TimeoutError) as exc:
+            raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
     return ""
+
+
+def top_rows(before: dict[str, Any], after: dict[str, Any], seconds: float) -> list[list[str]]:
+    """``kubectl vm top``'s table from two samples ``seconds`` apart (VM name -> counters, as
+    the agents serve them): CPU as a share of one vCPU, memory now, rates of disk and network."""
+
+    def rate(name: str, key: str) -> float:
+        return max(float(after[name][key]) - float(before[name][key]), 0.0) / seconds
+
+    rows = [["NAME", "CPU", "MEMORY", "DISK-READ", "DISK-WRITE", "NET-RX", "NET-TX"]]
+    for name in sorted(set(before) & set(after)):
+        rows.append(
+            [
+                name,
+                f"{100 * rate(name, 'cpuSeconds'):.1f}%",
+                _bytes(float(after[name]["memoryResidentBytes"])),
+                _bytes(rate(name, "diskReadBytes")) + "/s",
+                _bytes(rate(name, "diskWriteBytes")) + "/s",
+                _bytes(rate(name, "networkReceiveBytes")) + "/s",
+                _bytes(rate(name, "networkTransmitBytes")) + "/s",
+            ]
+        )
+    return rows
+
+
+def _bytes(value: float) -> str:
+    for unit in ("", "Ki", "Mi", "Gi"):
+        if value < 1024 or unit == "Gi":
+            return f"{value:.0f}{unit}" if unit == "" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}Gi"
+
+
+def verb_top(vms: Vms, args: argparse.Namespace) -> str:
+    targets = [vms.get(args.name)] if args.name else [vm for vm in vms.list() if vm.status.node_name]
+    if not targets:
+        raise PluginError(f"no VM of namespace {vms.namespace} is on a node")
+    wanted = {vm.metadata.name for vm in targets}
+    endpoints = {_endpoint(vms, vm): vm.status.node_name for vm in targets}
+
+    def sample() -> tuple[float, dict[str, Any]]:
+        counters: dict[str, Any] = {}
+        for endpoint, node in endpoints.items():
+            with _open_agent(vms, f"{endpoint}/namespaces/{vms.namespace}/vmstats", node) as resp:
+                counters |= {v["name"]: v for v in json.load(resp)["vms"] if v["name"] in wanted}
+        return time.monotonic(), counters
+
+    first_at, first = sample()
+    time.sleep(args.interval)
+    second_at, second = sample()
+    rows = top_rows(first, second, max(second_at - first_at, 1e-3))
+    if len(rows) == 1:
+        raise PluginError("no running VM to show: a stopped VM has no counters")
+    return _table(rows)
 
 
 def _stamp() -> str:
@@ -247,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("--no-follow", action="store_true", help="print what is there and exit")
     console.set_defaults(run=verb_console)
     sub.add_parser("list", help="the VMs of the namespace").set_defaults(run=verb_list)
+    top = sub.add_parser("top", help="CPU, memory, disk and network of running VMs, from their agents")
+    top.add_argument("name", nargs="?", help="one VM (default: every VM of the namespace)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between the two samples")
+    top.set_defaults(run=verb_top)
     snapshot = sub.add_parser("snapshot", help="snapshot the VM's disks (a VmSnapshot), and wait until Ready")
     snapshot.add_argument("name")
     snapshot.add_argument("snapshot", nargs="?", help="snapshot name (default: <vm>-<time>)")

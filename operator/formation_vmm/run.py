@@ -8,13 +8,14 @@ import socket
 
 import kopf
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from formation_vmm import health as health_http
 from formation_vmm import metrics
 from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
+from formation_vmm.agent.access import CallerAccess
 from formation_vmm.agent.confinement import confinement_problem
-from formation_vmm.agent.console_access import ConsoleAccess
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.image_status import ImageStatusReporter
@@ -22,6 +23,7 @@ from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_author
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
+from formation_vmm.agent.vm_metrics import VmStatsCollector
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import VirtualMachineStatus, VmImageStatus, VmRestoreStatus, VmSnapshotStatus
@@ -42,6 +44,7 @@ from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.domain.spec import NodeFirmware
 from formation_vmm.health import Health, within
 from formation_vmm.host.paths import AlreadyRunningError, hold_lock
 from formation_vmm.images.egress import EgressPolicy
@@ -239,6 +242,13 @@ def run_agent(settings: Settings) -> None:
         settings.domain_type,
         ClusterInputs(kube, node_images, images, key, node),
         offered_networks=frozenset(settings.offered_networks),
+        firmware=NodeFirmware(
+            bios=settings.kernel_path,
+            efi_code=settings.efi_code,
+            efi_vars=settings.efi_vars,
+            efi_secure_code=settings.efi_secure_code,
+            efi_secure_vars=settings.efi_secure_vars,
+        ),
     )
     events = EventRecorder(kube, "formation-vmm-agent", node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
@@ -306,7 +316,9 @@ def run_agent(settings: Settings) -> None:
     health.live_check(
         "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
     )
-    routes = debug_api.public_routes(hypervisor, layout, health, ConsoleAccess(kube))
+    # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
+    REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
+    routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
     local_routes = debug_api.node_local_routes(hypervisor, layout)
     asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
 

@@ -1,25 +1,14 @@
 """The Helm chart on its own: lint, and the RBAC it renders is the RBAC of manifests/ (the
 install itself is tested against the apiserver in tests/controlplane/test_install.py)."""
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.support.binaries import binaries
+from tests.support.helm import CHART, ROOT, helm
 
 pytestmark = pytest.mark.host
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "formation-vmm"
-
-
-def helm(*args: str) -> str:
-    proc = subprocess.run([str(binaries() / "helm"), *args], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def rules_by_role(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -64,6 +64,33 @@ def test_the_owner_reads_the_console_and_others_are_refused(fleet: Fleet, ns: st
     assert get(url, token=token_of(owner)) == (200, "login: secret-banner\n")
 
 
+def test_counters_are_for_readers_of_the_namespace(fleet: Fleet, ns: str) -> None:
+    """`kubectl vm top` asks the agent for virtualmachines/stats: view grants it (unlike the
+    console), another namespace's user gets nothing."""
+    fleet.apply_vm(ns, "counted", **ON_A)
+    fleet.wait_phase(ns, "counted", "Running")
+    viewer = fleet.user(ns, "viewer", "view")
+    out = fleet.plugin("-n", ns, "top", "--interval=0.2", kubeconfig=viewer)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split() == [
+        "NAME",
+        "CPU",
+        "MEMORY",
+        "DISK-READ",
+        "DISK-WRITE",
+        "NET-RX",
+        "NET-TX",
+    ]
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == ["counted"]
+    stranger = fleet.user(f"{ns}-y", "stranger", "edit")
+    url = f"{fleet.agents['node-a'].url}/namespaces/{ns}/vmstats"
+    status, body = get(url, token=token_of(stranger))
+    assert status == 403 and "counted" not in body
+    assert f'may not get virtualmachines/stats of VMs in namespace "{ns}"' in body
+    status, body = get(url, token=token_of(viewer))
+    assert status == 200 and '"counted"' in body
+
+
 def test_the_agents_public_port_shows_no_tenant_data_without_a_token(fleet: Fleet, ns: str) -> None:
     fleet.apply_vm(ns, "quiet", **ON_A)
     fleet.wait_phase(ns, "quiet", "Running")

@@ -1,11 +1,12 @@
-"""Who may read a VM's console through the agent: the Kubernetes way, as the kubelet does for
-its own API. The caller's bearer token goes to a TokenReview (who is it?), the answer to a
-SubjectAccessReview (may they ``get`` ``virtualmachines/console`` of that VM?). The aggregated
-``edit`` and ``admin`` roles grant it, as KubeVirt's do for its console: console output can say
-more than the VM's spec, so ``view`` does not.
+"""Who may read what through the agent's public port: the Kubernetes way, as the kubelet does
+for its own API. The caller's bearer token goes to a TokenReview (who is it?), the answer to a
+SubjectAccessReview (may they ``get`` that subresource of ``virtualmachines``: ``console`` of one
+VM, ``stats`` of a namespace's VMs?). The aggregated ``edit`` and ``admin`` roles grant both;
+``view`` grants ``stats`` only: console output can say more than the VM's spec (KubeVirt draws
+the same line).
 
-Answers are cached for a short while per (token, VM), so a client that reconnects does not cost
-two API calls each time; a denial is never cached longer than a grant."""
+Grants are cached for a short while per (token, what), so a client that reconnects does not
+cost two API calls each time; denials are not cached."""
 
 import hashlib
 import threading
@@ -25,20 +26,23 @@ class Denied(Exception):
         self.message = message
 
 
-class ConsoleAccess:
+class CallerAccess:
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
         self._lock = threading.Lock()
-        self._granted: dict[tuple[str, str, str], float] = {}  # (token digest, ns, name) -> until
+        self._granted: dict[tuple[str, str, str, str], float] = {}  # (token, ns, name, what) -> until
 
-    def check(self, authorization: str | None, namespace: str, name: str) -> str:
-        """The user allowed to read this VM's console, or Denied saying why not. Blocking (two
-        API calls at most): call it off the event loop."""
+    def check(
+        self, authorization: str | None, namespace: str, name: str, subresource: str = "console"
+    ) -> str:
+        """The user allowed to ``get`` ``virtualmachines/<subresource>`` of VM ``name`` (of every
+        VM of the namespace when ``name`` is empty), or Denied saying why not. Blocking (two API
+        calls at most): call it off the event loop."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Denied(401, "a bearer token is required (kubectl vm console sends your kubeconfig's)")
+            raise Denied(401, "a bearer token is required (kubectl vm sends your kubeconfig's)")
         digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        key = (digest, namespace, name)
+        key = (digest, namespace, name, subresource)
         now = time.monotonic()
         with self._lock:
             if self._granted.get(key, 0.0) > now:
@@ -55,7 +59,7 @@ class ConsoleAccess:
                 verb="get",
                 group=GROUP,
                 resource=VM_PLURAL,
-                subresource="console",
+                subresource=subresource,
                 namespace=namespace,
                 name=name,
             )
@@ -64,9 +68,10 @@ class ConsoleAccess:
         username = str(user.get("username", ""))
         if not allowed:
             detail = f": {reason}" if reason else ""
+            of = f'of "{name}" ' if name else "of VMs "
             raise Denied(
                 403,
-                f'{username} may not get virtualmachines/console of "{name}" '
+                f"{username} may not get virtualmachines/{subresource} {of}"
                 f'in namespace "{namespace}"{detail}',
             )
         with self._lock:

@@ -1,8 +1,9 @@
 """The agent's HTTP endpoints beyond the probes.
 
-On its public port (``VMM_API_PORT``): ``/health`` (the replaced service's check), and a VM's
-serial console at ``/vms/{namespace}/{name}/console``, for callers allowed to read it
-(console_access.py) - what ``kubectl vm console`` follows.
+On its public port (``VMM_API_PORT``): ``/health`` (the replaced service's check); a VM's
+serial console at ``/vms/{namespace}/{name}/console`` (what ``kubectl vm console`` follows) and
+the counters of a namespace's VMs on this node at ``/namespaces/{namespace}/vmstats`` (what
+``kubectl vm top`` reads), each for callers allowed to read them (access.py).
 
 On the node's loopback only (``VMM_DEBUG_PORT``, off unless set): the replaced vmm-service's
 read-only endpoints, straight from libvirt and the node's files (``/vms``, ``/vms/{id}``,
@@ -13,14 +14,17 @@ Console logs are read in bounded chunks off the event loop: a guest that floods 
 makes a big file, never a big read."""
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from formation_vmm.agent.console_access import ConsoleAccess, Denied
-from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.access import CallerAccess, Denied
+from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.state import DomainInfo
+from formation_vmm.agent.vm_metrics import VmLabels, summary
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.health import Health
 from formation_vmm.images.cache import ImageCache
@@ -46,8 +50,32 @@ def _describe(info: DomainInfo) -> dict[str, Any]:
 
 
 def public_routes(
-    hypervisor: Hypervisor, layout: NodeLayout, health: Health, access: ConsoleAccess
+    hypervisor: Hypervisor,
+    layout: NodeLayout,
+    health: Health,
+    access: CallerAccess,
+    owners: Callable[[], dict[str, VmLabels]],
 ) -> list[web.RouteDef]:
+    async def vmstats(request: web.Request) -> web.Response:
+        namespace = request.match_info["namespace"]
+        try:
+            await asyncio.to_thread(
+                access.check, request.headers.get("Authorization"), namespace, "", "stats"
+            )
+        except Denied as denied:
+            return web.Response(status=denied.status, text=denied.message + "\n")
+        try:
+            stats = await asyncio.to_thread(hypervisor.all_domain_stats)
+        except HypervisorError as exc:
+            return web.Response(status=503, text=f"libvirt does not answer: {exc}\n")
+        labels = owners()
+        body = [
+            {"name": labels[domain].name, **summary(values)}
+            for domain, values in stats
+            if domain in labels and labels[domain].namespace == namespace
+        ]
+        return web.json_response({"at": time.time(), "vms": body})
+
     async def console(request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         try:
@@ -71,7 +99,11 @@ def public_routes(
         }
         return web.json_response(body, status=200 if not problems else 503)
 
-    return [web.get("/health", health_), web.get("/vms/{namespace}/{name}/console", console)]
+    return [
+        web.get("/health", health_),
+        web.get("/vms/{namespace}/{name}/console", console),
+        web.get("/namespaces/{namespace}/vmstats", vmstats),
+    ]
 
 
 def node_local_routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:

@@ -18,6 +18,7 @@ from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.state import restart_requested
 from formation_vmm.agent.status import changes, status_after, status_failed, status_unknown, status_waiting
+from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import VM_KIND
 from formation_vmm.domain.build import UnsupportedSpecError
@@ -165,6 +166,7 @@ class VmSync:
         if changes(old, fields):
             self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node))
         if fields.phase != old.get("phase"):
+            _observe_way_up(vm, old.get("phase"), str(fields.phase))
             self.events.post(
                 body,
                 VM_KIND,
@@ -203,6 +205,17 @@ class VmSync:
             self._write(body, vm, update)
         if old.get("message") != message:
             self.events.post(body, VM_KIND, reason, message, "Warning")
+
+
+# The phases of a VM on its way up: a transition out of one of them counts from creation.
+_WAY_UP = {None, "Pending", "Scheduled", "Provisioning", "Starting"}
+
+
+def _observe_way_up(vm: VirtualMachine, old_phase: str | None, new_phase: str) -> None:
+    created = vm.metadata.creation_timestamp
+    if created is None or old_phase not in _WAY_UP or vm.status.started_at is not None:
+        return  # a VM that ran before: not a way up from creation
+    metrics.PHASE_FROM_CREATION.labels(new_phase).observe(max((now() - created).total_seconds(), 0.0))
 
 
 def _domain(vm: VirtualMachine) -> str:

@@ -14,6 +14,7 @@ from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.agent.sync import SyncResult, VmSync
+from formation_vmm.agent.vm_metrics import VmLabels
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.references import images_named
 from formation_vmm.domain.naming import domain_name
@@ -71,6 +72,26 @@ class VmCache:
                 for key, body in self._bodies.items()
                 if body["metadata"]["namespace"] == namespace and image in images_named(body)
             ]
+
+    def labels(self) -> dict[str, VmLabels]:
+        """What /metrics labels each domain's series with, by domain name."""
+        with self._lock:
+            bodies = list(self._bodies.items())
+        return {
+            key: VmLabels(
+                namespace=body["metadata"].get("namespace", ""),
+                name=body["metadata"].get("name", ""),
+                phase=str((body.get("status") or {}).get("phase") or ""),
+                networks=tuple(
+                    str(n.get("name", "")) for n in (body.get("spec") or {}).get("networks") or []
+                ),
+                ready=any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (body.get("status") or {}).get("conditions") or []
+                ),
+            )
+            for key, body in bodies
+        }
 
     def __len__(self) -> int:
         with self._lock:

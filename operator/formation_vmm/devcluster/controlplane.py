@@ -84,16 +84,31 @@ class ControlPlane:
         (self.root / "bin-dir").write_text(f"{bins}\n")
         shutil.rmtree(self.root / "etcd", ignore_errors=True)
         certs.make_pki(self.pki)
-        ports = Endpoints(free_port(), free_port(), free_port())
-        self._write_kubeconfig(ports.apiserver)
-        try:
-            self._start_etcd(bins, ports)
-            self._start_apiserver(bins, ports)
-            self._wait_ready(ports.apiserver, timeout)
-            self._start_controller_manager(bins)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(3):
+            ports = Endpoints(free_port(), free_port(), free_port())
+            self._write_kubeconfig(ports.apiserver)
+            try:
+                self._start_etcd(bins, ports)
+                self._start_apiserver(bins, ports)
+                self._wait_ready(ports.apiserver, timeout)
+                self._start_controller_manager(bins)
+                return
+            except ControlPlaneError:
+                self.stop()
+                # A port free when chosen can be taken before the process binds it (another
+                # process's outgoing connection): choose again, a few times.
+                if attempt == 2 or not self._port_was_taken():
+                    raise
+                shutil.rmtree(self.root / "etcd", ignore_errors=True)
+            except BaseException:
+                self.stop()
+                raise
+
+    def _port_was_taken(self) -> bool:
+        logs = [self.logs / "kube-apiserver.log", self.logs / "etcd.log"]
+        return any(
+            "address already in use" in log.read_text(errors="replace") for log in logs if log.exists()
+        )
 
     def stop(self) -> None:
         self.processes.stop_all()
