@@ -148,7 +148,7 @@ def test_a_token_bound_to_no_node_is_refused(fleet: Fleet, agent_unbound: Kubect
 
 
 @pytest.fixture
-def tenant(fleet: Fleet, ns: str, tmp_path: Path) -> Kubectl:
+def tenant(fleet: Fleet, ns: str) -> Kubectl:
     """A namespace user who may do anything to VMs and snapshots in their namespace."""
     rules = [{"apiGroups": ["vmm.formation.cloud"], "resources": ["*"], "verbs": ["*"]}]
     docs: list[dict[str, Any]] = [
@@ -168,22 +168,7 @@ def tenant(fleet: Fleet, ns: str, tmp_path: Path) -> Kubectl:
         },
     ]
     fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
-    token = fleet.kubectl("create", "token", "tenant", "-n", ns).strip()
-    admin = yaml.safe_load(fleet.plane.kubeconfig.read_text())
-    config = {
-        **admin,
-        "users": [{"name": "tenant", "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "t",
-                "context": {"cluster": admin["clusters"][0]["name"], "user": "tenant", "namespace": ns},
-            }
-        ],
-        "current-context": "t",
-    }
-    path = tmp_path / "tenant-kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return as_(fleet, path)
+    return as_(fleet, service_account_kubeconfig(fleet.kubectl, fleet.plane, "tenant", namespace=ns))
 
 
 def vm_doc(ns: str, name: str, **meta: Any) -> str:

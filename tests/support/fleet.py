@@ -166,27 +166,7 @@ class Fleet:
             30,
             f"{account} to be allowed what {cluster_role} grants",
         )
-        token = self.kubectl("create", "token", name, "-n", namespace).strip()
-        admin = yaml.safe_load(self.plane.kubeconfig.read_text())
-        config = {
-            **admin,
-            "users": [{"name": name, "user": {"token": token}}],
-            "contexts": [
-                {
-                    "name": name,
-                    "context": {
-                        "cluster": admin["clusters"][0]["name"],
-                        "user": name,
-                        "namespace": namespace,
-                    },
-                }
-            ],
-            "current-context": name,
-        }
-        path = self.plane.root / f"kubeconfig-user-{namespace}-{name}"
-        path.write_text(yaml.safe_dump(config))
-        path.chmod(0o600)
-        return path
+        return service_account_kubeconfig(self.kubectl, self.plane, name, namespace=namespace)
 
     def agent_vms(self, node: str) -> list[dict[str, Any]]:
         return list(self.agent_get(node, "/vms"))

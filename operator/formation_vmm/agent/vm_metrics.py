@@ -10,10 +10,12 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from formation_vmm.api.models import VmPhase
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,7 @@ _NET = (
     ("receive_drops_total", "Received packets dropped on the interface.", "rx.drop"),
     ("transmit_drops_total", "Transmitted packets dropped on the interface.", "tx.drop"),
 )
-PHASES = (
-    "Pending",
-    "Scheduled",
-    "Provisioning",
-    "Starting",
-    "Running",
-    "Paused",
-    "Stopped",
-    "Failed",
-    "Unknown",
-)
+PHASES = get_args(VmPhase)
 
 
 def families(stats: Iterable[DomainStats], owners: dict[str, VmLabels], node: str) -> list[Metric]:

@@ -85,6 +85,9 @@ class Sealer:
         self._vms: dict[str, Body] = {}  # uid -> bound VM with a userDataSecretRef
         self._bound: dict[str, tuple[str, str, set[str]]] = {}  # uid -> (namespace, node, images named)
         self._images: dict[Key, Body] = {}  # VmImages with a secretRef
+        # What sealing reads of each VM and image, as last seen: only a change there asks for a
+        # pass (a status write of the agents, every few seconds per VM, does not).
+        self._seen: dict[str | Key, Any] = {}
         self._dirty = True
         self._last_full = 0.0
 
@@ -108,14 +111,19 @@ class Sealer:
             if event_type == "DELETED" or not node or meta.get("deletionTimestamp"):
                 self._vms.pop(uid, None)
                 self._bound.pop(uid, None)
+                self._seen.pop(uid, None)
                 return
-            self._bound[uid] = (meta["namespace"], node, images_named(body))
-            cloud_init = (body.get("spec") or {}).get("cloudInit") or {}
-            if cloud_init.get("userDataSecretRef"):
+            images = images_named(body)
+            self._bound[uid] = (meta["namespace"], node, images)
+            ref = ((body.get("spec") or {}).get("cloudInit") or {}).get("userDataSecretRef")
+            if ref:
                 self._vms[uid] = body
             else:
                 self._vms.pop(uid, None)
-            self._dirty = True
+            seen = (node, sorted(images), ref, (body.get("status") or {}).get("sealedUserData"))
+            if self._seen.get(uid) != seen:
+                self._seen[uid] = seen
+                self._dirty = True
 
     def image_event(self, event_type: str | None, body: Body) -> None:
         meta = body["metadata"]
@@ -124,9 +132,18 @@ class Sealer:
         with self._lock:
             if event_type == "DELETED" or not source.get("secretRef") or meta.get("deletionTimestamp"):
                 self._images.pop(key, None)
+                self._seen.pop(key, None)
             else:
                 self._images[key] = body
-                self._dirty = True
+                spec = body.get("spec") or {}
+                seen = (
+                    source["secretRef"],
+                    spec.get("prefetch"),
+                    (body.get("status") or {}).get("credentials"),
+                )
+                if self._seen.get(key) != seen:
+                    self._seen[key] = seen
+                    self._dirty = True
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -157,21 +174,26 @@ class Sealer:
             vms = list(self._vms.values())
             images = list(self._images.values())
             keys = dict(self._keys)
+        secrets: dict[Key, Body | None] = {}  # each Secret read once per pass, however many use it
         for body in vms:
             try:
-                self._seal_user_data(body, keys)
+                self._seal_user_data(body, keys, secrets)
             except ApiError as exc:
                 log.warning("cannot seal the user data of %s: %s", body["metadata"]["name"], exc)
         for body in images:
             try:
-                self._seal_credentials(body, keys)
+                self._seal_credentials(body, keys, secrets)
             except ApiError as exc:
                 log.warning("cannot seal the credentials of %s: %s", body["metadata"]["name"], exc)
 
-    def _secret(self, namespace: str, name: str, key: str) -> Secret:
-        try:
-            secret = self.kube.secret(namespace, name)
-        except NotFoundError:
+    def _secret(self, namespace: str, name: str, key: str, read: dict[Key, Body | None]) -> Secret:
+        if (namespace, name) not in read:
+            try:
+                read[namespace, name] = self.kube.secret(namespace, name)
+            except NotFoundError:
+                read[namespace, name] = None
+        secret = read[namespace, name]
+        if secret is None:
             return None, None, f"Secret {namespace}/{name} does not exist"
         encoded = (secret.get("data") or {}).get(key)
         version = str(secret.get("metadata", {}).get("resourceVersion") or "")
@@ -179,7 +201,7 @@ class Sealer:
             return None, version, f"Secret {namespace}/{name} has no key {key!r}"
         return base64.b64decode(encoded), version, None
 
-    def _seal_user_data(self, body: Body, keys: dict[str, str]) -> None:
+    def _seal_user_data(self, body: Body, keys: dict[str, str], secrets: dict[Key, Body | None]) -> None:
         vm = VirtualMachine.model_validate(body)
         ref = vm.spec.cloud_init.user_data_secret_ref if vm.spec.cloud_init else None
         node = vm.metadata.labels.get(NODE_LABEL)
@@ -187,14 +209,16 @@ class Sealer:
             return
         namespace = vm.metadata.namespace or ""
         context = user_data_context(namespace, vm.metadata.name, vm.metadata.uid or "", ref.name, ref.key)
-        sealed = sealed_for(node, keys.get(node), self._secret(namespace, ref.name, ref.key), context)
+        sealed = sealed_for(
+            node, keys.get(node), self._secret(namespace, ref.name, ref.key, secrets), context
+        )
         if unchanged(vm.status.sealed_user_data, sealed):
             return  # sealed already, to the same key, from the same Secret version
         self.vm_writer.write(body, lambda _: VirtualMachineStatus(sealed_user_data=sealed))
         if sealed.error:
             self.events.post(body, VM_KIND, "SecretNotSealed", sealed.error, "Warning")
 
-    def _seal_credentials(self, body: Body, keys: dict[str, str]) -> None:
+    def _seal_credentials(self, body: Body, keys: dict[str, str], secrets: dict[Key, Body | None]) -> None:
         image = VmImage.model_validate(body)
         http = image.spec.source.http
         ref = http.secret_ref if http is not None else None
@@ -202,7 +226,7 @@ class Sealer:
             return
         namespace = image.metadata.namespace or ""
         context = image_context(namespace, image.metadata.name, image.metadata.uid or "", ref.name, ref.key)
-        secret = self._secret(namespace, ref.name, ref.key)
+        secret = self._secret(namespace, ref.name, ref.key, secrets)
         have = {entry.node: entry for entry in image.status.credentials}
         entries = []
         for node in sorted(self.nodes_fetching(image)):

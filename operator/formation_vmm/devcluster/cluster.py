@@ -74,27 +74,36 @@ def install_rbac(kubectl: Kubectl) -> None:
 
 
 def service_account_kubeconfig(
-    kubectl: Kubectl, plane: ControlPlane, account: str, node: str | None = None
+    kubectl: Kubectl,
+    plane: ControlPlane,
+    account: str,
+    node: str | None = None,
+    namespace: str = "formation-vmm",
 ) -> Path:
-    """A kubeconfig that authenticates as ``formation-vmm/<account>`` with a bound token, so a
-    process run with it has exactly the RBAC that manifests/ grants that account. With ``node``,
-    the token is bound to that Node, as the DaemonSet's pod-bound token is to the pod's node (the
-    token then carries authentication.kubernetes.io/node-name)."""
-    args = ["create", "token", account, "-n", "formation-vmm", "--duration=24h"]
+    """A kubeconfig that authenticates as ``<namespace>/<account>`` with a bound token, so a
+    process run with it has exactly the RBAC granted to that account (manifests/ for ours), its
+    context in ``namespace``. With ``node``, the token is bound to that Node, as the DaemonSet's
+    pod-bound token is to the pod's node (the token then carries
+    authentication.kubernetes.io/node-name)."""
+    args = ["create", "token", account, "-n", namespace, "--duration=24h"]
     if node is not None:
         uid = kubectl("get", "node", node, "-o", "jsonpath={.metadata.uid}").strip()
         args += ["--bound-object-kind=Node", f"--bound-object-name={node}", f"--bound-object-uid={uid}"]
     token = kubectl(*args).strip()
     admin = yaml.safe_load(plane.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["name"]
     config = {
         **admin,
         "users": [{"name": account, "user": {"token": token}}],
         "contexts": [
-            {"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}
+            {"name": account, "context": {"cluster": cluster, "user": account, "namespace": namespace}}
         ],
         "current-context": account,
     }
-    path = plane.root / (f"kubeconfig-{account}" + (f"-{node}" if node else ""))
+    ours = namespace == "formation-vmm"
+    path = plane.root / (
+        f"kubeconfig-{'' if ours else namespace + '-'}{account}" + (f"-{node}" if node else "")
+    )
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     path.chmod(0o600)
     return path

@@ -261,6 +261,15 @@ class Hypervisor:
         for conn in conns:
             self._close_quietly(conn)
 
+    def _slot_connection(self, slot: _Slot) -> libvirt.virConnect:
+        """The slot's connection, opened again if it died (the caller holds the slot's lock)."""
+        if slot.conn is None or not slot.conn.isAlive():
+            if slot.conn is not None:
+                self._close_quietly(slot.conn)
+            slot.conn = None
+            slot.conn = self._open_one()
+        return slot.conn
+
     def reachable(self) -> str | None:
         """None when libvirtd answers now, else why not (for /readyz and /health). Probes share
         one connection, so threads made for probing do not each open one; one probes at a time."""
@@ -268,12 +277,7 @@ class Hypervisor:
         if not slot.lock.acquire(blocking=False):
             return "an earlier probe still waits for libvirtd"
         try:
-            if slot.conn is None or not slot.conn.isAlive():
-                if slot.conn is not None:
-                    self._close_quietly(slot.conn)
-                slot.conn = None
-                slot.conn = self._open_one()
-            slot.conn.getLibVersion()
+            self._slot_connection(slot).getLibVersion()
         except HypervisorError as exc:
             return str(exc)
         except libvirt.libvirtError as exc:
@@ -288,12 +292,7 @@ class Hypervisor:
         slot = self._stats
         with slot.lock:
             try:
-                if slot.conn is None or not slot.conn.isAlive():
-                    if slot.conn is not None:
-                        self._close_quietly(slot.conn)
-                    slot.conn = None
-                    slot.conn = self._open_one()
-                listed = slot.conn.getAllDomainStats(STATS, 0)
+                listed = self._slot_connection(slot).getAllDomainStats(STATS, 0)
             except libvirt.libvirtError as exc:
                 raise hypervisor_error(exc) from exc
         return [(domain.name(), dict(values)) for domain, values in listed]
