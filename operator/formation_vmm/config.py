@@ -70,8 +70,6 @@ class Settings(BaseSettings):
     # Start even when the node's libvirt confines QEMU with nothing (agent/confinement.py):
     # for development and tests only, where QEMU runs as root in a private libvirtd.
     allow_unconfined_qemu: bool = False
-    # The networks VMs may attach to (by name); anything else is refused with a reason.
-    offered_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["default"])
     # How often the agent checks its memory of the node's VMs against a list from the API (a
     # deletion missed while the watch was down); one LIST of the node's VMs.
     vm_list_seconds: float = Field(default=300.0, gt=0)
@@ -132,13 +130,6 @@ class Settings(BaseSettings):
                 return parse_quantity(value)
             except QuantityError as exc:
                 raise ValueError(str(exc)) from exc
-        return value
-
-    @field_validator("offered_networks", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("image_egress_allow", "image_egress_deny", mode="before")

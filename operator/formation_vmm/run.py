@@ -18,17 +18,26 @@ from formation_vmm.agent.access import CallerAccess
 from formation_vmm.agent.confinement import confinement_problem
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
+from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
+from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.vm_metrics import VmStatsCollector
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
-from formation_vmm.api.models import VirtualMachineStatus, VmImageStatus, VmRestoreStatus, VmSnapshotStatus
+from formation_vmm.api.models import (
+    VirtualMachineStatus,
+    VmImageStatus,
+    VmNetworkStatus,
+    VmRestoreStatus,
+    VmSnapshotStatus,
+)
 from formation_vmm.api.names import (
     IMAGE_PLURAL,
+    NETWORK_PLURAL,
     NODE_LABEL,
     RESTORE_PLURAL,
     SNAPSHOT_PLURAL,
@@ -236,12 +245,18 @@ def run_agent(settings: Settings) -> None:
         workers=settings.image_workers,
         per_namespace=settings.image_workers_per_namespace,
     )
+    networks = NodeNetworks(
+        HypervisorNetworks(hypervisor),
+        StatusWriter(kube, NETWORK_PLURAL, VmNetworkStatus, cluster_scoped=True),
+        node,
+        cache.vms,
+    )
     reconciler = Reconciler(
         hypervisor,
         layout,
         settings.domain_type,
         ClusterInputs(kube, node_images, images, key, node),
-        offered_networks=frozenset(settings.offered_networks),
+        networks=networks,
         firmware=NodeFirmware(
             bios=settings.kernel_path,
             efi_code=settings.efi_code,
@@ -309,6 +324,7 @@ def run_agent(settings: Settings) -> None:
         node_images=node_images,
         collector=GarbageCollector(node_images, settings.image_gc_grace_seconds),
         snapshots=snapshots,
+        networks=networks,
         health=health,
         key=key,
     )
@@ -319,7 +335,7 @@ def run_agent(settings: Settings) -> None:
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
     REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
     routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
-    local_routes = debug_api.node_local_routes(hypervisor, layout)
+    local_routes = debug_api.node_local_routes(hypervisor, layout, networks.libvirt)
     asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
 
 

@@ -1,6 +1,7 @@
 """The status the agent writes (``status_after``) and whether it writes at all (``changes``).
 Pure."""
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -51,8 +52,10 @@ def test_a_first_start_reports_running_ready_and_when() -> None:
         "Paused": ("False", "NotPaused"),
         "RestartRequired": ("False", "UpToDate"),
         "ImageReady": ("True", "ImagesReady"),
+        "NetworkReady": ("True", "NetworksReady"),
+        "AddressesMatch": ("True", "AsAssigned"),
     }
-    assert wire["interfaces"] == [{"name": "eth0", "mac": stable_mac("uid-1", "eth0")}]
+    assert wire["interfaces"] == [{"name": "eth0", "mac": stable_mac("uid-1", "eth0"), "network": "default"}]
 
 
 def test_a_later_start_counts_a_restart() -> None:
@@ -127,3 +130,66 @@ def test_waiting_for_an_image_is_provisioning() -> None:
     status = status_waiting(vm, vm.status, "ImageDownloading", "VmImage x is downloading")
     assert status.phase == "Provisioning"
     assert conditions(status)["ImageReady"] == ("False", "ImageDownloading")
+
+
+def _running() -> Outcome:
+    return Outcome([], domain(DomainState.RUNNING), "h1")
+
+
+def test_an_assigned_address_stays_and_what_agrees_joins_its_source() -> None:
+    vm = make_vm(networks=[{"name": "eth0"}])
+    mac = stable_mac("uid-1", "eth0")
+    old = VirtualMachineStatus.model_validate(
+        {
+            "interfaces": [
+                {
+                    "name": "eth0",
+                    "mac": mac,
+                    "network": "default",
+                    "ipAddress": "10.123.0.5",
+                    "infoSource": "ipam",
+                }
+            ]
+        }
+    )
+    nothing = status_after(vm, old, _running(), "node-a", AT)
+    assert to_wire(nothing)["interfaces"][0] == {
+        "name": "eth0",
+        "mac": mac,
+        "network": "default",
+        "ipAddress": "10.123.0.5",
+        "infoSource": "ipam",
+    }
+    seen = replace(_running(), addresses={mac: {"lease": "10.123.0.5", "guest-agent": "10.123.0.5"}})
+    agreed = status_after(vm, old, seen, "node-a", AT)
+    assert agreed.interfaces[0].info_source == "ipam, guest-agent, lease"
+    assert conditions(agreed)["AddressesMatch"] == ("True", "AsAssigned")
+
+
+def test_a_report_that_contradicts_the_assignment_is_a_condition_never_the_address() -> None:
+    vm = make_vm(networks=[{"name": "eth0"}])
+    mac = stable_mac("uid-1", "eth0")
+    old = VirtualMachineStatus.model_validate(
+        {
+            "interfaces": [
+                {"name": "eth0", "network": "default", "ipAddress": "10.123.0.5", "infoSource": "ipam"}
+            ]
+        }
+    )
+    seen = replace(_running(), addresses={mac: {"guest-agent": "10.123.0.99"}})
+    status = status_after(vm, old, seen, "node-a", AT)
+    assert status.interfaces[0].ip_address == "10.123.0.5" and status.interfaces[0].info_source == "ipam"
+    cond = next(c for c in status.conditions if c.type == "AddressesMatch")
+    assert (cond.status, cond.reason) == ("False", "AddressMismatch")
+    assert cond.message == "interface eth0: guest-agent reports 10.123.0.99, but 10.123.0.5 is assigned"
+
+
+def test_without_an_assignment_the_lease_shows_and_an_empty_lookup_keeps_it() -> None:
+    vm = make_vm(networks=[{"name": "lan", "network": "bridged"}])
+    mac = stable_mac("uid-1", "lan")
+    first = status_after(
+        vm, VirtualMachineStatus(), replace(_running(), addresses={mac: {"lease": "192.0.2.7"}}), "n", AT
+    )
+    assert (first.interfaces[0].ip_address, first.interfaces[0].info_source) == ("192.0.2.7", "lease")
+    later = status_after(vm, first, _running(), "n", AT)
+    assert (later.interfaces[0].ip_address, later.interfaces[0].info_source) == ("192.0.2.7", "lease")

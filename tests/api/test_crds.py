@@ -81,6 +81,7 @@ def compare(model: type[BaseModel], schema: dict[str, Any], path: str, problems:
         ("vmimages", models.VmImage),
         ("vmsnapshots", models.VmSnapshot),
         ("vmrestores", models.VmRestore),
+        ("vmnetworks", models.VmNetwork),
     ],
 )
 def test_models_mirror_the_crd_field_by_field(plural: str, model: type[BaseModel]) -> None:

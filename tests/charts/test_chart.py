@@ -70,6 +70,20 @@ def test_chart_and_manifests_ship_the_same_admission_policies() -> None:
     assert rendered == shipped
 
 
+def test_chart_and_manifests_make_the_same_default_network() -> None:
+    def networks(docs: Any) -> dict[str, Any]:
+        return {d["metadata"]["name"]: d["spec"] for d in docs if d and d["kind"] == "VmNetwork"}
+
+    chart = networks(yaml.safe_load_all(helm("template", "vmm", str(CHART))))
+    shipped = networks(yaml.safe_load_all((ROOT / "manifests" / "base" / "network-default.yaml").read_text()))
+    assert chart == shipped == {"default": {"mode": "nat", "subnet": "10.123.0.0/16"}}
+    assert "manifests/base/network-default.yaml" in (
+        ROOT / "manifests" / "kustomization.yaml"
+    ).read_text().replace("  - base/", "manifests/base/")
+    off = yaml.safe_load_all(helm("template", "vmm", str(CHART), "--set", "defaultNetwork.enabled=false"))
+    assert networks(off) == {}
+
+
 def test_no_container_runs_privileged_or_keeps_capabilities_it_does_not_use() -> None:
     """Chart and manifests alike: nothing privileged, no privilege escalation, a read-only root
     filesystem, seccomp RuntimeDefault; the agent keeps CHOWN, DAC_OVERRIDE and FOWNER (root

@@ -224,3 +224,60 @@ def test_the_example_manifests_are_valid(kubectl: Kubectl) -> None:
     assert len(paths) >= 4
     for path in paths:
         kubectl("apply", "--dry-run=server", "-f", str(path))  # nothing is stored
+
+
+NET = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmNetwork"}
+INVALID_NETWORKS = [
+    (
+        "no subnet",
+        {"mode": "nat"},
+        "mode bridge needs bridge (and no subnet); modes nat and isolated need subnet",
+    ),
+    (
+        "bridge without mode",
+        {"mode": "nat", "subnet": "10.9.0.0/24", "bridge": "br0"},
+        "mode bridge needs bridge",
+    ),
+    (
+        "not a cidr",
+        {"mode": "nat", "subnet": "10.9.0.0"},
+        "subnet must be an IPv4 CIDR such as 10.123.0.0/16",
+    ),
+    ("ipv6", {"mode": "isolated", "subnet": "fd00::/64"}, "subnet must be an IPv4 CIDR"),
+    ("host bits", {"mode": "nat", "subnet": "10.9.0.5/24"}, "subnet must name the network address"),
+    ("too big", {"mode": "nat", "subnet": "10.0.0.0/8"}, "subnet must be between a /16 and a /29"),
+    (
+        "range outside",
+        {"mode": "nat", "subnet": "10.9.0.0/24", "dhcpRange": {"start": "10.9.0.10", "end": "10.9.1.10"}},
+        "dhcpRange.start and dhcpRange.end must be IPv4 addresses inside subnet",
+    ),
+    (
+        "range backwards",
+        {"mode": "nat", "subnet": "10.9.0.0/24", "dhcpRange": {"start": "10.9.0.200", "end": "10.9.0.10"}},
+        "dhcpRange.start must not come after dhcpRange.end",
+    ),
+    ("bad bridge name", {"mode": "bridge", "bridge": "br0; rm -rf /"}, "spec.bridge in body should match"),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "message"), INVALID_NETWORKS, ids=[c[0] for c in INVALID_NETWORKS])
+def test_invalid_networks_are_rejected(
+    kubectl: Kubectl, case: str, spec: dict[str, object], message: str
+) -> None:
+    assert message in rejection(kubectl, "create", {**NET, "metadata": {"name": "bad-net"}, "spec": spec})
+
+
+def test_a_network_name_must_be_a_label_and_its_shape_cannot_change(kubectl: Kubectl) -> None:
+    bad = {**NET, "metadata": {"name": "Not.A.Label"}, "spec": {"mode": "isolated", "subnet": "10.9.9.0/24"}}
+    assert "a VmNetwork's name must be a DNS-1123 label" in rejection(kubectl, "create", bad)
+    doc = {**NET, "metadata": {"name": "shape-test"}, "spec": {"mode": "isolated", "subnet": "10.9.8.0/24"}}
+    kubectl("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    try:
+        moved = {**doc, "spec": {"mode": "isolated", "subnet": "10.9.7.0/24"}}
+        assert "subnet cannot change" in rejection(kubectl, "apply", moved)
+        natted = {**doc, "spec": {"mode": "nat", "subnet": "10.9.8.0/24"}}
+        assert "mode cannot change" in rejection(kubectl, "apply", natted)
+        selected = {**doc, "spec": {**doc["spec"], "namespaceSelector": {"matchLabels": {"a": "b"}}}}  # type: ignore[dict-item]
+        kubectl("apply", "-f", "-", input_text=yaml.safe_dump(selected))  # who may use it can change
+    finally:
+        kubectl("delete", "vmnetwork", "shape-test", check=False)

@@ -37,6 +37,10 @@ def test_helm_install_creates_everything(control_plane: ControlPlane, kubectl: K
         "vmm-helm",
         "--create-namespace",
         "--wait=false",
+        # This cluster has the default VmNetwork already (the fleet's install made it; Helm will
+        # not adopt an object it did not make). The chart renders it: tests/charts/test_chart.py.
+        "--set",
+        "defaultNetwork.enabled=false",
     )
     try:
         status = json.loads(helm(control_plane, "status", "vmm-helm", "-n", "vmm-helm", "-o", "json"))
@@ -45,7 +49,13 @@ def test_helm_install_creates_everything(control_plane: ControlPlane, kubectl: K
         kubectl("get", "clusterrole/vmm-helm-controller", "clusterrole/vmm-helm-agent")
         ds = json.loads(kubectl("get", "daemonset/vmm-helm-agent", "-n", "vmm-helm", "-o", "json"))
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"vmm.formation.cloud/hypervisor": "true"}
-        kubectl("get", "crd", "virtualmachines.vmm.formation.cloud", "vmimages.vmm.formation.cloud")
+        kubectl(
+            "get",
+            "crd",
+            "virtualmachines.vmm.formation.cloud",
+            "vmimages.vmm.formation.cloud",
+            "vmnetworks.vmm.formation.cloud",
+        )
     finally:
         helm(control_plane, "uninstall", "vmm-helm", "-n", "vmm-helm")
 

@@ -13,7 +13,7 @@ from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec
 from formation_vmm.domain.naming import UnsafeNameError, domain_name, stable_mac
 from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
 from formation_vmm.domain.spec import NodeFirmware, Owner
-from formation_vmm.domain.xml import console_log_of, domain_xml, file_paths, metadata_of
+from formation_vmm.domain.xml import console_log_of, domain_xml, file_paths, metadata_of, networks_of
 from tests.support.factories import make_vm
 from tests.support.golden import CASES, GOLDEN, LAYOUT, bases, render
 
@@ -115,22 +115,24 @@ def test_memory_snapshot_xml_golden() -> None:
     assert got == out.read_text()
 
 
-def test_a_vm_attaches_only_to_networks_the_cluster_offers() -> None:
-    offered = frozenset({"default"})
-    ok = make_vm(networks=[{"name": "eth0"}])
-    assert build_domain_spec(ok, LAYOUT, "kvm", {}, offered).interfaces[0].network == "default"
-    other = make_vm(networks=[{"name": "eth0", "network": "storage"}])
-    with pytest.raises(UnsupportedSpecError, match="does not offer to VMs \\(offered: default\\)"):
-        build_domain_spec(other, LAYOUT, "kvm", {}, offered)
+def test_an_interface_joins_the_libvirt_network_made_from_its_vmnetwork() -> None:
+    vm = make_vm(networks=[{"name": "eth0"}, {"name": "eth1", "network": "storage"}])
+    spec = build_domain_spec(vm, LAYOUT, "kvm", {})
+    assert [i.network for i in spec.interfaces] == ["default", "storage"]
+    assert networks_of(domain_xml(spec)) == {"vmm-default", "vmm-storage"}  # never a host's own network
     bridged = make_vm(networks=[{"name": "eth0", "bridge": "br-mgmt"}])
     with pytest.raises(UnsupportedSpecError, match="names host bridge 'br-mgmt'"):
-        build_domain_spec(bridged, LAYOUT, "kvm", {}, None)
+        build_domain_spec(bridged, LAYOUT, "kvm", {})
 
 
-def test_every_interface_carries_the_anti_spoofing_filter_with_its_mac() -> None:
+def test_every_interface_carries_the_anti_spoofing_filter_with_its_mac_and_assigned_ip() -> None:
     xml = render("topology-networks")
     assert xml.count('<filterref filter="clean-traffic">') == 3
     assert '<parameter name="MAC" value="02:aa:bb:cc:dd:ee" />' in xml
+    # The addresses the controller assigned (ipam), whatever else confirmed them; none on uplink.
+    assert '<parameter name="IP" value="10.123.0.7" />' in xml
+    assert '<parameter name="IP" value="10.9.0.2" />' in xml
+    assert xml.count('<parameter name="IP"') == 2
 
 
 def test_bios_is_qemus_own_unless_the_node_names_a_firmware_file() -> None:

@@ -217,6 +217,10 @@ class Fleet:
             ["virsh", "-c", self.qemu.uri, *args], capture_output=True, text=True, check=False
         ).stdout
 
+    def qemu_netns(self, *argv: str) -> str:
+        """A command run inside node-q's network namespace (where its guests' networks live)."""
+        return subprocess.run(self.qemu.in_netns(*argv), capture_output=True, text=True, check=True).stdout
+
     def qemu_pid(self, domain: str) -> int:
         return int(self.qemu.path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
 

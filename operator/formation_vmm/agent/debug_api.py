@@ -23,6 +23,7 @@ from aiohttp import web
 
 from formation_vmm.agent.access import CallerAccess, Denied
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.agent.vm_metrics import VmLabels, summary
 from formation_vmm.domain.layout import NodeLayout
@@ -106,7 +107,9 @@ def public_routes(
     ]
 
 
-def node_local_routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.RouteDef]:
+def node_local_routes(
+    hypervisor: Hypervisor, layout: NodeLayout, networks: HypervisorNetworks | None = None
+) -> list[web.RouteDef]:
     async def owned() -> list[DomainInfo]:
         return await asyncio.to_thread(hypervisor.owned_domains)
 
@@ -153,11 +156,19 @@ def node_local_routes(hypervisor: Hypervisor, layout: NodeLayout) -> list[web.Ro
                 )
         return web.json_response(entries)
 
+    async def libvirt_networks(_: web.Request) -> web.Response:
+        """The libvirt networks made from VmNetworks: name, state, XML (with DHCP entries)."""
+        found = await asyncio.to_thread(networks.ours) if networks is not None else {}
+        return web.json_response(
+            {name: {"active": n.active, "autostart": n.autostart, "xml": n.xml} for name, n in found.items()}
+        )
+
     return [
         web.get("/vms", vms),
         web.get("/vms/{vm_id}", vm),
         web.get("/vms/{vm_id}/console", console),
         web.get("/images", images),
+        web.get("/networks", libvirt_networks),
     ]
 
 

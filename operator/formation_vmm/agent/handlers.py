@@ -15,6 +15,7 @@ import kopf
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import ImageCatalog
+from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
@@ -29,6 +30,7 @@ from formation_vmm.api.names import (
     GROUP,
     HEARTBEAT_ANNOTATION,
     IMAGE_PLURAL,
+    NETWORK_PLURAL,
     NODE_LABEL,
     RESTORE_KIND,
     RESTORE_PLURAL,
@@ -64,6 +66,7 @@ class AgentMemo:
     node_images: NodeImages
     collector: GarbageCollector
     snapshots: Snapshots
+    networks: NodeNetworks
     health: Health
     key: NodeKey
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -154,6 +157,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
                 _every(config.heartbeat_seconds, lambda: publish_node(state), "heartbeat", False), "heartbeat"
             ),
             _task(_every(config.resync_seconds, state.watcher.resync, "resync", False), "resync"),
+            _task(_every(config.resync_seconds, state.networks.converge, "networks", False), "networks"),
             _task(
                 _every(config.image_gc_interval_seconds, lambda: collect_images(state), "image GC", False),
                 "image-gc",
@@ -191,6 +195,16 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         if image.spec.prefetch == "AllNodes" and not image.metadata.deletion_timestamp:
             state.node_images.prefetch(image)
         state.watcher.image_changed(image.metadata.namespace or "", image.metadata.name)
+
+    @kopf.on.event(GROUP, VERSION, NETWORK_PLURAL, id="network", registry=registry)
+    def network_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        """Realise the VmNetwork here (a thread of kopf's: libvirt and a status write), then
+        look again at the VMs that use it (those waiting for it start now)."""
+        state = agent_memo(memo)
+        body = dict(event["object"])
+        state.networks.event(event.get("type"), body)
+        for key in state.cache.users_of_network(str(event["object"]["metadata"]["name"])):
+            state.queue.add(key)
 
     @kopf.on.event("", "v1", "nodes", id="own-node", registry=registry)
     async def own_node(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

@@ -19,11 +19,13 @@ from formation_vmm.sealing import NodeKey, SealError, image_context, user_data_c
 
 
 class InputNotReadyError(RuntimeError):
-    """An image or secret the VM needs is not (yet) usable; the message says which and why."""
+    """An image, secret or network the VM needs is not (yet) usable; the message says which and
+    why, ``condition`` which condition turns False with it."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, condition: str = "ImageReady") -> None:
         super().__init__(message)
         self.reason = reason
+        self.condition = condition
 
 
 class Inputs(Protocol):

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from formation_vmm import metrics
 from formation_vmm.agent import files
@@ -40,6 +41,14 @@ def remove_vm_dir(base: Path, path: Path) -> None:
 Clock = Callable[[], float]
 
 
+class VmNetworks(Protocol):
+    """The node's networks, as a VM's sync needs them (agent/networks.py)."""
+
+    def require(self, vm: VirtualMachine) -> None: ...
+
+    def release(self, vm: VirtualMachine) -> None: ...
+
+
 class Reconciler:
     def __init__(
         self,
@@ -48,7 +57,7 @@ class Reconciler:
         domain_type: str,
         inputs: Inputs,
         clock: Clock = time.monotonic,
-        offered_networks: frozenset[str] | None = None,
+        networks: VmNetworks | None = None,
         firmware: NodeFirmware | None = None,
     ) -> None:
         self.hypervisor = hypervisor
@@ -56,7 +65,7 @@ class Reconciler:
         self.domain_type = domain_type
         self.inputs = inputs
         self.clock = clock
-        self.offered_networks = offered_networks
+        self.networks = networks
         self.firmware = firmware or NodeFirmware()
         self._sizes: dict[Path, int] = {}  # disk -> virtual size, as last read or set
         # VM uid -> when its graceful stop runs out. In memory: a restarted agent sends the ACPI
@@ -66,9 +75,7 @@ class Reconciler:
 
     def desired_spec(self, vm: VirtualMachine, images: dict[str, BaseImage]) -> DomainSpec:
         """The domain the VM asks for; raises when an input is not ready or the spec is unusable."""
-        spec = build_domain_spec(
-            vm, self.layout, self.domain_type, images, self.offered_networks, self.firmware
-        )
+        spec = build_domain_spec(vm, self.layout, self.domain_type, images, self.firmware)
         if spec.firmware is not None:
             missing = [str(path) for path in spec.firmware.files() if not path.is_file()]
             if missing:
@@ -120,6 +127,8 @@ class Reconciler:
         actions = plan(desired, current.actual if current else None)
         if dry_run:
             return Outcome(actions, current, digest, self._addresses(vm, current))
+        if self.networks is not None and (Action.DEFINE in actions or Action.START in actions):
+            self.networks.require(vm)  # its networks run here and hand out its addresses
         for action in actions:
             self._act(action, vm, name, spec, images)
             if action is Action.SHUTDOWN:
@@ -140,7 +149,7 @@ class Reconciler:
             restart_done=restart_done(desired, actions),
         )
 
-    def _addresses(self, vm: VirtualMachine, domain: DomainInfo | None) -> dict[str, str]:
+    def _addresses(self, vm: VirtualMachine, domain: DomainInfo | None) -> dict[str, dict[str, str]]:
         if domain is None or domain.actual.state is not DomainState.RUNNING or not vm.spec.networks:
             return {}
         return self.hypervisor.addresses(domain.name)
@@ -206,6 +215,8 @@ class Reconciler:
         elif action is Action.UNDEFINE:
             self.hypervisor.undefine(name)
         elif action is Action.REMOVE_FILES:
+            if self.networks is not None:
+                self.networks.release(vm)
             owner = owner_of(vm)
             remove_vm_dir(self.layout.vm_dir, self.layout.runtime_dir(owner))
             disk_dir = self.layout.disk_dir(owner)

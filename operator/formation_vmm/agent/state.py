@@ -29,7 +29,8 @@ class Outcome:
     actions: list[Action]
     domain: DomainInfo | None
     spec_hash: str | None = None
-    addresses: dict[str, str] = field(default_factory=dict)  # MAC -> IPv4
+    # MAC -> {source: IPv4} as libvirt reports them now (sources: lease, guest-agent)
+    addresses: dict[str, dict[str, str]] = field(default_factory=dict)
     stopping: bool = False  # a graceful stop is under way
     requeue_after: float | None = None  # look again after this many seconds (a stop's deadline)
     restart_done: bool = False  # a requested restart was carried out by this sync

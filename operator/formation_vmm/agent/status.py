@@ -8,7 +8,9 @@ from formation_vmm.agent.plan import Action, DomainState, phase_of
 from formation_vmm.agent.state import Outcome, desired_of, restart_requested
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus, to_wire
+from formation_vmm.api.names import DEFAULT_NETWORK
 from formation_vmm.domain.naming import stable_mac
+from formation_vmm.ipam import IPAM
 
 RESTART_REQUIRED_MESSAGE = (
     "the spec changed in a way that needs a restart (CPU, memory, disks, kernel or networks); "
@@ -16,15 +18,42 @@ RESTART_REQUIRED_MESSAGE = (
 )
 
 
-def interfaces(vm: VirtualMachine, addresses: dict[str, str]) -> list[InterfaceStatus]:
-    result = []
+def interfaces(
+    vm: VirtualMachine, old: VirtualMachineStatus, observed: dict[str, dict[str, str]]
+) -> tuple[list[InterfaceStatus], list[str]]:
+    """The interfaces to show, and what contradicts an assignment. An address the controller
+    assigned (source ipam) stays: a lease or the guest agent that agrees joins its infoSource,
+    one that disagrees is reported, never shown in its place. Without an assignment (a bridge
+    network) the lease's or the agent's address shows; a lookup that finds nothing (the guest
+    has not asked yet, the domain stopped) keeps what was shown."""
+    previous = {entry.name: entry for entry in old.interfaces}
+    result, contradictions = [], []
     for net in vm.spec.networks:
         mac = (net.mac_address or stable_mac(vm.metadata.uid or "", net.name)).lower()
-        entry = InterfaceStatus(name=net.name, mac=mac)
-        if mac in addresses:
-            entry.ip_address = addresses[mac]
+        entry = InterfaceStatus(name=net.name, mac=mac, network=net.network or DEFAULT_NETWORK)
+        prev = previous.get(net.name)
+        seen = observed.get(mac, {})
+        if prev is not None and prev.ip_address and _source(prev) == IPAM:
+            entry.ip_address = prev.ip_address
+            agreeing = sorted(source for source, ip in seen.items() if ip == prev.ip_address)
+            entry.info_source = ", ".join([IPAM, *agreeing])
+            contradictions += [
+                f"interface {net.name}: {source} reports {ip}, but {prev.ip_address} is assigned"
+                for source, ip in sorted(seen.items())
+                if ip != prev.ip_address
+            ]
+        elif seen:
+            ip = seen.get("lease") or next(iter(seen.values()))
+            entry.ip_address = ip
+            entry.info_source = ", ".join(sorted(s for s, found in seen.items() if found == ip))
+        elif prev is not None and prev.ip_address:
+            entry.ip_address, entry.info_source = prev.ip_address, prev.info_source
         result.append(entry)
-    return result
+    return result, contradictions
+
+
+def _source(entry: InterfaceStatus) -> str:
+    return (entry.info_source or "").split(",", maxsplit=1)[0].strip()
 
 
 def status_after(
@@ -69,13 +98,25 @@ def status_after(
     )
     if not deleting:
         conditions = set_condition(conditions, "ImageReady", True, "ImagesReady", "", gen, stamp)
+    shown, contradictions = interfaces(vm, old, outcome.addresses)
+    if vm.spec.networks and not deleting:
+        conditions = set_condition(conditions, "NetworkReady", True, "NetworksReady", "", gen, stamp)
+        conditions = set_condition(
+            conditions,
+            "AddressesMatch",
+            not contradictions,
+            "AddressMismatch" if contradictions else "AsAssigned",
+            "; ".join(contradictions),
+            gen,
+            stamp,
+        )
     fields = VirtualMachineStatus(
         phase=phase,
         node_name=node,
         observed_generation=gen,
         conditions=conditions,
         message=f"domain {domain.name} is {state.value}" if domain and state else "no domain",
-        interfaces=interfaces(vm, outcome.addresses),
+        interfaces=shown,
     )
     if domain is not None:
         fields.domain_uuid = domain.uuid
@@ -89,11 +130,12 @@ def status_after(
 
 
 def status_waiting(
-    vm: VirtualMachine, old: VirtualMachineStatus, reason: str, message: str
+    vm: VirtualMachine, old: VirtualMachineStatus, reason: str, message: str, condition: str = "ImageReady"
 ) -> VirtualMachineStatus:
-    """The status of a VM whose images or secrets are not ready: it waits in Provisioning."""
+    """The status of a VM whose images, secrets or networks are not ready: it waits in
+    Provisioning, ``condition`` False with the reason."""
     gen = vm.metadata.generation
-    conditions = set_condition(old.conditions, "ImageReady", False, reason, message, gen)
+    conditions = set_condition(old.conditions, condition, False, reason, message, gen)
     conditions = set_condition(conditions, "Ready", False, reason, message, gen)
     return VirtualMachineStatus(
         phase="Provisioning", message=message, observed_generation=gen, conditions=conditions

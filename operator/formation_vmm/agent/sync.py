@@ -130,8 +130,10 @@ class VmSync:
         try:
             outcome = self.reconciler.reconcile(vm)
         except InputNotReadyError as exc:
-            reason, message = exc.reason, str(exc)
-            self._report(body, vm, lambda st: status_waiting(vm, st, reason, message), reason, message)
+            reason, message, condition = exc.reason, str(exc), exc.condition
+            self._report(
+                body, vm, lambda st: status_waiting(vm, st, reason, message, condition), reason, message
+            )
             return SyncResult("Provisioning", retry_after=self.retry_seconds, outcome="waiting")
         except (UnsupportedSpecError, UnsafeNameError) as exc:
             message = str(exc)

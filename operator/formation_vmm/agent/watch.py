@@ -16,6 +16,8 @@ from formation_vmm.agent.state import DomainInfo
 from formation_vmm.agent.sync import SyncResult, VmSync
 from formation_vmm.agent.vm_metrics import VmLabels
 from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.names import DEFAULT_NETWORK
 from formation_vmm.api.references import images_named
 from formation_vmm.domain.naming import domain_name
 from formation_vmm.kube import StatusWriter
@@ -72,6 +74,25 @@ class VmCache:
                 for key, body in self._bodies.items()
                 if body["metadata"]["namespace"] == namespace and image in images_named(body)
             ]
+
+    def users_of_network(self, network: str) -> list[str]:
+        """Domain names of the VMs with an interface on VmNetwork ``network``."""
+        with self._lock:
+            return [
+                key
+                for key, body in self._bodies.items()
+                if any(
+                    (n.get("network") or DEFAULT_NETWORK) == network
+                    for n in (body.get("spec") or {}).get("networks") or []
+                )
+            ]
+
+    def vms(self) -> list[VirtualMachine]:
+        """Every cached VM, as models (the VMs that are being deleted too: their domains hold
+        their addresses until they go)."""
+        with self._lock:
+            bodies = list(self._bodies.values())
+        return [VirtualMachine.model_validate(body) for body in bodies]
 
     def labels(self) -> dict[str, VmLabels]:
         """What /metrics labels each domain's series with, by domain name."""

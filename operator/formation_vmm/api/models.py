@@ -174,7 +174,9 @@ class Condition(ApiModel):
 class InterfaceStatus(ApiModel):
     name: str
     mac: str | None = None
+    network: str | None = None
     ip_address: str | None = None
+    info_source: str | None = None  # "ipam", "ipam, lease", "lease", "guest-agent", ...
 
 
 class SealedValue(ApiModel):
@@ -272,6 +274,54 @@ class VmImage(ApiModel):
     metadata: ObjectMeta
     spec: VmImageSpec
     status: VmImageStatus = Field(default_factory=VmImageStatus)
+
+
+# --- VmNetwork -----------------------------------------------------------------------------
+
+NetworkMode = Literal["nat", "isolated", "bridge"]
+
+
+class DhcpRange(ApiModel):
+    start: str
+    end: str
+
+
+class LabelRequirement(ApiModel):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+
+class LabelSelector(ApiModel):
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    match_expressions: list[LabelRequirement] = Field(default_factory=list)
+
+
+class VmNetworkSpec(ApiModel):
+    mode: NetworkMode
+    subnet: str | None = None
+    dhcp_range: DhcpRange | None = None
+    bridge: str | None = None
+    namespace_selector: LabelSelector | None = None
+
+
+class NetworkNodeStatus(ApiModel):
+    name: str
+    phase: Literal["Ready", "Failed"]
+    reason: str | None = None
+    message: str | None = None
+    bridge: str | None = None
+
+
+class VmNetworkStatus(ApiModel):
+    nodes_ready: str | None = None
+    nodes: list[NetworkNodeStatus] = Field(default_factory=list)
+
+
+class VmNetwork(ApiModel):
+    metadata: ObjectMeta
+    spec: VmNetworkSpec
+    status: VmNetworkStatus = Field(default_factory=VmNetworkStatus)
 
 
 # --- VmSnapshot and VmRestore ----------------------------------------------------------------

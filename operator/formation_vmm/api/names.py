@@ -14,6 +14,13 @@ SNAPSHOT_PLURAL = "vmsnapshots"
 SNAPSHOT_KIND = "VmSnapshot"
 RESTORE_PLURAL = "vmrestores"
 RESTORE_KIND = "VmRestore"
+NETWORK_PLURAL = "vmnetworks"
+NETWORK_KIND = "VmNetwork"
+# The network a VM interface joins when it names none.
+DEFAULT_NETWORK = "default"
+# libvirt networks the agent makes from VmNetworks: this prefix and the VmNetwork's name, so
+# they never meet the host's own libvirt networks (libvirt's "default" among them).
+LIBVIRT_NETWORK_PREFIX = "vmm-"
 
 # A node runs an agent, and may receive VMs, only when it carries this label set to "true".
 HYPERVISOR_LABEL = f"{GROUP}/hypervisor"
@@ -56,3 +63,14 @@ AGENT_KEY_ANNOTATION = f"{GROUP}/agent-key"
 # libvirt <metadata> namespace in which the agent records which VM owns a domain.
 LIBVIRT_METADATA_NS = f"https://{GROUP}/domain"
 LIBVIRT_METADATA_PREFIX = "vmm"
+
+
+def libvirt_network(vmnetwork: str) -> str:
+    """The libvirt network a VmNetwork becomes on each node."""
+    return LIBVIRT_NETWORK_PREFIX + vmnetwork
+
+
+def bridge_device(vmnetwork: str) -> str:
+    """The bridge device of a nat or isolated VmNetwork: a digest of its name, so it fits
+    Linux's 15 characters and never collides with an admin's own bridges (virbr*, br*)."""
+    return "vmm" + hashlib.sha256(vmnetwork.encode()).hexdigest()[:10]

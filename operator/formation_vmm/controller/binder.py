@@ -15,9 +15,12 @@ from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.api.conditions import get_condition, set_condition
-from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
+from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import AGENT_ENDPOINT_ANNOTATION, NODE_LABEL, VM_KIND, agent_finalizer
+from formation_vmm.controller.networks import NetworkCatalog
 from formation_vmm.controller.nodes import node_info
+from formation_vmm.domain.naming import stable_mac
+from formation_vmm.ipam import IPAM, AddressBook, AddressesExhaustedError, assigned
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
 from formation_vmm.quota import Quota, Usage, quota_of, refusal
@@ -52,8 +55,14 @@ class Binder:
         cpu_overcommit: float = 1.0,
         memory_overcommit: float = 1.0,
         node_lost_seconds: float = 40.0,
+        networks: NetworkCatalog | None = None,
     ) -> None:
         self.status = status
+        self.networks = networks or NetworkCatalog()
+        self.addresses = AddressBook()
+        # Nothing is bound before every VM's assignments are known (``seed``): a restarted
+        # controller that bound from a half-delivered watch could hand out an address twice.
+        self.seeded = False
         self.events = events
         self.cpu_overcommit = cpu_overcommit
         self.memory_overcommit = memory_overcommit
@@ -92,9 +101,13 @@ class Binder:
             if event_type == "DELETED":
                 freed = self._bound.pop(uid, None)
                 self._pending.pop(uid, None)
+                self.addresses.release(uid)
                 if freed is not None:
                     self.changed.set()
                 return
+            # Assignments in the status hold their addresses, bound or not (a binding cut short
+            # between its two writes keeps what it was given).
+            self.addresses.record(uid, assigned(body))
             if label:
                 vm = VirtualMachine.model_validate(body)
                 old = self._bound.get(uid)
@@ -106,6 +119,21 @@ class Binder:
                 # (A VM we are binding right now shows up unlabeled once, after its status write.)
                 self._pending[uid] = body
                 self.changed.set()
+
+    def seed(self, bodies: list[dict[str, Any]]) -> None:
+        """Every VM as the API lists them now: their bindings and addresses, before any binding."""
+        for body in bodies:
+            self.vm_event("ADDED", body)
+        self.seeded = True
+        self.changed.set()
+
+    def network_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        self.networks.network_event(event_type, body)
+        self.changed.set()  # VMs waiting for this network may be placed now
+
+    def namespace_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        self.networks.namespace_event(event_type, body)
+        self.changed.set()
 
     # --- decisions ---------------------------------------------------------------------------
 
@@ -135,6 +163,8 @@ class Binder:
 
     def bind_pending(self) -> None:
         """Try to bind every unbound VM, oldest first."""
+        if not self.seeded:
+            return
         with self._lock:
             pending = sorted(
                 self._pending.values(), key=lambda b: b["metadata"].get("creationTimestamp") or ""
@@ -159,35 +189,56 @@ class Binder:
         with self._lock:
             if uid in self._bound:
                 return Decision(self._bound[uid].node, "bound already")
+            reason = "Unschedulable"
             over = self._quota_refusal(
                 vm.metadata.namespace or "", Usage(request.vcpus, request.memory, request.disk)
             )
+            refused = self.networks.refusal(vm)
+            addresses: dict[str, tuple[str, str]] = {}
             if over is not None:
-                decision = Decision(None, over)
+                decision, reason = Decision(None, over), "QuotaExceeded"
+            elif refused is not None:
+                decision, reason = Decision(None, refused.message), refused.reason
             else:
                 decision = place(
                     request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
                 )
             if decision.node is not None:
+                try:
+                    addresses = self.addresses.assign(
+                        uid, self.networks.interfaces(vm), self.networks.ranges()
+                    )
+                except AddressesExhaustedError as exc:
+                    decision, reason = Decision(None, str(exc)), "AddressesExhausted"
+            if decision.node is not None:
                 # Count it now, so the next VM in this pass sees the slot as taken.
                 self._bound[uid] = Bound(decision.node, request.vcpus, request.memory, body, request.disk)
                 self._pending.pop(uid, None)
         if decision.node is None:
-            reason = "QuotaExceeded" if over is not None else "Unschedulable"
             metrics.BINDINGS.labels(reason.lower()).inc()
             self._unschedulable(body, vm, decision.message, reason)
             return decision
-        if not self._write_binding(body, vm, decision.node, decision.message):
+        if not self._write_binding(body, vm, decision.node, decision.message, addresses):
             metrics.BINDINGS.labels("conflict").inc()
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
-                self._bound.pop(vm.metadata.uid or "", None)
+                self._bound.pop(uid, None)
+                self.addresses.release(uid)
+                self.addresses.record(uid, assigned(body))
             return decision
         metrics.BINDINGS.labels("bound").inc()
         return decision
 
-    def _write_binding(self, body: dict[str, Any], vm: VirtualMachine, node: str, why: str) -> bool:
+    def _write_binding(
+        self,
+        body: dict[str, Any],
+        vm: VirtualMachine,
+        node: str,
+        why: str,
+        addresses: dict[str, tuple[str, str]],
+    ) -> bool:
         """True when the VM is bound to ``node`` (now, or by an earlier run of ours); False when
-        it is gone or was bound elsewhere meanwhile (the watch brings the truth)."""
+        it is gone or was bound elsewhere meanwhile (the watch brings the truth). The addresses
+        go in the first write: the IP column shows them from the moment the VM is placed."""
         gen = vm.metadata.generation
         written = self.status.write(
             body,
@@ -198,6 +249,7 @@ class Binder:
                 vcpus=vm.spec.vcpus,
                 message=f"scheduled on {node}",
                 conditions=set_condition(st.conditions, "Scheduled", True, "Scheduled", why, gen),
+                interfaces=planned_interfaces(vm, addresses),
             ),
             guard=lambda current: not _label(current),
         )
@@ -272,6 +324,22 @@ class Binder:
             message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
             self.status.write(bound.body, _lost(message, bound.body["metadata"].get("generation")))
             self.events.post(bound.body, VM_KIND, "NodeLost", message, "Warning")
+
+
+def planned_interfaces(vm: VirtualMachine, addresses: dict[str, tuple[str, str]]) -> list[InterfaceStatus]:
+    """The interfaces as placement decides them: MAC, network and the assigned address."""
+    result = []
+    for net in vm.spec.networks:
+        entry = InterfaceStatus(
+            name=net.name,
+            mac=(net.mac_address or stable_mac(vm.metadata.uid or "", net.name)).lower(),
+            network=net.network or "default",
+        )
+        if net.name in addresses:
+            entry.ip_address = addresses[net.name][1]
+            entry.info_source = IPAM
+        result.append(entry)
+    return result
 
 
 def _label(body: dict[str, Any]) -> str | None:

@@ -14,6 +14,7 @@ from formation_vmm.api.names import (
     GROUP,
     HYPERVISOR_LABEL,
     IMAGE_PLURAL,
+    NETWORK_PLURAL,
     RESTORE_KIND,
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
@@ -64,6 +65,8 @@ async def _bind_loop(state: ControllerMemo) -> None:
         if not state.leader.is_leader():
             continue
         try:
+            if not binder.seeded:  # every VM's binding and addresses, before binding any
+                binder.seed(await asyncio.to_thread(state.kube.list, VM_PLURAL))
             await asyncio.to_thread(binder.bind_pending)
             await asyncio.to_thread(binder.mark_lost_nodes)
             await asyncio.to_thread(state.sealer.pass_once)
@@ -87,6 +90,8 @@ async def _lead(state: ControllerMemo) -> None:
 
 
 def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: str) -> None:
+    _register_networks(registry)
+
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
@@ -167,6 +172,18 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         state = controller_memo(memo)
         if event.get("type") != "DELETED" and state.leader.is_leader():
             state.notes.event(RESTORE_KIND, dict(event["object"]))
+
+
+def _register_networks(registry: kopf.OperatorRegistry) -> None:
+    @kopf.on.event(GROUP, VERSION, NETWORK_PLURAL, id="networks", registry=registry)
+    async def networks(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        """Which VmNetworks exist (the binder refuses others, and assigns from their ranges)."""
+        controller_memo(memo).binder.network_event(event.get("type"), dict(event["object"]))
+
+    @kopf.on.event("", "v1", "namespaces", id="namespaces", registry=registry)
+    async def namespaces(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        """Namespaces' labels: a VmNetwork's namespaceSelector matches them."""
+        controller_memo(memo).binder.namespace_event(event.get("type"), dict(event["object"]))
 
 
 def _in_namespace(namespace: str) -> Any:

@@ -60,8 +60,8 @@ def install_crds(kubectl: Kubectl, crds: Path | None = None) -> None:
 
 
 def install_rbac(kubectl: Kubectl) -> None:
-    """The namespace, service accounts, RBAC and admission policies of manifests/, exactly as
-    users install them."""
+    """The namespace, service accounts, RBAC, admission policies and the default VmNetwork of
+    manifests/, exactly as users install them."""
     base = source_root() / "manifests" / "base"
     for name in (
         "namespace.yaml",
@@ -69,6 +69,7 @@ def install_rbac(kubectl: Kubectl) -> None:
         "rbac-agent.yaml",
         "rbac-users.yaml",
         "policies.yaml",
+        "network-default.yaml",
     ):
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(base / name))
 

@@ -1,7 +1,8 @@
 """A node's own libvirtd and virtlogd on this machine, so several nodes (and several clusters,
 and the test suite beside `vmm dev up`) never share one daemon.
 
-Each runs in a private mount namespace (and, when asked, a network namespace of its own), with
+Each runs in a private mount namespace (and, when asked, a named network namespace of its own,
+``/run/netns/<name>``, which outlives the daemon as the guests do), with
 per-node copies of libvirt's directories bind-mounted over ``/etc/libvirt``, ``/run/libvirt``,
 ``/var/lib/libvirt``, ``/var/cache/libvirt`` and ``/var/log/libvirt``, its own ``unix_sock_dir``
 (outside those, so the agent and other nodes reach it), its own pid files, and an explicit
@@ -11,10 +12,12 @@ daemons side by side this way. QEMU processes outlive the daemon, as on a real h
 destroys the domains first, then kills whatever QEMU is left from its pid file.
 """
 
+import hashlib
 import os
 import shlex
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -42,6 +45,14 @@ class LibvirtNodeError(RuntimeError):
     pass
 
 
+def _ip(*args: str, check: bool = True) -> None:
+    """iproute2's ``ip``, for the node's network namespace."""
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    done = subprocess.run([ip, *args], capture_output=True, text=True, check=False)  # noqa: S603 - fixed argv
+    if check and done.returncode != 0:
+        raise LibvirtNodeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+
+
 class LibvirtNode:
     def __init__(
         self, root: Path, name: str, processes: ProcessTable, network_namespace: bool = False
@@ -54,6 +65,9 @@ class LibvirtNode:
         self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"formation-vmm:{root.resolve()}:{name}"))
         self.sock_dir = root / "sock"
         self.log = root / "libvirtd.log"
+        # Named after the node's directory: two clusters (or the tests beside `vmm dev up`) never
+        # share one, and a restarted daemon finds the namespace its guests still live in.
+        self.netns = "vmm-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
 
     @property
     def uri(self) -> str:
@@ -91,7 +105,6 @@ class LibvirtNode:
             "set -e",
             "mount --make-rprivate /",
             mounts,
-            *(["ip link set lo up"] if self.network_namespace else []),
             f"virtlogd -p {shlex.quote(str(self.root / 'virtlogd.pid'))} &",
             f"exec libvirtd --pid-file {shlex.quote(str(self.root / 'libvirtd.pid'))}",
         ]
@@ -104,8 +117,11 @@ class LibvirtNode:
     def start(self, timeout: float = 30.0) -> None:
         """Start the daemons (again: QEMU processes that outlived them are taken up again)."""
         self._prepare()
-        flags = ["--mount", *(["--net"] if self.network_namespace else [])]
-        pid = spawn(["unshare", *flags, "sh", "-c", self._script()], self.log)
+        argv = ["unshare", "--mount", "sh", "-c", self._script()]
+        if self.network_namespace:
+            self._make_netns()
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        pid = spawn(argv, self.log)
         self.processes.add(self._key, pid)
         deadline = time.monotonic() + timeout
         why: str | None = "not started"
@@ -122,12 +138,23 @@ class LibvirtNode:
     def pid(self) -> int | None:
         return self.processes.read().get(self._key)
 
+    def _make_netns(self) -> None:
+        if not self.netns_path().exists():
+            _ip("netns", "add", self.netns)
+        _ip("-n", self.netns, "link", "set", "lo", "up")
+
     def netns_path(self) -> Path:
-        """The network namespace of the node (``/proc/<libvirtd>/ns/net``)."""
-        pid = self.pid()
-        if pid is None:
-            raise LibvirtNodeError(f"libvirtd of {self.name} is not running")
-        return Path(f"/proc/{pid}/ns/net")
+        """The node's network namespace (its guests' networks live there): the file to setns()
+        into, or to name to ``nsenter --net=``."""
+        return Path("/run/netns") / self.netns
+
+    def in_netns(self, *argv: str) -> list[str]:
+        """``argv`` run inside the node's network namespace (``ip netns exec``)."""
+        return ["ip", "netns", "exec", self.netns, *argv] if self.network_namespace else list(argv)
+
+    def _remove_netns(self) -> None:
+        if self.netns_path().exists():
+            _ip("netns", "delete", self.netns, check=False)
 
     def destroy_domains(self) -> list[str]:
         """Destroy and undefine every domain of this node's daemon (if it answers)."""
@@ -145,7 +172,8 @@ class LibvirtNode:
         return names
 
     def kill_leftovers(self) -> None:
-        """QEMU (and dnsmasq) processes the daemon started and that outlived it."""
+        """QEMU (and dnsmasq) processes the daemon started and that outlived it, then the
+        network namespace they lived in."""
         for pidfile in [*self.root.glob("run/qemu/*.pid"), *self.root.glob("run/network/*.pid")]:
             try:
                 pid = int(pidfile.read_text().strip())
@@ -154,6 +182,7 @@ class LibvirtNode:
                 continue
             if str(self.root).encode() in cmdline or pidfile.stem.encode() in cmdline:
                 os.kill(pid, signal.SIGKILL)
+        self._remove_netns()
 
     def kill_daemon(self) -> None:
         """Kill libvirtd and virtlogd the hard way, as a crash would; the guests run on."""

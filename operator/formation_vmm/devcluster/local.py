@@ -67,7 +67,12 @@ def start_libvirt(plane: ControlPlane, node: str) -> tuple[str, str, str | None]
         return _test_driver(f"cannot reach libvirt at {uri} ({why})")
     if os.geteuid() != 0 or not shutil.which("libvirtd") or not shutil.which("unshare"):
         return _test_driver("a node libvirtd needs root, libvirtd and unshare")
-    libvirt = LibvirtNode(_libvirt_root(plane.root, node), node, plane.processes)
+    # The node's VM networks live in a network namespace of its own unless the user asks for
+    # the host's (docs/development.md): this machine routes private ranges off itself.
+    host_network = os.environ.get("VMM_DEV_HOST_NETWORK", "").lower() in ("1", "true", "yes")
+    libvirt = LibvirtNode(
+        _libvirt_root(plane.root, node), node, plane.processes, network_namespace=not host_network
+    )
     try:
         libvirt.start()
     except LibvirtNodeError as exc:

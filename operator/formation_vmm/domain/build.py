@@ -3,6 +3,7 @@
 from collections.abc import Mapping
 
 from formation_vmm.api.models import Disk, VirtualMachine
+from formation_vmm.api.names import DEFAULT_NETWORK
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name, require_label, stable_mac
@@ -16,6 +17,7 @@ from formation_vmm.domain.spec import (
     NodeFirmware,
     Owner,
 )
+from formation_vmm.ipam import IPAM
 
 
 class UnsupportedSpecError(ValueError):
@@ -45,30 +47,38 @@ def _check_base(vm: VirtualMachine, disk: Disk, base: BaseImage) -> None:
         raise UnsupportedSpecError(f"image {disk.image!r} needs at least {base.min_memory} of memory")
 
 
-def _networks(vm: VirtualMachine, offered: frozenset[str] | None) -> tuple[InterfaceDevice, ...]:
-    """Interfaces on networks the cluster offers (``offered``; None: any, for tests of the XML),
-    each with the MAC it keeps for the VM's life, and libvirt's anti-spoofing filter bound to it."""
+def assigned_addresses(vm: VirtualMachine) -> dict[str, str]:
+    """interface -> the address the controller assigned it (status.interfaces, source ipam)."""
+    return {
+        entry.name: entry.ip_address
+        for entry in vm.status.interfaces
+        if entry.ip_address and (entry.info_source or "").split(",", maxsplit=1)[0].strip() == IPAM
+    }
+
+
+def _networks(vm: VirtualMachine) -> tuple[InterfaceDevice, ...]:
+    """Interfaces on VmNetworks (the controller placed the VM only after checking that its
+    namespace may use them), each with the MAC it keeps for the VM's life, and libvirt's
+    anti-spoofing filter bound to that MAC and the assigned address."""
     uid = vm.metadata.uid or ""
+    addresses = assigned_addresses(vm)
     interfaces = []
     for net in vm.spec.networks:
         require_label(net.name, "network name")
         if net.bridge is not None:
             raise UnsupportedSpecError(
-                f"interface {net.name!r} names host bridge {net.bridge!r}; a VM attaches only to networks "
-                "a cluster admin offers"
+                f"interface {net.name!r} names host bridge {net.bridge!r}; a VM attaches only to "
+                "VmNetworks a cluster admin made"
             )
-        network = net.network or "default"
-        if offered is not None and network not in offered:
-            raise UnsupportedSpecError(
-                f"interface {net.name!r} names network {network!r}, which this cluster does not offer to VMs "
-                f"(offered: {', '.join(sorted(offered)) or 'none'})"
-            )
+        network = net.network or DEFAULT_NETWORK
+        require_label(network, "network")
         interfaces.append(
             InterfaceDevice(
                 name=net.name,
                 mac=(net.mac_address or stable_mac(uid, net.name)).lower(),
                 model=net.model,
                 network=network,
+                ip=addresses.get(net.name),
             )
         )
     return tuple(interfaces)
@@ -97,12 +107,10 @@ def build_domain_spec(
     layout: NodeLayout,
     domain_type: str,
     images: Mapping[str, BaseImage] | None = None,
-    offered_networks: frozenset[str] | None = None,
     firmware: NodeFirmware | None = None,
 ) -> DomainSpec:
     """``images`` maps each name of ``image_names(vm)`` to its cached base on this node;
-    ``offered_networks`` names the networks VMs may use (None: any); ``firmware``, the node's
-    firmware files (default: Debian's)."""
+    ``firmware``, the node's firmware files (default: Debian's)."""
     images = images or {}
     missing = [name for name in image_names(vm) if name not in images]
     if missing:
@@ -148,7 +156,7 @@ def build_domain_spec(
             initrd=images[spec.kernel.initrd].path if spec.kernel.initrd else None,
             cmdline=spec.kernel.cmdline or default_cmdline,
         )
-    interfaces = _networks(vm, offered_networks)
+    interfaces = _networks(vm)
     topo = spec.topology
     return DomainSpec(
         name=domain_name(meta.namespace, meta.name),

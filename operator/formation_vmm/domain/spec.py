@@ -35,7 +35,8 @@ class InterfaceDevice:
     name: str
     mac: str
     model: str
-    network: str
+    network: str  # the VmNetwork's name
+    ip: str | None = None  # the address the controller assigned, if the network has IPAM
 
 
 @dataclass(frozen=True)

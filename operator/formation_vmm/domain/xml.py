@@ -4,7 +4,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 
-from formation_vmm.api.names import LIBVIRT_METADATA_NS, LIBVIRT_METADATA_PREFIX
+from formation_vmm.api.names import LIBVIRT_METADATA_NS, LIBVIRT_METADATA_PREFIX, libvirt_network
 from formation_vmm.domain.spec import DiskDevice, DomainSpec, InterfaceDevice, Owner
 
 ET.register_namespace(LIBVIRT_METADATA_PREFIX, LIBVIRT_METADATA_NS)
@@ -118,13 +118,16 @@ def _disks(devices: ET.Element, disks: tuple[DiskDevice, ...]) -> None:
 def _interfaces(devices: ET.Element, interfaces: tuple[InterfaceDevice, ...]) -> None:
     for iface in interfaces:
         el = _sub(devices, "interface", type="network")
-        _sub(el, "source", network=iface.network)
+        _sub(el, "source", network=libvirt_network(iface.network))
         _sub(el, "mac", address=iface.mac)
         _sub(el, "model", type=iface.model)
-        # libvirt's anti-spoofing filter: frames only from this MAC (and, once known, its IP),
-        # so a guest cannot take another guest's address on the network.
+        # libvirt's anti-spoofing filter: frames only from this MAC and packets only from the
+        # assigned IP, so a guest cannot take another guest's address on the network. Without
+        # an assignment (a bridge network) libvirt learns the guest's first address instead.
         filterref = _sub(el, "filterref", filter="clean-traffic")
         _sub(filterref, "parameter", name="MAC", value=iface.mac)
+        if iface.ip is not None:
+            _sub(filterref, "parameter", name="IP", value=iface.ip)
         _sub(el, "alias", name=f"ua-net-{iface.name}")
 
 
@@ -212,3 +215,13 @@ def console_log_of(xml: str) -> str | None:
         return None
     source = root.find("./devices/serial/source")
     return source.get("path") if source is not None else None
+
+
+def networks_of(xml: str) -> set[str]:
+    """The libvirt networks a domain's interfaces use."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
+    return {
+        str(source.get("network"))
+        for source in root.iterfind("./devices/interface[@type='network']/source")
+        if source.get("network")
+    }

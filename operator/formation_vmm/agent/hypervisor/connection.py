@@ -159,6 +159,10 @@ class Hypervisor:
             return conn
         return self._bounded_open()
 
+    def connection(self) -> libvirt.virConnect:
+        """This thread's connection, for the other modules of this package (networks, snapshots)."""
+        return self._connection()
+
     def _events_alive(self) -> bool:
         return self.listener is None or (self._events is not None and self._events.isAlive())
 
@@ -414,16 +418,18 @@ class Hypervisor:
                 return
             raise hypervisor_error(exc, f"cannot {verb} {name}") from exc
 
-    def addresses(self, name: str) -> dict[str, str]:
-        """MAC -> first IPv4 address of a running domain, from the libvirt network's DHCP leases,
-        else from the guest agent when one answers. Empty when neither knows yet."""
+    def addresses(self, name: str) -> dict[str, dict[str, str]]:
+        """MAC -> {source: first IPv4 address} of a running domain, from the libvirt network's
+        DHCP leases ("lease") and from the guest agent when one answers ("guest-agent"). Empty
+        when neither knows yet: that says nothing about the addresses a guest has. Empty on
+        libvirt's test driver too, which makes addresses up for any domain."""
         dom = self.lookup(name)
-        if dom is None:
+        if dom is None or not self.runs_qemu:
             return {}
-        found: dict[str, str] = {}
-        for source in (
-            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
-            libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+        found: dict[str, dict[str, str]] = {}
+        for source, label in (
+            (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, "lease"),
+            (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "guest-agent"),
         ):
             try:
                 ifaces = dom.interfaceAddresses(source)
@@ -432,10 +438,8 @@ class Hypervisor:
             for iface in (ifaces or {}).values():
                 mac = (iface.get("hwaddr") or "").lower()
                 for addr in iface.get("addrs") or []:
-                    if mac and mac not in found and addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
-                        found[mac] = str(addr["addr"])
-            if found:
-                break
+                    if mac and addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                        found.setdefault(mac, {}).setdefault(label, str(addr["addr"]))
         return found
 
     def start(self, name: str) -> None:
