@@ -15,4 +15,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Shared fixtures, by name: the real-QEMU node, the control plane, the fleet.
 from tests.support.cluster import control_plane, kubectl, ns  # noqa: E402, F401
 from tests.support.fleet import fleet  # noqa: E402, F401
+from tests.support.networks import make_network  # noqa: E402, F401
 from tests.support.nodes import qemu_node  # noqa: E402, F401

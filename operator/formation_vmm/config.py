@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # Start even when the node's libvirt confines QEMU with nothing (agent/confinement.py):
     # for development and tests only, where QEMU runs as root in a private libvirtd.
     allow_unconfined_qemu: bool = False
+    # The network namespace the agent's probes connect from (a file such as /run/netns/x), where
+    # the node's VM networks live in one of their own (the dev cluster, the tests); unset: the
+    # agent's own (a real node, whose VM networks are the host's).
+    probe_netns: Path | None = None
+    # Probe checks in flight at once on a node (all of them share one thread).
+    probe_concurrency: int = Field(default=64, ge=1, le=1024)
     # How often the agent checks its memory of the node's VMs against a list from the API (a
     # deletion missed while the watch was down); one LIST of the node's VMs.
     vm_list_seconds: float = Field(default=300.0, gt=0)

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 import kopf
 from aiohttp import web
@@ -18,14 +19,16 @@ from formation_vmm.agent.access import CallerAccess
 from formation_vmm.agent.confinement import confinement_problem
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
+from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
 from formation_vmm.agent.networks import NodeNetworks
+from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.vm_metrics import VmStatsCollector
+from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import (
@@ -267,7 +270,8 @@ def run_agent(settings: Settings) -> None:
     )
     events = EventRecorder(kube, "formation-vmm-agent", node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
-    sync = VmSync(reconciler, vm_status, events, node, settings.retry_seconds)
+    prober = _prober(settings, hypervisor, queue.add)
+    sync = VmSync(reconciler, vm_status, events, node, settings.retry_seconds, prober)
 
     def vm_bound_here(namespace: str, name: str, uid: str) -> bool:
         """Whether a VM still exists with that uid, bound to this node. Any doubt (an API
@@ -305,12 +309,6 @@ def run_agent(settings: Settings) -> None:
         events,
         queue.add,
     )
-    # Readiness: the heartbeat reached the API, the Node watch showed it back, and libvirt
-    # answers; liveness: the sync workers and background loops run.
-    beat = settings.heartbeat_seconds
-    health.pulse("api", 3 * beat, "the heartbeat reached the API")
-    health.pulse("watch", 3 * beat, "the Node watch delivered the heartbeat")
-    health.ready_check("libvirt", within(2.0, hypervisor.reachable))
     state = AgentMemo(
         settings=settings,
         node=node,
@@ -328,15 +326,52 @@ def run_agent(settings: Settings) -> None:
         health=health,
         key=key,
     )
+    _agent_health(health, settings, hypervisor, state, queue, prober)
+    # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
+    REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
+    REGISTRY.register(ProbeCollector(prober.states, cache.labels, node))
+    routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
+    local_routes = debug_api.node_local_routes(hypervisor, layout, networks.libvirt)
+    asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
+
+
+def _agent_health(
+    health: Health,
+    settings: Settings,
+    hypervisor: Hypervisor,
+    state: AgentMemo,
+    queue: WorkQueue,
+    prober: Prober,
+) -> None:
+    """Readiness: the heartbeat reached the API, the Node watch showed it back, and libvirt
+    answers; liveness: the sync workers, the background loops and the probe loop run."""
+    beat = settings.heartbeat_seconds
+    health.pulse("api", 3 * beat, "the heartbeat reached the API")
+    health.pulse("watch", 3 * beat, "the Node watch delivered the heartbeat")
+    health.ready_check("libvirt", within(2.0, hypervisor.reachable))
     health.live_check("loops", lambda: _tasks_alive(state))
     health.live_check(
         "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
     )
-    # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
-    REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
-    routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
-    local_routes = debug_api.node_local_routes(hypervisor, layout, networks.libvirt)
-    asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
+    health.live_check("prober", lambda: None if prober.alive() else "the probe loop died")
+
+
+def _prober(settings: Settings, hypervisor: Hypervisor, on_change: Callable[[str], None]) -> Prober:
+    """The node's probe loop, in the network namespace its VM networks live in (started here:
+    a namespace that cannot be entered stops the agent with the reason)."""
+    test_driver = settings.libvirt_uri.startswith("test:")
+    prober = Prober(
+        lambda domain, timeout: guest_ping(hypervisor, domain, timeout),
+        on_change,
+        netns=settings.probe_netns,
+        max_concurrent=settings.probe_concurrency,
+        refuse="libvirt's test driver runs no guest to probe" if test_driver else None,
+    )
+    try:
+        prober.start()
+    except OSError as exc:
+        raise SystemExit(f"cannot start the probes: {exc}") from exc
+    return prober
 
 
 def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:

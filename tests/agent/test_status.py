@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from formation_vmm.agent.plan import Action, Actual, DomainState, ShutoffReason
+from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.state import DomainInfo, Outcome
 from formation_vmm.agent.status import (
     RESTART_REQUIRED_MESSAGE,
@@ -193,3 +194,22 @@ def test_without_an_assignment_the_lease_shows_and_an_empty_lookup_keeps_it() ->
     assert (first.interfaces[0].ip_address, first.interfaces[0].info_source) == ("192.0.2.7", "lease")
     later = status_after(vm, first, _running(), "n", AT)
     assert (later.interfaces[0].ip_address, later.interfaces[0].info_source) == ("192.0.2.7", "lease")
+
+
+def test_with_a_readiness_probe_a_running_vm_is_starting_until_it_passes_then_ready_while_it_does() -> None:
+    vm = make_vm(readinessProbe={"tcpSocket": {"port": 22}})
+    pending = status_after(vm, VirtualMachineStatus(), _running(), "n", AT)
+    assert pending.phase == "Starting"
+    assert conditions(pending)["Ready"] == ("False", "ReadinessProbePending")
+    passed = Readiness(True, True, "ReadinessProbeSucceeded", "readiness probe tcpSocket :22 answers")
+    ready = status_after(vm, pending, _running(), "n", AT, readiness=passed)
+    assert ready.phase == "Running" and conditions(ready)["Ready"] == ("True", "ReadinessProbeSucceeded")
+    failing = Readiness(
+        False, True, "ReadinessProbeFailed", "readiness probe tcpSocket :22: Connection refused"
+    )
+    later = status_after(vm, ready, _running(), "n", AT, readiness=failing)
+    assert later.phase == "Running"  # it was ready in this run: Running, not Ready
+    ready_condition = next(c for c in later.conditions if c.type == "Ready")
+    assert (ready_condition.status, ready_condition.message) == ("False", failing.message)
+    stopped = status_after(vm, later, Outcome([], domain(DomainState.SHUTOFF), "h1"), "n", AT)
+    assert stopped.phase == "Stopped" and conditions(stopped)["Ready"] == ("False", "DomainStopped")

@@ -13,7 +13,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 import formation_vmm.metrics  # noqa: F401 - registers the process series
-from formation_vmm.agent.vm_metrics import VmLabels, families
+from formation_vmm.agent.vm_metrics import ProbeCollector, VmLabels, families
 from tests.support.binaries import binaries
 from tests.support.helm import CHART, helm
 
@@ -49,7 +49,19 @@ tests:
         values: '0x20'
       - series: 'up{job="vmm-metrics", app_kubernetes_io_component="agent", instance="n1:3003"}'
         values: '1 1 0 0 0 0 0 0 0'
+      - series: 'vmm_vm_probe_passing{namespace="a", name="web", node="n1", probe="liveness"}'
+        values: '1 1 0 0 0 0 0 0 0 0'
+      - series: 'vmm_vm_probe_passing{namespace="a", name="db", node="n1", probe="readiness"}'
+        values: '1x10'
     alert_rule_test:
+      - {eval_time: 6m, alertname: FormationVmmVmProbeFailing, exp_alerts: []}
+      - eval_time: 8m
+        alertname: FormationVmmVmProbeFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: a, name: web, node: n1, probe: liveness}
+            exp_annotations:
+              summary: "The liveness probe of VM a/web fails"
+              description: "kubectl describe vm -n a web shows the probe's last answer."
       - {eval_time: 3m, alertname: FormationVmmNodeLost, exp_alerts: []}
       - eval_time: 5m
         alertname: FormationVmmNodeLost
@@ -114,6 +126,10 @@ def exported() -> set[str]:
     stats |= {f"net.0.{d}.{k}": 1 for d in ("rx", "tx") for k in ("bytes", "pkts", "errs", "drop")}
     for family in families([("d", stats)], {"d": VmLabels("a", "b", "Running", ("eth0",))}, "n"):
         names.update(sample.name for sample in family.samples)
+    probes = ProbeCollector(
+        lambda: {"d": {"readiness": True}}, lambda: {"d": VmLabels("a", "b", "Running")}, "n"
+    )
+    names.update(sample.name for family in probes.collect() for sample in family.samples)
     return names | {"vmm_vm_stats_up"}
 
 

@@ -133,6 +133,18 @@ INVALID = [
         {"disks": [{"name": "d", "size": "100Ti"}]},
         "a disk must be at most 64Ti",
     ),
+    (
+        "liveness probe of two kinds",
+        VM,
+        {"livenessProbe": {"tcpSocket": {"port": 22}, "guestAgentPing": {}}},
+        "a probe needs exactly one of tcpSocket, httpGet or guestAgentPing",
+    ),
+    (
+        "http probe path with a header in it",
+        VM,
+        {"readinessProbe": {"httpGet": {"port": 80, "path": "/x HTTP/1.0\r\nHost: evil"}}},
+        "spec.readinessProbe.httpGet.path in body should match",
+    ),
     ("snapshot of no VM", SNAP, {"includeMemory": True}, "spec.vmName: Required value"),
     ("restore from no snapshot", RESTORE, {"vmName": "web"}, "spec.snapshotName: Required value"),
     (

@@ -6,7 +6,6 @@ and across a controller restart."""
 import ipaddress
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,29 +38,6 @@ def dhcp_hosts(xml: str) -> dict[str, str]:
 
 def interface(vm: dict[str, Any], name: str = "eth0") -> dict[str, Any]:
     return next((i for i in vm.get("status", {}).get("interfaces", []) if i["name"] == name), {})
-
-
-@pytest.fixture
-def make_network(fleet: Fleet) -> Iterator[Any]:
-    """VmNetworks for one test (cluster-scoped: named and addressed apart from every other)."""
-    made: list[str] = []
-
-    def make(subnet: str, **spec: Any) -> str:
-        name = f"net-{uuid.uuid4().hex[:8]}"
-        fleet.apply(
-            {
-                "apiVersion": "vmm.formation.cloud/v1alpha1",
-                "kind": "VmNetwork",
-                "metadata": {"name": name},
-                "spec": {"mode": "nat", "subnet": subnet, **spec},
-            }
-        )
-        made.append(name)
-        return name
-
-    yield make
-    for name in made:
-        fleet.kubectl("delete", "vmnetwork", name, "--wait=false", check=False)
 
 
 def test_the_default_network_runs_on_every_node_and_says_so(fleet: Fleet) -> None:

@@ -63,12 +63,7 @@ def ticks(text: str) -> list[tuple[int, str]]:
 
 
 def console(fleet: Fleet, namespace: str, name: str) -> str:
-    """What the guest printed so far; empty while its domain does not exist yet."""
-    out = fleet.plugin("-n", namespace, "console", name, "--no-follow")
-    if out.returncode != 0 and ("not bound to a node yet" in out.stderr or "HTTP Error 404" in out.stderr):
-        return ""
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return fleet.console(namespace, name)
 
 
 def test_boot_console_pause_resume_stop(fleet: Fleet, ns: str, guest_files: dict[str, str]) -> None:

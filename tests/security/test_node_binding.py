@@ -222,3 +222,31 @@ def test_per_vm_limits_are_the_admins(fleet: Fleet, ns: str, tenant: Kubectl) ->
         fleet.kubectl(
             "patch", "configmap", "formation-vmm-limits", "-n", "formation-vmm", "--type=merge", "-p", restore
         )
+
+
+def test_an_agent_cannot_change_or_invent_an_assigned_address(
+    fleet: Fleet, ns: str, agent_a: Kubectl
+) -> None:
+    fleet.apply_vm(ns, "addressed", networks=[{"name": "eth0"}], nodeSelector={"zone": "a"}, **TINY)
+    vm = fleet.wait_phase(ns, "addressed", "Running")
+    eth0 = vm["status"]["interfaces"][0]
+    assert eth0["infoSource"].startswith("ipam")
+    target = ("patch", "vm", "addressed", "-n", ns, "--subresource=status", "--type=merge", "-p")
+    taken = {"status": {"interfaces": [{**eth0, "ipAddress": "10.123.255.1"}]}}
+    assert "may not change the addresses the controller assigned" in refused(
+        agent_a, *target, json.dumps(taken)
+    )
+    invented = {
+        "status": {"interfaces": [eth0, {"name": "eth1", "ipAddress": "10.123.0.9", "infoSource": "ipam"}]}
+    }
+    assert "may not change the addresses the controller assigned" in refused(
+        agent_a, *target, json.dumps(invented)
+    )
+    confirmed = {"status": {"interfaces": [{**eth0, "infoSource": "ipam, lease"}]}}
+    assert merge(agent_a, "vm", "addressed", "-n", ns, patch=confirmed, status=True).returncode == 0
+
+
+def test_an_agent_writes_only_its_own_entry_of_a_network(fleet: Fleet, agent_a: Kubectl) -> None:
+    forged = {"status": {"nodes": [{"name": "node-b", "phase": "Failed", "message": "forged"}]}}
+    args = ("patch", "vmnetwork", "default", "--subresource=status", "--type=merge", "-p", json.dumps(forged))
+    assert "only its own node's entry of a network's status" in refused(agent_a, *args)

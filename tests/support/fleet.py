@@ -201,6 +201,16 @@ class Fleet:
             check=False,
         )
 
+    def console(self, namespace: str, name: str) -> str:
+        """What the guest printed so far; empty while its domain does not exist yet."""
+        out = self.plugin("-n", namespace, "console", name, "--no-follow")
+        if out.returncode != 0 and (
+            "not bound to a node yet" in out.stderr or "HTTP Error 404" in out.stderr
+        ):
+            return ""
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
     def node_dir(self, node: str) -> Path:
         return self.plane.root / "nodes" / node
 
@@ -265,7 +275,13 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode)
         qemu_node.uri,
         "qemu",
         # Our private libvirtd runs QEMU as root with no MAC driver: allowed here, refused in production.
-        {**FAST, "VMM_SYNC_WORKERS": "1", "VMM_ALLOW_UNCONFINED_QEMU": "true"},
+        {
+            **FAST,
+            "VMM_SYNC_WORKERS": "1",
+            "VMM_ALLOW_UNCONFINED_QEMU": "true",
+            # Its guests' networks live in its own network namespace: so do its probes.
+            "VMM_PROBE_NETNS": str(qemu_node.netns_path()),
+        },
         kubeconfig=agent_config[QEMU_NODE],
     )
     fleet = Fleet(control_plane, kubectl, controller, agents, qemu_node)

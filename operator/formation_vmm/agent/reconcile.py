@@ -149,6 +149,14 @@ class Reconciler:
             restart_done=restart_done(desired, actions),
         )
 
+    def hard_stop(self, vm: VirtualMachine) -> None:
+        """Stop the guest at once (its liveness probe failed): the next plan starts it again as
+        after a crash, per runStrategy."""
+        name = domain_name(vm.metadata.namespace or "", vm.metadata.name)
+        metrics.ACTIONS.labels(Action.DESTROY.value).inc()
+        self.hypervisor.destroy(name)
+        self._set_deadline(vm.metadata.uid or "", None)
+
     def _addresses(self, vm: VirtualMachine, domain: DomainInfo | None) -> dict[str, dict[str, str]]:
         if domain is None or domain.actual.state is not DomainState.RUNNING or not vm.spec.networks:
             return {}

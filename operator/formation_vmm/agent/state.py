@@ -22,6 +22,9 @@ class DomainInfo:
     # Where its serial console is logged: an agent owns only domains whose files lie in its
     # own directories (another agent, another cluster, may share the libvirtd).
     console_log: str | None = None
+    # libvirt's id of the running domain (None when it is not running): a new one each start,
+    # so probe results of an earlier run never count for this one.
+    run_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from datetime import datetime
 from typing import Any
 
 from formation_vmm.agent.plan import Action, DomainState, phase_of
+from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.state import Outcome, desired_of, restart_requested
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus, to_wire
@@ -63,8 +64,11 @@ def status_after(
     node: str,
     at: datetime | None = None,
     deleting: bool = False,
+    readiness: Readiness | None = None,
 ) -> VirtualMachineStatus:
-    """The status fields after the reconciler left the domain as ``outcome.domain``."""
+    """The status fields after the reconciler left the domain as ``outcome.domain``; with a
+    readiness probe, ``readiness`` says what it found in the domain's current run (a running
+    VM is Starting until the probe first passes, and Ready only while it passes)."""
     stamp = at or now()
     domain = outcome.domain
     actual = domain.actual if domain else None
@@ -72,16 +76,26 @@ def status_after(
     gen = vm.metadata.generation
     state = actual.state if actual else None
     conditions = old.conditions
-    ready = state is DomainState.RUNNING and phase == "Running"
-    conditions = set_condition(
-        conditions,
-        "Ready",
-        ready,
-        "Running" if ready else f"Domain{phase}",
-        f"the VM is {phase.lower()}",
-        gen,
-        stamp,
-    )
+    running = state is DomainState.RUNNING and phase == "Running"
+    if running and vm.spec.readiness_probe is not None:
+        verdict = readiness or Readiness(
+            False, False, "ReadinessProbePending", "waiting for the readiness probe"
+        )
+        if not verdict.ever_ready:
+            phase = "Starting"
+        conditions = set_condition(
+            conditions, "Ready", verdict.ready, verdict.reason, verdict.message, gen, stamp
+        )
+    else:
+        conditions = set_condition(
+            conditions,
+            "Ready",
+            running,
+            "Running" if running else f"Domain{phase}",
+            f"the VM is {phase.lower()}",
+            gen,
+            stamp,
+        )
     paused = state is DomainState.PAUSED
     conditions = set_condition(
         conditions, "Paused", paused, "PausedByUser" if paused else "NotPaused", "", gen, stamp

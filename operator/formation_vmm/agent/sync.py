@@ -9,14 +9,16 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import HypervisorError, HypervisorUnavailableError
 from formation_vmm.agent.inputs import InputNotReadyError
+from formation_vmm.agent.probe_state import Readiness
+from formation_vmm.agent.prober import Prober, probe_target
 from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.state import restart_requested
+from formation_vmm.agent.state import Outcome, restart_requested
 from formation_vmm.agent.status import changes, status_after, status_failed, status_unknown, status_waiting
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
@@ -49,8 +51,10 @@ class VmSync:
         events: EventRecorder,
         node: str,
         retry_seconds: float = 10.0,
+        prober: Prober | None = None,
     ) -> None:
         self.reconciler = reconciler
+        self.prober = prober
         self.status = status
         self.events = events
         self.node = node
@@ -97,8 +101,16 @@ class VmSync:
         it is gone, or another VM's when the name was taken again)."""
         try:
             preview = self.reconciler.reconcile(vm, dry_run=True)
-            idle = not preview.actions and not changes(
-                dict(body.get("status") or {}), status_after(vm, vm.status, preview, self.node)
+            key = _domain(vm)
+            readiness = self.prober.readiness(key) if self.prober is not None else None
+            failed = self.prober is not None and self.prober.liveness_failure(key) is not None
+            idle = (
+                not preview.actions
+                and not failed
+                and not changes(
+                    dict(body.get("status") or {}),
+                    status_after(vm, vm.status, preview, self.node, readiness=readiness),
+                )
             )
         except Exception:  # an input or libvirt problem: the full pass reports it
             idle = False
@@ -163,10 +175,11 @@ class VmSync:
                 body, vm, lambda st: status_failed(vm, st, "InternalError", message), "InternalError", message
             )
             return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
+        outcome, readiness = self._probe(body, vm, outcome)
         old = dict(body.get("status") or {})
-        fields = status_after(vm, vm.status, outcome, self.node)
+        fields = status_after(vm, vm.status, outcome, self.node, readiness=readiness)
         if changes(old, fields):
-            self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node))
+            self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node, readiness=readiness))
         if fields.phase != old.get("phase"):
             _observe_way_up(vm, old.get("phase"), str(fields.phase))
             self.events.post(
@@ -186,6 +199,25 @@ class VmSync:
         return SyncResult(
             fields.phase, retry_after=outcome.requeue_after, outcome="acted" if outcome.actions else "idle"
         )
+
+    def _probe(self, body: Body, vm: VirtualMachine, outcome: Outcome) -> tuple[Outcome, Readiness | None]:
+        """Keep the VM's probes in step with its domain; a liveness probe that failed restarts the
+        guest here (a hard stop, then the plan starts it again per runStrategy)."""
+        if self.prober is None:
+            return outcome, None
+        key = _domain(vm)
+        self.prober.update(key, probe_target(vm, outcome.domain, outcome.stopping))
+        failure = self.prober.liveness_failure(key)
+        if failure is not None:
+            self.prober.update(key, None)  # the next run is probed afresh
+            self.events.post(
+                body, VM_KIND, "LivenessProbeFailed", f"{failure}; restarting the guest", "Warning"
+            )
+            self.reconciler.hard_stop(vm)
+            again = self.reconciler.reconcile(vm)
+            outcome = replace(again, actions=[*outcome.actions, *again.actions])
+            self.prober.update(key, probe_target(vm, outcome.domain, outcome.stopping))
+        return outcome, self.prober.readiness(key)
 
     def _write(
         self, body: Body, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]

@@ -194,3 +194,37 @@ class VmStatsCollector(Collector):
             thread.start()
         thread.join(self.timeout)
         return answer[0] if answer else None
+
+
+class ProbeCollector:
+    """``vmm_vm_probe_passing``: 1 while a VM's readiness or liveness probe passes, 0 while it
+    fails (a readiness probe counts as failing until it first passes); from the prober's memory,
+    no I/O."""
+
+    def __init__(
+        self,
+        states: Callable[[], dict[str, dict[str, bool]]],
+        owners: Callable[[], dict[str, VmLabels]],
+        node: str,
+    ) -> None:
+        self.states = states
+        self.owners = owners
+        self.node = node
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        passing = GaugeMetricFamily(
+            "vmm_vm_probe_passing",
+            "1 while the VM's probe passes, 0 while it fails.",
+            labels=[*LABELS, "probe"],
+        )
+        owners = self.owners()
+        for domain, probes in self.states().items():
+            owner = owners.get(domain)
+            if owner is None:
+                continue
+            for kind, ok in sorted(probes.items()):
+                passing.add_metric([owner.namespace, owner.name, self.node, kind], 1.0 if ok else 0.0)
+        yield passing

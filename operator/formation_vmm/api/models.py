@@ -119,6 +119,7 @@ class Probe(ApiModel):
     initial_delay_seconds: int = 0
     period_seconds: int = 10
     timeout_seconds: int = 1
+    success_threshold: int = 1
     failure_threshold: int = 3
 
 
@@ -137,6 +138,7 @@ class VirtualMachineSpec(ApiModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     readiness_probe: Probe | None = None
+    liveness_probe: Probe | None = None
     termination_grace_period_seconds: int = 30
 
     @property

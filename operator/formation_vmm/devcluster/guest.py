@@ -21,15 +21,37 @@ DISK_NOW = "formation-vmm guest: disk now"
 # boot id: a guest resumed (restored, migrated) goes on counting under the same boot id, a
 # guest booted again starts over under a new one.
 TICK = "formation-vmm guest: tick"
-# The virtio modules /dev/vda needs (Debian's cloud kernel builds them as modules), in load order.
+# With vmm.net=1, /init brings eth0 up with DHCP (udhcpc), prints the address it got, and serves
+# HTTP on port 80 (busybox httpd); vmm.httpd_for=N stops the server after N seconds,
+# vmm.spoof=A/P replaces the address DHCP gave with another, vmm.fetch=A fetches http://A/
+# every 2 s (at most 2 s each) and prints whether it got through.
+ADDRESS = "formation-vmm guest: address"
+HTTPD_STOPPED = "formation-vmm guest: httpd stopped"
+FETCHED = "formation-vmm guest: fetched"
+# The virtio modules /dev/vda and eth0 need (Debian's cloud kernel builds them as modules), in
+# load order, under the kernel's module tree.
 VIRTIO_MODULES = (
-    "virtio/virtio_ring",
-    "virtio/virtio",
-    "virtio/virtio_pci_legacy_dev",
-    "virtio/virtio_pci_modern_dev",
-    "virtio/virtio_pci",
-    "block/virtio_blk",
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_pci_legacy_dev",
+    "drivers/virtio/virtio_pci_modern_dev",
+    "drivers/virtio/virtio_pci",
+    "drivers/block/virtio_blk",
+    "net/core/failover",
+    "drivers/net/net_failover",
+    "drivers/net/virtio_net",
+    "drivers/char/virtio_console",
 )
+# udhcpc's event script: the lease's address, prefix and router on the interface.
+DHCP_EVENT = """#!/bin/busybox sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    if [ -n "$router" ]; then ip route add default via "${router%% *}" dev "$interface"; fi
+    ;;
+esac
+"""
 
 INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -43,10 +65,49 @@ for arg in $(cat /proc/cmdline); do
     vmm.poweroff=*) delay="${{arg#vmm.poweroff=}}" ;;
     vmm.disk=*) disk="${{arg#vmm.disk=}}" ;;
     vmm.tick=*) tick="${{arg#vmm.tick=}}" ;;
+    vmm.net=*) net="${{arg#vmm.net=}}" ;;
+    vmm.httpd_for=*) httpd_for="${{arg#vmm.httpd_for=}}" ;;
+    vmm.spoof=*) spoof="${{arg#vmm.spoof=}}" ;;
+    vmm.fetch=*) fetch="${{arg#vmm.fetch=}}" ;;
   esac
 done
-if [ -n "$disk" ]; then
+if [ -n "$disk" ] || [ -n "$net" ]; then
   for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+fi
+if [ -n "$net" ]; then
+  ip link set lo up
+  ip link set eth0 up
+  if udhcpc -i eth0 -s /bin/dhcp-event -q -n -t 30 -T 1 >/dev/null 2>&1; then
+    echo "{ADDRESS} $(ip -4 -o addr show dev eth0 | awk '{{print $4}}')"
+  else
+    echo "{ADDRESS} none"
+  fi
+  if [ -n "$spoof" ]; then
+    ip addr flush dev eth0
+    ip addr add "$spoof" dev eth0
+    echo "{ADDRESS} $spoof (spoofed)"
+  fi
+  mkdir -p /www
+  echo "hello from $(cat /proc/sys/kernel/random/boot_id)" > /www/index.html
+  httpd -f -p 80 -h /www &
+  httpd_pid=$!
+  if [ -n "$httpd_for" ]; then
+    ( sleep "$httpd_for"; kill "$httpd_pid"; echo "{HTTPD_STOPPED}" ) &
+  fi
+  if [ -n "$fetch" ]; then
+    ( while true; do
+        # nc, not wget: busybox-static's wget crashes in Debian's build.
+        got=$(printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$fetch" 80 2>/dev/null | grep '^hello from')
+        if [ -n "$got" ]; then
+          echo "{FETCHED} $fetch ok: $got"
+        else
+          echo "{FETCHED} $fetch failed"
+        fi
+        sleep 2
+      done ) &
+  fi
+fi
+if [ -n "$disk" ]; then
   mount -t devtmpfs devtmpfs /dev
   i=0
   while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -98,7 +159,7 @@ def _modules() -> list[tuple[str, int, bytes]]:
     """The virtio modules of the kernel ``kernel()`` returns, numbered in load order (the /init
     loop loads them in name order), decompressed if Debian shipped them xz'd."""
     version = kernel().name.removeprefix("vmlinuz-")
-    base = Path("/lib/modules") / version / "kernel" / "drivers"
+    base = Path("/lib/modules") / version / "kernel"
     found = []
     for index, module in enumerate(VIRTIO_MODULES):
         plain, packed = base / f"{module}.ko", base / f"{module}.ko.xz"
@@ -108,7 +169,7 @@ def _modules() -> list[tuple[str, int, bytes]]:
             data = lzma.decompress(packed.read_bytes())
         else:
             continue  # built in, or absent: the guest boots without a disk then
-        found.append((f"lib/modules/{index}-{module.rsplit('/', 1)[1]}.ko", stat.S_IFREG | 0o644, data))
+        found.append((f"lib/modules/{index:02d}-{module.rsplit('/', 1)[1]}.ko", stat.S_IFREG | 0o644, data))
     return found
 
 
@@ -126,6 +187,7 @@ def build_initramfs(dest: Path) -> Path:
         ("sys", stat.S_IFDIR | 0o755, b""),
         ("dev", stat.S_IFDIR | 0o755, b""),
         ("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
+        ("bin/dhcp-event", stat.S_IFREG | 0o755, DHCP_EVENT.encode()),
         ("init", stat.S_IFREG | 0o755, INIT.encode()),
     ]
     out = io.BytesIO()

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from formation_vmm.agent.hypervisor import Hypervisor, probe
@@ -51,19 +52,28 @@ def _kvm_usable() -> bool:
     return " hypervisor" not in cpuinfo
 
 
-def start_libvirt(plane: ControlPlane, node: str) -> tuple[str, str, str | None]:
-    """(uri, domain type, warning). By default the node gets a libvirtd of its own (in a mount
-    namespace, see ``libvirt_node``), so the dev cluster never shares this machine's libvirtd.
+@dataclass(frozen=True)
+class NodeLibvirt:
+    uri: str
+    domain_type: str
+    warning: str | None = None
+    netns: Path | None = None  # where the node's VM networks (and so its probes) live
+
+
+def start_libvirt(plane: ControlPlane, node: str) -> NodeLibvirt:
+    """The node's libvirt, and a warning when it is not what the user may expect. By default
+    the node gets a libvirtd of its own (in a mount and a network namespace, see
+    ``libvirt_node``), so the dev cluster never shares this machine's libvirtd.
     ``VMM_LIBVIRT_URI`` names another (``test:///default`` for libvirt's test driver); without
     root or libvirtd, the test driver it is, with a warning."""
     domain_type = os.environ.get("VMM_DOMAIN_TYPE") or ("kvm" if _kvm_usable() else "qemu")
     uri = os.environ.get("VMM_LIBVIRT_URI")
     if uri is not None:
         if uri.startswith("test:"):
-            return uri, "test", None
+            return NodeLibvirt(uri, "test")
         why = probe(uri)
         if why is None:
-            return uri, domain_type, None
+            return NodeLibvirt(uri, domain_type)
         return _test_driver(f"cannot reach libvirt at {uri} ({why})")
     if os.geteuid() != 0 or not shutil.which("libvirtd") or not shutil.which("unshare"):
         return _test_driver("a node libvirtd needs root, libvirtd and unshare")
@@ -77,11 +87,13 @@ def start_libvirt(plane: ControlPlane, node: str) -> tuple[str, str, str | None]
         libvirt.start()
     except LibvirtNodeError as exc:
         return _test_driver(str(exc))
-    return libvirt.uri, domain_type, None
+    return NodeLibvirt(
+        libvirt.uri, domain_type, netns=libvirt.netns_path() if libvirt.network_namespace else None
+    )
 
 
-def _test_driver(why: str) -> tuple[str, str, str]:
-    return (
+def _test_driver(why: str) -> NodeLibvirt:
+    return NodeLibvirt(
         "test:///default",
         "test",
         f"WARNING: {why}; the agent uses libvirt's test driver (test:///default): VMs get "
@@ -114,12 +126,16 @@ def up(sample: bool = True) -> int:
     install_rbac(kubectl)  # the namespace, as an install has it (the controller's Lease lives there)
     node = node_name()
     register_node(kubectl, node)
-    uri, domain_type, warning = start_libvirt(plane, node)
-    if warning:
-        _print(warning)
+    libvirt = start_libvirt(plane, node)
+    if libvirt.warning:
+        _print(libvirt.warning)
     controller = start_controller(plane)
     # The dev cluster's private libvirtd runs QEMU as root: allowed here only (docs/security.md).
-    agent = start_agent(plane, node, uri, domain_type, {"VMM_ALLOW_UNCONFINED_QEMU": "true"})
+    env = {"VMM_ALLOW_UNCONFINED_QEMU": "true"}
+    if libvirt.netns is not None:
+        env["VMM_PROBE_NETNS"] = str(libvirt.netns)  # probes reach the guests where they live
+    uri, domain_type = libvirt.uri, libvirt.domain_type
+    agent = start_agent(plane, node, uri, domain_type, env)
     controller.wait_ready()
     agent.wait_ready()
     (root / "info.json").write_text(

@@ -63,6 +63,7 @@ def _render(spec: DomainSpec, digest: str | None) -> str:
     _disks(devices, spec.disks)
     _interfaces(devices, spec.interfaces)
     _console(devices, spec)
+    _guest_agent(devices)
     ET.indent(dom, "  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
 
@@ -129,6 +130,13 @@ def _interfaces(devices: ET.Element, interfaces: tuple[InterfaceDevice, ...]) ->
         if iface.ip is not None:
             _sub(filterref, "parameter", name="IP", value=iface.ip)
         _sub(el, "alias", name=f"ua-net-{iface.name}")
+
+
+def _guest_agent(devices: ET.Element) -> None:
+    """The virtio-serial channel qemu-guest-agent listens on (libvirt makes its host socket):
+    guestAgentPing probes, addresses and OS info from the guest, freezes for snapshots."""
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
 
 
 def _console(devices: ET.Element, spec: DomainSpec) -> None:

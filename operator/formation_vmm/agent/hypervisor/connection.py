@@ -363,6 +363,7 @@ class Hypervisor:
             vcpus=int(vcpus),
             memory_kib=int(max_mem),
             console_log=console_log_of(xml),
+            run_id=int(dom.ID()) if dom.isActive() else None,
         )
 
     def describe(self, name: str) -> DomainInfo | None:
