@@ -134,6 +134,11 @@ def test_another_network_and_a_spoofed_address_get_nothing_through(
     assert set(fetches("spoofer")) == {f"{server_ip} failed"}
     assert console_lines(fleet, ns, "spoofer", ADDRESS)[-1] == "10.123.250.250/16 (spoofed)"
     fleet.kubectl("delete", "vm", "spoofer", "-n", ns, "--wait=true")
+    # ...nor one that keeps its address and changes its MAC...
+    guest(fleet, ns, "macspoofer", f"vmm.spoofmac=52:54:00:de:ad:01 vmm.fetch={server_ip}")
+    assert set(fetches("macspoofer")) == {f"{server_ip} failed"}
+    assert console_lines(fleet, ns, "macspoofer", ADDRESS)[-1].endswith("(mac spoofed 52:54:00:de:ad:01)")
+    fleet.kubectl("delete", "vm", "macspoofer", "-n", ns, "--wait=true")
     # ...nor does a guest on another network.
     other = make_network("10.124.9.0/24", mode="isolated")
     guest(fleet, ns, "outsider", f"vmm.fetch={server_ip}", network=other)

@@ -47,7 +47,8 @@ def test_up_status_up_again_down(dev_env: dict[str, str]) -> None:
         up = vmm(dev_env, "dev", "up")
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"export KUBECONFIG={root / 'kubeconfig'}" in up.stdout
-        assert "sample" in up.stdout and "Running" in up.stdout
+        # The test driver runs no guest: the sample is the VM with a blank disk.
+        assert "blank" in up.stdout and "Running" in up.stdout
         header = next(line for line in up.stdout.splitlines() if line.startswith("NAMESPACE"))
         assert header.split() == [
             "NAMESPACE",
@@ -65,7 +66,7 @@ def test_up_status_up_again_down(dev_env: dict[str, str]) -> None:
         assert set(pids) >= {"etcd", "kube-apiserver", "kube-controller-manager", "controller"}
 
         status = vmm(dev_env, "dev", "status")
-        assert status.returncode == 0 and "sample" in status.stdout
+        assert status.returncode == 0 and "blank" in status.stdout
 
         again = vmm(dev_env, "dev", "up")
         assert again.returncode == 0 and "already running" in again.stdout
@@ -107,7 +108,13 @@ def test_down_after_a_crash_still_removes_the_guests(tmp_path: Path) -> None:
     try:
         up = vmm(env, "dev", "up")  # the sample VM boots a real guest on the node's own libvirtd
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "Running" in up.stdout
+        # On the default network, in the node's own network namespace, Ready through its probe.
+        row = next(line.split() for line in up.stdout.splitlines() if line.startswith("default "))
+        assert row[2] == "Running" and row[4].startswith("10.123.") and row[7] == "True", row
+        netns = LibvirtNode(
+            root / "nodes" / node_name() / "libvirt", node_name(), ControlPlane(root).processes
+        )
+        assert netns.netns_path().exists()
         guest = qemu_pid(root, "default_sample")
         assert alive(guest)
         table = ControlPlane(root).processes.read()
@@ -118,6 +125,7 @@ def test_down_after_a_crash_still_removes_the_guests(tmp_path: Path) -> None:
         assert not alive(guest)  # the guest did not outlive the cluster
         assert not any(alive(pid) for pid in table.values())
         assert not (root / "nodes").exists()
+        assert not netns.netns_path().exists()
     finally:
         vmm(env, "dev", "down")
 

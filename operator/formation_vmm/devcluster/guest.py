@@ -23,7 +23,8 @@ DISK_NOW = "formation-vmm guest: disk now"
 TICK = "formation-vmm guest: tick"
 # With vmm.net=1, /init brings eth0 up with DHCP (udhcpc), prints the address it got, and serves
 # HTTP on port 80 (busybox httpd); vmm.httpd_for=N stops the server after N seconds,
-# vmm.spoof=A/P replaces the address DHCP gave with another, vmm.fetch=A fetches http://A/
+# vmm.spoof=A/P replaces the address DHCP gave with another, vmm.spoofmac=M the interface's MAC;
+# vmm.fetch=A fetches http://A/
 # every 2 s (at most 2 s each) and prints whether it got through.
 ADDRESS = "formation-vmm guest: address"
 HTTPD_STOPPED = "formation-vmm guest: httpd stopped"
@@ -68,6 +69,7 @@ for arg in $(cat /proc/cmdline); do
     vmm.net=*) net="${{arg#vmm.net=}}" ;;
     vmm.httpd_for=*) httpd_for="${{arg#vmm.httpd_for=}}" ;;
     vmm.spoof=*) spoof="${{arg#vmm.spoof=}}" ;;
+    vmm.spoofmac=*) spoofmac="${{arg#vmm.spoofmac=}}" ;;
     vmm.fetch=*) fetch="${{arg#vmm.fetch=}}" ;;
   esac
 done
@@ -86,6 +88,12 @@ if [ -n "$net" ]; then
     ip addr flush dev eth0
     ip addr add "$spoof" dev eth0
     echo "{ADDRESS} $spoof (spoofed)"
+  fi
+  if [ -n "$spoofmac" ]; then
+    ip link set eth0 down
+    ip link set eth0 address "$spoofmac"
+    ip link set eth0 up
+    echo "{ADDRESS} $(ip -4 -o addr show dev eth0 | awk '{{print $4}}') (mac spoofed $spoofmac)"
   fi
   mkdir -p /www
   echo "hello from $(cat /proc/sys/kernel/random/boot_id)" > /www/index.html
