@@ -10,6 +10,8 @@ PACKAGES=(
   ovmf
   # A real guest for the boot tests: Debian's cloud kernel, and busybox for the initramfs.
   linux-image-cloud-amd64 busybox-static cpio
+  # The QEMU guest agent, copied into the test guest's initramfs (guestAgentPing probes).
+  qemu-guest-agent
   dnsmasq-base iproute2 curl ca-certificates git
 )
 missing=()

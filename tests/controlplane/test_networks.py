@@ -172,3 +172,13 @@ def test_a_deleted_network_stays_on_a_node_while_a_vm_uses_it(
     assert libvirt_network(fleet, "node-b", name) is not None  # its VM still runs there
     fleet.kubectl("delete", "vm", "user", "-n", ns, "--wait=true")
     wait_for(lambda: libvirt_network(fleet, "node-b", name) is None, 30, "removed once unused")
+
+
+def test_a_bridge_network_whose_bridge_is_missing_fails_there_with_the_reason(
+    fleet: Fleet, make_network: Any
+) -> None:
+    lan = make_network("", mode="bridge", bridge="vmmnobr0")  # no such bridge in node-q's namespace
+    wait_for(lambda: node_entry(fleet, lan, QEMU_NODE).get("phase") == "Failed", 60, "failed on node-q")
+    entry = node_entry(fleet, lan, QEMU_NODE)
+    assert entry["reason"] == "BridgeMissing", entry
+    assert "vmmnobr0" in entry["message"]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from formation_vmm.api.names import GROUP, VERSION
-from formation_vmm.devcluster.guest import ADDRESS, FETCHED, HTTPD_STOPPED, install
+from formation_vmm.devcluster.guest import ADDRESS, FETCHED, GUEST_AGENT, HTTPD_STOPPED, install
 from tests.support.fleet import ON_QEMU, QEMU_NODE, Fleet, condition
 from tests.support.networks import MakeNetwork
 from tests.support.waiting import wait_for
@@ -173,21 +173,32 @@ def test_readiness_turns_off_when_the_guest_stops_answering_and_liveness_restart
     assert "liveness probe tcpSocket :8080 failed 2 times" in events
 
 
-def test_guest_agent_ping_without_an_agent_says_so(
+def test_guest_agent_ping_and_the_agents_addresses(
     fleet: Fleet, ns: str, guest_files: dict[str, str]
 ) -> None:
-    # The busybox guest runs no qemu-guest-agent: the probe fails with libvirt's reason (the
-    # Debian guest of issue 13 answers it).
+    # The guest runs Debian's qemu-guest-agent (copied into its initramfs) on the virtio-serial
+    # channel every domain has: the probe pings it through libvirt, and its view of the
+    # interfaces confirms the assigned address (infoSource).
     images(fleet, ns, guest_files)
-    guest(
-        fleet,
-        ns,
-        "mute",
-        "",
-        readinessProbe={"guestAgentPing": {}, "periodSeconds": 1, "failureThreshold": 1},
-    )
+    ping = {"guestAgentPing": {}, "periodSeconds": 1, "failureThreshold": 1}
+    guest(fleet, ns, "talker", "vmm.ga=1", readinessProbe=ping)
+    vm = fleet.wait_vm(ns, "talker", lambda v: condition(v, "Ready").get("status") == "True", "Ready", 120)
+    assert condition(vm, "Ready")["reason"] == "ReadinessProbeSucceeded"
+    assert console_lines(fleet, ns, "talker", GUEST_AGENT)[0].startswith("on /dev/vport")
     vm = fleet.wait_vm(
-        ns, "mute", lambda v: condition(v, "Ready").get("reason") == "ReadinessProbeFailed", "failed", 90
+        ns,
+        "talker",
+        lambda v: "guest-agent" in v["status"]["interfaces"][0].get("infoSource", ""),
+        "agent",
+        60,
+    )
+    assert vm["status"]["interfaces"][0]["infoSource"].startswith("ipam")
+    assert condition(vm, "AddressesMatch")["status"] == "True"
+
+    # Without the agent the probe fails with libvirt's reason, and the VM stays Starting.
+    guest(fleet, ns, "mute", "", readinessProbe=ping)
+    vm = fleet.wait_vm(
+        ns, "mute", lambda v: condition(v, "Ready").get("reason") == "ReadinessProbeFailed", "failed", 120
     )
     assert vm["status"]["phase"] == "Starting"
     assert "the guest agent does not answer" in condition(vm, "Ready")["message"]

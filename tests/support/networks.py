@@ -17,13 +17,16 @@ def make_network(fleet: Fleet) -> Iterator[MakeNetwork]:
     made: list[str] = []
 
     def make(subnet: str, mode: str = "nat", **spec: Any) -> str:
+        """A VmNetwork of ``mode`` on ``subnet`` (none for mode bridge: pass "")."""
         name = f"net-{uuid.uuid4().hex[:8]}"
+        if subnet:
+            spec["subnet"] = subnet
         fleet.apply(
             {
                 "apiVersion": "vmm.formation.cloud/v1alpha1",
                 "kind": "VmNetwork",
                 "metadata": {"name": name},
-                "spec": {"mode": mode, "subnet": subnet, **spec},
+                "spec": {"mode": mode, **spec},
             }
         )
         made.append(name)

@@ -29,6 +29,7 @@ _REASONS = (
     ("already in use", "AddressInUse"),
     ("is already using", "AddressInUse"),
     ("No such device", "BridgeMissing"),
+    ("no bridge named", "BridgeMissing"),
     ("Cannot get interface MTU", "BridgeMissing"),
 )
 
@@ -150,6 +151,9 @@ class NodeNetworks:
         name = network.metadata.name
         target = libvirt_network(name)
         try:
+            bridge = network.spec.bridge
+            if network.spec.mode == "bridge" and bridge and not self.libvirt.bridge_present(bridge):
+                raise HypervisorError(f"node {self.node} has no bridge named {bridge} (the admin makes it)")
             wanted = self._wanted_hosts(name) if network.spec.mode != "bridge" else set()
             xml = network_xml(name, network.spec, tuple(wanted))
             current = self.libvirt.ours().get(target)

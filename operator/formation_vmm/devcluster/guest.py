@@ -1,13 +1,15 @@
 """A real guest small enough to boot on TCG in seconds: Debian's cloud kernel and an initramfs
-holding busybox and an /init this module writes. The initramfs is built here, from the packages
-hack/install-system-deps.sh installs (linux-image-cloud-amd64, busybox-static). `vmm dev up`
-boots its sample VM from these, and the real-guest tests do too."""
+holding busybox, Debian's qemu-guest-agent (with the shared libraries it links) and an /init
+this module writes. The initramfs is built here, from the packages hack/install-system-deps.sh
+installs (linux-image-cloud-amd64, busybox-static, qemu-guest-agent). `vmm dev up` boots its
+sample VM from these, and the real-guest tests do too."""
 
 import gzip
 import io
 import lzma
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 # What /init prints first, so a test can find it in the serial console log.
@@ -29,6 +31,9 @@ TICK = "formation-vmm guest: tick"
 ADDRESS = "formation-vmm guest: address"
 HTTPD_STOPPED = "formation-vmm guest: httpd stopped"
 FETCHED = "formation-vmm guest: fetched"
+# With vmm.ga=1, /init starts qemu-guest-agent on its virtio-serial port (org.qemu.guest_agent.0).
+GUEST_AGENT = "formation-vmm guest: guest agent"
+QEMU_GA = Path("/usr/sbin/qemu-ga")
 # The virtio modules /dev/vda and eth0 need (Debian's cloud kernel builds them as modules), in
 # load order, under the kernel's module tree.
 VIRTIO_MODULES = (
@@ -71,10 +76,30 @@ for arg in $(cat /proc/cmdline); do
     vmm.spoof=*) spoof="${{arg#vmm.spoof=}}" ;;
     vmm.spoofmac=*) spoofmac="${{arg#vmm.spoofmac=}}" ;;
     vmm.fetch=*) fetch="${{arg#vmm.fetch=}}" ;;
+    vmm.ga=*) ga="${{arg#vmm.ga=}}" ;;
   esac
 done
-if [ -n "$disk" ] || [ -n "$net" ]; then
+if [ -n "$disk" ] || [ -n "$net" ] || [ -n "$ga" ]; then
   for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+fi
+if [ -n "$ga" ]; then
+  mount -t devtmpfs devtmpfs /dev 2>/dev/null
+  mkdir -p /tmp /run /var/run
+  port=""
+  i=0
+  while [ -z "$port" ] && [ $i -lt 100 ]; do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port="/dev/${{p##*/}}"
+    done
+    [ -z "$port" ] && sleep 0.1
+    i=$((i+1))
+  done
+  if [ -n "$port" ] && [ -x /usr/sbin/qemu-ga ]; then
+    /usr/sbin/qemu-ga -m virtio-serial -p "$port" -t /tmp -f /tmp/qga.pid &
+    echo "{GUEST_AGENT} on $port"
+  else
+    echo "{GUEST_AGENT} none (port '$port')"
+  fi
 fi
 if [ -n "$net" ]; then
   ip link set lo up
@@ -116,7 +141,7 @@ if [ -n "$net" ]; then
   fi
 fi
 if [ -n "$disk" ]; then
-  mount -t devtmpfs devtmpfs /dev
+  mount -t devtmpfs devtmpfs /dev 2>/dev/null
   i=0
   while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
   if [ ! -b /dev/vda ]; then echo "{DISK_SAYS} no disk"; disk=""; fi
@@ -181,6 +206,29 @@ def _modules() -> list[tuple[str, int, bytes]]:
     return found
 
 
+def _guest_agent() -> list[tuple[str, int, bytes]]:
+    """qemu-ga and the shared libraries it links (as ldd finds them on this machine), at the
+    same paths in the guest; nothing when qemu-guest-agent is not installed."""
+    if not QEMU_GA.exists():
+        return []
+    out = subprocess.run(["ldd", str(QEMU_GA)], capture_output=True, text=True, check=True).stdout  # noqa: S603, S607
+    files = [QEMU_GA]
+    for line in out.splitlines():
+        found = next((word for word in line.split() if word.startswith("/")), None)
+        if found is not None:
+            files.append(Path(found))
+    entries: list[tuple[str, int, bytes]] = []
+    dirs = {"lib"}  # in the initramfs already
+    for path in files:
+        resolved = path.resolve()
+        for parent in reversed(path.parents[:-1]):
+            if str(parent) not in dirs:
+                dirs.add(str(parent))
+                entries.append((str(parent).lstrip("/"), stat.S_IFDIR | 0o755, b""))
+        entries.append((str(path).lstrip("/"), stat.S_IFREG | 0o755, resolved.read_bytes()))
+    return entries
+
+
 def build_initramfs(dest: Path) -> Path:
     """Write a gzip'd newc cpio with /bin/busybox and /init to ``dest``."""
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
@@ -196,6 +244,7 @@ def build_initramfs(dest: Path) -> Path:
         ("dev", stat.S_IFDIR | 0o755, b""),
         ("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes()),
         ("bin/dhcp-event", stat.S_IFREG | 0o755, DHCP_EVENT.encode()),
+        *_guest_agent(),
         ("init", stat.S_IFREG | 0o755, INIT.encode()),
     ]
     out = io.BytesIO()

@@ -84,6 +84,19 @@ class HypervisorNetworks:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
                 raise hypervisor_error(exc, f"cannot remove network {name}") from exc
 
+    def bridge_present(self, bridge: str) -> bool:
+        """Whether the host has network device ``bridge`` (as libvirtd sees it, in its own
+        network namespace): libvirt starts a bridge-mode network without looking."""
+        try:
+            self.hypervisor.connection().interfaceLookupByName(bridge)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_INTERFACE:
+                return False
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                return True  # a libvirt without the interface driver: libvirt's word at domain start
+            raise hypervisor_error(exc, f"cannot look for bridge {bridge}") from exc
+        return True
+
     def add_host(self, name: str, host: DhcpHost) -> None:
         self._update(name, libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, host)
 
