@@ -8,9 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from formation_vmm.agent.plan import Actual, DomainState
 from formation_vmm.agent.probe_state import ProbeRecord, readiness_of
-from formation_vmm.agent.prober import Prober, ProbeTarget
-from formation_vmm.api.models import Probe
+from formation_vmm.agent.prober import Prober, ProbeTarget, probe_target
+from formation_vmm.agent.state import DomainInfo
+from formation_vmm.api.models import InterfaceStatus, Probe
+from tests.support.factories import make_vm
 from tests.support.waiting import wait_for
 
 
@@ -166,3 +169,35 @@ def test_hundreds_of_probes_share_one_thread(prober: tuple[Prober, list[str]]) -
     )
     assert threading.active_count() == before  # no thread per probe
     listener.close()
+
+
+@pytest.mark.pure
+def test_probes_run_only_while_the_domain_runs_and_target_the_assigned_address() -> None:
+    running = DomainInfo(
+        name="ns_vm1",
+        uuid="u",
+        owner=None,
+        actual=Actual(DomainState.RUNNING),
+        vcpus=1,
+        memory_kib=1,
+        run_id=7,
+    )
+    spec = {"networks": [{"name": "eth0"}], "readinessProbe": {"tcpSocket": {"port": 22}}}
+    vm = make_vm(**spec)
+    vm.status.interfaces = [InterfaceStatus(name="eth0", ip_address="10.123.0.9", info_source="ipam, lease")]
+    target = probe_target(vm, running, stopping=False)
+    assert target is not None and (target.address, target.run, target.domain) == ("10.123.0.9", "7", "ns_vm1")
+    assert probe_target(vm, running, stopping=True) is None  # a graceful stop under way
+    assert probe_target(make_vm(paused=True, **spec), running, stopping=False) is None
+    paused = DomainInfo(
+        name="ns_vm1", uuid="u", owner=None, actual=Actual(DomainState.PAUSED), vcpus=1, memory_kib=1
+    )
+    assert probe_target(vm, paused, stopping=False) is None
+    assert probe_target(vm, None, stopping=False) is None
+    assert probe_target(make_vm(networks=[{"name": "eth0"}]), running, stopping=False) is None  # no probes
+    reported = make_vm(**spec)
+    reported.status.interfaces = [
+        InterfaceStatus(name="eth0", ip_address="127.0.0.1", info_source="guest-agent")
+    ]
+    unassigned = probe_target(reported, running, stopping=False)
+    assert unassigned is not None and unassigned.address is None  # a guest's own report is never probed
