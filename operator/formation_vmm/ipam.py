@@ -56,14 +56,15 @@ def assigned(body: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """interface name -> (network, address) the controller assigned, read from a VM's status."""
     found = {}
     for entry in (body.get("status") or {}).get("interfaces") or []:
-        source = str(entry.get("infoSource") or "")
-        if (
-            source.split(",", maxsplit=1)[0].strip() == IPAM
-            and entry.get("ipAddress")
-            and entry.get("network")
-        ):
+        if from_ipam(entry.get("infoSource")) and entry.get("ipAddress") and entry.get("network"):
             found[str(entry["name"])] = (str(entry["network"]), str(entry["ipAddress"]))
     return found
+
+
+def from_ipam(info_source: str | None) -> bool:
+    """Whether an interface's address is the controller's assignment (infoSource begins with
+    ipam; lease and guest-agent join it when they confirm)."""
+    return (info_source or "").split(",", maxsplit=1)[0].strip() == IPAM
 
 
 class AddressesExhaustedError(ValueError):

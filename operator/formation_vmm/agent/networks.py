@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from formation_vmm.agent.hypervisor import HypervisorError
-from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
+from formation_vmm.agent.hypervisor.networks import HypervisorNetworks, NetworkState
 from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.api.models import NetworkNodeStatus, VirtualMachine, VmNetwork, VmNetworkStatus
 from formation_vmm.api.names import DEFAULT_NETWORK, bridge_device, libvirt_network
-from formation_vmm.domain.build import assigned_addresses
-from formation_vmm.domain.naming import stable_mac
+from formation_vmm.domain.build import assigned_addresses, interface_mac
 from formation_vmm.domain.network_xml import DhcpHost, dhcp_hosts, network_xml, shape
 from formation_vmm.kube import StatusWriter
 
@@ -41,12 +40,11 @@ def failure_reason(message: str) -> str:
 def vm_hosts(vm: VirtualMachine) -> dict[str, DhcpHost]:
     """VmNetwork -> the static DHCP entry of each of the VM's interfaces with an assigned address."""
     addresses = assigned_addresses(vm)
-    uid = vm.metadata.uid or ""
     found = {}
     for net in vm.spec.networks:
         if net.name in addresses:
-            mac = (net.mac_address or stable_mac(uid, net.name)).lower()
-            found[net.network or DEFAULT_NETWORK] = DhcpHost(mac, addresses[net.name])
+            host = DhcpHost(interface_mac(vm, net), addresses[net.name])
+            found[net.network or DEFAULT_NETWORK] = host
     return found
 
 
@@ -85,11 +83,19 @@ class NodeNetworks:
                 self._networks.pop(name, None)
                 self._bodies.pop(name, None)
                 self._failed.pop(name, None)
-                self._remove_unused()
+                try:
+                    self._remove_unused(self.libvirt.ours())
+                except HypervisorError as exc:
+                    log.warning("cannot list networks: %s", exc)
                 return
             self._networks[name] = network
             self._bodies[name] = body
-            self._realise(network)
+            try:
+                ours = self.libvirt.ours()
+            except HypervisorError as exc:
+                log.warning("cannot list networks: %s", exc)
+                return  # the next converge realises it
+            self._realise(network, ours, self._wanted_hosts())
 
     # --- what a VM's sync asks ---------------------------------------------------------------
 
@@ -129,9 +135,15 @@ class NodeNetworks:
         """Realise every VmNetwork again (a network removed or stopped behind our back comes
         back), drop DHCP entries no VM of this node holds, remove unused leftovers."""
         with self._lock:
+            try:
+                ours = self.libvirt.ours()
+            except HypervisorError as exc:
+                log.warning("cannot list networks: %s", exc)
+                return
+            wanted = self._wanted_hosts()
             for network in list(self._networks.values()):
-                self._realise(network)
-            self._remove_unused()
+                self._realise(network, ours, wanted)
+            self._remove_unused(ours)
 
     def failures(self) -> dict[str, str]:
         with self._lock:
@@ -139,24 +151,28 @@ class NodeNetworks:
 
     # --- internals (under the lock) ----------------------------------------------------------
 
-    def _wanted_hosts(self, name: str) -> set[DhcpHost]:
-        hosts = set()
+    def _wanted_hosts(self) -> dict[str, set[DhcpHost]]:
+        """VmNetwork -> the DHCP entries of this node's VMs on it."""
+        hosts: dict[str, set[DhcpHost]] = {}
         for vm in self.vms():
-            host = vm_hosts(vm).get(name)
-            if host is not None:
-                hosts.add(host)
+            for name, host in vm_hosts(vm).items():
+                hosts.setdefault(name, set()).add(host)
         return hosts
 
-    def _realise(self, network: VmNetwork) -> None:
+    def _realise(
+        self, network: VmNetwork, ours: dict[str, NetworkState], all_wanted: dict[str, set[DhcpHost]]
+    ) -> None:
+        """Make the network as its VmNetwork says, given libvirt's networks as read at the start
+        of this pass (``ours``) and the DHCP entries of every VM here."""
         name = network.metadata.name
         target = libvirt_network(name)
         try:
             bridge = network.spec.bridge
             if network.spec.mode == "bridge" and bridge and not self.libvirt.bridge_present(bridge):
                 raise HypervisorError(f"node {self.node} has no bridge named {bridge} (the admin makes it)")
-            wanted = self._wanted_hosts(name) if network.spec.mode != "bridge" else set()
+            wanted = all_wanted.get(name, set()) if network.spec.mode != "bridge" else set()
             xml = network_xml(name, network.spec, tuple(wanted))
-            current = self.libvirt.ours().get(target)
+            current = ours.get(target)
             if current is not None and shape(current.xml) != shape(xml):
                 users = self.libvirt.users().get(target, set())
                 if users:
@@ -211,14 +227,15 @@ class NodeNetworks:
             log.info("network %s: entry %s was not there: %s", target, host, exc)
         have.discard(host)
 
-    def _remove_unused(self) -> None:
+    def _remove_unused(self, ours: dict[str, NetworkState]) -> None:
+        """Networks of ours whose VmNetwork is gone, once no domain uses them. The domains' XML
+        is read only when there is such a network: not on every pass."""
+        leftovers = set(ours) - {libvirt_network(name) for name in self._networks}
+        if not leftovers:
+            return
         try:
-            ours = self.libvirt.ours()
-            if not ours:
-                return
             users = self.libvirt.users()
-            known = {libvirt_network(name) for name in self._networks}
-            for target in sorted(set(ours) - known):
+            for target in sorted(leftovers):
                 if users.get(target):
                     continue  # domains still use it: removed after they go
                 log.info("removing network %s: its VmNetwork is gone and no domain uses it", target)

@@ -246,13 +246,8 @@ class Prober:
             return why is None, why or "the guest agent answers"
         if target.address is None:
             return False, NO_ADDRESS
-        port = (
-            probe.tcp_socket.port
-            if probe.tcp_socket is not None
-            else probe.http_get.port
-            if probe.http_get
-            else 0
-        )
+        endpoint = probe.tcp_socket or probe.http_get
+        port = endpoint.port if endpoint is not None else 0
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(target.address, port), timeout)
         except (OSError, TimeoutError) as exc:

@@ -10,8 +10,8 @@ from formation_vmm.agent.state import Outcome, desired_of, restart_requested
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus, to_wire
 from formation_vmm.api.names import DEFAULT_NETWORK
-from formation_vmm.domain.naming import stable_mac
-from formation_vmm.ipam import IPAM
+from formation_vmm.domain.build import interface_mac
+from formation_vmm.ipam import IPAM, from_ipam
 
 RESTART_REQUIRED_MESSAGE = (
     "the spec changed in a way that needs a restart (CPU, memory, disks, kernel or networks); "
@@ -30,11 +30,11 @@ def interfaces(
     previous = {entry.name: entry for entry in old.interfaces}
     result, contradictions = [], []
     for net in vm.spec.networks:
-        mac = (net.mac_address or stable_mac(vm.metadata.uid or "", net.name)).lower()
+        mac = interface_mac(vm, net)
         entry = InterfaceStatus(name=net.name, mac=mac, network=net.network or DEFAULT_NETWORK)
         prev = previous.get(net.name)
         seen = observed.get(mac, {})
-        if prev is not None and prev.ip_address and _source(prev) == IPAM:
+        if prev is not None and prev.ip_address and from_ipam(prev.info_source):
             entry.ip_address = prev.ip_address
             agreeing = sorted(source for source, ip in seen.items() if ip == prev.ip_address)
             entry.info_source = ", ".join([IPAM, *agreeing])
@@ -51,10 +51,6 @@ def interfaces(
             entry.ip_address, entry.info_source = prev.ip_address, prev.info_source
         result.append(entry)
     return result, contradictions
-
-
-def _source(entry: InterfaceStatus) -> str:
-    return (entry.info_source or "").split(",", maxsplit=1)[0].strip()
 
 
 def status_after(

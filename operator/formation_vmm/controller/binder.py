@@ -16,10 +16,16 @@ from typing import Any
 from formation_vmm import metrics
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus
-from formation_vmm.api.names import AGENT_ENDPOINT_ANNOTATION, NODE_LABEL, VM_KIND, agent_finalizer
+from formation_vmm.api.names import (
+    AGENT_ENDPOINT_ANNOTATION,
+    DEFAULT_NETWORK,
+    NODE_LABEL,
+    VM_KIND,
+    agent_finalizer,
+)
 from formation_vmm.controller.networks import NetworkCatalog
 from formation_vmm.controller.nodes import node_info
-from formation_vmm.domain.naming import stable_mac
+from formation_vmm.domain.build import interface_mac
 from formation_vmm.ipam import IPAM, AddressBook, AddressesExhaustedError, assigned
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
@@ -332,8 +338,8 @@ def planned_interfaces(vm: VirtualMachine, addresses: dict[str, tuple[str, str]]
     for net in vm.spec.networks:
         entry = InterfaceStatus(
             name=net.name,
-            mac=(net.mac_address or stable_mac(vm.metadata.uid or "", net.name)).lower(),
-            network=net.network or "default",
+            mac=interface_mac(vm, net),
+            network=net.network or DEFAULT_NETWORK,
         )
         if net.name in addresses:
             entry.ip_address = addresses[net.name][1]

@@ -2,7 +2,7 @@
 
 from collections.abc import Mapping
 
-from formation_vmm.api.models import Disk, VirtualMachine
+from formation_vmm.api.models import Disk, Network, VirtualMachine
 from formation_vmm.api.names import DEFAULT_NETWORK
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.layout import NodeLayout
@@ -17,7 +17,7 @@ from formation_vmm.domain.spec import (
     NodeFirmware,
     Owner,
 )
-from formation_vmm.ipam import IPAM
+from formation_vmm.ipam import from_ipam
 
 
 class UnsupportedSpecError(ValueError):
@@ -47,12 +47,18 @@ def _check_base(vm: VirtualMachine, disk: Disk, base: BaseImage) -> None:
         raise UnsupportedSpecError(f"image {disk.image!r} needs at least {base.min_memory} of memory")
 
 
+def interface_mac(vm: VirtualMachine, net: Network) -> str:
+    """The MAC of one of the VM's interfaces: ``macAddress``, else derived from the VM's uid,
+    so it stays the same for the VM's life."""
+    return (net.mac_address or stable_mac(vm.metadata.uid or "", net.name)).lower()
+
+
 def assigned_addresses(vm: VirtualMachine) -> dict[str, str]:
     """interface -> the address the controller assigned it (status.interfaces, source ipam)."""
     return {
         entry.name: entry.ip_address
         for entry in vm.status.interfaces
-        if entry.ip_address and (entry.info_source or "").split(",", maxsplit=1)[0].strip() == IPAM
+        if entry.ip_address and from_ipam(entry.info_source)
     }
 
 
@@ -60,7 +66,6 @@ def _networks(vm: VirtualMachine) -> tuple[InterfaceDevice, ...]:
     """Interfaces on VmNetworks (the controller placed the VM only after checking that its
     namespace may use them), each with the MAC it keeps for the VM's life, and libvirt's
     anti-spoofing filter bound to that MAC and the assigned address."""
-    uid = vm.metadata.uid or ""
     addresses = assigned_addresses(vm)
     interfaces = []
     for net in vm.spec.networks:
@@ -75,7 +80,7 @@ def _networks(vm: VirtualMachine) -> tuple[InterfaceDevice, ...]:
         interfaces.append(
             InterfaceDevice(
                 name=net.name,
-                mac=(net.mac_address or stable_mac(uid, net.name)).lower(),
+                mac=interface_mac(vm, net),
                 model=net.model,
                 network=network,
                 ip=addresses.get(net.name),
