@@ -1,11 +1,15 @@
 """Addresses for VM interfaces on VmNetworks: the controller's IPAM. Pure.
 
-The record of an assignment is the VM's own status (``status.interfaces[]`` entries whose
-``infoSource`` begins with ``ipam``), written in the same request that binds the VM: no second
-store to keep in step, and a restarted controller learns every assignment back from the VMs it
-lists before it binds anything. Addresses are handed out from a cursor that moves on, so an
-address freed by a deleted VM goes to a new VM only after the rest of the range was used (a
-guest's neighbours forget the old MAC by then).
+The record of an assignment is the VM itself: the annotation ``vmm.formation.cloud/addresses``
+(``eth0=default/10.123.0.5,...``), written in the same request that binds the VM (labels,
+finalizer and addresses are one write; the agent copies them into ``status.interfaces`` with
+``infoSource: ipam`` in its own status write). No second store to keep in step, and a restarted
+controller learns every assignment back from the VMs it lists before it binds anything. Only
+the controller may set the annotation (admission policy formation-vmm-placement).
+
+Addresses are handed out from a cursor that moves on, so an address freed by a deleted VM goes
+to a new VM only after the rest of the range was used (a guest's neighbours forget the old MAC
+by then).
 """
 
 import ipaddress
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from formation_vmm.api.models import VmNetworkSpec
+from formation_vmm.api.names import ADDRESSES_ANNOTATION
 
 IPAM = "ipam"
 
@@ -52,8 +57,29 @@ def address_range(spec: VmNetworkSpec) -> AddressRange | None:
     return AddressRange(subnet, first, min(last, subnet.broadcast_address - 1))
 
 
+def encode_addresses(assignments: Mapping[str, tuple[str, str]]) -> str:
+    """The annotation's value: ``iface=network/address`` joined by commas, in interface order
+    (a form the admission policy's CEL can split and compare)."""
+    return ",".join(f"{iface}={net}/{ip}" for iface, (net, ip) in sorted(assignments.items()))
+
+
+def decode_addresses(value: str) -> dict[str, tuple[str, str]]:
+    """The annotation read back; malformed entries are skipped (only the controller writes it)."""
+    found = {}
+    for item in value.split(","):
+        iface, _, rest = item.strip().partition("=")
+        net, _, ip = rest.partition("/")
+        if iface and net and ip:
+            found[iface] = (net, ip)
+    return found
+
+
 def assigned(body: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """interface name -> (network, address) the controller assigned, read from a VM's status."""
+    """interface name -> (network, address) the controller assigned: the annotation, or for a
+    VM bound before the annotation existed, its status's ipam entries."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    if ADDRESSES_ANNOTATION in annotations:
+        return decode_addresses(str(annotations[ADDRESSES_ANNOTATION]))
     found = {}
     for entry in (body.get("status") or {}).get("interfaces") or []:
         if from_ipam(entry.get("infoSource")) and entry.get("ipAddress") and entry.get("network"):

@@ -271,7 +271,8 @@ def run_agent(settings: Settings) -> None:
     events = EventRecorder(kube, "formation-vmm-agent", node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     prober = _prober(settings, hypervisor, queue.add)
-    sync = VmSync(reconciler, vm_status, events, node, settings.retry_seconds, prober)
+    endpoint = settings.advertise_url or f"http://{node}:{settings.api_port}"
+    sync = VmSync(reconciler, vm_status, events, node, settings.retry_seconds, prober, endpoint)
 
     def vm_bound_here(namespace: str, name: str, uid: str) -> bool:
         """Whether a VM still exists with that uid, bound to this node. Any doubt (an API
@@ -312,7 +313,7 @@ def run_agent(settings: Settings) -> None:
     state = AgentMemo(
         settings=settings,
         node=node,
-        endpoint=settings.advertise_url or f"http://{node}:{settings.api_port}",
+        endpoint=endpoint,
         kube=kube,
         hypervisor=hypervisor,
         queue=queue,

@@ -11,12 +11,14 @@ from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.state import DomainInfo, Outcome
 from formation_vmm.agent.status import (
     RESTART_REQUIRED_MESSAGE,
+    bound_fields,
     changes,
     status_after,
     status_unknown,
     status_waiting,
 )
-from formation_vmm.api.models import VirtualMachineStatus, to_wire
+from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus, to_wire
+from formation_vmm.api.names import ADDRESSES_ANNOTATION
 from formation_vmm.domain.naming import stable_mac
 from formation_vmm.domain.spec import Owner
 from tests.support.factories import make_vm
@@ -137,23 +139,17 @@ def _running() -> Outcome:
     return Outcome([], domain(DomainState.RUNNING), "h1")
 
 
-def test_an_assigned_address_stays_and_what_agrees_joins_its_source() -> None:
+def _addressed(value: str = "eth0=default/10.123.0.5") -> VirtualMachine:
+    """A VM as the controller bound it: the addresses annotation is its assignment."""
     vm = make_vm(networks=[{"name": "eth0"}])
+    vm.metadata.annotations[ADDRESSES_ANNOTATION] = value
+    return vm
+
+
+def test_the_assigned_address_shows_from_the_first_write_and_what_agrees_joins_its_source() -> None:
+    vm = _addressed()
     mac = stable_mac("uid-1", "eth0")
-    old = VirtualMachineStatus.model_validate(
-        {
-            "interfaces": [
-                {
-                    "name": "eth0",
-                    "mac": mac,
-                    "network": "default",
-                    "ipAddress": "10.123.0.5",
-                    "infoSource": "ipam",
-                }
-            ]
-        }
-    )
-    nothing = status_after(vm, old, _running(), "node-a", AT)
+    nothing = status_after(vm, VirtualMachineStatus(), _running(), "node-a", AT)
     assert to_wire(nothing)["interfaces"][0] == {
         "name": "eth0",
         "mac": mac,
@@ -162,27 +158,40 @@ def test_an_assigned_address_stays_and_what_agrees_joins_its_source() -> None:
         "infoSource": "ipam",
     }
     seen = replace(_running(), addresses={mac: {"lease": "10.123.0.5", "guest-agent": "10.123.0.5"}})
-    agreed = status_after(vm, old, seen, "node-a", AT)
+    agreed = status_after(vm, nothing, seen, "node-a", AT)
     assert agreed.interfaces[0].info_source == "ipam, guest-agent, lease"
     assert conditions(agreed)["AddressesMatch"] == ("True", "AsAssigned")
 
 
-def test_a_report_that_contradicts_the_assignment_is_a_condition_never_the_address() -> None:
+def test_a_vm_bound_before_the_annotation_keeps_the_address_its_status_shows() -> None:
+    old = {"name": "eth0", "network": "default", "ipAddress": "10.123.0.7", "infoSource": "ipam, lease"}
     vm = make_vm(networks=[{"name": "eth0"}])
+    vm.status = VirtualMachineStatus.model_validate({"interfaces": [old]})
+    status = status_after(vm, vm.status, _running(), "node-a", AT)
+    assert (status.interfaces[0].ip_address, status.interfaces[0].info_source) == ("10.123.0.7", "ipam")
+
+
+def test_a_report_that_contradicts_the_assignment_is_a_condition_never_the_address() -> None:
+    vm = _addressed()
     mac = stable_mac("uid-1", "eth0")
-    old = VirtualMachineStatus.model_validate(
-        {
-            "interfaces": [
-                {"name": "eth0", "network": "default", "ipAddress": "10.123.0.5", "infoSource": "ipam"}
-            ]
-        }
-    )
     seen = replace(_running(), addresses={mac: {"guest-agent": "10.123.0.99"}})
-    status = status_after(vm, old, seen, "node-a", AT)
+    status = status_after(vm, VirtualMachineStatus(), seen, "node-a", AT)
     assert status.interfaces[0].ip_address == "10.123.0.5" and status.interfaces[0].info_source == "ipam"
     cond = next(c for c in status.conditions if c.type == "AddressesMatch")
     assert (cond.status, cond.reason) == ("False", "AddressMismatch")
     assert cond.message == "interface eth0: guest-agent reports 10.123.0.99, but 10.123.0.5 is assigned"
+
+
+def test_every_status_write_says_where_the_vm_is_bound_and_only_once() -> None:
+    vm = make_vm(cpus=3)
+    fields = bound_fields(
+        status_waiting(vm, vm.status, "ImageDownloading", "x"), vm.status, vm, "n1", "http://a"
+    )
+    assert (fields.node_name, fields.vcpus, fields.agent_endpoint) == ("n1", 3, "http://a")
+    assert conditions(fields)["Scheduled"] == ("True", "Scheduled")
+    stamp = next(c for c in fields.conditions if c.type == "Scheduled").last_transition_time
+    again = bound_fields(status_waiting(vm, fields, "ImageDownloading", "x"), fields, vm, "n1", "http://a")
+    assert next(c for c in again.conditions if c.type == "Scheduled").last_transition_time == stamp
 
 
 def test_without_an_assignment_the_lease_shows_and_an_empty_lookup_keeps_it() -> None:

@@ -5,7 +5,15 @@ import ipaddress
 import pytest
 
 from formation_vmm.api.models import VmNetworkSpec
-from formation_vmm.ipam import AddressBook, AddressesExhaustedError, address_range, assigned
+from formation_vmm.api.names import ADDRESSES_ANNOTATION
+from formation_vmm.ipam import (
+    AddressBook,
+    AddressesExhaustedError,
+    address_range,
+    assigned,
+    decode_addresses,
+    encode_addresses,
+)
 
 pytestmark = pytest.mark.pure
 
@@ -72,7 +80,23 @@ def test_assigning_again_keeps_what_a_vm_holds() -> None:
     assert book.count("n") == 1
 
 
-def test_a_restart_learns_assignments_from_the_vms_status_and_never_hands_them_out_again() -> None:
+def test_the_binding_records_assignments_in_an_annotation_a_restart_reads_back() -> None:
+    given = {"eth1": ("m", "10.7.0.9"), "eth0": ("n", "10.6.0.2")}
+    value = encode_addresses(given)
+    assert value == "eth0=n/10.6.0.2,eth1=m/10.7.0.9"  # the form the admission policy splits
+    assert decode_addresses(value) == given
+    body = {
+        "metadata": {"annotations": {ADDRESSES_ANNOTATION: value}},
+        # The annotation is the record; what the status shows does not override it.
+        "status": {
+            "interfaces": [{"name": "eth0", "network": "n", "ipAddress": "10.6.0.77", "infoSource": "ipam"}]
+        },
+    }
+    assert assigned(body) == given
+    assert decode_addresses("eth0=n/10.6.0.2,garbage,=x/y") == {"eth0": ("n", "10.6.0.2")}
+
+
+def test_a_vm_bound_before_the_annotation_is_read_from_its_status_and_never_handed_out_again() -> None:
     body = {
         "status": {
             "interfaces": [

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from formation_vmm.api.names import NODE_LABEL, agent_finalizer
+from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL, agent_finalizer
 from formation_vmm.devcluster.cluster import Kubectl, service_account_kubeconfig
 from tests.support.fleet import TINY, Fleet
 
@@ -89,7 +89,7 @@ def test_an_agent_touches_only_the_status_of_its_own_nodes_vms(
         {"metadata": {"finalizers": [agent_finalizer("node-a"), agent_finalizer("node-b")]}},
     ):
         err = refused(agent_a, "patch", "vm", "on-a", "-n", ns, "--type=merge", "-p", json.dumps(change))
-        assert "never its spec or labels" in err, change
+        assert "never its spec, labels or annotations" in err, change
     moved = {"status": {"nodeName": "node-b"}}
     err = refused(
         agent_a,
@@ -232,18 +232,49 @@ def test_an_agent_cannot_change_or_invent_an_assigned_address(
     eth0 = vm["status"]["interfaces"][0]
     assert eth0["infoSource"].startswith("ipam")
     target = ("patch", "vm", "addressed", "-n", ns, "--subresource=status", "--type=merge", "-p")
+    assert vm["metadata"]["annotations"][ADDRESSES_ANNOTATION] == f"eth0=default/{eth0['ipAddress']}"
+    target = ("patch", "vm", "addressed", "-n", ns, "--subresource=status", "--type=merge", "-p")
     taken = {"status": {"interfaces": [{**eth0, "ipAddress": "10.123.255.1"}]}}
-    assert "may not change the addresses the controller assigned" in refused(
+    assert "may not show an address other than the one the controller assigned" in refused(
         agent_a, *target, json.dumps(taken)
     )
     invented = {
-        "status": {"interfaces": [eth0, {"name": "eth1", "ipAddress": "10.123.0.9", "infoSource": "ipam"}]}
+        "status": {
+            "interfaces": [
+                eth0,
+                {"name": "eth1", "network": "default", "ipAddress": "10.123.0.9", "infoSource": "ipam"},
+            ]
+        }
     }
-    assert "may not change the addresses the controller assigned" in refused(
+    assert "may not show an address other than the one the controller assigned" in refused(
         agent_a, *target, json.dumps(invented)
     )
+    # Nor rewrite the record itself.
+    moved = {"metadata": {"annotations": {ADDRESSES_ANNOTATION: "eth0=default/10.123.255.1"}}}
+    err = refused(agent_a, "patch", "vm", "addressed", "-n", ns, "--type=merge", "-p", json.dumps(moved))
+    assert "never its spec, labels or annotations" in err
     confirmed = {"status": {"interfaces": [{**eth0, "infoSource": "ipam, lease"}]}}
     assert merge(agent_a, "vm", "addressed", "-n", ns, patch=confirmed, status=True).returncode == 0
+
+
+def test_a_tenant_cannot_assign_itself_an_address(fleet: Fleet, ns: str, tenant: Kubectl) -> None:
+    doc = yaml.safe_load(
+        vm_doc(ns, "squatter", annotations={ADDRESSES_ANNOTATION: "eth0=default/10.123.0.2"})
+    )
+    doc["spec"]["networks"] = [{"name": "eth0"}]
+    err = refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(doc))
+    assert "vmm.formation.cloud/addresses is the controller's record" in err
+    del doc["metadata"]["annotations"]
+    tenant("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    vm = fleet.wait_phase(ns, "squatter", "Running")
+    given = vm["metadata"]["annotations"][ADDRESSES_ANNOTATION]
+    for args in (
+        (f"{ADDRESSES_ANNOTATION}=eth0=default/10.123.0.2", "--overwrite"),
+        (f"{ADDRESSES_ANNOTATION}-",),
+    ):
+        err = refused(tenant, "annotate", "vm", "squatter", *args)
+        assert "vmm.formation.cloud/addresses is the controller's record" in err
+    assert fleet.vm(ns, "squatter")["metadata"]["annotations"][ADDRESSES_ANNOTATION] == given
 
 
 def test_an_agent_writes_only_its_own_entry_of_a_network(fleet: Fleet, agent_a: Kubectl) -> None:

@@ -10,7 +10,7 @@ from formation_vmm.agent.state import Outcome, desired_of, restart_requested
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus, to_wire
 from formation_vmm.api.names import DEFAULT_NETWORK
-from formation_vmm.domain.build import interface_mac
+from formation_vmm.domain.build import assigned_addresses, interface_mac
 from formation_vmm.ipam import IPAM, from_ipam
 
 RESTART_REQUIRED_MESSAGE = (
@@ -23,31 +23,34 @@ def interfaces(
     vm: VirtualMachine, old: VirtualMachineStatus, observed: dict[str, dict[str, str]]
 ) -> tuple[list[InterfaceStatus], list[str]]:
     """The interfaces to show, and what contradicts an assignment. An address the controller
-    assigned (source ipam) stays: a lease or the guest agent that agrees joins its infoSource,
-    one that disagrees is reported, never shown in its place. Without an assignment (a bridge
-    network) the lease's or the agent's address shows; a lookup that finds nothing (the guest
-    has not asked yet, the domain stopped) keeps what was shown."""
+    assigned (the binding's addresses annotation) shows, with source ipam: a lease or the guest
+    agent that agrees joins its infoSource, one that disagrees is reported, never shown in its
+    place. Without an assignment (a bridge network) the lease's or the agent's address shows; a
+    lookup that finds nothing (the guest has not asked yet, the domain stopped) keeps what was
+    shown."""
     previous = {entry.name: entry for entry in old.interfaces}
+    given = assigned_addresses(vm)
     result, contradictions = [], []
     for net in vm.spec.networks:
         mac = interface_mac(vm, net)
         entry = InterfaceStatus(name=net.name, mac=mac, network=net.network or DEFAULT_NETWORK)
         prev = previous.get(net.name)
         seen = observed.get(mac, {})
-        if prev is not None and prev.ip_address and from_ipam(prev.info_source):
-            entry.ip_address = prev.ip_address
-            agreeing = sorted(source for source, ip in seen.items() if ip == prev.ip_address)
+        address = given.get(net.name)
+        if address:
+            entry.ip_address = address
+            agreeing = sorted(source for source, ip in seen.items() if ip == address)
             entry.info_source = ", ".join([IPAM, *agreeing])
             contradictions += [
-                f"interface {net.name}: {source} reports {ip}, but {prev.ip_address} is assigned"
+                f"interface {net.name}: {source} reports {ip}, but {address} is assigned"
                 for source, ip in sorted(seen.items())
-                if ip != prev.ip_address
+                if ip != address
             ]
         elif seen:
             ip = seen.get("lease") or next(iter(seen.values()))
             entry.ip_address = ip
             entry.info_source = ", ".join(sorted(s for s, found in seen.items() if found == ip))
-        elif prev is not None and prev.ip_address:
+        elif prev is not None and prev.ip_address and not from_ipam(prev.info_source):
             entry.ip_address, entry.info_source = prev.ip_address, prev.info_source
         result.append(entry)
     return result, contradictions
@@ -176,3 +179,27 @@ def changes(old: dict[str, Any], fields: VirtualMachineStatus) -> dict[str, Any]
     """The fields whose value differs from the status as read (its wire form): an empty result
     means no write."""
     return {key: value for key, value in to_wire(fields).items() if old.get(key) != value}
+
+
+def bound_fields(
+    fields: VirtualMachineStatus,
+    old: VirtualMachineStatus,
+    vm: VirtualMachine,
+    node: str,
+    endpoint: str | None,
+    at: datetime | None = None,
+) -> VirtualMachineStatus:
+    """``fields`` with the binding as the status shows it: the node, the agent's endpoint (for
+    `kubectl vm console`), the vCPUs placement counted and Scheduled=True. The controller's
+    binding is one metadata write; this rides along in every status write of the agent, and
+    changes nothing once said."""
+    gen = vm.metadata.generation
+    base = fields.conditions or old.conditions
+    fields.conditions = set_condition(
+        base, "Scheduled", True, "Scheduled", f"bound to node {node}", gen, at or now()
+    )
+    fields.node_name = node
+    fields.vcpus = vm.spec.vcpus
+    if endpoint:
+        fields.agent_endpoint = endpoint
+    return fields

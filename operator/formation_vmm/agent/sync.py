@@ -19,7 +19,14 @@ from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.prober import Prober, probe_target
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.state import Outcome, restart_requested
-from formation_vmm.agent.status import changes, status_after, status_failed, status_unknown, status_waiting
+from formation_vmm.agent.status import (
+    bound_fields,
+    changes,
+    status_after,
+    status_failed,
+    status_unknown,
+    status_waiting,
+)
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import VM_KIND
@@ -41,6 +48,7 @@ class SyncResult:
     outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid, unavailable
     finished: bool = False  # a deletion: the domain and files are gone
     gone: bool = False  # the VM no longer exists in the API (its deletion was missed)
+    written: Body | None = None  # the VM as our last status write left it
 
 
 class VmSync:
@@ -52,8 +60,10 @@ class VmSync:
         node: str,
         retry_seconds: float = 10.0,
         prober: Prober | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.reconciler = reconciler
+        self.endpoint = endpoint
         self.prober = prober
         self.status = status
         self.events = events
@@ -61,6 +71,7 @@ class VmSync:
         self.retry_seconds = retry_seconds
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._written: set[str] = set()  # VM uids whose status this process has written
+        self._last_written: dict[str, Body] = {}  # uid -> the VM as this sync's write left it
         self._guard = threading.Lock()
 
     @contextlib.contextmanager
@@ -75,6 +86,7 @@ class VmSync:
         with self._guard:
             self._locks.pop(domain, None)
             self._written.discard(uid)
+            self._last_written.pop(uid, None)
 
     def sync(self, body: Body) -> SyncResult:
         """Reconcile ``body``, which comes from a watch or a cache and may lag behind our own
@@ -93,6 +105,7 @@ class VmSync:
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
             with metrics.SYNC_SECONDS.time():
                 result = self._sync(body, vm)
+            result = replace(result, written=self._last_written.pop(uid, None))
         metrics.SYNCS.labels(result.outcome).inc()
         return result
 
@@ -109,7 +122,9 @@ class VmSync:
                 and not failed
                 and not changes(
                     dict(body.get("status") or {}),
-                    status_after(vm, vm.status, preview, self.node, readiness=readiness),
+                    self._bound(vm, lambda st: status_after(vm, st, preview, self.node, readiness=readiness))(
+                        vm.status
+                    ),
                 )
             )
         except Exception:  # an input or libvirt problem: the full pass reports it
@@ -177,17 +192,21 @@ class VmSync:
             return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
         outcome, readiness = self._probe(body, vm, outcome)
         old = dict(body.get("status") or {})
-        fields = status_after(vm, vm.status, outcome, self.node, readiness=readiness)
+
+        def update(st: VirtualMachineStatus) -> VirtualMachineStatus:
+            return status_after(vm, st, outcome, self.node, readiness=readiness)
+
+        fields = self._bound(vm, update)(vm.status)
         if changes(old, fields):
-            self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node, readiness=readiness))
+            self._write(body, vm, update)
         if fields.phase != old.get("phase"):
             _observe_way_up(vm, old.get("phase"), str(fields.phase))
-            self.events.post(
-                body,
-                VM_KIND,
-                str(fields.phase),
-                f"{old.get('phase') or 'new'} -> {fields.phase} on {self.node}",
-            )
+            if old.get("phase") not in _WAY_UP:
+                # Leaving Running (or Stopped, Paused...) is news in `kubectl describe`; the way up
+                # only repeats the status, and costs the apiserver a write per VM (decisions.md).
+                self.events.post(
+                    body, VM_KIND, str(fields.phase), f"{old.get('phase')} -> {fields.phase} on {self.node}"
+                )
         if fields.restart_count > vm.status.restart_count and not restart_requested(vm):
             self.events.post(
                 body,
@@ -222,8 +241,21 @@ class VmSync:
     def _write(
         self, body: Body, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]
     ) -> None:
-        self.status.write(body, update)
+        written = self.status.write(body, self._bound(vm, update))
         self._written.add(vm.metadata.uid or "")
+        if written is not None:
+            self._last_written[vm.metadata.uid or ""] = written
+
+    def _bound(
+        self, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]
+    ) -> Callable[[VirtualMachineStatus], VirtualMachineStatus]:
+        """``update`` with what the binding means (the controller's one write is the label, the
+        finalizer and the addresses; the status says it in the agent's first write)."""
+
+        def with_binding(st: VirtualMachineStatus) -> VirtualMachineStatus:
+            return bound_fields(update(st), st, vm, self.node, self.endpoint)
+
+        return with_binding
 
     def _report(
         self,
@@ -235,7 +267,7 @@ class VmSync:
     ) -> None:
         """Write a waiting, failed or unknown status, and say so once per distinct message."""
         old = dict(body.get("status") or {})
-        if changes(old, update(vm.status)):
+        if changes(old, self._bound(vm, update)(vm.status)):
             self._write(body, vm, update)
         if old.get("message") != message:
             self.events.post(body, VM_KIND, reason, message, "Warning")

@@ -47,6 +47,18 @@ class VmCache:
                 self._bodies[key] = body
         return key
 
+    def advance(self, key: str, acted_on: Body, written: Body) -> None:
+        """Our own write made ``written`` from ``acted_on``: hold it now, unless the watch brought
+        something else meanwhile. Compared by equality of resourceVersion (opaque: never
+        ordered), so a newer version from the watch is never replaced by ours. Without this, a
+        domain event that echoes our own start finds the old body, and the sync reads the VM
+        from the API again for nothing (one GET per VM in a burst)."""
+        version = acted_on["metadata"].get("resourceVersion")
+        with self._lock:
+            held = self._bodies.get(key)
+            if held is not None and held["metadata"].get("resourceVersion") == version:
+                self._bodies[key] = written
+
     def drop(self, key: str, uid: str) -> None:
         """Forget the VM (a deletion the watch never delivered)."""
         with self._lock:
@@ -216,6 +228,8 @@ class Watcher:
             self._orphan(key)
             return
         result = self.handle(body)
+        if result.written is not None:
+            self.cache.advance(key, body, result.written)
         if result.gone:
             self.cache.drop(key, body["metadata"].get("uid", ""))
             self.queue.add(key)  # now an orphan: removed once the API confirms

@@ -60,6 +60,10 @@ AGENT_ENDPOINT_ANNOTATION = f"{GROUP}/agent-endpoint"
 # The public key secrets are sealed to for this node's agent (sealing.py).
 AGENT_KEY_ANNOTATION = f"{GROUP}/agent-key"
 
+# VM annotation the controller writes in the binding: the addresses it assigned, the record of
+# IPAM (``iface=network/address`` joined by commas; only the controller may set it).
+ADDRESSES_ANNOTATION = f"{GROUP}/addresses"
+
 # libvirt <metadata> namespace in which the agent records which VM owns a domain.
 LIBVIRT_METADATA_NS = f"https://{GROUP}/domain"
 LIBVIRT_METADATA_PREFIX = "vmm"

@@ -2,31 +2,30 @@
 
 Fed by kopf's watch events (nodes and VMs); binds from one loop, so two placements never race
 for the last free slot. Writes go straight to the API with optimistic concurrency: the status
-(Scheduled, nodeName) first, then the node label, which is the binding of record and is only
-ever written on an unlabeled VM at the resourceVersion the decision was made from. A controller
-killed between the two writes finds the VM unlabeled and binds it afresh; no VM is bound twice.
+is one metadata write: the node label (the binding of record), the agent's finalizer and the
+addresses, only ever written on an unlabeled VM at the resourceVersion the decision was made
+from, so no VM is bound twice. The agent's status write then says where the VM runs.
 """
 
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.api.conditions import get_condition, set_condition
-from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus
+from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import (
-    AGENT_ENDPOINT_ANNOTATION,
-    DEFAULT_NETWORK,
+    ADDRESSES_ANNOTATION,
     NODE_LABEL,
     VM_KIND,
     agent_finalizer,
 )
 from formation_vmm.controller.networks import NetworkCatalog
 from formation_vmm.controller.nodes import node_info
-from formation_vmm.domain.build import interface_mac
-from formation_vmm.ipam import IPAM, AddressBook, AddressesExhaustedError, assigned
+from formation_vmm.ipam import AddressBook, AddressesExhaustedError, assigned, encode_addresses
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
 from formation_vmm.quota import Quota, Usage, quota_of, refusal
@@ -34,6 +33,23 @@ from formation_vmm.quota import Quota, Usage, quota_of, refusal
 log = logging.getLogger(__name__)
 
 NODE_LOST_MESSAGE = "the agent on node {node} has not reported for {seconds:.0f}s; the VM's state is unknown"
+
+
+# Binding writes in flight at once: enough to hide the apiserver's round trip in a burst, few
+# enough to leave the client's connection pool (10 on two cores) room for everything else.
+BIND_WRITERS = 8
+
+
+@dataclass
+class _Plan:
+    """A placement decision, made under the binder's lock, and what writing it needs."""
+
+    body: dict[str, Any]
+    vm: VirtualMachine
+    decision: Decision
+    reason: str = "Unschedulable"
+    addresses: dict[str, tuple[str, str]] = field(default_factory=dict)
+    done: bool = False  # bound already: nothing to write
 
 
 @dataclass
@@ -79,6 +95,7 @@ class Binder:
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
         self._quotas: dict[tuple[str, str], Quota] = {}  # (namespace, ResourceQuota name) -> limits
         self.changed = threading.Event()  # set when binding could now succeed where it failed
+        self._writers = ThreadPoolExecutor(max_workers=BIND_WRITERS, thread_name_prefix="bind")
 
     # --- what the watches tell us ------------------------------------------------------------
 
@@ -143,11 +160,6 @@ class Binder:
 
     # --- decisions ---------------------------------------------------------------------------
 
-    def _endpoint(self, node: str) -> str | None:
-        with self._lock:
-            annotations = (self._nodes.get(node) or {}).get("annotations") or {}
-        return annotations.get(AGENT_ENDPOINT_ANNOTATION)
-
     def _node_infos(self) -> list[NodeInfo]:
         return [node_info(summary, self.node_lost_seconds) for summary in self._nodes.values()]
 
@@ -168,7 +180,9 @@ class Binder:
         return refusal(quotas, used, wanted)
 
     def bind_pending(self) -> None:
-        """Try to bind every unbound VM, oldest first."""
+        """Try to bind every unbound VM, oldest first: decided one at a time under the lock (each
+        decision counts the slots the ones before it took), then written together, up to
+        BIND_WRITERS at once: a burst waits on the apiserver's round trips, not on ours."""
         if not self.seeded:
             return
         with self._lock:
@@ -176,13 +190,21 @@ class Binder:
                 self._pending.values(), key=lambda b: b["metadata"].get("creationTimestamp") or ""
             )
         metrics.PENDING.set(len(pending))
+        plans = []
         for body in pending:
             try:
-                self.bind(body)
+                plans.append(self._decide(body))
             except Exception:
-                log.exception("binding %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
+                log.exception("placing %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
+        for plan, outcome in zip(plans, self._writers.map(self._carry_out_or_log, plans), strict=True):
+            if isinstance(outcome, Exception):
+                meta = plan.body["metadata"]
+                log.error("binding %s/%s failed: %s", meta["namespace"], meta["name"], outcome)
 
     def bind(self, body: dict[str, Any]) -> Decision:
+        return self._carry_out(self._decide(body))
+
+    def _decide(self, body: dict[str, Any]) -> "_Plan":
         vm = VirtualMachine.model_validate(body)
         request = Request(
             vcpus=vm.spec.vcpus,
@@ -194,7 +216,7 @@ class Binder:
         uid = vm.metadata.uid or ""
         with self._lock:
             if uid in self._bound:
-                return Decision(self._bound[uid].node, "bound already")
+                return _Plan(body, vm, Decision(self._bound[uid].node, "bound already"), done=True)
             reason = "Unschedulable"
             over = self._quota_refusal(
                 vm.metadata.namespace or "", Usage(request.vcpus, request.memory, request.disk)
@@ -220,12 +242,26 @@ class Binder:
                 # Count it now, so the next VM in this pass sees the slot as taken.
                 self._bound[uid] = Bound(decision.node, request.vcpus, request.memory, body, request.disk)
                 self._pending.pop(uid, None)
-        if decision.node is None:
-            metrics.BINDINGS.labels(reason.lower()).inc()
-            self._unschedulable(body, vm, decision.message, reason)
+        return _Plan(body, vm, decision, reason, addresses)
+
+    def _carry_out_or_log(self, plan: "_Plan") -> Decision | Exception:
+        try:
+            return self._carry_out(plan)
+        except Exception as exc:  # one VM's failure is logged; the others' writes go on
+            return exc
+
+    def _carry_out(self, plan: "_Plan") -> Decision:
+        """The write a decision needs: the binding, or the reason it could not be placed."""
+        body, vm, decision = plan.body, plan.vm, plan.decision
+        if plan.done:
             return decision
-        if not self._write_binding(body, vm, decision.node, decision.message, addresses):
+        if decision.node is None:
+            metrics.BINDINGS.labels(plan.reason.lower()).inc()
+            self._unschedulable(body, vm, decision.message, plan.reason)
+            return decision
+        if not self._write_binding(body, vm, decision.node, decision.message, plan.addresses):
             metrics.BINDINGS.labels("conflict").inc()
+            uid = vm.metadata.uid or ""
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
                 self._bound.pop(uid, None)
                 self.addresses.release(uid)
@@ -242,38 +278,23 @@ class Binder:
         why: str,
         addresses: dict[str, tuple[str, str]],
     ) -> bool:
-        """True when the VM is bound to ``node`` (now, or by an earlier run of ours); False when
-        it is gone or was bound elsewhere meanwhile (the watch brings the truth). The addresses
-        go in the first write: the IP column shows them from the moment the VM is placed."""
-        gen = vm.metadata.generation
-        written = self.status.write(
-            body,
-            lambda st: VirtualMachineStatus(
-                phase="Scheduled",
-                node_name=node,
-                agent_endpoint=self._endpoint(node),
-                vcpus=vm.spec.vcpus,
-                message=f"scheduled on {node}",
-                conditions=set_condition(st.conditions, "Scheduled", True, "Scheduled", why, gen),
-                interfaces=planned_interfaces(vm, addresses),
-            ),
-            guard=lambda current: not _label(current),
-        )
-        if written is None:
-            return False  # deleted meanwhile
-        if _label(written):
-            return _label(written) == node  # bound before this write: by us earlier, or elsewhere
-        # The agent's finalizer comes with the binding, in the same write: the VM cannot be
-        # deleted without its agent removing the domain, and the agent saves a write of its own.
-        finalizers = list(written["metadata"].get("finalizers") or [])
+        """True when the VM is bound to ``node``; False when it is gone or changed since the
+        decision (the watch brings the truth, and the binder decides again). One write, at the
+        resourceVersion the decision was made from: the node label (the binding of record), the
+        agent's finalizer (the VM cannot be deleted without its agent removing the domain) and
+        the addresses. The status says so in the agent's first write, as a Pod's does in the
+        kubelet's; a VM is thus placed and running in two writes (decisions.md)."""
+        meta = body["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
         if agent_finalizer(node) not in finalizers:
             finalizers.append(agent_finalizer(node))
-        bound = self.status.patch_at_version(
-            written, {"labels": {NODE_LABEL: node}, "finalizers": finalizers}
-        )
+        patch: dict[str, Any] = {"labels": {NODE_LABEL: node}, "finalizers": finalizers}
+        if addresses:
+            patch["annotations"] = {ADDRESSES_ANNOTATION: encode_addresses(addresses)}
+        bound = self.status.patch_at_version(body, patch)
         if bound is None:
             return False
-        self.events.post(body, VM_KIND, "Scheduled", f"bound to node {node}")
+        log.debug("%s/%s bound to %s: %s", meta.get("namespace"), meta.get("name"), node, why)
         return True
 
     def _unschedulable(
@@ -296,23 +317,18 @@ class Binder:
 
     @staticmethod
     def status_needs_repair(body: dict[str, Any]) -> bool:
-        """A labeled VM whose status does not name its node, or shows stale vCPUs (a hand-made
-        label, or a spec change); checked on the raw body, as it runs for every watch event."""
+        """A labeled VM whose status names another node (a label changed by hand); checked on
+        the raw body, as it runs for every watch event. A status that names no node yet is the
+        agent's to write (its first status write follows the binding)."""
         node = (body["metadata"].get("labels") or {}).get(NODE_LABEL)
-        if not node:
-            return False
-        status = body.get("status") or {}
-        return bool(
-            status.get("nodeName") != node
-            or status.get("vcpus") != VirtualMachine.model_validate(body).spec.vcpus
-        )
+        shown = (body.get("status") or {}).get("nodeName")
+        return bool(node and shown and shown != node)
 
     def repair_status(self, body: dict[str, Any]) -> None:
-        """Make the status follow the label and the spec."""
-        vm = VirtualMachine.model_validate(body)
-        node = vm.metadata.labels.get(NODE_LABEL)
+        """Make the status follow the label."""
+        node = (body["metadata"].get("labels") or {}).get(NODE_LABEL)
         if node:
-            self.status.write(body, lambda _: VirtualMachineStatus(node_name=node, vcpus=vm.spec.vcpus))
+            self.status.write(body, lambda _: VirtualMachineStatus(node_name=node))
 
     # --- node health -------------------------------------------------------------------------
 
@@ -330,22 +346,6 @@ class Binder:
             message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
             self.status.write(bound.body, _lost(message, bound.body["metadata"].get("generation")))
             self.events.post(bound.body, VM_KIND, "NodeLost", message, "Warning")
-
-
-def planned_interfaces(vm: VirtualMachine, addresses: dict[str, tuple[str, str]]) -> list[InterfaceStatus]:
-    """The interfaces as placement decides them: MAC, network and the assigned address."""
-    result = []
-    for net in vm.spec.networks:
-        entry = InterfaceStatus(
-            name=net.name,
-            mac=interface_mac(vm, net),
-            network=net.network or DEFAULT_NETWORK,
-        )
-        if net.name in addresses:
-            entry.ip_address = addresses[net.name][1]
-            entry.info_source = IPAM
-        result.append(entry)
-    return result
 
 
 def _label(body: dict[str, Any]) -> str | None:

@@ -3,7 +3,7 @@
 from collections.abc import Mapping
 
 from formation_vmm.api.models import Disk, Network, VirtualMachine
-from formation_vmm.api.names import DEFAULT_NETWORK
+from formation_vmm.api.names import ADDRESSES_ANNOTATION, DEFAULT_NETWORK
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name, require_label, stable_mac
@@ -17,7 +17,7 @@ from formation_vmm.domain.spec import (
     NodeFirmware,
     Owner,
 )
-from formation_vmm.ipam import from_ipam
+from formation_vmm.ipam import decode_addresses, from_ipam
 
 
 class UnsupportedSpecError(ValueError):
@@ -54,7 +54,11 @@ def interface_mac(vm: VirtualMachine, net: Network) -> str:
 
 
 def assigned_addresses(vm: VirtualMachine) -> dict[str, str]:
-    """interface -> the address the controller assigned it (status.interfaces, source ipam)."""
+    """interface -> the address the controller assigned it (the binding's addresses annotation;
+    for a VM bound before it existed, status.interfaces with source ipam)."""
+    if ADDRESSES_ANNOTATION in vm.metadata.annotations:
+        given = decode_addresses(vm.metadata.annotations[ADDRESSES_ANNOTATION])
+        return {iface: ip for iface, (_, ip) in given.items()}
     return {
         entry.name: entry.ip_address
         for entry in vm.status.interfaces
