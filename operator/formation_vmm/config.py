@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     vm_list_seconds: float = Field(default=300.0, gt=0)
     # Threads syncing VMs on a node; a sync never waits out a grace period, so a few suffice.
     sync_workers: int = Field(default=8, ge=1, le=64)
+    # After SIGTERM, the process is gone within this many seconds, whatever it waits on (an
+    # apiserver that does not answer holds threads in requests): below the pods' grace period.
+    shutdown_seconds: float = Field(default=10.0, gt=0)
     # How long a VM whose inputs or hypervisor were not ready waits before it is tried again.
     retry_seconds: float = Field(default=10.0, gt=0)
     # The address other machines reach this agent's API at (defaults to http://<node>:<port>).

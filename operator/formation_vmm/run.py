@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 
 import kopf
@@ -127,9 +128,25 @@ async def _serve(
             ready_flag=ready,
         )
     finally:
+        # kopf has stopped (SIGTERM, or a fatal error). Threads may still wait on requests to an
+        # apiserver that does not answer, and asyncio.run() and the interpreter join them before
+        # exiting: the deadline ends the process whatever they wait on. Every step they could be
+        # cut off in is idempotent (the next process converges).
+        _exit_after(settings.shutdown_seconds)
         waiter.cancel()
         for each in runners:
             await each.cleanup()
+
+
+def _exit_after(seconds: float) -> None:
+    def leave() -> None:
+        log.warning("still exiting after %.0fs (threads wait on the API); leaving now", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def _registry() -> kopf.OperatorRegistry:
