@@ -42,7 +42,9 @@ def make_files(root: Path, size_mib: int) -> dict[str, Path]:
 
 def ours(url: str, work: Path) -> float:
     """Seconds from the first ensure() to the cached base, on an empty cache."""
-    layout = NodeLayout(vm_dir=work / "run", disks_dir=work / "disks", images_dir=work / "images")
+    layout = NodeLayout(
+        vm_dir=work / "run", disks_dir=work / "disks", images_dir=work / "images", cache_dir=work / "cache"
+    )
     images = NodeImages(
         "bench", layout, FetchLimits(max_bytes=1 << 40), lambda *a: None, lambda *a: "", progress_seconds=3.0
     )
