@@ -129,7 +129,11 @@ def test_a_crash_is_answered_per_run_strategy(fleet: Fleet, ns: str, strategy: s
     os.kill(fleet.qemu_pid(f"{ns}_crashy"), signal.SIGKILL)  # QEMU dies: a crash
     if restarted:
         vm = fleet.wait_vm(
-            ns, "crashy", lambda v: v["status"].get("restartCount", 0) >= 1 and running(v), "restarted", 30
+            ns,
+            "crashy",
+            lambda v: v.get("status", {}).get("restartCount", 0) >= 1 and running(v),
+            "restarted",
+            30,
         )
         assert vm["status"]["startedAt"] >= first["status"]["startedAt"]
         events = fleet.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=crashy")

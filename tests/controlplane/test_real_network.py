@@ -167,7 +167,8 @@ def test_readiness_turns_off_when_the_guest_stops_answering_and_liveness_restart
         "failureThreshold": 2,
     }
     guest(fleet, ns, "dead", "", livenessProbe=alive)
-    vm = fleet.wait_vm(ns, "dead", lambda v: v["status"].get("restartCount", 0) >= 1, "restarted", 120)
+    restarted = lambda v: v.get("status", {}).get("restartCount", 0) >= 1  # noqa: E731
+    vm = fleet.wait_vm(ns, "dead", restarted, "restarted", 120)
     events = fleet.kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=dead")
     assert "LivenessProbeFailed" in events
     assert "liveness probe tcpSocket :8080 failed 2 times" in events

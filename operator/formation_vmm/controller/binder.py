@@ -138,10 +138,13 @@ class Binder:
                 self._pending.pop(uid, None)
                 if old is not None and (old.vcpus > vm.spec.vcpus or old.memory > vm.spec.memory_bytes):
                     self.changed.set()  # a VM shrank: room for a pending one, perhaps
-            elif uid not in self._bound and not body["metadata"].get("deletionTimestamp"):
-                # (A VM we are binding right now shows up unlabeled once, after its status write.)
+            elif not body["metadata"].get("deletionTimestamp"):
+                # Kept even while a binding of it is in flight: if that write loses to this newer
+                # version (409), the next pass binds from it (else it would wait for yet another
+                # event). A bound VM leaves the pending set with its labeled event.
                 self._pending[uid] = body
-                self.changed.set()
+                if uid not in self._bound:
+                    self.changed.set()
 
     def seed(self, bodies: list[dict[str, Any]]) -> None:
         """Every VM as the API lists them now: their bindings and addresses, before any binding."""
@@ -266,6 +269,7 @@ class Binder:
                 self._bound.pop(uid, None)
                 self.addresses.release(uid)
                 self.addresses.record(uid, assigned(body))
+            self.changed.set()  # the newer version may be in the pending set already
             return decision
         metrics.BINDINGS.labels("bound").inc()
         return decision
