@@ -173,7 +173,7 @@ class RunningWatch:
                 obj = event["object"]
                 name = obj["metadata"]["name"]
                 self.latest[name] = obj
-                if _scheduled(obj) == "False":
+                if _scheduled(obj).get("status") == "False":
                     self.refused_since.setdefault(name, time.monotonic())
                 else:
                     self.refused_since.pop(name, None)
@@ -195,7 +195,8 @@ class RunningWatch:
             now = time.monotonic()
             stuck = [n for n, since in list(self.refused_since.items()) if now - since > UNSCHEDULABLE_GRACE]
             if stuck:
-                reasons = Counter(_condition_text(self.latest[n]) for n in stuck)
+                said = [_scheduled(self.latest[n]) for n in stuck]
+                reasons = Counter(f"{c.get('reason')}: {c.get('message')}" for c in said)
                 raise SystemExit(
                     f"{len(stuck)} VMs stayed unschedulable for {UNSCHEDULABLE_GRACE:.0f} s: "
                     + "; ".join(f"{count} x {text}" for text, count in reasons.most_common(3))
@@ -212,18 +213,10 @@ class RunningWatch:
             raise SystemExit(f"the watch on the VMs failed: {self.error}")
 
 
-def _scheduled(vm: dict[str, Any]) -> str | None:
-    for cond in vm.get("status", {}).get("conditions") or []:
-        if cond.get("type") == "Scheduled":
-            return str(cond.get("status"))
-    return None
-
-
-def _condition_text(vm: dict[str, Any]) -> str:
-    for cond in vm.get("status", {}).get("conditions") or []:
-        if cond.get("type") == "Scheduled":
-            return f"{cond.get('reason')}: {cond.get('message')}"
-    return "no Scheduled condition"
+def _scheduled(vm: dict[str, Any]) -> dict[str, Any]:
+    """The VM's Scheduled condition ({} before it has one)."""
+    conditions = vm.get("status", {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "Scheduled"), {})
 
 
 def start_cluster(
@@ -273,24 +266,25 @@ def overcommit_to_fit(kubectl: Kubectl, nodes: list[str], vms: int) -> tuple[flo
     return max(1.0, math.ceil(per_node / min(cpus))), max(1.0, math.ceil(need_memory / min(memory)))
 
 
+def create_one(api: client.CustomObjectsApi, body: dict[str, Any], then_status: bool = False) -> float:
+    """Create one VM; with ``then_status`` also write its status once, as an agent would.
+    Returns when it was created."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    api.create_namespaced_custom_object(GROUP, VERSION, ns, VM_PLURAL, body)
+    created = time.monotonic()
+    if then_status:
+        status = {"status": {"phase": "Running", "nodeName": "bench-0", "vcpus": 1}}
+        api.patch_namespaced_custom_object_status(GROUP, VERSION, ns, VM_PLURAL, name, status)
+    return created
+
+
 def create_all(
     api: client.CustomObjectsApi, bodies: list[dict[str, Any]], then_status: bool = False
 ) -> dict[str, float]:
-    """Create ``bodies`` from CREATORS clients at once; with ``then_status``, each creator also
-    writes the VM's status once, as an agent would. Returns when each was created."""
-    created: dict[str, float] = {}
-
-    def one(body: dict[str, Any]) -> None:
-        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        api.create_namespaced_custom_object(GROUP, VERSION, ns, VM_PLURAL, body)
-        created[name] = time.monotonic()
-        if then_status:
-            status = {"status": {"phase": "Running", "nodeName": "bench-0", "vcpus": 1}}
-            api.patch_namespaced_custom_object_status(GROUP, VERSION, ns, VM_PLURAL, name, status)
-
+    """Create ``bodies`` from CREATORS clients at once. Returns when each was created."""
     with ThreadPoolExecutor(max_workers=CREATORS) as pool:
-        list(pool.map(one, bodies))
-    return created
+        times = pool.map(lambda body: create_one(api, body, then_status), bodies)
+        return {body["metadata"]["name"]: at for body, at in zip(bodies, times, strict=True)}
 
 
 def bare_rate(plane: ControlPlane, kubectl: Kubectl, vms: int) -> float:
@@ -329,7 +323,7 @@ def measure(
         created: dict[str, float] = {}
         for i, body in enumerate(bodies):
             time.sleep(max(0.0, started + i / rate - time.monotonic()))
-            created.update(create_all(api, [body]))
+            created[body["metadata"]["name"]] = create_one(api, body)
     else:
         created = create_all(api, bodies)
     seen.wait()

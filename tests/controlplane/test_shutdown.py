@@ -21,7 +21,7 @@ from formation_vmm.devcluster.cluster import (
 )
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.processes import alive
-from tests.support.binaries import binaries
+from tests.support.cluster import private_plane
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
@@ -32,15 +32,13 @@ GRACE_SECONDS = 30.0
 
 @pytest.fixture
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    private = ControlPlane(tmp_path_factory.mktemp("shutdown-plane"), binaries())
-    private.start()
-    try:
-        yield private
-    finally:
-        apiserver = private.processes.read().get("kube-apiserver")
-        if apiserver:
-            os.kill(apiserver, signal.SIGCONT)
-        private.stop()
+    with private_plane(tmp_path_factory, "shutdown-plane") as private:
+        try:
+            yield private
+        finally:  # running again, it stops at SIGTERM instead of sitting out the kill timeout
+            apiserver = private.processes.read().get("kube-apiserver")
+            if apiserver:
+                os.kill(apiserver, signal.SIGCONT)
 
 
 def running(plane: ControlPlane) -> tuple[Kubectl, OperatorProcess, OperatorProcess]:

@@ -24,19 +24,15 @@ from formation_vmm.controller.binder import Binder
 from formation_vmm.devcluster.cluster import Kubectl, install_crds
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
-from tests.support.binaries import binaries
+from tests.support.cluster import private_plane
 
 pytestmark = pytest.mark.controlplane
 
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    private = ControlPlane(tmp_path_factory.mktemp("writes-plane"), binaries())
-    private.start()
-    try:
+    with private_plane(tmp_path_factory, "writes-plane") as private:
         yield private
-    finally:
-        private.stop()
 
 
 @pytest.fixture(scope="module")

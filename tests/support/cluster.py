@@ -2,6 +2,7 @@
 session, the CRDs installed from crds/, one namespace per test. The binaries are built if this
 machine has none yet (hack/control-plane-bins.sh, cached outside the clone); nothing is skipped."""
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,6 +12,18 @@ import pytest
 from formation_vmm.devcluster.cluster import Kubectl, install_crds
 from formation_vmm.devcluster.controlplane import ControlPlane
 from tests.support.binaries import binaries
+
+
+@contextlib.contextmanager
+def private_plane(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[ControlPlane]:
+    """A control plane of a test module's own, for tests that would disturb the shared one (or
+    be disturbed by its controller)."""
+    plane = ControlPlane(tmp_path_factory.mktemp(name), binaries())
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
 
 
 @pytest.fixture(scope="session")

@@ -117,15 +117,13 @@ class VmSync:
             key = _domain(vm)
             readiness = self.prober.readiness(key) if self.prober is not None else None
             failed = self.prober is not None and self.prober.liveness_failure(key) is not None
+            would_write = self._bound(
+                vm, lambda st: status_after(vm, st, preview, self.node, readiness=readiness)
+            )
             idle = (
                 not preview.actions
                 and not failed
-                and not changes(
-                    dict(body.get("status") or {}),
-                    self._bound(vm, lambda st: status_after(vm, st, preview, self.node, readiness=readiness))(
-                        vm.status
-                    ),
-                )
+                and not changes(dict(body.get("status") or {}), would_write(vm.status))
             )
         except Exception:  # an input or libvirt problem: the full pass reports it
             idle = False
@@ -192,13 +190,9 @@ class VmSync:
             return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
         outcome, readiness = self._probe(body, vm, outcome)
         old = dict(body.get("status") or {})
-
-        def update(st: VirtualMachineStatus) -> VirtualMachineStatus:
-            return status_after(vm, st, outcome, self.node, readiness=readiness)
-
-        fields = self._bound(vm, update)(vm.status)
-        if changes(old, fields):
-            self._write(body, vm, update)
+        fields = self._write_if_changed(
+            body, vm, lambda st: status_after(vm, st, outcome, self.node, readiness=readiness)
+        )
         if fields.phase != old.get("phase"):
             _observe_way_up(vm, old.get("phase"), str(fields.phase))
             if old.get("phase") not in _WAY_UP:
@@ -246,6 +240,16 @@ class VmSync:
         if written is not None:
             self._last_written[vm.metadata.uid or ""] = written
 
+    def _write_if_changed(
+        self, body: Body, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]
+    ) -> VirtualMachineStatus:
+        """The fields ``update`` gives (with the binding) from the status as read, written only
+        when they change it."""
+        fields = self._bound(vm, update)(vm.status)
+        if changes(dict(body.get("status") or {}), fields):
+            self._write(body, vm, update)
+        return fields
+
     def _bound(
         self, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]
     ) -> Callable[[VirtualMachineStatus], VirtualMachineStatus]:
@@ -267,8 +271,7 @@ class VmSync:
     ) -> None:
         """Write a waiting, failed or unknown status, and say so once per distinct message."""
         old = dict(body.get("status") or {})
-        if changes(old, self._bound(vm, update)(vm.status)):
-            self._write(body, vm, update)
+        self._write_if_changed(body, vm, update)
         if old.get("message") != message:
             self.events.post(body, VM_KIND, reason, message, "Warning")
 

@@ -199,10 +199,7 @@ class Binder:
                 plans.append(self._decide(body))
             except Exception:
                 log.exception("placing %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
-        for plan, outcome in zip(plans, self._writers.map(self._carry_out_or_log, plans), strict=True):
-            if isinstance(outcome, Exception):
-                meta = plan.body["metadata"]
-                log.error("binding %s/%s failed: %s", meta["namespace"], meta["name"], outcome)
+        list(self._writers.map(self._carry_out_or_log, plans))
 
     def bind(self, body: dict[str, Any]) -> Decision:
         return self._carry_out(self._decide(body))
@@ -247,11 +244,12 @@ class Binder:
                 self._pending.pop(uid, None)
         return _Plan(body, vm, decision, reason, addresses)
 
-    def _carry_out_or_log(self, plan: "_Plan") -> Decision | Exception:
+    def _carry_out_or_log(self, plan: "_Plan") -> None:
         try:
-            return self._carry_out(plan)
-        except Exception as exc:  # one VM's failure is logged; the others' writes go on
-            return exc
+            self._carry_out(plan)
+        except Exception:  # one VM's failure is logged; the others' writes go on
+            meta = plan.body["metadata"]
+            log.exception("binding %s/%s failed", meta["namespace"], meta["name"])
 
     def _carry_out(self, plan: "_Plan") -> Decision:
         """The write a decision needs: the binding, or the reason it could not be placed."""
