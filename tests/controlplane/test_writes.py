@@ -132,6 +132,29 @@ def test_a_binder_binding_a_vm_deleted_meanwhile_frees_the_slot(
     release(kubectl, ns, "after")
 
 
+def test_the_binder_gives_back_the_slots_of_vms_deleted_or_moved_by_hand(
+    kube: Kube, kubectl: Kubectl, ns: str
+) -> None:
+    """The binder keeps each node's load as a running sum: whatever takes a binding away must
+    take its share off the sum, or the node fills up with VMs that are gone."""
+    binder = binder_with_a_node(kube, cpus=2)
+    first, second = make_vm(kubectl, ns, "first"), make_vm(kubectl, ns, "second")
+    assert binder.bind(first).node == NODE and binder.bind(second).node == NODE
+    third = make_vm(kubectl, ns, "third")
+    assert binder.bind(third).node is None  # full: 2 of 2 CPUs
+
+    binder.vm_event("DELETED", kubectl_json(kubectl, ns, "first"))
+    assert binder.bind(kubectl_json(kubectl, ns, "third")).node == NODE  # its CPU came back
+
+    moved = kubectl_json(kubectl, ns, "second")
+    moved["metadata"]["labels"][NODE_LABEL] = "elsewhere"  # a label changed by hand
+    binder.vm_event("MODIFIED", moved)
+    assert binder.bind(make_vm(kubectl, ns, "fourth")).node == NODE
+    assert binder.bind(make_vm(kubectl, ns, "fifth")).node is None  # and no more than that
+    for name in ("first", "second", "third", "fourth"):
+        release(kubectl, ns, name)
+
+
 def release(kubectl: Kubectl, ns: str, name: str) -> None:
     """No agent runs for NODE: take its finalizer off, as its agent would, so the VM can go."""
     kubectl("patch", "vm", name, "-n", ns, "--type=merge", "-p", '{"metadata": {"finalizers": null}}')

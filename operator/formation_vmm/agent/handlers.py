@@ -44,6 +44,7 @@ from formation_vmm.api.quantity import format_mebibytes
 from formation_vmm.config import Settings
 from formation_vmm.health import Health
 from formation_vmm.images.node import GarbageCollector, NodeImages
+from formation_vmm.kopf_settings import watch_only
 from formation_vmm.kube import Kube
 from formation_vmm.sealing import NodeKey
 
@@ -148,7 +149,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         # Only this node's VMs and Node come down the watches: the apiserver filters.
         settings.watching.label_selectors[GROUP, VM_PLURAL] = f"{NODE_LABEL}={node}"
         settings.watching.field_selectors["nodes"] = f"metadata.name={node}"
-        settings.posting.enabled = False  # our own EventRecorder posts what users read
+        watch_only(settings)
         config = state.settings
         state.queue.start(state.watcher.process, config.sync_workers, "sync")
         await asyncio.to_thread(publish_node, state)

@@ -54,19 +54,48 @@ class _Plan:
 
 @dataclass
 class Bound:
+    """What the binder keeps of a bound VM: what it takes from its node and its quota, and
+    enough to tell a lost node's VMs apart (never the whole body: at 5000 VMs the controller's
+    memory is mostly what it keeps per VM)."""
+
     node: str
     vcpus: int
     memory: int
-    body: dict[str, Any]
+    namespace: str
+    name: str
+    generation: int | None = None
     disk: int = 0
-
-    @property
-    def namespace(self) -> str:
-        return str(self.body["metadata"].get("namespace", ""))
+    phase: str | None = None
+    deleting: bool = False
 
     @property
     def usage(self) -> Usage:
         return Usage(self.vcpus, self.memory, self.disk)
+
+    @property
+    def load(self) -> Load:
+        return Load(self.vcpus, self.memory, self.disk)
+
+
+def _bound_from(node: str, body: dict[str, Any], vm: VirtualMachine) -> Bound:
+    meta = body["metadata"]
+    return Bound(
+        node,
+        vm.spec.vcpus,
+        vm.spec.memory_bytes,
+        str(meta.get("namespace", "")),
+        str(meta.get("name", "")),
+        meta.get("generation"),
+        vm.spec.disk_bytes,
+        (body.get("status") or {}).get("phase"),
+        bool(meta.get("deletionTimestamp")),
+    )
+
+
+def _plus(load: Load, other: Load, sign: int = 1) -> Load:
+    return Load(
+        load.vcpus + sign * other.vcpus, load.memory + sign * other.memory, load.disk + sign * other.disk
+    )
 
 
 class Binder:
@@ -91,11 +120,36 @@ class Binder:
         self.node_lost_seconds = node_lost_seconds
         self._lock = threading.Lock()
         self._nodes: dict[str, dict[str, Any]] = {}
-        self._bound: dict[str, Bound] = {}  # uid -> binding
+        self._bound: dict[str, Bound] = {}  # uid -> binding; changed only by _hold and _release
+        # Sums over _bound, kept as it changes: a decision reads them in O(1) (summing every
+        # binding per decision made a burst quadratic: 8.5 ms of CPU per VM at 5000, 5 at 1000).
+        self._node_loads: dict[str, Load] = {}
+        self._namespace_usage: dict[str, Usage] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
         self._quotas: dict[tuple[str, str], Quota] = {}  # (namespace, ResourceQuota name) -> limits
         self.changed = threading.Event()  # set when binding could now succeed where it failed
         self._writers = ThreadPoolExecutor(max_workers=BIND_WRITERS, thread_name_prefix="bind")
+
+    # --- the bindings and their sums (under the lock) ------------------------------------------
+
+    def _hold(self, uid: str, bound: Bound) -> Bound | None:
+        old = self._release(uid)
+        self._bound[uid] = bound
+        self._node_loads[bound.node] = _plus(self._node_loads.get(bound.node, Load()), bound.load)
+        self._namespace_usage[bound.namespace] = (
+            self._namespace_usage.get(bound.namespace, Usage()) + bound.usage
+        )
+        return old
+
+    def _release(self, uid: str) -> Bound | None:
+        old = self._bound.pop(uid, None)
+        if old is not None:
+            self._node_loads[old.node] = _plus(self._node_loads[old.node], old.load, -1)
+            used = self._namespace_usage[old.namespace]
+            self._namespace_usage[old.namespace] = Usage(
+                used.vcpus - old.vcpus, used.memory - old.memory, used.disk - old.disk
+            )
+        return old
 
     # --- what the watches tell us ------------------------------------------------------------
 
@@ -122,7 +176,7 @@ class Binder:
         label = (body["metadata"].get("labels") or {}).get(NODE_LABEL)
         with self._lock:
             if event_type == "DELETED":
-                freed = self._bound.pop(uid, None)
+                freed = self._release(uid)
                 self._pending.pop(uid, None)
                 self.addresses.release(uid)
                 if freed is not None:
@@ -132,12 +186,18 @@ class Binder:
             # between its two writes keeps what it was given).
             self.addresses.record(uid, assigned(body))
             if label:
-                vm = VirtualMachine.model_validate(body)
                 old = self._bound.get(uid)
-                self._bound[uid] = Bound(label, vm.spec.vcpus, vm.spec.memory_bytes, body, vm.spec.disk_bytes)
+                meta = body["metadata"]
+                if old is not None and old.node == label and old.generation == meta.get("generation"):
+                    # The same spec (a status write or a metadata change): no model to validate.
+                    old.phase = (body.get("status") or {}).get("phase")
+                    old.deleting = bool(meta.get("deletionTimestamp"))
+                else:
+                    new = _bound_from(label, body, VirtualMachine.model_validate(body))
+                    self._hold(uid, new)
+                    if old is not None and (old.vcpus > new.vcpus or old.memory > new.memory):
+                        self.changed.set()  # a VM shrank: room for a pending one, perhaps
                 self._pending.pop(uid, None)
-                if old is not None and (old.vcpus > vm.spec.vcpus or old.memory > vm.spec.memory_bytes):
-                    self.changed.set()  # a VM shrank: room for a pending one, perhaps
             elif not body["metadata"].get("deletionTimestamp"):
                 # Kept even while a binding of it is in flight: if that write loses to this newer
                 # version (409), the next pass binds from it (else it would wait for yet another
@@ -166,21 +226,11 @@ class Binder:
     def _node_infos(self) -> list[NodeInfo]:
         return [node_info(summary, self.node_lost_seconds) for summary in self._nodes.values()]
 
-    def _loads(self) -> dict[str, Load]:
-        loads: dict[str, Load] = {}
-        for bound in self._bound.values():
-            cur = loads.get(bound.node, Load())
-            loads[bound.node] = Load(
-                cur.vcpus + bound.vcpus, cur.memory + bound.memory, cur.disk + bound.disk
-            )
-        return loads
-
     def _quota_refusal(self, namespace: str, wanted: Usage) -> str | None:
         quotas = [quota for (ns, _), quota in self._quotas.items() if ns == namespace]
         if not quotas:
             return None
-        used = sum((b.usage for b in self._bound.values() if b.namespace == namespace), Usage())
-        return refusal(quotas, used, wanted)
+        return refusal(quotas, self._namespace_usage.get(namespace, Usage()), wanted)
 
     def bind_pending(self) -> None:
         """Try to bind every unbound VM, oldest first: decided one at a time under the lock (each
@@ -229,7 +279,7 @@ class Binder:
                 decision, reason = Decision(None, refused.message), refused.reason
             else:
                 decision = place(
-                    request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
+                    request, self._node_infos(), self._node_loads, self.cpu_overcommit, self.memory_overcommit
                 )
             if decision.node is not None:
                 try:
@@ -240,7 +290,7 @@ class Binder:
                     decision, reason = Decision(None, str(exc)), "AddressesExhausted"
             if decision.node is not None:
                 # Count it now, so the next VM in this pass sees the slot as taken.
-                self._bound[uid] = Bound(decision.node, request.vcpus, request.memory, body, request.disk)
+                self._hold(uid, _bound_from(decision.node, body, vm))
                 self._pending.pop(uid, None)
         return _Plan(body, vm, decision, reason, addresses)
 
@@ -264,7 +314,7 @@ class Binder:
             metrics.BINDINGS.labels("conflict").inc()
             uid = vm.metadata.uid or ""
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
-                self._bound.pop(uid, None)
+                self._release(uid)
                 self.addresses.release(uid)
                 self.addresses.record(uid, assigned(body))
             self.changed.set()  # the newer version may be in the pending set already
@@ -342,12 +392,15 @@ class Binder:
             metrics.NODES_LOST.set(sum(1 for info in infos.values() if not info.ready))
             victims = [b for b in self._bound.values() if b.node in infos and not infos[b.node].ready]
         for bound in victims:
-            status = bound.body.get("status") or {}
-            if status.get("phase") in ("Unknown", None) or bound.body["metadata"].get("deletionTimestamp"):
+            if bound.phase in ("Unknown", None) or bound.deleting:
+                continue
+            # Read now: the binder keeps no bodies, and a node is lost rarely.
+            body = self.status.get_or_none(bound.namespace, bound.name)
+            if body is None or _label(body) != bound.node or body["metadata"].get("deletionTimestamp"):
                 continue
             message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
-            self.status.write(bound.body, _lost(message, bound.body["metadata"].get("generation")))
-            self.events.post(bound.body, VM_KIND, "NodeLost", message, "Warning")
+            self.status.write(body, _lost(message, body["metadata"].get("generation")))
+            self.events.post(body, VM_KIND, "NodeLost", message, "Warning")
 
 
 def _label(body: dict[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
+from formation_vmm.kopf_settings import watch_only
 from formation_vmm.kube import Kube
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
         settings.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.name={lease_name}"
-        settings.posting.enabled = False  # our own EventRecorder posts what users read
+        watch_only(settings)
         state = controller_memo(memo)
         state.tasks = [
             asyncio.create_task(_lead(state), name="leader"),
