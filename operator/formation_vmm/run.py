@@ -18,6 +18,7 @@ from formation_vmm.agent import debug_api
 from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.access import CallerAccess
 from formation_vmm.agent.confinement import confinement_problem
+from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.handlers import AgentMemo
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.hypervisor.guest_agent import guest_ping
@@ -231,9 +232,12 @@ def run_agent(settings: Settings) -> None:
     cache = VmCache()
     images = ImageCatalog()
 
+    echoes = Echoes()
+
     def on_domain_event(name: str, event: str) -> None:  # from libvirt's event thread
         metrics.DOMAIN_EVENTS.labels(event).inc()
-        queue.add(name)
+        if not echoes.is_echo(name, event):
+            queue.add(name)
 
     def on_image_change(namespace: str, image: str) -> None:
         for key in cache.users_of(namespace, image):
@@ -277,6 +281,7 @@ def run_agent(settings: Settings) -> None:
         settings.domain_type,
         ClusterInputs(kube, node_images, images, key, node),
         networks=networks,
+        echoes=echoes,
         firmware=NodeFirmware(
             bios=settings.kernel_path,
             efi_code=settings.efi_code,
@@ -289,7 +294,16 @@ def run_agent(settings: Settings) -> None:
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     prober = _prober(settings, hypervisor, queue.add)
     endpoint = settings.advertise_url or f"http://{node}:{settings.api_port}"
-    sync = VmSync(reconciler, vm_status, events, node, settings.retry_seconds, prober, endpoint)
+    sync = VmSync(
+        reconciler,
+        vm_status,
+        events,
+        node,
+        settings.retry_seconds,
+        prober,
+        endpoint,
+        on_written=cache.written,
+    )
 
     def vm_bound_here(namespace: str, name: str, uid: str) -> bool:
         """Whether a VM still exists with that uid, bound to this node. Any doubt (an API

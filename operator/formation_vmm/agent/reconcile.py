@@ -12,6 +12,7 @@ from typing import Protocol
 from formation_vmm import metrics
 from formation_vmm.agent import files
 from formation_vmm.agent.disks import disk_growth
+from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import InputNotReadyError, Inputs
 from formation_vmm.agent.plan import Action, DomainState, plan, restart_done
@@ -59,8 +60,10 @@ class Reconciler:
         clock: Clock = time.monotonic,
         networks: VmNetworks | None = None,
         firmware: NodeFirmware | None = None,
+        echoes: Echoes | None = None,
     ) -> None:
         self.hypervisor = hypervisor
+        self.echoes = echoes  # told of each call whose lifecycle event only echoes it
         self.layout = layout
         self.domain_type = domain_type
         self.inputs = inputs
@@ -197,6 +200,24 @@ class Reconciler:
         namespace = vm.metadata.namespace or ""
         log.info("%s/%s: %s", namespace, vm.metadata.name, action.value)
         metrics.ACTIONS.labels(action.value).inc()
+        if self.echoes is None:
+            self._call(action, vm, name, spec, images)
+            return
+        self.echoes.expect(name, action.value)
+        try:
+            self._call(action, vm, name, spec, images)
+        except BaseException:
+            self.echoes.withdraw(name, action.value)  # no call, no echo to wait for
+            raise
+
+    def _call(
+        self,
+        action: Action,
+        vm: VirtualMachine,
+        name: str,
+        spec: DomainSpec | None,
+        images: dict[str, BaseImage],
+    ) -> None:
         if action is Action.PREPARE_FILES:
             assert spec is not None
             sizes = {d.name: parse_quantity(d.size) for d in vm.spec.disks if d.size is not None}

@@ -61,8 +61,10 @@ class VmSync:
         retry_seconds: float = 10.0,
         prober: Prober | None = None,
         endpoint: str | None = None,
+        on_written: Callable[[Body], None] | None = None,
     ) -> None:
         self.reconciler = reconciler
+        self.on_written = on_written  # told of each VM our status write made, as it returns
         self.endpoint = endpoint
         self.prober = prober
         self.status = status
@@ -238,6 +240,8 @@ class VmSync:
         written = self.status.write(body, self._bound(vm, update))
         self._written.add(vm.metadata.uid or "")
         if written is not None:
+            if self.on_written is not None:
+                self.on_written(written)
             self._last_written[vm.metadata.uid or ""] = written
 
     def _write_if_changed(

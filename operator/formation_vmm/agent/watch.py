@@ -34,18 +34,36 @@ class VmCache:
 
     def __init__(self) -> None:
         self._bodies: dict[str, Body] = {}
+        self._own: dict[str, str] = {}  # domain name -> resourceVersion of our last status write
         self._lock = threading.Lock()
 
-    def update(self, event_type: str | None, body: Body) -> str:
+    def update(self, event_type: str | None, body: Body) -> tuple[str, bool]:
+        """Hold ``body``; returns the domain's name and whether the body is news: False when it
+        is the version our own last status write made (the watch echoing it: the sync that
+        wrote it saw all there is to see) or the very version held already."""
         meta = body["metadata"]
         key = domain_name(meta["namespace"], meta["name"])
+        version = meta.get("resourceVersion")
         with self._lock:
+            held = (self._bodies.get(key) or {}).get("metadata", {})
+            same_uid = held.get("uid") == meta.get("uid")
             if event_type == "DELETED":
-                if (self._bodies.get(key) or {}).get("metadata", {}).get("uid") == meta.get("uid"):
+                if same_uid:
                     self._bodies.pop(key, None)
-            else:
-                self._bodies[key] = body
-        return key
+                self._own.pop(key, None)
+                return key, True
+            echo = self._own.pop(key, None) == version
+            news = not echo and not (same_uid and held.get("resourceVersion") == version)
+            self._bodies[key] = body
+        return key, news
+
+    def written(self, body: Body) -> None:
+        """Our status write made ``body``: called from the writing thread as the write returns,
+        before the watch's echo of it usually arrives (``advance`` comes later, too late for
+        that in a burst)."""
+        meta = body["metadata"]
+        with self._lock:
+            self._own[domain_name(meta["namespace"], meta["name"])] = meta.get("resourceVersion", "")
 
     def advance(self, key: str, acted_on: Body, written: Body) -> None:
         """Our own write made ``written`` from ``acted_on``: hold it now, unless the watch brought
@@ -169,9 +187,11 @@ class Watcher:
     # --- what asks for a sync ------------------------------------------------------------------
 
     def vm_event(self, event_type: str | None, body: Body) -> None:
-        """A watch event of a VM bound to this node (from kopf)."""
-        key = self.cache.update(event_type, body)
-        if event_type != "DELETED":
+        """A watch event of a VM bound to this node (from kopf). The echo of our own status
+        write is not queued: a resourceVersion names one content, and the domain's own changes
+        come as libvirt events (in a burst this halves the syncs: a dry-run reconcile per VM)."""
+        key, news = self.cache.update(event_type, body)
+        if event_type != "DELETED" and news:
             self.queue.add(key)
 
     def image_changed(self, namespace: str, image: str) -> None:
