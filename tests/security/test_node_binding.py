@@ -210,13 +210,25 @@ def test_per_vm_limits_are_the_admins(fleet: Fleet, ns: str, tenant: Kubectl) ->
     assert "at most 64 vCPUs in this cluster (it asks for 128)" in err
     big["spec"] = {"cpus": 2, "memory": "1Ti"}
     assert "at most 256Gi of memory" in refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(big))
-    limits = json.dumps({"data": {"maxCpus": "2"}})
+    wide = yaml.safe_load(vm_doc(ns, "wide"))
+    wide["spec"]["cpus"] = 2
+    tenant("create", "-f", "-", input_text=yaml.safe_dump(wide))
+    fleet.wait_phase(ns, "wide", "Running")
+    limits = json.dumps({"data": {"maxCpus": "1"}})
     fleet.kubectl(
         "patch", "configmap", "formation-vmm-limits", "-n", "formation-vmm", "--type=merge", "-p", limits
     )
     try:
         big["spec"] = {"cpus": 4, "memory": "64Mi"}
-        assert "at most 2 vCPUs" in refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(big))
+        assert "at most 1 vCPUs" in refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(big))
+        # A VM made under the old limit: a change of what it asks for meets the new one...
+        resize = json.dumps({"spec": {"memory": "96Mi"}})
+        assert "at most 1 vCPUs" in refused(tenant, "patch", "vm", "wide", "--type=merge", "-p", resize)
+        # ... but what leaves its spec alone is not refused: a label, and its deletion, which
+        # needs its agent to remove its finalizer (an update of the VM).
+        tenant("label", "vm", "wide", "tier=gold")
+        tenant("delete", "vm", "wide", "--wait=false")
+        fleet.wait_gone("vm", ns, "wide")
     finally:
         restore = json.dumps({"data": {"maxCpus": "64"}})
         fleet.kubectl(
