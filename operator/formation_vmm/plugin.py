@@ -178,7 +178,7 @@ def _endpoint(vms: Vms, vm: VirtualMachine) -> str:
     return endpoint.rstrip("/")
 
 
-def _open_agent(vms: Vms, url: str, node: str | None) -> Any:
+def _open_agent(vms: Vms, url: str, node: str | None, timeout: float = 30) -> Any:
     """GET ``url`` from an agent with the user's bearer token: the agent asks the apiserver who
     that is and whether they may (agent/access.py)."""
     token = vms.kube.bearer_token()
@@ -189,7 +189,7 @@ def _open_agent(vms: Vms, url: str, node: str | None) -> Any:
         )
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
     try:
-        return urllib.request.urlopen(request, timeout=30)  # noqa: S310 - http(s) checked by _endpoint
+        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) checked by _endpoint
     except urllib.error.HTTPError as exc:
         detail = exc.read(2048).decode(errors="replace").strip()
         raise PluginError(f"the agent on {node} refused: {detail or exc.reason}") from exc
@@ -198,17 +198,27 @@ def _open_agent(vms: Vms, url: str, node: str | None) -> Any:
 
 
 def verb_console(vms: Vms, args: argparse.Namespace) -> str:
+    """Print the console. Following it, a guest silent for ``--idle-reconnect`` seconds is no
+    error: the read times out and the plugin asks again from the byte it got to (a quiet guest
+    used to end ``kubectl vm console`` after 30 s with "broke off: timed out")."""
     vm = vms.get(args.name)
     follow = "false" if args.no_follow else "true"
-    url = f"{_endpoint(vms, vm)}/vms/{vms.namespace}/{args.name}/console?follow={follow}"
-    with _open_agent(vms, url, vm.status.node_name) as resp:
-        try:
-            while chunk := resp.read1(65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-        except (OSError, TimeoutError) as exc:
-            raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
-    return ""
+    base = f"{_endpoint(vms, vm)}/vms/{vms.namespace}/{args.name}/console?follow={follow}"
+    printed = 0
+    while True:
+        url = f"{base}&offset={printed}" if printed else base
+        with _open_agent(vms, url, vm.status.node_name, args.idle_reconnect) as resp:
+            try:
+                while chunk := resp.read1(65536):
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                    printed += len(chunk)
+                return ""
+            except TimeoutError as exc:
+                if args.no_follow:
+                    raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
+            except OSError as exc:
+                raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
 
 
 def top_rows(before: dict[str, Any], after: dict[str, Any], seconds: float) -> list[list[str]]:
@@ -317,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     console = sub.add_parser("console", help="print the VM's serial console, following it")
     console.add_argument("name")
     console.add_argument("--no-follow", action="store_true", help="print what is there and exit")
+    console.add_argument(
+        "--idle-reconnect",
+        type=float,
+        default=30.0,
+        help="following, ask the agent again after this many seconds without output (default 30)",
+    )
     console.set_defaults(run=verb_console)
     sub.add_parser("list", help="the VMs of the namespace").set_defaults(run=verb_list)
     top = sub.add_parser("top", help="CPU, memory, disk and network of running VMs, from their agents")

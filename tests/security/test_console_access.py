@@ -3,6 +3,10 @@ plugin with real tokens, the RBAC we ship aggregated into Kubernetes' own roles,
 TokenReview and SubjectAccessReview against the real apiserver. The tenant-data endpoints of the
 replaced service answer on the node's loopback only, never on the agent's public port."""
 
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -122,3 +126,50 @@ def test_a_console_log_larger_than_any_read_comes_whole(fleet: Fleet, ns: str) -
     status, _ = get(fleet.agents["node-a"].url + "/healthz")
     assert status == 200
     wait_for(lambda: get(fleet.agents["node-a"].url + "/readyz")[0] == 200, 10, "the agent ready")
+
+
+def test_following_a_quiet_console_goes_on_where_it_was(fleet: Fleet, ns: str) -> None:
+    """A guest silent for longer than the plugin's read timeout (1 s here, 30 by default): the
+    plugin asks the agent again from the byte it reached, so following neither ends nor prints
+    anything twice. It used to end with "broke off: timed out"."""
+    fleet.apply_vm(ns, "hush", **ON_A)
+    fleet.wait_phase(ns, "hush", "Running")
+    log = console_log(fleet, ns, "hush")
+    log.write_text("before the silence\n")
+    owner = fleet.user(ns, "owner", "edit")
+    argv = [sys.executable, "-m", "formation_vmm.plugin", f"--kubeconfig={owner}", "-n", ns]
+    follower = subprocess.Popen(
+        [*argv, "console", "hush", "--idle-reconnect", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    got = bytearray()
+
+    def read() -> None:
+        assert follower.stdout is not None
+        while chunk := follower.stdout.read1(4096):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        wait_for(lambda: bytes(got) == b"before the silence\n", 30, "the console's first line")
+        time.sleep(3.5)  # the guest says nothing for three of the plugin's read timeouts
+        with log.open("a") as f:
+            f.write("after it\n")
+        wait_for(lambda: b"after it" in got, 30, "the line printed after the silence")
+        assert bytes(got) == b"before the silence\nafter it\n"
+        assert follower.poll() is None, follower.stderr.read().decode()  # type: ignore[union-attr]
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        reader.join(10)
+
+
+def test_an_offset_that_is_no_number_is_refused(fleet: Fleet, ns: str) -> None:
+    fleet.apply_vm(ns, "counted-bytes", **ON_A)
+    fleet.wait_phase(ns, "counted-bytes", "Running")
+    console_log(fleet, ns, "counted-bytes").write_text("0123456789\n")
+    token = token_of(fleet.user(ns, "owner", "edit"))
+    url = f"{fleet.agents['node-a'].url}/vms/{ns}/counted-bytes/console?follow=false"
+    assert get(f"{url}&offset=4", token) == (200, "456789\n")
+    status, body = get(f"{url}&offset=-1", token)
+    assert status == 400 and "offset must be a number of bytes" in body

@@ -173,15 +173,19 @@ def node_local_routes(
 
 
 async def _serve_console(request: web.Request, path: Path) -> web.StreamResponse:
+    """The log from ``offset`` (default 0: where a client that lost its connection resumes);
+    with ``follow``, then whatever the guest prints next, until the client leaves."""
     follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+    raw = request.query.get("offset", "0")
+    if not raw.isdecimal() or len(raw) > 18:
+        raise web.HTTPBadRequest(text=f"offset must be a number of bytes, not {raw[:40]!r}\n")
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
-    await _stream(path, response, follow)
+    await _stream(path, response, follow, int(raw))
     return response
 
 
-async def _stream(path: Path, response: web.StreamResponse, follow: bool) -> None:
-    offset = 0
+async def _stream(path: Path, response: web.StreamResponse, follow: bool, offset: int = 0) -> None:
     while True:
         start, chunk = await asyncio.to_thread(_read_chunk, path, offset)
         if chunk:
