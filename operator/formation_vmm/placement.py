@@ -39,6 +39,12 @@ class Load:
     memory: int = 0
     disk: int = 0
 
+    def __add__(self, other: "Load") -> "Load":
+        return Load(self.vcpus + other.vcpus, self.memory + other.memory, self.disk + other.disk)
+
+    def __sub__(self, other: "Load") -> "Load":
+        return Load(self.vcpus - other.vcpus, self.memory - other.memory, self.disk - other.disk)
+
 
 @dataclass(frozen=True)
 class Decision:

@@ -26,6 +26,9 @@ class Usage:
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(self.vcpus + other.vcpus, self.memory + other.memory, self.disk + other.disk)
 
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(self.vcpus - other.vcpus, self.memory - other.memory, self.disk - other.disk)
+
 
 @dataclass(frozen=True)
 class Quota:

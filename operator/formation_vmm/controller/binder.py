@@ -92,12 +92,6 @@ def _bound_from(node: str, body: dict[str, Any], vm: VirtualMachine) -> Bound:
     )
 
 
-def _plus(load: Load, other: Load, sign: int = 1) -> Load:
-    return Load(
-        load.vcpus + sign * other.vcpus, load.memory + sign * other.memory, load.disk + sign * other.disk
-    )
-
-
 class Binder:
     def __init__(
         self,
@@ -135,7 +129,7 @@ class Binder:
     def _hold(self, uid: str, bound: Bound) -> Bound | None:
         old = self._release(uid)
         self._bound[uid] = bound
-        self._node_loads[bound.node] = _plus(self._node_loads.get(bound.node, Load()), bound.load)
+        self._node_loads[bound.node] = self._node_loads.get(bound.node, Load()) + bound.load
         self._namespace_usage[bound.namespace] = (
             self._namespace_usage.get(bound.namespace, Usage()) + bound.usage
         )
@@ -144,11 +138,8 @@ class Binder:
     def _release(self, uid: str) -> Bound | None:
         old = self._bound.pop(uid, None)
         if old is not None:
-            self._node_loads[old.node] = _plus(self._node_loads[old.node], old.load, -1)
-            used = self._namespace_usage[old.namespace]
-            self._namespace_usage[old.namespace] = Usage(
-                used.vcpus - old.vcpus, used.memory - old.memory, used.disk - old.disk
-            )
+            self._node_loads[old.node] -= old.load
+            self._namespace_usage[old.namespace] -= old.usage
         return old
 
     # --- what the watches tell us ------------------------------------------------------------
