@@ -33,6 +33,17 @@ def _defined_xml(net: libvirt.virNetwork) -> str:
         return str(net.XMLDesc(0))
 
 
+def _state_or_none(net: libvirt.virNetwork, name: str) -> NetworkState | None:
+    """The network's state; None when it was removed after the listing named it (a VM's last
+    network going as its VM goes: seen as a 500 from the agent's /networks)."""
+    try:
+        return NetworkState(name, _defined_xml(net), bool(net.isActive()), bool(net.autostart()))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+            return None
+        raise
+
+
 class HypervisorNetworks:
     def __init__(self, hypervisor: Hypervisor) -> None:
         self.hypervisor = hypervisor
@@ -44,9 +55,9 @@ class HypervisorNetworks:
             for net in self.hypervisor.connection().listAllNetworks():
                 name = str(net.name())
                 if name.startswith(LIBVIRT_NETWORK_PREFIX):
-                    found[name] = NetworkState(
-                        name, _defined_xml(net), bool(net.isActive()), bool(net.autostart())
-                    )
+                    state = _state_or_none(net, name)
+                    if state is not None:
+                        found[name] = state
             return found
         except libvirt.libvirtError as exc:
             raise hypervisor_error(exc, "cannot list networks") from exc
