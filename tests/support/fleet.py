@@ -98,11 +98,18 @@ class Fleet:
         what: str,
         timeout: float = 60,
     ) -> dict[str, Any]:
+        seen: list[dict[str, Any] | None] = [None]
+
         def probe() -> dict[str, Any] | None:
-            vm = self.vm_or_none(namespace, name)
+            vm = seen[0] = self.vm_or_none(namespace, name)
             return vm if vm is not None and check(vm) else None
 
-        return wait_for(probe, timeout, f"{namespace}/{name} {what}")  # type: ignore[no-any-return]
+        try:
+            return wait_for(probe, timeout, f"{namespace}/{name} {what}")  # type: ignore[no-any-return]
+        except AssertionError as exc:
+            # Say where the VM was, not only that it was not there yet (a VM left Pending by a
+            # full node and one its agent never synced fail alike otherwise).
+            raise AssertionError(f"{exc}; the VM was: {_where(seen[0])}") from None
 
     def wait_phase(self, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
         return self.wait_vm(
@@ -296,3 +303,17 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode)
             stop(proc.pid)
         for node in [*TEST_NODES, QEMU_NODE]:
             kubectl("delete", "node", node, check=False)
+
+
+def _where(vm: dict[str, Any] | None) -> str:
+    if vm is None:
+        return "not found"
+    status = vm.get("status") or {}
+    conditions = {
+        c.get("type"): f"{c.get('status')} {c.get('reason')}: {c.get('message')}"
+        for c in status.get("conditions") or []
+    }
+    return (
+        f"label {(vm['metadata'].get('labels') or {}).get('vmm.formation.cloud/node')!r}, "
+        f"phase {status.get('phase')!r}, message {status.get('message')!r}, conditions {conditions}"
+    )
