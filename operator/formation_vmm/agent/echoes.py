@@ -9,10 +9,11 @@ hide a later event of the same kind for long (and events of other kinds, a crash
 own shutdown, are never taken for echoes).
 """
 
+import contextlib
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # The lifecycle event (connection.py's names) each of our calls causes.
 CAUSED_BY = {
@@ -39,6 +40,16 @@ class Echoes:
             return
         with self._lock:
             self._expected[domain].append((event, self.clock() + self.ttl))
+
+    @contextlib.contextmanager
+    def expecting(self, domain: str, call: str) -> Iterator[None]:
+        """Around ``call`` on ``domain``: its event is an echo, unless the call fails."""
+        self.expect(domain, call)
+        try:
+            yield
+        except BaseException:
+            self.withdraw(domain, call)  # no call, no echo to wait for
+            raise
 
     def withdraw(self, domain: str, call: str) -> None:
         """The call failed: its event will not come."""

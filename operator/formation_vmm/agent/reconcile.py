@@ -63,7 +63,7 @@ class Reconciler:
         echoes: Echoes | None = None,
     ) -> None:
         self.hypervisor = hypervisor
-        self.echoes = echoes  # told of each call whose lifecycle event only echoes it
+        self.echoes = echoes or Echoes()  # told of each call whose lifecycle event only echoes it
         self.layout = layout
         self.domain_type = domain_type
         self.inputs = inputs
@@ -133,7 +133,8 @@ class Reconciler:
         if self.networks is not None and (Action.DEFINE in actions or Action.START in actions):
             self.networks.require(vm)  # its networks run here and hand out its addresses
         for action in actions:
-            self._act(action, vm, name, spec, images)
+            with self.echoes.expecting(name, action.value):
+                self._act(action, vm, name, spec, images)
             if action is Action.SHUTDOWN:
                 self._set_deadline(uid, now + desired.grace_seconds)
         after = self.hypervisor.describe(name)
@@ -200,24 +201,6 @@ class Reconciler:
         namespace = vm.metadata.namespace or ""
         log.info("%s/%s: %s", namespace, vm.metadata.name, action.value)
         metrics.ACTIONS.labels(action.value).inc()
-        if self.echoes is None:
-            self._call(action, vm, name, spec, images)
-            return
-        self.echoes.expect(name, action.value)
-        try:
-            self._call(action, vm, name, spec, images)
-        except BaseException:
-            self.echoes.withdraw(name, action.value)  # no call, no echo to wait for
-            raise
-
-    def _call(
-        self,
-        action: Action,
-        vm: VirtualMachine,
-        name: str,
-        spec: DomainSpec | None,
-        images: dict[str, BaseImage],
-    ) -> None:
         if action is Action.PREPARE_FILES:
             assert spec is not None
             sizes = {d.name: parse_quantity(d.size) for d in vm.spec.disks if d.size is not None}
