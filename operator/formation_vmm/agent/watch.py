@@ -1,8 +1,9 @@
 """Every path by which a VM of this node gets synced, and the queue they share: the watch (a VM
-changed), libvirt's lifecycle events (a crash or a guest shutdown shows in status within a
-second), retries and stop deadlines, and the periodic resync (drift: a domain removed behind our
-back is recreated, a domain whose VM is gone is removed, IPs appear). Each only queues the
-domain's name; the queue's workers do the syncing."""
+changed), libvirt's lifecycle events (run.py's listener queues them, less the echoes of our own
+calls, agent/echoes.py: a crash or a guest shutdown shows in status within a second), retries
+and stop deadlines, and the periodic resync (drift: a domain removed behind our back is
+recreated, a domain whose VM is gone is removed, IPs appear). Each only queues the domain's
+name; the queue's workers do the syncing."""
 
 import logging
 import threading
@@ -198,12 +199,6 @@ class Watcher:
         """A VmImage appeared or changed: the VMs that wait for it need not wait for a retry."""
         for key in self.cache.users_of(namespace, image):
             self.queue.add(key)
-
-    def on_domain_event(self, name: str, event: str) -> None:
-        """Called from libvirt's event thread."""
-        log.debug("domain %s: %s", name, event)
-        metrics.DOMAIN_EVENTS.labels(event).inc()
-        self.queue.add(name)
 
     def resync(self) -> None:
         """Queue every VM of the cache, and every domain of ours whose VM the cache lacks. Every
