@@ -140,8 +140,8 @@ def test_cloud_init_seed_is_attached(fleet: Fleet, ns: str) -> None:
         "instance-id": vm["metadata"]["uid"],
         "local-hostname": "seeded",
     }
-    dumped = fleet.virsh("dumpxml", f"{ns}_seeded")  # the domain really has the seed as a CD-ROM
-    assert str(seed) in dumped and "cdrom" in dumped
+    dumped = fleet.virsh("dumpxml", f"{ns}_seeded")  # the domain really has the seed, read-only
+    assert str(seed) in dumped and "<readonly/>" in dumped
 
 
 def test_snapshot_and_restore_bring_back_what_the_guest_wrote(

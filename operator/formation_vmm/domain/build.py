@@ -144,14 +144,16 @@ def build_domain_spec(
             )
         )
     if spec.cloud_init is not None:
+        # A read-only virtio disk, as KubeVirt attaches it: cloud kernels (Debian's among them)
+        # have virtio but no AHCI, so a SATA CD-ROM seed is invisible to them and cloud-init
+        # falls back to no datasource at all, silently ignoring the VM's configuration.
         disks.append(
             DiskDevice(
                 name="cloudinit",
                 path=layout.seed_path(owner),
-                bus="sata",
+                bus="virtio",
                 read_only=True,
                 driver_type="raw",
-                device="cdrom",
             )
         )
     kernel = None
