@@ -12,6 +12,10 @@ PACKAGES=(
   linux-image-cloud-amd64 busybox-static cpio
   # The QEMU guest agent, copied into the test guest's initramfs (guestAgentPing probes).
   qemu-guest-agent
+  # The Debian 12 test guest's disk image (formation_vmm/devcluster/debian_image.py), built
+  # without loop devices: mmdebstrap, an ext4 from a directory, a FAT ESP by mtools, GRUB's
+  # BIOS and UEFI images.
+  mmdebstrap fdisk e2fsprogs dosfstools mtools grub-pc-bin grub-efi-amd64-bin
   dnsmasq-base iproute2 curl ca-certificates git
 )
 missing=()

@@ -1,8 +1,10 @@
-"""Tiers: every test module carries exactly one of the markers pure, host, libvirt, controlplane."""
+"""Tiers: every test module carries exactly one of the markers pure, host, libvirt, controlplane,
+guest (a real distribution booted on TCG: minutes; `hack/test -m "not guest"` skips it locally,
+CI never does)."""
 
 import pytest
 
-TIERS = {"pure", "host", "libvirt", "controlplane"}
+TIERS = {"pure", "host", "libvirt", "controlplane", "guest"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,136 @@
+"""What users boot first, on real QEMU (TCG): a Debian 12 cloud image built here from Debian's
+packages (formation_vmm/devcluster/debian_image.py), served over loopback HTTP as a qcow2
+VmImage, booted from a root-disk overlay through SeaBIOS and through OVMF, configured by
+cloud-init from the VM's spec and from a Secret, with its guest agent answering the readiness
+probe. The two guests boot side by side: each takes a minute or more under TCG."""
+
+import base64
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from formation_vmm.api.names import GROUP, VERSION
+from formation_vmm.devcluster import debian_image
+from tests.support.fleet import ON_QEMU, Fleet, condition
+from tests.support.image_server import ImageServer, serve
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.guest
+
+# A public key, as a user pastes it: cloud-init writes it, nothing here logs in with it.
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOgqNbVwq3Bs7nOb2mNTlV8DWuEQ4tXGXYyZ4nUo4RmZ tester@formation"
+CHECK = "formation-check"
+# cloud-init's final message ("Cloud-init v. 22.4.2 finished at ...").
+FINISHED = " finished at "
+
+
+def user_data(hostname: str) -> str:
+    """cloud-config that sets the hostname, creates a user with an SSH key and writes a file,
+    then prints what the guest sees of each (and its root filesystem's size) on the console."""
+    report = (
+        f'echo "{CHECK} hostname=$(hostname) key=$(cat /home/tester/.ssh/authorized_keys)'
+        ' file=$(cat /etc/formation/hello) rootmib=$(df -m --output=size / | sed 1d)"'
+        " > /dev/console"
+    )
+    doc = {
+        "hostname": hostname,
+        "users": [{"name": "tester", "shell": "/bin/bash", "ssh_authorized_keys": [SSH_KEY]}],
+        "write_files": [{"path": "/etc/formation/hello", "content": f"hello {hostname}\n"}],
+        "runcmd": [["sh", "-c", report]],
+    }
+    return "#cloud-config\n" + yaml.safe_dump(doc)
+
+
+@pytest.fixture(scope="module")
+def served_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageServer]:
+    image = debian_image.build()
+    root = tmp_path_factory.mktemp("debian")
+    (root / "debian-12.qcow2").symlink_to(image)
+    with serve(root) as server:
+        yield server
+
+
+def guest_spec(firmware: str, **extra: object) -> dict[str, object]:
+    return {
+        **ON_QEMU,
+        "memory": "512Mi",
+        "firmware": {"type": firmware},
+        # systemd powers off on ACPI well within this; the agent destroys only past it.
+        "terminationGracePeriodSeconds": 120,
+        # The image's disk is 1 GiB; the overlay is twice that, and growpart takes the rest.
+        "disks": [{"name": "root", "image": "debian-12", "size": "2Gi", "bootOrder": 1}],
+        "readinessProbe": {"guestAgentPing": {}, "periodSeconds": 5, "timeoutSeconds": 5},
+        **extra,
+    }
+
+
+def reported(text: str) -> dict[str, str]:
+    """The guest's own report (see user_data), as key=value pairs; empty until printed."""
+    for line in text.splitlines():
+        if line.startswith(CHECK + " "):
+            fields = line[len(CHECK) + 1 :].split(" file=")
+            head, _, rest = fields[0].partition(" key=")
+            file_text, _, root = fields[1].rpartition(" rootmib=")
+            return {
+                "hostname": head.removeprefix("hostname="),
+                "key": rest,
+                "file": file_text,
+                "rootmib": root.strip(),
+            }
+    return {}
+
+
+def test_debian_boots_through_bios_and_uefi_with_cloud_init_and_guest_agent(
+    fleet: Fleet, ns: str, served_image: ImageServer
+) -> None:
+    fleet.apply(
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VmImage",
+            "metadata": {"name": "debian-12", "namespace": ns},
+            "spec": {"source": {"http": {"url": served_image.url("/files/debian-12.qcow2")}}},
+        }
+    )
+    fleet.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "efi-user-data", "namespace": ns},
+            "data": {"userdata": base64.b64encode(user_data("from-a-secret").encode()).decode()},
+        }
+    )
+    fleet.apply_vm(ns, "bios", **guest_spec("bios", cloudInit={"userData": user_data("from-the-spec")}))
+    fleet.apply_vm(ns, "efi", **guest_spec("efi", cloudInit={"userDataSecretRef": {"name": "efi-user-data"}}))
+
+    expected = {"bios": "from-the-spec", "efi": "from-a-secret"}
+    for name in expected:
+        fleet.wait_phase(ns, name, "Running", 300)
+    for name, hostname in expected.items():
+        # cloud-init's last stage runs after multi-user.target: everything else is done by then.
+        wait_for(lambda n=name: FINISHED in fleet.console(ns, n), 420, f"cloud-init to finish in {name}")
+        text = fleet.console(ns, name)
+        assert debian_image.BOOTED_MARKER in text
+        assert "Datasource DataSourceNoCloud" in text  # the VM's seed, not the fallback
+        seen = reported(text)
+        assert seen == {
+            "hostname": hostname,
+            "key": SSH_KEY,
+            "file": f"hello {hostname}",
+            "rootmib": seen.get("rootmib", ""),
+        }, text[-3000:]
+        # growpart and resize2fs took the root filesystem from the image's 1 GiB to the disk's 2.
+        assert int(seen["rootmib"]) > 1500, seen
+    if_firmware = fleet.virsh("dumpxml", f"{ns}_efi")
+    assert "OVMF_CODE" in if_firmware and "nvram" in if_firmware
+
+    for name in expected:
+        vm = fleet.wait_vm(ns, name, lambda v: condition(v, "Ready").get("status") == "True", "Ready", 120)
+        assert condition(vm, "Ready")["reason"] == "ReadinessProbeSucceeded"
+
+    # A stop is an ACPI power-off that systemd carries out within the grace period: the kernel
+    # says so as the last thing, which a destroyed domain never prints.
+    out = fleet.plugin("-n", ns, "stop", "bios")
+    assert out.returncode == 0, out.stderr
+    fleet.wait_phase(ns, "bios", "Stopped", 120)
+    assert "reboot: Power down" in fleet.console(ns, "bios")
