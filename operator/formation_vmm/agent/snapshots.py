@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from formation_vmm import metrics
 from formation_vmm.agent.files import restore_marker
@@ -173,16 +173,28 @@ class Snapshots:
                 info = self.hypervisor.describe(dom)
                 running = info is not None and info.actual.active
                 mode = snapshot_mode(running, snap.spec.include_memory, self.hypervisor.runs_qemu)
+                indications: list[Literal["Online", "GuestAgent", "NoGuestAgent"]] | None = (
+                    ["Online"] if running else None
+                )
                 if mode is SnapshotMode.MEMORY:
                     if not self.libvirt.has_snapshot(dom, name):
                         self.libvirt.snapshot_with_memory(dom, name)
                 elif mode is SnapshotMode.LIVE_DISKS:
                     if not all(_has_internal(d, name) for d in disks):
-                        self.libvirt.snapshot_disks_live(dom, [str(d) for d in disks], name)
+                        # Frozen for the instant of the snapshot, and thawed whatever happens:
+                        # a guest left frozen hangs on its next write.
+                        frozen = self.libvirt.freeze(dom)
+                        try:
+                            self.libvirt.snapshot_disks_live(dom, [str(d) for d in disks], name)
+                        finally:
+                            if frozen:
+                                self.libvirt.thaw(dom)
+                        indications = ["Online", "GuestAgent" if frozen else "NoGuestAgent"]
                 else:
                     for disk in disks:
                         if not _has_internal(disk, name):
                             qemu_img.run("snapshot", "-c", name, str(disk))
+                self._keep_nvram(owner_of(vm), name)
                 size = sum(qemu_img.info(d, "qcow2").actual_size for d in disks)
         except (SnapshotError, HypervisorError, OSError) as exc:
             message = str(exc)
@@ -199,6 +211,7 @@ class Snapshots:
             size=size,
             memory=mode is SnapshotMode.MEMORY,
             disks=[d.stem for d in disks],
+            indications=indications,
             node_name=self.node,
             error=None,
         )
@@ -209,6 +222,14 @@ class Snapshots:
             body, SNAPSHOT_KIND, "SnapshotReady", f"{kind} of VM {vm.metadata.name} saved on {self.node}"
         )
 
+    def _keep_nvram(self, owner: Owner, snapshot: str) -> None:
+        """A UEFI VM's variables go with its snapshot (boot entries, Secure Boot keys): copied
+        whole beside the disks. OVMF writes them only when the guest changes a variable, so a
+        copy taken while it runs is the state of its last write."""
+        nvram = self.layout.nvram_path(owner)
+        if nvram.is_file():
+            atomic.write_bytes(self.layout.nvram_snapshot_path(owner, snapshot), nvram.read_bytes())
+
     def _delete_data(self, snap: VmSnapshot, vm_uid: str | None) -> None:
         """Remove the snapshot from the VM's disks (if the VM and its disks are still here)."""
         if vm_uid is None:
@@ -217,6 +238,7 @@ class Snapshots:
         owner = Owner(namespace=namespace, name=snap.spec.vm_name, uid=vm_uid)
         name = snapshot_name(snap.metadata.uid or "")
         vm_dir = self.layout.disk_dir(owner)
+        self.layout.nvram_snapshot_path(owner, name).unlink(missing_ok=True)
         disks = [vm_dir / f"{d}.qcow2" for d in snap.status.disks if (vm_dir / f"{d}.qcow2").exists()]
         if not disks:
             return  # deleted with the VM's disks
@@ -328,6 +350,9 @@ class Snapshots:
                 raise SnapshotError(f"the snapshot's data is gone from disk(s) {', '.join(missing)}")
             _write_marker(marker, restore_uid, "reverting")  # from here on the VM is held
             self.hypervisor.destroy(dom)  # stopped hard: its disks are about to be replaced
+            kept = self.layout.nvram_snapshot_path(owner_of(vm), name)
+            if kept.is_file():  # before a memory revert starts QEMU on it again
+                atomic.write_bytes(self.layout.nvram_path(owner_of(vm)), kept.read_bytes())
             if snap.status.memory:
                 self.libvirt.revert(dom, name)  # disks and memory: it resumes
             else:

@@ -181,6 +181,23 @@ class InterfaceStatus(ApiModel):
     info_source: str | None = None  # "ipam", "ipam, lease", "lease", "guest-agent", ...
 
 
+class GuestOSInfo(ApiModel):
+    """What the guest agent says of the guest's OS (``guest-get-osinfo``): the guest's word,
+    shown as it is, cut to ``GUEST_INFO_MAX`` characters a field."""
+
+    name: str | None = None
+    version: str | None = None
+    version_id: str | None = None
+    id: str | None = None
+    pretty_name: str | None = None
+    kernel_release: str | None = None
+    kernel_version: str | None = None
+    machine: str | None = None
+
+
+GUEST_INFO_MAX = 256
+
+
 class SealedValue(ApiModel):
     """A Secret's value sealed to one node's agent (see sealing.py); or why it is not there."""
 
@@ -207,6 +224,7 @@ class VirtualMachineStatus(ApiModel):
     vcpus: int | None = None
     last_restart_requested_at: datetime | None = None
     sealed_user_data: SealedValue | None = None
+    guest_os_info: GuestOSInfo | None = Field(default=None, alias="guestOSInfo")
 
 
 class ObjectMeta(ApiModel):
@@ -343,6 +361,9 @@ class VmSnapshotStatus(ApiModel):
     node_name: str | None = None
     memory: bool | None = None
     disks: list[str] = Field(default_factory=list)
+    # As KubeVirt's: Online (taken while the VM ran), GuestAgent (its filesystems were frozen
+    # through the guest agent: filesystem-consistent) or NoGuestAgent (crash-consistent).
+    indications: list[Literal["Online", "GuestAgent", "NoGuestAgent"]] | None = None
 
 
 class VmSnapshot(ApiModel):

@@ -37,6 +37,11 @@ class NodeLayout:
         """A UEFI VM's variables: kept with its disks, removed with them."""
         return self.disk_dir(owner) / "nvram.fd"
 
+    def nvram_snapshot_path(self, owner: Owner, snapshot: str) -> Path:
+        """The UEFI variables as they were when ``snapshot`` was taken (a raw file has no
+        internal snapshots, so a snapshot keeps a copy beside the disks)."""
+        return self.disk_dir(owner) / f"nvram-{require_label(snapshot, 'snapshot name')}.fd"
+
     def console_log(self, owner: Owner) -> Path:
         return self.runtime_dir(owner) / "console.log"
 

@@ -2,6 +2,7 @@
 transaction, for what libvirt's API has no call for), or of its disks and memory (libvirt)."""
 
 import json
+import logging
 from typing import Any
 
 import libvirt
@@ -10,6 +11,8 @@ import libvirt_qemu  # ships with libvirt-python
 from formation_vmm.agent.hypervisor.connection import Hypervisor, HypervisorError, hypervisor_error
 from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
 from formation_vmm.domain.xml import block_nodes, readonly_targets
+
+log = logging.getLogger(__name__)
 
 
 class DomainSnapshots:
@@ -28,6 +31,24 @@ class DomainSnapshots:
         if missing:
             raise HypervisorError(f"the running domain has no block node for {', '.join(missing)}")
         return [nodes[p] for p in paths]
+
+    def freeze(self, name: str) -> bool:
+        """Freeze the guest's filesystems through its guest agent (flushed, and no writes until
+        ``thaw``); False when no agent answers, and nothing is frozen."""
+        dom = self.hypervisor.require(name)
+        try:
+            dom.fsFreeze(None, 0)
+        except libvirt.libvirtError as exc:
+            log.info("%s: filesystems not frozen: %s", name, exc.get_error_message())
+            return False
+        return True
+
+    def thaw(self, name: str) -> None:
+        dom = self.hypervisor.require(name)
+        try:
+            dom.fsThaw(None, 0)
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc, f"cannot thaw the filesystems of {name}") from exc
 
     def snapshot_disks_live(self, name: str, paths: list[str], snapshot: str) -> None:
         """One internal snapshot on each disk of a running QEMU domain, in one transaction (all
