@@ -28,6 +28,7 @@ SHUTTING = Actual(DomainState.SHUTTING_DOWN, owner_uid="u1")
 FOREIGN = Actual(DomainState.RUNNING, owner_uid="an-older-vm")
 WAITING = StopProgress.WAITING
 EXPIRED = StopProgress.EXPIRED
+UNANSWERED = StopProgress.UNANSWERED
 
 
 def want(strategy: str = "Always", paused: bool = False, **kw: object) -> Desired:
@@ -48,6 +49,9 @@ def want(strategy: str = "Always", paused: bool = False, **kw: object) -> Desire
         (want("Halted"), RUNNING, [A.SHUTDOWN]),
         (want("Halted", stop=WAITING), RUNNING, []),
         (want("Halted", stop=EXPIRED), RUNNING, [A.DESTROY]),
+        # Half the grace period and still running: its guest agent is asked, once.
+        (want("Halted", stop=UNANSWERED), RUNNING, [A.AGENT_SHUTDOWN]),
+        (want(deleting=True, stop=UNANSWERED), RUNNING, [A.AGENT_SHUTDOWN]),
         (want("Halted", grace_seconds=0), RUNNING, [A.DESTROY]),
         (want("Halted"), PAUSED, [A.SHUTDOWN]),
         (want("Halted", stop=WAITING), SHUTTING, []),
@@ -136,11 +140,21 @@ def test_deleting_is_terminating_whatever_the_domain() -> None:
 
 
 @pytest.mark.parametrize(
-    ("deadline", "now", "progress"),
-    [(None, 5.0, StopProgress.NOT_ASKED), (10.0, 5.0, WAITING), (10.0, 10.0, EXPIRED), (10.0, 11.0, EXPIRED)],
+    ("deadline", "now", "nudge", "progress"),
+    [
+        (None, 5.0, None, StopProgress.NOT_ASKED),
+        (10.0, 5.0, None, WAITING),
+        (10.0, 10.0, None, EXPIRED),
+        (10.0, 11.0, None, EXPIRED),
+        (10.0, 4.0, 5.0, WAITING),  # before half the grace period
+        (10.0, 5.0, 5.0, UNANSWERED),
+        (10.0, 10.0, 5.0, EXPIRED),  # the deadline wins over an agent never asked
+    ],
 )
-def test_stop_progress(deadline: float | None, now: float, progress: StopProgress) -> None:
-    assert stop_progress(deadline, now) is progress
+def test_stop_progress(
+    deadline: float | None, now: float, nudge: float | None, progress: StopProgress
+) -> None:
+    assert stop_progress(deadline, now, nudge) is progress
 
 
 @pytest.mark.parametrize(

@@ -60,11 +60,16 @@ def test_a_real_qemu_domain_starts_pauses_and_stops_without_waiting(
         out = rec.reconcile(halted)
         assert out.actions == [Action.SHUTDOWN]
         assert out.domain is not None and out.domain.actual.state is DomainState.RUNNING
-        assert out.stopping and out.requeue_after == 30
+        # Looked at again halfway through the grace period, when the guest agent is asked.
+        assert out.stopping and out.requeue_after == 15
         clock.now += 10
         out = rec.reconcile(halted)
-        assert out.actions == [] and out.stopping and out.requeue_after == 20
-        clock.now += 20  # the grace period is over: stopped hard
+        assert out.actions == [] and out.stopping and out.requeue_after == 5
+        clock.now += 5  # halfway: this guest has no agent to ask, and the stop goes on
+        out = rec.reconcile(halted)
+        assert out.actions == [Action.AGENT_SHUTDOWN] and out.stopping and out.requeue_after == 15
+        assert out.domain is not None and out.domain.actual.state is DomainState.RUNNING
+        clock.now += 15  # the grace period is over: stopped hard
         out = rec.reconcile(halted)
         assert out.actions == [Action.DESTROY]
         assert out.domain is not None and out.domain.actual.state is DomainState.SHUTOFF
@@ -77,7 +82,9 @@ def test_a_real_qemu_domain_starts_pauses_and_stops_without_waiting(
         )
         out = rec.reconcile(restart)
         assert out.actions == [Action.SHUTDOWN] and out.stopping and not out.restart_done
-        clock.now += 30
+        clock.now += 15
+        assert rec.reconcile(restart).actions == [Action.AGENT_SHUTDOWN]
+        clock.now += 15
         out = rec.reconcile(restart)
         assert out.actions == [Action.DESTROY, Action.START]
         assert out.domain is not None and out.domain.actual.state is DomainState.RUNNING

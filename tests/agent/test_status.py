@@ -1,11 +1,13 @@
 """The status the agent writes (``status_after``) and whether it writes at all (``changes``).
 Pure."""
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
+from formation_vmm.agent.hypervisor.guest_agent import os_info_of
 from formation_vmm.agent.plan import Action, Actual, DomainState, ShutoffReason
 from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.state import DomainInfo, Outcome
@@ -17,7 +19,13 @@ from formation_vmm.agent.status import (
     status_unknown,
     status_waiting,
 )
-from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus, to_wire
+from formation_vmm.api.models import (
+    GUEST_INFO_MAX,
+    GuestOSInfo,
+    VirtualMachine,
+    VirtualMachineStatus,
+    to_wire,
+)
 from formation_vmm.api.names import ADDRESSES_ANNOTATION
 from formation_vmm.domain.naming import stable_mac
 from formation_vmm.domain.spec import Owner
@@ -222,3 +230,55 @@ def test_with_a_readiness_probe_a_running_vm_is_starting_until_it_passes_then_re
     assert (ready_condition.status, ready_condition.message) == ("False", failing.message)
     stopped = status_after(vm, later, Outcome([], domain(DomainState.SHUTOFF), "h1"), "n", AT)
     assert stopped.phase == "Stopped" and conditions(stopped)["Ready"] == ("False", "DomainStopped")
+
+
+def test_the_guest_os_shows_while_the_vm_runs_and_goes_when_it_stops() -> None:
+    vm = make_vm()
+    info = GuestOSInfo(name="Debian GNU/Linux", version_id="12", kernel_release="6.1.0-50-cloud-amd64")
+    told = to_wire(
+        status_after(vm, vm.status, Outcome([], domain(DomainState.RUNNING), "h1", guest_os=info), "n", AT)
+    )
+    assert told["guestOSInfo"] == {
+        "name": "Debian GNU/Linux",
+        "versionId": "12",
+        "kernelRelease": "6.1.0-50-cloud-amd64",
+    }
+    # A later sync whose guest agent did not answer (busy, or the guest paused) keeps it: no write.
+    old = VirtualMachineStatus.model_validate(told)
+    for state in (DomainState.RUNNING, DomainState.PAUSED):
+        again = status_after(vm, old, Outcome([], domain(state), "h1"), "n", LATER)
+        assert "guestOSInfo" not in changes(told, again)
+    # Stopped: removed (null in the patch), and not written again once gone.
+    stopped = status_after(vm, old, Outcome([], domain(DomainState.SHUTOFF), "h1"), "n", LATER)
+    assert changes(told, stopped)["guestOSInfo"] is None
+    gone = to_wire(stopped)
+    gone.pop("guestOSInfo")
+    later = status_after(
+        vm,
+        VirtualMachineStatus.model_validate(gone),
+        Outcome([], domain(DomainState.SHUTOFF), "h1"),
+        "n",
+        LATER,
+    )
+    assert "guestOSInfo" not in to_wire(later)
+
+
+def test_the_guest_agents_os_answer_is_taken_only_as_bounded_strings() -> None:
+    answer = {
+        "return": {
+            "name": "Debian GNU/Linux",
+            "pretty-name": "x" * 1000,
+            "version-id": 12,  # not a string: left out
+            "kernel-release": "6.1.0",
+            "evil": "ignored",
+        }
+    }
+    info = os_info_of(json.dumps(answer))
+    assert info is not None
+    assert to_wire(info) == {
+        "name": "Debian GNU/Linux",
+        "prettyName": "x" * GUEST_INFO_MAX,
+        "kernelRelease": "6.1.0",
+    }
+    for bad in ("not json", "[]", '{"error": {"class": "CommandNotFound"}}', '{"return": {}}'):
+        assert os_info_of(bad) is None

@@ -42,6 +42,9 @@ class StopProgress(Enum):
 
     NOT_ASKED = "not-asked"  # no ACPI shutdown sent yet
     WAITING = "waiting"  # sent; the guest has until the deadline
+    # Half the grace period went by and the guest still runs: it may ignore ACPI (no logind, a
+    # power key set to ignore); its guest agent, if it has one, can still power it off cleanly.
+    UNANSWERED = "unanswered"
     EXPIRED = "expired"  # the deadline passed: stop it hard
 
 
@@ -52,6 +55,7 @@ class Action(Enum):
     SUSPEND = "suspend"
     RESUME = "resume"
     SHUTDOWN = "shutdown"  # ACPI; the agent records the deadline
+    AGENT_SHUTDOWN = "agent-shutdown"  # the guest agent's guest-shutdown, once per stop
     DESTROY = "destroy"
     UNDEFINE = "undefine"
     REMOVE_FILES = "remove-files"
@@ -126,11 +130,14 @@ def should_run(desired: Desired, actual: Actual | None) -> bool:
 
 def stop_steps(desired: Desired) -> list[Action]:
     """The next step of a graceful stop of an active domain: ACPI first, nothing while the guest
-    has time, a hard stop once the grace period is over (at once when it is 0)."""
+    has time, its guest agent's shutdown halfway through if it still runs, a hard stop once the
+    grace period is over (at once when it is 0)."""
     if desired.grace_seconds <= 0 or desired.stop is StopProgress.EXPIRED:
         return [Action.DESTROY]
     if desired.stop is StopProgress.NOT_ASKED:
         return [Action.SHUTDOWN]
+    if desired.stop is StopProgress.UNANSWERED:
+        return [Action.AGENT_SHUTDOWN]
     return []
 
 

@@ -14,11 +14,12 @@ from formation_vmm.agent import files
 from formation_vmm.agent.disks import disk_growth
 from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.hypervisor.guest_agent import guest_os_info
 from formation_vmm.agent.inputs import InputNotReadyError, Inputs
 from formation_vmm.agent.plan import Action, DomainState, plan, restart_done
 from formation_vmm.agent.seed import write_seed
 from formation_vmm.agent.state import DomainInfo, Outcome, desired_of, owner_of, stop_progress
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.models import GuestOSInfo, VirtualMachine
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.build import build_domain_spec
 from formation_vmm.domain.cloudinit import seed_files
@@ -74,6 +75,12 @@ class Reconciler:
         # VM uid -> when its graceful stop runs out. In memory: a restarted agent sends the ACPI
         # request again and gives the guest a fresh grace period.
         self._deadlines: dict[str, float] = {}
+        # VM uid -> when to ask the guest agent to power off a guest that ignores ACPI: half
+        # the grace period; removed once asked.
+        self._nudges: dict[str, float] = {}
+        # Domain name -> (run id, what its guest agent said of its OS): asked until it answers,
+        # then once per run (an OS changes only across a reboot).
+        self._os_info: dict[str, tuple[int, GuestOSInfo]] = {}
         self._lock = threading.Lock()
 
     def desired_spec(self, vm: VirtualMachine, images: dict[str, BaseImage]) -> DomainSpec:
@@ -93,12 +100,23 @@ class Reconciler:
         with self._lock:
             return self._deadlines.get(uid)
 
-    def _set_deadline(self, uid: str, deadline: float | None) -> None:
+    def _set_deadline(self, uid: str, deadline: float | None, nudge: float | None = None) -> None:
         with self._lock:
             if deadline is None:
                 self._deadlines.pop(uid, None)
-            else:
-                self._deadlines.setdefault(uid, deadline)
+                self._nudges.pop(uid, None)
+            elif uid not in self._deadlines:
+                self._deadlines[uid] = deadline
+                if nudge is not None:
+                    self._nudges[uid] = nudge
+
+    def _nudge(self, uid: str) -> float | None:
+        with self._lock:
+            return self._nudges.get(uid)
+
+    def _nudged(self, uid: str) -> None:
+        with self._lock:
+            self._nudges.pop(uid, None)
 
     def reconcile(
         self,
@@ -124,33 +142,39 @@ class Reconciler:
         digest = spec_hash(spec) if spec is not None else None
         now = self.clock()
         held = not deleting and files.restore_held(self.layout, owner_of(vm))
-        desired = desired_of(
-            vm, deleting, digest, stop_progress(self._deadline(uid), now), grace_seconds, held
-        )
+        progress = stop_progress(self._deadline(uid), now, self._nudge(uid))
+        desired = desired_of(vm, deleting, digest, progress, grace_seconds, held)
         actions = plan(desired, current.actual if current else None)
         if dry_run:
-            return Outcome(actions, current, digest, self._addresses(vm, current))
+            addresses = self._addresses(vm, current)
+            return Outcome(actions, current, digest, addresses, guest_os=self._guest_os(current))
         if self.networks is not None and (Action.DEFINE in actions or Action.START in actions):
             self.networks.require(vm)  # its networks run here and hand out its addresses
         for action in actions:
             with self.echoes.expecting(name, action.value):
                 self._act(action, vm, name, spec, images)
             if action is Action.SHUTDOWN:
-                self._set_deadline(uid, now + desired.grace_seconds)
+                grace = desired.grace_seconds
+                self._set_deadline(uid, now + grace, now + grace / 2)
+            elif action is Action.AGENT_SHUTDOWN:
+                self._nudged(uid)
         after = self.hypervisor.describe(name)
         if after is None or not after.actual.active or Action.DESTROY in actions or Action.START in actions:
             self._set_deadline(uid, None)  # the stop is over (and a restart's new run has begun)
         if after is not None and not deleting:
             self._grow_disks(vm, name, after)
         deadline = self._deadline(uid)
+        nudge = self._nudge(uid)
+        wake = min(deadline, nudge) if deadline is not None and nudge is not None else deadline
         return Outcome(
             actions,
             after,
             digest,
             self._addresses(vm, after),
             stopping=deadline is not None,
-            requeue_after=max(deadline - self.clock(), 0.0) if deadline is not None else None,
+            requeue_after=max(wake - self.clock(), 0.0) if wake is not None else None,
             restart_done=restart_done(desired, actions),
+            guest_os=self._guest_os(after),
         )
 
     def hard_stop(self, vm: VirtualMachine) -> None:
@@ -165,6 +189,24 @@ class Reconciler:
         if domain is None or domain.actual.state is not DomainState.RUNNING or not vm.spec.networks:
             return {}
         return self.hypervisor.addresses(domain.name)
+
+    def _guest_os(self, domain: DomainInfo | None) -> GuestOSInfo | None:
+        if domain is None:
+            return None
+        run = domain.run_id
+        if domain.actual.state is not DomainState.RUNNING or run is None or not self.hypervisor.runs_qemu:
+            with self._lock:
+                self._os_info.pop(domain.name, None)
+            return None
+        with self._lock:
+            known = self._os_info.get(domain.name)
+        if known is not None and known[0] == run:
+            return known[1]
+        info = guest_os_info(self.hypervisor, domain.name)
+        if info is not None:
+            with self._lock:
+                self._os_info[domain.name] = (run, info)
+        return info
 
     def _grow_disks(self, vm: VirtualMachine, name: str, domain: DomainInfo) -> None:
         """A disk whose ``size`` went up grows (see ``disks.disk_growth``)."""
@@ -222,6 +264,8 @@ class Reconciler:
             self.hypervisor.resume(name)
         elif action is Action.SHUTDOWN:
             self.hypervisor.shutdown(name)
+        elif action is Action.AGENT_SHUTDOWN:
+            self.hypervisor.agent_shutdown(name)
         elif action is Action.DESTROY:
             self.hypervisor.destroy(name)
         elif action is Action.UNDEFINE:

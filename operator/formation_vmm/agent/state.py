@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from formation_vmm.agent.plan import Action, Actual, Desired, StopProgress
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.models import GuestOSInfo, VirtualMachine
 from formation_vmm.domain.spec import Owner
 
 
@@ -37,6 +37,7 @@ class Outcome:
     stopping: bool = False  # a graceful stop is under way
     requeue_after: float | None = None  # look again after this many seconds (a stop's deadline)
     restart_done: bool = False  # a requested restart was carried out by this sync
+    guest_os: GuestOSInfo | None = None  # what the guest agent says of the OS, once it answers
 
 
 def owner_of(vm: VirtualMachine) -> Owner:
@@ -77,8 +78,11 @@ def desired_of(
     )
 
 
-def stop_progress(deadline: float | None, now: float) -> StopProgress:
-    """``deadline``: when the graceful stop asked at some earlier sync runs out (None: none)."""
+def stop_progress(deadline: float | None, now: float, nudge: float | None = None) -> StopProgress:
+    """``deadline``: when the graceful stop asked at some earlier sync runs out (None: none);
+    ``nudge``: when to ask the guest agent, if it has not been asked yet (None: asked)."""
     if deadline is None:
         return StopProgress.NOT_ASKED
-    return StopProgress.EXPIRED if now >= deadline else StopProgress.WAITING
+    if now >= deadline:
+        return StopProgress.EXPIRED
+    return StopProgress.UNANSWERED if nudge is not None and now >= nudge else StopProgress.WAITING

@@ -133,6 +133,14 @@ def status_after(
     )
     if domain is not None:
         fields.domain_uuid = domain.uuid
+    if state in (DomainState.RUNNING, DomainState.PAUSED) and not deleting:
+        # Kept from the last answer while the agent is busy or the guest paused; the guest
+        # agent is asked again after each start.
+        info = outcome.guest_os or old.guest_os_info
+        if info is not None:
+            fields.guest_os_info = info
+    elif old.guest_os_info is not None:
+        fields.guest_os_info = None  # a stopped VM has no OS to tell of
     if Action.START in outcome.actions:
         fields.started_at = stamp
         if old.started_at is not None:

@@ -15,6 +15,7 @@ from typing import Any
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import HypervisorError, HypervisorUnavailableError
 from formation_vmm.agent.inputs import InputNotReadyError
+from formation_vmm.agent.plan import Action
 from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.prober import Prober, probe_target
 from formation_vmm.agent.reconcile import Reconciler
@@ -203,6 +204,13 @@ class VmSync:
                 self.events.post(
                     body, VM_KIND, str(fields.phase), f"{old.get('phase')} -> {fields.phase} on {self.node}"
                 )
+        if Action.AGENT_SHUTDOWN in outcome.actions:
+            self.events.post(
+                body,
+                VM_KIND,
+                "GuestAgentShutdown",
+                "the guest did not power off on ACPI in half its grace period; asked its guest agent",
+            )
         if fields.restart_count > vm.status.restart_count and not restart_requested(vm):
             self.events.post(
                 body,
