@@ -12,7 +12,9 @@ from formation_vmm.agent.plan import Action, Actual, DomainState, ShutoffReason
 from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.state import DomainInfo, Outcome
 from formation_vmm.agent.status import (
+    NOTHING_BOOTABLE_MESSAGE,
     RESTART_REQUIRED_MESSAGE,
+    boot_source,
     bound_fields,
     changes,
     status_after,
@@ -63,6 +65,7 @@ def test_a_first_start_reports_running_ready_and_when() -> None:
         "Paused": ("False", "NotPaused"),
         "RestartRequired": ("False", "UpToDate"),
         "ImageReady": ("True", "ImagesReady"),
+        "Bootable": ("False", "NothingBootable"),  # no kernel, no disk: says so, and runs
         "NetworkReady": ("True", "NetworksReady"),
         "AddressesMatch": ("True", "AsAssigned"),
     }
@@ -282,3 +285,39 @@ def test_the_guest_agents_os_answer_is_taken_only_as_bounded_strings() -> None:
     }
     for bad in ("not json", "[]", '{"error": {"class": "CommandNotFound"}}', '{"return": {}}'):
         assert os_info_of(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "source"),
+    [
+        ({}, None),
+        ({"disks": [{"name": "scratch", "size": "1Gi"}]}, None),  # a blank disk boots nothing
+        ({"kernel": {"image": "k"}}, "kernel k"),
+        ({"disks": [{"name": "data", "size": "1Gi"}, {"name": "root", "image": "debian"}]}, "disk root"),
+        # A blank disk the user says boots (an OS installed onto it earlier) comes before an image.
+        (
+            {"disks": [{"name": "root", "image": "debian"}, {"name": "os", "size": "9Gi", "bootOrder": 1}]},
+            "disk os",
+        ),
+        (
+            {
+                "disks": [
+                    {"name": "a", "image": "x", "bootOrder": 2},
+                    {"name": "b", "image": "y", "bootOrder": 1},
+                ]
+            },
+            "disk b",
+        ),
+    ],
+)
+def test_the_bootable_condition_names_what_the_vm_boots_from(
+    spec: dict[str, object], source: str | None
+) -> None:
+    vm = make_vm(**spec)
+    assert boot_source(vm) == source
+    status = status_after(vm, vm.status, Outcome([], domain(DomainState.RUNNING), "h1"), "n", AT)
+    bootable = next(c for c in status.conditions if c.type == "Bootable")
+    assert (bootable.status, bootable.reason) == (
+        ("True", "HasBootSource") if source else ("False", "NothingBootable")
+    )
+    assert bootable.message == (source or NOTHING_BOOTABLE_MESSAGE)

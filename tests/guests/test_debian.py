@@ -152,6 +152,10 @@ def test_debian_boots_through_bios_and_uefi_with_cloud_init_and_guest_agent(
     for name in expected:
         vm = fleet.wait_vm(ns, name, lambda v: condition(v, "Ready").get("status") == "True", "Ready", 120)
         assert condition(vm, "Ready")["reason"] == "ReadinessProbeSucceeded"
+        assert (condition(vm, "Bootable")["status"], condition(vm, "Bootable")["message"]) == (
+            "True",
+            "disk root",
+        )
         # What the guest agent says of the OS it runs in.
         vm = fleet.wait_vm(ns, name, lambda v: "guestOSInfo" in v.get("status", {}), "guestOSInfo", 60)
         info = vm["status"]["guestOSInfo"]

@@ -56,6 +56,23 @@ def interfaces(
     return result, contradictions
 
 
+NOTHING_BOOTABLE_MESSAGE = (
+    "no kernel, no disk from an image and no disk with a bootOrder: the firmware will find "
+    "nothing to boot ('No bootable device'); add one, or set bootOrder on a disk you installed"
+)
+
+
+def boot_source(vm: VirtualMachine) -> str | None:
+    """What the VM can boot from, said for its Bootable condition; None: nothing. A blank disk
+    counts once the spec gives it a bootOrder (an OS installed onto it earlier, say)."""
+    spec = vm.spec
+    if spec.kernel is not None:
+        return f"kernel {spec.kernel.image}"
+    ordered = sorted((d for d in spec.disks if d.boot_order is not None), key=lambda d: d.boot_order or 0)
+    first = ordered[0] if ordered else next((d for d in spec.disks if d.image is not None), None)
+    return f"disk {first.name}" if first is not None else None
+
+
 def status_after(
     vm: VirtualMachine,
     old: VirtualMachineStatus,
@@ -111,6 +128,16 @@ def status_after(
     )
     if not deleting:
         conditions = set_condition(conditions, "ImageReady", True, "ImagesReady", "", gen, stamp)
+        source = boot_source(vm)
+        conditions = set_condition(
+            conditions,
+            "Bootable",
+            source is not None,
+            "HasBootSource" if source else "NothingBootable",
+            source or NOTHING_BOOTABLE_MESSAGE,
+            gen,
+            stamp,
+        )
     shown, contradictions = interfaces(vm, old, outcome.addresses)
     if vm.spec.networks and not deleting:
         conditions = set_condition(conditions, "NetworkReady", True, "NetworksReady", "", gen, stamp)
