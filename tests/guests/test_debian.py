@@ -1,8 +1,12 @@
 """What users boot first, on real QEMU (TCG): a Debian 12 cloud image built here from Debian's
 packages (formation_vmm/devcluster/debian_image.py), served over loopback HTTP as a qcow2
 VmImage, booted from a root-disk overlay through SeaBIOS and through OVMF, configured by
-cloud-init from the VM's spec and from a Secret, with its guest agent answering the readiness
-probe. The two guests boot side by side: each takes a minute or more under TCG."""
+cloud-init from the VM's spec and from a Secret. The BIOS guest is on a network (DHCP, its HTTP
+probe target answering the readiness probe, its guest agent confirming the assigned address);
+the EFI guest's readiness is its guest agent's ping. Both report their OS through the agent,
+take filesystem-consistent live snapshots and stop cleanly, one on ACPI, one (which ignores
+ACPI) through its guest agent. The two guests boot side by side: each takes a minute or more
+under TCG."""
 
 import base64
 import json
@@ -125,7 +129,22 @@ def test_debian_boots_through_bios_and_uefi_with_cloud_init_and_guest_agent(
             "data": {"userdata": base64.b64encode(secret_user_data.encode()).decode()},
         }
     )
-    fleet.apply_vm(ns, "bios", **guest_spec("bios", cloudInit={"userData": user_data("from-the-spec")}))
+    # The BIOS guest is on node-q's default network (inside the namespace the tests made):
+    # cloud-init's fallback config takes a DHCP lease on eth0, its readiness is the image's HTTP
+    # probe target, and its guest agent confirms the address the controller assigned.
+    fleet.apply_vm(
+        ns,
+        "bios",
+        **guest_spec(
+            "bios",
+            cloudInit={"userData": user_data("from-the-spec")},
+            networks=[{"name": "eth0"}],
+            readinessProbe={
+                "httpGet": {"port": debian_image.PROBE_PORT, "path": "/healthz"},
+                "periodSeconds": 5,
+            },
+        ),
+    )
     fleet.apply_vm(ns, "efi", **guest_spec("efi", cloudInit={"userDataSecretRef": {"name": "efi-user-data"}}))
 
     expected = {"bios": "from-the-spec", "efi": "from-a-secret"}
@@ -149,6 +168,16 @@ def test_debian_boots_through_bios_and_uefi_with_cloud_init_and_guest_agent(
     if_firmware = fleet.virsh("dumpxml", f"{ns}_efi")
     assert "OVMF_CODE" in if_firmware and "nvram" in if_firmware
 
+    agreed = fleet.wait_vm(
+        ns,
+        "bios",
+        lambda v: "guest-agent" in v["status"].get("interfaces", [{}])[0].get("infoSource", ""),
+        "the guest agent to confirm the address",
+        120,
+    )
+    eth0 = agreed["status"]["interfaces"][0]
+    assert eth0["infoSource"].startswith("ipam") and eth0["ipAddress"], eth0
+    assert condition(agreed, "AddressesMatch")["status"] == "True"
     for name in expected:
         vm = fleet.wait_vm(ns, name, lambda v: condition(v, "Ready").get("status") == "True", "Ready", 120)
         assert condition(vm, "Ready")["reason"] == "ReadinessProbeSucceeded"
