@@ -147,7 +147,7 @@ class Reconciler:
         actions = plan(desired, current.actual if current else None)
         if dry_run:
             addresses = self._addresses(vm, current)
-            return Outcome(actions, current, digest, addresses, guest_os=self._guest_os(current))
+            return Outcome(actions, current, digest, addresses, guest_os=self._guest_os(name, current))
         if self.networks is not None and (Action.DEFINE in actions or Action.START in actions):
             self.networks.require(vm)  # its networks run here and hand out its addresses
         for action in actions:
@@ -174,7 +174,7 @@ class Reconciler:
             stopping=deadline is not None,
             requeue_after=max(wake - self.clock(), 0.0) if wake is not None else None,
             restart_done=restart_done(desired, actions),
-            guest_os=self._guest_os(after),
+            guest_os=self._guest_os(name, after),
         )
 
     def hard_stop(self, vm: VirtualMachine) -> None:
@@ -190,22 +190,23 @@ class Reconciler:
             return {}
         return self.hypervisor.addresses(domain.name)
 
-    def _guest_os(self, domain: DomainInfo | None) -> GuestOSInfo | None:
-        if domain is None:
-            return None
-        run = domain.run_id
-        if domain.actual.state is not DomainState.RUNNING or run is None or not self.hypervisor.runs_qemu:
+    def _guest_os(self, name: str, domain: DomainInfo | None) -> GuestOSInfo | None:
+        """What the guest agent says of the running domain's OS. Until it answers, every sync
+        asks (a guest without an agent fails at once; a busy agent is given a second)."""
+        run = domain.run_id if domain is not None else None
+        running = domain is not None and domain.actual.state is DomainState.RUNNING
+        if not running or run is None or not self.hypervisor.runs_qemu:
             with self._lock:
-                self._os_info.pop(domain.name, None)
+                self._os_info.pop(name, None)  # stopped, or gone with its VM
             return None
         with self._lock:
-            known = self._os_info.get(domain.name)
+            known = self._os_info.get(name)
         if known is not None and known[0] == run:
             return known[1]
-        info = guest_os_info(self.hypervisor, domain.name)
+        info = guest_os_info(self.hypervisor, name)
         if info is not None:
             with self._lock:
-                self._os_info[domain.name] = (run, info)
+                self._os_info[name] = (run, info)
         return info
 
     def _grow_disks(self, vm: VirtualMachine, name: str, domain: DomainInfo) -> None:
