@@ -30,10 +30,19 @@ SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOgqNbVwq3Bs7nOb2mNTlV8DWuEQ4tXGX
 CHECK = "formation-check"
 # cloud-init's final message ("Cloud-init v. 22.4.2 finished at ...").
 FINISHED = " finished at "
+# The VM's network config (networkData, version 2): its NIC renamed to lan0 by MAC and given
+# DHCP, which cloud-init's fallback config (eth0, unrenamed) would not do.
+LAN_MAC = "52:54:00:0f:0e:0d"
+NETWORK_DATA = yaml.safe_dump(
+    {
+        "version": 2,
+        "ethernets": {"lan0": {"match": {"macaddress": LAN_MAC}, "set-name": "lan0", "dhcp4": True}},
+    }
+)
 DONE = ("Ready", "Succeeded", "Failed")  # a VmSnapshot's or VmRestore's last phases
 
 
-def user_data(hostname: str, ignore_acpi: bool = False) -> str:
+def user_data(hostname: str, ignore_acpi: bool = False, report_links: bool = False) -> str:
     """cloud-config that sets the hostname, creates a user with an SSH key and writes a file,
     then prints what the guest sees of each (and its root filesystem's size) on the console.
     With ``ignore_acpi``, the kernel's ACPI power-button driver lets go of the button, so
@@ -46,6 +55,9 @@ def user_data(hostname: str, ignore_acpi: bool = False) -> str:
     )
     files = [{"path": "/etc/formation/hello", "content": f"hello {hostname}\n"}]
     commands = [["sh", "-c", report]]
+    if report_links:
+        links = f"echo {CHECK}-links $(ls /sys/class/net | tr '\\n' ' ') > /dev/console"
+        commands.append(["sh", "-c", links])
     if ignore_acpi:
         unbind = "echo LNXPWRBN:00 > /sys/bus/acpi/drivers/button/unbind"
         commands.insert(0, ["sh", "-c", f"{unbind} && echo {CHECK}-acpi ignored > /dev/console"])
@@ -138,8 +150,11 @@ def test_debian_boots_through_bios_and_uefi_with_cloud_init_and_guest_agent(
         "bios",
         **guest_spec(
             "bios",
-            cloudInit={"userData": user_data("from-the-spec")},
-            networks=[{"name": "eth0"}],
+            cloudInit={
+                "userData": user_data("from-the-spec", report_links=True),
+                "networkData": NETWORK_DATA,
+            },
+            networks=[{"name": "eth0", "macAddress": LAN_MAC}],
             readinessProbe={
                 "httpGet": {"port": debian_image.PROBE_PORT, "path": "/healthz"},
                 "periodSeconds": 5,
@@ -164,6 +179,9 @@ def test_debian_boots_through_bios_and_uefi_with_cloud_init_and_guest_agent(
             "file": f"hello {hostname}",
             "rootmib": seen.get("rootmib", ""),
         }, text[-3000:]
+        if name == "bios":  # the network config from the spec was applied, not the fallback
+            links = next(line for line in text.splitlines() if line.startswith(f"{CHECK}-links "))
+            assert "lan0" in links.split() and "eth0" not in links.split(), links
         # growpart and resize2fs took the root filesystem from the image's 1 GiB to the disk's 2.
         assert int(seen["rootmib"]) > 1500, seen
     if_firmware = fleet.virsh("dumpxml", f"{ns}_efi")
