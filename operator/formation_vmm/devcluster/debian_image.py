@@ -207,7 +207,7 @@ def _rootfs(work: Path) -> Path:
 def _grub_image(work: Path, target: str, out: Path) -> None:
     embedded = work / "grub-embedded.cfg"
     embedded.write_text(GRUB_EMBEDDED)
-    extra = ("biosdisk",) if target == "i386-pc" else ("part_gpt",)
+    extra = ("biosdisk",) if target == "i386-pc" else ()  # BIOS reads disks through the firmware
     _run(
         "grub-mkimage",
         "--format",
