@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from formation_vmm import config
+from formation_vmm.version import describe
 
 
 def _operator_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def _agent_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmm", description=__doc__)
+    parser.add_argument("--version", action="version", version=describe())
     sub = parser.add_subparsers(dest="command", required=True)
     controller = sub.add_parser("controller", help="run the cluster controller (placement, node health)")
     _operator_flags(controller)

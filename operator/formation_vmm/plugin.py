@@ -27,6 +27,7 @@ from formation_vmm.api.names import (
     VM_PLURAL,
 )
 from formation_vmm.kube import ApiError, Kube, NotFoundError, kubeconfig_namespace, load_config
+from formation_vmm.version import describe
 
 Check = Callable[[VirtualMachine], bool]
 
@@ -308,6 +309,7 @@ def verb_restore(vms: Vms, args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl vm", description=__doc__)
+    parser.add_argument("--version", action="version", version=describe())
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
