@@ -16,6 +16,9 @@ PACKAGES=(
   # without loop devices: mmdebstrap, an ext4 from a directory, a FAT ESP by mtools, GRUB's
   # BIOS and UEFI images.
   mmdebstrap fdisk e2fsprogs dosfstools mtools grub-pc-bin grub-efi-amd64-bin
+  # The container image the chart runs, built without a container engine
+  # (formation_vmm/devcluster/operator_image.py): OCI layers by umoci, the archive by skopeo.
+  umoci skopeo
   dnsmasq-base iproute2 curl ca-certificates git
 )
 missing=()
