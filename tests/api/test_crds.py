@@ -122,6 +122,39 @@ def test_every_crd_field_has_a_description() -> None:
     assert missing == []
 
 
+# JSONSchemaProps, as apiextensions.k8s.io/v1 knows it. A key outside it is dropped by the
+# apiserver without a word: `{description: Why, when it failed.}` in YAML's flow style was the
+# description "Why" and a stray key "when it failed." (found by the chart upgrade test).
+SCHEMA_KEYS = {
+    "type", "description", "properties", "items", "required", "enum", "format", "pattern", "default",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+    "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties", "nullable", "title",
+    "additionalProperties", "anyOf", "oneOf", "allOf", "not", "example", "externalDocs",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
+    "x-kubernetes-embedded-resource", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type", "x-kubernetes-validations",
+}  # fmt: skip
+
+
+def test_every_schema_node_has_only_keys_kubernetes_knows() -> None:
+    stray: list[str] = []
+
+    def walk(schema: dict[str, Any], path: str) -> None:
+        stray.extend(f"{path}: {key!r}" for key in set(schema) - SCHEMA_KEYS)
+        for name, prop in schema.get("properties", {}).items():
+            walk(prop, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"], f"{path}[]")
+        if isinstance(schema.get("additionalProperties"), dict):
+            walk(schema["additionalProperties"], f"{path}{{}}")
+
+    for crd in sorted(CRDS.glob("*_*.yaml")):
+        for doc in yaml.safe_load_all(crd.read_text()):
+            for version in doc["spec"]["versions"]:
+                walk(version["schema"]["openAPIV3Schema"], crd.name)
+    assert stray == []
+
+
 def test_the_chart_carries_the_same_crds() -> None:
     chart = ROOT / "charts" / "formation-vmm" / "crds"
     ours = {p.name: p.read_text() for p in CRDS.glob("*.yaml") if p.name != "kustomization.yaml"}
