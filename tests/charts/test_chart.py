@@ -1,11 +1,14 @@
 """The Helm chart on its own: lint, and the RBAC it renders is the RBAC of manifests/ (the
 install itself is tested against the apiserver in tests/controlplane/test_install.py)."""
 
+import json
+import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.support.binaries import binaries
 from tests.support.helm import CHART, ROOT, helm
 
 pytestmark = pytest.mark.host
@@ -22,8 +25,98 @@ def rules_by_role(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return found
 
 
-def test_helm_lint() -> None:
-    assert "0 chart(s) failed" in helm("lint", str(CHART))
+def test_helm_lint_strict() -> None:
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART))
+
+
+def undescribed(values: dict[str, Any], schema: dict[str, Any], path: str = "") -> list[str]:
+    """The paths of values.yaml that the schema does not describe, descending where the schema
+    describes keys one by one (free-form maps such as nodeSelector are values themselves)."""
+    missing = []
+    for key, value in values.items():
+        child = schema.get("properties", {}).get(key)
+        if child is None:
+            missing.append(f"{path}/{key}")
+        elif isinstance(value, dict) and "properties" in child:
+            missing += undescribed(value, child, f"{path}/{key}")
+    return missing
+
+
+def test_the_schema_describes_every_value_and_refuses_unknown_keys() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert undescribed(values, schema) == []
+
+    def closed(node: dict[str, Any], path: str) -> None:
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path or '/'} accepts unknown keys"
+            for key, child in node["properties"].items():
+                assert child.get("description") or "properties" in child, f"{path}/{key} has no description"
+                closed(child, f"{path}/{key}")
+
+    closed(schema, "")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("agent.libvirtURI=qemu:///system", "additional properties 'libvirtURI' not allowed"),
+        ("apiPort=web", "at '/apiPort': got string, want integer"),
+        ("logLevel=LOUD", "at '/logLevel': value must be one of"),
+        ("agent.vmDir=run/vms", "at '/agent/vmDir'"),
+        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
+        ("controller.replicas=0", "at '/controller/replicas'"),
+        ("defaultNetwork.subnet=10.0.0.0", "at '/defaultNetwork/subnet'"),
+    ],
+)
+def test_a_wrong_value_fails_with_a_message_naming_it(setting: str, message: str) -> None:
+    proc = subprocess.run(
+        [str(binaries() / "helm"), "template", "vmm", str(CHART), "--set", setting],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workloads, budgets and network policies, without names, labels and selectors (the
+    chart's carry the release; the manifests' are fixed)."""
+    found: dict[str, Any] = {}
+    for doc in docs:
+        if not doc or doc["kind"] not in ("Deployment", "DaemonSet", "PodDisruptionBudget", "NetworkPolicy"):
+            continue
+        spec = json.loads(json.dumps(doc["spec"]))
+        spec.pop("selector", None)
+        spec.pop("podSelector", None)
+        template = spec.get("template", {})
+        template.pop("metadata", None)
+        for container in template.get("spec", {}).get("containers", []):
+            container.pop("imagePullPolicy", None)  # the chart's is a value; the manifests use the default
+            for env in container.get("env", []):
+                if "value" in env:
+                    env["value"] = str(env["value"])
+        found[f"{doc['kind']}/{doc['metadata']['name'].removeprefix('formation-vmm-')}"] = spec
+    return found
+
+
+def test_chart_and_manifests_run_the_same_workloads() -> None:
+    """Rendered with its defaults as release formation-vmm, the chart's Deployment, DaemonSet,
+    PodDisruptionBudget and NetworkPolicies are those of manifests/base, field by field."""
+    chart = list(yaml.safe_load_all(helm("template", "formation-vmm", str(CHART), "-n", "formation-vmm")))
+    manifests: list[dict[str, Any]] = []
+    for path in sorted((ROOT / "manifests" / "base").glob("*.yaml")):
+        manifests += yaml.safe_load_all(path.read_text())
+    rendered, shipped = pod_specs(chart), pod_specs(manifests)
+    assert set(rendered) == {
+        "Deployment/controller",
+        "DaemonSet/agent",
+        "PodDisruptionBudget/controller",
+        "NetworkPolicy/agent",
+        "NetworkPolicy/controller",
+    }
+    assert rendered == shipped
 
 
 def test_chart_and_manifests_grant_the_same_rbac() -> None:
