@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import kopf
 from aiohttp import web
@@ -124,6 +125,9 @@ async def _serve(
             registry=registry,
             memo=kopf.Memo(state=state),
             standalone=True,
+            # kopf would otherwise name itself after the user, and the chart's controller runs
+            # as a uid with no passwd entry (getpwuid fails): the pod's name or the host's.
+            identity=_identity(),
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             ready_flag=ready,
@@ -137,6 +141,11 @@ async def _serve(
         waiter.cancel()
         for each in runners:
             await each.cleanup()
+
+
+def _identity() -> Any:
+    """kopf's NewType Identity (not exported): a str."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}/{os.getpid()}"
 
 
 def _exit_after(seconds: float) -> None:

@@ -113,7 +113,6 @@ def test_chart_and_manifests_run_the_same_workloads() -> None:
         "Deployment/controller",
         "DaemonSet/agent",
         "PodDisruptionBudget/controller",
-        "NetworkPolicy/agent",
         "NetworkPolicy/controller",
     }
     assert rendered == shipped

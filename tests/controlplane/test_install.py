@@ -94,12 +94,7 @@ def test_the_rendered_chart_passes_a_strict_server_side_dry_run(
     sets = [arg for feature in features for arg in ("--set", feature)]
     peers = '[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]'
     if features:
-        sets += [
-            "--set-json",
-            f"networkPolicy.agentFrom={peers}",
-            "--set-json",
-            f"networkPolicy.controllerFrom={peers}",
-        ]
+        sets += ["--set-json", f"networkPolicy.controllerFrom={peers}"]
     rendered = helm(control_plane, "template", "vmm-dry-run", str(CHART), "-n", "vmm-dry-run", *sets)
     kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered) if doc}
     if features:
