@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Provide kube-apiserver, kube-controller-manager, kubectl, etcd and helm for the tests and for
-# `vmm dev up`, and promtool (the chart's alerting rules are checked with it). Each binary is taken from $KUBEBUILDER_ASSETS or $PATH when one of the pinned
+# Provide kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy,
+# etcd and helm for
+# the tests and for `vmm dev up`, promtool (the chart's alerting rules are checked with it) and
+# actionlint (the GitHub Actions workflow). Each binary is taken from $KUBEBUILDER_ASSETS or $PATH when one of the pinned
 # version is there, else built from the Go module proxy and cached by version outside the clone.
 #
 # Usage: hack/control-plane-bins.sh            build what is missing, print the bin directory
@@ -17,6 +19,8 @@ ETCD_VERSION="${VMM_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${VMM_HELM_VERSION:-v3.19.0}"
 # Prometheus v3.16 as a Go module version; promtool sits beside the others, under its own name.
 PROMETHEUS_VERSION="${VMM_PROMETHEUS_VERSION:-v0.316.0}"
+# The GitHub Actions workflow is checked with it (it cannot run here).
+ACTIONLINT_VERSION="${VMM_ACTIONLINT_VERSION:-v1.7.12}"
 
 CACHE="${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/formation-vmm}"
 BIN="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION"
@@ -68,7 +72,10 @@ build_k8s() {
       grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$modfile" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
     } > go.mod.tmp
     rm -f "$modfile"
-    cat > tools.go <<'GO'
+    mv go.mod.tmp go.mod
+  fi
+  # Rewritten each time: a cache made before a binary was added learns of it here.
+  cat > tools.go <<'GO'
 //go:build tools
 
 package tools
@@ -76,11 +83,12 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
-    mv go.mod.tmp go.mod
-  fi
   go mod tidy -e >/dev/null 2>&1 || go mod tidy
   local pkg="k8s.io/component-base/version"
   local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
@@ -137,6 +145,16 @@ build_helm() {
   rmdir "$gobin"
 }
 
+build_actionlint() {
+  log "building actionlint $ACTIONLINT_VERSION"
+  local gobin
+  gobin=$(mktemp -d)
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
+    "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
+  mv "$gobin/actionlint" "$BIN/actionlint-$ACTIONLINT_VERSION"
+  rmdir "$gobin"
+}
+
 build_promtool() {
   log "building promtool (prometheus $PROMETHEUS_VERSION)"
   local gobin
@@ -148,7 +166,7 @@ build_promtool() {
 }
 
 missing_k8s=()
-for cmd in kube-apiserver kube-controller-manager kubectl; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
   [[ -x "$BIN/$cmd" ]] || adopt "$cmd" "$K8S_VERSION" || missing_k8s+=("$cmd")
 done
 if ((${#missing_k8s[@]})); then build_k8s "${missing_k8s[@]}"; fi
@@ -156,5 +174,7 @@ if ((${#missing_k8s[@]})); then build_k8s "${missing_k8s[@]}"; fi
 [[ -x "$BIN/helm" ]] || adopt helm "$HELM_VERSION" || build_helm
 [[ -x "$BIN/promtool-$PROMETHEUS_VERSION" ]] || build_promtool
 ln -sf "promtool-$PROMETHEUS_VERSION" "$BIN/promtool"
+[[ -x "$BIN/actionlint-$ACTIONLINT_VERSION" ]] || build_actionlint
+ln -sf "actionlint-$ACTIONLINT_VERSION" "$BIN/actionlint"
 
 echo "$BIN"

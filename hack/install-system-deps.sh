@@ -19,6 +19,9 @@ PACKAGES=(
   # The container image the chart runs, built without a container engine
   # (formation_vmm/devcluster/operator_image.py): OCI layers by umoci, the archive by skopeo.
   umoci skopeo
+  # A real node for `helm install` (formation_vmm/devcluster/kube_node.py): the container
+  # runtime and the CNI plugins; kubelet and kube-proxy are built like the apiserver.
+  containerd runc containernetworking-plugins
   dnsmasq-base iproute2 curl ca-certificates git
 )
 missing=()

@@ -1,10 +1,11 @@
 """Tiers: every test module carries exactly one of the markers pure, host, libvirt, controlplane,
-guest (a real distribution booted on TCG: minutes; `hack/test -m "not guest"` skips it locally,
-CI never does)."""
+guest (a real distribution booted on TCG: minutes), node (a real kubelet node and `helm
+install` of the image built here: minutes). `hack/test -m "not guest and not node"` skips the
+slow two locally; CI never does."""
 
 import pytest
 
-TIERS = {"pure", "host", "libvirt", "controlplane", "guest"}
+TIERS = {"pure", "host", "libvirt", "controlplane", "guest", "node"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

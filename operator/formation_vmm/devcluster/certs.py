@@ -41,6 +41,7 @@ def _issue(
     *,
     ca: bool = False,
     server: bool = False,
+    server_ips: tuple[str, ...] = (),
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     builder = (
@@ -67,6 +68,7 @@ def _issue(
                     x509.DNSName("localhost"),
                     x509.DNSName("kubernetes.default.svc"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips),
                 ]
             ),
             critical=False,
@@ -78,8 +80,10 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def make_pki(directory: Path) -> None:
-    """Write ca.crt, server.{crt,key}, admin.{crt,key}, sa.{key,pub} into ``directory``."""
+def make_pki(directory: Path, server_ips: tuple[str, ...] = ()) -> None:
+    """Write ca.crt, server.{crt,key}, admin.{crt,key}, sa.{key,pub} into ``directory``. The
+    apiserver's certificate names localhost, 127.0.0.1 and ``server_ips`` (a node's address and
+    the ``kubernetes`` Service's, where pods reach it)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = _key()
     ca_name = _name("formation-vmm-dev-ca")
@@ -88,7 +92,8 @@ def make_pki(directory: Path) -> None:
 
     server_key = _key()
     _write_cert(
-        _issue(_name("kube-apiserver"), server_key, ca_name, ca_key, server=True), directory / "server.crt"
+        _issue(_name("kube-apiserver"), server_key, ca_name, ca_key, server=True, server_ips=server_ips),
+        directory / "server.crt",
     )
     _write_key(server_key, directory / "server.key")
 
@@ -103,3 +108,13 @@ def make_pki(directory: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+
+
+def issue_client(directory: Path, name: str, cn: str, org: str | None = None) -> None:
+    """``<name>.crt`` and ``<name>.key``: a client certificate from the CA of ``make_pki`` (a
+    kubelet's is ``system:node:<node>`` in group ``system:nodes``, for the Node authorizer)."""
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = _key()
+    _write_cert(_issue(_name(cn, org), key, _name("formation-vmm-dev-ca"), ca_key), directory / f"{name}.crt")
+    _write_key(key, directory / f"{name}.key")

@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import ssl
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -18,7 +19,14 @@ import yaml
 from formation_vmm.devcluster import certs
 from formation_vmm.devcluster.processes import ProcessTable, alive, free_port, spawn, stop
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
+BINARIES = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm",
+    # A real node (kube_node.py) and the plane that schedules its pods.
+    "kubelet", "kube-proxy", "kube-scheduler",
+)  # fmt: skip
+# Services' virtual addresses; the first is the `kubernetes` Service, the apiserver as pods see it.
+SERVICE_RANGE = "10.96.0.0/24"
+SERVICE_IP = "10.96.0.1"
 
 
 class ControlPlaneError(RuntimeError):
@@ -50,9 +58,17 @@ class Endpoints:
 class ControlPlane:
     """One local control plane living in ``root`` (certs, etcd data, logs, kubeconfig, pids)."""
 
-    def __init__(self, root: Path, bin_dir: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, bin_dir: Path | None = None, netns: str | None = None, node_ip: str | None = None
+    ) -> None:
+        """With ``netns`` (and the ``node_ip`` it holds), etcd, the apiserver and the controller
+        manager run inside that network namespace, the apiserver on every address there; a
+        relay makes it reachable on this machine's loopback at the same port, so one kubeconfig
+        serves both sides (kube_node.py)."""
         self.root = root
         self.bin_dir = bin_dir
+        self.netns = netns
+        self.node_ip = node_ip
         self.pki = root / "pki"
         self.logs = root / "logs"
         self.kubeconfig = root / "kubeconfig"
@@ -83,15 +99,21 @@ class ControlPlane:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "bin-dir").write_text(f"{bins}\n")
         shutil.rmtree(self.root / "etcd", ignore_errors=True)
-        certs.make_pki(self.pki)
+        certs.make_pki(self.pki, server_ips=(self.node_ip, SERVICE_IP) if self.node_ip else ())
         for attempt in range(3):
             ports = Endpoints(free_port(), free_port(), free_port())
             self._write_kubeconfig(ports.apiserver)
             try:
                 self._start_etcd(bins, ports)
                 self._start_apiserver(bins, ports)
+                if self.netns:
+                    relay = [sys.executable, "-m", "formation_vmm.devcluster.netns_relay", self.netns]
+                    relay.append(str(ports.apiserver))
+                    self.processes.add("relay", spawn(relay, self.logs / "relay.log"))
                 self._wait_ready(ports.apiserver, timeout)
                 self._start_controller_manager(bins)
+                if self.netns:
+                    self._start_scheduler(bins)
                 return
             except ControlPlaneError:
                 self.stop()
@@ -103,6 +125,12 @@ class ControlPlane:
             except BaseException:
                 self.stop()
                 raise
+
+    def _inside(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside the plane's network namespace, if it has one."""
+        if not self.netns:
+            return argv
+        return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
 
     def _port_was_taken(self) -> bool:
         logs = [self.logs / "kube-apiserver.log", self.logs / "etcd.log"]
@@ -130,29 +158,37 @@ class ControlPlane:
             "--unsafe-no-fsync=true",
             "--log-level=warn",
         ]
-        self.processes.add("etcd", spawn(argv, self.logs / "etcd.log"))
+        self.processes.add("etcd", spawn(self._inside(argv), self.logs / "etcd.log"))
 
     def _start_apiserver(self, bins: Path, ports: Endpoints) -> None:
         pki = self.pki
         argv = [
             str(bins / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{ports.etcd}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={'0.0.0.0' if self.netns else '127.0.0.1'}",  # noqa: S104 - inside the node's namespace
+            f"--advertise-address={self.node_ip or '127.0.0.1'}",
             f"--secure-port={ports.apiserver}",
             f"--tls-cert-file={pki / 'server.crt'}",
             f"--tls-private-key-file={pki / 'server.key'}",
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--token-auth-file={self._admin_token_file()}",
-            "--authorization-mode=RBAC",
+            # A real node's kubelet is held to its own node's objects, as on any cluster.
+            f"--authorization-mode={'Node,RBAC' if self.netns else 'RBAC'}",
+            *(["--enable-admission-plugins=NodeRestriction"] if self.netns else []),
+            # For logs, exec and port-forward through the apiserver.
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
+            # Kubelets are reached at their node address: node names resolve nowhere here.
+            "--kubelet-preferred-address-types=InternalIP",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.96.0.0/24",
+            f"--service-cluster-ip-range={SERVICE_RANGE}",
             "--allow-privileged=true",
             f"--cert-dir={pki}",
             "--v=1",
         ]
+        argv = self._inside(argv)
         self.processes.add("kube-apiserver", spawn(argv, self.logs / "kube-apiserver.log"))
         self._apiserver = (argv, ports.apiserver)
 
@@ -179,11 +215,31 @@ class ControlPlane:
             f"--service-account-private-key-file={self.pki / 'sa.key'}",
             f"--root-ca-file={self.pki / 'ca.crt'}",
             "--use-service-account-credentials=false",
-            # Garbage collection and namespace deletion are what the tests rely on.
-            "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller",
+            # Garbage collection and namespace deletion are what the tests rely on. Node
+            # lifecycle (taints of nodes not ready) only where real kubelets report: elsewhere
+            # the tests' Nodes have none.
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller"
+            + ("" if self.netns else ",-nodelifecycle"),
             "--v=1",
         ]
-        self.processes.add("kube-controller-manager", spawn(argv, self.logs / "kube-controller-manager.log"))
+        self.processes.add(
+            "kube-controller-manager", spawn(self._inside(argv), self.logs / "kube-controller-manager.log")
+        )
+
+    def _start_scheduler(self, bins: Path) -> None:
+        """Only a plane with real nodes (kube_node.py) schedules pods; VMs are placed by our own
+        controller, so the other planes need none."""
+        argv = [
+            str(bins / "kube-scheduler"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            "--v=1",
+        ]
+        self.processes.add("kube-scheduler", spawn(self._inside(argv), self.logs / "kube-scheduler.log"))
 
     def _admin_token_file(self) -> Path:
         """A static bearer token for the admin, beside the client certificate: what the agent

@@ -55,19 +55,26 @@ def _ip(*args: str, check: bool = True) -> None:
 
 class LibvirtNode:
     def __init__(
-        self, root: Path, name: str, processes: ProcessTable, network_namespace: bool = False
+        self,
+        root: Path,
+        name: str,
+        processes: ProcessTable,
+        network_namespace: bool = False,
+        netns: str | None = None,
     ) -> None:
+        """``netns`` names an existing network namespace to run in (a kubelet node's, so that
+        its guests' networks sit beside its pods'); otherwise ``network_namespace`` makes one."""
         self.root = root
         self.name = name
         self.processes = processes
-        self.network_namespace = network_namespace
+        self.network_namespace = network_namespace or netns is not None
         # Stable for the node (a restarted daemon keeps its identity), distinct between nodes.
         self.host_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"formation-vmm:{root.resolve()}:{name}"))
         self.sock_dir = root / "sock"
         self.log = root / "libvirtd.log"
         # Named after the node's directory: two clusters (or the tests beside `vmm dev up`) never
         # share one, and a restarted daemon finds the namespace its guests still live in.
-        self.netns = "vmm-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+        self.netns = netns or "vmm-" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
 
     @property
     def uri(self) -> str:

@@ -204,7 +204,7 @@ def _install(work: Path, base: Path, wheels: Path) -> Path:
     # A clean environment: nothing of the host's pip or Python settings leaks into the image.
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
     # Paths inside the chroot. Only /opt/vmm leaves it (the second layer); the copy is dropped.
-    _run("chroot", str(rootfs), "/bin/sh", "/tmp/install.sh", "/tmp/wheels", env=env)  # noqa: S108
+    _run("chroot", str(rootfs), "/bin/sh", "/tmp/install.sh", "/tmp/wheels", env=env, stdout=sys.stderr)  # noqa: S108
     return rootfs / "opt" / "vmm"
 
 

@@ -1,0 +1,211 @@
+"""Installed as users install it: `helm install` of charts/formation-vmm onto a real node (a
+kubelet with containerd, runc, CNI and kube-proxy: devcluster/node_cluster.py), from the image
+built here without a container engine. The controller and agent pods run with the chart's
+service accounts (projected, pod-bound tokens), security contexts and host paths, become Ready
+through their probes, and the sample VM runs on real QEMU (TCG). Then what users do next:
+`kubectl vm console`, `helm upgrade` (the agent rolls, the guest does not restart), and
+`helm uninstall` (our objects go; CRDs and VMs stay, docs/configuration.md)."""
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from formation_vmm.devcluster import guest, operator_image
+from formation_vmm.devcluster.cluster import Kubectl
+from formation_vmm.devcluster.node_cluster import NodeCluster
+from tests.support.binaries import binaries
+from tests.support.waiting import get_json, wait_for
+
+pytestmark = pytest.mark.node
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "formation-vmm"
+NS = "formation-vmm"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
+    started = time.monotonic()
+    c = NodeCluster(tmp_path_factory.mktemp("node-cluster"), binaries())
+    c.start()
+    print(
+        f"node cluster (plane, libvirtd, containerd, kubelet, kube-proxy): {time.monotonic() - started:.1f}s"
+    )
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def helm(cluster: NodeCluster, *args: str) -> str:
+    done = subprocess.run([str(cluster.bins / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def kubectl_of(cluster: NodeCluster) -> Kubectl:
+    return Kubectl(cluster.bins / "kubectl", cluster.kubeconfig)
+
+
+def pods(kubectl: Kubectl, component: str) -> list[dict]:  # type: ignore[type-arg]
+    found = get_json(kubectl, "pods", "-n", NS, "-l", f"app.kubernetes.io/component={component}")
+    return [p for p in found["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def all_ready(kubectl: Kubectl, component: str, count: int) -> list[str] | None:
+    running = pods(kubectl, component)
+    ready = [
+        p["metadata"]["name"]
+        for p in running
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    ]
+    return ready if len(ready) == count == len(running) else None
+
+
+def guest_boot_id(cluster: NodeCluster, address: str) -> str:
+    """The sample guest's HTTP answer names its boot id; asked from inside the node's namespace."""
+    done = cluster.in_node("curl", "-sf", "--max-time", "5", f"http://{address}/")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def qemu_pids(cluster: NodeCluster) -> set[int]:
+    return {int(p.read_text()) for p in cluster.libvirt.root.glob("run/qemu/*.pid")}
+
+
+def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> None:
+    kubectl = kubectl_of(cluster)
+    node = cluster.node.name
+    kubectl("label", "node", node, "vmm.formation.cloud/hypervisor=true")
+    guest.install(cluster.host / "vm-images", "sample")  # the sample's kernel, where it says
+
+    started = time.monotonic()
+    helm(
+        cluster,
+        "install",
+        "formation-vmm",
+        str(CHART),
+        "-n",
+        NS,
+        "--create-namespace",
+        *cluster.chart_values(),
+    )
+    # Ready through their own probes: /readyz answers only once the API answered, a watch
+    # delivered and (for the agent) libvirt answered.
+    controllers = wait_for(lambda: all_ready(kubectl, "controller", 2), 180, "two controller pods Ready")
+    agents = wait_for(lambda: all_ready(kubectl, "agent", 1), 180, "the agent pod Ready")
+    print(f"helm install to pods Ready: {time.monotonic() - started:.1f}s")
+
+    # As the chart runs them: its service accounts' projected tokens, no privilege.
+    agent = get_json(kubectl, "pod", agents[0], "-n", NS)
+    assert agent["spec"]["serviceAccountName"] == "formation-vmm-agent"
+    assert agent["spec"]["hostNetwork"] is True
+    assert any("projected" in v for v in agent["spec"]["volumes"])  # the pod-bound token
+    ctx = agent["spec"]["containers"][0]["securityContext"]
+    assert not ctx.get("privileged") and ctx["capabilities"]["drop"] == ["ALL"]
+    controller = get_json(kubectl, "pod", controllers[0], "-n", NS)
+    assert controller["spec"]["containers"][0]["securityContext"]["runAsUser"] == 65532
+    # One leads: the Lease names a running replica.
+    lease = get_json(kubectl, "lease", "formation-vmm-controller", "-n", NS)
+    assert lease["spec"]["holderIdentity"] in controllers
+
+    kubectl("apply", "-f", str(ROOT / "manifests" / "examples" / "vm-sample.yaml"))
+    vm = wait_for(
+        lambda: (
+            (v := get_json(kubectl, "vm", "sample", "-n", "default"))["status"].get("phase") == "Running"
+            and v
+        ),
+        180,
+        "the sample VM Running",
+    )
+    print(f"helm install to the sample VM Running: {time.monotonic() - started:.1f}s")
+    address = vm["status"]["interfaces"][0]["ipAddress"]
+    wait_for(lambda: cluster.in_node("curl", "-sf", "--max-time", "3", f"http://{address}/").returncode == 0,
+             120, "the guest's HTTP server")  # fmt: skip
+    boot_id = guest_boot_id(cluster, address)
+    assert vm["status"]["agentEndpoint"] == f"http://{cluster.node.node_ip}:3003"
+
+    # The console through the agent's port, with the user's token (where users are: on the
+    # node's network).
+    console = cluster.in_node(
+        "env", f"KUBECONFIG={cluster.kubeconfig}", str(ROOT / ".venv" / "bin" / "kubectl-vm"),
+        "console", "sample", "--no-follow",
+    )  # fmt: skip
+    assert console.returncode == 0, console.stderr
+    assert f"formation-vmm guest: address {address}/" in console.stdout
+
+    # An upgrade that changes the agent's pod rolls it; the guest runs on untouched.
+    pids = qemu_pids(cluster)
+    assert pids
+    helm(
+        cluster,
+        "upgrade",
+        "formation-vmm",
+        str(CHART),
+        "-n",
+        NS,
+        *cluster.chart_values(),
+        "--set",
+        "logLevel=DEBUG",
+    )
+    rolled = wait_for(
+        lambda: (now := all_ready(kubectl, "agent", 1)) and now != agents and now,
+        180,
+        "a new agent pod Ready",
+    )
+    env = get_json(kubectl, "pod", rolled[0], "-n", NS)["spec"]["containers"][0]["env"]
+    assert {"name": "VMM_LOG_LEVEL", "value": "DEBUG"} in env
+    still = get_json(kubectl, "vm", "sample", "-n", "default")
+    assert still["status"]["phase"] == "Running"
+    assert qemu_pids(cluster) == pids
+    assert guest_boot_id(cluster, address) == boot_id
+
+    # Uninstall: our objects go; the CRDs (Helm never deletes crds/) and the VMs stay, and the
+    # guest keeps running, unmanaged, until an agent comes back or an admin removes it.
+    helm(cluster, "uninstall", "formation-vmm", "-n", NS, "--wait")
+    assert kubectl("get", "deployment,daemonset,serviceaccount,networkpolicy,poddisruptionbudget", "-n", NS,
+                   "-l", "app.kubernetes.io/instance=formation-vmm", "-o", "name").strip() == ""  # fmt: skip
+    assert kubectl.run("get", "clusterrole", "formation-vmm-agent").returncode != 0
+    kubectl("get", "crd", "virtualmachines.vmm.formation.cloud")
+    assert get_json(kubectl, "vm", "sample", "-n", "default")["metadata"]["name"] == "sample"
+    assert qemu_pids(cluster) == pids
+    wait_for(lambda: get_json(kubectl, "pods", "-n", NS)["items"] == [], 120, "our pods gone")
+
+
+def test_a_node_stopped_with_pods_running_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Killed mid-test, with a pod running: stopping the node removes its processes, the pods'
+    network namespaces and shim sockets (which containerd keeps outside the node's directory),
+    the kubelet's mounts and the node's cgroups."""
+    c = NodeCluster(tmp_path / "c", binaries())
+    c.start()
+    try:
+        kubectl = kubectl_of(c)
+        image = f"--image={operator_image.image_name()}"
+        kubectl("run", "sleeper", image, "--image-pull-policy=Never", "--command", "--", "sleep", "600")
+        kubectl("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=90s")
+        left = c.node._containers()
+        netns = {Path(p).name for p in left.values() if "/netns/cni-" in p}
+        assert netns, left
+        mounts = [
+            line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in line
+        ]
+        assert mounts  # the kubelet's: the pod's token and volumes
+    finally:
+        c.stop()
+    assert not [n for n in netns if Path(f"/run/netns/{n}").exists()]
+    assert not [
+        line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(tmp_path) in line
+    ]
+    assert not list(Path("/sys/fs/cgroup/memory").glob(f"{c.netns}*"))
+    assert not Path(f"/run/netns/{c.netns}").exists()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert str(tmp_path).encode() not in cmdline, cmdline
