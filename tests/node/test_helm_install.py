@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from formation_vmm.devcluster import guest, operator_image
+from formation_vmm.devcluster import operator_image
 from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.node_cluster import NodeCluster
 from tests.support.binaries import binaries
@@ -22,8 +22,16 @@ from tests.support.waiting import get_json, wait_for
 pytestmark = pytest.mark.node
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "formation-vmm"
 NS = "formation-vmm"
+# The steps users (and the CI workflow on kind, tests/charts/test_workflow.py) run, word for
+# word; this node adds only where its host paths and libvirtd socket are (chart_values).
+HELM_INSTALL = (
+    "helm install formation-vmm charts/formation-vmm -n formation-vmm --create-namespace"
+    " -f charts/formation-vmm/ci/tcg-values.yaml"
+)
+LABEL_NODE = "kubectl label node {node} vmm.formation.cloud/hypervisor=true"
+APPLY_SAMPLE = "kubectl apply -f manifests/examples/vm-sample.yaml"
+SAMPLE_FILES = "python3 -m formation_vmm.devcluster.guest {images} sample"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
 
 def helm(cluster: NodeCluster, *args: str) -> str:
     done = subprocess.run([str(cluster.bins / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+                          capture_output=True, text=True, check=False, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -80,20 +88,13 @@ def qemu_pids(cluster: NodeCluster) -> set[int]:
 def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> None:
     kubectl = kubectl_of(cluster)
     node = cluster.node.name
-    kubectl("label", "node", node, "vmm.formation.cloud/hypervisor=true")
-    guest.install(cluster.host / "vm-images", "sample")  # the sample's kernel, where it says
+    kubectl(*LABEL_NODE.format(node=node).split()[1:])
+    sample_files = SAMPLE_FILES.format(images=cluster.host / "vm-images").split()
+    env = {"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    subprocess.run(sample_files, env=env, check=True, capture_output=True)  # the sample's kernel
 
     started = time.monotonic()
-    helm(
-        cluster,
-        "install",
-        "formation-vmm",
-        str(CHART),
-        "-n",
-        NS,
-        "--create-namespace",
-        *cluster.chart_values(),
-    )
+    helm(cluster, *HELM_INSTALL.split()[1:], *cluster.chart_values())
     # Ready through their own probes: /readyz answers only once the API answered, a watch
     # delivered and (for the agent) libvirt answered.
     controllers = wait_for(lambda: all_ready(kubectl, "controller", 2), 180, "two controller pods Ready")
@@ -113,7 +114,7 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     lease = get_json(kubectl, "lease", "formation-vmm-controller", "-n", NS)
     assert lease["spec"]["holderIdentity"] in controllers
 
-    kubectl("apply", "-f", str(ROOT / "manifests" / "examples" / "vm-sample.yaml"))
+    kubectl(*APPLY_SAMPLE.replace("manifests/", f"{ROOT}/manifests/").split()[1:])
     vm = wait_for(
         lambda: (
             (v := get_json(kubectl, "vm", "sample", "-n", "default"))["status"].get("phase") == "Running"
@@ -141,17 +142,8 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     # An upgrade that changes the agent's pod rolls it; the guest runs on untouched.
     pids = qemu_pids(cluster)
     assert pids
-    helm(
-        cluster,
-        "upgrade",
-        "formation-vmm",
-        str(CHART),
-        "-n",
-        NS,
-        *cluster.chart_values(),
-        "--set",
-        "logLevel=DEBUG",
-    )
+    upgrade = HELM_INSTALL.replace("install", "upgrade", 1).replace(" --create-namespace", "")
+    helm(cluster, *upgrade.split()[1:], *cluster.chart_values(), "--set", "logLevel=DEBUG")
     rolled = wait_for(
         lambda: (now := all_ready(kubectl, "agent", 1)) and now != agents and now,
         180,

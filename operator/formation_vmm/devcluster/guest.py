@@ -264,3 +264,20 @@ def install(images_dir: Path, subdir: str = "guest") -> tuple[Path, Path]:
     vmlinuz = target / "vmlinuz"
     shutil.copyfile(kernel(), vmlinuz)
     return vmlinuz, build_initramfs(target / "initrd.gz")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m formation_vmm.devcluster.guest IMAGES_DIR [SUBDIR]``: the sample VM's kernel
+    and initramfs onto a node (standard library only, so it runs from a plain checkout on a node
+    with python3, Debian's cloud kernel and busybox: the CI workflow's kind node)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        raise SystemExit("usage: python -m formation_vmm.devcluster.guest IMAGES_DIR [SUBDIR]")
+    for path in install(Path(args[0]), *args[1:]):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,13 +55,11 @@ class NodeCluster:
             raise
 
     def chart_values(self) -> list[str]:
-        """`helm install` arguments for this node: the image as imported (never pulled), QEMU's
-        TCG (nested KVM hangs here), the node's host paths, and its libvirtd, which runs QEMU as
-        root and so needs the development switch."""
+        """`helm install` arguments for this node, beside the chart's ci/tcg-values.yaml (the
+        image as imported, QEMU's TCG): the node's host paths, and its libvirtd, which runs QEMU
+        as root and so needs the development switch."""
         h = self.host
         sets = {
-            "image.pullPolicy": "Never",
-            "agent.domainType": "qemu",
             "agent.libvirtSocketDir": str(self.libvirt.sock_dir),
             "agent.allowUnconfinedQemu": "true",
             "agent.vmDir": str(h / "form-vm"),
