@@ -6,12 +6,14 @@ through their probes, and the sample VM runs on real QEMU (TCG). Then what users
 `kubectl vm console`, `helm upgrade` (the agent rolls, the guest does not restart), and
 `helm uninstall` (our objects go; CRDs and VMs stay, docs/configuration.md)."""
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from formation_vmm.devcluster import operator_image
 from formation_vmm.devcluster.cluster import Kubectl
@@ -166,6 +168,93 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     assert get_json(kubectl, "vm", "sample", "-n", "default")["metadata"]["name"] == "sample"
     assert qemu_pids(cluster) == pids
     wait_for(lambda: get_json(kubectl, "pods", "-n", NS)["items"] == [], 120, "our pods gone")
+
+
+def kustomize_overlay(cluster: NodeCluster, dest: Path) -> Path:
+    """What a user with other host paths writes over manifests/: JSON patches of the agent's
+    environment, mounts and host paths (each path the same inside and outside the pod, as the
+    agent hands them to libvirtd), QEMU's TCG and this node's libvirtd."""
+    agent = yaml.safe_load((ROOT / "manifests" / "base" / "agent.yaml").read_text())
+    container = agent["spec"]["template"]["spec"]["containers"][0]
+    h = cluster.host
+    paths = {
+        "/run/form-vm": h / "form-vm",
+        "/var/lib/formation/vm-disks": h / "vm-disks",
+        "/var/lib/formation/vm-images": h / "vm-images",
+        "/var/lib/formation/image-cache": h / "image-cache",
+        "/var/lib/formation/agent": h / "agent",
+    }
+    base = "/spec/template/spec/containers/0"
+    ops: list[dict[str, object]] = []
+    for i, env in enumerate(container["env"]):
+        if env.get("value") in paths:
+            ops.append({"op": "replace", "path": f"{base}/env/{i}/value", "value": str(paths[env["value"]])})
+        if env["name"] == "VMM_DOMAIN_TYPE":
+            ops.append({"op": "replace", "path": f"{base}/env/{i}/value", "value": "qemu"})
+    ops.append(
+        {
+            "op": "add",
+            "path": f"{base}/env/-",
+            "value": {"name": "VMM_ALLOW_UNCONFINED_QEMU", "value": "true"},
+        }
+    )
+    for i, mount in enumerate(container["volumeMounts"]):
+        if mount["mountPath"] in paths:
+            ops.append({"op": "replace", "path": f"{base}/volumeMounts/{i}/mountPath",
+                        "value": str(paths[mount["mountPath"]])})  # fmt: skip
+    for i, volume in enumerate(agent["spec"]["template"]["spec"]["volumes"]):
+        host = volume.get("hostPath", {}).get("path")
+        if host in paths or host == "/var/run/libvirt":
+            new = paths.get(host, cluster.libvirt.sock_dir)
+            ops.append(
+                {"op": "replace", "path": f"/spec/template/spec/volumes/{i}/hostPath/path", "value": str(new)}
+            )
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(ROOT / "manifests", dest)],
+                "patches": [
+                    {
+                        "target": {"kind": "DaemonSet", "name": "formation-vmm-agent"},
+                        "patch": yaml.safe_dump(ops),
+                    }
+                ],
+            }
+        )
+    )
+    return dest
+
+
+def test_kubectl_apply_k_manifests_takes_over_the_running_vm(cluster: NodeCluster, tmp_path: Path) -> None:
+    """After the chart is gone (the test above), `kubectl apply -k` of manifests/ (with the
+    overlay a user writes for other host paths) runs the product again: its agent takes over
+    the sample VM that kept running meanwhile, without restarting the guest."""
+    kubectl = kubectl_of(cluster)
+    vm = get_json(kubectl, "vm", "sample", "-n", "default")
+    address = vm["status"]["interfaces"][0]["ipAddress"]
+    pids, boot_id = qemu_pids(cluster), guest_boot_id(cluster, address)
+    assert pids and not pods(kubectl, "agent")
+
+    overlay = kustomize_overlay(cluster, tmp_path / "overlay")
+    rendered = kubectl("kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay))
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input_text=rendered)
+    wait_for(lambda: all_ready(kubectl, "controller", 2), 180, "two controller pods Ready")
+    wait_for(lambda: all_ready(kubectl, "agent", 1), 180, "the agent pod Ready")
+    vm = wait_for(
+        lambda: (
+            (v := get_json(kubectl, "vm", "sample", "-n", "default"))["status"].get("phase") == "Running"
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in v["status"]["conditions"])
+            and v
+        ),
+        120,
+        "the sample VM Running and Ready under the new agent",
+    )
+    assert qemu_pids(cluster) == pids
+    assert guest_boot_id(cluster, address) == boot_id
+    assert vm["status"]["agentEndpoint"] == f"http://{cluster.node.node_ip}:3003"
 
 
 def test_a_node_stopped_with_pods_running_leaves_nothing_behind(tmp_path: Path) -> None:
