@@ -133,11 +133,19 @@ def chart_before_head(dest: Path) -> str:
     """The chart as it was at the newest commit before HEAD that changed it: what users upgrade
     from. Returns that commit."""
     git = ["git", "-C", str(ROOT)]
-    before = subprocess.run(
-        [*git, "log", "-n1", "--format=%H", "HEAD~1", "--", "charts/formation-vmm"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    assert before, "no earlier commit of the chart (a shallow clone?)"
+
+    def earlier() -> str:
+        return subprocess.run(
+            [*git, "log", "-n1", "--format=%H", "HEAD~1", "--", "charts/formation-vmm"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+
+    before = earlier()
+    if not before:
+        # A shallow clone (CI systems often make one): fetch the history it left out.
+        subprocess.run([*git, "fetch", "--quiet", "--unshallow"], capture_output=True, check=False)
+        before = earlier()
+    assert before, "no earlier commit of the chart: this test needs the repository's history"
     archive = subprocess.run(
         [*git, "archive", before, "charts/formation-vmm"], capture_output=True, check=True
     )
