@@ -5,10 +5,10 @@ one built here (pause_image.py).
 
 Why a namespace: the kubelet refuses a loopback node address, pods get addresses from CNI, and
 nothing may hold a non-loopback address in this machine's own namespace. So the node address
-lives on a veth inside the namespace (both ends there) (its default route goes there too: a packet for
-anywhere else is dropped, never sent off the machine), the pods' bridge is there, and the control
-plane runs there as well (ControlPlane with ``netns``), reachable from this machine's loopback
-through a relay on the same port.
+lives on a veth whose both ends are inside the namespace, its default route leads there too (a
+packet for anywhere else is dropped inside, never sent off the machine), the pods' bridge is
+there, and the control plane runs there as well (ControlPlane with ``netns``), reachable from
+this machine's loopback through a relay on the same port.
 
 This machine mounts cgroup v1: the kubelet uses the ``cgroupfs`` driver (no systemd here) with
 ``failCgroupV1: false``, containerd's runc ``SystemdCgroup = false``, and the node's pods live
@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -74,14 +75,14 @@ class KubeNode:
     # --- the network namespace ------------------------------------------------------------
 
     def make_network(self) -> None:
-        """The namespace with the node's address on a dummy interface, and forwarding on (pods
-        reach services through it). Idempotent."""
+        """The namespace with the node's address, and forwarding on (pods reach services
+        through it). Idempotent."""
         if not Path(f"/run/netns/{self.netns}").exists():
             _ip("netns", "add", self.netns)
         _ip("-n", self.netns, "link", "set", "lo", "up")
         # A veth pair with both ends inside (this kernel has no dummy device): the node's
         # address on one end, the other end leads nowhere.
-        if not Path(f"/run/netns/{self.netns}").exists() or not self._has_link("node0"):
+        if not self._has_link("node0"):
             _ip("-n", self.netns, "link", "add", "node0", "type", "veth", "peer", "name", "node0-end")
         _ip("-n", self.netns, "addr", "replace", f"{self.node_ip}/24", "dev", "node0")
         _ip("-n", self.netns, "link", "set", "node0-end", "up")
@@ -340,10 +341,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
         self._wait(ready, timeout, f"node {self.name} Ready", "kubelet.log")
 
-    def _wait(self, done: "object", timeout: float, what: str, log: str) -> None:
+    def _wait(self, done: Callable[[], bool], timeout: float, what: str, log: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if done():  # type: ignore[operator]
+            if done():
                 return
             for key, pid in self.processes.read().items():
                 if key.endswith(self.name) and not alive(pid):
