@@ -145,23 +145,13 @@ build_helm() {
   rmdir "$gobin"
 }
 
-build_actionlint() {
-  log "building actionlint $ACTIONLINT_VERSION"
-  local gobin
+# `go install` of a command into the bin directory under a versioned name.
+go_install() {
+  local module="$1" name="$2" gobin
+  log "building $name"
   gobin=$(mktemp -d)
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
-    "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
-  mv "$gobin/actionlint" "$BIN/actionlint-$ACTIONLINT_VERSION"
-  rmdir "$gobin"
-}
-
-build_promtool() {
-  log "building promtool (prometheus $PROMETHEUS_VERSION)"
-  local gobin
-  gobin=$(mktemp -d)
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" \
-    "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
-  mv "$gobin/promtool" "$BIN/promtool-$PROMETHEUS_VERSION"
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "$module"
+  mv "$gobin/$(basename "${module%@*}")" "$BIN/$name"
   rmdir "$gobin"
 }
 
@@ -172,9 +162,11 @@ done
 if ((${#missing_k8s[@]})); then build_k8s "${missing_k8s[@]}"; fi
 [[ -x "$BIN/etcd" ]] || adopt etcd "${ETCD_VERSION#v}" || build_etcd
 [[ -x "$BIN/helm" ]] || adopt helm "$HELM_VERSION" || build_helm
-[[ -x "$BIN/promtool-$PROMETHEUS_VERSION" ]] || build_promtool
+[[ -x "$BIN/promtool-$PROMETHEUS_VERSION" ]] ||
+  go_install "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" "promtool-$PROMETHEUS_VERSION"
 ln -sf "promtool-$PROMETHEUS_VERSION" "$BIN/promtool"
-[[ -x "$BIN/actionlint-$ACTIONLINT_VERSION" ]] || build_actionlint
+[[ -x "$BIN/actionlint-$ACTIONLINT_VERSION" ]] ||
+  go_install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" "actionlint-$ACTIONLINT_VERSION"
 ln -sf "actionlint-$ACTIONLINT_VERSION" "$BIN/actionlint"
 
 echo "$BIN"

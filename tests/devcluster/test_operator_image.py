@@ -40,7 +40,7 @@ def test_the_image_reports_the_version_and_commit_of_the_checkout(unpacked: tupl
     archive, rootfs = unpacked
     assert in_image(rootfs, "vmm", "--version").strip() == describe()
     assert in_image(rootfs, "kubectl-vm", "--version").strip() == describe()
-    config = operator_image.manifest_of(archive)
+    config = operator_image.config_of(archive)
     assert config["config"]["Entrypoint"] == [operator_image.ENTRYPOINT]  # type: ignore[index]
     assert config["config"]["Labels"]["org.opencontainers.image.revision"] == commit()  # type: ignore[index]
     # Named as the chart's default image (its appVersion), so a node that imported it runs it.

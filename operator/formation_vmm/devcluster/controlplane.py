@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from formation_vmm.devcluster import certs
-from formation_vmm.devcluster.processes import ProcessTable, alive, free_port, spawn, stop
+from formation_vmm.devcluster.processes import ProcessTable, alive, free_port, netns_argv, spawn, stop
 
 BINARIES = (
     "etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm",
@@ -128,9 +128,7 @@ class ControlPlane:
 
     def _inside(self, argv: list[str]) -> list[str]:
         """``argv`` run inside the plane's network namespace, if it has one."""
-        if not self.netns:
-            return argv
-        return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
+        return netns_argv(self.netns, argv) if self.netns else argv
 
     def _port_was_taken(self) -> bool:
         logs = [self.logs / "kube-apiserver.log", self.logs / "etcd.log"]
@@ -206,9 +204,7 @@ class ControlPlane:
     def _start_controller_manager(self, bins: Path) -> None:
         argv = [
             str(bins / "kube-controller-manager"),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
+            *self._component_kubeconfigs(),
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}",
@@ -226,14 +222,18 @@ class ControlPlane:
             "kube-controller-manager", spawn(self._inside(argv), self.logs / "kube-controller-manager.log")
         )
 
+    def _component_kubeconfigs(self) -> list[str]:
+        """A controller manager's or scheduler's credentials: the admin's, for the API and for
+        delegated authentication and authorization alike."""
+        return [f"--{kind}={self.kubeconfig}" for kind in ("kubeconfig", "authentication-kubeconfig",
+                                                           "authorization-kubeconfig")]  # fmt: skip
+
     def _start_scheduler(self, bins: Path) -> None:
         """Only a plane with real nodes (kube_node.py) schedules pods; VMs are placed by our own
         controller, so the other planes need none."""
         argv = [
             str(bins / "kube-scheduler"),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}",
-            f"--authorization-kubeconfig={self.kubeconfig}",
+            *self._component_kubeconfigs(),
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}",

@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from formation_vmm.devcluster import certs
-from formation_vmm.devcluster.processes import ProcessTable, alive, spawn, stop
+from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.devcluster.processes import ProcessTable, alive, netns_argv, spawn, stop
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 CNI_BIN = Path("/usr/lib/cni")
@@ -39,10 +40,6 @@ SERVICE_DOMAIN = "cluster.local"
 
 class KubeNodeError(RuntimeError):
     pass
-
-
-def netns_argv(netns: str, argv: "tuple[str, ...] | list[str]") -> list[str]:
-    return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/run/netns/{netns}", "--", *argv]
 
 
 def _ip(*args: str, check: bool = True) -> None:
@@ -97,9 +94,6 @@ class KubeNode:
         return done.returncode == 0
 
     def inside(self, *argv: str) -> list[str]:
-        """``argv`` in the node's network namespace, and in this machine's mount namespace:
-        nsenter, not ``ip netns exec``, which remounts /sys and so hides the cgroup mounts the
-        kubelet and runc need."""
         return netns_argv(self.netns, argv)
 
     def inside_run(self, *argv: str) -> str:
@@ -209,11 +203,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     # --- kubelet and kube-proxy ------------------------------------------------------------
 
-    def _kubeconfig(self, plane_kubeconfig: Path, cert: str) -> Path:
+    def _kubeconfig(self, plane: ControlPlane, cert: str) -> Path:
         """A kubeconfig for one of the node's components, from the plane's (same server: inside
         the namespace, the plane's port is the apiserver itself), with its own certificate."""
-        config = yaml.safe_load(plane_kubeconfig.read_text())
-        pki = plane_kubeconfig.parent / "pki"
+        config = yaml.safe_load(plane.kubeconfig.read_text())
+        pki = plane.pki
         config["users"] = [
             {
                 "name": "admin",
@@ -233,10 +227,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             if controller.is_dir() and not controller.is_symlink() and controller.name != "unified":
                 (controller / self.cgroup_root.lstrip("/")).mkdir(exist_ok=True)
 
-    def _start_kubelet(self, bins: Path, plane_kubeconfig: Path) -> None:
-        pki = plane_kubeconfig.parent / "pki"
+    def _start_kubelet(self, bins: Path, plane: ControlPlane) -> None:
+        pki = plane.pki
         certs.issue_client(pki, f"kubelet-{self.name}", f"system:node:{self.name}", "system:nodes")
-        kubeconfig = self._kubeconfig(plane_kubeconfig, f"kubelet-{self.name}")
+        kubeconfig = self._kubeconfig(plane, f"kubelet-{self.name}")
         self._make_cgroup_root()
         resolv = self.root / "resolv.conf"
         resolv.write_text("nameserver 127.0.0.1\n")  # pods resolve nothing: no DNS leaves the node
@@ -291,10 +285,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         )
         self.processes.add(f"kubelet-{self.name}", spawn(argv, self.logs / "kubelet.log"))
 
-    def _start_kube_proxy(self, bins: Path, plane_kubeconfig: Path) -> None:
-        pki = plane_kubeconfig.parent / "pki"
-        certs.issue_client(pki, "kube-proxy", "system:kube-proxy", None)
-        kubeconfig = self._kubeconfig(plane_kubeconfig, "kube-proxy")
+    def _start_kube_proxy(self, bins: Path, plane: ControlPlane) -> None:
+        certs.issue_client(plane.pki, "kube-proxy", "system:kube-proxy", None)
+        kubeconfig = self._kubeconfig(plane, "kube-proxy")
         config = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
@@ -315,7 +308,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(
-        self, bins: Path, plane_kubeconfig: Path, images: list[tuple[Path, str]], timeout: float = 90.0
+        self, bins: Path, plane: ControlPlane, images: list[tuple[Path, str]], timeout: float = 90.0
     ) -> None:
         """containerd (with ``images`` imported: archive, name), kubelet and kube-proxy; returns
         once the Node is Ready."""
@@ -323,9 +316,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._start_containerd()
         for archive, name in images:
             self.import_image(archive, name)
-        self._start_kube_proxy(bins, plane_kubeconfig)
-        self._start_kubelet(bins, plane_kubeconfig)
-        kubectl = [str(bins / "kubectl"), f"--kubeconfig={plane_kubeconfig}"]
+        self._start_kube_proxy(bins, plane)
+        self._start_kubelet(bins, plane)
+        kubectl = [str(bins / "kubectl"), f"--kubeconfig={plane.kubeconfig}"]
 
         def ready() -> bool:
             done = subprocess.run(  # noqa: S603
@@ -392,35 +385,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             Path(f"/run/containerd/s/{digest}").unlink(missing_ok=True)
 
     def _kill_shims(self) -> None:
-        """containerd-shim-runc-v2 processes of this node's containerd (they outlive it, with
-        the containers under them): killed with their process groups."""
+        """containerd-shim-runc-v2 processes of this node's containerd (they outlive it) and
+        the containers' processes under them, from one reading of /proc."""
         marker = str(self.containerd_sock).encode()
+        parents: dict[int, int] = {}
+        shims = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
                 cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
             if b"containerd-shim" in cmdline and marker in cmdline:
-                pid = int(proc.name)
-                for container in self._children(pid):
-                    with_suppress_kill(container)
-                with_suppress_kill(pid)
-
-    @staticmethod
-    def _children(pid: int) -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(proc.name))
-        return found
+                shims.append(int(proc.name))
+        for shim in shims:
+            for pid, parent in parents.items():
+                if parent == shim:
+                    with_suppress_kill(pid)
+            with_suppress_kill(shim)
 
     def _unmount_all(self) -> None:
         prefix = str(self.root.resolve()) + "/"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from formation_vmm.devcluster import operator_image, pause_image
 from formation_vmm.devcluster.controlplane import ControlPlane
-from formation_vmm.devcluster.kube_node import KubeNode, netns_argv
+from formation_vmm.devcluster.kube_node import KubeNode
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
-from formation_vmm.devcluster.processes import ProcessTable
+from formation_vmm.devcluster.processes import ProcessTable, netns_argv
 
 NODE = "node-k"
 
@@ -49,7 +49,7 @@ class NodeCluster:
         try:
             self.plane.start()
             self.libvirt.start()
-            self.node.start(self.bins, self.plane.kubeconfig, images)
+            self.node.start(self.bins, self.plane, images)
         except BaseException:
             self.stop()
             raise

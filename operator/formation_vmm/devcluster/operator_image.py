@@ -249,7 +249,7 @@ def _prune(archives: int = 4, bases: int = 2) -> None:
                 old.unlink(missing_ok=True)
 
 
-def manifest_of(archive: Path) -> dict[str, object]:
+def config_of(archive: Path) -> dict[str, object]:
     """The image's config (labels, entrypoint, env) from an OCI archive, by skopeo."""
     done = subprocess.run(  # noqa: S603 - fixed argv
         ["skopeo", "inspect", "--config", f"oci-archive:{archive}"],  # noqa: S607

@@ -4,6 +4,7 @@ another command (``vmm dev down``, a test's teardown) can stop them and leave no
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,3 +121,10 @@ class ProcessTable:
         for pid in reversed(list(self.read().values())):
             stop(pid)
         self.path.unlink(missing_ok=True)
+
+
+def netns_argv(netns: str, argv: "tuple[str, ...] | list[str]") -> list[str]:
+    """``argv`` in the network namespace ``/run/netns/<netns>`` and in this machine's mount
+    namespace: nsenter, not ``ip netns exec``, which remounts /sys and so hides the cgroup
+    mounts a kubelet and runc need."""
+    return [shutil.which("nsenter") or "/usr/bin/nsenter", f"--net=/run/netns/{netns}", "--", *argv]
