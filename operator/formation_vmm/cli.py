@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
     up = dev_sub.add_parser("up", help="start control plane, controller and agent; apply a sample VM")
     up.add_argument("--no-sample", action="store_true", help="do not apply the sample VM")
+    up.add_argument(
+        "--kubelet",
+        action="store_true",
+        help="a real kubelet node, and the chart installed on it by helm from the image built here",
+    )
     dev_sub.add_parser("down", help="delete the VMs and stop everything `up` started")
     dev_sub.add_parser("status", help="say what runs")
     return parser
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from formation_vmm.devcluster import local
 
         if args.dev_command == "up":
-            return local.up(sample=not args.no_sample)
+            return local.up(sample=not args.no_sample, kubelet=args.kubelet)
         if args.dev_command == "down":
             return local.down()
         return local.status()

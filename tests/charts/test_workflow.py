@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.node.test_helm_install import APPLY_SAMPLE, HELM_INSTALL, LABEL_NODE, SAMPLE_FILES
+from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, HELM_INSTALL, LABEL_NODE, SAMPLE_FILES
 from tests.support.binaries import binaries
 
 pytestmark = pytest.mark.host

@@ -78,6 +78,7 @@ ALL_FEATURES = (
     "monitoring.dashboard.enabled=true",
     "agent.tolerations[0].key=vmm.formation.cloud/drain",
     "agent.tolerations[0].operator=Exists",
+    "libvirtd.enabled=true",
 )
 
 
@@ -105,6 +106,7 @@ def test_the_rendered_chart_passes_a_strict_server_side_dry_run(
             "NetworkPolicy",
             "PodDisruptionBudget",
         } <= kinds
+        assert "vmm-dry-run-libvirtd" in rendered
     out = kubectl(
         "apply", "--server-side", "--force-conflicts", "--dry-run=server", "--validate=strict", "-f", "-",
         input_text=rendered,

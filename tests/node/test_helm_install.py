@@ -7,7 +7,6 @@ through their probes, and the sample VM runs on real QEMU (TCG). Then what users
 `helm uninstall` (our objects go; CRDs and VMs stay, docs/configuration.md)."""
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,24 +15,15 @@ import pytest
 import yaml
 
 from formation_vmm.devcluster import operator_image
-from formation_vmm.devcluster.cluster import Kubectl
-from formation_vmm.devcluster.node_cluster import NodeCluster
+from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, HELM_UPGRADE, NodeCluster
 from tests.support.binaries import binaries
+from tests.support.node_pods import all_ready, guest_boot_id, kubectl_of, pods
 from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.node
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "formation-vmm"
-# The steps users (and the CI workflow on kind, tests/charts/test_workflow.py) run, word for
-# word; this node adds only where its host paths and libvirtd socket are (chart_values).
-HELM_INSTALL = (
-    "helm install formation-vmm charts/formation-vmm -n formation-vmm --create-namespace"
-    " -f charts/formation-vmm/ci/tcg-values.yaml"
-)
-LABEL_NODE = "kubectl label node {node} vmm.formation.cloud/hypervisor=true"
-APPLY_SAMPLE = "kubectl apply -f manifests/examples/vm-sample.yaml"
-SAMPLE_FILES = "python3 -m formation_vmm.devcluster.guest {images} sample"
 
 
 @pytest.fixture(scope="module")
@@ -50,53 +40,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
         c.stop()
 
 
-def helm(cluster: NodeCluster, *args: str) -> str:
-    done = subprocess.run([str(cluster.bins / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
-                          capture_output=True, text=True, check=False, cwd=ROOT)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def kubectl_of(cluster: NodeCluster) -> Kubectl:
-    return Kubectl(cluster.bins / "kubectl", cluster.kubeconfig)
-
-
-def pods(kubectl: Kubectl, component: str) -> list[dict]:  # type: ignore[type-arg]
-    found = get_json(kubectl, "pods", "-n", NS, "-l", f"app.kubernetes.io/component={component}")
-    return [p for p in found["items"] if not p["metadata"].get("deletionTimestamp")]
-
-
-def all_ready(kubectl: Kubectl, component: str, count: int) -> list[str] | None:
-    running = pods(kubectl, component)
-    ready = [
-        p["metadata"]["name"]
-        for p in running
-        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-    ]
-    return ready if len(ready) == count == len(running) else None
-
-
-def guest_boot_id(cluster: NodeCluster, address: str) -> str:
-    """The sample guest's HTTP answer names its boot id; asked from inside the node's namespace."""
-    done = cluster.in_node("curl", "-sf", "--max-time", "5", f"http://{address}/")
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def qemu_pids(cluster: NodeCluster) -> set[int]:
     return {int(p.read_text()) for p in cluster.libvirt.root.glob("run/qemu/*.pid")}
 
 
 def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> None:
     kubectl = kubectl_of(cluster)
-    node = cluster.node.name
-    kubectl(*LABEL_NODE.format(node=node).split()[1:])
-    sample_files = SAMPLE_FILES.format(images=cluster.host / "vm-images").split()
-    env = {"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    subprocess.run(sample_files, env=env, check=True, capture_output=True)  # the sample's kernel
-
     started = time.monotonic()
-    helm(cluster, *HELM_INSTALL.split()[1:], *cluster.chart_values())
+    cluster.install()  # label the node, the sample's kernel files, helm install (README's steps)
     # Ready through their own probes: /readyz answers only once the API answered, a watch
     # delivered and (for the agent) libvirt answered.
     controllers = wait_for(lambda: all_ready(kubectl, "controller", 2), 180, "two controller pods Ready")
@@ -116,7 +67,7 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     lease = get_json(kubectl, "lease", "formation-vmm-controller", "-n", NS)
     assert lease["spec"]["holderIdentity"] in controllers
 
-    kubectl(*APPLY_SAMPLE.replace("manifests/", f"{ROOT}/manifests/").split()[1:])
+    cluster.run(APPLY_SAMPLE)
     vm = wait_for(
         lambda: (
             (v := get_json(kubectl, "vm", "sample", "-n", "default"))["status"].get("phase") == "Running"
@@ -144,8 +95,7 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     # An upgrade that changes the agent's pod rolls it; the guest runs on untouched.
     pids = qemu_pids(cluster)
     assert pids
-    upgrade = HELM_INSTALL.replace("install", "upgrade", 1).replace(" --create-namespace", "")
-    helm(cluster, *upgrade.split()[1:], *cluster.chart_values(), "--set", "logLevel=DEBUG")
+    cluster.run(HELM_UPGRADE, *cluster.chart_values(), "--set", "logLevel=DEBUG")
     rolled = wait_for(
         lambda: (now := all_ready(kubectl, "agent", 1)) and now != agents and now,
         180,
@@ -160,7 +110,7 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
 
     # Uninstall: our objects go; the CRDs (Helm never deletes crds/) and the VMs stay, and the
     # guest keeps running, unmanaged, until an agent comes back or an admin removes it.
-    helm(cluster, "uninstall", "formation-vmm", "-n", NS, "--wait")
+    cluster.run("helm uninstall formation-vmm -n formation-vmm", "--wait")
     assert kubectl("get", "deployment,daemonset,serviceaccount,networkpolicy,poddisruptionbudget", "-n", NS,
                    "-l", "app.kubernetes.io/instance=formation-vmm", "-o", "name").strip() == ""  # fmt: skip
     assert kubectl.run("get", "clusterrole", "formation-vmm-agent").returncode != 0

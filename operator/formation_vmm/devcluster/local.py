@@ -1,5 +1,7 @@
 """``vmm dev up|down|status``: a whole Formation VMM on this machine, left running in the
-background. There is no kubelet: ``up`` registers this machine's Node object itself."""
+background. By default there is no kubelet: ``up`` registers this machine's Node object itself
+and runs the controller and agent as processes. ``up --kubelet`` makes a real node instead
+(node_cluster.py) and installs the product on it with `helm install` of the image built here."""
 
 import json
 import os
@@ -20,8 +22,9 @@ from formation_vmm.devcluster.cluster import (
     start_agent,
     start_controller,
 )
-from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.devcluster.controlplane import ControlPlane, find_binaries
 from formation_vmm.devcluster.libvirt_node import LibvirtNode, LibvirtNodeError
+from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, NAMESPACE, NodeCluster
 from formation_vmm.devcluster.processes import alive, stop
 from formation_vmm.domain.xml import file_paths
 
@@ -110,7 +113,9 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def up(sample: bool = True) -> int:
+def up(sample: bool = True, kubelet: bool = False) -> int:
+    if kubelet:
+        return _up_kubelet(sample)
     root = state_dir()
     plane = ControlPlane(root)
     if plane.running() and (root / "info.json").exists():
@@ -157,6 +162,41 @@ def up(sample: bool = True) -> int:
     return 0
 
 
+def _kubelet_cluster(root: Path) -> NodeCluster:
+    """The node brings nothing but the kernel: libvirtd and QEMU run in the chart's own pods
+    (its `libvirtd.enabled`), as on a node that has only /dev/kvm."""
+    return NodeCluster(root / "kubelet", find_binaries(), chart_libvirtd=True)
+
+
+def _up_kubelet(sample: bool) -> int:
+    """A real node (kubelet, containerd, CNI, kube-proxy) and the README's install steps on it:
+    the chart from the images built here, with its libvirtd, then the sample VM."""
+    root = state_dir()
+    down(quiet=True)
+    started = time.monotonic()
+    _print(f"building the image and starting a kubelet node in {root / 'kubelet'}")
+    cluster = _kubelet_cluster(root)
+    cluster.start()
+    _print(f"node {cluster.node.name} Ready in {time.monotonic() - started:.1f}s; helm install")
+    cluster.install()
+    kubectl = Kubectl(cluster.bins / "kubectl", cluster.kubeconfig)
+    # The agent is Ready only once libvirt answers: the chart's libvirtd runs too (its
+    # DaemonSet, updated OnDelete, has no rollout status).
+    for workload in ("deployment/formation-vmm-controller", "daemonset/formation-vmm-agent"):
+        kubectl("rollout", "status", workload, "-n", NAMESPACE, "--timeout=300s")
+    (root / "info.json").write_text(json.dumps({"mode": "kubelet", "node": cluster.node.name}))
+    if sample:
+        cluster.run(APPLY_SAMPLE)
+        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=180s", "vm/sample")
+    _print(kubectl("get", "nodes,vm", "-A", "-o", "wide"))
+    _print(
+        f"the agent answers at the node's address inside the cluster's network namespace: "
+        f"nsenter --net=/run/netns/{cluster.netns} kubectl vm console sample"
+    )
+    _print(f"export KUBECONFIG={cluster.kubeconfig}")
+    return 0
+
+
 def _apply_sample(kubectl: Kubectl, images_dir: Path, real: bool) -> None:
     """The sample VM boots a real kernel on the default network, Ready once its HTTP server
     answers the readiness probe, when the node runs real guests and this machine has a kernel
@@ -183,6 +223,14 @@ def down(quiet: bool = False) -> int:
     """Stop everything ``up`` started and remove every domain and file it created, whether or
     not its processes are still alive (after a crash of the agent, the guests still run)."""
     root = state_dir()
+    if (root / "kubelet").is_dir():
+        cluster = _kubelet_cluster(root)
+        if cluster.plane.running():  # the agent removes the domains while it still runs
+            kubectl = Kubectl(cluster.bins / "kubectl", cluster.kubeconfig)
+            kubectl("delete", "vm", "--all", "-A", "--wait=true", "--timeout=60s", check=False)
+        cluster.stop()
+        shutil.rmtree(root / "kubelet", ignore_errors=True)
+        (root / "info.json").unlink(missing_ok=True)
     plane = ControlPlane(root)
     table = plane.processes.read()
     if table and all(alive(pid) for pid in table.values()):
@@ -245,6 +293,11 @@ def sweep_domains(uri: str, files_root: Path) -> list[str]:
 def status() -> int:
     root = state_dir()
     plane = ControlPlane(root)
+    if (root / "kubelet").is_dir():
+        cluster = _kubelet_cluster(root)
+        plane = cluster.plane
+        for name, pid in cluster.processes.read().items():
+            _print(f"{name:28} pid {pid:<8} {'running' if alive(pid) else 'NOT RUNNING'}")
     table = plane.processes.read()
     if not table:
         _print("formation-vmm dev cluster is not running (start it with `vmm dev up`)")

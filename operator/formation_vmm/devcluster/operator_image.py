@@ -54,8 +54,9 @@ def image_dir() -> Path:
     return repo_root() / "hack" / "image"
 
 
-def packages() -> list[str]:
-    lines = (image_dir() / "packages").read_text().splitlines()
+def packages(list_name: str = "packages") -> list[str]:
+    """The Debian packages a list in hack/image/ names, one per line."""
+    lines = (image_dir() / list_name).read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
@@ -91,7 +92,7 @@ def source_files() -> list[Path]:
         and p.name != "_commit"
         and ".egg-info" not in str(p)
     )
-    files += sorted(p for p in image_dir().iterdir() if p.is_file())
+    files += [image_dir() / name for name in ("packages", "install.sh", "requirements.txt")]
     return [p.relative_to(root) for p in files]
 
 
@@ -112,36 +113,38 @@ def image_name() -> str:
     return f"{REPOSITORY}:{__version__}"
 
 
-def _run(*argv: str, **kwargs: object) -> None:
+def run(*argv: str, **kwargs: object) -> None:
     subprocess.run(argv, check=True, **kwargs)  # type: ignore[call-overload]  # noqa: S603
 
 
-def _umoci(*args: str) -> None:
-    _run("umoci", *args)
+def umoci(*args: str) -> None:
+    run("umoci", *args)
 
 
 CREATED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(EPOCH))
 HISTORY = ("--history.created", CREATED, "--history.author", "hack/build-image")
 
 
-def _base(dest: Path) -> Path:
-    """The Debian base (cached): minbase, as debian:bookworm-slim is, plus the image's packages,
-    without apt's lists and caches; as a root filesystem (`rootfs`, the install's chroot) and as
-    the first layer of an OCI layout (`oci`, tag `base`)."""
+def debian_base(dest: Path, included: list[str], *hooks: str) -> Path:
+    """A Debian base (cached in ``dest``): minbase, as debian:bookworm-slim is, plus the
+    ``included`` packages, without apt's lists and caches, after mmdebstrap's customize ``hooks``;
+    as a root filesystem (`rootfs`, the install's chroot) and as the first layer of an OCI layout
+    (`oci`, tag `base`). Also the libvirtd image's (libvirtd_image.py)."""
     if (dest / "oci").is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="partial-base-", dir=dest.parent))
     try:
-        _run(
+        run(
             "mmdebstrap",
             "--variant=minbase",
             "--mode=root",
             "--aptopt=APT::Install-Recommends false",
             # /usr merged by mmdebstrap itself, not by the usrmerge package (which pulls in perl).
             "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
-            f"--include={','.join(packages())}",
+            f"--include={','.join(included)}",
             *(f"--dpkgopt=path-exclude={pattern}" for pattern in PATH_EXCLUDES),
+            *(f"--customize-hook={hook}" for hook in hooks),
             '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*',
             SUITE,
             str(scratch / "rootfs"),
@@ -149,9 +152,9 @@ def _base(dest: Path) -> Path:
             env={**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH)},
         )
         ref = f"{scratch / 'oci'}:base"
-        _umoci("init", "--layout", str(scratch / "oci"))
-        _umoci("new", "--image", ref)
-        _umoci(
+        umoci("init", "--layout", str(scratch / "oci"))
+        umoci("new", "--image", ref)
+        umoci(
             "insert",
             "--image",
             ref,
@@ -187,8 +190,8 @@ def _wheels(work: Path, revision: str) -> Path:
     wheels = work / "wheels"
     pip = (sys.executable, "-m", "pip")
     quiet = ("--quiet", "--disable-pip-version-check")
-    _run(*pip, "wheel", *quiet, "--no-deps", "--wheel-dir", str(wheels), str(src))
-    _run(
+    run(*pip, "wheel", *quiet, "--no-deps", "--wheel-dir", str(wheels), str(src))
+    run(
         *pip, "download", *quiet, "--no-deps", "--only-binary=:all:", "--dest", str(wheels),
         "--requirement", str(image_dir() / "requirements.txt"),
     )  # fmt: skip
@@ -198,13 +201,13 @@ def _wheels(work: Path, revision: str) -> Path:
 def _install(work: Path, base: Path, wheels: Path) -> Path:
     """/opt/vmm, installed by hack/image/install.sh in a chroot of a copy of the base."""
     rootfs = work / "rootfs"
-    _run("cp", "-a", "--reflink=auto", str(base), str(rootfs))
+    run("cp", "-a", "--reflink=auto", str(base), str(rootfs))
     shutil.copytree(wheels, rootfs / "tmp" / "wheels")
     shutil.copy2(image_dir() / "install.sh", rootfs / "tmp" / "install.sh")
     # A clean environment: nothing of the host's pip or Python settings leaks into the image.
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
     # Paths inside the chroot. Only /opt/vmm leaves it (the second layer); the copy is dropped.
-    _run("chroot", str(rootfs), "/bin/sh", "/tmp/install.sh", "/tmp/wheels", env=env, stdout=sys.stderr)  # noqa: S108
+    run("chroot", str(rootfs), "/bin/sh", "/tmp/install.sh", "/tmp/wheels", env=env, stdout=sys.stderr)  # noqa: S108
     return rootfs / "opt" / "vmm"
 
 
@@ -214,15 +217,15 @@ def build(revision: str | None = None) -> Path:
     dest = archive_path(revision)
     if dest.is_file():
         return dest
-    base = _base(cache_dir() / f"base-{base_digest()}")
+    base = debian_base(cache_dir() / f"base-{base_digest()}", packages())
     with tempfile.TemporaryDirectory(prefix="image-", dir=cache_dir()) as scratch:
         work = Path(scratch)
         opt = _install(work, base / "rootfs", _wheels(work, revision))
         layout = work / "oci"
         shutil.copytree(base / "oci", layout)
         ref = f"{layout}:base"
-        _umoci("insert", "--image", ref, *HISTORY, "--history.created_by", "install.sh", str(opt), "/opt/vmm")
-        _umoci(
+        umoci("insert", "--image", ref, *HISTORY, "--history.created_by", "install.sh", str(opt), "/opt/vmm")
+        umoci(
             "config", "--image", ref, "--tag", __version__, "--created", CREATED, "--author", "Formation VMM",
             *(f"--config.env={e}" for e in ENV), f"--config.entrypoint={ENTRYPOINT}",
             "--config.label", f"org.opencontainers.image.version={__version__}",
@@ -231,13 +234,13 @@ def build(revision: str | None = None) -> Path:
         )  # fmt: skip
         ref = f"{layout}:{__version__}"
         partial = work / "image.oci.tar"
-        _run("skopeo", "copy", "--quiet", f"oci:{ref}", f"oci-archive:{partial}:{image_name()}")
+        run("skopeo", "copy", "--quiet", f"oci:{ref}", f"oci-archive:{partial}:{image_name()}")
         partial.rename(dest)
-    _prune()
+    prune()
     return dest
 
 
-def _prune(archives: int = 4, bases: int = 2) -> None:
+def prune(archives: int = 4, bases: int = 2) -> None:
     """Every commit makes a new archive: keep the newest few (and bases), so checkouts side by
     side (a clone for `hack/dev-up`, another for work) still find theirs."""
     for pattern, keep in (("formation-vmm-*.oci.tar", archives), ("base-*", bases)):

@@ -1,0 +1,33 @@
+"""What the node tier's tests read of a NodeCluster: our pods by component, their readiness,
+and the sample guest's boot id (asked from inside the cluster's network namespace)."""
+
+from formation_vmm.devcluster.cluster import Kubectl
+from formation_vmm.devcluster.node_cluster import NAMESPACE, NodeCluster
+from tests.support.waiting import get_json
+
+
+def kubectl_of(cluster: NodeCluster) -> Kubectl:
+    return Kubectl(cluster.bins / "kubectl", cluster.kubeconfig)
+
+
+def pods(kubectl: Kubectl, component: str) -> list[dict]:  # type: ignore[type-arg]
+    found = get_json(kubectl, "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/component={component}")
+    return [p for p in found["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def all_ready(kubectl: Kubectl, component: str, count: int) -> list[str] | None:
+    """The names of ``count`` pods of ``component``, once exactly that many run and all are Ready."""
+    running = pods(kubectl, component)
+    ready = [
+        p["metadata"]["name"]
+        for p in running
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    ]
+    return ready if len(ready) == count == len(running) else None
+
+
+def guest_boot_id(cluster: NodeCluster, address: str) -> str:
+    """The sample guest's HTTP answer names its boot id."""
+    done = cluster.in_node("curl", "-sf", "--max-time", "5", f"http://{address}/")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
