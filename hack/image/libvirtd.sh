@@ -5,7 +5,8 @@
 set -eu
 mkdir -p /etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
 cp /config/libvirtd.conf /config/qemu.conf /config/virtlogd.conf /etc/libvirt/
-if [ -c /dev/kvm ]; then
+# Never the root group: that would give QEMU's user every file root's group may open.
+if [ -c /dev/kvm ] && [ "$(stat -c %g /dev/kvm)" != 0 ]; then
   gid=$(stat -c %g /dev/kvm)
   group=$(awk -F: -v gid="$gid" '$3 == gid {print $1}' /etc/group)
   if [ -z "$group" ]; then

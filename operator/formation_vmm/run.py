@@ -4,6 +4,7 @@ next by its constructor, a kopf operator plus the HTTP server out."""
 import asyncio
 import logging
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -415,16 +416,40 @@ def _prober(settings: Settings, hypervisor: Hypervisor, on_change: Callable[[str
     return prober
 
 
+CONFINEMENT_RETRY_SECONDS = 1.0
+
+
 def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:
     """Refuse to run QEMU unconfined (agent/confinement.py): loudly, at start. A libvirtd not
-    reachable yet is not a reason to stop: the agent waits for it as for any outage."""
+    reachable yet is not a reason to stop: the agent waits for it as for any outage, and checks
+    as soon as it answers (the chart's libvirtd pod often starts after the agent's)."""
     try:
         problem = confinement_problem(hypervisor.capabilities())
     except HypervisorError as exc:
-        log.warning("cannot check how libvirt confines QEMU yet: %s", exc)
+        log.warning("cannot check how libvirt confines QEMU yet: %s; checking once it answers", exc)
+        threading.Thread(
+            target=_check_confinement_later, args=(hypervisor, allowed), name="confinement", daemon=True
+        ).start()
         return
     if problem is None:
         return
     if not allowed:
         raise SystemExit(f"{problem} (VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only)")
     log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)
+
+
+def _check_confinement_later(hypervisor: Hypervisor, allowed: bool) -> None:
+    """The check above, once libvirt answers; a refusal stops the agent as SIGTERM does."""
+    while True:
+        try:
+            problem = confinement_problem(hypervisor.capabilities())
+            break
+        except HypervisorError:
+            threading.Event().wait(CONFINEMENT_RETRY_SECONDS)
+    if problem is None:
+        log.info("libvirt confines QEMU")
+    elif allowed:
+        log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)
+    else:
+        log.error("%s (VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only); stopping", problem)
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,6 +174,25 @@ def test_a_restore_cut_short_by_a_crash_is_finished_once(
     assert not marker.exists()
     fleet.wait_phase(ns, "db", "Running")
     assert fleet.vm(ns, "db")["metadata"]["uid"] == vm["metadata"]["uid"]
+
+
+def test_an_agent_started_before_its_libvirtd_checks_it_once_it_answers(fleet: Fleet, tmp_path: Path) -> None:
+    """As with the chart's libvirtd, whose pod may start after the agent's: the agent waits
+    for libvirt, then checks it and stops, saying why. The socket appears later as a link to
+    our private libvirtd's (which runs QEMU as root with DAC only)."""
+    late = tmp_path / "libvirt-sock"
+    agent = start_agent(fleet.plane, "node-late", f"qemu+unix:///system?socket={late}", "qemu", FAST)
+    try:
+        wait_for(lambda: "cannot check how libvirt confines QEMU yet" in agent.log.read_text(), 30,
+                 "the agent to wait for libvirt")  # fmt: skip
+        assert alive(agent.pid)
+        late.symlink_to(fleet.qemu.sock_dir / "libvirt-sock")
+        wait_for(lambda: not alive(agent.pid), 30, "the agent to refuse")
+        log = agent.log.read_text()
+        assert "confines QEMU with DAC only and runs it as root" in log
+        assert "VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only); stopping" in log
+    finally:
+        stop(agent.pid)
 
 
 def test_an_agent_refuses_a_libvirt_that_runs_qemu_unconfined(fleet: Fleet) -> None:

@@ -26,16 +26,17 @@ def vmm(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600, check=False)  # fmt: skip
 
 
-def qemu_processes(root: Path) -> dict[int, int]:
+def qemu_processes(root: Path) -> dict[int, tuple[int, set[int]]]:
     """QEMU processes of this cluster (their disks are under ``root``), by this machine's pid:
-    their real uid."""
+    their real uid and their groups."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
             if cmdline.startswith(b"/usr/bin/qemu-system") and str(root).encode() in cmdline:
-                uid = next(line for line in (proc / "status").read_text().splitlines() if line[:4] == "Uid:")
-                found[int(proc.name)] = int(uid.split()[1])
+                status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+                groups = {int(g) for g in status["Groups"].split()}
+                found[int(proc.name)] = (int(status["Uid"].split()[0]), groups)
         except OSError:
             continue
     return found
@@ -53,7 +54,10 @@ def check_the_chart_libvirtd(cluster: NodeCluster, root: Path) -> None:
     assert "VMM_ALLOW_UNCONFINED_QEMU" not in {e["name"] for e in container["env"]}
     # QEMU as libvirt's unprivileged user, which the agent accepts as confined (DAC).
     qemus = qemu_processes(root)
-    assert list(qemus.values()) == [libvirtd_image.QEMU_UID], qemus
+    ((uid, groups),) = qemus.values()
+    assert uid == libvirtd_image.QEMU_UID
+    # libvirtd.sh made it a member of the group that owns the node's /dev/kvm, not of root's.
+    assert os.stat("/dev/kvm").st_gid in groups and 0 not in groups, groups
 
     vm = get_json(kubectl, "vm", "sample", "-n", "default")
     address = vm["status"]["interfaces"][0]["ipAddress"]
