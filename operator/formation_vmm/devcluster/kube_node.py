@@ -38,6 +38,10 @@ CNI_BIN = Path("/usr/lib/cni")
 SERVICE_DOMAIN = "cluster.local"
 
 
+# containerd refuses a longer path for its socket (its own limit, under Linux's 108).
+SOCKET_PATH_MAX = 104
+
+
 class KubeNodeError(RuntimeError):
     pass
 
@@ -171,6 +175,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         return path
 
     def _start_containerd(self, timeout: float = 30.0) -> None:
+        if len(str(self.containerd_sock)) > SOCKET_PATH_MAX:
+            raise KubeNodeError(
+                f"containerd's socket path {self.containerd_sock} is over {SOCKET_PATH_MAX} bytes, which "
+                "containerd refuses: use a shorter directory (VMM_DEV_DIR for `vmm dev up --kubelet`)"
+            )
         argv = self.inside("containerd", "--config", str(self._containerd_config()))
         self.processes.add(f"containerd-{self.name}", spawn(argv, self.logs / "containerd.log"))
         self._wait(lambda: self._ctr("version") is not None, timeout, "containerd", "containerd.log")
