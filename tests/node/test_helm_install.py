@@ -17,7 +17,7 @@ import yaml
 from formation_vmm.devcluster import operator_image
 from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, HELM_UPGRADE, NodeCluster
 from tests.support.binaries import binaries
-from tests.support.node_pods import all_ready, guest_boot_id, kubectl_of, pods
+from tests.support.node_pods import all_ready, guest_boot_id, kubectl_of, pods, sample_running
 from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.node
@@ -68,14 +68,7 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     assert lease["spec"]["holderIdentity"] in controllers
 
     cluster.run(APPLY_SAMPLE)
-    vm = wait_for(
-        lambda: (
-            (v := get_json(kubectl, "vm", "sample", "-n", "default"))["status"].get("phase") == "Running"
-            and v
-        ),
-        180,
-        "the sample VM Running",
-    )
+    vm = wait_for(lambda: sample_running(kubectl), 180, "the sample VM Running")
     print(f"helm install to the sample VM Running: {time.monotonic() - started:.1f}s")
     address = vm["status"]["interfaces"][0]["ipAddress"]
     wait_for(lambda: cluster.in_node("curl", "-sf", "--max-time", "3", f"http://{address}/").returncode == 0,
@@ -193,15 +186,7 @@ def test_kubectl_apply_k_manifests_takes_over_the_running_vm(cluster: NodeCluste
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input_text=rendered)
     wait_for(lambda: all_ready(kubectl, "controller", 2), 180, "two controller pods Ready")
     wait_for(lambda: all_ready(kubectl, "agent", 1), 180, "the agent pod Ready")
-    vm = wait_for(
-        lambda: (
-            (v := get_json(kubectl, "vm", "sample", "-n", "default"))["status"].get("phase") == "Running"
-            and any(c["type"] == "Ready" and c["status"] == "True" for c in v["status"]["conditions"])
-            and v
-        ),
-        120,
-        "the sample VM Running and Ready under the new agent",
-    )
+    vm = wait_for(lambda: sample_running(kubectl, ready=True), 120, "the sample VM Ready under the new agent")
     assert qemu_pids(cluster) == pids
     assert guest_boot_id(cluster, address) == boot_id
     assert vm["status"]["agentEndpoint"] == f"http://{cluster.node.node_ip}:3003"

@@ -31,3 +31,15 @@ def guest_boot_id(cluster: NodeCluster, address: str) -> str:
     done = cluster.in_node("curl", "-sf", "--max-time", "5", f"http://{address}/")
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def sample_running(kubectl: Kubectl, ready: bool = False) -> dict | None:  # type: ignore[type-arg]
+    """The sample VM once Running (and Ready, if asked); None before, status or not."""
+    vm = get_json(kubectl, "vm", "sample", "-n", "default")
+    status = vm.get("status", {})
+    if status.get("phase") != "Running":
+        return None
+    conditions = status.get("conditions", [])
+    if ready and not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+        return None
+    return vm
