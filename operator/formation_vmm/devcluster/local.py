@@ -174,7 +174,7 @@ def _up_kubelet(sample: bool) -> int:
     root = state_dir()
     down(quiet=True)
     started = time.monotonic()
-    _print(f"building the image and starting a kubelet node in {root / 'kubelet'}")
+    _print(f"building the images and starting a kubelet node in {root / 'kubelet'}")
     cluster = _kubelet_cluster(root)
     cluster.start()
     _print(f"node {cluster.node.name} Ready in {time.monotonic() - started:.1f}s; helm install")

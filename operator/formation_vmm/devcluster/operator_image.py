@@ -236,11 +236,11 @@ def build(revision: str | None = None) -> Path:
         partial = work / "image.oci.tar"
         run("skopeo", "copy", "--quiet", f"oci:{ref}", f"oci-archive:{partial}:{image_name()}")
         partial.rename(dest)
-    prune()
+    _prune()
     return dest
 
 
-def prune(archives: int = 4, bases: int = 2) -> None:
+def _prune(archives: int = 4, bases: int = 2) -> None:
     """Every commit makes a new archive: keep the newest few (and bases), so checkouts side by
     side (a clone for `hack/dev-up`, another for work) still find theirs."""
     for pattern, keep in (("formation-vmm-*.oci.tar", archives), ("base-*", bases)):
