@@ -417,6 +417,7 @@ def _prober(settings: Settings, hypervisor: Hypervisor, on_change: Callable[[str
 
 
 CONFINEMENT_RETRY_SECONDS = 1.0
+UNCONFINED_HINT = "VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only"
 
 
 def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:
@@ -434,7 +435,7 @@ def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:
     if problem is None:
         return
     if not allowed:
-        raise SystemExit(f"{problem} (VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only)")
+        raise SystemExit(f"{problem} ({UNCONFINED_HINT})")
     log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)
 
 
@@ -451,5 +452,5 @@ def _check_confinement_later(hypervisor: Hypervisor, allowed: bool) -> None:
     elif allowed:
         log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)
     else:
-        log.error("%s (VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only); stopping", problem)
+        log.error("%s (%s); stopping", problem, UNCONFINED_HINT)
         os.kill(os.getpid(), signal.SIGTERM)

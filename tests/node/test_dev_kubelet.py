@@ -15,7 +15,7 @@ import pytest
 from formation_vmm.devcluster import libvirtd_image
 from formation_vmm.devcluster.node_cluster import HELM_UPGRADE, NAMESPACE, NodeCluster
 from tests.support.binaries import binaries
-from tests.support.node_pods import all_ready, guest_boot_id, kubectl_of, pods
+from tests.support.node_pods import all_ready, commands_naming, guest_boot_id, kubectl_of, pods
 from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.node
@@ -117,10 +117,4 @@ def test_dev_up_kubelet_with_the_charts_libvirtd(tmp_path_factory: pytest.TempPa
     assert not (root / "kubelet").exists()
     assert not Path(f"/run/netns/{cluster.netns}").exists()
     assert not qemu_processes(root)
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            assert str(root).encode() not in cmdline, cmdline
+    assert not commands_naming(root)

@@ -17,7 +17,14 @@ import yaml
 from formation_vmm.devcluster import operator_image
 from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, HELM_UPGRADE, NodeCluster
 from tests.support.binaries import binaries
-from tests.support.node_pods import all_ready, guest_boot_id, kubectl_of, pods, sample_running
+from tests.support.node_pods import (
+    all_ready,
+    commands_naming,
+    guest_boot_id,
+    kubectl_of,
+    pods,
+    sample_running,
+)
 from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.node
@@ -218,10 +225,4 @@ def test_a_node_stopped_with_pods_running_leaves_nothing_behind(tmp_path: Path) 
     ]
     assert not list(Path("/sys/fs/cgroup/memory").glob(f"{c.netns}*"))
     assert not Path(f"/run/netns/{c.netns}").exists()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            assert str(tmp_path).encode() not in cmdline, cmdline
+    assert not commands_naming(tmp_path)

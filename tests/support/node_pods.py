@@ -1,6 +1,8 @@
 """What the node tier's tests read of a NodeCluster: our pods by component, their readiness,
 and the sample guest's boot id (asked from inside the cluster's network namespace)."""
 
+from pathlib import Path
+
 from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.node_cluster import NAMESPACE, NodeCluster
 from tests.support.waiting import get_json
@@ -43,3 +45,18 @@ def sample_running(kubectl: Kubectl, ready: bool = False) -> dict | None:  # typ
     if ready and not any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
         return None
     return vm
+
+
+def commands_naming(path: Path) -> list[bytes]:
+    """The command lines of this machine's processes that name ``path``: what a stopped
+    cluster must not leave running."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(path).encode() in cmdline:
+                found.append(cmdline)
+    return found

@@ -10,7 +10,6 @@ made by hack/image/libvirtd-setup.sh. hack/image/libvirtd.Dockerfile builds the 
 with Docker."""
 
 import hashlib
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,11 +17,12 @@ from pathlib import Path
 from formation_vmm import __version__
 from formation_vmm.devcluster.operator_image import (
     CREATED,
-    MIB,
     cache_dir,
     debian_base,
     image_dir,
     packages,
+    prune,
+    report,
     run,
     umoci,
 )
@@ -82,19 +82,14 @@ def build() -> Path:
             f"oci-archive:{partial}:{image_name()}",
         )
         partial.rename(dest)
-    for old in sorted(cache_dir().glob("libvirtd-*.oci.tar"), key=lambda p: p.stat().st_mtime)[:-2]:
-        old.unlink(missing_ok=True)
+    prune("libvirtd-*.oci.tar", 2)
     return dest
 
 
 def main() -> None:
     started = time.monotonic()
     cached = archive_path().is_file()
-    path = build()
-    how = "cached" if cached else f"built in {time.monotonic() - started:.0f} s"
-    size = path.stat().st_size / MIB
-    print(f"build-image: {image_name()} {path} ({size:.0f} MiB, {how})", file=sys.stderr)
-    print(path)
+    report(image_name(), build(), cached, started)
 
 
 if __name__ == "__main__":

@@ -236,20 +236,28 @@ def build(revision: str | None = None) -> Path:
         partial = work / "image.oci.tar"
         run("skopeo", "copy", "--quiet", f"oci:{ref}", f"oci-archive:{partial}:{image_name()}")
         partial.rename(dest)
-    _prune()
+    prune("formation-vmm-*.oci.tar", 4)
+    prune("base-*", 2)
     return dest
 
 
-def _prune(archives: int = 4, bases: int = 2) -> None:
-    """Every commit makes a new archive: keep the newest few (and bases), so checkouts side by
-    side (a clone for `hack/dev-up`, another for work) still find theirs."""
-    for pattern, keep in (("formation-vmm-*.oci.tar", archives), ("base-*", bases)):
-        found = sorted(cache_dir().glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in found[keep:]:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+def prune(pattern: str, keep: int) -> None:
+    """Keep the newest ``keep`` of the cache's entries matching ``pattern``: every commit makes
+    a new archive, and checkouts side by side (a clone for `hack/dev-up`, another for work)
+    still find theirs."""
+    found = sorted(cache_dir().glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in found[keep:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def report(name: str, path: Path, cached: bool, started: float) -> None:
+    """What `hack/build-image` says on stderr, and the archive's path on stdout."""
+    how = "cached" if cached else f"built in {time.monotonic() - started:.0f} s"
+    print(f"build-image: {name} {path} ({path.stat().st_size / MIB:.0f} MiB, {how})", file=sys.stderr)
+    print(path)
 
 
 def config_of(archive: Path) -> dict[str, object]:
@@ -268,12 +276,7 @@ def main() -> None:
     started = time.monotonic()
     revision = commit()
     cached = archive_path(revision).is_file()
-    path = build(revision)
-    took = time.monotonic() - started
-    how = "cached" if cached else f"built in {took:.0f} s"
-    size = path.stat().st_size / MIB
-    print(f"build-image: {image_name()} (commit {revision}) {path} ({size:.0f} MiB, {how})", file=sys.stderr)
-    print(path)
+    report(f"{image_name()} (commit {revision})", build(revision), cached, started)
 
 
 if __name__ == "__main__":
