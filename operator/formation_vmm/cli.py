@@ -28,6 +28,16 @@ def _agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-dir", type=Path, help="image cache (VMM_IMAGES_DIR)")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"between 1 and 16, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmm", description=__doc__)
     parser.add_argument("--version", action="version", version=describe())
@@ -45,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kubelet",
         action="store_true",
         help="a real kubelet node, and the chart installed on it by helm from the image built here",
+    )
+    up.add_argument(
+        "--nodes",
+        type=_positive,
+        default=1,
+        help="hypervisor nodes, each with its own libvirtd and agent (default 1; not with --kubelet)",
     )
     dev_sub.add_parser("down", help="delete the VMs and stop everything `up` started")
     dev_sub.add_parser("status", help="say what runs")
@@ -68,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         from formation_vmm.devcluster import local
 
         if args.dev_command == "up":
-            return local.up(sample=not args.no_sample, kubelet=args.kubelet)
+            if args.kubelet and args.nodes != 1:
+                build_parser().error("--kubelet makes one node; --nodes is for the process cluster")
+            return local.up(sample=not args.no_sample, kubelet=args.kubelet, nodes=args.nodes)
         if args.dev_command == "down":
             return local.down()
         return local.status()

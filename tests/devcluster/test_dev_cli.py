@@ -17,7 +17,7 @@ import yaml
 from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
-from formation_vmm.devcluster.local import node_name
+from formation_vmm.devcluster.local import node_names
 from formation_vmm.devcluster.processes import alive
 from tests.support.waiting import wait_for
 
@@ -96,38 +96,74 @@ def test_up_after_a_crash(dev_env: dict[str, str]) -> None:
         vmm(dev_env, "dev", "down")
 
 
-def qemu_pid(root: Path, domain: str) -> int:
-    pidfile = root / "nodes" / node_name() / "libvirt" / "run" / "qemu" / f"{domain}.pid"
+def qemu_pid(root: Path, node: str, domain: str) -> int:
+    pidfile = root / "nodes" / node / "libvirt" / "run" / "qemu" / f"{domain}.pid"
     return int(pidfile.read_text().strip())
 
 
-def test_down_after_a_crash_still_removes_the_guests(tmp_path: Path) -> None:
+def test_two_nodes_and_down_after_a_crash_still_removes_the_guests(tmp_path: Path) -> None:
+    """`up --nodes 2`: two Nodes, each with a libvirtd, a network namespace and an agent of its
+    own; a VM placed on either runs under that node's libvirtd only. After a crash of the
+    controller and both agents, `down` still removes every guest and namespace."""
     env = {k: v for k, v in os.environ.items() if k != "VMM_LIBVIRT_URI"}
     env["VMM_DEV_DIR"] = str(tmp_path / "dev")
     root = Path(env["VMM_DEV_DIR"])
+    nodes = node_names(2)
     try:
-        up = vmm(env, "dev", "up")  # the sample VM boots a real guest on the node's own libvirtd
+        up = vmm(env, "dev", "up", "--nodes", "2")  # the sample VM boots a real guest
         assert up.returncode == 0, up.stdout + up.stderr
-        # On the default network, in the node's own network namespace, Ready through its probe.
+        # On the default network, in its node's own network namespace, Ready through its probe.
         row = next(line.split() for line in up.stdout.splitlines() if line.startswith("default "))
         assert row[2] == "Running" and row[4].startswith("10.123.") and row[7] == "True", row
-        netns = LibvirtNode(
-            root / "nodes" / node_name() / "libvirt", node_name(), ControlPlane(root).processes
-        )
-        assert netns.netns_path().exists()
-        guest = qemu_pid(root, "default_sample")
-        assert alive(guest)
-        table = ControlPlane(root).processes.read()
-        for name in ("controller", f"agent-{node_name()}"):  # a crash of both
-            os.killpg(table[name], signal.SIGKILL)
+        sample_node = row[3]
+        other = next(n for n in nodes if n != sample_node)
+        kubectl = Kubectl(ControlPlane(root).binaries() / "kubectl", root / "kubeconfig")
+        assert set(kubectl("get", "nodes", "-o", "name").split()) == {f"node/{n}" for n in nodes}
+        vm = {
+            "apiVersion": "vmm.formation.cloud/v1alpha1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": "there", "namespace": "default"},
+            "spec": {
+                "cpus": 1,
+                "memory": "64Mi",
+                "disks": [{"name": "d", "size": "1Mi"}],
+                "nodeSelector": {"kubernetes.io/hostname": other},
+            },
+        }
+        kubectl("apply", "-f", "-", input_text=yaml.safe_dump(vm))
+        kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=90s", "vm/there")
+        guests = {
+            sample_node: qemu_pid(root, sample_node, "default_sample"),
+            other: qemu_pid(root, other, "default_there"),
+        }
+        assert all(alive(pid) for pid in guests.values())
+        # Each node's libvirtd holds its own domain and not the other's.
+        assert not (root / "nodes" / other / "libvirt" / "run" / "qemu" / "default_sample.pid").exists()
+        assert not (root / "nodes" / sample_node / "libvirt" / "run" / "qemu" / "default_there.pid").exists()
+        table = ControlPlane(root).processes
+        namespaces = [LibvirtNode(root / "nodes" / n / "libvirt", n, table).netns_path() for n in nodes]
+        assert len(set(namespaces)) == 2 and all(ns.exists() for ns in namespaces)
+        pids = table.read()
+        for name in ("controller", *(f"agent-{n}" for n in nodes)):  # a crash of all three
+            os.killpg(pids[name], signal.SIGKILL)
         down = vmm(env, "dev", "down")
         assert down.returncode == 0, down.stdout + down.stderr
-        assert not alive(guest)  # the guest did not outlive the cluster
-        assert not any(alive(pid) for pid in table.values())
+        assert not any(alive(pid) for pid in guests.values())  # no guest outlived the cluster
+        assert not any(alive(pid) for pid in pids.values())
         assert not (root / "nodes").exists()
-        assert not netns.netns_path().exists()
+        assert not any(ns.exists() for ns in namespaces)
     finally:
         vmm(env, "dev", "down")
+
+
+def test_nodes_must_be_a_small_positive_number(tmp_path: Path) -> None:
+    env = {**os.environ, "VMM_DEV_DIR": str(tmp_path / "dev")}
+    for bad in ("0", "-1", "many", "17"):
+        done = vmm(env, "dev", "up", "--nodes", bad)
+        assert done.returncode == 2 and "--nodes" in done.stderr, done.stderr
+    done = vmm(env, "dev", "up", "--kubelet", "--nodes", "2")
+    assert done.returncode == 2 and "--kubelet makes one node" in done.stderr, done.stderr
+    assert not (tmp_path / "dev").exists()  # refused before anything started
 
 
 def test_up_after_a_crash_removes_its_own_leftovers_and_nothing_else(

@@ -15,6 +15,7 @@ from formation_vmm.agent.hypervisor import Hypervisor, probe
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.cluster import (
     Kubectl,
+    OperatorProcess,
     install_crds,
     install_rbac,
     register_node,
@@ -113,9 +114,19 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def up(sample: bool = True, kubelet: bool = False) -> int:
+def node_names(count: int) -> list[str]:
+    """The dev cluster's Node names: this machine's hostname, then ``<hostname>-2`` and on."""
+    base = node_name()
+    return [base] + [f"{base}-{i}" for i in range(2, count + 1)]
+
+
+def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
+    """``nodes`` hypervisor nodes, each with a libvirtd and an agent of its own (issue 12: the
+    nodes a VM moves between); the sample VM lands where the controller places it."""
     if kubelet:
         return _up_kubelet(sample)
+    if nodes < 1:
+        raise ValueError(f"a dev cluster needs at least one node, not {nodes}")
     root = state_dir()
     plane = ControlPlane(root)
     if plane.running() and (root / "info.json").exists():
@@ -129,34 +140,43 @@ def up(sample: bool = True, kubelet: bool = False) -> int:
     kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
     install_crds(kubectl)
     install_rbac(kubectl)  # the namespace, as an install has it (the controller's Lease lives there)
-    node = node_name()
-    register_node(kubectl, node)
-    libvirt = start_libvirt(plane, node)
-    if libvirt.warning:
-        _print(libvirt.warning)
     controller = start_controller(plane)
-    # The dev cluster's private libvirtd runs QEMU as root: allowed here only (docs/security.md).
-    env = {"VMM_ALLOW_UNCONFINED_QEMU": "true"}
-    if libvirt.netns is not None:
-        env["VMM_PROBE_NETNS"] = str(libvirt.netns)  # probes reach the guests where they live
-    uri, domain_type = libvirt.uri, libvirt.domain_type
-    agent = start_agent(plane, node, uri, domain_type, env)
+    agents: dict[str, tuple[NodeLibvirt, OperatorProcess]] = {}
+    for node in node_names(nodes):
+        register_node(kubectl, node)
+        libvirt = start_libvirt(plane, node)
+        if libvirt.warning:
+            _print(libvirt.warning)
+        # The dev cluster's private libvirtd runs QEMU as root: allowed here only (docs/security.md).
+        env = {"VMM_ALLOW_UNCONFINED_QEMU": "true"}
+        if libvirt.netns is not None:
+            env["VMM_PROBE_NETNS"] = str(libvirt.netns)  # probes reach the guests where they live
+        agents[node] = (libvirt, start_agent(plane, node, libvirt.uri, libvirt.domain_type, env))
     controller.wait_ready()
-    agent.wait_ready()
+    for _, agent in agents.values():
+        agent.wait_ready()
+    first, (libvirt, agent) = next(iter(agents.items()))
     (root / "info.json").write_text(
         json.dumps(
             {
-                "node": node,
-                "libvirt_uri": uri,
-                "domain_type": domain_type,
+                "node": first,
+                "nodes": list(agents),
+                "libvirt_uri": libvirt.uri,
+                "domain_type": libvirt.domain_type,
                 "agent_port": agent.port,
                 "controller_port": controller.port,
             }
         )
     )
-    _print(f"controller and agent ready (node {node}, libvirt {uri}, domain type {domain_type})")
+    for node, (libvirt, _) in agents.items():
+        _print(
+            f"controller and agent ready (node {node}, libvirt {libvirt.uri}, "
+            f"domain type {libvirt.domain_type})"
+        )
     if sample:
-        _apply_sample(kubectl, plane.root / "nodes" / node / "images", real=domain_type != "test")
+        _apply_sample(
+            kubectl, [plane.root / "nodes" / n / "images" for n in agents], libvirt.domain_type != "test"
+        )
     _print(kubectl("get", "vm", "-A"))
     _print(f"export KUBECONFIG={plane.kubeconfig}")
     return 0
@@ -197,15 +217,17 @@ def _up_kubelet(sample: bool) -> int:
     return 0
 
 
-def _apply_sample(kubectl: Kubectl, images_dir: Path, real: bool) -> None:
+def _apply_sample(kubectl: Kubectl, images_dirs: list[Path], real: bool) -> None:
     """The sample VM boots a real kernel on the default network, Ready once its HTTP server
-    answers the readiness probe, when the node runs real guests and this machine has a kernel
-    (Debian's cloud kernel); else it is a VM with a blank disk and nothing to boot."""
+    answers the readiness probe, when the nodes run real guests and this machine has a kernel
+    (Debian's cloud kernel); else it is a VM with a blank disk and nothing to boot. Every node
+    gets the kernel's files (hostPath disks): the VM may be placed, or moved, on any."""
     examples = source_root() / "manifests" / "examples"
     try:
         if not real:
             raise FileNotFoundError("libvirt's test driver runs no guest")
-        guest.install(images_dir, "sample")
+        for images_dir in images_dirs:
+            guest.install(images_dir, "sample")
     except FileNotFoundError as exc:
         _print(f"WARNING: {exc}; the sample VM gets a blank disk instead of a kernel to boot")
         kubectl("apply", "-f", str(examples / "vm-blank.yaml"))
