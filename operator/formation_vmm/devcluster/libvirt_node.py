@@ -105,13 +105,17 @@ class LibvirtNode:
         (etc / "virtlogd.conf").write_text("")
 
     def _script(self) -> str:
-        mounts = " && ".join(
-            f"mount --bind {shlex.quote(str(self.root / local))} {point}" for local, point in MOUNTS
-        )
+        # One command per line: `set -e` does not stop at a failure inside an `a && b` list, and
+        # a libvirtd started without one of these mounts would use (and fill) the host's own
+        # directory. A fresh host may not have them yet (libvirtd makes /run/libvirt when it
+        # first runs; a cold CI machine never ran it), so they are made first: empty
+        # directories, like the ones the libvirt packages ship.
+        points = " ".join(point for _, point in MOUNTS)
         lines = [
             "set -e",
             "mount --make-rprivate /",
-            mounts,
+            f"mkdir -p {points}",
+            *(f"mount --bind {shlex.quote(str(self.root / local))} {point}" for local, point in MOUNTS),
             f"virtlogd -p {shlex.quote(str(self.root / 'virtlogd.pid'))} &",
             f"exec libvirtd --pid-file {shlex.quote(str(self.root / 'libvirtd.pid'))}",
         ]
