@@ -163,6 +163,8 @@ def test_nodes_must_be_a_small_positive_number(tmp_path: Path) -> None:
         assert done.returncode == 2 and "--nodes" in done.stderr, done.stderr
     done = vmm(env, "dev", "up", "--kubelet", "--nodes", "2")
     assert done.returncode == 2 and "--kubelet makes one node" in done.stderr, done.stderr
+    done = vmm({**env, "VMM_LIBVIRT_URI": "qemu:///system"}, "dev", "up", "--nodes", "2")
+    assert done.returncode == 2 and "needs one per node: unset it" in done.stdout, done.stdout
     assert not (tmp_path / "dev").exists()  # refused before anything started
 
 

@@ -127,6 +127,11 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
         return _up_kubelet(sample)
     if nodes < 1:
         raise ValueError(f"a dev cluster needs at least one node, not {nodes}")
+    shared = os.environ.get("VMM_LIBVIRT_URI", "")
+    if nodes > 1 and shared and not shared.startswith("test:"):
+        # Two agents on one libvirtd would each take the other's domains for leftovers.
+        _print(f"VMM_LIBVIRT_URI names one libvirtd ({shared}); --nodes {nodes} needs one per node: unset it")
+        return 2
     root = state_dir()
     plane = ControlPlane(root)
     if plane.running() and (root / "info.json").exists():
@@ -174,9 +179,8 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
             f"domain type {libvirt.domain_type})"
         )
     if sample:
-        _apply_sample(
-            kubectl, [plane.root / "nodes" / n / "images" for n in agents], libvirt.domain_type != "test"
-        )
+        images = [plane.root / "nodes" / n / "images" for n in agents]
+        _apply_sample(kubectl, images, real=libvirt.domain_type != "test")
     _print(kubectl("get", "vm", "-A"))
     _print(f"export KUBECONFIG={plane.kubeconfig}")
     return 0
