@@ -11,6 +11,7 @@ import yaml
 
 from formation_vmm.api.names import GROUP, VERSION
 from formation_vmm.devcluster.guest import BOOT_MARKER, DISK_NOW, DISK_SAYS, POWEROFF_MARKER, TICK, install
+from formation_vmm.devcluster.guest import ticks_in as ticks
 from formation_vmm.host.qemu_img import info as disk_info
 from tests.support.fleet import ON_QEMU, QEMU_NODE, Fleet, condition
 from tests.support.waiting import get_json, wait_for
@@ -50,16 +51,6 @@ def guest_spec(cmdline: str = "", **extra: object) -> dict[str, object]:
         },
         **extra,
     }
-
-
-def ticks(text: str) -> list[tuple[int, str]]:
-    """(counter, boot id) of each tick line the guest printed."""
-    found = []
-    for line in text.splitlines():
-        if line.startswith(TICK):
-            number, _, boot = line[len(TICK) :].split()
-            found.append((int(number), boot))
-    return found
 
 
 def console(fleet: Fleet, namespace: str, name: str) -> str:

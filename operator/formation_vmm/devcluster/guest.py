@@ -23,6 +23,10 @@ DISK_NOW = "formation-vmm guest: disk now"
 # boot id: a guest resumed (restored, migrated) goes on counting under the same boot id, a
 # guest booted again starts over under a new one.
 TICK = "formation-vmm guest: tick"
+# With vmm.dirty=N, /init rewrites N MiB of its memory (a tmpfs file) with random data over and
+# over, printing this after each pass: a guest whose memory keeps changing, as a busy one's does,
+# so a live migration has pages to send again.
+DIRTY = "formation-vmm guest: dirtied"
 # With vmm.net=1, /init brings eth0 up with DHCP (udhcpc), prints the address it got, and serves
 # HTTP on port 80 (busybox httpd); vmm.httpd_for=N stops the server after N seconds,
 # vmm.spoof=A/P replaces the address DHCP gave with another, vmm.spoofmac=M the interface's MAC;
@@ -77,6 +81,7 @@ for arg in $(cat /proc/cmdline); do
     vmm.spoofmac=*) spoofmac="${{arg#vmm.spoofmac=}}" ;;
     vmm.fetch=*) fetch="${{arg#vmm.fetch=}}" ;;
     vmm.ga=*) ga="${{arg#vmm.ga=}}" ;;
+    vmm.dirty=*) dirty="${{arg#vmm.dirty=}}" ;;
   esac
 done
 if [ -n "$disk" ] || [ -n "$net" ] || [ -n "$ga" ]; then
@@ -161,6 +166,23 @@ if [ -n "$delay" ]; then
   echo "{POWEROFF_MARKER}"
   poweroff -f
 fi
+case "$dirty" in ''|*[!0-9]*) dirty="" ;; esac
+if [ -n "$dirty" ]; then
+  mount -t devtmpfs devtmpfs /dev 2>/dev/null
+  mkdir -p /dirty
+  mount -t tmpfs -o size=$((dirty + 2))m tmpfs /dirty
+  dd if=/dev/urandom of=/dirty/block bs=1M count=1 2>/dev/null
+  ( pass=0
+    while true; do
+      i=0
+      while [ $i -lt "$dirty" ]; do
+        dd if=/dirty/block of=/dirty/memory bs=1M seek=$i count=1 conv=notrunc 2>/dev/null
+        i=$((i + 1))
+      done
+      pass=$((pass + 1))
+      echo "{DIRTY} $dirty MiB, pass $pass"
+    done ) &
+fi
 if [ -n "$tick" ]; then
   boot=$(cat /proc/sys/kernel/random/boot_id)
   n=0
@@ -168,6 +190,45 @@ if [ -n "$tick" ]; then
 fi
 while true; do sleep 3600; done
 """
+
+
+def ticks(console_log: Path) -> list[tuple[int, str]]:
+    """(counter, boot id) of each tick line a guest booted with vmm.tick=1 wrote to its log."""
+    return ticks_in(console_log.read_text(errors="replace"))
+
+
+def ticks_in(console: str) -> list[tuple[int, str]]:
+    """(counter, boot id) of each tick line in a guest's console output."""
+    found = []
+    for line in console.splitlines():
+        words = line.removeprefix(TICK).split()
+        # The last line may be half written while the guest prints it: only whole ones count.
+        if line.startswith(TICK) and len(words) == 3 and words[0].isdigit() and words[1] == "boot":
+            found.append((int(words[0]), words[2]))
+    return found
+
+
+def bare_domain_xml(
+    name: str,
+    uid: str,
+    kernel: Path,
+    initrd: Path,
+    disk: Path,
+    console_log: Path,
+    memory_mib: int,
+    cmdline: str,
+) -> str:
+    """A minimal domain for this guest, for tests and benchmarks that drive libvirt without the
+    agent: one vCPU, QEMU's TCG, the qcow2 ``disk`` as vda, the serial console into a file."""
+    return f"""<domain type='qemu'><name>{name}</name><uuid>{uid}</uuid>
+<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+<cmdline>console=ttyS0 {cmdline}</cmdline></os>
+<devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+<serial type='file'><source path='{console_log}' append='on'/><target port='0'/></serial>
+</devices></domain>"""
 
 
 def kernel() -> Path:

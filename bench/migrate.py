@@ -1,0 +1,239 @@
+"""Live migration time and guest downtime on two real nodes of this machine (each its own
+libvirtd, ``devcluster.libvirt_node``), through the agent's data path
+(``agent/hypervisor/migration.py``: memory and the disk's top overlay over UNIX sockets), with
+the test guest on QEMU's TCG.
+
+    .venv/bin/python -m bench.migrate --runs 5
+
+For a 256 MiB and a 1 GiB guest, idle (it only counts, once a second) and writing memory
+(``vmm.dirty``: it rewrites --dirty-mib MiB with random data over and over), one guest is
+moved back and forth between the nodes --runs times, each time onto fresh overlays. From
+libvirt's finished job on the target: the move's time, the downtime (how long the guest was
+paused) and the memory sent. The idle guest of the same size, measured in the same run, is the
+baseline: the writing guest's figures are also given as ratios of it. Every guest must keep
+counting under one boot id through all its moves (checked), or the run fails.
+
+Needs root, libvirtd and QEMU (hack/install-system-deps.sh). Stops both daemons and every
+guest on success, failure, SIGINT and SIGTERM.
+"""
+
+import argparse
+import platform
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from bench.create_vms import percentile
+from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.hypervisor.migration import abort, completed_job, migrate
+from formation_vmm.devcluster import guest
+from formation_vmm.devcluster.libvirt_node import LibvirtNode
+from formation_vmm.devcluster.processes import ProcessTable
+
+MIB = 1 << 20
+# A move that has not finished by then is aborted and the run fails: a guest that dirties memory
+# faster than it can be sent never converges without auto-converge.
+MOVE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Move:
+    seconds: float
+    downtime_ms: float
+    sent_mib: float
+    iterations: int
+
+
+@dataclass(frozen=True)
+class Case:
+    memory_mib: int
+    dirty_mib: int
+
+    @property
+    def label(self) -> str:
+        size = f"{self.memory_mib // 1024} GiB" if self.memory_mib >= 1024 else f"{self.memory_mib} MiB"
+        return f"{size}, " + (f"writing {self.dirty_mib} MiB" if self.dirty_mib else "idle")
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Pair:
+    """Two node libvirtds, a guest on one of them, and a way to move it to the other."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        table = ProcessTable(root / "pids.json")
+        self.nodes = [LibvirtNode(root / n, f"bench-mig-{n}", table) for n in ("a", "b")]
+        self.kernel, self.initrd = guest.install(root / "images")
+        self.hypervisors: list[Hypervisor] = []
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        self.hypervisors = [Hypervisor(n.uri) for n in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def _dir(self, index: int, case: Case) -> Path:
+        return self.root / f"{'ab'[index]}-disks" / f"{case.memory_mib}-{case.dirty_mib}"
+
+    def _xml(self, index: int, case: Case, uid: str) -> str:
+        d = self._dir(index, case)
+        cmdline = "vmm.tick=1" + (f" vmm.dirty={case.dirty_mib}" if case.dirty_mib else "")
+        disk, console = d / "top.qcow2", d / "console.log"
+        return guest.bare_domain_xml(
+            "bench-mig", uid, self.kernel, self.initrd, disk, console, case.memory_mib, cmdline
+        )
+
+    def _fresh_overlay(self, index: int, case: Case) -> None:
+        d = self._dir(index, case)
+        d.mkdir(parents=True, exist_ok=True)
+        if not (d / "base.qcow2").exists():  # the same base on each node, as the image cache gives
+            _qemu_img("create", "-f", "qcow2", str(d / "base.qcow2"), "64M")
+        (d / "top.qcow2").unlink(missing_ok=True)
+        _qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(d / "base.qcow2"), str(d / "top.qcow2"))
+
+    def run(self, case: Case, runs: int) -> tuple[list[Move], float]:
+        """The moves, and how fast the guest writes memory (MiB/s, from its own passes over
+        ``case.dirty_mib`` in a 5 s window before the first move; QEMU's dirty rate is not in a
+        finished job's figures)."""
+        uid = str(uuid.uuid4())
+        self._fresh_overlay(0, case)
+        self.hypervisors[0].connection().defineXML(self._xml(0, case, uid)).create()
+        at = 0
+        try:
+            log = self._dir(0, case) / "console.log"
+            _wait(lambda: len(guest.ticks(log)) >= 2, 180, f"the {case.label} guest to boot")
+            if case.dirty_mib:
+                writing = guest.DIRTY
+                _wait(lambda: writing in log.read_text(errors="replace"), 180, "the guest to write memory")
+            boot = guest.ticks(log)[-1][1]
+            rate = 0.0
+            if case.dirty_mib:
+                before = log.read_text(errors="replace").count(guest.DIRTY)
+                time.sleep(5)
+                rate = (log.read_text(errors="replace").count(guest.DIRTY) - before) * case.dirty_mib / 5
+            moves = []
+            for n in range(runs):
+                target = 1 - at
+                self._fresh_overlay(target, case)
+                moves.append(self._move(at, target, case, uid, f"{case.memory_mib}-{case.dirty_mib}-{n}"))
+                at = target
+                on = self._dir(at, case) / "console.log"
+                _wait(lambda: len(guest.ticks(on)) >= 1, 60, "the guest to count on, on the target")  # noqa: B023
+                seen = {b for _, b in guest.ticks(on)}
+                if seen != {boot}:
+                    raise RuntimeError(f"the guest booted again in move {n + 1}: boot ids {seen}, not {boot}")
+            return moves, rate
+        finally:
+            dom = self.hypervisors[at].require("bench-mig")
+            dom.destroy()
+            dom.undefine()
+
+    def _move(self, source: int, target: int, case: Case, uid: str, tag: str) -> Move:
+        failed: list[Exception] = []
+
+        def go() -> None:
+            try:
+                sockets = f"unix://{self.root}/memory-{tag}.sock", f"unix://{self.root}/disks-{tag}.sock"
+                target_xml = self._xml(target, case, uid)
+                to = self.nodes[target].uri
+                migrate(self.hypervisors[source], "bench-mig", to, target_xml, *sockets, ["vda"])
+            except HypervisorError as exc:
+                failed.append(exc)
+
+        mover = threading.Thread(target=go)
+        mover.start()
+        mover.join(MOVE_TIMEOUT)
+        if mover.is_alive():
+            abort(self.hypervisors[source], "bench-mig")
+            mover.join(30)
+            raise RuntimeError(f"{case.label}: the move did not finish in {MOVE_TIMEOUT:.0f} s (aborted)")
+        if failed:
+            raise failed[0]
+        job = completed_job(self.hypervisors[target], "bench-mig")
+        return Move(
+            seconds=job["time_elapsed"] / 1000,
+            downtime_ms=float(job["downtime"]),
+            sent_mib=job.get("memory_processed", 0) / MIB,
+            iterations=job.get("memory_iteration", 0),
+        )
+
+
+def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:
+    # Unwinds through the finally blocks, which stop the guests and both daemons.
+    raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _row(case: Case, moves: list[Move], rate: float, baseline: list[Move] | None) -> str:
+    times = [m.seconds for m in moves]
+    down = [m.downtime_ms for m in moves]
+    sent = [m.sent_mib for m in moves]
+    text = (
+        f"{case.label:24} move p50 {percentile(times, 0.5):6.2f} s  p95 {percentile(times, 0.95):6.2f} s   "
+        f"downtime p50 {percentile(down, 0.5):6.0f} ms  p95 {percentile(down, 0.95):6.0f} ms   "
+        f"sent p50 {percentile(sent, 0.5):7.1f} MiB   "
+        f"passes p50 {percentile([float(m.iterations) for m in moves], 0.5):.0f}"
+    )
+    if case.dirty_mib:
+        text += f"\n{'':24} the guest writes {rate:.0f} MiB/s"
+    if baseline:
+        base_time = percentile([m.seconds for m in baseline], 0.5)
+        base_down = percentile([m.downtime_ms for m in baseline], 0.5)
+        text += (
+            f"\n{'':24} vs idle: move {percentile(times, 0.5) / base_time:.2f}x, "
+            f"downtime {percentile(down, 0.5) / base_down:.2f}x"
+        )
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5, help="moves per guest (default 5)")
+    parser.add_argument(
+        "--dirty-mib", type=int, default=64, help="memory the writing guests rewrite (default 64)"
+    )
+    parser.add_argument("--sizes", default="256,1024", help="guest memory sizes in MiB (default 256,1024)")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="vmm-bench-mig-") as tmp:
+        pair = Pair(Path(tmp))
+        try:
+            pair.start()
+            print(f"machine: {platform.node()} {platform.machine()}; two node libvirtds, QEMU TCG guests")
+            print(f"{args.runs} moves per guest, memory and overlay over UNIX sockets, no bandwidth limit")
+            for size in sizes:
+                idle, _ = pair.run(Case(size, 0), args.runs)
+                print(_row(Case(size, 0), idle, 0.0, None), flush=True)
+                busy, rate = pair.run(Case(size, args.dirty_mib), args.runs)
+                print(_row(Case(size, args.dirty_mib), busy, rate, idle), flush=True)
+        finally:
+            pair.stop()
+
+
+if __name__ == "__main__":
+    main()
