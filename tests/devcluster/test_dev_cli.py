@@ -5,9 +5,11 @@ the dev cluster did not create."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -101,12 +103,15 @@ def qemu_pid(root: Path, node: str, domain: str) -> int:
     return int(pidfile.read_text().strip())
 
 
-def test_two_nodes_and_down_after_a_crash_still_removes_the_guests(tmp_path: Path) -> None:
+def test_two_nodes_and_down_after_a_crash_still_removes_the_guests() -> None:
     """`up --nodes 2`: two Nodes, each with a libvirtd, a network namespace and an agent of its
     own; a VM placed on either runs under that node's libvirtd only. After a crash of the
     controller and both agents, `down` still removes every guest and namespace."""
     env = {k: v for k, v in os.environ.items() if k != "VMM_LIBVIRT_URI"}
-    env["VMM_DEV_DIR"] = str(tmp_path / "dev")
+    # Short, as a user's default is: each node's libvirtd binds sockets under it, and pytest's
+    # tmp_path with a node named <hostname>-2 can pass Linux's limit on a socket's path.
+    short = Path(tempfile.mkdtemp(prefix="vmm-dev-", dir="/tmp"))
+    env["VMM_DEV_DIR"] = str(short / "dev")
     root = Path(env["VMM_DEV_DIR"])
     nodes = node_names(2)
     try:
@@ -154,6 +159,33 @@ def test_two_nodes_and_down_after_a_crash_still_removes_the_guests(tmp_path: Pat
         assert not any(ns.exists() for ns in namespaces)
     finally:
         vmm(env, "dev", "down")
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_up_stops_when_one_node_cannot_have_a_libvirtd() -> None:
+    """A dev directory whose length lets the first node's libvirtd bind its sockets and not the
+    second's (named two bytes longer): `up` once gave that node libvirt's test driver and went
+    on, a cluster where VMs on one node never really ran. It stops, says why, and leaves
+    nothing running."""
+    first = node_names(2)[0]
+    # <dev>/nodes/<node>/libvirt/sock/libvirt-admin-sock: exactly Linux's 107 bytes for the first.
+    length = 107 - len("/nodes/") - len(first) - len("/libvirt/sock/libvirt-admin-sock")
+    base = Path(tempfile.mkdtemp(prefix="vmm-", dir="/tmp"))
+    dev = base / ("d" * (length - len(str(base)) - 1))
+    env = {k: v for k, v in os.environ.items() if k != "VMM_LIBVIRT_URI"}
+    env["VMM_DEV_DIR"] = str(dev)
+    try:
+        assert len(str(dev)) == length, "this machine's hostname leaves no room for the case"
+        up = vmm(env, "dev", "up", "--nodes", "2", "--no-sample")
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert "a UNIX socket's path may have 107" in up.stdout, up.stdout
+        assert "the nodes' libvirts differ (qemu, test)" in up.stdout or "(kvm, test)" in up.stdout, up.stdout
+        table = ControlPlane(dev).processes.read()
+        assert not any(alive(pid) for pid in table.values()), table
+        assert not (dev / "nodes").exists()
+    finally:
+        vmm(env, "dev", "down")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_nodes_must_be_a_small_positive_number(tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from formation_vmm.devcluster.libvirt_node import LibvirtNode, LibvirtNodeError
+from formation_vmm.devcluster.processes import ProcessTable
+
 pytestmark = pytest.mark.libvirt
 
 # Run in a mount namespace of its own whose /run is an empty tmpfs: the host as it is before any
@@ -48,3 +51,15 @@ def test_a_node_on_a_host_that_never_ran_libvirtd_keeps_to_its_own_run_directory
     assert "'qemu'" in lines["node"], done.stdout
     # ... and left the host's own (made empty, as a mount point) alone.
     assert lines["host"] == "[]", done.stdout
+
+
+def test_a_socket_path_too_long_for_linux_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """libvirtd's admin socket is its longest: past Linux's limit the daemon exits, and `vmm dev
+    up` used to fall back to the test driver for that node alone (a pytest directory numbered
+    past 9 and a node named vm-2 were enough). Refused, naming the way out."""
+    root = tmp_path / ("n" * 80)
+    table = ProcessTable(tmp_path / "pids.json")
+    with pytest.raises(LibvirtNodeError, match=r"a UNIX socket's path may have 107.*VMM_DEV_DIR"):
+        LibvirtNode(root, "long", table).start()
+    assert not root.exists()  # nothing made, nothing started
+    assert table.read() == {}

@@ -41,6 +41,12 @@ namespaces = [ ]
 """
 
 
+# The longest socket libvirtd makes in its socket directory, and Linux's limit on a UNIX socket's
+# path (108 bytes with the final NUL): past it, libvirtd cannot bind that socket and exits.
+LONGEST_SOCKET = "libvirt-admin-sock"
+SOCKET_PATH_MAX = 107
+
+
 class LibvirtNodeError(RuntimeError):
     pass
 
@@ -127,6 +133,13 @@ class LibvirtNode:
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the daemons (again: QEMU processes that outlived them are taken up again)."""
+        longest = self.sock_dir / LONGEST_SOCKET
+        if len(str(longest)) > SOCKET_PATH_MAX:
+            raise LibvirtNodeError(
+                f"libvirtd of {self.name} would bind {longest}, {len(str(longest))} bytes: a UNIX "
+                f"socket's path may have {SOCKET_PATH_MAX}. Use a shorter directory (VMM_DEV_DIR "
+                "for `vmm dev up`)"
+            )
         self._prepare()
         argv = ["unshare", "--mount", "sh", "-c", self._script()]
         if self.network_namespace:

@@ -157,6 +157,11 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
         if libvirt.netns is not None:
             env["VMM_PROBE_NETNS"] = str(libvirt.netns)  # probes reach the guests where they live
         agents[node] = (libvirt, start_agent(plane, node, libvirt.uri, libvirt.domain_type, env))
+    drivers = {libvirt.domain_type for libvirt, _ in agents.values()}
+    if len(drivers) > 1:  # a node fell back to the test driver: its VMs would never really run
+        _print(f"the nodes' libvirts differ ({', '.join(sorted(drivers))}): see the warning above; stopping")
+        down(quiet=True)
+        return 1
     controller.wait_ready()
     for _, agent in agents.values():
         agent.wait_ready()
