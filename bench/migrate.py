@@ -20,7 +20,6 @@ guest on success, failure, SIGINT and SIGTERM.
 import argparse
 import platform
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -36,6 +35,7 @@ from formation_vmm.agent.hypervisor.migration import abort, completed_job, migra
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.processes import ProcessTable
+from formation_vmm.host import qemu_img
 
 MIB = 1 << 20
 # A move that has not finished by then is aborted and the run fails: a guest that dirties memory
@@ -62,10 +62,6 @@ class Case:
         return f"{size}, " + (f"writing {self.dirty_mib} MiB" if self.dirty_mib else "idle")
 
 
-def _qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -73,6 +69,18 @@ def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _write_rate(log: Path, dirty_mib: int, window: float = 5.0) -> float:
+    """MiB/s the guest writes: its passes over ``dirty_mib`` within ``window`` seconds."""
+
+    def passes() -> int:
+        return log.read_text(errors="replace").count(guest.DIRTY)
+
+    _wait(lambda: passes() > 0, 180, "the guest to write memory")
+    before = passes()
+    time.sleep(window)
+    return (passes() - before) * dirty_mib / window
 
 
 class Pair:
@@ -108,10 +116,11 @@ class Pair:
     def _fresh_overlay(self, index: int, case: Case) -> None:
         d = self._dir(index, case)
         d.mkdir(parents=True, exist_ok=True)
-        if not (d / "base.qcow2").exists():  # the same base on each node, as the image cache gives
-            _qemu_img("create", "-f", "qcow2", str(d / "base.qcow2"), "64M")
-        (d / "top.qcow2").unlink(missing_ok=True)
-        _qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(d / "base.qcow2"), str(d / "top.qcow2"))
+        base, top = d / "base.qcow2", d / "top.qcow2"
+        if not base.exists():  # the same base on each node, as the image cache gives
+            qemu_img.run("create", "-f", "qcow2", str(base), "64M")
+        top.unlink(missing_ok=True)
+        qemu_img.run("create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top))
 
     def run(self, case: Case, runs: int) -> tuple[list[Move], float]:
         """The moves, and how fast the guest writes memory (MiB/s, from its own passes over
@@ -124,15 +133,8 @@ class Pair:
         try:
             log = self._dir(0, case) / "console.log"
             _wait(lambda: len(guest.ticks(log)) >= 2, 180, f"the {case.label} guest to boot")
-            if case.dirty_mib:
-                writing = guest.DIRTY
-                _wait(lambda: writing in log.read_text(errors="replace"), 180, "the guest to write memory")
             boot = guest.ticks(log)[-1][1]
-            rate = 0.0
-            if case.dirty_mib:
-                before = log.read_text(errors="replace").count(guest.DIRTY)
-                time.sleep(5)
-                rate = (log.read_text(errors="replace").count(guest.DIRTY) - before) * case.dirty_mib / 5
+            rate = _write_rate(log, case.dirty_mib) if case.dirty_mib else 0.0
             moves = []
             for n in range(runs):
                 target = 1 - at

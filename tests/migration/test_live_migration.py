@@ -4,7 +4,6 @@ the base stays (each node has its own copy, as the image cache gives). The guest
 memory (vmm.tick) and on its disk (vmm.disk): after the move its counter goes on under the same
 boot id, and its disk holds what it wrote on the source."""
 
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -16,13 +15,10 @@ from formation_vmm.agent.hypervisor.migration import abort, completed_job, migra
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.processes import ProcessTable
+from formation_vmm.host import qemu_img
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
-
-
-def qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
 
 
 def domain_xml(name: str, uid: str, kernel: Path, initrd: Path, node: Path) -> str:
@@ -31,15 +27,12 @@ def domain_xml(name: str, uid: str, kernel: Path, initrd: Path, node: Path) -> s
     return guest.bare_domain_xml(name, uid, kernel, initrd, disk, console, 256, cmdline)
 
 
-ticks = guest.ticks
-
-
 def fresh_overlay(disks: Path) -> None:
     """A new, empty top overlay over the node's base, as the target agent makes before each
     attempt: a cancelled attempt leaves half-copied data in the old one."""
-    (disks / "top.qcow2").unlink(missing_ok=True)
     base, top = disks / "base.qcow2", disks / "top.qcow2"
-    qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top))
+    top.unlink(missing_ok=True)
+    qemu_img.run("create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top))
 
 
 def test_a_running_guest_moves_with_its_memory_and_its_overlay_after_a_cancelled_try(tmp_path: Path) -> None:
@@ -55,7 +48,7 @@ def test_a_running_guest_moves_with_its_memory_and_its_overlay_after_a_cancelled
     for d in disks:
         d.mkdir(parents=True)
         # The same (empty) base on each node, as the image cache gives, and an overlay over it.
-        qemu_img("create", "-f", "qcow2", str(d / "base.qcow2"), "64M")
+        qemu_img.run("create", "-f", "qcow2", str(d / "base.qcow2"), "64M")
         fresh_overlay(d)
     uid = str(uuid.uuid4())
     for node in nodes:
@@ -64,11 +57,11 @@ def test_a_running_guest_moves_with_its_memory_and_its_overlay_after_a_cancelled
         source, target = (Hypervisor(n.uri) for n in nodes)
         source.connection().defineXML(domain_xml("mig", uid, kernel, initrd, disks[0])).create()
         log = disks[0] / "console.log"
-        wait_for(lambda: len(ticks(log)) >= 3, 120, "the guest to tick on the source")
+        wait_for(lambda: len(guest.ticks(log)) >= 3, 120, "the guest to tick on the source")
         assert f"{guest.DISK_NOW} count=1" in log.read_text(errors="replace")
         # It also keeps rewriting 16 MiB of its memory: each move has pages to send again.
         wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
-        (_, boot) = ticks(log)[-1]
+        (_, boot) = guest.ticks(log)[-1]
 
         def move(attempt: str, bandwidth_mib: int = 0) -> None:
             migrate(
@@ -94,21 +87,21 @@ def test_a_running_guest_moves_with_its_memory_and_its_overlay_after_a_cancelled
         assert "cancel" in str(failed[0]).lower() or "abort" in str(failed[0]).lower(), failed[0]
         assert source.require("mig").isActive()
         assert target.connection().listAllDomains() == []
-        seen = len(ticks(log))
-        wait_for(lambda: len(ticks(log)) >= seen + 2, 30, "the guest to tick on, on the source")
-        assert {b for _, b in ticks(log)} == {boot}
+        seen = len(guest.ticks(log))
+        wait_for(lambda: len(guest.ticks(log)) >= seen + 2, 30, "the guest to tick on, on the source")
+        assert {b for _, b in guest.ticks(log)} == {boot}
 
         fresh_overlay(disks[1])
-        (count, _) = ticks(log)[-1]
+        (count, _) = guest.ticks(log)[-1]
         move("full")
         assert source.connection().listAllDomains() == []  # undefined on the source
         moved = target.require("mig")
         assert moved.isActive() and moved.isPersistent()
         on_target = disks[1] / "console.log"
-        wait_for(lambda: len(ticks(on_target)) >= 2, 60, "the guest to tick on the target")
+        wait_for(lambda: len(guest.ticks(on_target)) >= 2, 60, "the guest to tick on the target")
         wait_for(lambda: guest.DIRTY in on_target.read_text(errors="replace"), 60,
                  "the guest to write memory on, on the target")  # fmt: skip
-        after = ticks(on_target)
+        after = guest.ticks(on_target)
         assert {b for _, b in after} == {boot}  # not booted again
         assert after[0][0] > count  # the memory's counter went on
         job = completed_job(target, "mig")
