@@ -82,6 +82,7 @@ def compare(model: type[BaseModel], schema: dict[str, Any], path: str, problems:
         ("vmsnapshots", models.VmSnapshot),
         ("vmrestores", models.VmRestore),
         ("vmnetworks", models.VmNetwork),
+        ("vmmigrations", models.VmMigration),
     ],
 )
 def test_models_mirror_the_crd_field_by_field(plural: str, model: type[BaseModel]) -> None:
@@ -166,3 +167,10 @@ def test_printer_columns_are_the_contract() -> None:
     doc = yaml.safe_load((CRDS / "vmm.formation.cloud_virtualmachines.yaml").read_text())
     columns = [c["name"] for c in doc["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns == ["Phase", "Node", "IP", "CPUs", "Memory", "Ready", "Age"]
+
+
+def test_migration_columns_are_the_contract() -> None:
+    doc = yaml.safe_load((CRDS / "vmm.formation.cloud_vmmigrations.yaml").read_text())
+    columns = [c["name"] for c in doc["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns == ["VM", "Source", "Target", "Phase", "Progress", "Age"]
+    assert doc["spec"]["names"]["shortNames"] == ["vmmig"]

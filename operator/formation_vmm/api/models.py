@@ -21,6 +21,7 @@ VmPhase = Literal[
     "Starting",
     "Running",
     "Paused",
+    "Migrating",
     "Stopping",
     "Stopped",
     "Failed",
@@ -208,6 +209,23 @@ class SealedValue(ApiModel):
     error: str | None = None  # why the controller could not seal it (a missing Secret or key)
 
 
+MigrationPhase = Literal[
+    "Pending", "Scheduling", "Preparing", "Migrating", "Succeeded", "Failed", "Cancelled"
+]
+
+
+class VmMigrationSummary(ApiModel):
+    """A VM's migration as its status shows it (the controller copies it from the VmMigration)."""
+
+    name: str | None = None
+    phase: str | None = None
+    source_node: str | None = None
+    target_node: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    message: str | None = None
+
+
 class VirtualMachineStatus(ApiModel):
     phase: VmPhase | None = None
     node_name: str | None = None
@@ -225,6 +243,7 @@ class VirtualMachineStatus(ApiModel):
     last_restart_requested_at: datetime | None = None
     sealed_user_data: SealedValue | None = None
     guest_os_info: GuestOSInfo | None = Field(default=None, alias="guestOSInfo")
+    migration: VmMigrationSummary | None = None
 
 
 class ObjectMeta(ApiModel):
@@ -387,3 +406,39 @@ class VmRestore(ApiModel):
     metadata: ObjectMeta
     spec: VmRestoreSpec
     status: VmRestoreStatus = Field(default_factory=VmRestoreStatus)
+
+
+# --- VmMigration -------------------------------------------------------------------------------
+
+
+class VmMigrationSpec(ApiModel):
+    vm_name: str
+    target_node: str | None = None
+
+
+class MigrationProgress(ApiModel):
+    summary: str | None = None
+    memory_total: int | None = None
+    memory_remaining: int | None = None
+    disk_total: int | None = None
+    disk_remaining: int | None = None
+    bandwidth: int | None = None
+    downtime_milliseconds: int | None = None
+
+
+class VmMigrationStatus(ApiModel):
+    phase: MigrationPhase | None = None
+    message: str | None = None
+    reason: str | None = None
+    source_node: str | None = None
+    target_node: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    domain_moved: bool | None = None
+    progress: MigrationProgress | None = None
+
+
+class VmMigration(ApiModel):
+    metadata: ObjectMeta
+    spec: VmMigrationSpec
+    status: VmMigrationStatus = Field(default_factory=VmMigrationStatus)

@@ -14,6 +14,8 @@ SNAPSHOT_PLURAL = "vmsnapshots"
 SNAPSHOT_KIND = "VmSnapshot"
 RESTORE_PLURAL = "vmrestores"
 RESTORE_KIND = "VmRestore"
+MIGRATION_PLURAL = "vmmigrations"
+MIGRATION_KIND = "VmMigration"
 NETWORK_PLURAL = "vmnetworks"
 NETWORK_KIND = "VmNetwork"
 # The network a VM interface joins when it names none.
@@ -57,6 +59,10 @@ HEARTBEAT_ANNOTATION = f"{GROUP}/agent-heartbeat"
 VM_COUNT_ANNOTATION = f"{GROUP}/vms"
 # Where the node's agent serves its HTTP API (console logs for `kubectl vm console`).
 AGENT_ENDPOINT_ANNOTATION = f"{GROUP}/agent-endpoint"
+# How another node's agent reaches this node for a live migration (JSON: the libvirt URI the
+# source's libvirtd opens, and the directory of the migration's sockets); absent on a node whose
+# agent takes no migrations (docs/migration.md).
+MIGRATION_ENDPOINT_ANNOTATION = f"{GROUP}/migration-endpoint"
 # The public key secrets are sealed to for this node's agent (sealing.py).
 AGENT_KEY_ANNOTATION = f"{GROUP}/agent-key"
 
