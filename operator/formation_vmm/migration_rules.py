@@ -1,0 +1,116 @@
+"""What a live migration may do, decided from what is known: pure, no I/O (docs/migration.md).
+
+Whether a VM can move at all (the VM's LiveMigratable condition, and a VmMigration that fails
+fast with its reason), whether a migration may start now under the cluster's limits, and when
+a running one has taken too long or stopped progressing."""
+
+from dataclasses import dataclass
+
+from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.names import NODE_LABEL
+
+ACTIVE_PHASES = ("Pending", "Scheduling", "Preparing", "Migrating")
+DONE_PHASES = ("Succeeded", "Failed", "Cancelled")
+# Phases in which a migration holds one of the limited slots: its target is chosen, and the two
+# nodes work on it.
+SLOT_PHASES = ("Preparing", "Migrating")
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # CamelCase, for machines and the condition's reason
+    message: str  # for the user
+
+
+@dataclass(frozen=True)
+class Limits:
+    in_cluster: int = 5
+    per_node: int = 2
+    completion_timeout_per_gib: float = 150.0
+    progress_timeout: float = 150.0
+
+
+def cannot_move(vm: VirtualMachine, snapshots: int) -> Refusal | None:
+    """Why this VM cannot be live-migrated as it is now, or None. ``snapshots``: how many
+    VmSnapshots of it exist (they live inside its disks, as qcow2 internal snapshots, which the
+    copy leaves behind)."""
+    name = vm.metadata.name
+    if not vm.metadata.labels.get(NODE_LABEL):
+        return Refusal("NotScheduled", f"VM {name} is not placed on a node yet")
+    if vm.metadata.deletion_timestamp is not None:
+        return Refusal("Terminating", f"VM {name} is being deleted")
+    if vm.spec.paused or vm.status.phase == "Paused":
+        return Refusal("Paused", f"VM {name} is paused; resume it to move it")
+    if vm.status.phase != "Running":
+        return Refusal(
+            "NotRunning",
+            f"VM {name} is {vm.status.phase or 'not running'}; only a running VM moves live "
+            "(a stopped VM starts on whichever node it is placed on)",
+        )
+    bridged = [n.name for n in vm.spec.networks if n.bridge]
+    if bridged:
+        return Refusal(
+            "HostBridge",
+            f"interface {bridged[0]} of VM {name} is on a host bridge: its layer 2 segment is the "
+            "node's, and another node's bridge of that name may be another network",
+        )
+    if vm.spec.firmware.type == "efi":
+        return Refusal(
+            "UefiNvram",
+            f"VM {name} boots with UEFI, and its NVRAM file is not copied by a live migration yet",
+        )
+    if snapshots:
+        return Refusal(
+            "HasSnapshots",
+            f"VM {name} has {snapshots} VmSnapshot(s); they live inside its disks on node "
+            f"{vm.metadata.labels[NODE_LABEL]} and would be left behind: delete them to move it",
+        )
+    return None
+
+
+def slot_wait(source: str, busy: list[str], limits: Limits) -> str | None:
+    """Why a migration out of ``source`` must wait, or None: ``busy`` are the source nodes of
+    the migrations that hold a slot now."""
+    if len(busy) >= limits.in_cluster:
+        return f"{len(busy)} migrations run in the cluster, the most allowed at once; this one waits its turn"
+    out = busy.count(source)
+    if out >= limits.per_node:
+        return f"{out} migrations leave node {source}, the most allowed at once; this one waits its turn"
+    return None
+
+
+def completion_timeout(limits: Limits, memory_bytes: int, disk_bytes: int) -> float:
+    """Seconds a migration may take in all: per GiB of what it copies (at least one GiB)."""
+    return limits.completion_timeout_per_gib * max((memory_bytes + disk_bytes) / GIB, 1.0)
+
+
+@dataclass
+class ProgressWatch:
+    """Follows a running copy: when it last made progress (what is left went down)."""
+
+    started: float
+    last_progress: float
+    least_remaining: int | None = None
+
+    def observe(self, now: float, remaining: int) -> None:
+        if self.least_remaining is None or remaining < self.least_remaining:
+            self.least_remaining = remaining
+            self.last_progress = now
+
+    def overdue(self, now: float, limits: Limits, completion: float) -> str | None:
+        """Why the copy must be cancelled now, or None."""
+        if now - self.started > completion:
+            return f"the migration did not complete within {completion:.0f}s (completionTimeoutPerGiB)"
+        if now - self.last_progress > limits.progress_timeout:
+            return f"the migration made no progress for {limits.progress_timeout:.0f}s (progressTimeout)"
+        return None
+
+
+def progress_summary(memory_remaining: int, memory_total: int, disk_remaining: int) -> str:
+    mib = 1 << 20
+    text = f"{memory_remaining // mib}Mi of {memory_total // mib}Mi memory left"
+    if disk_remaining:
+        text += f", {disk_remaining // mib}Mi of disk"
+    return text

@@ -1,0 +1,77 @@
+"""The pure rules of live migration: which VM may move, when one waits for a slot, and when a
+copy is overdue."""
+
+from typing import Any
+
+import pytest
+
+from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.names import NODE_LABEL
+from formation_vmm.migration_rules import (
+    Limits,
+    ProgressWatch,
+    cannot_move,
+    completion_timeout,
+    progress_summary,
+    slot_wait,
+)
+
+pytestmark = pytest.mark.pure
+
+
+def vm(phase: str = "Running", bound: bool = True, **spec: Any) -> VirtualMachine:
+    labels = {NODE_LABEL: "n1"} if bound else {}
+    return VirtualMachine.model_validate(
+        {"metadata": {"name": "web", "labels": labels}, "spec": spec, "status": {"phase": phase}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("machine", "snapshots", "reason"),
+    [
+        (vm(), 0, None),
+        (vm(bound=False), 0, "NotScheduled"),
+        (vm("Stopped"), 0, "NotRunning"),
+        (vm("Paused", paused=True), 0, "Paused"),
+        (vm(networks=[{"name": "eth0", "bridge": "br0"}]), 0, "HostBridge"),
+        (vm(firmware={"type": "efi"}), 0, "UefiNvram"),
+        (vm(), 2, "HasSnapshots"),
+    ],
+)
+def test_which_vm_may_move(machine: VirtualMachine, snapshots: int, reason: str | None) -> None:
+    refusal = cannot_move(machine, snapshots)
+    assert (refusal.reason if refusal else None) == reason
+    if refusal is not None:
+        assert "web" in refusal.message
+
+
+def test_slots_per_cluster_and_per_node() -> None:
+    limits = Limits(in_cluster=3, per_node=2)
+    assert slot_wait("a", [], limits) is None
+    assert slot_wait("a", ["a"], limits) is None
+    assert "leave node a" in (slot_wait("a", ["a", "a"], limits) or "")
+    assert slot_wait("b", ["a", "a"], limits) is None
+    assert "3 migrations run in the cluster" in (slot_wait("b", ["a", "a", "c"], limits) or "")
+
+
+def test_a_copy_is_overdue_when_it_stalls_or_runs_past_its_size() -> None:
+    limits = Limits(completion_timeout_per_gib=10, progress_timeout=5)
+    completion = completion_timeout(limits, 2 << 30, 1 << 30)  # 3 GiB: 30 s
+    assert completion == 30
+    assert completion_timeout(limits, 256 << 20, 0) == 10  # at least one GiB's worth
+    watch = ProgressWatch(started=0, last_progress=0)
+    watch.observe(1, 1000)
+    watch.observe(4, 900)
+    assert watch.overdue(8, limits, completion) is None  # 4 s since it last went down
+    watch.observe(8, 950)  # went up (the guest dirtied pages): not progress
+    assert "no progress for 5s" in (watch.overdue(9.5, limits, completion) or "")
+    steady = ProgressWatch(started=0, last_progress=0)
+    for t in range(31):
+        steady.observe(t, 10_000 - t)
+    assert steady.overdue(30, limits, completion) is None
+    assert "did not complete within 30s" in (steady.overdue(31, limits, completion) or "")
+
+
+def test_the_progress_reads_in_mebibytes() -> None:
+    assert progress_summary(120 << 20, 1 << 30, 0) == "120Mi of 1024Mi memory left"
+    assert progress_summary(0, 256 << 20, 5 << 20) == "0Mi of 256Mi memory left, 5Mi of disk"
