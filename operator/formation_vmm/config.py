@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     # The address other machines reach this agent's API at (defaults to http://<node>:<port>).
     advertise_url: str | None = None
     node_lost_seconds: float = Field(default=40.0, gt=0)
+    # Live migration (docs/migration.md). KubeVirt's defaults: 5 at once in the cluster, 2 out
+    # of each node, 150 s per GiB copied at most, 150 s without progress at most. 0: no
+    # bandwidth limit. The endpoint other nodes' libvirtds reach this node's at, and the
+    # directory of the migration's sockets, both seen alike from every node: set, the node takes
+    # migrations; unset (the default until the TLS relay between agents is built), it does not.
+    migrations_in_cluster: int = Field(default=5, ge=1)
+    migrations_per_node: int = Field(default=2, ge=1)
+    migration_completion_timeout_per_gib: float = Field(default=150.0, gt=0)
+    migration_progress_timeout_seconds: float = Field(default=150.0, gt=0)
+    migration_bandwidth_mib: int = Field(default=0, ge=0)
+    migration_auto_converge: bool = False
+    migration_libvirt_uri: str | None = None
+    migration_socket_dir: Path | None = None
     # How often the controller reads again every Secret it sealed for a node (Secrets are not
     # watched: that would hold every Secret of the cluster in its memory).
     seal_refresh_seconds: float = Field(default=60.0, gt=0)

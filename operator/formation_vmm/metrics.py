@@ -41,6 +41,11 @@ IMAGE_IMPORT_SECONDS = Histogram(
 IMAGE_BYTES = Counter("vmm_agent_image_bytes_total", "Bytes fetched by image imports.")
 IMAGE_CACHE_REMOVED = Counter("vmm_agent_image_cache_removed_total", "Cached bases removed by the collector.")
 IMAGE_GC_RUNS = Counter("vmm_agent_image_gc_runs_total", "Passes of the image cache's garbage collector.")
+MIGRATIONS = Counter(
+    "vmm_agent_migrations_total",
+    "Live migrations out of this node, by outcome (moved, failed).",
+    ["outcome"],
+)
 SNAPSHOTS = Counter(
     "vmm_agent_snapshot_operations_total",
     "Snapshots and restores carried out, by operation and result.",

@@ -1,4 +1,5 @@
-"""``kubectl vm``: start, stop, restart, pause, resume, console, list, top, snapshot and restore.
+"""``kubectl vm``: start, stop, restart, pause, resume, console, list, top, snapshot, restore and
+migrate.
 
 Each verb patches the VM's spec (the API is the only interface; nothing here talks to a node
 except ``console`` and ``top``, which ask the node's agent with the user's token) and waits for
@@ -20,6 +21,8 @@ from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
     API_VERSION,
+    MIGRATION_KIND,
+    MIGRATION_PLURAL,
     RESTORE_KIND,
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
@@ -307,6 +310,62 @@ def verb_restore(vms: Vms, args: argparse.Namespace) -> str:
     return f"vmrestore/{name} Succeeded: {args.name} is back at {args.snapshot}"
 
 
+MIGRATION_DONE = {"Succeeded", "Failed", "Cancelled"}
+
+
+def verb_migrate(vms: Vms, args: argparse.Namespace) -> str:
+    """Create a VmMigration and follow it, a line per change of phase or progress; with
+    ``--cancel``, delete the VM's unfinished migrations (the VM stays where it runs)."""
+    vm = vms.get(args.name)
+    if args.cancel:
+        active = [
+            m["metadata"]["name"]
+            for m in vms.kube.list(MIGRATION_PLURAL, vms.namespace)
+            if (m.get("spec") or {}).get("vmName") == args.name
+            and (m.get("status") or {}).get("phase") not in MIGRATION_DONE
+        ]
+        if not active:
+            raise PluginError(f"no migration of {args.name} is under way")
+        for name in active:
+            vms.kube.delete(MIGRATION_PLURAL, vms.namespace, name)
+        return f"vmmigration/{', '.join(active)} cancelled: {args.name} stays on {vm.status.node_name}"
+    name = f"{args.name}-migration-{_stamp()}"
+    spec: dict[str, Any] = {"vmName": args.name}
+    if args.to:
+        spec["targetNode"] = args.to
+    vms.create(MIGRATION_PLURAL, MIGRATION_KIND, name, spec)
+    if args.no_wait:
+        return f"vmmigration/{name} requested"
+    deadline = time.monotonic() + args.timeout
+    said = ""
+    while True:
+        status = vms.kube.get(MIGRATION_PLURAL, vms.namespace, name).get("status") or {}
+        line = _migration_line(status)
+        if line != said:
+            print(f"vmmigration/{name}: {line}", file=sys.stderr, flush=True)
+            said = line
+        if status.get("phase") in MIGRATION_DONE:
+            break
+        if time.monotonic() > deadline:
+            raise PluginError(f"timed out after {args.timeout:.0f}s; vmmigration/{name} is {line}")
+        time.sleep(0.3)
+    if status["phase"] != "Succeeded":
+        raise PluginError(
+            f"vmmigration/{name} {status['phase']} ({status.get('reason', '')}): {status.get('message', '')}"
+        )
+    downtime = (status.get("progress") or {}).get("downtimeMilliseconds")
+    paused = f", paused {downtime} ms" if downtime is not None else ""
+    return f"vmmigration/{name} Succeeded: {args.name} runs on {status.get('targetNode')}{paused}"
+
+
+def _migration_line(status: dict[str, Any]) -> str:
+    phase = status.get("phase") or "new"
+    progress = (status.get("progress") or {}).get("summary")
+    where = f" {status.get('sourceNode')} -> {status.get('targetNode')}" if status.get("targetNode") else ""
+    detail = progress if phase == "Migrating" and progress else status.get("message")
+    return f"{phase}{where}" + (f": {detail}" if detail else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl vm", description=__doc__)
     parser.add_argument("--version", action="version", version=describe())
@@ -348,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="bring the VM's disks back to a snapshot (a VmRestore)")
     restore.add_argument("name")
     restore.add_argument("snapshot")
-    for cmd, run in ((snapshot, verb_snapshot), (restore, verb_restore)):
+    migrate = sub.add_parser(
+        "migrate", help="move the running VM to another node (a VmMigration), following it"
+    )
+    migrate.add_argument("name")
+    migrate.add_argument("--to", metavar="NODE", help="the target node (default: the controller picks one)")
+    migrate.add_argument("--cancel", action="store_true", help="cancel the VM's migration under way")
+    for cmd, run in ((snapshot, verb_snapshot), (restore, verb_restore), (migrate, verb_migrate)):
         cmd.add_argument("--no-wait", action="store_true", help="return once it is requested")
         cmd.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
         cmd.set_defaults(run=run)

@@ -27,6 +27,8 @@ from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
+from formation_vmm.agent.migration_marks import MigrationMarks
+from formation_vmm.agent.migrations import NodeMigrations, Tuning
 from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
@@ -38,12 +40,14 @@ from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import (
     VirtualMachineStatus,
     VmImageStatus,
+    VmMigrationStatus,
     VmNetworkStatus,
     VmRestoreStatus,
     VmSnapshotStatus,
 )
 from formation_vmm.api.names import (
     IMAGE_PLURAL,
+    MIGRATION_PLURAL,
     NETWORK_PLURAL,
     NODE_LABEL,
     RESTORE_PLURAL,
@@ -57,6 +61,7 @@ from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
+from formation_vmm.controller.migrations import MigrationScheduler
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.domain.layout import NodeLayout
@@ -67,6 +72,7 @@ from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
+from formation_vmm.migration_rules import Limits
 from formation_vmm.sealing import NodeKey
 from formation_vmm.waiting import WaitTimeoutError, wait_for
 
@@ -189,11 +195,20 @@ def run_controller(settings: Settings) -> None:
     health.pulse("watch", 3 * renew + 5, "the lease watch delivered a renewal")
     health.pulse("loop", 3 * RETRY_BIND, "the binding loop ran")
     image_status = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
+    binder = Binder(
+        vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
+    )
     state = ControllerMemo(
         settings=settings,
         kube=kube,
-        binder=Binder(
-            vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
+        binder=binder,
+        migrations=MigrationScheduler(
+            kube,
+            binder,
+            StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus),
+            vm_status,
+            events,
+            _migration_tuning(settings).limits,
         ),
         guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
         notes=SnapshotNotes(
@@ -219,16 +234,20 @@ def run_controller(settings: Settings) -> None:
 RETRY_BIND = controller_handlers.RETRY_SECONDS
 
 
-def run_agent(settings: Settings) -> None:
-    kube = _start(settings)
-    if not settings.node_name:
-        raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
-    node = settings.node_name
+def _hold_agent_lock(settings: Settings, node: str) -> None:
     try:
         # One agent per node: two would each take the other's domains for orphans.
         hold_lock(settings.state_dir / "agent.lock")
     except AlreadyRunningError as exc:
         raise SystemExit(f"another agent runs on node {node} with these directories: {exc}") from exc
+
+
+def run_agent(settings: Settings) -> None:
+    kube = _start(settings)
+    if not settings.node_name:
+        raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
+    node = settings.node_name
+    _hold_agent_lock(settings, node)
     registry = _registry()
     agent_handlers.register(registry, node)
     health = Health()
@@ -338,6 +357,7 @@ def run_agent(settings: Settings) -> None:
         agent_finalizer(node),
         layout.vm_dir,
         list_bound,
+        MigrationMarks(settings.state_dir / "migrations"),
         max(1, round(settings.vm_list_seconds / settings.resync_seconds)),
     )
     snapshots = Snapshots(
@@ -351,6 +371,11 @@ def run_agent(settings: Settings) -> None:
         events,
         queue.add,
     )
+    migrations = NodeMigrations(
+        node, kube, hypervisor, reconciler, sync, cache, watcher.marks,
+        StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus), vm_status, events, queue.add,
+        _migration_tuning(settings),
+    )  # fmt: skip
     state = AgentMemo(
         settings=settings,
         node=node,
@@ -364,6 +389,7 @@ def run_agent(settings: Settings) -> None:
         node_images=node_images,
         collector=GarbageCollector(node_images, settings.image_gc_grace_seconds),
         snapshots=snapshots,
+        migrations=migrations,
         networks=networks,
         health=health,
         key=key,
@@ -375,6 +401,16 @@ def run_agent(settings: Settings) -> None:
     routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
     local_routes = debug_api.node_local_routes(hypervisor, layout, networks.libvirt)
     asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
+
+
+def _migration_tuning(settings: Settings) -> Tuning:
+    limits = Limits(
+        settings.migrations_in_cluster,
+        settings.migrations_per_node,
+        settings.migration_completion_timeout_per_gib,
+        settings.migration_progress_timeout_seconds,
+    )
+    return Tuning(limits, settings.migration_bandwidth_mib, settings.migration_auto_converge)
 
 
 def _agent_health(

@@ -13,6 +13,7 @@ import yaml
 from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL, agent_finalizer
 from formation_vmm.devcluster.cluster import Kubectl, service_account_kubeconfig
 from tests.support.fleet import TINY, Fleet
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -293,3 +294,43 @@ def test_an_agent_writes_only_its_own_entry_of_a_network(fleet: Fleet, agent_a: 
     forged = {"status": {"nodes": [{"name": "node-b", "phase": "Failed", "message": "forged"}]}}
     args = ("patch", "vmnetwork", "default", "--subresource=status", "--type=merge", "-p", json.dumps(forged))
     assert "only its own node's entry of a network's status" in refused(agent_a, *args)
+
+
+def test_an_agent_writes_only_the_status_of_migrations_from_or_to_its_node(
+    fleet: Fleet, ns: str, agent_a: Kubectl
+) -> None:
+    """Two migrations whose nodes the admin sets (the controller's part): node-a's agent writes
+    the one leaving node-a, not the other, and never where either goes."""
+    for name, source, target in (("a-to-b", "node-a", "node-b"), ("b-to-q", "node-b", "node-q")):
+        fleet.apply(
+            {
+                "apiVersion": "vmm.formation.cloud/v1alpha1",
+                "kind": "VmMigration",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"vmName": "absent"},
+            }
+        )
+        # The controller fails it at once (no such VM); then its nodes are set, as if it had run.
+        wait_for(lambda n=name: (fleet.kubectl("get", "vmmig", n, "-n", ns, "-o", "jsonpath={.status.phase}")
+                                 == "Failed"), 30, "the controller to fail it")  # fmt: skip
+        nodes = {"status": {"sourceNode": source, "targetNode": target}}
+        assert merge(fleet.kubectl, "vmmig", name, "-n", ns, patch=nodes, status=True).returncode == 0
+    note = {"status": {"message": "written by the agent of node-a"}}
+    assert merge(agent_a, "vmmig", "a-to-b", "-n", ns, patch=note, status=True).returncode == 0
+    for name, patch in (
+        ("b-to-q", note),
+        ("a-to-b", {"status": {"targetNode": "node-a"}}),
+        ("a-to-b", {"status": {"sourceNode": "node-q"}}),
+    ):
+        args = (
+            "patch",
+            "vmmig",
+            name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+        )
+        assert "only the status of migrations from or to its node" in refused(agent_a, *args), (name, patch)

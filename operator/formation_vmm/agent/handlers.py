@@ -15,6 +15,7 @@ import kopf
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import ImageCatalog
+from formation_vmm.agent.migrations import Endpoint, NodeMigrations
 from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.watch import VmCache, Watcher
@@ -30,6 +31,8 @@ from formation_vmm.api.names import (
     GROUP,
     HEARTBEAT_ANNOTATION,
     IMAGE_PLURAL,
+    MIGRATION_ENDPOINT_ANNOTATION,
+    MIGRATION_PLURAL,
     NETWORK_PLURAL,
     NODE_LABEL,
     RESTORE_KIND,
@@ -50,6 +53,9 @@ from formation_vmm.sealing import NodeKey
 
 log = logging.getLogger(__name__)
 
+# A migration whose target still fetches a base is looked at again this often.
+MIGRATION_RETRY_SECONDS = 2.0
+
 
 @dataclass
 class AgentMemo:
@@ -67,6 +73,7 @@ class AgentMemo:
     node_images: NodeImages
     collector: GarbageCollector
     snapshots: Snapshots
+    migrations: NodeMigrations
     networks: NodeNetworks
     health: Health
     key: NodeKey
@@ -96,25 +103,35 @@ def publish_node(state: AgentMemo) -> None:
     cpus, memory, disk = state.capacity
     settings = state.settings
     beat = now().strftime("%Y-%m-%dT%H:%M:%SZ")
-    state.kube.patch_node(
-        state.node,
-        {
-            "metadata": {
-                "annotations": {
-                    CAPACITY_CPUS_ANNOTATION: str(max(cpus - settings.reserved_cpus, 0)),
-                    CAPACITY_MEMORY_ANNOTATION: format_mebibytes(max(memory - settings.reserved_memory, 0)),
-                    CAPACITY_DISK_ANNOTATION: format_mebibytes(disk),
-                    VM_COUNT_ANNOTATION: str(len(state.cache)),
-                    AGENT_ENDPOINT_ANNOTATION: state.endpoint,
-                    AGENT_KEY_ANNOTATION: state.key.public_b64,
-                    HEARTBEAT_ANNOTATION: beat,
-                }
-            }
-        },
-    )
+    annotations = {
+        CAPACITY_CPUS_ANNOTATION: str(max(cpus - settings.reserved_cpus, 0)),
+        CAPACITY_MEMORY_ANNOTATION: format_mebibytes(max(memory - settings.reserved_memory, 0)),
+        CAPACITY_DISK_ANNOTATION: format_mebibytes(disk),
+        VM_COUNT_ANNOTATION: str(len(state.cache)),
+        AGENT_ENDPOINT_ANNOTATION: state.endpoint,
+        AGENT_KEY_ANNOTATION: state.key.public_b64,
+        HEARTBEAT_ANNOTATION: beat,
+        MIGRATION_ENDPOINT_ANNOTATION: migration_endpoint(settings),
+    }
+    state.kube.patch_node(state.node, {"metadata": {"annotations": annotations}})
     state.sent_beat = beat
     state.health.beat("api")
     metrics.HEARTBEATS.inc()
+
+
+def migration_endpoint(settings: Settings) -> str | None:
+    """The node's migration endpoint annotation; None (removed) when it takes no migrations."""
+    if not settings.migration_libvirt_uri or settings.migration_socket_dir is None:
+        return None
+    settings.migration_socket_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    return Endpoint(settings.migration_libvirt_uri, settings.migration_socket_dir.resolve()).annotation()
+
+
+def sweep_migrations(state: AgentMemo) -> None:
+    """Marks of migrations deleted while this agent was away (from a list, never the watch's
+    memory)."""
+    existing = {body["metadata"]["uid"] for body in state.kube.list(MIGRATION_PLURAL)}
+    state.migrations.sweep(existing)
 
 
 def collect_images(state: AgentMemo) -> None:
@@ -167,6 +184,14 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
                 _every(config.resync_seconds, state.snapshots.retry_waiting, "snapshot retry", False),
                 "snapshots",
             ),
+            _task(
+                _every(MIGRATION_RETRY_SECONDS, state.migrations.retry_waiting, "migration retry", False),
+                "migrations",
+            ),
+            _task(
+                _every(config.vm_list_seconds, lambda: sweep_migrations(state), "migration sweep"),
+                "migration-sweep",
+            ),
         ]
 
     @kopf.on.cleanup(registry=registry)
@@ -177,6 +202,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         state.queue.close()
+        state.migrations.close()
         state.node_images.close()
         state.hypervisor.close()
 
@@ -218,6 +244,10 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshot", registry=registry)
     def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         agent_memo(memo).snapshots.event(SNAPSHOT_KIND, event.get("type"), dict(event["object"]))
+
+    @kopf.on.event(GROUP, VERSION, MIGRATION_PLURAL, id="migration", registry=registry)
+    def migration_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        agent_memo(memo).migrations.event(event.get("type"), dict(event["object"]))
 
     @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restore", registry=registry)
     def restore_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

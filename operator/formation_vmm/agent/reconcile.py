@@ -177,6 +177,34 @@ class Reconciler:
             guest_os=self._guest_os(name, after),
         )
 
+    def prepare_incoming(self, vm: VirtualMachine, uuid: str) -> None:
+        """The target's side of a live migration: the VM's files made afresh (an overlay left
+        from an earlier stay, or from a cut-short copy, would mix old blocks with the copied
+        ones), its networks' entries, and its domain defined, stopped, under the source's UUID
+        (libvirt lets a migration in onto a stopped definition of the same UUID). Raises
+        InputNotReadyError while a base is still being fetched."""
+        name = domain_name(vm.metadata.namespace or "", vm.metadata.name)
+        images = self.inputs.images(vm)
+        spec = replace(self.desired_spec(vm, images), uuid=uuid)
+        self.remove_files(vm)
+        if self.networks is not None:
+            self.networks.require(vm)
+        self._act(Action.PREPARE_FILES, vm, name, spec, images)
+        self._act(Action.DEFINE, vm, name, spec, images)
+
+    def remove_files(self, vm: VirtualMachine, release: bool = False) -> None:
+        """The VM's files here (and with ``release``, its networks' entries): after it moved
+        away, or when a migration to here did not happen."""
+        if release and self.networks is not None:
+            self.networks.release(vm)
+        owner = owner_of(vm)
+        remove_vm_dir(self.layout.vm_dir, self.layout.runtime_dir(owner))
+        disk_dir = self.layout.disk_dir(owner)
+        remove_vm_dir(self.layout.disks_dir, disk_dir)
+        with self._lock:
+            for path in [p for p in self._sizes if p.parent == disk_dir]:
+                self._sizes.pop(path, None)
+
     def hard_stop(self, vm: VirtualMachine) -> None:
         """Stop the guest at once (its liveness probe failed): the next plan starts it again as
         after a crash, per runStrategy."""
@@ -272,11 +300,4 @@ class Reconciler:
         elif action is Action.UNDEFINE:
             self.hypervisor.undefine(name)
         elif action is Action.REMOVE_FILES:
-            if self.networks is not None:
-                self.networks.release(vm)
-            owner = owner_of(vm)
-            remove_vm_dir(self.layout.vm_dir, self.layout.runtime_dir(owner))
-            disk_dir = self.layout.disk_dir(owner)
-            remove_vm_dir(self.layout.disks_dir, disk_dir)
-            for path in [p for p in self._sizes if p.parent == disk_dir]:
-                self._sizes.pop(path, None)
+            self.remove_files(vm, release=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.migration_marks import MigrationMarks
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.agent.sync import SyncResult, VmSync
 from formation_vmm.agent.vm_metrics import VmLabels
@@ -162,6 +163,7 @@ class Watcher:
         finalizer: str,
         files_root: Path,
         list_bound: ListBound,
+        marks: MigrationMarks,
         list_every: int = 20,
     ) -> None:
         self.sync = sync
@@ -175,6 +177,10 @@ class Watcher:
         self.list_bound = list_bound
         self.list_every = list_every
         self._resyncs = 0
+        # VMs a live migration moves away from here (their sync waits until it has ended: the
+        # guest may run on the target already) or brings here (the domain prepared for one is
+        # not an orphan, though the VM is bound elsewhere yet).
+        self.marks = marks
 
     def mine(self, info: DomainInfo) -> bool:
         """A domain of ours on this node: its metadata names a VM, and its files lie in this
@@ -263,6 +269,8 @@ class Watcher:
                 log.info("%s/%s: domain and files removed", meta["namespace"], meta["name"])
                 self.writer.remove_finalizer(body, self.finalizer)
             return result
+        if self.marks.role(meta.get("uid", "")) == "out":
+            return SyncResult("Migrating", retry_after=self.sync.retry_seconds, outcome="waiting")
         if self.finalizer not in finalizers:
             # The controller adds it when it binds the VM; a VM labeled by other means gets it here.
             self.writer.add_finalizer(body, self.finalizer)
@@ -278,7 +286,9 @@ class Watcher:
             log.warning("cannot look at domain %s: %s", key, exc)
             return
         owner = info.owner if info is not None and self.mine(info) else None
-        if owner is None or self.vm_exists(owner.namespace, owner.name, owner.uid):
+        if owner is None or self.marks.role(owner.uid) == "in":
+            return
+        if self.vm_exists(owner.namespace, owner.name, owner.uid):
             return
         log.warning("removing domain %s: its VM %s/%s is gone", key, owner.namespace, owner.name)
         orphan = {"metadata": {"namespace": owner.namespace, "name": owner.name, "uid": owner.uid}}

@@ -19,6 +19,7 @@ from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import (
     ADDRESSES_ANNOTATION,
+    MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
     VM_KIND,
     agent_finalizer,
@@ -358,6 +359,59 @@ class Binder:
         )
         self.events.post(body, VM_KIND, reason, message, "Warning")
 
+    # --- live migration ----------------------------------------------------------------------
+
+    def migration_target(self, body: dict[str, Any], source: str, wanted: str | None) -> Decision:
+        """Where a running VM may move: placed as a new VM would be (its nodeSelector, its
+        tolerations, room on the node), among the other nodes whose agents take migrations;
+        only ``wanted`` when the user named a node."""
+        vm = VirtualMachine.model_validate(body)
+        request = Request(
+            vcpus=vm.spec.vcpus,
+            memory=vm.spec.memory_bytes,
+            node_selector=vm.spec.node_selector,
+            tolerations=tuple(vm.spec.tolerations),
+            disk=vm.spec.disk_bytes,
+        )
+        with self._lock:
+            takers = {
+                name
+                for name, summary in self._nodes.items()
+                if name != source and MIGRATION_ENDPOINT_ANNOTATION in summary.get("annotations", {})
+            }
+            if wanted is not None and wanted not in takers:
+                return Decision(None, _not_a_target(wanted, source, wanted in self._nodes))
+            nodes = [n for n in self._node_infos() if n.name in takers and wanted in (None, n.name)]
+            if not nodes:
+                return Decision(None, f"no node other than {source} takes migrations")
+            return place(request, nodes, self._node_loads, self.cpu_overcommit, self.memory_overcommit)
+
+    def takes_migrations(self, node: str, source: str) -> bool:
+        """Whether ``node`` could ever be this VM's target (room aside)."""
+        with self._lock:
+            summary = self._nodes.get(node)
+        return (
+            node != source
+            and summary is not None
+            and MIGRATION_ENDPOINT_ANNOTATION in summary.get("annotations", {})
+        )
+
+    def node_ready(self, node: str) -> bool:
+        """The node's agent reports (its heartbeat is fresh)."""
+        with self._lock:
+            summary = self._nodes.get(node)
+        return summary is not None and node_info(summary, self.node_lost_seconds).ready
+
+    def move_binding(self, body: dict[str, Any], source: str, target: str) -> dict[str, Any] | None:
+        """Bind the VM to ``target`` in place of ``source``, in one write at the version read:
+        the label and the agents' finalizers together, so the VM is never bound to two nodes
+        or to none. None when the VM changed meanwhile (read it again and retry)."""
+        meta = body["metadata"]
+        finalizers = [f for f in meta.get("finalizers") or [] if f != agent_finalizer(source)]
+        if agent_finalizer(target) not in finalizers:
+            finalizers.append(agent_finalizer(target))
+        return self.status.patch_at_version(body, {"labels": {NODE_LABEL: target}, "finalizers": finalizers})
+
     @staticmethod
     def status_needs_repair(body: dict[str, Any]) -> bool:
         """A labeled VM whose status names another node (a label changed by hand); checked on
@@ -392,6 +446,14 @@ class Binder:
             message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
             self.status.write(body, _lost(message, body["metadata"].get("generation")))
             self.events.post(body, VM_KIND, "NodeLost", message, "Warning")
+
+
+def _not_a_target(wanted: str, source: str, known: bool) -> str:
+    if wanted == source:
+        return f"the VM runs on node {source} already"
+    if not known:
+        return f"node {wanted} is not a hypervisor node (labeled vmm.formation.cloud/hypervisor=true)"
+    return f"node {wanted} takes no migrations: its agent publishes no migration endpoint"
 
 
 def _label(body: dict[str, Any]) -> str | None:

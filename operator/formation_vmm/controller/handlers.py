@@ -14,6 +14,7 @@ from formation_vmm.api.names import (
     GROUP,
     HYPERVISOR_LABEL,
     IMAGE_PLURAL,
+    MIGRATION_PLURAL,
     NETWORK_PLURAL,
     RESTORE_KIND,
     RESTORE_PLURAL,
@@ -26,6 +27,7 @@ from formation_vmm.config import Settings
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
+from formation_vmm.controller.migrations import MigrationScheduler
 from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
@@ -45,6 +47,7 @@ class ControllerMemo:
     settings: Settings
     kube: Kube
     binder: Binder
+    migrations: MigrationScheduler
     guard: ImageGuard
     notes: SnapshotNotes
     leader: LeaderElector
@@ -70,6 +73,7 @@ async def _bind_loop(state: ControllerMemo) -> None:
                 binder.seed(await asyncio.to_thread(state.kube.list, VM_PLURAL))
             await asyncio.to_thread(binder.bind_pending)
             await asyncio.to_thread(binder.mark_lost_nodes)
+            await asyncio.to_thread(state.migrations.pass_once)
             await asyncio.to_thread(state.sealer.pass_once)
             for image in guard.pending():  # deleted images held for their VMs: look again
                 await asyncio.to_thread(guard.release_if_unused, image)
@@ -92,6 +96,7 @@ async def _lead(state: ControllerMemo) -> None:
 
 def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: str) -> None:
     _register_networks(registry)
+    _register_requests(registry)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -167,6 +172,17 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         state = controller_memo(memo)
         if event.get("type") != "DELETED" and state.leader.is_leader():
             state.notes.event(SNAPSHOT_KIND, dict(event["object"]))
+
+
+def _register_requests(registry: kopf.OperatorRegistry) -> None:
+    """What users ask of a VM through objects of their own: snapshots, restores, migrations."""
+
+    @kopf.on.event(GROUP, VERSION, MIGRATION_PLURAL, id="migrations", registry=registry)
+    async def migrations(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+        state = controller_memo(memo)
+        body = state.migrations.event(event.get("type"), dict(event["object"]))
+        if body is not None and state.leader.is_leader():
+            await asyncio.to_thread(state.migrations.act, body)
 
     @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restores", registry=registry)
     def restores(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

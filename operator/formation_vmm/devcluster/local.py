@@ -156,6 +156,11 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
         env = {"VMM_ALLOW_UNCONFINED_QEMU": "true"}
         if libvirt.netns is not None:
             env["VMM_PROBE_NETNS"] = str(libvirt.netns)  # probes reach the guests where they live
+        if libvirt.domain_type != "test":
+            # Every node's libvirtd sees the others' sockets (one machine): VMs move between
+            # them live (docs/migration.md). The test driver does not migrate.
+            env["VMM_MIGRATION_LIBVIRT_URI"] = libvirt.uri
+            env["VMM_MIGRATION_SOCKET_DIR"] = str(root / "nodes" / node / "migration")
         agents[node] = (libvirt, start_agent(plane, node, libvirt.uri, libvirt.domain_type, env))
     drivers = {libvirt.domain_type for libvirt, _ in agents.values()}
     if len(drivers) > 1:  # a node fell back to the test driver: its VMs would never really run

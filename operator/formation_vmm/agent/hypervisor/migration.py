@@ -1,5 +1,5 @@
 """Live migration of a running domain to another node's libvirtd, with its disks' top overlays
-copied and their bases not (issue 12, docs to come in docs/migration.md).
+copied and their bases not (docs/migration.md).
 
 Peer to peer: the source libvirtd opens the target's (``target_uri``) and drives both QEMUs.
 Memory travels over ``migrate_uri`` and the overlays over NBD at ``disks_uri``; both may be
@@ -8,6 +8,8 @@ TLS relay between agents will offer). The target's domain XML names the target's
 the caller creates fresh, empty overlays there over the same bases (by digest) first, and
 NON_SHARED_INC copies only what the overlays hold. On success the target holds the persistent
 definition and the source none."""
+
+import xml.etree.ElementTree as ET
 
 import libvirt
 
@@ -31,6 +33,7 @@ def migrate(
     disks_uri: str,
     disks: list[str],
     bandwidth_mib: int = 0,
+    auto_converge: bool = False,
 ) -> None:
     """Move the running domain ``name``; returns once it runs on the target (blocking: call it
     from a worker). ``disks`` are the targets (vda, ...) whose overlays are copied."""
@@ -43,9 +46,10 @@ def migrate(
     }
     if bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
+    flags = FLAGS | (libvirt.VIR_MIGRATE_AUTO_CONVERGE if auto_converge else 0)
     dom = hypervisor.require(name)
     try:
-        dom.migrateToURI3(target_uri, params, FLAGS)
+        dom.migrateToURI3(target_uri, params, flags)
     except libvirt.libvirtError as exc:
         raise hypervisor_error(exc, f"migrating {name} to {target_uri}") from exc
 
@@ -78,3 +82,78 @@ def abort(hypervisor: Hypervisor, name: str) -> None:
         hypervisor.require(name).abortJob()
     except libvirt.libvirtError as exc:
         raise hypervisor_error(exc, f"cancelling the migration of {name}") from exc
+
+
+def progress(hypervisor: Hypervisor, name: str) -> dict[str, int]:
+    """The running migration's figures on the source (bytes, bytes per second): memory_total,
+    memory_remaining, disk_total, disk_remaining, memory_bps; empty when no job runs."""
+    try:
+        stats = hypervisor.require(name).jobStats()
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"the migration progress of {name}") from exc
+    if int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return {}
+    return {k: int(v) for k, v in stats.items() if isinstance(v, int)}
+
+
+def target_definition(target_uri: str, name: str) -> str:
+    """The domain the target's agent defined for the incoming VM (its own paths, its own
+    seed), as libvirt would migrate it: the XML the source hands libvirt for the target. Read
+    from the target's libvirtd, which the source's libvirtd opens anyway (PEER2PEER)."""
+    try:
+        conn = libvirt.open(target_uri)
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
+    try:
+        return str(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"reading the target's definition of {name}") from exc
+    finally:
+        conn.close()
+
+
+def runs_on(target_uri: str, name: str, uuid: str) -> bool:
+    """Whether the target's libvirtd runs the domain ``name`` with this UUID (a source agent that
+    restarted mid-migration asks where its guest went)."""
+    try:
+        conn = libvirt.open(target_uri)
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
+    try:
+        dom = conn.lookupByName(name)
+        return bool(dom.isActive()) and dom.UUIDString() == uuid
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise hypervisor_error(exc, f"looking for {name} on the target") from exc
+    finally:
+        conn.close()
+
+
+def completed_job_on(target_uri: str, name: str) -> dict[str, int]:
+    """``completed_job`` read from the target's libvirtd, by the source's agent."""
+    try:
+        conn = libvirt.open(target_uri)
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
+    try:
+        stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"the migration figures of {name}") from exc
+    finally:
+        conn.close()
+    return {k: int(v) for k, v in (stats or {}).items() if isinstance(v, int)}
+
+
+def writable_disks(domain_xml: str) -> list[str]:
+    """The target devices (vda, ...) of the domain's writable disks: the ones whose top image
+    the migration copies (a cloud-init seed is a read-only CD the target makes itself)."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - the XML of our own domain, from libvirt
+    devices = []
+    for disk in root.iterfind("./devices/disk"):
+        if disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
+            continue
+        target = disk.find("target")
+        if target is not None and target.get("dev"):
+            devices.append(str(target.get("dev")))
+    return devices

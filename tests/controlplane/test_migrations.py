@@ -1,0 +1,207 @@
+"""The controller's side of live migration on the fleet, against the real apiserver: VmMigrations
+that cannot go anywhere fail at once with their reason, and 20 requested together respect the
+limits (5 in the cluster, 2 out of each node; KubeVirt's defaults).
+
+The copies themselves need two real libvirtds (tests/migration/test_vm_migration.py). Here the
+target nodes are Node objects with no agent: the test writes their heartbeat, capacity and
+migration endpoint, as an agent would, so migrations stop at Preparing (no agent prepares)
+and stay there: exactly what the limits count. Such a node stands in for an agent only where
+no agent can hold a migration still for as long as the test looks."""
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from formation_vmm.api.names import (
+    CAPACITY_CPUS_ANNOTATION,
+    CAPACITY_MEMORY_ANNOTATION,
+    HEARTBEAT_ANNOTATION,
+    MIGRATION_ENDPOINT_ANNOTATION,
+)
+from formation_vmm.devcluster.cluster import register_node
+from tests.support.fleet import ON_QEMU, QEMU_TOLERATION, TINY, Fleet
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.controlplane
+
+TARGETS = ("mig-t1", "mig-t2")
+TAINT = {"key": "dedicated", "operator": "Equal", "value": "migration", "effect": "NoSchedule"}
+
+
+def migrations(fleet: Fleet, ns: str) -> dict[str, dict[str, Any]]:
+    items = json.loads(fleet.kubectl("get", "vmmig", "-n", ns, "-o", "json"))["items"]
+    return {m["metadata"]["name"]: m.get("status") or {} for m in items}
+
+
+def summary(seen: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    return {name: (s.get("phase", ""), s.get("reason", ""), s.get("message", "")) for name, s in seen.items()}
+
+
+def request(ns: str, name: str, vm: str, target: str | None = None) -> dict[str, Any]:
+    spec = {"vmName": vm, **({"targetNode": target} if target else {})}
+    return {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VmMigration",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    }
+
+
+@pytest.fixture
+def targets(fleet: Fleet) -> Iterator[threading.Event]:
+    """Two agentless target nodes (tainted: only this test's VMs tolerate them), their heartbeat
+    written every second until the returned event is set."""
+    stop = threading.Event()
+    for node in TARGETS:
+        register_node(fleet.kubectl, node, {"zone": "m", "migrations": "here"})
+        fleet.kubectl("taint", "node", node, "dedicated=migration:NoSchedule", "--overwrite")
+
+    def beat() -> None:
+        while not stop.is_set():
+            at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            for node in TARGETS:
+                annotations = {
+                    CAPACITY_CPUS_ANNOTATION: "64",
+                    CAPACITY_MEMORY_ANNOTATION: "65536Mi",
+                    HEARTBEAT_ANNOTATION: at,
+                    MIGRATION_ENDPOINT_ANNOTATION: json.dumps(
+                        {"libvirt": "test:///none", "sockets": "/nonexistent"}
+                    ),
+                }
+                fleet.kubectl(
+                    "annotate", "node", node, "--overwrite", *(f"{k}={v}" for k, v in annotations.items())
+                )
+            stop.wait(1.0)
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        beater.join(10)
+        for node in TARGETS:
+            fleet.kubectl("delete", "node", node, check=False)
+
+
+def movable(**spec: Any) -> dict[str, Any]:
+    """A tiny VM that tolerates the target nodes' taint."""
+    tolerations = [*spec.pop("tolerations", []), TAINT]
+    return {**TINY, **spec, "tolerations": tolerations}
+
+
+def test_a_migration_that_cannot_happen_fails_at_once_with_its_reason(
+    fleet: Fleet, ns: str, targets: threading.Event
+) -> None:
+    fleet.apply_vm(ns, "halted", runStrategy="Halted", **movable(nodeSelector={"zone": "a"}))
+    fleet.apply_vm(ns, "paused", paused=True, **movable(nodeSelector={"zone": "a"}))
+    fleet.apply_vm(ns, "runs", **movable(nodeSelector={"zone": "b"}))
+    fleet.wait_phase(ns, "halted", "Stopped")
+    fleet.wait_phase(ns, "paused", "Paused")
+    fleet.wait_phase(ns, "runs", "Running")
+    for doc in (
+        request(ns, "to-nowhere", "runs", "no-such-node"),
+        request(ns, "to-itself", "runs", "node-b"),
+        request(ns, "not-agent", "runs", "node-a"),  # a hypervisor whose agent takes no migrations
+        request(ns, "of-halted", "halted"),
+        request(ns, "of-paused", "paused"),
+        request(ns, "of-ghost", "ghost"),
+    ):
+        fleet.apply(doc)
+    expected = {
+        "to-nowhere": ("BadTarget", "node no-such-node is not a hypervisor node"),
+        "to-itself": ("BadTarget", "runs on node node-b already"),
+        "not-agent": ("BadTarget", "node node-a takes no migrations"),
+        "of-halted": ("NotRunning", "VM halted is Stopped"),
+        "of-paused": ("Paused", "VM paused is paused"),
+        "of-ghost": ("VmNotFound", "VM ghost does not exist"),
+    }
+
+    def all_failed() -> bool:
+        seen = migrations(fleet, ns)
+        return all(seen.get(name, {}).get("phase") == "Failed" for name in expected)
+
+    wait_for(all_failed, 30, "every impossible migration to fail")
+    seen = migrations(fleet, ns)
+    for name, (reason, words) in expected.items():
+        assert seen[name]["reason"] == reason, (name, seen[name])
+        assert words in seen[name]["message"], (name, seen[name])
+    # The VM it was about shows it too; the others did not move.
+    assert fleet.vm(ns, "halted")["status"]["migration"]["phase"] == "Failed"
+    assert fleet.vm(ns, "runs")["status"]["nodeName"] == "node-b"
+
+
+def test_twenty_requests_at_once_respect_the_limits(fleet: Fleet, ns: str, targets: threading.Event) -> None:
+    """3 VMs on node-a, 3 on node-b, 2 on node-q; 20 requests in one apply: one for each VM,
+    a second for each (refused: one migration per VM), and 4 for VMs that do not exist. Of the
+    8 that may go, 5 take a slot (at most 2 out of each node) and 3 wait, saying why; a slot
+    freed goes to one that waited; a target that goes silent fails its migrations."""
+    vms = {f"a{i}": {"zone": "a"} for i in range(3)} | {f"b{i}": {"zone": "b"} for i in range(3)}
+    for name, selector in vms.items():
+        fleet.apply_vm(ns, name, **movable(nodeSelector=selector))
+    for name in ("q0", "q1"):
+        fleet.apply_vm(ns, name, **movable(**{**ON_QEMU, "tolerations": [QEMU_TOLERATION]}))
+        vms[name] = {"zone": "q"}
+    for name in vms:
+        fleet.wait_phase(ns, name, "Running", timeout=90)
+        # From now on the VM may run on the target nodes only: where a migration takes it.
+        anywhere_but_here = {"spec": {"nodeSelector": {"zone": None, "migrations": "here"}}}
+        fleet.kubectl("patch", "vm", name, "-n", ns, "--type=merge", "-p", json.dumps(anywhere_but_here))
+    docs = [request(ns, f"{vm}-1", vm) for vm in vms]
+    docs += [request(ns, f"{vm}-2", vm) for vm in vms]
+    docs += [request(ns, f"ghost{i}-1", f"ghost{i}") for i in range(4)]
+    assert len(docs) == 20
+    fleet.kubectl(
+        "apply", "-f", "-", input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    )
+
+    def settled() -> bool:
+        seen = migrations(fleet, ns)
+        return len(seen) == 20 and all(
+            s.get("phase") in ("Preparing", "Pending", "Failed") for s in seen.values()
+        )
+
+    try:
+        wait_for(settled, 60, "every request to be decided")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; they are {summary(migrations(fleet, ns))}") from None
+    seen = migrations(fleet, ns)
+    phases = Counter(s["phase"] for s in seen.values())
+    assert phases == {"Failed": 12, "Preparing": 5, "Pending": 3}, seen
+    reasons = Counter(s["reason"] for s in seen.values() if s["phase"] == "Failed")
+    assert reasons == {"AlreadyMigrating": 8, "VmNotFound": 4}
+    assert all(seen[f"{vm}-2"]["phase"] == "Failed" for vm in vms)  # the later of each pair
+    preparing = {name: s for name, s in seen.items() if s["phase"] == "Preparing"}
+    assert max(Counter(s["sourceNode"] for s in preparing.values()).values()) <= 2
+    assert {s["targetNode"] for s in preparing.values()} <= set(TARGETS)
+    waiting = [s for s in seen.values() if s["phase"] == "Pending"]
+    assert all(s["reason"] == "LimitReached" and "waits its turn" in s["message"] for s in waiting)
+
+    # Cancel one that holds a slot: one that waited takes it, within the limits.
+    gone = sorted(preparing)[0]
+    fleet.kubectl("delete", "vmmig", gone, "-n", ns)
+
+    def refilled() -> bool:
+        now = migrations(fleet, ns)
+        return gone not in now and Counter(s["phase"] for s in now.values())["Preparing"] == 5
+
+    wait_for(refilled, 30, "a waiting migration to take the freed slot")
+    now = migrations(fleet, ns)
+    assert max(Counter(s["sourceNode"] for s in now.values() if s["phase"] == "Preparing").values()) <= 2
+
+    # The targets go silent (their "agent" stops): every migration preparing there fails.
+    targets.set()
+    wait_for(lambda: not any(s["phase"] == "Preparing" for s in migrations(fleet, ns).values()), 60,
+             "the migrations to a silent target to fail")  # fmt: skip
+    lost = [s for s in migrations(fleet, ns).values() if s.get("reason") == "TargetLost"]
+    assert len(lost) >= 5, migrations(fleet, ns)
+    # None of the VMs moved.
+    for name, selector in vms.items():
+        assert (
+            fleet.vm(ns, name)["metadata"]["labels"]["vmm.formation.cloud/node"] == f"node-{selector['zone']}"
+        )

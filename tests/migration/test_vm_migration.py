@@ -1,0 +1,223 @@
+"""`kubectl vm migrate` on `vmm dev up --nodes 3`: three nodes, each its own libvirtd, network
+namespace and agent, one controller; real guests on QEMU's TCG (devcluster/guest.py: a counter in
+memory, a counter on the disk, an HTTP server on the VM's address).
+
+A VM moves from node to node and back: on each target its memory counter goes on under the same
+boot id (no reboot), it answers at the same address inside the target's network namespace, the
+source keeps no domain and no file of it, and the binding (label, finalizer, status) follows.
+Its disk goes with it: booted again on the target, the guest reads what it wrote before the
+move. A migration that cannot converge (a guest rewriting memory faster than the bandwidth the
+cluster allows) is cancelled with `kubectl vm migrate --cancel`: the guest runs on at the source
+under the same boot id, and the target keeps nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from formation_vmm.api.names import NODE_LABEL, agent_finalizer
+from formation_vmm.devcluster import guest
+from formation_vmm.devcluster.cluster import Kubectl
+from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.devcluster.libvirt_node import LibvirtNode
+from formation_vmm.devcluster.local import node_names
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.libvirt
+
+# Slow enough that a guest rewriting 64 MiB of memory in a loop never converges, fast enough
+# that an idle guest's few tens of MiB move in a few seconds.
+BANDWIDTH_MIB = 24
+
+
+def run(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+class Cluster:
+    def __init__(self, env: dict[str, str], root: Path) -> None:
+        self.env = env
+        self.root = root
+        self.kubectl = Kubectl(ControlPlane(root).binaries() / "kubectl", root / "kubeconfig")
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.kubectl("get", "vm", name, "-o", "json")))
+
+    def plugin(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        config = f"--kubeconfig={self.root / 'kubeconfig'}"
+        return run(self.env, sys.executable, "-m", "formation_vmm.plugin", config, *args, timeout=timeout)
+
+    def console(self, name: str, node: str) -> Path:
+        uid = self.vm(name)["metadata"]["uid"]
+        return self.root / "nodes" / node / "run" / "default" / name / uid / "console.log"
+
+    def files_of(self, name: str, uid: str, node: str) -> list[Path]:
+        base = self.root / "nodes" / node
+        return [
+            d
+            for d in (base / "run" / "default" / name / uid, base / "disks" / "default" / name / uid)
+            if d.exists()
+        ]
+
+    def domains(self, node: str) -> list[str]:
+        run_dir = self.root / "nodes" / node / "libvirt" / "run" / "qemu"
+        return sorted(p.stem for p in run_dir.glob("*.pid"))
+
+    def answers(self, node: str, address: str) -> bool:
+        """The guest's HTTP server answers at ``address``, from inside ``node``'s namespace."""
+        netns = LibvirtNode(
+            self.root / "nodes" / node / "libvirt", node, ControlPlane(self.root).processes
+        ).netns_path()
+        probe = f"import urllib.request as u; print(u.urlopen('http://{address}/', timeout=3).status)"
+        out = run(self.env, "nsenter", f"--net={netns}", sys.executable, "-c", probe, timeout=30)
+        return out.returncode == 0 and out.stdout.strip() == "200"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    env = {k: v for k, v in os.environ.items() if k != "VMM_LIBVIRT_URI"}
+    env["VMM_MIGRATION_BANDWIDTH_MIB"] = str(BANDWIDTH_MIB)
+    short = Path(tempfile.mkdtemp(prefix="vmm-mig-", dir="/tmp"))  # node sockets live under it
+    env["VMM_DEV_DIR"] = str(short / "dev")
+    up = run(env, sys.executable, "-m", "formation_vmm.cli", "dev", "up", "--nodes", "3")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield Cluster(env, Path(env["VMM_DEV_DIR"]))
+    finally:
+        run(env, sys.executable, "-m", "formation_vmm.cli", "dev", "down")
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def guest_vm(name: str, cmdline: str) -> dict[str, Any]:
+    """A VM of the test guest (the dev cluster's sample images), on the default network."""
+    return {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "cpus": 1,
+            "memory": "256Mi",
+            "kernel": {
+                "image": "sample-kernel",
+                "initrd": "sample-initrd",
+                "cmdline": f"console=ttyS0 panic=-1 vmm.net=1 vmm.tick=1 {cmdline}",
+            },
+            "disks": [{"name": "data", "size": "64Mi"}],
+            "networks": [{"name": "eth0"}],
+            "terminationGracePeriodSeconds": 1,
+        },
+    }
+
+
+def start(cluster: Cluster, vm: dict[str, Any]) -> str:
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(vm))
+    name = vm["metadata"]["name"]
+    cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=120s", f"vm/{name}")
+    node = cluster.vm(name)["status"]["nodeName"]
+    log = cluster.console(name, node)
+    wait_for(lambda: log.exists() and len(guest.ticks(log)) >= 2, 120, f"{name} to tick on {node}")
+    return str(node)
+
+
+def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cluster: Cluster) -> None:
+    source = start(cluster, guest_vm("mover", "vmm.disk=1"))
+    vm = cluster.vm("mover")
+    uid, address = vm["metadata"]["uid"], vm["status"]["interfaces"][0]["ipAddress"]
+    assert f"{guest.DISK_NOW} count=1" in cluster.console("mover", source).read_text(errors="replace")
+    wait_for(lambda: cluster.answers(source, address), 60, "the guest to answer on the source")
+    (count, boot) = guest.ticks(cluster.console("mover", source))[-1]
+
+    moved = cluster.plugin("migrate", "mover")  # the controller picks the target
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "Succeeded: mover runs on" in moved.stdout, moved.stdout
+    assert "Preparing" in moved.stderr and "Migrating" in moved.stderr, moved.stderr
+    vm = cluster.vm("mover")
+    target = vm["status"]["nodeName"]
+    assert target != source
+    # The binding followed in one write: the label and the agent's finalizer, never both nodes'.
+    assert vm["metadata"]["labels"][NODE_LABEL] == target
+    assert [f for f in vm["metadata"]["finalizers"] if f.startswith("agent.")] == [agent_finalizer(target)]
+    assert vm["status"]["migration"]["phase"] == "Succeeded"
+    assert (vm["status"]["migration"]["sourceNode"], vm["status"]["migration"]["targetNode"]) == (
+        source,
+        target,
+    )
+    assert vm["status"]["interfaces"][0]["ipAddress"] == address  # never shown empty: same address
+    # No reboot: the memory's counter goes on under the same boot id, on the target's console.
+    on_target = cluster.console("mover", target)
+    wait_for(lambda: len(guest.ticks(on_target)) >= 2, 60, "the guest to tick on the target")
+    assert {b for _, b in guest.ticks(on_target)} == {boot}
+    assert guest.ticks(on_target)[0][0] > count
+    wait_for(lambda: cluster.answers(target, address), 60, "the guest to answer on the target")
+    # Nothing of it stays on the source.
+    assert "default_mover" not in cluster.domains(source)
+    assert cluster.files_of("mover", uid, source) == []
+
+    # The disk travelled: booted again on the target, the guest reads what it wrote at the source.
+    restarted = cluster.plugin("restart", "mover", "--timeout", "180")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    wait_for(lambda: f"{guest.DISK_NOW} count=2" in on_target.read_text(errors="replace"), 120,
+             "the guest to count its disk on the target")  # fmt: skip
+    assert f"{guest.DISK_SAYS} [count=1]" in on_target.read_text(errors="replace")
+
+    # And back to the node it left: fresh overlays there, holding the target's writes.
+    back = cluster.plugin("migrate", "mover", "--to", source)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert cluster.vm("mover")["status"]["nodeName"] == source
+    assert "default_mover" not in cluster.domains(target)
+    assert cluster.files_of("mover", uid, target) == []
+    again = cluster.plugin("restart", "mover", "--timeout", "180")
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = cluster.console("mover", source)
+    wait_for(lambda: f"{guest.DISK_SAYS} [count=2]" in log.read_text(errors="replace"), 120,
+             "the guest to read on the source what it wrote on the target")  # fmt: skip
+
+
+def test_a_migration_that_cannot_converge_is_cancelled_and_the_guest_stays(cluster: Cluster) -> None:
+    source = start(cluster, guest_vm("busy", "vmm.dirty=64"))
+    log = cluster.console("busy", source)
+    wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
+    (_, boot) = guest.ticks(log)[-1]
+    others = [n for n in node_names(3) if n != source]
+    mover = subprocess.Popen(
+        [sys.executable, "-m", "formation_vmm.plugin", f"--kubeconfig={cluster.root / 'kubeconfig'}",
+         "migrate", "busy", "--to", others[0]],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def copying() -> bool:
+            migrations = json.loads(cluster.kubectl("get", "vmmig", "-o", "json"))["items"]
+            mine = [m for m in migrations if m["spec"]["vmName"] == "busy"]
+            return (
+                bool(mine) and ((mine[0].get("status") or {}).get("progress") or {}).get("memoryTotal", 0) > 0
+            )
+
+        wait_for(copying, 60, "the copy to report its progress")
+        assert cluster.vm("busy")["status"]["phase"] == "Migrating"
+        cancel = cluster.plugin("migrate", "busy", "--cancel")
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        out, err = mover.communicate(timeout=60)
+        assert mover.returncode != 0, out + err  # the follower saw its migration go
+    finally:
+        mover.kill()
+    wait_for(lambda: cluster.vm("busy")["status"]["phase"] == "Running", 60, "the VM to show Running again")
+    vm = cluster.vm("busy")
+    assert vm["status"]["nodeName"] == source and vm["metadata"]["labels"][NODE_LABEL] == source
+    seen = len(guest.ticks(log))
+    wait_for(lambda: len(guest.ticks(log)) >= seen + 2, 30, "the guest to tick on, on the source")
+    assert {b for _, b in guest.ticks(log)} == {boot}
+    # The target removes what it prepared.
+    uid = vm["metadata"]["uid"]
+    wait_for(lambda: cluster.files_of("busy", uid, others[0]) == [], 30, "the target to remove its files")
+    assert "default_busy" not in cluster.domains(others[0])
+    defined = cluster.root / "nodes" / others[0] / "libvirt" / "etc" / "qemu" / "default_busy.xml"
+    assert not defined.exists()
