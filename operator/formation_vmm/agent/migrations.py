@@ -123,6 +123,7 @@ class NodeMigrations:
         self._busy: set[str] = set()  # migration uids with a job in a worker now
         self._cancelled: set[str] = set()  # migration uids deleted while their copy runs
         self._waiting: dict[str, Body] = {}  # targets waiting for a base: uid -> body
+        self._again: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}  # asked while busy
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="migration")
 
     def close(self) -> None:
@@ -155,6 +156,9 @@ class NodeMigrations:
             if status.phase == "Migrating" and not status.domain_moved:
                 self._submit(uid, self._move, body)
             elif status.phase in ("Succeeded", "Failed", "Cancelled"):
+                with self._lock:
+                    if uid in self._busy and not status.domain_moved:
+                        self._cancelled.add(uid)  # ended by the controller (a node lost): stop the copy
                 self._submit(uid, self._settle_outgoing, body)
 
     def retry_waiting(self) -> None:
@@ -180,9 +184,13 @@ class NodeMigrations:
                 self._submit(mark.migration_uid, self._settle_outgoing, gone, mark)
 
     def _submit(self, uid: str, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job`` for migration ``uid`` in a worker; one job per migration at a time. A job
+        asked for meanwhile runs after it (the latest asked: each reads the object afresh),
+        so an end that arrives while the target still prepares still cleans up after it."""
         with self._lock:
             if uid in self._busy:
-                return  # its worker reads the object afresh when it ends, if it must
+                self._again[uid] = (job, args)
+                return
             self._busy.add(uid)
 
         def run() -> None:
@@ -194,6 +202,9 @@ class NodeMigrations:
                 with self._lock:
                     self._busy.discard(uid)
                     self._cancelled.discard(uid)
+                    follow = self._again.pop(uid, None)
+                if follow is not None:
+                    self._submit(uid, follow[0], *follow[1])
 
         self._workers.submit(run)
 

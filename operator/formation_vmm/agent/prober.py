@@ -154,9 +154,12 @@ class Prober:
 
     # --- what the syncs tell and ask ---------------------------------------------------------
 
-    def update(self, key: str, target: ProbeTarget | None) -> None:
+    def update(self, key: str, target: ProbeTarget | None, ready_already: bool = False) -> None:
         """Probe ``key`` as ``target`` says from now on (None: not at all: no probes, or the VM
-        is not running, is paused or stopping). The same target again changes nothing."""
+        is not running, is paused or stopping). The same target again changes nothing. With
+        ``ready_already`` (a guest that arrived by live migration, ready at the source: the
+        same run goes on) a new readiness record starts passing, until failureThreshold
+        failures here say otherwise."""
         with self._lock:
             current = self._watches.get(key)
             if (current.target if current else None) == target:
@@ -167,7 +170,9 @@ class Prober:
             else:
                 watch = _Watch(target)
                 if target.readiness is not None:
-                    watch.records["readiness"] = ProbeRecord.of("readiness", target.readiness)
+                    record = ProbeRecord.of("readiness", target.readiness)
+                    record.passing = record.ever_passed = ready_already
+                    watch.records["readiness"] = record
                 if target.liveness is not None:
                     watch.records["liveness"] = ProbeRecord.of("liveness", target.liveness)
                 self._watches[key] = watch

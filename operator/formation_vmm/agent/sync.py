@@ -229,7 +229,11 @@ class VmSync:
         if self.prober is None:
             return outcome, None
         key = _domain(vm)
-        self.prober.update(key, probe_target(vm, outcome.domain, outcome.stopping))
+        # The source wrote Migrating; the guest goes on here, and so does its readiness.
+        arrived = vm.status.phase == "Migrating" and any(
+            c.type == "Ready" and c.status == "True" for c in vm.status.conditions
+        )
+        self.prober.update(key, probe_target(vm, outcome.domain, outcome.stopping), ready_already=arrived)
         failure = self.prober.liveness_failure(key)
         if failure is not None:
             self.prober.update(key, None)  # the next run is probed afresh
