@@ -5,6 +5,7 @@ fast with its reason), whether a migration may start now under the cluster's lim
 a running one has taken too long or stopped progressing."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import NODE_LABEL
@@ -41,14 +42,30 @@ def cannot_move(vm: VirtualMachine, snapshots: int) -> Refusal | None:
         return Refusal("NotScheduled", f"VM {name} is not placed on a node yet")
     if vm.metadata.deletion_timestamp is not None:
         return Refusal("Terminating", f"VM {name} is being deleted")
-    if vm.spec.paused or vm.status.phase == "Paused":
-        return Refusal("Paused", f"VM {name} is paused; resume it to move it")
-    if vm.status.phase != "Running":
+    if vm.status.phase not in ("Running", "Paused"):
         return Refusal(
             "NotRunning",
             f"VM {name} is {vm.status.phase or 'not running'}; only a running VM moves live "
             "(a stopped VM starts on whichever node it is placed on)",
         )
+    refusal = not_live_migratable(vm, vm.spec.paused or vm.status.phase == "Paused")
+    if refusal is not None:
+        return refusal
+    if snapshots:
+        return Refusal(
+            "HasSnapshots",
+            f"VM {name} has {snapshots} VmSnapshot(s); they live inside its disks on node "
+            f"{vm.metadata.labels[NODE_LABEL]} and would be left behind: delete them to move it",
+        )
+    return None
+
+
+def not_live_migratable(vm: VirtualMachine, paused: bool) -> Refusal | None:
+    """What in the VM itself keeps it from moving live (its LiveMigratable condition): a pause,
+    a host bridge, UEFI."""
+    name = vm.metadata.name
+    if paused:
+        return Refusal("Paused", f"VM {name} is paused; resume it to move it")
     bridged = [n.name for n in vm.spec.networks if n.bridge]
     if bridged:
         return Refusal(
@@ -60,12 +77,6 @@ def cannot_move(vm: VirtualMachine, snapshots: int) -> Refusal | None:
         return Refusal(
             "UefiNvram",
             f"VM {name} boots with UEFI, and its NVRAM file is not copied by a live migration yet",
-        )
-    if snapshots:
-        return Refusal(
-            "HasSnapshots",
-            f"VM {name} has {snapshots} VmSnapshot(s); they live inside its disks on node "
-            f"{vm.metadata.labels[NODE_LABEL]} and would be left behind: delete them to move it",
         )
     return None
 
@@ -114,3 +125,34 @@ def progress_summary(memory_remaining: int, memory_total: int, disk_remaining: i
     if disk_remaining:
         text += f", {disk_remaining // mib}Mi of disk"
     return text
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """What a drain does with one VM of the node now: ``migrate`` it (a new VmMigration),
+    ``wait`` for its migration under way, or it ``stays`` (the message says why)."""
+
+    action: Literal["migrate", "wait", "stay"]
+    message: str
+
+
+def eviction(vm: VirtualMachine, default: str, snapshots: int, migration: str | None) -> Eviction:
+    """The drain's decision for ``vm``: its evictionStrategy (else the cluster's ``default``),
+    whether it can move, and the phase of its unfinished migration, if any."""
+    strategy = vm.spec.eviction_strategy or default
+    if strategy == "None":
+        return Eviction("stay", "evictionStrategy None: it stays on the node")
+    if migration in ACTIVE_PHASES:
+        return Eviction("wait", f"moving ({migration})")
+    if strategy == "Restart":
+        why = "evictionStrategy Restart: stopping it and starting it elsewhere is not built yet"
+        return Eviction("stay", f"{why}; it stays")
+    refusal = cannot_move(vm, snapshots)
+    if refusal is None:
+        return Eviction("migrate", "moving")
+    if strategy == "LiveMigrate":
+        return Eviction("stay", f"blocks the drain: {refusal.message}")
+    return Eviction(
+        "stay",
+        f"cannot move live ({refusal.message}), and a restart elsewhere is not built yet: it stays",
+    )

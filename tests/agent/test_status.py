@@ -68,6 +68,7 @@ def test_a_first_start_reports_running_ready_and_when() -> None:
         "Bootable": ("False", "NothingBootable"),  # no kernel, no disk: says so, and runs
         "NetworkReady": ("True", "NetworksReady"),
         "AddressesMatch": ("True", "AsAssigned"),
+        "LiveMigratable": ("True", "Migratable"),
     }
     assert wire["interfaces"] == [{"name": "eth0", "mac": stable_mac("uid-1", "eth0"), "network": "default"}]
 
@@ -321,3 +322,20 @@ def test_the_bootable_condition_names_what_the_vm_boots_from(
         ("True", "HasBootSource") if source else ("False", "NothingBootable")
     )
     assert bootable.message == (source or NOTHING_BOOTABLE_MESSAGE)
+
+
+@pytest.mark.parametrize(
+    ("spec", "state", "reason"),
+    [
+        ({}, DomainState.RUNNING, "Migratable"),
+        ({}, DomainState.PAUSED, "Paused"),
+        ({"networks": [{"name": "eth0", "bridge": "br0"}]}, DomainState.RUNNING, "HostBridge"),
+        ({"firmware": {"type": "efi"}}, DomainState.RUNNING, "UefiNvram"),
+    ],
+)
+def test_live_migratable_says_what_keeps_the_vm_from_moving(
+    spec: dict[str, object], state: DomainState, reason: str
+) -> None:
+    vm = make_vm(**spec)
+    status = status_after(vm, vm.status, Outcome([], domain(state), "h1"), "node-a", AT)
+    assert conditions(status)["LiveMigratable"] == ("True" if reason == "Migratable" else "False", reason)

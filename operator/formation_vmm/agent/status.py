@@ -12,6 +12,7 @@ from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMac
 from formation_vmm.api.names import DEFAULT_NETWORK
 from formation_vmm.domain.build import assigned_addresses, interface_mac
 from formation_vmm.ipam import IPAM, from_ipam
+from formation_vmm.migration_rules import not_live_migratable
 
 RESTART_REQUIRED_MESSAGE = (
     "the spec changed in a way that needs a restart (CPU, memory, disks, kernel or networks); "
@@ -135,6 +136,17 @@ def status_after(
             source is not None,
             "HasBootSource" if source else "NothingBootable",
             source or NOTHING_BOOTABLE_MESSAGE,
+            gen,
+            stamp,
+        )
+    if not deleting:
+        refusal = not_live_migratable(vm, paused or bool(vm.spec.paused))
+        conditions = set_condition(
+            conditions,
+            "LiveMigratable",
+            refusal is None,
+            refusal.reason if refusal else "Migratable",
+            refusal.message if refusal else "",
             gen,
             stamp,
         )
