@@ -12,6 +12,7 @@ from formation_vmm.migration_rules import (
     ProgressWatch,
     cannot_move,
     completion_timeout,
+    eviction,
     progress_summary,
     slot_wait,
 )
@@ -75,3 +76,22 @@ def test_a_copy_is_overdue_when_it_stalls_or_runs_past_its_size() -> None:
 def test_the_progress_reads_in_mebibytes() -> None:
     assert progress_summary(120 << 20, 1 << 30, 0) == "120Mi of 1024Mi memory left"
     assert progress_summary(0, 256 << 20, 5 << 20) == "0Mi of 256Mi memory left, 5Mi of disk"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "machine", "migration", "action", "words"),
+    [
+        (None, vm(), None, "migrate", "moving"),
+        ("None", vm(), None, "stay", "evictionStrategy None"),
+        ("LiveMigrate", vm(), "Migrating", "wait", "moving (Migrating)"),
+        ("LiveMigrate", vm("Paused", paused=True), None, "stay", "blocks the drain: VM web is paused"),
+        ("LiveMigrateIfPossible", vm("Paused", paused=True), None, "stay", "cannot move live"),
+        ("Restart", vm(), None, "stay", "not built yet"),
+    ],
+)
+def test_what_a_drain_does_with_a_vm(
+    strategy: str | None, machine: VirtualMachine, migration: str | None, action: str, words: str
+) -> None:
+    machine.spec.eviction_strategy = strategy  # type: ignore[assignment]
+    decision = eviction(machine, "LiveMigrateIfPossible", 0, migration)
+    assert decision.action == action and words in decision.message

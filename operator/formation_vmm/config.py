@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     migration_progress_timeout_seconds: float = Field(default=150.0, gt=0)
     migration_bandwidth_mib: int = Field(default=0, ge=0)
     migration_auto_converge: bool = False
+    # What a drain does to a VM whose spec.evictionStrategy is unset.
+    eviction_strategy: Literal["LiveMigrate", "LiveMigrateIfPossible", "Restart", "None"] = (
+        "LiveMigrateIfPossible"
+    )
     migration_libvirt_uri: str | None = None
     migration_socket_dir: Path | None = None
     # How often the controller reads again every Secret it sealed for a node (Secrets are not

@@ -1,5 +1,5 @@
-"""``kubectl vm``: start, stop, restart, pause, resume, console, list, top, snapshot, restore and
-migrate.
+"""``kubectl vm``: start, stop, restart, pause, resume, console, list, top, snapshot, restore,
+migrate, drain and uncordon.
 
 Each verb patches the VM's spec (the API is the only interface; nothing here talks to a node
 except ``console`` and ``top``, which ask the node's agent with the user's token) and waits for
@@ -21,8 +21,12 @@ from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import (
     AGENT_ENDPOINT_ANNOTATION,
     API_VERSION,
+    DRAIN_LABEL,
+    DRAIN_TAINT,
+    EVICTION_ANNOTATION,
     MIGRATION_KIND,
     MIGRATION_PLURAL,
+    NODE_LABEL,
     RESTORE_KIND,
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
@@ -366,6 +370,83 @@ def _migration_line(status: dict[str, Any]) -> str:
     return f"{phase}{where}" + (f": {detail}" if detail else "")
 
 
+def _set_drain_taint(vms: Vms, node: str, on: bool) -> None:
+    """Add or remove the drain taint, at the Node's version read (a merge patch replaces the
+    whole list: another writer's taint must not be lost)."""
+    for _ in range(10):
+        try:
+            body = vms.kube.node(node)
+        except NotFoundError as exc:
+            raise PluginError(f"node {node} not found") from exc
+        taints = [t for t in (body.get("spec") or {}).get("taints") or [] if t.get("key") != DRAIN_TAINT]
+        if on:
+            taints.append({"key": DRAIN_TAINT, "effect": "NoSchedule"})
+        patch = {
+            "metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+            "spec": {"taints": taints},
+        }
+        try:
+            vms.kube.patch_node(node, patch)
+            return
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+    raise PluginError(f"node {node} kept changing; try again")
+
+
+def drain_report(vm_bodies: list[dict[str, Any]], migrations: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The drain's state: a line per VM still on the node, and whether any still moves."""
+    phases = {
+        (m.get("spec") or {}).get("vmName"): (m.get("status") or {}).get("phase") or "new" for m in migrations
+    }
+    lines, moving = [], False
+    for body in sorted(vm_bodies, key=lambda b: b["metadata"]["name"]):
+        name = body["metadata"]["name"]
+        said = (body["metadata"].get("annotations") or {}).get(EVICTION_ANNOTATION)
+        if said:
+            lines.append(f"{name}: {said}")
+        else:
+            moving = True
+            lines.append(f"{name}: {phases.get(name, 'waiting for the controller')}")
+    return lines, moving
+
+
+def verb_drain(vms: Vms, args: argparse.Namespace) -> str:
+    """Taint the node for a drain, then follow the VMs away: every namespace's, so it takes a
+    cluster admin. Ends when no VM of the node moves any more; the ones that stay say why."""
+    _set_drain_taint(vms, args.node, True)
+    if args.no_wait:
+        return f"node/{args.node} draining"
+    deadline = time.monotonic() + args.timeout
+    said: list[str] = []
+    while True:
+        bodies = vms.kube.list(VM_PLURAL, None, label_selector=f"{NODE_LABEL}={args.node}")
+        migrations = vms.kube.list(MIGRATION_PLURAL, None, label_selector=f"{DRAIN_LABEL}={args.node}")
+        lines, moving = drain_report(bodies, migrations)
+        if lines != said:
+            print(f"node/{args.node}: {len(lines)} VM(s) on the node", file=sys.stderr, flush=True)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr, flush=True)
+            said = lines
+        if not moving:
+            break
+        if time.monotonic() > deadline:
+            raise PluginError(f"timed out after {args.timeout:.0f}s; node/{args.node} still drains")
+        time.sleep(0.5)
+    blocking = [line for line in said if "blocks the drain" in line]
+    if blocking:
+        raise PluginError(
+            f"node/{args.node} drained but for {len(blocking)} VM(s) that block it: " + "; ".join(blocking)
+        )
+    staying = f"; {len(said)} stay (see above)" if said else ""
+    return f"node/{args.node} drained{staying}"
+
+
+def verb_uncordon(vms: Vms, args: argparse.Namespace) -> str:
+    _set_drain_taint(vms, args.node, False)
+    return f"node/{args.node} uncordoned: it takes VMs again"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl vm", description=__doc__)
     parser.add_argument("--version", action="version", version=describe())
@@ -413,7 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("name")
     migrate.add_argument("--to", metavar="NODE", help="the target node (default: the controller picks one)")
     migrate.add_argument("--cancel", action="store_true", help="cancel the VM's migration under way")
-    for cmd, run in ((snapshot, verb_snapshot), (restore, verb_restore), (migrate, verb_migrate)):
+    drain = sub.add_parser("drain", help="move every VM off a node per its evictionStrategy (cluster admins)")
+    drain.add_argument("node")
+    uncordon = sub.add_parser("uncordon", help="end a node's drain: it takes VMs again")
+    uncordon.add_argument("node")
+    uncordon.set_defaults(run=verb_uncordon)
+    for cmd, run in (
+        (snapshot, verb_snapshot),
+        (restore, verb_restore),
+        (migrate, verb_migrate),
+        (drain, verb_drain),
+    ):
         cmd.add_argument("--no-wait", action="store_true", help="return once it is requested")
         cmd.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
         cmd.set_defaults(run=run)

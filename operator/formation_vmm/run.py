@@ -58,6 +58,7 @@ from formation_vmm.api.names import (
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.drain import Drainer
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
@@ -210,6 +211,7 @@ def run_controller(settings: Settings) -> None:
             events,
             _migration_tuning(settings).limits,
         ),
+        drainer=Drainer(kube, binder, events, settings.eviction_strategy),
         guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
         notes=SnapshotNotes(
             kube,

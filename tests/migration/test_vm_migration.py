@@ -85,6 +85,8 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     env = {k: v for k, v in os.environ.items() if k != "VMM_LIBVIRT_URI"}
     env["VMM_MIGRATION_BANDWIDTH_MIB"] = str(BANDWIDTH_MIB)
+    # This machine has 2 CPUs, each node reports them all: room for a drain's four VMs on one.
+    env["VMM_CPU_OVERCOMMIT"] = "8"
     short = Path(tempfile.mkdtemp(prefix="vmm-mig-", dir="/tmp"))  # node sockets live under it
     env["VMM_DEV_DIR"] = str(short / "dev")
     up = run(env, sys.executable, "-m", "formation_vmm.cli", "dev", "up", "--nodes", "3")
@@ -94,6 +96,10 @@ def cluster() -> Iterator[Cluster]:
     finally:
         run(env, sys.executable, "-m", "formation_vmm.cli", "dev", "down")
         shutil.rmtree(short, ignore_errors=True)
+
+
+def ready(vm: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in vm["status"]["conditions"] if c["type"] == "Ready")
 
 
 def guest_vm(name: str, cmdline: str) -> dict[str, Any]:
@@ -112,6 +118,7 @@ def guest_vm(name: str, cmdline: str) -> dict[str, Any]:
             },
             "disks": [{"name": "data", "size": "64Mi"}],
             "networks": [{"name": "eth0"}],
+            "readinessProbe": {"httpGet": {"port": 80, "path": "/"}, "periodSeconds": 2},
             "terminationGracePeriodSeconds": 1,
         },
     }
@@ -120,7 +127,7 @@ def guest_vm(name: str, cmdline: str) -> dict[str, Any]:
 def start(cluster: Cluster, vm: dict[str, Any]) -> str:
     cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(vm))
     name = vm["metadata"]["name"]
-    cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=120s", f"vm/{name}")
+    cluster.kubectl("wait", "--for=condition=Ready", "--timeout=120s", f"vm/{name}")
     node = cluster.vm(name)["status"]["nodeName"]
     log = cluster.console(name, node)
     wait_for(lambda: log.exists() and len(guest.ticks(log)) >= 2, 120, f"{name} to tick on {node}")
@@ -134,6 +141,7 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     assert f"{guest.DISK_NOW} count=1" in cluster.console("mover", source).read_text(errors="replace")
     wait_for(lambda: cluster.answers(source, address), 60, "the guest to answer on the source")
     (count, boot) = guest.ticks(cluster.console("mover", source))[-1]
+    ready_since = ready(cluster.vm("mover"))["lastTransitionTime"]
 
     moved = cluster.plugin("migrate", "mover")  # the controller picks the target
     assert moved.returncode == 0, moved.stdout + moved.stderr
@@ -157,6 +165,11 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     assert {b for _, b in guest.ticks(on_target)} == {boot}
     assert guest.ticks(on_target)[0][0] > count
     wait_for(lambda: cluster.answers(target, address), 60, "the guest to answer on the target")
+    # Ready all along: the target's probe takes over the source's verdict (no Starting, no
+    # Ready=False in between, which would take it out of every load balancer).
+    vm = cluster.vm("mover")
+    assert vm["status"]["phase"] == "Running" and ready(vm)["status"] == "True"
+    assert ready(vm)["lastTransitionTime"] == ready_since, ready(vm)
     # Nothing of it stays on the source.
     assert "default_mover" not in cluster.domains(source)
     assert cluster.files_of("mover", uid, source) == []
@@ -179,6 +192,7 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     log = cluster.console("mover", source)
     wait_for(lambda: f"{guest.DISK_SAYS} [count=2]" in log.read_text(errors="replace"), 120,
              "the guest to read on the source what it wrote on the target")  # fmt: skip
+    cluster.kubectl("delete", "vm", "mover", "--wait=true", "--timeout=60s")
 
 
 def test_a_migration_that_cannot_converge_is_cancelled_and_the_guest_stays(cluster: Cluster) -> None:
@@ -221,3 +235,66 @@ def test_a_migration_that_cannot_converge_is_cancelled_and_the_guest_stays(clust
     assert "default_busy" not in cluster.domains(others[0])
     defined = cluster.root / "nodes" / others[0] / "libvirt" / "etc" / "qemu" / "default_busy.xml"
     assert not defined.exists()
+    cluster.kubectl("delete", "vm", "busy", "--wait=true", "--timeout=60s")  # its writing takes a core
+
+
+def test_a_drain_moves_what_can_move_and_says_why_the_rest_stays(cluster: Cluster) -> None:
+    """Four VMs of mixed evictionStrategy on one node, drained: the one that can move moves
+    (its guest goes on), a paused LiveMigrateIfPossible one and a None one stay, saying why, a
+    paused LiveMigrate one is listed as blocking, and the drain ends instead of waiting for
+    them. The node takes no new VM until it is uncordoned."""
+    nodes = node_names(3)
+    drained = nodes[-1]
+    # The test's VMs start on the drained node: the only one labeled pool=drain, at first.
+    cluster.kubectl("label", "node", drained, "pool=drain", "--overwrite")
+    pinned = {"nodeSelector": {"pool": "drain"}}
+    for name, extra in (
+        ("live", {"evictionStrategy": "LiveMigrate"}),
+        ("maybe", {"evictionStrategy": "LiveMigrateIfPossible", "paused": True}),
+        ("stay", {"evictionStrategy": "None"}),
+        ("stuck", {"evictionStrategy": "LiveMigrate", "paused": True}),
+    ):
+        vm = guest_vm(name, "")
+        vm["spec"].update({**pinned, **extra, "memory": "192Mi"})
+        vm["spec"].pop("readinessProbe")
+        cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(vm))
+    for name, phase in (("live", "Running"), ("maybe", "Paused"), ("stay", "Running"), ("stuck", "Paused")):
+        cluster.kubectl("wait", f"--for=jsonpath={{.status.phase}}={phase}", "--timeout=120s", f"vm/{name}")
+        assert cluster.vm(name)["status"]["nodeName"] == drained
+    log = cluster.console("live", drained)
+    wait_for(lambda: log.exists() and len(guest.ticks(log)) >= 2, 120, "live to tick")
+    (_, boot) = guest.ticks(log)[-1]
+    for node in nodes[:-1]:  # now the other nodes may take them too
+        cluster.kubectl("label", "node", node, "pool=drain", "--overwrite")
+
+    drain = cluster.plugin("drain", drained, "--timeout", "240")
+    assert drain.returncode == 1, drain.stdout + drain.stderr  # one VM blocks it
+    assert "stuck: blocks the drain: VM stuck is paused" in drain.stderr, drain.stderr
+    assert "maybe: cannot move live" in drain.stderr and "stay: evictionStrategy None" in drain.stderr
+    moved_to = cluster.vm("live")["status"]["nodeName"]
+    assert moved_to != drained
+    on_target = cluster.console("live", moved_to)
+    wait_for(lambda: len(guest.ticks(on_target)) >= 2, 60, "live to tick on its new node")
+    assert {b for _, b in guest.ticks(on_target)} == {boot}
+    for name in ("maybe", "stay", "stuck"):
+        assert cluster.vm(name)["status"]["nodeName"] == drained
+    # Drained, the node takes no new VM.
+    extra = guest_vm("newcomer", "")
+    extra["spec"].update({**pinned, "memory": "128Mi"})
+    extra["spec"].pop("readinessProbe")
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(extra))
+    cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Running", "--timeout=120s", "vm/newcomer")
+    assert cluster.vm("newcomer")["status"]["nodeName"] != drained
+
+    uncordon = cluster.plugin("uncordon", drained)
+    assert uncordon.returncode == 0, uncordon.stdout + uncordon.stderr
+    taints = json.loads(cluster.kubectl("get", "node", drained, "-o", "json"))["spec"].get("taints") or []
+    assert not [t for t in taints if t["key"] == "vmm.formation.cloud/drain"]
+
+    def said_nothing() -> bool:
+        return not any(
+            "vmm.formation.cloud/eviction" in (cluster.vm(n)["metadata"].get("annotations") or {})
+            for n in ("maybe", "stay", "stuck")
+        )
+
+    wait_for(said_nothing, 30, "the drain's notes to go with the drain")

@@ -14,6 +14,7 @@ from pydantic.alias_generators import to_camel
 from formation_vmm.api.quantity import parse_quantity
 
 RunStrategy = Literal["Always", "RerunOnFailure", "Once", "Halted"]
+EvictionStrategy = Literal["LiveMigrate", "LiveMigrateIfPossible", "Restart", "None"]
 VmPhase = Literal[
     "Pending",
     "Scheduled",
@@ -137,6 +138,7 @@ class VirtualMachineSpec(ApiModel):
     cloud_init: CloudInit | None = None
     networks: list[Network] = Field(default_factory=list)
     node_selector: dict[str, str] = Field(default_factory=dict)
+    eviction_strategy: EvictionStrategy | None = None
     tolerations: list[Toleration] = Field(default_factory=list)
     readiness_probe: Probe | None = None
     liveness_probe: Probe | None = None

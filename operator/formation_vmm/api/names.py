@@ -66,6 +66,14 @@ MIGRATION_ENDPOINT_ANNOTATION = f"{GROUP}/migration-endpoint"
 # The public key secrets are sealed to for this node's agent (sealing.py).
 AGENT_KEY_ANNOTATION = f"{GROUP}/agent-key"
 
+# The taint `kubectl vm drain` sets on a node (and other tooling may): the controller moves the
+# node's VMs away per their evictionStrategy; no VM is placed there meanwhile (NoSchedule).
+DRAIN_TAINT = f"{GROUP}/drain"
+# On a VM of a draining node, the controller's word on what the drain does with it (it stays,
+# and why), for `kubectl vm drain` to show; on the migrations the drain creates, the node.
+EVICTION_ANNOTATION = f"{GROUP}/eviction"
+DRAIN_LABEL = f"{GROUP}/drain"
+
 # VM annotation the controller writes in the binding: the addresses it assigned, the record of
 # IPAM (``iface=network/address`` joined by commas; only the controller may set it).
 ADDRESSES_ANNOTATION = f"{GROUP}/addresses"

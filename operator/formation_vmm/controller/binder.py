@@ -19,6 +19,7 @@ from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import (
     ADDRESSES_ANNOTATION,
+    DRAIN_TAINT,
     MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
     VM_KIND,
@@ -395,6 +396,15 @@ class Binder:
             and summary is not None
             and MIGRATION_ENDPOINT_ANNOTATION in summary.get("annotations", {})
         )
+
+    def draining_nodes(self) -> set[str]:
+        """Nodes tainted for a drain (``kubectl vm drain``)."""
+        with self._lock:
+            return {
+                name
+                for name, summary in self._nodes.items()
+                if any(t.get("key") == DRAIN_TAINT for t in summary.get("taints", []))
+            }
 
     def node_ready(self, node: str) -> bool:
         """The node's agent reports (its heartbeat is fresh)."""

@@ -25,6 +25,7 @@ from formation_vmm.api.names import (
 )
 from formation_vmm.config import Settings
 from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.drain import Drainer
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.migrations import MigrationScheduler
@@ -48,6 +49,7 @@ class ControllerMemo:
     kube: Kube
     binder: Binder
     migrations: MigrationScheduler
+    drainer: Drainer
     guard: ImageGuard
     notes: SnapshotNotes
     leader: LeaderElector
@@ -74,6 +76,7 @@ async def _bind_loop(state: ControllerMemo) -> None:
             await asyncio.to_thread(binder.bind_pending)
             await asyncio.to_thread(binder.mark_lost_nodes)
             await asyncio.to_thread(state.migrations.pass_once)
+            await asyncio.to_thread(state.drainer.pass_once)
             await asyncio.to_thread(state.sealer.pass_once)
             for image in guard.pending():  # deleted images held for their VMs: look again
                 await asyncio.to_thread(guard.release_if_unused, image)
