@@ -381,8 +381,10 @@ class NodeMigrations:
                 failure.append(exc)
 
         mover = threading.Thread(target=run, name=f"migrate-{short}", daemon=True)
+        began = self.clock()
         mover.start()
         stop = self._follow(mover, body, vm, dom, uid)
+        log.info("%s: the copy to %s ended after %.2fs", dom, endpoint.libvirt, self.clock() - began)
         if failure:
             if stop is not None:
                 raise stop

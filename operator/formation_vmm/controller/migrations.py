@@ -140,6 +140,12 @@ class MigrationScheduler:
                 body, "AlreadyMigrating", f"VM {vm.metadata.name} is being moved by VmMigration {older}"
             )
             return
+        if vm.status.phase == "Migrating":
+            # Its last migration ended a moment ago: the target's agent has yet to say Running.
+            self._wait(
+                body, "Pending", "VmSettling", f"VM {vm.metadata.name} is settling after its last migration"
+            )
+            return
         refusal = cannot_move(vm, self._snapshots_of(namespace, vm.metadata.name))
         if refusal is not None:
             self._fail(body, refusal.reason, refusal.message, vm_body)
