@@ -238,6 +238,48 @@ def test_a_migration_that_cannot_converge_is_cancelled_and_the_guest_stays(clust
     cluster.kubectl("delete", "vm", "busy", "--wait=true", "--timeout=60s")  # its writing takes a core
 
 
+def test_the_targets_libvirtd_dies_mid_copy_and_the_guest_runs_on_at_the_source(cluster: Cluster) -> None:
+    """The target's libvirtd is killed while a copy runs (a guest whose writes outrun the
+    bandwidth keeps it running): the migration fails with libvirt's reason, the guest runs on
+    at the source under the same boot id, and once that libvirtd is back its agent removes what
+    it had prepared."""
+    source = start(cluster, guest_vm("steady", "vmm.dirty=64"))
+    log = cluster.console("steady", source)
+    wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
+    (_, boot) = guest.ticks(log)[-1]
+    target = next(n for n in node_names(3) if n != source)
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(
+        {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmMigration",
+         "metadata": {"name": "doomed", "namespace": "default"},
+         "spec": {"vmName": "steady", "targetNode": target}}))  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        return dict(json.loads(cluster.kubectl("get", "vmmig", "doomed", "-o", "json")).get("status") or {})
+
+    wait_for(lambda: (status().get("progress") or {}).get("memoryTotal", 0) > 0, 60, "the copy to run")
+    libvirtd = LibvirtNode(
+        cluster.root / "nodes" / target / "libvirt", target, ControlPlane(cluster.root).processes
+    )
+    libvirtd.kill_daemon()
+    try:
+        wait_for(lambda: status().get("phase") == "Failed", 90, "the migration to fail")
+        assert status()["reason"] == "MigrationFailed", status()
+        vm = cluster.vm("steady")
+        assert vm["metadata"]["labels"][NODE_LABEL] == source
+        seen = len(guest.ticks(log))
+        wait_for(lambda: len(guest.ticks(log)) >= seen + 2, 30, "the guest to tick on, on the source")
+        assert {b for _, b in guest.ticks(log)} == {boot}
+        wait_for(lambda: cluster.vm("steady")["status"]["phase"] == "Running", 60, "the VM to show Running")
+    finally:
+        libvirtd.start()
+    defined = cluster.root / "nodes" / target / "libvirt" / "etc" / "qemu" / "default_steady.xml"
+    uid = cluster.vm("steady")["metadata"]["uid"]
+    wait_for(lambda: not defined.exists() and cluster.files_of("steady", uid, target) == [], 60,
+             "the target to remove what it prepared")  # fmt: skip
+    assert "default_steady" not in cluster.domains(target)
+    cluster.kubectl("delete", "vm", "steady", "--wait=true", "--timeout=60s")
+
+
 def test_a_drain_moves_what_can_move_and_says_why_the_rest_stays(cluster: Cluster) -> None:
     """Four VMs of mixed evictionStrategy on one node, drained: the one that can move moves
     (its guest goes on), a paused LiveMigrateIfPossible one and a None one stay, saying why, a

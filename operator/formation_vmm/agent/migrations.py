@@ -272,7 +272,17 @@ class NodeMigrations:
             if vm_body is not None and vm_body["metadata"].get("uid") == held.vm_uid:
                 self.marks.clear(held.vm_uid, uid)  # it arrived: its sync owns it now
                 continue
-            self._remove_prepared(held)
+            try:
+                self._remove_prepared(held)
+            except HypervisorError as exc:
+                # libvirtd is away (it may have died mid-copy): looked at again until it is back.
+                log.warning(
+                    "cannot remove what was prepared for %s/%s yet: %s", held.namespace, held.vm_name, exc
+                )
+                if mark is None:
+                    with self._lock:
+                        self._waiting[uid] = body
+                return
             self.marks.clear(held.vm_uid, uid)
 
     def _remove_prepared(self, mark: Mark) -> None:
