@@ -13,6 +13,7 @@ under the same boot id, and the target keeps nothing."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.local import node_names
+from formation_vmm.devcluster.processes import alive, spawn
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
@@ -278,6 +280,50 @@ def test_the_targets_libvirtd_dies_mid_copy_and_the_guest_runs_on_at_the_source(
              "the target to remove what it prepared")  # fmt: skip
     assert "default_steady" not in cluster.domains(target)
     cluster.kubectl("delete", "vm", "steady", "--wait=true", "--timeout=60s")
+
+
+def restart_after_a_kill(cluster: Cluster, name: str) -> None:
+    """SIGKILL the dev cluster's process ``name`` and start it again as it was (its argv and
+    environment, read from /proc first), as a crash and its pod's restart would."""
+    table = ControlPlane(cluster.root).processes
+    pid = table.read()[name]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")[:-1]
+    env = dict(pair.split("=", 1) for pair in pairs)
+    os.killpg(pid, signal.SIGKILL)
+    wait_for(lambda: not alive(pid), 10, f"{name} to die")
+    table.add(name, spawn(argv, cluster.root / "logs" / f"{name}.log", env=env))
+
+
+def test_the_source_agent_killed_mid_copy_leaves_the_vm_bound_and_running_once(cluster: Cluster) -> None:
+    """The source's agent dies while it copies a guest (one whose writes outrun the bandwidth)
+    and comes back: the migration ends (SourceRestarted: nobody followed the copy), the VM is
+    bound to one node and runs in one libvirtd, the source's, under the same boot id."""
+    source = start(cluster, guest_vm("crashy", "vmm.dirty=64"))
+    log = cluster.console("crashy", source)
+    wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
+    (_, boot) = guest.ticks(log)[-1]
+    target = next(n for n in node_names(3) if n != source)
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(
+        {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmMigration",
+         "metadata": {"name": "cut", "namespace": "default"},
+         "spec": {"vmName": "crashy", "targetNode": target}}))  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        return dict(json.loads(cluster.kubectl("get", "vmmig", "cut", "-o", "json")).get("status") or {})
+
+    wait_for(lambda: (status().get("progress") or {}).get("memoryTotal", 0) > 0, 60, "the copy to run")
+    restart_after_a_kill(cluster, f"agent-{source}")
+    wait_for(lambda: status().get("phase") == "Failed", 90, "the migration to end")
+    assert status()["reason"] == "SourceRestarted", status()
+    wait_for(lambda: cluster.vm("crashy")["status"]["phase"] == "Running", 60, "the VM to show Running")
+    assert cluster.vm("crashy")["metadata"]["labels"][NODE_LABEL] == source
+    wait_for(lambda: [n for n in node_names(3) if "default_crashy" in cluster.domains(n)] == [source], 60,
+             "the guest to run on the source only")  # fmt: skip
+    seen = len(guest.ticks(log))
+    wait_for(lambda: len(guest.ticks(log)) >= seen + 2, 30, "the guest to tick on, on the source")
+    assert {b for _, b in guest.ticks(log)} == {boot}
+    cluster.kubectl("delete", "vm", "crashy", "--wait=true", "--timeout=60s")
 
 
 def test_a_drain_moves_what_can_move_and_says_why_the_rest_stays(cluster: Cluster) -> None:

@@ -351,8 +351,11 @@ class NodeMigrations:
                         return
                     raise MigrationError("NotRunning", f"VM {vm.metadata.name} is not running on {self.node}")
                 if earlier is not None and earlier.migration_uid == uid:
-                    # This agent died mid-copy: libvirt ended that copy with our connection,
-                    # and the target's overlays hold part of one. The user asks again.
+                    # This agent died mid-copy. Whether libvirt ended that copy with our
+                    # connection or not, it is ended now: nobody follows it any more, and the
+                    # target's overlays hold part of one. The user asks again.
+                    if libvirt_migration.migrating(self.hypervisor, dom):
+                        libvirt_migration.abort(self.hypervisor, dom)
                     raise MigrationError(
                         "SourceRestarted", f"the agent on {self.node} restarted during the copy"
                     )
