@@ -326,6 +326,38 @@ def test_the_source_agent_killed_mid_copy_leaves_the_vm_bound_and_running_once(c
     cluster.kubectl("delete", "vm", "crashy", "--wait=true", "--timeout=60s")
 
 
+def test_the_controller_killed_mid_copy_moves_the_binding_when_it_is_back(cluster: Cluster) -> None:
+    """The controller dies while a guest is copied (an idle one: it converges at the cluster's
+    bandwidth while the controller is away) and comes back: the binding follows the guest,
+    once, and the migration succeeds."""
+    source = start(cluster, guest_vm("calm", ""))
+    log = cluster.console("calm", source)
+    (_, boot) = guest.ticks(log)[-1]
+    target = next(n for n in node_names(3) if n != source)
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(
+        {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmMigration",
+         "metadata": {"name": "unwatched", "namespace": "default"},
+         "spec": {"vmName": "calm", "targetNode": target}}))  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        return dict(
+            json.loads(cluster.kubectl("get", "vmmig", "unwatched", "-o", "json")).get("status") or {}
+        )
+
+    wait_for(lambda: status().get("phase") == "Migrating", 60, "the copy to start")
+    restart_after_a_kill(cluster, "controller")
+    wait_for(lambda: status().get("phase") == "Succeeded", 120, "the migration to succeed")
+    vm = cluster.vm("calm")
+    assert vm["metadata"]["labels"][NODE_LABEL] == target
+    assert [f for f in vm["metadata"]["finalizers"] if f.startswith("agent.")] == [agent_finalizer(target)]
+    wait_for(lambda: [n for n in node_names(3) if "default_calm" in cluster.domains(n)] == [target], 60,
+             "the guest to run on the target only")  # fmt: skip
+    on_target = cluster.console("calm", target)
+    wait_for(lambda: len(guest.ticks(on_target)) >= 2, 60, "the guest to tick on the target")
+    assert {b for _, b in guest.ticks(on_target)} == {boot}
+    cluster.kubectl("delete", "vm", "calm", "--wait=true", "--timeout=60s")
+
+
 def test_a_drain_moves_what_can_move_and_says_why_the_rest_stays(cluster: Cluster) -> None:
     """Four VMs of mixed evictionStrategy on one node, drained: the one that can move moves
     (its guest goes on), a paused LiveMigrateIfPossible one and a None one stay, saying why, a
