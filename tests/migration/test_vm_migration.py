@@ -182,6 +182,8 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     wait_for(lambda: f"{guest.DISK_NOW} count=2" in on_target.read_text(errors="replace"), 120,
              "the guest to count its disk on the target")  # fmt: skip
     assert f"{guest.DISK_SAYS} [count=1]" in on_target.read_text(errors="replace")
+    # Booted again, it asks DHCP for an address: the target's network has its entry, the same one.
+    wait_for(lambda: cluster.answers(target, address), 90, "the rebooted guest to answer at its address")
 
     # And back to the node it left: fresh overlays there, holding the target's writes.
     back = cluster.plugin("migrate", "mover", "--to", source)
