@@ -69,6 +69,18 @@ class Cluster:
             if d.exists()
         ]
 
+    def request_migration(self, name: str, vm: str, target: str) -> None:
+        doc = {
+            "apiVersion": "vmm.formation.cloud/v1alpha1",
+            "kind": "VmMigration",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"vmName": vm, "targetNode": target},
+        }
+        self.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+
+    def migration_status(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.kubectl("get", "vmmig", name, "-o", "json")).get("status") or {})
+
     def domains(self, node: str) -> list[str]:
         run_dir = self.root / "nodes" / node / "libvirt" / "run" / "qemu"
         return sorted(p.stem for p in run_dir.glob("*.pid"))
@@ -252,13 +264,10 @@ def test_the_targets_libvirtd_dies_mid_copy_and_the_guest_runs_on_at_the_source(
     wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
     (_, boot) = guest.ticks(log)[-1]
     target = next(n for n in node_names(3) if n != source)
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(
-        {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmMigration",
-         "metadata": {"name": "doomed", "namespace": "default"},
-         "spec": {"vmName": "steady", "targetNode": target}}))  # fmt: skip
+    cluster.request_migration("doomed", "steady", target)
 
     def status() -> dict[str, Any]:
-        return dict(json.loads(cluster.kubectl("get", "vmmig", "doomed", "-o", "json")).get("status") or {})
+        return cluster.migration_status("doomed")
 
     wait_for(lambda: (status().get("progress") or {}).get("memoryTotal", 0) > 0, 60, "the copy to run")
     libvirtd = LibvirtNode(
@@ -306,13 +315,10 @@ def test_the_source_agent_killed_mid_copy_leaves_the_vm_bound_and_running_once(c
     wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
     (_, boot) = guest.ticks(log)[-1]
     target = next(n for n in node_names(3) if n != source)
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(
-        {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmMigration",
-         "metadata": {"name": "cut", "namespace": "default"},
-         "spec": {"vmName": "crashy", "targetNode": target}}))  # fmt: skip
+    cluster.request_migration("cut", "crashy", target)
 
     def status() -> dict[str, Any]:
-        return dict(json.loads(cluster.kubectl("get", "vmmig", "cut", "-o", "json")).get("status") or {})
+        return cluster.migration_status("cut")
 
     wait_for(lambda: (status().get("progress") or {}).get("memoryTotal", 0) > 0, 60, "the copy to run")
     restart_after_a_kill(cluster, f"agent-{source}")
@@ -336,15 +342,10 @@ def test_the_controller_killed_mid_copy_moves_the_binding_when_it_is_back(cluste
     log = cluster.console("calm", source)
     (_, boot) = guest.ticks(log)[-1]
     target = next(n for n in node_names(3) if n != source)
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(
-        {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VmMigration",
-         "metadata": {"name": "unwatched", "namespace": "default"},
-         "spec": {"vmName": "calm", "targetNode": target}}))  # fmt: skip
+    cluster.request_migration("unwatched", "calm", target)
 
     def status() -> dict[str, Any]:
-        return dict(
-            json.loads(cluster.kubectl("get", "vmmig", "unwatched", "-o", "json")).get("status") or {}
-        )
+        return cluster.migration_status("unwatched")
 
     wait_for(lambda: status().get("phase") == "Migrating", 60, "the copy to start")
     restart_after_a_kill(cluster, "controller")

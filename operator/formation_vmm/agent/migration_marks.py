@@ -79,3 +79,7 @@ class MigrationMarks:
             return []
         marks = (self.get(p.stem) for p in self.directory.glob("*.json") if _UID.match(p.stem))
         return [m for m in marks if m is not None]
+
+    def of_migration(self, migration_uid: str, role: Role | None = None) -> list[Mark]:
+        """The marks migration ``migration_uid`` left here (in ``role`` only, if given)."""
+        return [m for m in self.all() if m.migration_uid == migration_uid and role in (None, m.role)]

@@ -266,7 +266,7 @@ class NodeMigrations:
         """A migration to here that did not happen: its prepared domain and files go, unless the
         VM is bound here after all (then they are its own)."""
         uid = body["metadata"].get("uid", "")
-        marks = [m for m in self.marks.all() if m.migration_uid == uid and m.role == "in"]
+        marks = self.marks.of_migration(uid, "in")
         for held in marks if mark is None else [mark]:
             vm_body = self.cache.get(domain_name(held.namespace, held.vm_name))
             if vm_body is not None and vm_body["metadata"].get("uid") == held.vm_uid:
@@ -304,10 +304,9 @@ class NodeMigrations:
 
     def _arrived(self, body: Body) -> None:
         uid = body["metadata"].get("uid", "")
-        for mark in self.marks.all():
-            if mark.migration_uid == uid:
-                self.marks.clear(mark.vm_uid, uid)
-                self.poke(domain_name(mark.namespace, mark.vm_name))
+        for mark in self.marks.of_migration(uid):
+            self.marks.clear(mark.vm_uid, uid)
+            self.poke(domain_name(mark.namespace, mark.vm_name))
 
     # --- the source ----------------------------------------------------------------------------
 
@@ -491,7 +490,7 @@ class NodeMigrations:
         """A migration out of here ended (or its object is gone): the VM is the sync's again if
         it is still here; its mark goes."""
         uid = body["metadata"].get("uid", "")
-        marks = [m for m in self.marks.all() if m.migration_uid == uid and m.role == "out"]
+        marks = self.marks.of_migration(uid, "out")
         for held in marks if mark is None else [mark]:
             self.marks.clear(held.vm_uid, uid)
             self.poke(domain_name(held.namespace, held.vm_name))

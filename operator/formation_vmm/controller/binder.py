@@ -249,13 +249,7 @@ class Binder:
 
     def _decide(self, body: dict[str, Any]) -> "_Plan":
         vm = VirtualMachine.model_validate(body)
-        request = Request(
-            vcpus=vm.spec.vcpus,
-            memory=vm.spec.memory_bytes,
-            node_selector=vm.spec.node_selector,
-            tolerations=tuple(vm.spec.tolerations),
-            disk=vm.spec.disk_bytes,
-        )
+        request = _request_of(vm)
         uid = vm.metadata.uid or ""
         with self._lock:
             if uid in self._bound:
@@ -367,13 +361,7 @@ class Binder:
         tolerations, room on the node), among the other nodes whose agents take migrations;
         only ``wanted`` when the user named a node."""
         vm = VirtualMachine.model_validate(body)
-        request = Request(
-            vcpus=vm.spec.vcpus,
-            memory=vm.spec.memory_bytes,
-            node_selector=vm.spec.node_selector,
-            tolerations=tuple(vm.spec.tolerations),
-            disk=vm.spec.disk_bytes,
-        )
+        request = _request_of(vm)
         with self._lock:
             takers = {
                 name
@@ -456,6 +444,17 @@ class Binder:
             message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
             self.status.write(body, _lost(message, body["metadata"].get("generation")))
             self.events.post(body, VM_KIND, "NodeLost", message, "Warning")
+
+
+def _request_of(vm: VirtualMachine) -> Request:
+    """What placing the VM asks of a node."""
+    return Request(
+        vcpus=vm.spec.vcpus,
+        memory=vm.spec.memory_bytes,
+        node_selector=vm.spec.node_selector,
+        tolerations=tuple(vm.spec.tolerations),
+        disk=vm.spec.disk_bytes,
+    )
 
 
 def _not_a_target(wanted: str, source: str, known: bool) -> str:

@@ -6,6 +6,7 @@ says why in its annotation ``vmm.formation.cloud/eviction``, which ``kubectl vm 
 the annotation goes when the node is uncordoned or the VM moves."""
 
 import logging
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,11 +18,11 @@ from formation_vmm.api.names import (
     MIGRATION_KIND,
     MIGRATION_PLURAL,
     NODE_LABEL,
-    SNAPSHOT_PLURAL,
     VM_KIND,
     VM_PLURAL,
 )
 from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.migrations import snapshot_counts
 from formation_vmm.kube import ApiError, EventRecorder, Kube
 from formation_vmm.migration_rules import eviction
 
@@ -51,34 +52,42 @@ class Drainer:
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 self._say(body, None)
         self._draining = draining
+        if not draining:
+            return
+        # Read once a pass, not once a VM: the snapshots, and each node's drain migrations.
+        snapshots = snapshot_counts(self.kube)
         for node in sorted(draining):
+            drains = {
+                (m["metadata"]["namespace"], m["metadata"]["name"]): m
+                for m in self.kube.list(MIGRATION_PLURAL, label_selector=f"{DRAIN_LABEL}={node}")
+            }
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 try:
-                    self._evict(node, body)
+                    self._evict(node, body, drains, snapshots)
                 except ApiError:
                     meta = body["metadata"]
                     log.exception("draining %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
 
-    def _evict(self, node: str, body: Body) -> None:
+    def _evict(
+        self, node: str, body: Body, drains: dict[tuple[str, str], Body], snapshots: Counter[tuple[str, str]]
+    ) -> None:
         vm = VirtualMachine.model_validate(body)
         if vm.metadata.deletion_timestamp is not None:
             return
         namespace = vm.metadata.namespace or ""
         name = drain_migration_name(vm.metadata.name)
-        existing = self.kube.get_or_none(MIGRATION_PLURAL, namespace, name)
+        existing = drains.get((namespace, name))
         status = VmMigrationStatus.model_validate((existing or {}).get("status") or {})
         if existing is not None and status.phase in ("Failed", "Cancelled", "Succeeded"):
             ended = status.end_time or datetime.now(UTC)
             if status.phase == "Succeeded" or (datetime.now(UTC) - ended).total_seconds() > RETRY_SECONDS:
                 self.kube.delete(MIGRATION_PLURAL, namespace, name)  # done with, or tried again
             existing = None
-        snapshots = sum(
-            1
-            for snap in self.kube.list(SNAPSHOT_PLURAL, namespace)
-            if (snap.get("spec") or {}).get("vmName") == vm.metadata.name
-        )
         decision = eviction(
-            vm, self.default_strategy, snapshots, status.phase if existing is not None else None
+            vm,
+            self.default_strategy,
+            snapshots[namespace, vm.metadata.name],
+            status.phase if existing is not None else None,
         )
         if existing is not None and status.phase == "Scheduling":
             # No node can take it now: the drain does not wait for one to appear.

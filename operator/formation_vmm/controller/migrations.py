@@ -9,6 +9,7 @@ The VM's status carries a copy of its migration's state (``status.migration``)."
 
 import logging
 import threading
+from collections import Counter
 from typing import Any
 
 from formation_vmm.api.conditions import now
@@ -294,11 +295,17 @@ class MigrationScheduler:
         self.vms.write(vm_body, lambda _: VirtualMachineStatus(migration=summary))
 
     def _snapshots_of(self, namespace: str, vm: str) -> int:
-        return sum(
-            1
-            for snap in self.kube.list(SNAPSHOT_PLURAL, namespace)
-            if (snap.get("spec") or {}).get("vmName") == vm and not snap["metadata"].get("deletionTimestamp")
-        )
+        return snapshot_counts(self.kube, namespace)[namespace, vm]
+
+
+def snapshot_counts(kube: Kube, namespace: str | None = None) -> Counter[tuple[str, str]]:
+    """(namespace, VM) -> how many VmSnapshots of it exist and are not being deleted: they live
+    inside its disks, and a live migration would leave them behind (migration_rules)."""
+    return Counter(
+        (snap["metadata"].get("namespace", ""), str((snap.get("spec") or {}).get("vmName", "")))
+        for snap in kube.list(SNAPSHOT_PLURAL, namespace)
+        if not snap["metadata"].get("deletionTimestamp")
+    )
 
 
 def _phase(body: Body) -> str | None:

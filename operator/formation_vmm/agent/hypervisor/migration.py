@@ -9,7 +9,9 @@ the caller creates fresh, empty overlays there over the same bases (by digest) f
 NON_SHARED_INC copies only what the overlays hold. On success the target holds the persistent
 definition and the source none."""
 
+import contextlib
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 
 import libvirt
 
@@ -63,7 +65,7 @@ def completed_job(hypervisor: Hypervisor, name: str) -> dict[str, int]:
         raise hypervisor_error(exc, f"the migration figures of {name}") from exc
     if not stats:
         raise HypervisorError(f"libvirt has no finished job for {name}")
-    return {k: int(v) for k, v in stats.items() if isinstance(v, int)}
+    return _figures(stats)
 
 
 def migrating(hypervisor: Hypervisor, name: str) -> bool:
@@ -93,56 +95,41 @@ def progress(hypervisor: Hypervisor, name: str) -> dict[str, int]:
         raise hypervisor_error(exc, f"the migration progress of {name}") from exc
     if int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
         return {}
-    return {k: int(v) for k, v in stats.items() if isinstance(v, int)}
+    return _figures(stats)
 
 
 def target_definition(target_uri: str, name: str) -> str:
     """The domain the target's agent defined for the incoming VM (its own paths, its own
     seed), as libvirt would migrate it: the XML the source hands libvirt for the target. Read
     from the target's libvirtd, which the source's libvirtd opens anyway (PEER2PEER)."""
-    try:
-        conn = libvirt.open(target_uri)
-    except libvirt.libvirtError as exc:
-        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
-    try:
-        return str(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
-    except libvirt.libvirtError as exc:
-        raise hypervisor_error(exc, f"reading the target's definition of {name}") from exc
-    finally:
-        conn.close()
+    with _target(target_uri) as conn:
+        try:
+            return str(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc, f"reading the target's definition of {name}") from exc
 
 
 def runs_on(target_uri: str, name: str, uuid: str) -> bool:
     """Whether the target's libvirtd runs the domain ``name`` with this UUID (a source agent that
     restarted mid-migration asks where its guest went)."""
-    try:
-        conn = libvirt.open(target_uri)
-    except libvirt.libvirtError as exc:
-        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
-    try:
-        dom = conn.lookupByName(name)
-        return bool(dom.isActive()) and dom.UUIDString() == uuid
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return False
-        raise hypervisor_error(exc, f"looking for {name} on the target") from exc
-    finally:
-        conn.close()
+    with _target(target_uri) as conn:
+        try:
+            dom = conn.lookupByName(name)
+            return bool(dom.isActive()) and dom.UUIDString() == uuid
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise hypervisor_error(exc, f"looking for {name} on the target") from exc
 
 
 def completed_job_on(target_uri: str, name: str) -> dict[str, int]:
     """``completed_job`` read from the target's libvirtd, by the source's agent."""
-    try:
-        conn = libvirt.open(target_uri)
-    except libvirt.libvirtError as exc:
-        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
-    try:
-        stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    except libvirt.libvirtError as exc:
-        raise hypervisor_error(exc, f"the migration figures of {name}") from exc
-    finally:
-        conn.close()
-    return {k: int(v) for k, v in (stats or {}).items() if isinstance(v, int)}
+    with _target(target_uri) as conn:
+        try:
+            stats = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError as exc:
+            raise hypervisor_error(exc, f"the migration figures of {name}") from exc
+    return _figures(stats or {})
 
 
 def writable_disks(domain_xml: str) -> list[str]:
@@ -157,3 +144,21 @@ def writable_disks(domain_xml: str) -> list[str]:
         if target is not None and target.get("dev"):
             devices.append(str(target.get("dev")))
     return devices
+
+
+def _figures(stats: dict[str, object]) -> dict[str, int]:
+    """The numbers of libvirt's job statistics."""
+    return {k: int(v) for k, v in stats.items() if isinstance(v, int)}
+
+
+@contextlib.contextmanager
+def _target(target_uri: str) -> Iterator[libvirt.virConnect]:
+    """A short connection of the source's agent to the target's libvirtd, closed after use."""
+    try:
+        conn = libvirt.open(target_uri)
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"opening the target's libvirt {target_uri}") from exc
+    try:
+        yield conn
+    finally:
+        conn.close()
