@@ -430,11 +430,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             base = controller / self.cgroup_root.lstrip("/")
             if not base.is_dir():
                 continue
-            for path in sorted(
-                (p for p in base.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
-            ):
-                with contextlib.suppress(OSError):
-                    path.rmdir()
+            # Bottom-up, and a cgroup that goes while we walk (runc removing a container's, a
+            # killed shim's) is skipped: os.walk ignores the directories it can no longer read.
+            for parent, children, _ in os.walk(base, topdown=False):
+                for child in children:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(os.path.join(parent, child))
             with contextlib.suppress(OSError):
                 base.rmdir()
 
