@@ -14,6 +14,7 @@ from formation_vmm.migration_rules import (
     completion_timeout,
     eviction,
     progress_summary,
+    restart_after_node_loss,
     slot_wait,
 )
 
@@ -85,8 +86,13 @@ def test_the_progress_reads_in_mebibytes() -> None:
         ("None", vm(), None, "stay", "evictionStrategy None"),
         ("LiveMigrate", vm(), "Migrating", "wait", "moving (Migrating)"),
         ("LiveMigrate", vm("Paused", paused=True), None, "stay", "blocks the drain: VM web is paused"),
-        ("LiveMigrateIfPossible", vm("Paused", paused=True), None, "stay", "cannot move live"),
-        ("Restart", vm(), None, "stay", "not built yet"),
+        ("LiveMigrateIfPossible", vm("Paused", paused=True), None, "stay", "set spec.allowDiskLoss"),
+        ("LiveMigrateIfPossible", vm("Paused", paused=True, allowDiskLoss=True), None, "restart", "paused"),
+        ("LiveMigrateIfPossible", vm("Stopped", allowDiskLoss=True), None, "restart", "is Stopped"),
+        ("Restart", vm(), None, "stay", "would lose what its guest wrote"),
+        ("Restart", vm(allowDiskLoss=True), None, "restart", "evictionStrategy Restart: stopping it"),
+        ("Restart", vm(allowDiskLoss=True), "Migrating", "wait", "moving"),
+        ("None", vm(allowDiskLoss=True), None, "stay", "evictionStrategy None"),
     ],
 )
 def test_what_a_drain_does_with_a_vm(
@@ -95,3 +101,29 @@ def test_what_a_drain_does_with_a_vm(
     machine.spec.eviction_strategy = strategy  # type: ignore[assignment]
     decision = eviction(machine, "LiveMigrateIfPossible", 0, migration)
     assert decision.action == action and words in decision.message
+
+
+def test_a_restart_elsewhere_leaves_no_snapshot_behind() -> None:
+    decision = eviction(vm(allowDiskLoss=True), "Restart", 2, None)
+    assert decision.action == "stay" and "2 VmSnapshot(s)" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("strategy", "allow", "reason"),
+    [
+        ("Restart", True, None),
+        ("LiveMigrate", True, None),
+        (None, True, None),  # the cluster's default, LiveMigrateIfPossible
+        ("None", True, "EvictionStrategyNone"),
+        ("Restart", False, "DiskLossNotAllowed"),
+    ],
+)
+def test_which_vm_of_a_lost_node_starts_elsewhere(
+    strategy: str | None, allow: bool, reason: str | None
+) -> None:
+    machine = vm("Unknown", allowDiskLoss=allow)
+    machine.spec.eviction_strategy = strategy  # type: ignore[assignment]
+    refusal = restart_after_node_loss(machine, "LiveMigrateIfPossible")
+    assert (refusal.reason if refusal else None) == reason
+    if refusal is not None:
+        assert refusal.message.endswith("it waits for its node")

@@ -130,9 +130,10 @@ def progress_summary(memory_remaining: int, memory_total: int, disk_remaining: i
 @dataclass(frozen=True)
 class Eviction:
     """What a drain does with one VM of the node now: ``migrate`` it (a new VmMigration),
-    ``wait`` for its migration under way, or it ``stays`` (the message says why)."""
+    ``wait`` for its migration under way, ``restart`` it elsewhere (stop it here, then bind it to
+    another node, which starts it from its images), or it ``stays`` (the message says why)."""
 
-    action: Literal["migrate", "wait", "stay"]
+    action: Literal["migrate", "wait", "restart", "stay"]
     message: str
 
 
@@ -145,14 +146,47 @@ def eviction(vm: VirtualMachine, default: str, snapshots: int, migration: str | 
     if migration in ACTIVE_PHASES:
         return Eviction("wait", f"moving ({migration})")
     if strategy == "Restart":
-        why = "evictionStrategy Restart: stopping it and starting it elsewhere is not built yet"
-        return Eviction("stay", f"{why}; it stays")
+        return _restart(vm, snapshots, "evictionStrategy Restart")
     refusal = cannot_move(vm, snapshots)
     if refusal is None:
         return Eviction("migrate", "moving")
     if strategy == "LiveMigrate":
         return Eviction("stay", f"blocks the drain: {refusal.message}")
-    return Eviction(
-        "stay",
-        f"cannot move live ({refusal.message}), and a restart elsewhere is not built yet: it stays",
-    )
+    return _restart(vm, snapshots, f"it cannot move live ({refusal.message})")
+
+
+def _restart(vm: VirtualMachine, snapshots: int, why: str) -> Eviction:
+    refusal = cannot_restart_elsewhere(vm, snapshots)
+    if refusal is not None:
+        return Eviction("stay", f"{why}, and {refusal.message}: it stays")
+    return Eviction("restart", f"{why}: stopping it, to start it on another node")
+
+
+def cannot_restart_elsewhere(vm: VirtualMachine, snapshots: int) -> Refusal | None:
+    """Why this VM may not be started on another node from its images, or None. Its disks are
+    overlays local to its node: a restart elsewhere starts from the images and loses what the
+    guest wrote, so the VM's owner must allow it (``spec.allowDiskLoss``)."""
+    if not vm.spec.allow_disk_loss:
+        return Refusal(
+            "DiskLossNotAllowed",
+            "a restart on another node would lose what its guest wrote to its local disks "
+            "(set spec.allowDiskLoss: true to allow it)",
+        )
+    if snapshots:
+        return Refusal(
+            "HasSnapshots",
+            f"its {snapshots} VmSnapshot(s) live inside its disks on this node: delete them first",
+        )
+    return None
+
+
+def restart_after_node_loss(vm: VirtualMachine, default: str) -> Refusal | None:
+    """Why a VM of a node given up for lost (silent, and deleted or marked out of service by an
+    admin) is not started elsewhere, or None. Its snapshots went with the node's disks."""
+    strategy = vm.spec.eviction_strategy or default
+    if strategy == "None":
+        return Refusal("EvictionStrategyNone", "its evictionStrategy is None: it waits for its node")
+    refusal = cannot_restart_elsewhere(vm, 0)
+    if refusal is not None:
+        return Refusal(refusal.reason, f"{refusal.message}; it waits for its node")
+    return None

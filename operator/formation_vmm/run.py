@@ -62,6 +62,7 @@ from formation_vmm.controller.drain import Drainer
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
+from formation_vmm.controller.lost_nodes import LostNodes
 from formation_vmm.controller.migrations import MigrationScheduler
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
@@ -212,6 +213,7 @@ def run_controller(settings: Settings) -> None:
             _migration_tuning(settings).limits,
         ),
         drainer=Drainer(kube, binder, events, settings.eviction_strategy),
+        lost_nodes=LostNodes(kube, binder, events, settings.eviction_strategy),
         guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
         notes=SnapshotNotes(
             kube,

@@ -393,7 +393,8 @@ def test_a_drain_moves_what_can_move_and_says_why_the_rest_stays(cluster: Cluste
     drain = cluster.plugin("drain", drained, "--timeout", "240")
     assert drain.returncode == 1, drain.stdout + drain.stderr  # one VM blocks it
     assert "stuck: blocks the drain: VM stuck is paused" in drain.stderr, drain.stderr
-    assert "maybe: cannot move live" in drain.stderr and "stay: evictionStrategy None" in drain.stderr
+    assert "maybe: it cannot move live" in drain.stderr and "stay: evictionStrategy None" in drain.stderr
+    assert "set spec.allowDiskLoss: true" in drain.stderr  # a restart elsewhere needs the owner's word
     moved_to = cluster.vm("live")["status"]["nodeName"]
     assert moved_to != drained
     on_target = cluster.console("live", moved_to)

@@ -6,6 +6,7 @@ from datetime import datetime
 
 from formation_vmm.agent.plan import Action, Actual, Desired, StopProgress
 from formation_vmm.api.models import GuestOSInfo, VirtualMachine
+from formation_vmm.api.names import RESTART_ELSEWHERE_ANNOTATION
 from formation_vmm.domain.spec import Owner
 
 
@@ -64,8 +65,10 @@ def desired_of(
     grace_seconds: float | None = None,
     held: bool = False,
 ) -> Desired:
+    # A VM the controller restarts elsewhere is stopped here first, as a Halted one would be.
+    evicted = RESTART_ELSEWHERE_ANNOTATION in vm.metadata.annotations
     return Desired(
-        run_strategy=vm.spec.run_strategy,
+        run_strategy="Halted" if evicted else vm.spec.run_strategy,
         paused=vm.spec.paused,
         deleting=deleting,
         has_run=vm.status.started_at is not None,

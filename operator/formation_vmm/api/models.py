@@ -139,6 +139,9 @@ class VirtualMachineSpec(ApiModel):
     networks: list[Network] = Field(default_factory=list)
     node_selector: dict[str, str] = Field(default_factory=dict)
     eviction_strategy: EvictionStrategy | None = None
+    # Its owner accepts that a restart on another node (a drain's Restart, a lost node) starts
+    # it from its images: what the guest wrote to its local overlays is lost.
+    allow_disk_loss: bool = False
     tolerations: list[Toleration] = Field(default_factory=list)
     readiness_probe: Probe | None = None
     liveness_probe: Probe | None = None

@@ -73,6 +73,13 @@ DRAIN_TAINT = f"{GROUP}/drain"
 # and why), for `kubectl vm drain` to show; on the migrations the drain creates, the node.
 EVICTION_ANNOTATION = f"{GROUP}/eviction"
 DRAIN_LABEL = f"{GROUP}/drain"
+# On a VM the controller restarts elsewhere (a drain's Restart): the node whose agent stops it
+# first. The controller binds it to another node once it is stopped, and removes this in the same
+# write; only the controller may set it (the placement policy).
+RESTART_ELSEWHERE_ANNOTATION = f"{GROUP}/restart-elsewhere"
+# The taint an admin sets on a node that is shut down for good (Kubernetes' non-graceful node
+# shutdown): with its agent silent, its VMs that allow it are started on other nodes.
+OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 
 # VM annotation the controller writes in the binding: the addresses it assigned, the record of
 # IPAM (``iface=network/address`` joined by commas; only the controller may set it).

@@ -9,6 +9,7 @@ from, so no VM is bound twice. The agent's status write then says where the VM r
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from formation_vmm.api.names import (
     DRAIN_TAINT,
     MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
+    OUT_OF_SERVICE_TAINT,
     VM_KIND,
     agent_finalizer,
 )
@@ -116,6 +118,8 @@ class Binder:
         self.node_lost_seconds = node_lost_seconds
         self._lock = threading.Lock()
         self._nodes: dict[str, dict[str, Any]] = {}
+        # Nodes VMs are bound to that have no Node object: since when this process knows so.
+        self._missing_since: dict[str, float] = {}
         self._bound: dict[str, Bound] = {}  # uid -> binding; changed only by _hold and _release
         # Sums over _bound, kept as it changes: a decision reads them in O(1) (summing every
         # binding per decision made a burst quadratic: 8.5 ms of CPU per VM at 5000, 5 at 1000).
@@ -150,8 +154,10 @@ class Binder:
         with self._lock:
             if event_type == "DELETED":
                 self._nodes.pop(summary["name"], None)
+                self._missing_since.setdefault(summary["name"], time.monotonic())
             else:
                 self._nodes[summary["name"]] = summary
+                self._missing_since.pop(summary["name"], None)
         self.changed.set()
 
     def quota_event(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -400,15 +406,53 @@ class Binder:
             summary = self._nodes.get(node)
         return summary is not None and node_info(summary, self.node_lost_seconds).ready
 
-    def move_binding(self, body: dict[str, Any], source: str, target: str) -> dict[str, Any] | None:
+    def move_binding(
+        self, body: dict[str, Any], source: str, target: str, annotations: dict[str, str | None] | None = None
+    ) -> dict[str, Any] | None:
         """Bind the VM to ``target`` in place of ``source``, in one write at the version read:
-        the label and the agents' finalizers together, so the VM is never bound to two nodes
-        or to none. None when the VM changed meanwhile (read it again and retry)."""
+        the label and the agents' finalizers together (and ``annotations``, None removing one),
+        so the VM is never bound to two nodes or to none. None when the VM changed meanwhile
+        (read it again and retry)."""
         meta = body["metadata"]
         finalizers = [f for f in meta.get("finalizers") or [] if f != agent_finalizer(source)]
         if agent_finalizer(target) not in finalizers:
             finalizers.append(agent_finalizer(target))
-        return self.status.patch_at_version(body, {"labels": {NODE_LABEL: target}, "finalizers": finalizers})
+        patch: dict[str, Any] = {"labels": {NODE_LABEL: target}, "finalizers": finalizers}
+        if annotations:
+            patch["annotations"] = annotations
+        return self.status.patch_at_version(body, patch)
+
+    # --- restarts on another node (a drain's Restart, a lost node) ---------------------------
+
+    def restart_target(self, body: dict[str, Any], source: str) -> Decision:
+        """Where a VM started again from its images goes: placed as a new VM would be (its
+        nodeSelector and tolerations, room, a ready node), on a node other than ``source``."""
+        vm = VirtualMachine.model_validate(body)
+        with self._lock:
+            nodes = [n for n in self._node_infos() if n.name != source]
+            if not nodes:
+                return Decision(None, f"there is no node other than {source}")
+            return place(
+                _request_of(vm), nodes, self._node_loads, self.cpu_overcommit, self.memory_overcommit
+            )
+
+    def given_up_nodes(self) -> dict[str, str]:
+        """Nodes given up for lost, with why: an admin marked the node out of service
+        (``node.kubernetes.io/out-of-service``) and its agent is silent past
+        ``node_lost_seconds``; or VMs are bound to it and its Node has been gone that long (the
+        caller confirms the Node is gone: a watch that has not delivered it yet looks the same)."""
+        now = time.monotonic()
+        with self._lock:
+            found = {
+                info.name: "marked out of service, and its agent is silent"
+                for info in self._node_infos()
+                if not info.ready and any(t.get("key") == OUT_OF_SERVICE_TAINT for t in info.taints)
+            }
+            for node in {b.node for b in self._bound.values()} - self._nodes.keys():
+                since = self._missing_since.setdefault(node, now)
+                if now - since >= self.node_lost_seconds:
+                    found[node] = "its Node was deleted"
+            return found
 
     @staticmethod
     def status_needs_repair(body: dict[str, Any]) -> bool:

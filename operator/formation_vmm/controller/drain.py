@@ -18,6 +18,7 @@ from formation_vmm.api.names import (
     MIGRATION_KIND,
     MIGRATION_PLURAL,
     NODE_LABEL,
+    RESTART_ELSEWHERE_ANNOTATION,
     VM_KIND,
     VM_PLURAL,
 )
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 Body = dict[str, Any]
 
+# What the VM's agent reports once the restart's stop is done.
+STOPPED_PHASES = ("Stopped", "Failed")
 # A drain's migration that failed is tried again after this long (KubeVirt retries too).
 RETRY_SECONDS = 30.0
 
@@ -47,10 +50,11 @@ class Drainer:
         self._draining: set[str] = set()
 
     def pass_once(self) -> None:
-        draining = self.binder.draining_nodes()
+        # A node given up for lost is the lost-node pass's (lost_nodes.py): its agent stops nothing.
+        draining = self.binder.draining_nodes() - self.binder.given_up_nodes().keys()
         for node in self._draining - draining:  # uncordoned: what the drain said goes
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
-                self._say(body, None)
+                self._say(body, None, keep_restart=False)  # one it was stopping starts again here
         self._draining = draining
         if not draining:
             return
@@ -96,9 +100,12 @@ class Drainer:
             self._say(body, f"{verdict}: no node can take it ({status.message})")
             return
         if decision.action == "stay":
-            self._say(body, decision.message)
+            self._say(body, decision.message, keep_restart=False)
             return
-        self._say(body, None)
+        if decision.action == "restart":
+            self._restart(node, body, vm, decision.message)
+            return
+        self._say(body, None, keep_restart=False)
         if decision.action == "migrate":
             self.kube.create(
                 MIGRATION_PLURAL,
@@ -112,19 +119,52 @@ class Drainer:
             )
             self.events.post(body, VM_KIND, "Evicting", f"node {node} is being drained: moving the VM live")
 
-    def _say(self, body: Body, message: str | None) -> None:
-        """The VM's eviction annotation: written only when it changes."""
+    def _restart(self, node: str, body: Body, vm: VirtualMachine, why: str) -> None:
+        """Stop the VM here (its agent does, seeing the annotation), then bind it to another
+        node in one write that also removes the annotation; that node's agent starts it from its
+        images, and this node's removes the stopped domain and its files as an orphan's. Room
+        is looked for before the VM is stopped, so that a drain does not stop what it cannot
+        place; if it is gone once the VM stopped, the VM waits, stopped, for room."""
+        target = self.binder.restart_target(body, node)
+        stopping = vm.metadata.annotations.get(RESTART_ELSEWHERE_ANNOTATION) == node
+        if target.node is None:
+            if stopping:
+                self._say(body, None)  # moving still: stopped, it waits for room
+                return
+            self._say(body, f"{why}, but no node can take it now ({target.message}): it stays for now")
+            return
+        if not stopping:
+            self._say(body, None, restart_from=node)
+            self.events.post(body, VM_KIND, "Evicting", f"node {node} is being drained: {why}")
+            return
+        if vm.status.phase not in STOPPED_PHASES:
+            return  # its agent stops it
+        moved = self.binder.move_binding(
+            body, node, target.node, {RESTART_ELSEWHERE_ANNOTATION: None, EVICTION_ANNOTATION: None}
+        )
+        if moved is not None:
+            message = (
+                f"node {node} is being drained: the VM starts on node {target.node} from its images "
+                f"(what its guest wrote to its disks on {node} is gone)"
+            )
+            self.events.post(moved, VM_KIND, "RestartedElsewhere", message, "Warning")
+
+    def _say(
+        self, body: Body, message: str | None, keep_restart: bool = True, restart_from: str = ""
+    ) -> None:
+        """The VM's eviction annotation, and the restart-elsewhere one (kept unless told):
+        written only when they change."""
         annotations = body["metadata"].get("annotations") or {}
-        if annotations.get(EVICTION_ANNOTATION) == message:
+        wanted: dict[str, str | None] = {EVICTION_ANNOTATION: message}
+        if restart_from:
+            wanted[RESTART_ELSEWHERE_ANNOTATION] = restart_from
+        elif not keep_restart:
+            wanted[RESTART_ELSEWHERE_ANNOTATION] = None
+        if all(annotations.get(key) == value for key, value in wanted.items()):
             return
         meta = body["metadata"]
-        self.kube.patch(
-            VM_PLURAL,
-            meta["namespace"],
-            meta["name"],
-            {"metadata": {"annotations": {EVICTION_ANNOTATION: message}}},
-        )
-        if message is not None:
+        self.kube.patch(VM_PLURAL, meta["namespace"], meta["name"], {"metadata": {"annotations": wanted}})
+        if message is not None and annotations.get(EVICTION_ANNOTATION) != message:
             self.events.post(
                 body, VM_KIND, "EvictionBlocked" if "blocks" in message else "Staying", message, "Warning"
             )

@@ -28,6 +28,7 @@ from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.drain import Drainer
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
+from formation_vmm.controller.lost_nodes import LostNodes
 from formation_vmm.controller.migrations import MigrationScheduler
 from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
@@ -50,6 +51,7 @@ class ControllerMemo:
     binder: Binder
     migrations: MigrationScheduler
     drainer: Drainer
+    lost_nodes: LostNodes
     guard: ImageGuard
     notes: SnapshotNotes
     leader: LeaderElector
@@ -77,6 +79,7 @@ async def _bind_loop(state: ControllerMemo) -> None:
             await asyncio.to_thread(binder.mark_lost_nodes)
             await asyncio.to_thread(state.migrations.pass_once)
             await asyncio.to_thread(state.drainer.pass_once)
+            await asyncio.to_thread(state.lost_nodes.pass_once)
             await asyncio.to_thread(state.sealer.pass_once)
             for image in guard.pending():  # deleted images held for their VMs: look again
                 await asyncio.to_thread(guard.release_if_unused, image)

@@ -12,6 +12,7 @@ from formation_vmm.api.names import (
     MIGRATION_KIND,
     MIGRATION_PLURAL,
     NODE_LABEL,
+    RESTART_ELSEWHERE_ANNOTATION,
     VM_PLURAL,
 )
 from formation_vmm.kube import ApiError, NotFoundError
@@ -105,9 +106,14 @@ def drain_report(vm_bodies: list[dict[str, Any]], migrations: list[dict[str, Any
     lines, moving = [], False
     for body in sorted(vm_bodies, key=lambda b: b["metadata"]["name"]):
         name = body["metadata"]["name"]
-        said = (body["metadata"].get("annotations") or {}).get(EVICTION_ANNOTATION)
+        annotations = body["metadata"].get("annotations") or {}
+        said = annotations.get(EVICTION_ANNOTATION)
         if said:
             lines.append(f"{name}: {said}")
+        elif annotations.get(RESTART_ELSEWHERE_ANNOTATION):
+            moving = True
+            phase = (body.get("status") or {}).get("phase") or "stopping"
+            lines.append(f"{name}: to be started on another node ({phase} here)")
         else:
             moving = True
             lines.append(f"{name}: {phases.get(name, 'waiting for the controller')}")

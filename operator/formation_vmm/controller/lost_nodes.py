@@ -1,0 +1,100 @@
+"""VMs of a node given up for lost start on other nodes, where their owners allow it.
+
+A node is given up when an admin says it will not come back, and its agent is silent (longer
+than ``node_lost_seconds``): the Node is deleted, or tainted ``node.kubernetes.io/out-of-service``
+(Kubernetes' word for a node shut down for good; pods' volumes are detached on it too). Silence
+alone is never enough: a node cut off from the API may still run its guests, and starting them
+elsewhere would run them twice, writing to two copies of their addresses. Each VM whose
+evictionStrategy is not None and whose ``spec.allowDiskLoss`` is true is bound to another node
+in one write (``Binder.move_binding``); that node's agent starts it from its images. If the
+lost node comes back, its agent finds domains of VMs bound elsewhere and removes them as
+orphans. A VM that waits says why in its eviction annotation (docs/migration.md)."""
+
+import logging
+from typing import Any
+
+from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.names import (
+    EVICTION_ANNOTATION,
+    NODE_LABEL,
+    RESTART_ELSEWHERE_ANNOTATION,
+    VM_KIND,
+    VM_PLURAL,
+)
+from formation_vmm.controller.binder import Binder
+from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError
+from formation_vmm.migration_rules import restart_after_node_loss
+
+log = logging.getLogger(__name__)
+
+Body = dict[str, Any]
+
+
+class LostNodes:
+    def __init__(self, kube: Kube, binder: Binder, events: EventRecorder, default_strategy: str) -> None:
+        self.kube = kube
+        self.binder = binder
+        self.events = events
+        self.default_strategy = default_strategy
+        self._given_up: set[str] = set()
+
+    def pass_once(self) -> None:
+        given_up = self.binder.given_up_nodes()
+        for node in self._given_up - given_up.keys():  # back, or untainted: the notes go
+            for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
+                self._say(body, None)
+        self._given_up = set(given_up)
+        for node, why in sorted(given_up.items()):
+            if why.startswith("its Node") and self._node_exists(node):
+                continue  # the watch had not brought it yet
+            for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
+                try:
+                    self._restart(node, why, body)
+                except ApiError:
+                    meta = body["metadata"]
+                    log.exception("lost node %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
+
+    def _node_exists(self, node: str) -> bool:
+        try:
+            self.kube.node(node)
+        except NotFoundError:
+            return False
+        return True
+
+    def _restart(self, node: str, why: str, body: Body) -> None:
+        vm = VirtualMachine.model_validate(body)
+        if vm.metadata.deletion_timestamp is not None:
+            return
+        refusal = restart_after_node_loss(vm, self.default_strategy)
+        if refusal is not None:
+            self._say(body, f"node {node} is lost ({why}): {refusal.message}")
+            return
+        target = self.binder.restart_target(body, node)
+        if target.node is None:
+            self._say(body, f"node {node} is lost ({why}); no node can take the VM now: {target.message}")
+            return
+        moved = self.binder.move_binding(
+            body, node, target.node, {EVICTION_ANNOTATION: None, RESTART_ELSEWHERE_ANNOTATION: None}
+        )
+        if moved is None:
+            return  # it changed: the next pass reads it again
+        message = (
+            f"node {node} is lost ({why}): the VM starts on node {target.node} from its images; what "
+            f"its guest wrote to its disks on {node} is lost with the node"
+        )
+        log.warning("%s/%s: %s", vm.metadata.namespace, vm.metadata.name, message)
+        self.events.post(moved, VM_KIND, "RestartedElsewhere", message, "Warning")
+
+    def _say(self, body: Body, message: str | None) -> None:
+        annotations = body["metadata"].get("annotations") or {}
+        if annotations.get(EVICTION_ANNOTATION) == message:
+            return
+        meta = body["metadata"]
+        self.kube.patch(
+            VM_PLURAL,
+            meta["namespace"],
+            meta["name"],
+            {"metadata": {"annotations": {EVICTION_ANNOTATION: message}}},
+        )
+        if message is not None:
+            self.events.post(body, VM_KIND, "WaitingForNode", message, "Warning")

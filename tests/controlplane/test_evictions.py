@@ -1,0 +1,198 @@
+"""VMs started again on another node from their images, on the fleet with a real apiserver, the
+controller and two more agents of our own (libvirt's test driver): a drain's `Restart`
+eviction (and `LiveMigrateIfPossible`'s fallback), and the VMs of a node given up for lost.
+Only VMs whose owners set ``spec.allowDiskLoss`` go; the others stay and say why.
+
+The two nodes are this module's (label zone=r, tainted for its VMs only), so draining one
+and killing the other's agent touch no other test's VM. The test driver runs no guest, so what
+is checked is the control: who is bound where, what each agent holds, what the VMs say."""
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from formation_vmm.api.names import EVICTION_ANNOTATION, NODE_LABEL, RESTART_ELSEWHERE_ANNOTATION
+from formation_vmm.devcluster.cluster import (
+    OperatorProcess,
+    register_node,
+    service_account_kubeconfig,
+    start_agent,
+)
+from formation_vmm.devcluster.processes import stop
+from tests.support.fleet import FAST, TEST_NODE_RESERVED_CPUS, TINY, Fleet
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.controlplane
+
+NODES = ("node-r1", "node-r2")
+NS = "evict"
+ON_R = {
+    **TINY,
+    "nodeSelector": {"zone": "r"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "restart", "effect": "NoSchedule"}],
+    "terminationGracePeriodSeconds": 0,
+}
+HOLD = "hold=here:NoSchedule"  # keeps new VMs off a node while the test fills the other
+
+
+@pytest.fixture(scope="module")
+def nodes(fleet: Fleet) -> Iterator[dict[str, OperatorProcess]]:
+    """Two agents of this module's own, as the fleet's are (node-bound tokens, test driver)."""
+    agents = {}
+    for node in NODES:
+        register_node(fleet.kubectl, node, {"zone": "r"})
+        fleet.kubectl("taint", "node", node, "dedicated=restart:NoSchedule", "--overwrite")
+        agents[node] = start_agent(
+            fleet.plane,
+            node,
+            "test:///default",
+            "test",
+            {**FAST, "VMM_RESERVED_CPUS": str(TEST_NODE_RESERVED_CPUS)},
+            kubeconfig=service_account_kubeconfig(fleet.kubectl, fleet.plane, "formation-vmm-agent", node),
+        )
+    fleet.kubectl("create", "namespace", NS)
+    try:
+        for agent in agents.values():
+            agent.wait_ready()
+        yield agents
+    finally:
+        fleet.kubectl("delete", "vm", "--all", "-n", NS, "--wait=true", "--timeout=60s", check=False)
+        for agent in agents.values():
+            stop(agent.pid)
+        for node in NODES:
+            fleet.kubectl("delete", "node", node, check=False)
+
+
+def held(agent: OperatorProcess) -> set[str]:
+    """The names of this module's VMs the agent holds a domain for."""
+    with urllib.request.urlopen(f"{agent.debug_url}/vms", timeout=5) as resp:
+        return {d["name"] for d in json.load(resp) if d["namespace"] == NS}
+
+
+def node_of(vm: dict[str, Any]) -> str:
+    return str(vm["metadata"].get("labels", {}).get(NODE_LABEL, ""))
+
+
+def annotation(vm: dict[str, Any], key: str) -> str:
+    return str(vm["metadata"].get("annotations", {}).get(key, ""))
+
+
+def events(fleet: Fleet, vm: str) -> list[tuple[str, str]]:
+    out = fleet.kubectl(
+        "get", "events", "-n", NS, "--field-selector", f"involvedObject.name={vm}", "-o", "json"
+    )
+    return [(e["reason"], e["message"]) for e in json.loads(out)["items"]]
+
+
+def test_a_drain_restarts_elsewhere_the_vms_that_allow_it(
+    fleet: Fleet, nodes: dict[str, OperatorProcess]
+) -> None:
+    r1, r2 = NODES
+    fleet.kubectl("taint", "node", r2, HOLD, "--overwrite")
+    fleet.apply_vm(NS, "restart-me", **ON_R, evictionStrategy="Restart", allowDiskLoss=True)
+    fleet.apply_vm(NS, "keep-my-disks", **ON_R, evictionStrategy="Restart")
+    # It cannot move live (it is stopped), so LiveMigrateIfPossible falls back to a restart.
+    fleet.apply_vm(NS, "halted", **ON_R, runStrategy="Halted", allowDiskLoss=True)
+    for name in ("restart-me", "keep-my-disks"):
+        assert node_of(fleet.wait_phase(NS, name, "Running")) == r1
+    assert node_of(fleet.wait_phase(NS, "halted", "Stopped")) == r1
+    uid = fleet.vm(NS, "restart-me")["metadata"]["uid"]
+    assert held(nodes[r1]) == {"restart-me", "keep-my-disks", "halted"}
+    fleet.kubectl("taint", "node", r2, "hold-")
+
+    out = fleet.plugin("drain", r1, "--timeout", "90")
+    assert out.returncode == 0, out.stderr
+    assert f"node/{r1} drained; 1 stay" in out.stdout, out.stdout
+    assert "keep-my-disks: evictionStrategy Restart, and a restart on another node would lose" in out.stderr
+
+    moved = fleet.wait_phase(NS, "restart-me", "Running")
+    assert node_of(moved) == r2 and moved["status"]["nodeName"] == r2
+    assert moved["metadata"]["uid"] == uid  # the same VM, bound again: not a new one
+    assert moved["metadata"]["finalizers"] == [f"agent.vmm.formation.cloud/{r2}"]
+    assert annotation(moved, RESTART_ELSEWHERE_ANNOTATION) == annotation(moved, EVICTION_ANNOTATION) == ""
+    reasons = dict(events(fleet, "restart-me"))
+    assert "stopping it, to start it on another node" in reasons["Evicting"]
+    assert f"starts on node {r2} from its images" in reasons["RestartedElsewhere"]
+    fleet.wait_vm(
+        NS,
+        "halted",
+        lambda vm: (
+            node_of(vm) == r2
+            and vm.get("status", {}).get("nodeName") == r2
+            and vm["status"].get("phase") == "Stopped"
+        ),
+        f"bound to {r2}, and Stopped there",
+    )
+
+    # The source removed the stopped domains and their files as orphans'; the other stays.
+    wait_for(lambda: held(nodes[r1]) == {"keep-my-disks"}, 30, f"{r1} to hold only keep-my-disks")
+    assert held(nodes[r2]) == {"restart-me", "halted"}
+    assert not (fleet.node_dir(r1) / "disks" / NS / "restart-me").exists()
+    stayed = fleet.vm(NS, "keep-my-disks")
+    assert node_of(stayed) == r1 and stayed["status"]["phase"] == "Running"
+    assert "set spec.allowDiskLoss: true" in annotation(stayed, EVICTION_ANNOTATION)
+
+    out = fleet.plugin("uncordon", r1)
+    assert out.returncode == 0, out.stderr
+    fleet.wait_vm(NS, "keep-my-disks", lambda vm: not annotation(vm, EVICTION_ANNOTATION), "its note gone")
+
+
+def test_a_tenant_cannot_stop_a_vm_for_a_restart_elsewhere(
+    fleet: Fleet, nodes: dict[str, OperatorProcess]
+) -> None:
+    """The annotation that stops a VM for a restart elsewhere is the controller's."""
+    tenant = fleet.user(NS, "tenant", "edit")
+    out = fleet.kubectl.run(
+        "--kubeconfig",
+        str(tenant),
+        "annotate",
+        "vm",
+        "keep-my-disks",
+        "-n",
+        NS,
+        f"{RESTART_ELSEWHERE_ANNOTATION}=node-r1",
+    )
+    assert out.returncode != 0
+    assert "vmm.formation.cloud/restart-elsewhere is the controller's" in out.stderr
+
+
+def test_the_vms_of_a_node_given_up_for_lost_start_elsewhere_if_allowed(
+    fleet: Fleet, nodes: dict[str, OperatorProcess]
+) -> None:
+    r1, r2 = NODES
+    fleet.kubectl("delete", "vm", "--all", "-n", NS, "--wait=true", "--timeout=60s")
+    fleet.kubectl("taint", "node", r1, HOLD, "--overwrite")
+    fleet.apply_vm(NS, "cattle", **ON_R, allowDiskLoss=True)  # the default strategy
+    fleet.apply_vm(NS, "pet", **ON_R, evictionStrategy="Restart")
+    for name in ("cattle", "pet"):
+        assert node_of(fleet.wait_phase(NS, name, "Running")) == r2
+    fleet.kubectl("taint", "node", r1, "hold-")
+
+    stop(nodes[r2].pid)  # the node dies with its agent (the test driver's domains go with it)
+    fleet.wait_phase(NS, "cattle", "Unknown", timeout=30)
+    # Silence alone never moves a VM: the node may only be cut off, its guests running on.
+    fleet.wait_phase(NS, "pet", "Unknown", timeout=30)
+    assert node_of(fleet.vm(NS, "cattle")) == r2
+
+    fleet.kubectl("taint", "node", r2, "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute")
+    cattle = fleet.wait_vm(NS, "cattle", lambda vm: node_of(vm) == r1, f"on {r1}")
+    assert cattle["metadata"]["finalizers"] == [f"agent.vmm.formation.cloud/{r1}"]
+    assert fleet.wait_phase(NS, "cattle", "Running")["status"]["nodeName"] == r1
+    assert "cattle" in held(nodes[r1])
+    reasons = dict(events(fleet, "cattle"))
+    assert f"node {r2} is lost (marked out of service" in reasons["RestartedElsewhere"]
+    pet = fleet.wait_vm(NS, "pet", lambda vm: annotation(vm, EVICTION_ANNOTATION), "a note")
+    assert node_of(pet) == r2 and pet["status"]["phase"] == "Unknown"
+    assert "set spec.allowDiskLoss: true" in annotation(pet, EVICTION_ANNOTATION)
+    assert annotation(pet, EVICTION_ANNOTATION).endswith("it waits for its node")
+
+    # The Node deleted, and the owner allowing it now: the pet goes too.
+    fleet.kubectl("delete", "node", r2)
+    fleet.kubectl("patch", "vm", "pet", "-n", NS, "--type=merge", "-p", '{"spec":{"allowDiskLoss":true}}')
+    pet = fleet.wait_vm(NS, "pet", lambda vm: node_of(vm) == r1, f"on {r1}", timeout=30)
+    assert fleet.wait_phase(NS, "pet", "Running")["status"]["nodeName"] == r1
+    assert "its Node was deleted" in dict(events(fleet, "pet"))["RestartedElsewhere"]
+    fleet.wait_vm(NS, "pet", lambda vm: not annotation(vm, EVICTION_ANNOTATION), "its note gone")
