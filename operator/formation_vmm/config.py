@@ -91,9 +91,10 @@ class Settings(BaseSettings):
     node_lost_seconds: float = Field(default=40.0, gt=0)
     # Live migration (docs/migration.md). KubeVirt's defaults: 5 at once in the cluster, 2 out
     # of each node, 150 s per GiB copied at most, 150 s without progress at most. 0: no
-    # bandwidth limit. The endpoint other nodes' libvirtds reach this node's at, and the
-    # directory of the migration's sockets, both seen alike from every node: set, the node takes
-    # migrations; unset (the default until the TLS relay between agents is built), it does not.
+    # bandwidth limit. A node takes migrations when its agent runs the migration relay
+    # (``migration_relay_listen``, host:port; docs/migration.md), or, on one machine only, when
+    # ``migration_libvirt_uri`` and ``migration_socket_dir`` name its libvirtd and a directory
+    # every node's libvirtd sees.
     migrations_in_cluster: int = Field(default=5, ge=1)
     migrations_per_node: int = Field(default=2, ge=1)
     migration_completion_timeout_per_gib: float = Field(default=150.0, gt=0)
@@ -106,6 +107,18 @@ class Settings(BaseSettings):
     )
     migration_libvirt_uri: str | None = None
     migration_socket_dir: Path | None = None
+    # The relay: where it listens (host:port; port 0 picks one), the host:port other nodes dial
+    # (default: the listen address), the directory of its sockets as libvirtd and QEMU see it, the
+    # same directory as the agent sees it (default: the same path), and this node's libvirtd
+    # socket, which incoming RPC streams are connected to.
+    migration_relay_listen: str | None = None
+    migration_relay_advertise: str | None = None
+    migration_relay_dir: Path = Path("/run/formation-vmm/migration")
+    migration_relay_host_dir: Path | None = None
+    migration_libvirt_socket: Path = Path("/run/libvirt/libvirt-sock")
+    # uid:gid given a migration's socket directory on the target, for a QEMU that does not run
+    # as root (the chart's libvirtd runs it as libvirt-qemu); unset: root's, mode 0711.
+    migration_relay_socket_owner: str | None = Field(default=None, pattern=r"^[0-9]+:[0-9]+$")
     # How often the controller reads again every Secret it sealed for a node (Secrets are not
     # watched: that would hold every Secret of the cluster in its memory).
     seal_refresh_seconds: float = Field(default=60.0, gt=0)

@@ -46,6 +46,17 @@ MIGRATIONS = Counter(
     "Live migrations out of this node, by outcome (moved, failed).",
     ["outcome"],
 )
+RELAY_STREAMS = Counter(
+    "vmm_agent_relay_streams_total",
+    "Connections through the migration relay, by side (out: for a migration from this node; in: to"
+    " it), stream (libvirt, memory, disks) and outcome (relayed, refused, failed).",
+    ["side", "stream", "outcome"],
+)
+RELAY_BYTES = Counter(
+    "vmm_agent_relay_bytes_total",
+    "Bytes the migration relay carried towards the other node (out) and from it (in).",
+    ["direction"],
+)
 SNAPSHOTS = Counter(
     "vmm_agent_snapshot_operations_total",
     "Snapshots and restores carried out, by operation and result.",

@@ -21,17 +21,18 @@ from formation_vmm.agent import handlers as agent_handlers
 from formation_vmm.agent.access import CallerAccess
 from formation_vmm.agent.confinement import confinement_problem
 from formation_vmm.agent.echoes import Echoes
-from formation_vmm.agent.handlers import AgentMemo
+from formation_vmm.agent.handlers import AgentMemo, migration_endpoint
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
 from formation_vmm.agent.migration_marks import MigrationMarks
-from formation_vmm.agent.migrations import NodeMigrations, Tuning
+from formation_vmm.agent.migrations import Endpoint, NodeMigrations, Tuning
 from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.relay import Identity, Relay, Stream
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
@@ -375,10 +376,11 @@ def run_agent(settings: Settings) -> None:
         events,
         queue.add,
     )
+    relay = _relay(settings, kube, node)
     migrations = NodeMigrations(
         node, kube, hypervisor, reconciler, sync, cache, watcher.marks,
         StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus), vm_status, events, queue.add,
-        _migration_tuning(settings),
+        _migration_tuning(settings), relay=relay,
     )  # fmt: skip
     state = AgentMemo(
         settings=settings,
@@ -397,6 +399,8 @@ def run_agent(settings: Settings) -> None:
         networks=networks,
         health=health,
         key=key,
+        migration_endpoint=migration_endpoint(settings, relay),
+        relay=relay,
     )
     _agent_health(health, settings, hypervisor, state, queue, prober)
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
@@ -405,6 +409,54 @@ def run_agent(settings: Settings) -> None:
     routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
     local_routes = debug_api.node_local_routes(hypervisor, layout, networks.libvirt)
     asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
+
+
+def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
+    """The migration relay, started, when this node takes migrations through it."""
+    if not settings.migration_relay_listen:
+        return None
+    host, _, port = settings.migration_relay_listen.rpartition(":")
+
+    def authorize(source: str, stream: Stream) -> str | None:
+        """Whether a VmMigration asks for this stream now: that uid, under way, from ``source``
+        to this node."""
+        body = kube.get_or_none(MIGRATION_PLURAL, stream.namespace, stream.migration)
+        if body is None or body["metadata"].get("uid") != stream.uid:
+            return "no such migration"
+        status = body.get("status") or {}
+        if status.get("targetNode") != node or status.get("sourceNode") != source:
+            return f"the migration is not from node {source} to node {node}"
+        if status.get("phase") not in ("Preparing", "Migrating"):
+            return f"the migration is {status.get('phase') or 'not started'}"
+        return None
+
+    def certificate(peer: str) -> str | None:
+        try:
+            endpoint = Endpoint.of(kube.node(peer))
+        except ApiError:
+            return None
+        return endpoint.certificate if endpoint is not None and endpoint.certificate else None
+
+    relay = Relay(
+        node,
+        Identity.load_or_create(settings.state_dir / "relay", node),
+        (host.strip("[]"), int(port)),
+        settings.migration_relay_dir,
+        settings.migration_relay_host_dir or settings.migration_relay_dir,
+        settings.migration_libvirt_socket,
+        authorize,
+        certificate,
+        _owner(settings.migration_relay_socket_owner),
+    )
+    relay.start()
+    return relay
+
+
+def _owner(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    uid, _, gid = text.partition(":")
+    return int(uid), int(gid)
 
 
 def _migration_tuning(settings: Settings) -> Tuning:

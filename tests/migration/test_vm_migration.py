@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,12 @@ from typing import Any
 import pytest
 import yaml
 
-from formation_vmm.api.names import NODE_LABEL, agent_finalizer
+from formation_vmm.api.names import (
+    AGENT_ENDPOINT_ANNOTATION,
+    MIGRATION_ENDPOINT_ANNOTATION,
+    NODE_LABEL,
+    agent_finalizer,
+)
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.controlplane import ControlPlane
@@ -84,6 +90,22 @@ class Cluster:
     def domains(self, node: str) -> list[str]:
         run_dir = self.root / "nodes" / node / "libvirt" / "run" / "qemu"
         return sorted(p.stem for p in run_dir.glob("*.pid"))
+
+    def node_annotation(self, node: str, key: str) -> str:
+        return str(
+            json.loads(self.kubectl("get", "node", node, "-o", "json"))["metadata"]["annotations"][key]
+        )
+
+    def relay_counts(self, node: str) -> dict[str, float]:
+        """The node's agent's migration relay counters, ``name{labels}`` -> value."""
+        url = self.node_annotation(node, AGENT_ENDPOINT_ANNOTATION)
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            lines = resp.read().decode().splitlines()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith("vmm_agent_relay_") and "_created" not in line
+        }
 
     def answers(self, node: str, address: str) -> bool:
         """The guest's HTTP server answers at ``address``, from inside ``node``'s namespace."""
@@ -157,6 +179,13 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     (count, boot) = guest.ticks(cluster.console("mover", source))[-1]
     ready_since = ready(cluster.vm("mover"))["lastTransitionTime"]
 
+    # Each node takes migrations through its agent's relay: an address and a certificate, no
+    # libvirtd of its own on the network.
+    endpoint = json.loads(cluster.node_annotation(source, MIGRATION_ENDPOINT_ANNOTATION))
+    assert set(endpoint) == {"relay", "certificate"}, endpoint
+    assert endpoint["certificate"].startswith("-----BEGIN CERTIFICATE-----")
+    before = {node: cluster.relay_counts(node) for node in node_names(3)}
+
     moved = cluster.plugin("migrate", "mover")  # the controller picks the target
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert "Succeeded: mover runs on" in moved.stdout, moved.stdout
@@ -164,6 +193,16 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     vm = cluster.vm("mover")
     target = vm["status"]["nodeName"]
     assert target != source
+    # Everything crossed through the two agents' relays over TLS: libvirt's RPC, the memory and
+    # the disk, each a stream the target accepted for this migration; the guest's 256 MiB of
+    # memory (most of it never touched, so sent as zero pages) and its disk's writes among them.
+    sent, received = cluster.relay_counts(source), cluster.relay_counts(target)
+    for stream in ("libvirt", "memory", "disks"):
+        key = f'vmm_agent_relay_streams_total{{outcome="relayed",side="%s",stream="{stream}"}}'
+        assert sent.get(key % "out", 0) > before[source].get(key % "out", 0), (stream, sent)
+        assert received.get(key % "in", 0) > before[target].get(key % "in", 0), (stream, received)
+    carried = 'vmm_agent_relay_bytes_total{direction="out"}'
+    assert sent[carried] - before[source].get(carried, 0) > 1 << 20, sent
     # The binding followed in one write: the label and the agent's finalizer, never both nodes'.
     assert vm["metadata"]["labels"][NODE_LABEL] == target
     assert [f for f in vm["metadata"]["finalizers"] if f.startswith("agent.")] == [agent_finalizer(target)]

@@ -6,6 +6,7 @@ through their probes, and the sample VM runs on real QEMU (TCG). Then what users
 `kubectl vm console`, `helm upgrade` (the agent rolls, the guest does not restart), and
 `helm uninstall` (our objects go; CRDs and VMs stay, docs/configuration.md)."""
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from formation_vmm.api.names import MIGRATION_ENDPOINT_ANNOTATION
 from formation_vmm.devcluster import operator_image
 from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, HELM_UPGRADE, NodeCluster
 from tests.support.binaries import binaries
@@ -70,6 +72,18 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     assert not ctx.get("privileged") and ctx["capabilities"]["drop"] == ["ALL"]
     controller = get_json(kubectl, "pod", controllers[0], "-n", NS)
     assert controller["spec"]["containers"][0]["securityContext"]["runAsUser"] == 65532
+    # The agent runs the migration relay on the node's address, within those limits, and
+    # publishes where it listens and the certificate it shows (docs/migration.md).
+    published = wait_for(
+        lambda: get_json(kubectl, "node", cluster.node.name)["metadata"]["annotations"].get(
+            MIGRATION_ENDPOINT_ANNOTATION
+        ),
+        60,
+        "the node's migration endpoint",
+    )
+    endpoint = json.loads(published)
+    assert endpoint["relay"] == f"{cluster.node.node_ip}:9440"
+    assert endpoint["certificate"].startswith("-----BEGIN CERTIFICATE-----")
     # One leads: the Lease names a running replica.
     lease = get_json(kubectl, "lease", "formation-vmm-controller", "-n", NS)
     assert lease["spec"]["holderIdentity"] in controllers

@@ -17,6 +17,7 @@ from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import ImageCatalog
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations
 from formation_vmm.agent.networks import NodeNetworks
+from formation_vmm.agent.relay import Relay
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
@@ -77,6 +78,8 @@ class AgentMemo:
     networks: NodeNetworks
     health: Health
     key: NodeKey
+    migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
+    relay: Relay | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
     sent_beat: str = ""
@@ -111,7 +114,7 @@ def publish_node(state: AgentMemo) -> None:
         AGENT_ENDPOINT_ANNOTATION: state.endpoint,
         AGENT_KEY_ANNOTATION: state.key.public_b64,
         HEARTBEAT_ANNOTATION: beat,
-        MIGRATION_ENDPOINT_ANNOTATION: migration_endpoint(settings),
+        MIGRATION_ENDPOINT_ANNOTATION: state.migration_endpoint,
     }
     state.kube.patch_node(state.node, {"metadata": {"annotations": annotations}})
     state.sent_beat = beat
@@ -119,12 +122,19 @@ def publish_node(state: AgentMemo) -> None:
     metrics.HEARTBEATS.inc()
 
 
-def migration_endpoint(settings: Settings) -> str | None:
+def migration_endpoint(settings: Settings, relay: Relay | None) -> str | None:
     """The node's migration endpoint annotation; None (removed) when it takes no migrations."""
+    if relay is not None:
+        host = (settings.migration_relay_advertise or settings.migration_relay_listen or "").rpartition(":")[
+            0
+        ]
+        return Endpoint(relay=f"{host}:{relay.port}", certificate=relay.identity.certificate).annotation()
     if not settings.migration_libvirt_uri or settings.migration_socket_dir is None:
         return None
     settings.migration_socket_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
-    return Endpoint(settings.migration_libvirt_uri, settings.migration_socket_dir.resolve()).annotation()
+    return Endpoint(
+        libvirt=settings.migration_libvirt_uri, sockets=settings.migration_socket_dir.resolve()
+    ).annotation()
 
 
 def sweep_migrations(state: AgentMemo) -> None:
@@ -203,6 +213,8 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
                 await task
         state.queue.close()
         state.migrations.close()
+        if state.relay is not None:
+            state.relay.stop()
         state.node_images.close()
         state.hypervisor.close()
 

@@ -8,11 +8,12 @@ Each migration's work runs in a thread of this component's own (a copy lasts sec
 minutes; kopf's and the sync's threads stay free). A mark on disk (migration_marks) holds the VM
 against its node's sync and orphan sweep for as long as the migration may still need it."""
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from formation_vmm.agent.hypervisor import migration as libvirt_migration
 from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.migration_marks import Mark, MigrationMarks
 from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.relay import Relay, RelayError, Route, Stream
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.watch import VmCache
 from formation_vmm.api.conditions import now
@@ -59,10 +61,14 @@ class MigrationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """How the source reaches the target: its libvirtd, and where the copy's sockets go."""
+    """How the source reaches the target: through the target agent's relay (its address and
+    the certificate it shows), or, on one machine, straight to its libvirtd with the copy's
+    sockets in a directory both libvirtds see."""
 
-    libvirt: str
-    sockets: Path
+    relay: str = ""
+    certificate: str = ""
+    libvirt: str = ""
+    sockets: Path | None = None
 
     @staticmethod
     def of(node: Body) -> "Endpoint | None":
@@ -71,14 +77,20 @@ class Endpoint:
             data = json.loads(text) if text else None
         except ValueError:
             return None
-        if not isinstance(data, dict) or not data.get("libvirt") or not data.get("sockets"):
+        if not isinstance(data, dict):
+            return None
+        if data.get("relay") and data.get("certificate"):
+            return Endpoint(relay=str(data["relay"]), certificate=str(data["certificate"]))
+        if not data.get("libvirt") or not data.get("sockets"):
             return None
         sockets = Path(str(data["sockets"]))
         if not sockets.is_absolute():
             return None
-        return Endpoint(str(data["libvirt"]), sockets)
+        return Endpoint(libvirt=str(data["libvirt"]), sockets=sockets)
 
     def annotation(self) -> str:
+        if self.relay:
+            return json.dumps({"relay": self.relay, "certificate": self.certificate}, sort_keys=True)
         return json.dumps({"libvirt": self.libvirt, "sockets": str(self.sockets)}, sort_keys=True)
 
 
@@ -105,8 +117,10 @@ class NodeMigrations:
         poke: Poke,
         tuning: Tuning | None = None,
         clock: Callable[[], float] = time.monotonic,
+        relay: Relay | None = None,
     ) -> None:
         self.node = node
+        self.relay = relay
         self.kube = kube
         self.hypervisor = hypervisor
         self.reconciler = reconciler
@@ -247,6 +261,8 @@ class NodeMigrations:
                 if current is not None:
                     self.hypervisor.undefine(dom)
                 self.reconciler.prepare_incoming(vm, vm.status.domain_uuid)
+                if self.relay is not None:
+                    self.relay.incoming(uid)  # where the target QEMU's sockets go
         except InputNotReadyError as exc:
             log.info("migration %s/%s waits on the target: %s", namespace, mig.metadata.name, exc)
             with self._lock:
@@ -266,6 +282,8 @@ class NodeMigrations:
         """A migration to here that did not happen: its prepared domain and files go, unless the
         VM is bound here after all (then they are its own)."""
         uid = body["metadata"].get("uid", "")
+        if self.relay is not None:
+            self.relay.forget(uid)
         marks = self.marks.of_migration(uid, "in")
         for held in marks if mark is None else [mark]:
             vm_body = self.cache.get(domain_name(held.namespace, held.vm_name))
@@ -304,6 +322,8 @@ class NodeMigrations:
 
     def _arrived(self, body: Body) -> None:
         uid = body["metadata"].get("uid", "")
+        if self.relay is not None:
+            self.relay.forget(uid)
         for mark in self.marks.of_migration(uid):
             self.marks.clear(mark.vm_uid, uid)
             self.poke(domain_name(mark.namespace, mark.vm_name))
@@ -335,7 +355,7 @@ class NodeMigrations:
         earlier = self.marks.get(vm_uid)
         self.marks.set(Mark(vm_uid, "out", uid, namespace, vm.metadata.name, mig.metadata.name))
         try:
-            with self.sync.locked(dom):
+            with self._route(endpoint, namespace, mig.metadata.name, uid) as route, self.sync.locked(dom):
                 info = self.hypervisor.describe(dom)
                 if info is None or not info.actual.active:
                     uuid = vm.status.domain_uuid or ""
@@ -343,7 +363,7 @@ class NodeMigrations:
                         earlier is not None
                         and earlier.migration_uid == uid
                         and uuid
-                        and (libvirt_migration.runs_on(endpoint.libvirt, dom, uuid))
+                        and (libvirt_migration.runs_on(route.agent_uri, dom, uuid))
                     ):
                         # This agent died after the copy and before saying so: say it now.
                         self._moved(body, vm, None)
@@ -359,8 +379,8 @@ class NodeMigrations:
                         "SourceRestarted", f"the agent on {self.node} restarted during the copy"
                     )
                 self.vms.write(vm_body, lambda _: VirtualMachineStatus(phase="Migrating"))
-                job = self._copy(body, vm, dom, endpoint, uid)
-        except (MigrationError, HypervisorError, OSError) as exc:
+                job = self._copy(body, vm, dom, route, uid)
+        except (MigrationError, HypervisorError, OSError, RelayError) as exc:
             reason = exc.reason if isinstance(exc, MigrationError) else "MigrationFailed"
             self._fail(body, reason, str(exc))
             self.marks.clear(vm_uid, uid)
@@ -368,10 +388,32 @@ class NodeMigrations:
             return
         self._moved(body, vm, job)
 
-    def _copy(self, body: Body, vm: VirtualMachine, dom: str, endpoint: Endpoint, uid: str) -> dict[str, int]:
+    @contextlib.contextmanager
+    def _route(self, endpoint: Endpoint, namespace: str, migration: str, uid: str) -> Iterator[Route]:
+        """The way to the target for this migration: a relay session, or straight there."""
+        if not endpoint.relay:
+            short = uid.replace("-", "")[:12]
+            sockets = endpoint.sockets or Path("/")
+            yield Route(
+                libvirtd_uri=endpoint.libvirt,
+                agent_uri=endpoint.libvirt,
+                memory_uri=f"unix://{sockets / f'{short}-m.sock'}",
+                disks_uri=f"unix://{sockets / f'{short}-d.sock'}",
+            )
+            return
+        if self.relay is None:
+            raise MigrationError(
+                "NoRelay", f"node {self.node} has no migration relay to reach the target with"
+            )
+        with self.relay.outgoing(
+            Stream(namespace, migration, uid, ""), endpoint.relay, endpoint.certificate
+        ) as route:
+            yield route
+
+    def _copy(self, body: Body, vm: VirtualMachine, dom: str, route: Route, uid: str) -> dict[str, int]:
         """Run libvirt's migration in a thread and follow it; returns the finished job's figures
         as the target reports them. Raises MigrationError when it is cancelled, overdue or fails."""
-        xml = libvirt_migration.target_definition(endpoint.libvirt, dom)
+        xml = libvirt_migration.target_definition(route.agent_uri, dom)
         disks = libvirt_migration.writable_disks(self.hypervisor.domain_xml(dom))
         short = uid.replace("-", "")[:12]
         failure: list[Exception] = []
@@ -381,10 +423,10 @@ class NodeMigrations:
                 libvirt_migration.migrate(
                     self.hypervisor,
                     dom,
-                    endpoint.libvirt,
+                    route.libvirtd_uri,
                     xml,
-                    f"unix://{endpoint.sockets / f'{short}-m.sock'}",
-                    f"unix://{endpoint.sockets / f'{short}-d.sock'}",
+                    route.memory_uri,
+                    route.disks_uri,
                     disks,
                     bandwidth_mib=self.tuning.bandwidth_mib,
                     auto_converge=self.tuning.auto_converge,
@@ -396,13 +438,13 @@ class NodeMigrations:
         began = self.clock()
         mover.start()
         stop = self._follow(mover, body, vm, dom, uid)
-        log.info("%s: the copy to %s ended after %.2fs", dom, endpoint.libvirt, self.clock() - began)
+        log.info("%s: the copy to %s ended after %.2fs", dom, route.libvirtd_uri, self.clock() - began)
         if failure:
             if stop is not None:
                 raise stop
             raise MigrationError("MigrationFailed", str(failure[0]))
         try:
-            return libvirt_migration.completed_job_on(endpoint.libvirt, dom)
+            return libvirt_migration.completed_job_on(route.agent_uri, dom)
         except HypervisorError as exc:
             log.warning("the figures of %s's migration: %s", dom, exc)
             return {}

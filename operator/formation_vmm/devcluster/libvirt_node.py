@@ -32,6 +32,9 @@ MOUNTS = (
     ("lib", "/var/lib/libvirt"),
     ("cache", "/var/cache/libvirt"),
     ("log", "/var/log/libvirt"),
+    # The migration relay's sockets (the agent's default migration_relay_dir): each node's QEMU
+    # listens at the same path as the other node's relay, as on separate machines.
+    ("r", "/run/formation-vmm/migration"),
 )
 # As root in a sandbox without cgroup delegation or mount namespaces for QEMU.
 QEMU_CONF = """user = "root"
@@ -84,7 +87,16 @@ class LibvirtNode:
 
     @property
     def uri(self) -> str:
-        return f"qemu+unix:///system?socket={self.sock_dir / 'libvirt-sock'}"
+        return f"qemu+unix:///system?socket={self.socket}"
+
+    @property
+    def socket(self) -> Path:
+        return self.sock_dir / "libvirt-sock"
+
+    @property
+    def relay_dir(self) -> Path:
+        """The migration relay's directory, as seen from outside the namespace."""
+        return self.root / "r"
 
     def path(self, inside: str) -> Path:
         """Where a path under one of libvirt's directories inside the namespace lies outside it

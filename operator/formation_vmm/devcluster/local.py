@@ -62,6 +62,10 @@ class NodeLibvirt:
     domain_type: str
     warning: str | None = None
     netns: Path | None = None  # where the node's VM networks (and so its probes) live
+    # The node's own libvirtd: its socket, and its migration relay's directory, both as seen
+    # from outside its mount namespace.
+    socket: Path | None = None
+    relay_dir: Path | None = None
 
 
 def start_libvirt(plane: ControlPlane, node: str) -> NodeLibvirt:
@@ -92,7 +96,11 @@ def start_libvirt(plane: ControlPlane, node: str) -> NodeLibvirt:
     except LibvirtNodeError as exc:
         return _test_driver(str(exc))
     return NodeLibvirt(
-        libvirt.uri, domain_type, netns=libvirt.netns_path() if libvirt.network_namespace else None
+        libvirt.uri,
+        domain_type,
+        netns=libvirt.netns_path() if libvirt.network_namespace else None,
+        socket=libvirt.socket,
+        relay_dir=libvirt.relay_dir,
     )
 
 
@@ -156,9 +164,14 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
         env = {"VMM_ALLOW_UNCONFINED_QEMU": "true"}
         if libvirt.netns is not None:
             env["VMM_PROBE_NETNS"] = str(libvirt.netns)  # probes reach the guests where they live
-        if libvirt.domain_type != "test":
-            # Every node's libvirtd sees the others' sockets (one machine): VMs move between
-            # them live (docs/migration.md). The test driver does not migrate.
+        if libvirt.domain_type != "test" and libvirt.relay_dir is not None and libvirt.socket is not None:
+            # Each node's agent runs the migration relay on a port of its own, over TLS, as on
+            # separate machines (docs/migration.md). The test driver does not migrate.
+            env["VMM_MIGRATION_RELAY_LISTEN"] = "127.0.0.1:0"
+            env["VMM_MIGRATION_RELAY_HOST_DIR"] = str(libvirt.relay_dir)
+            env["VMM_MIGRATION_LIBVIRT_SOCKET"] = str(libvirt.socket)
+        elif libvirt.domain_type != "test":
+            # A libvirtd named by VMM_LIBVIRT_URI, shared by the nodes: straight to it.
             env["VMM_MIGRATION_LIBVIRT_URI"] = libvirt.uri
             env["VMM_MIGRATION_SOCKET_DIR"] = str(root / "nodes" / node / "migration")
         agents[node] = (libvirt, start_agent(plane, node, libvirt.uri, libvirt.domain_type, env))
