@@ -22,6 +22,7 @@ from formation_vmm.api.names import (
     CAPACITY_MEMORY_ANNOTATION,
     HEARTBEAT_ANNOTATION,
     MIGRATION_ENDPOINT_ANNOTATION,
+    NODE_LABEL,
 )
 from formation_vmm.devcluster.cluster import register_node
 from tests.support.fleet import ON_QEMU, QEMU_TOLERATION, TINY, Fleet
@@ -52,22 +53,24 @@ def request(ns: str, name: str, vm: str, target: str | None = None) -> dict[str,
     }
 
 
-@pytest.fixture
-def targets(fleet: Fleet) -> Iterator[threading.Event]:
-    """Two agentless target nodes (tainted: only this test's VMs tolerate them), their heartbeat
-    written every second until the returned event is set."""
+def beating(
+    fleet: Fleet, nodes: tuple[str, ...], cpus: str, memory: str
+) -> tuple[threading.Event, threading.Thread]:
+    """Agentless hypervisor nodes (tainted: only this module's VMs tolerate them), whose
+    heartbeat, capacity and migration endpoint the test writes every second, as an agent would,
+    until the returned event is set."""
     stop = threading.Event()
-    for node in TARGETS:
+    for node in nodes:
         register_node(fleet.kubectl, node, {"zone": "m", "migrations": "here"})
         fleet.kubectl("taint", "node", node, "dedicated=migration:NoSchedule", "--overwrite")
 
     def beat() -> None:
         while not stop.is_set():
             at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            for node in TARGETS:
+            for node in nodes:
                 annotations = {
-                    CAPACITY_CPUS_ANNOTATION: "64",
-                    CAPACITY_MEMORY_ANNOTATION: "65536Mi",
+                    CAPACITY_CPUS_ANNOTATION: cpus,
+                    CAPACITY_MEMORY_ANNOTATION: memory,
                     HEARTBEAT_ANNOTATION: at,
                     MIGRATION_ENDPOINT_ANNOTATION: json.dumps(
                         {"libvirt": "test:///none", "sockets": "/nonexistent"}
@@ -80,6 +83,13 @@ def targets(fleet: Fleet) -> Iterator[threading.Event]:
 
     beater = threading.Thread(target=beat, daemon=True)
     beater.start()
+    return stop, beater
+
+
+@pytest.fixture
+def targets(fleet: Fleet) -> Iterator[threading.Event]:
+    """Two roomy target nodes."""
+    stop, beater = beating(fleet, TARGETS, "64", "65536Mi")
     try:
         yield stop
     finally:
@@ -205,3 +215,47 @@ def test_twenty_requests_at_once_respect_the_limits(fleet: Fleet, ns: str, targe
         assert (
             fleet.vm(ns, name)["metadata"]["labels"]["vmm.formation.cloud/node"] == f"node-{selector['zone']}"
         )
+
+
+def test_the_targets_room_is_held_for_the_vm_on_its_way(fleet: Fleet, ns: str) -> None:
+    """A target with room for one tiny VM: while a migration prepares there, a new VM that
+    fits only there stays Pending; once the migration is cancelled, the room is free again and
+    the new VM takes it."""
+    small = "mig-small"
+    stop, beater = beating(fleet, (small,), "1", "64Mi")
+    try:
+        fleet.apply_vm(ns, "mover", **movable(nodeSelector={"zone": "a"}))
+        fleet.wait_phase(ns, "mover", "Running")
+        wanted = {"spec": {"nodeSelector": {"zone": None, "migrations": "here"}}}
+        fleet.kubectl("patch", "vm", "mover", "-n", ns, "--type=merge", "-p", json.dumps(wanted))
+        fleet.apply(request(ns, "to-small", "mover", small))
+        wait_for(lambda: migrations(fleet, ns).get("to-small", {}).get("phase") == "Preparing", 30,
+                 "the migration to prepare on the small node")  # fmt: skip
+
+        fleet.apply_vm(ns, "newcomer", **movable(nodeSelector={"zone": "m"}))
+        pending = fleet.wait_vm(
+            ns,
+            "newcomer",
+            lambda vm: any(
+                c["type"] == "Scheduled" and c["status"] == "False"
+                for c in vm.get("status", {}).get("conditions", [])
+            ),
+            "to be refused a node",
+        )
+        assert NODE_LABEL not in pending["metadata"].get("labels", {}), pending["metadata"]
+        assert pending["status"]["phase"] == "Pending"
+
+        fleet.kubectl("delete", "vmmig", "to-small", "-n", ns)
+        bound = fleet.wait_vm(
+            ns,
+            "newcomer",
+            lambda vm: vm["metadata"].get("labels", {}).get(NODE_LABEL) == small,
+            f"bound to {small}",
+        )
+        assert bound["metadata"]["labels"][NODE_LABEL] == small
+        assert fleet.vm(ns, "mover")["status"]["nodeName"] == "node-a"  # it never left
+    finally:
+        stop.set()
+        beater.join(10)
+        fleet.kubectl("delete", "vm", "newcomer", "-n", ns, "--wait=false", check=False)
+        fleet.kubectl("delete", "node", small, check=False)

@@ -124,6 +124,10 @@ class Binder:
         # Sums over _bound, kept as it changes: a decision reads them in O(1) (summing every
         # binding per decision made a burst quadratic: 8.5 ms of CPU per VM at 5000, 5 at 1000).
         self._node_loads: dict[str, Load] = {}
+        # Room held on a node for a VM on its way there (a migration from Preparing until its
+        # binding moves): migration key -> (node, load), and the sums per node.
+        self._reserved: dict[str, tuple[str, Load]] = {}
+        self._reserved_loads: dict[str, Load] = {}
         self._namespace_usage: dict[str, Usage] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
         self._quotas: dict[tuple[str, str], Quota] = {}  # (namespace, ResourceQuota name) -> limits
@@ -140,6 +144,37 @@ class Binder:
             self._namespace_usage.get(bound.namespace, Usage()) + bound.usage
         )
         return old
+
+    def _loads(self) -> dict[str, Load]:
+        """Each node's load as decisions see it: its bound VMs, and the room held for VMs on
+        their way to it (none, nearly always: then no copy is made)."""
+        if not self._reserved:
+            return self._node_loads
+        merged = dict(self._node_loads)
+        for node, load in self._reserved_loads.items():
+            merged[node] = merged.get(node, Load()) + load
+        return merged
+
+    def reserve(self, key: str, node: str | None, namespace: str, vm: str) -> None:
+        """Hold room on ``node`` for VM ``namespace/vm`` under ``key`` (a migration's uid) until
+        called again with ``node`` None, so that no new VM, restart or other migration takes the
+        last of it while the VM is on its way. Its load is that of its binding now."""
+        with self._lock:
+            old = self._reserved.pop(key, None)
+            if old is not None:
+                self._reserved_loads[old[0]] -= old[1]
+            bound = None
+            if node is not None:
+                bound = next(
+                    (b for b in self._bound.values() if b.namespace == namespace and b.name == vm), None
+                )
+            if node is not None and bound is not None and bound.node != node:
+                self._reserved[key] = (node, bound.load)
+                self._reserved_loads[node] = self._reserved_loads.get(node, Load()) + bound.load
+            # (Not bound, or bound there already: its binding counts.)
+            freed = old is not None and key not in self._reserved
+        if freed:
+            self.changed.set()  # room came free: pending VMs may fit now
 
     def _release(self, uid: str) -> Bound | None:
         old = self._bound.pop(uid, None)
@@ -272,7 +307,7 @@ class Binder:
                 decision, reason = Decision(None, refused.message), refused.reason
             else:
                 decision = place(
-                    request, self._node_infos(), self._node_loads, self.cpu_overcommit, self.memory_overcommit
+                    request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
                 )
             if decision.node is not None:
                 try:
@@ -379,7 +414,7 @@ class Binder:
             nodes = [n for n in self._node_infos() if n.name in takers and wanted in (None, n.name)]
             if not nodes:
                 return Decision(None, f"no node other than {source} takes migrations")
-            return place(request, nodes, self._node_loads, self.cpu_overcommit, self.memory_overcommit)
+            return place(request, nodes, self._loads(), self.cpu_overcommit, self.memory_overcommit)
 
     def takes_migrations(self, node: str, source: str) -> bool:
         """Whether ``node`` could ever be this VM's target (room aside)."""
@@ -432,9 +467,7 @@ class Binder:
             nodes = [n for n in self._node_infos() if n.name != source]
             if not nodes:
                 return Decision(None, f"there is no node other than {source}")
-            return place(
-                _request_of(vm), nodes, self._node_loads, self.cpu_overcommit, self.memory_overcommit
-            )
+            return place(_request_of(vm), nodes, self._loads(), self.cpu_overcommit, self.memory_overcommit)
 
     def given_up_nodes(self) -> dict[str, str]:
         """Nodes given up for lost, with why: an admin marked the node out of service

@@ -67,6 +67,12 @@ class MigrationScheduler:
                 self._known.pop(uid, None)
             else:
                 self._known[uid] = body
+        # The target's room is held from the moment it is chosen until the migration ends (the
+        # binding has moved by then, or the VM stays where it was).
+        holding = event_type != "DELETED" and _phase(body) in SLOT_PHASES
+        target = (body.get("status") or {}).get("targetNode") if holding else None
+        namespace = body["metadata"].get("namespace", "")
+        self.binder.reserve(uid, target, namespace, str((body.get("spec") or {}).get("vmName", "")))
         if event_type == "DELETED":
             status = body.get("status") or {}
             # Deleted after the guest moved, before the binding followed: the binding must follow.
@@ -136,16 +142,14 @@ class MigrationScheduler:
             return
         vm = VirtualMachine.model_validate(vm_body)
         older = self._older_active(body)
-        if older is not None:
-            self._fail(
-                body, "AlreadyMigrating", f"VM {vm.metadata.name} is being moved by VmMigration {older}"
-            )
-            return
-        if vm.status.phase == "Migrating":
+        if vm.status.phase == "Migrating" and older is None:
             # Its last migration ended a moment ago: the target's agent has yet to say Running.
             self._wait(
                 body, "Pending", "VmSettling", f"VM {vm.metadata.name} is settling after its last migration"
             )
+            return
+        if vm.status.phase == "Migrating":
+            self._already(body, vm, older)
             return
         refusal = cannot_move(vm, self._snapshots_of(namespace, vm.metadata.name))
         if refusal is not None:
@@ -157,6 +161,11 @@ class MigrationScheduler:
             self._fail(
                 body, "BadTarget", self.binder.migration_target(vm_body, source, wanted).message, vm_body
             )
+            return
+        # After the request's own faults, so that each says its own reason whatever the order
+        # in which requests made together are decided.
+        if older is not None:
+            self._already(body, vm, older)
             return
         wait = slot_wait(source, self._busy_sources(mig.metadata.uid or ""), self.limits)
         if wait is not None:
@@ -184,6 +193,9 @@ class MigrationScheduler:
             self.events.post(
                 vm_body, VM_KIND, "Migrating", f"moving from {source} to {target} ({mig.metadata.name})"
             )
+
+    def _already(self, body: Body, vm: VirtualMachine, older: str | None) -> None:
+        self._fail(body, "AlreadyMigrating", f"VM {vm.metadata.name} is being moved by VmMigration {older}")
 
     def _check_nodes(self, body: Body) -> None:
         """A migration whose source or target node went silent ends, with the reason."""
