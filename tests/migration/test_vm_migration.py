@@ -10,6 +10,7 @@ move. A migration that cannot converge (a guest rewriting memory faster than the
 cluster allows) is cancelled with `kubectl vm migrate --cancel`: the guest runs on at the source
 under the same boot id, and the target keeps nothing."""
 
+import io
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pycdlib
 import pytest
 import yaml
 
@@ -44,6 +46,7 @@ pytestmark = pytest.mark.libvirt
 # Slow enough that a guest rewriting 64 MiB of memory in a loop never converges, fast enough
 # that an idle guest's few tens of MiB move in a few seconds.
 BANDWIDTH_MIB = 24
+USER_DATA = "#cloud-config\npassword: hunter2-moves-along\n"
 
 
 def run(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -170,8 +173,29 @@ def start(cluster: Cluster, vm: dict[str, Any]) -> str:
     return str(node)
 
 
+def seed_user_data(seed: Path) -> str:
+    iso = pycdlib.PyCdlib()
+    iso.open(str(seed))
+    try:
+        buf = io.BytesIO()
+        iso.get_file_from_iso_fp(buf, joliet_path="/user-data")
+    finally:
+        iso.close()
+    return buf.getvalue().decode()
+
+
 def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cluster: Cluster) -> None:
-    source = start(cluster, guest_vm("mover", "vmm.disk=1"))
+    # Its cloud-init user data comes from a Secret, sealed for one node at a time.
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "mover-cloud", "namespace": "default"},
+        "stringData": {"userdata": USER_DATA},
+    }
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(secret))
+    doc = guest_vm("mover", "vmm.disk=1")
+    doc["spec"]["cloudInit"] = {"userDataSecretRef": {"name": "mover-cloud", "key": "userdata"}}
+    source = start(cluster, doc)
     vm = cluster.vm("mover")
     uid, address = vm["metadata"]["uid"], vm["status"]["interfaces"][0]["ipAddress"]
     assert f"{guest.DISK_NOW} count=1" in cluster.console("mover", source).read_text(errors="replace")
@@ -193,6 +217,11 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     vm = cluster.vm("mover")
     target = vm["status"]["nodeName"]
     assert target != source
+    # The target built the seed from a copy the controller sealed for it in the migration.
+    migration = cluster.migration_status(vm["status"]["migration"]["name"])
+    assert migration["sealedUserData"]["node"] == target and "hunter2" not in json.dumps(migration)
+    seed = cluster.root / "nodes" / target / "run" / "default" / "mover" / uid / "cloud-init.iso"
+    assert seed_user_data(seed) == USER_DATA
     # Everything crossed through the two agents' relays over TLS: libvirt's RPC, the memory and
     # the disk, each a stream the target accepted for this migration; the guest's 256 MiB of
     # memory (most of it never touched, so sent as zero pages) and its disk's writes among them.
@@ -227,6 +256,9 @@ def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cl
     assert "default_mover" not in cluster.domains(source)
     assert cluster.files_of("mover", uid, source) == []
 
+    # The VM's own sealed copy follows its binding to the target.
+    wait_for(lambda: cluster.vm("mover")["status"]["sealedUserData"]["node"] == target, 30,
+             "the user data sealed for the VM's new node")  # fmt: skip
     # The disk travelled: booted again on the target, the guest reads what it wrote at the source.
     restarted = cluster.plugin("restart", "mover", "--timeout", "180")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr

@@ -248,9 +248,15 @@ class NodeMigrations:
             self._fail(body, "VmNotFound", f"VM {mig.spec.vm_name} is gone")
             return
         vm = VirtualMachine.model_validate(vm_body)
-        if not vm.status.domain_uuid:
+        uuid = vm.status.domain_uuid
+        if not uuid:
             self._fail(body, "NoDomain", f"VM {vm.metadata.name} has no domain on its node to move")
             return
+        if mig.status.sealed_user_data is not None:
+            # The VM's own copy is sealed for its node, the source: the controller sealed one
+            # for this node in the migration (controller/sealer.py). The seed is built from it.
+            status = vm.status.model_copy(update={"sealed_user_data": mig.status.sealed_user_data})
+            vm = vm.model_copy(update={"status": status})
         self.marks.set(Mark(vm.metadata.uid or "", "in", uid, namespace, vm.metadata.name, mig.metadata.name))
         dom = domain_name(namespace, vm.metadata.name)
         try:
@@ -260,7 +266,7 @@ class NodeMigrations:
                     raise MigrationError("TargetBusy", f"a domain named {dom} runs on {self.node} already")
                 if current is not None:
                     self.hypervisor.undefine(dom)
-                self.reconciler.prepare_incoming(vm, vm.status.domain_uuid)
+                self.reconciler.prepare_incoming(vm, uuid)
                 if self.relay is not None:
                     self.relay.incoming(uid)  # where the target QEMU's sockets go
         except InputNotReadyError as exc:

@@ -441,6 +441,7 @@ class VmMigrationStatus(ApiModel):
     end_time: datetime | None = None
     domain_moved: bool | None = None
     progress: MigrationProgress | None = None
+    sealed_user_data: SealedValue | None = None  # for the target node (controller/sealer.py)
 
 
 class VmMigration(ApiModel):

@@ -186,6 +186,7 @@ def _register_requests(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.event(GROUP, VERSION, MIGRATION_PLURAL, id="migrations", registry=registry)
     async def migrations(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state = controller_memo(memo)
+        state.sealer.migration_event(event.get("type"), dict(event["object"]))
         body = state.migrations.event(event.get("type"), dict(event["object"]))
         if body is not None and state.leader.is_leader():
             await asyncio.to_thread(state.migrations.act, body)

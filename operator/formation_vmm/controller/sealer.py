@@ -1,8 +1,9 @@
 """Hands each node the Secret values its VMs need, sealed to that node's agent (sealing.py):
 a VM's cloud-init user data (``userDataSecretRef``) in ``status.sealedUserData``, a VmImage's
 Authorization value (``secretRef``) in ``status.credentials``, one entry per node that fetches it
-(the nodes of the VMs that use it, every hypervisor node for ``prefetch: AllNodes``). Agents read
-no Secrets.
+(the nodes of the VMs that use it, every hypervisor node for ``prefetch: AllNodes``). A live
+migration's target gets its own: the user data in the VmMigration's ``status.sealedUserData``,
+and an entry in the images' credentials, from Preparing on. Agents read no Secrets.
 
 Fed by the watches (which objects need what, and each node's key); a pass writes what is missing
 or stale (another node, a new key, a changed Secret). Passes run on change, and every
@@ -21,10 +22,13 @@ from formation_vmm.api.models import (
     VirtualMachineStatus,
     VmImage,
     VmImageStatus,
+    VmMigration,
+    VmMigrationStatus,
 )
-from formation_vmm.api.names import AGENT_KEY_ANNOTATION, IMAGE_KIND, NODE_LABEL, VM_KIND
+from formation_vmm.api.names import AGENT_KEY_ANNOTATION, IMAGE_KIND, MIGRATION_PLURAL, NODE_LABEL, VM_KIND
 from formation_vmm.api.references import images_named
 from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
+from formation_vmm.migration_rules import SLOT_PHASES
 from formation_vmm.sealing import image_context, key_id, seal, user_data_context
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,10 @@ class Sealer:
         images: StatusWriter[VmImageStatus],
         events: EventRecorder,
         refresh_seconds: float = 60.0,
+        migrations: StatusWriter[VmMigrationStatus] | None = None,
     ) -> None:
         self.kube = kube
+        self.migration_writer = migrations or StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus)
         self.vm_writer = vms
         self.image_writer = images
         self.events = events
@@ -83,8 +89,12 @@ class Sealer:
         self._lock = threading.Lock()
         self._keys: dict[str, str] = {}  # node -> its agent's public key (base64)
         self._vms: dict[str, Body] = {}  # uid -> bound VM with a userDataSecretRef
-        self._bound: dict[str, tuple[str, str, set[str]]] = {}  # uid -> (namespace, node, images named)
+        # uid -> (namespace, node, images named, name)
+        self._bound: dict[str, tuple[str, str, set[str], str]] = {}
         self._images: dict[Key, Body] = {}  # VmImages with a secretRef
+        # Migrations under way (Preparing, Migrating): uid -> body. Their target fetches the
+        # VM's images and builds its seed before the binding moves (docs/migration.md).
+        self._incoming: dict[str, Body] = {}
         # What sealing reads of each VM and image, as last seen: only a change there asks for a
         # pass (a status write of the agents, every few seconds per VM, does not).
         self._seen: dict[str | Key, Any] = {}
@@ -114,13 +124,31 @@ class Sealer:
                 self._seen.pop(uid, None)
                 return
             images = images_named(body)
-            self._bound[uid] = (meta["namespace"], node, images)
+            self._bound[uid] = (meta["namespace"], node, images, meta.get("name", ""))
             ref = ((body.get("spec") or {}).get("cloudInit") or {}).get("userDataSecretRef")
             if ref:
                 self._vms[uid] = body
             else:
                 self._vms.pop(uid, None)
             seen = (node, sorted(images), ref, (body.get("status") or {}).get("sealedUserData"))
+            if self._seen.get(uid) != seen:
+                self._seen[uid] = seen
+                self._dirty = True
+
+    def migration_event(self, event_type: str | None, body: Body) -> None:
+        uid = body["metadata"].get("uid", "")
+        status = body.get("status") or {}
+        with self._lock:
+            if (
+                event_type == "DELETED"
+                or status.get("phase") not in SLOT_PHASES
+                or not status.get("targetNode")
+            ):
+                self._incoming.pop(uid, None)
+                self._seen.pop(uid, None)
+                return
+            self._incoming[uid] = body
+            seen = (status.get("targetNode"), status.get("sealedUserData"))
             if self._seen.get(uid) != seen:
                 self._seen[uid] = seen
                 self._dirty = True
@@ -154,11 +182,19 @@ class Sealer:
             if image.spec.prefetch == "AllNodes":
                 return set(self._keys)
             namespace = image.metadata.namespace
-            return {
-                node
-                for ns, node, names in self._bound.values()
+            users = {
+                name: node
+                for ns, node, names, name in self._bound.values()
                 if ns == namespace and image.metadata.name in names
             }
+            # A migration's target fetches the VM's images before the VM is bound there.
+            targets = {
+                str(m["status"]["targetNode"])
+                for m in self._incoming.values()
+                if m["metadata"].get("namespace") == namespace
+                and (m.get("spec") or {}).get("vmName") in users
+            }
+            return set(users.values()) | targets
 
     # --- passes ------------------------------------------------------------------------------
 
@@ -174,12 +210,26 @@ class Sealer:
             vms = list(self._vms.values())
             images = list(self._images.values())
             keys = dict(self._keys)
+            incoming = list(self._incoming.values())
+            by_name = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in vms}
         secrets: dict[Key, Body | None] = {}  # each Secret read once per pass, however many use it
         for body in vms:
             try:
                 self._seal_user_data(body, keys, secrets)
             except ApiError as exc:
                 log.warning("cannot seal the user data of %s: %s", body["metadata"]["name"], exc)
+        for mig in incoming:
+            vm_body = by_name.get(
+                (mig["metadata"].get("namespace", ""), (mig.get("spec") or {}).get("vmName"))
+            )
+            if vm_body is None:
+                continue  # its VM has no userDataSecretRef
+            try:
+                self._seal_for_target(mig, vm_body, keys, secrets)
+            except ApiError as exc:
+                log.warning(
+                    "cannot seal the user data of %s for its target: %s", mig["metadata"]["name"], exc
+                )
         for body in images:
             try:
                 self._seal_credentials(body, keys, secrets)
@@ -201,18 +251,38 @@ class Sealer:
             return None, version, f"Secret {namespace}/{name} has no key {key!r}"
         return base64.b64decode(encoded), version, None
 
-    def _seal_user_data(self, body: Body, keys: dict[str, str], secrets: dict[Key, Body | None]) -> None:
-        vm = VirtualMachine.model_validate(body)
+    def _user_data_for(
+        self, vm: VirtualMachine, node: str, keys: dict[str, str], secrets: dict[Key, Body | None]
+    ) -> SealedValue | None:
+        """The VM's user data sealed for ``node``; None when it names no Secret."""
         ref = vm.spec.cloud_init.user_data_secret_ref if vm.spec.cloud_init else None
-        node = vm.metadata.labels.get(NODE_LABEL)
-        if ref is None or node is None:
-            return
+        if ref is None:
+            return None
         namespace = vm.metadata.namespace or ""
         context = user_data_context(namespace, vm.metadata.name, vm.metadata.uid or "", ref.name, ref.key)
-        sealed = sealed_for(
-            node, keys.get(node), self._secret(namespace, ref.name, ref.key, secrets), context
+        return sealed_for(node, keys.get(node), self._secret(namespace, ref.name, ref.key, secrets), context)
+
+    def _seal_for_target(
+        self, mig_body: Body, vm_body: Body, keys: dict[str, str], secrets: dict[Key, Body | None]
+    ) -> None:
+        mig = VmMigration.model_validate(mig_body)
+        target = mig.status.target_node or ""
+        sealed = self._user_data_for(VirtualMachine.model_validate(vm_body), target, keys, secrets)
+        if sealed is None or unchanged(mig.status.sealed_user_data, sealed):
+            return
+        self.migration_writer.write(
+            mig_body,
+            lambda _: VmMigrationStatus(sealed_user_data=sealed),
+            guard=lambda b: (b.get("status") or {}).get("phase") in SLOT_PHASES,
         )
-        if unchanged(vm.status.sealed_user_data, sealed):
+
+    def _seal_user_data(self, body: Body, keys: dict[str, str], secrets: dict[Key, Body | None]) -> None:
+        vm = VirtualMachine.model_validate(body)
+        node = vm.metadata.labels.get(NODE_LABEL)
+        if node is None:
+            return
+        sealed = self._user_data_for(vm, node, keys, secrets)
+        if sealed is None or unchanged(vm.status.sealed_user_data, sealed):
             return  # sealed already, to the same key, from the same Secret version
         self.vm_writer.write(body, lambda _: VirtualMachineStatus(sealed_user_data=sealed))
         if sealed.error:
