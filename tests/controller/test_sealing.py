@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from formation_vmm.api.models import SealedValue, to_wire
-from formation_vmm.controller.sealer import sealed_for, unchanged
+from formation_vmm.api.models import SealedValue, VmImage, to_wire
+from formation_vmm.api.names import NODE_LABEL
+from formation_vmm.controller.sealer import Sealer, sealed_for, unchanged
 from formation_vmm.sealing import NodeKey, SealError, seal, user_data_context
 
 pytestmark = pytest.mark.pure
@@ -75,3 +76,30 @@ def test_a_seal_patched_over_an_error_clears_it(tmp_path: Path) -> None:
     merged = {k: v for k, v in merged.items() if v is not None}  # what the apiserver keeps
     assert unchanged(SealedValue.model_validate(merged), fresh)
     assert to_wire(missing)["data"] is None and to_wire(missing)["keyId"] is None
+
+
+def test_a_migrations_target_fetches_the_vms_images_with_their_credentials() -> None:
+    """The nodes an image's credentials are sealed for: those of the VMs that use it, and the
+    target of a migration of such a VM while it is under way (it fetches the bases first)."""
+    sealer = Sealer(None, None, None, None, migrations=object())  # type: ignore[arg-type]
+    vm = {
+        "metadata": {"uid": "u1", "namespace": "team-a", "name": "web", "labels": {NODE_LABEL: "n1"}},
+        "spec": {"disks": [{"name": "root", "image": "private"}]},
+    }
+    sealer.vm_event("ADDED", vm)
+    image = VmImage.model_validate(
+        {
+            "metadata": {"namespace": "team-a", "name": "private"},
+            "spec": {"source": {"http": {"url": "https://x/y"}}},
+        }
+    )
+    assert sealer.nodes_fetching(image) == {"n1"}
+    migration = {
+        "metadata": {"uid": "m1", "namespace": "team-a", "name": "move"},
+        "spec": {"vmName": "web"},
+        "status": {"phase": "Preparing", "sourceNode": "n1", "targetNode": "n2"},
+    }
+    sealer.migration_event("MODIFIED", migration)
+    assert sealer.nodes_fetching(image) == {"n1", "n2"}
+    sealer.migration_event("MODIFIED", {**migration, "status": {**migration["status"], "phase": "Failed"}})
+    assert sealer.nodes_fetching(image) == {"n1"}
