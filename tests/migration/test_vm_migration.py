@@ -405,10 +405,44 @@ def test_the_source_agent_killed_mid_copy_leaves_the_vm_bound_and_running_once(c
     cluster.kubectl("delete", "vm", "crashy", "--wait=true", "--timeout=60s")
 
 
-def test_the_controller_killed_mid_copy_moves_the_binding_when_it_is_back(cluster: Cluster) -> None:
-    """The controller dies while a guest is copied (an idle one: it converges at the cluster's
-    bandwidth while the controller is away) and comes back: the binding follows the guest,
-    once, and the migration succeeds."""
+def test_the_target_agent_killed_mid_copy_fails_it_and_leaves_nothing_on_the_target(cluster: Cluster) -> None:
+    """The target's agent dies while a guest is copied to it (one whose writes outrun the
+    bandwidth): its relay goes with it, so the copy breaks, the migration fails, and the guest
+    runs on at the source under the same boot id. The restarted agent removes what it had
+    prepared."""
+    source = start(cluster, guest_vm("far", "vmm.dirty=64"))
+    log = cluster.console("far", source)
+    wait_for(lambda: guest.DIRTY in log.read_text(errors="replace"), 60, "the guest to write memory")
+    (_, boot) = guest.ticks(log)[-1]
+    target = next(n for n in node_names(3) if n != source)
+    cluster.request_migration("severed", "far", target)
+
+    def status() -> dict[str, Any]:
+        return cluster.migration_status("severed")
+
+    wait_for(lambda: (status().get("progress") or {}).get("memoryTotal", 0) > 0, 60, "the copy to run")
+    restart_after_a_kill(cluster, f"agent-{target}")
+    wait_for(lambda: status().get("phase") == "Failed", 90, "the migration to fail")
+    assert status()["reason"] == "MigrationFailed", status()
+    wait_for(lambda: cluster.vm("far")["status"]["phase"] == "Running", 60, "the VM to show Running")
+    vm = cluster.vm("far")
+    assert vm["metadata"]["labels"][NODE_LABEL] == source
+    seen = len(guest.ticks(log))
+    wait_for(lambda: len(guest.ticks(log)) >= seen + 2, 30, "the guest to tick on, on the source")
+    assert {b for _, b in guest.ticks(log)} == {boot}
+    defined = cluster.root / "nodes" / target / "libvirt" / "etc" / "qemu" / "default_far.xml"
+    wait_for(lambda: not defined.exists() and cluster.files_of("far", vm["metadata"]["uid"], target) == [],
+             60, "the restarted target agent to remove what it prepared")  # fmt: skip
+    assert [n for n in node_names(3) if "default_far" in cluster.domains(n)] == [source]
+    cluster.kubectl("delete", "vm", "far", "--wait=true", "--timeout=60s")
+
+
+def test_the_controller_gone_between_the_move_and_the_binding_moves_it_when_back(cluster: Cluster) -> None:
+    """The controller stops while a guest is copied (an idle one: it converges at the
+    cluster's bandwidth), the copy ends and the source says so, and only then the controller is
+    killed and comes back: for that while the guest runs on the target and the VM is still
+    bound to the source, and no agent starts it twice; the controller back, the binding follows
+    the guest, once, and the migration succeeds."""
     source = start(cluster, guest_vm("calm", ""))
     log = cluster.console("calm", source)
     (_, boot) = guest.ticks(log)[-1]
@@ -419,13 +453,20 @@ def test_the_controller_killed_mid_copy_moves_the_binding_when_it_is_back(cluste
         return cluster.migration_status("unwatched")
 
     wait_for(lambda: status().get("phase") == "Migrating", 60, "the copy to start")
-    restart_after_a_kill(cluster, "controller")
+    controller = ControlPlane(cluster.root).processes.read()["controller"]
+    os.killpg(controller, signal.SIGSTOP)
+    try:
+        wait_for(lambda: status().get("domainMoved") is True, 120, "the source to say the guest moved")
+        wait_for(lambda: [n for n in node_names(3) if "default_calm" in cluster.domains(n)] == [target], 60,
+                 "the guest to run on the target only")  # fmt: skip
+        assert cluster.vm("calm")["metadata"]["labels"][NODE_LABEL] == source  # nobody moved it yet
+    finally:
+        restart_after_a_kill(cluster, "controller")
     wait_for(lambda: status().get("phase") == "Succeeded", 120, "the migration to succeed")
     vm = cluster.vm("calm")
     assert vm["metadata"]["labels"][NODE_LABEL] == target
     assert [f for f in vm["metadata"]["finalizers"] if f.startswith("agent.")] == [agent_finalizer(target)]
-    wait_for(lambda: [n for n in node_names(3) if "default_calm" in cluster.domains(n)] == [target], 60,
-             "the guest to run on the target only")  # fmt: skip
+    assert [n for n in node_names(3) if "default_calm" in cluster.domains(n)] == [target]
     on_target = cluster.console("calm", target)
     wait_for(lambda: len(guest.ticks(on_target)) >= 2, 60, "the guest to tick on the target")
     assert {b for _, b in guest.ticks(on_target)} == {boot}
