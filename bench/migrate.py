@@ -10,7 +10,10 @@ For a 256 MiB and a 1 GiB guest, idle (it only counts, once a second) and writin
 moved back and forth between the nodes --runs times, each time onto fresh overlays. From
 libvirt's finished job on the target: the move's time, the downtime (how long the guest was
 paused) and the memory sent. The idle guest of the same size, measured in the same run, is the
-baseline: the writing guest's figures are also given as ratios of it. Every guest must keep
+baseline: the writing guest's figures are also given as ratios of it. Each case runs straight
+between the libvirtds (``direct``) and through two agents' migration relays (``relay``: TLS
+between them, as between machines); the relay's figures are also given as ratios of the direct
+ones of the same run. Every guest must keep
 counting under one boot id through all its moves (checked), or the run fails.
 
 Needs root, libvirtd and QEMU (hack/install-system-deps.sh). Stops both daemons and every
@@ -32,6 +35,7 @@ from types import FrameType
 from bench.create_vms import percentile
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.hypervisor.migration import abort, completed_job, migrate
+from formation_vmm.agent.relay import Identity, Relay, Stream
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.processes import ProcessTable
@@ -41,6 +45,7 @@ MIB = 1 << 20
 # A move that has not finished by then is aborted and the run fails: a guest that dirties memory
 # faster than it can be sent never converges without auto-converge.
 MOVE_TIMEOUT = 120.0
+RELAY_DIR = "/run/formation-vmm/migration"  # as each node's libvirtd sees its relay's directory
 
 
 @dataclass(frozen=True)
@@ -92,13 +97,27 @@ class Pair:
         self.nodes = [LibvirtNode(root / n, f"bench-mig-{n}", table) for n in ("a", "b")]
         self.kernel, self.initrd = guest.install(root / "images")
         self.hypervisors: list[Hypervisor] = []
+        self.relays: list[Relay] = []
 
     def start(self) -> None:
         for node in self.nodes:
             node.start()
         self.hypervisors = [Hypervisor(n.uri) for n in self.nodes]
+        # Each node's relay as its agent runs it: TLS on 127.0.0.1, its sockets where the
+        # node's libvirtd sees /run/formation-vmm/migration; every stream allowed (no API here).
+        ids = [Identity.load_or_create(self.root / f"relay-{i}", n.name) for i, n in enumerate(self.nodes)]
+        certificates = {n.name: ident.certificate for n, ident in zip(self.nodes, ids, strict=True)}
+        for node, ident in zip(self.nodes, ids, strict=True):
+            relay = Relay(
+                node.name, ident, ("127.0.0.1", 0), Path(RELAY_DIR), node.relay_dir, node.socket,
+                lambda _source, _stream: None, certificates.get,
+            )  # fmt: skip
+            relay.start()
+            self.relays.append(relay)
 
     def stop(self) -> None:
+        for relay in self.relays:
+            relay.stop()
         for node in self.nodes:
             node.stop()
 
@@ -122,11 +141,13 @@ class Pair:
         top.unlink(missing_ok=True)
         qemu_img.run("create", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top))
 
-    def run(self, case: Case, runs: int) -> tuple[list[Move], float]:
+    def run(self, case: Case, runs: int, via: str = "direct") -> tuple[list[Move], float]:
         """The moves, and how fast the guest writes memory (MiB/s, from its own passes over
         ``case.dirty_mib`` in a 5 s window before the first move; QEMU's dirty rate is not in a
         finished job's figures)."""
         uid = str(uuid.uuid4())
+        for index in (0, 1):  # an earlier run's guest of this case left its ticks there
+            (self._dir(index, case) / "console.log").unlink(missing_ok=True)
         self._fresh_overlay(0, case)
         self.hypervisors[0].connection().defineXML(self._xml(0, case, uid)).create()
         at = 0
@@ -139,7 +160,8 @@ class Pair:
             for n in range(runs):
                 target = 1 - at
                 self._fresh_overlay(target, case)
-                moves.append(self._move(at, target, case, uid, f"{case.memory_mib}-{case.dirty_mib}-{n}"))
+                tag = f"{case.memory_mib}-{case.dirty_mib}-{via}-{n}"
+                moves.append(self._move(at, target, case, uid, tag, via))
                 at = target
                 on = self._dir(at, case) / "console.log"
                 _wait(lambda: len(guest.ticks(on)) >= 1, 60, "the guest to count on, on the target")  # noqa: B023
@@ -152,15 +174,25 @@ class Pair:
             dom.destroy()
             dom.undefine()
 
-    def _move(self, source: int, target: int, case: Case, uid: str, tag: str) -> Move:
+    def _move(self, source: int, target: int, case: Case, uid: str, tag: str, via: str) -> Move:
         failed: list[Exception] = []
 
         def go() -> None:
+            target_xml = self._xml(target, case, uid)
             try:
-                sockets = f"unix://{self.root}/memory-{tag}.sock", f"unix://{self.root}/disks-{tag}.sock"
-                target_xml = self._xml(target, case, uid)
-                to = self.nodes[target].uri
-                migrate(self.hypervisors[source], "bench-mig", to, target_xml, *sockets, ["vda"])
+                if via == "direct":
+                    sockets = f"unix://{self.root}/memory-{tag}.sock", f"unix://{self.root}/disks-{tag}.sock"
+                    to = self.nodes[target].uri
+                    migrate(self.hypervisors[source], "bench-mig", to, target_xml, *sockets, ["vda"])
+                    return
+                move = str(uuid.uuid4())
+                self.relays[target].incoming(move)
+                dial = f"127.0.0.1:{self.relays[target].port}"
+                peer = self.relays[target].identity.certificate
+                with self.relays[source].outgoing(Stream("bench", "move", move, ""), dial, peer) as route:
+                    migrate(self.hypervisors[source], "bench-mig", route.libvirtd_uri, target_xml,
+                            route.memory_uri, route.disks_uri, ["vda"])  # fmt: skip
+                self.relays[target].forget(move)
             except HypervisorError as exc:
                 failed.append(exc)
 
@@ -187,23 +219,25 @@ def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def _row(case: Case, moves: list[Move], rate: float, baseline: list[Move] | None) -> str:
+def _row(
+    label: str, case: Case, moves: list[Move], rate: float, baseline: list[Move] | None, against: str = "idle"
+) -> str:
     times = [m.seconds for m in moves]
     down = [m.downtime_ms for m in moves]
     sent = [m.sent_mib for m in moves]
     text = (
-        f"{case.label:24} move p50 {percentile(times, 0.5):6.2f} s  p95 {percentile(times, 0.95):6.2f} s   "
+        f"{label:34} move p50 {percentile(times, 0.5):6.2f} s  p95 {percentile(times, 0.95):6.2f} s   "
         f"downtime p50 {percentile(down, 0.5):6.0f} ms  p95 {percentile(down, 0.95):6.0f} ms   "
         f"sent p50 {percentile(sent, 0.5):7.1f} MiB   "
         f"passes p50 {percentile([float(m.iterations) for m in moves], 0.5):.0f}"
     )
     if case.dirty_mib:
-        text += f"\n{'':24} the guest writes {rate:.0f} MiB/s"
+        text += f"\n{'':34} the guest writes {rate:.0f} MiB/s"
     if baseline:
         base_time = percentile([m.seconds for m in baseline], 0.5)
         base_down = percentile([m.downtime_ms for m in baseline], 0.5)
         text += (
-            f"\n{'':24} vs idle: move {percentile(times, 0.5) / base_time:.2f}x, "
+            f"\n{'':34} vs {against}: move {percentile(times, 0.5) / base_time:.2f}x, "
             f"downtime {percentile(down, 0.5) / base_down:.2f}x"
         )
     return text
@@ -218,6 +252,12 @@ def main() -> None:
         "--dirty-mib", type=int, default=64, help="memory the writing guests rewrite (default 64)"
     )
     parser.add_argument("--sizes", default="256,1024", help="guest memory sizes in MiB (default 256,1024)")
+    parser.add_argument(
+        "--via",
+        default="direct,relay",
+        help="direct (UNIX sockets both libvirtds see), relay (through two agents' TLS relays), or both "
+        "(default; the relay's figures then also as ratios of the direct ones of the same run)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
@@ -229,10 +269,19 @@ def main() -> None:
             print(f"machine: {platform.node()} {platform.machine()}; two node libvirtds, QEMU TCG guests")
             print(f"{args.runs} moves per guest, memory and overlay over UNIX sockets, no bandwidth limit")
             for size in sizes:
-                idle, _ = pair.run(Case(size, 0), args.runs)
-                print(_row(Case(size, 0), idle, 0.0, None), flush=True)
-                busy, rate = pair.run(Case(size, args.dirty_mib), args.runs)
-                print(_row(Case(size, args.dirty_mib), busy, rate, idle), flush=True)
+                idle: dict[str, list[Move]] = {}
+                for case in (Case(size, 0), Case(size, args.dirty_mib)):
+                    direct: list[Move] | None = None
+                    for via in args.via.split(","):
+                        moves, rate = pair.run(case, args.runs, via)
+                        label = f"{case.label}, {via}"
+                        if via == "relay" and direct is not None:
+                            print(_row(label, case, moves, rate, direct, "direct"), flush=True)
+                        else:
+                            print(_row(label, case, moves, rate, idle.get(via)), flush=True)
+                        direct = moves if via == "direct" else direct
+                        if not case.dirty_mib:
+                            idle[via] = moves
         finally:
             pair.stop()
 
