@@ -1,0 +1,196 @@
+"""What this node's migration work shares, as the target (migration_target.py) and as the
+source (migration_source.py): the objects both act through, one worker job per migration at
+a time, how a migration is read afresh and how it fails; and how the source reaches the target
+(its published endpoint)."""
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from formation_vmm import metrics
+from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.migration_marks import MigrationMarks
+from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.relay import Relay
+from formation_vmm.agent.sync import VmSync
+from formation_vmm.agent.watch import VmCache
+from formation_vmm.api.conditions import now
+from formation_vmm.api.models import (
+    VirtualMachineStatus,
+    VmMigrationStatus,
+)
+from formation_vmm.api.names import MIGRATION_ENDPOINT_ANNOTATION, MIGRATION_KIND, MIGRATION_PLURAL
+from formation_vmm.kube import EventRecorder, Kube, StatusWriter
+from formation_vmm.migration_rules import Limits
+
+log = logging.getLogger(__name__)
+
+Body = dict[str, Any]
+Poke = Callable[[str], None]
+
+# How often a running copy is looked at, and how often its progress is written.
+POLL_SECONDS = 0.5
+PROGRESS_WRITE_SECONDS = 2.0
+# A target still fetching a base looks again this soon.
+PREPARE_RETRY_SECONDS = 2.0
+
+
+class MigrationError(RuntimeError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How the source reaches the target: through the target agent's relay (its address and
+    the certificate it shows), or, on one machine, straight to its libvirtd with the copy's
+    sockets in a directory both libvirtds see."""
+
+    relay: str = ""
+    certificate: str = ""
+    libvirt: str = ""
+    sockets: Path | None = None
+
+    @staticmethod
+    def of(node: Body) -> "Endpoint | None":
+        text = ((node.get("metadata") or {}).get("annotations") or {}).get(MIGRATION_ENDPOINT_ANNOTATION)
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        if data.get("relay") and data.get("certificate"):
+            return Endpoint(relay=str(data["relay"]), certificate=str(data["certificate"]))
+        if not data.get("libvirt") or not data.get("sockets"):
+            return None
+        sockets = Path(str(data["sockets"]))
+        if not sockets.is_absolute():
+            return None
+        return Endpoint(libvirt=str(data["libvirt"]), sockets=sockets)
+
+    def annotation(self) -> str:
+        if self.relay:
+            return json.dumps({"relay": self.relay, "certificate": self.certificate}, sort_keys=True)
+        return json.dumps({"libvirt": self.libvirt, "sockets": str(self.sockets)}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    limits: Limits = field(default_factory=Limits)
+    bandwidth_mib: int = 0
+    auto_converge: bool = False
+
+
+class MigrationWork:
+    """What both halves of this node's migration work share: the objects they act through,
+    the worker threads (one job per migration at a time), and the end of a migration."""
+
+    def __init__(
+        self,
+        node: str,
+        kube: Kube,
+        hypervisor: Hypervisor,
+        reconciler: Reconciler,
+        sync: VmSync,
+        cache: VmCache,
+        marks: MigrationMarks,
+        migrations: StatusWriter[VmMigrationStatus],
+        vms: StatusWriter[VirtualMachineStatus],
+        events: EventRecorder,
+        poke: Poke,
+        tuning: Tuning | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        relay: Relay | None = None,
+    ) -> None:
+        self.node = node
+        self.relay = relay
+        self.kube = kube
+        self.hypervisor = hypervisor
+        self.reconciler = reconciler
+        self.sync = sync
+        self.cache = cache
+        self.marks = marks
+        self.migrations = migrations
+        self.vms = vms
+        self.events = events
+        self.poke = poke
+        self.tuning = tuning or Tuning()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()  # migration uids with a job in a worker now
+        self._cancelled: set[str] = set()  # migration uids deleted while their copy runs
+        self._waiting: dict[str, Body] = {}  # targets waiting for a base: uid -> body
+        self._again: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}  # asked while busy
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="migration")
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, uid: str, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job`` for migration ``uid`` in a worker; one job per migration at a time. A job
+        asked for meanwhile runs after it (the latest asked: each reads the object afresh),
+        so an end that arrives while the target still prepares still cleans up after it."""
+        with self._lock:
+            if uid in self._busy:
+                self._again[uid] = (job, args)
+                return
+            self._busy.add(uid)
+
+        def run() -> None:
+            try:
+                job(*args)
+            except Exception:
+                log.exception("migration %s: %s failed", uid, job.__name__)
+            finally:
+                with self._lock:
+                    self._busy.discard(uid)
+                    self._cancelled.discard(uid)
+                    follow = self._again.pop(uid, None)
+                if follow is not None:
+                    self._submit(uid, follow[0], *follow[1])
+
+        self._workers.submit(run)
+
+    def _fresh(self, body: Body, phase: str, role: str) -> Body | None:
+        """The VmMigration as it is now, if it still asks this node for ``phase``'s work (an
+        event may be older than our own last write)."""
+        meta = body["metadata"]
+        fresh = self.kube.get_or_none(MIGRATION_PLURAL, meta["namespace"], meta["name"])
+        if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
+            return None
+        status = fresh.get("status") or {}
+        if status.get("phase") != phase or status.get(role) != self.node or status.get("domainMoved"):
+            return None
+        return fresh
+
+    def _fail(self, body: Body, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        log.warning("migration %s/%s failed: %s", meta.get("namespace"), meta.get("name"), message)
+        metrics.MIGRATIONS.labels("failed").inc()
+        phase = "Cancelled" if reason == "Cancelled" else "Failed"
+        written = self.migrations.write(
+            body,
+            lambda _: VmMigrationStatus(phase=phase, reason=reason, message=message, end_time=now()),
+            guard=lambda b: (
+                phase_of(b) not in ("Succeeded", "Failed", "Cancelled")
+                and not (b.get("status") or {}).get("domainMoved")
+            ),
+        )
+        if written is not None:
+            self.events.post(body, MIGRATION_KIND, reason, message, "Warning")
+
+
+def phase_of(body: Body) -> str | None:
+    return (body.get("status") or {}).get("phase")
+
+
+def target_of(body: Body) -> str:
+    return str((body.get("status") or {}).get("targetNode") or "")
