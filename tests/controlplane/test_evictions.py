@@ -10,6 +10,7 @@ is checked is the control: who is bound where, what each agent holds, what the V
 import json
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from formation_vmm.devcluster.cluster import (
     register_node,
     service_account_kubeconfig,
     start_agent,
+    start_controller,
 )
 from formation_vmm.devcluster.processes import stop
 from tests.support.fleet import FAST, TEST_NODE_RESERVED_CPUS, TINY, Fleet
@@ -35,7 +37,13 @@ ON_R = {
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "restart", "effect": "NoSchedule"}],
     "terminationGracePeriodSeconds": 0,
 }
-HOLD = "hold=here:NoSchedule"  # keeps new VMs off a node while the test fills the other
+HOLD = "hold=here:NoSchedule"
+# What start_controller sets for each process it starts (a new port, its address).
+RUN_ENV = (
+    "VMM_API_PORT",
+    "VMM_API_HOST",
+    "VMM_ADVERTISE_URL",
+)  # keeps new VMs off a node while the test fills the other
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +204,35 @@ def test_the_vms_of_a_node_given_up_for_lost_start_elsewhere_if_allowed(
     assert fleet.wait_phase(NS, "pet", "Running")["status"]["nodeName"] == r1
     assert "its Node was deleted" in dict(events(fleet, "pet"))["RestartedElsewhere"]
     fleet.wait_vm(NS, "pet", lambda vm: not annotation(vm, EVICTION_ANNOTATION), "its note gone")
+
+
+def test_a_restart_mark_left_by_a_drain_that_ended_while_no_controller_ran_goes(
+    fleet: Fleet, nodes: dict[str, OperatorProcess]
+) -> None:
+    """A drain annotated a VM to stop it, and the node was uncordoned while no controller ran:
+    the controller, started again, removes the mark and the VM starts again on its node. The
+    state is set by hand, as a cluster admin may: the real sequence needs the controller to die
+    between two writes of its own, which no signal can time."""
+    fleet.kubectl("delete", "vm", "--all", "-n", NS, "--wait=true", "--timeout=60s")
+    fleet.apply_vm(NS, "left", **ON_R, evictionStrategy="Restart", allowDiskLoss=True)
+    node = node_of(fleet.wait_phase(NS, "left", "Running"))
+    old = fleet.controller
+    stop(old.pid)
+    fleet.kubectl(
+        "annotate", "vm", "left", "-n", NS,
+        f"{RESTART_ELSEWHERE_ANNOTATION}={node}", f"{EVICTION_ANNOTATION}=left over",
+    )  # fmt: skip
+    fleet.wait_phase(NS, "left", "Stopped")  # its agent stops it, as for a drain
+    kept = {k: v for k, v in old.env.items() if k.startswith("VMM_") and k not in RUN_ENV}
+    fleet.controller = start_controller(fleet.plane, kept, kubeconfig=Path(old.env["KUBECONFIG"]))
+    fleet.controller.wait_ready()
+    back = fleet.wait_vm(
+        NS,
+        "left",
+        lambda vm: (
+            not annotation(vm, RESTART_ELSEWHERE_ANNOTATION) and vm["status"].get("phase") == "Running"
+        ),
+        "to start again, its marks gone",
+        timeout=90,
+    )
+    assert node_of(back) == node and not annotation(back, EVICTION_ANNOTATION)

@@ -14,6 +14,7 @@ from formation_vmm.api.models import VirtualMachine, VmMigrationStatus
 from formation_vmm.api.names import (
     API_VERSION,
     DRAIN_LABEL,
+    DRAIN_TAINT,
     EVICTION_ANNOTATION,
     MIGRATION_KIND,
     MIGRATION_PLURAL,
@@ -48,10 +49,14 @@ class Drainer:
         self.events = events
         self.default_strategy = default_strategy
         self._draining: set[str] = set()
+        self._swept = False
 
     def pass_once(self) -> None:
         # A node given up for lost is the lost-node pass's (lost_nodes.py): its agent stops nothing.
         draining = self.binder.draining_nodes() - self.binder.given_up_nodes().keys()
+        if not self._swept:
+            self._sweep_notes()
+            self._swept = True
         for node in self._draining - draining:  # uncordoned: what the drain said goes
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 self._say(body, None, keep_restart=False)  # one it was stopping starts again here
@@ -71,6 +76,26 @@ class Drainer:
                 except ApiError:
                     meta = body["metadata"]
                     log.exception("draining %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
+
+    def _sweep_notes(self) -> None:
+        """Once, at start: notes and restart marks a drain left on VMs of nodes uncordoned while
+        no controller ran (the uncordon above only sees nodes this process saw draining). Each
+        node is read from the API first, so a watch that has not delivered it yet misleads no one:
+        a VM being stopped for a drain that goes on must not start again meanwhile."""
+        nodes: dict[str, bool] = {}
+        for body in self.kube.list(VM_PLURAL):
+            annotations = body["metadata"].get("annotations") or {}
+            if EVICTION_ANNOTATION not in annotations and RESTART_ELSEWHERE_ANNOTATION not in annotations:
+                continue
+            node = (body["metadata"].get("labels") or {}).get(NODE_LABEL, "")
+            if node not in nodes:
+                try:
+                    taints = self.kube.node(node).get("spec", {}).get("taints") or []
+                except ApiError:
+                    continue  # gone, or no answer: the lost-node pass, or a later start, decides
+                nodes[node] = any(t.get("key") == DRAIN_TAINT for t in taints)
+            if nodes.get(node) is False and node not in self.binder.given_up_nodes():
+                self._say(body, None, keep_restart=False)
 
     def _evict(
         self, node: str, body: Body, drains: dict[tuple[str, str], Body], snapshots: Counter[tuple[str, str]]
