@@ -2,10 +2,12 @@
 stopped definition of its domain under the source's UUID, and removes them again when the
 migration ends without arriving."""
 
+import logging
+
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.migration_marks import Mark
-from formation_vmm.agent.migration_work import Body, MigrationError, MigrationWork, log, phase_of, target_of
+from formation_vmm.agent.migration_work import Body, MigrationError, MigrationWork, phase_of, target_of
 from formation_vmm.api.models import (
     VirtualMachine,
     VmMigration,
@@ -13,6 +15,8 @@ from formation_vmm.api.models import (
 )
 from formation_vmm.api.names import VM_PLURAL
 from formation_vmm.domain.naming import domain_name
+
+log = logging.getLogger(__name__)
 
 
 class IncomingMigrations(MigrationWork):
