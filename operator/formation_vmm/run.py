@@ -214,6 +214,7 @@ def run_controller(settings: Settings) -> None:
             _migration_tuning(settings).limits,
         ),
         drainer=Drainer(kube, binder, events, settings.eviction_strategy),
+        network_status=StatusWriter(kube, NETWORK_PLURAL, VmNetworkStatus, cluster_scoped=True),
         lost_nodes=LostNodes(kube, binder, events, settings.eviction_strategy),
         guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
         notes=SnapshotNotes(

@@ -199,6 +199,18 @@ def test_the_vms_of_a_node_given_up_for_lost_start_elsewhere_if_allowed(
 
     # The Node deleted, and the owner allowing it now: the pet goes too.
     fleet.kubectl("delete", "node", r2)
+    # The default network no longer counts the node (its agent wrote the entry, and is gone).
+    wait_for(
+        lambda: (
+            r2
+            not in {
+                n["name"]
+                for n in json.loads(fleet.kubectl("get", "vmnet", "default", "-o", "json"))["status"]["nodes"]
+            }
+        ),
+        30,
+        f"the default network to forget {r2}",
+    )
     fleet.kubectl("patch", "vm", "pet", "-n", NS, "--type=merge", "-p", '{"spec":{"allowDiskLoss":true}}')
     pet = fleet.wait_vm(NS, "pet", lambda vm: node_of(vm) == r1, f"on {r1}", timeout=30)
     assert fleet.wait_phase(NS, "pet", "Running")["status"]["nodeName"] == r1

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import kopf
 
+from formation_vmm.api.models import VmNetworkStatus
 from formation_vmm.api.names import (
     GROUP,
     HYPERVISOR_LABEL,
@@ -30,12 +31,13 @@ from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.lost_nodes import LostNodes
 from formation_vmm.controller.migrations import MigrationScheduler
+from formation_vmm.controller.network_status import forget_node
 from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
 from formation_vmm.kopf_settings import watch_only
-from formation_vmm.kube import Kube
+from formation_vmm.kube import Kube, StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class ControllerMemo:
     binder: Binder
     migrations: MigrationScheduler
     drainer: Drainer
+    network_status: StatusWriter[VmNetworkStatus]
     lost_nodes: LostNodes
     guard: ImageGuard
     notes: SnapshotNotes
@@ -146,6 +149,9 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         summary = node_summary(dict(event["object"]))
         state.binder.node_event(event.get("type"), summary)
         state.sealer.node_event(event.get("type"), summary)
+        if event.get("type") == "DELETED" and state.leader.is_leader():
+            bodies = await asyncio.to_thread(state.kube.list, NETWORK_PLURAL)
+            await asyncio.to_thread(forget_node, state.network_status, bodies, summary["name"])
 
     @kopf.on.event("", "v1", "resourcequotas", id="quotas", registry=registry)
     async def quotas(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

@@ -1,14 +1,25 @@
 """Which VmNetworks exist and which namespaces may use them, as the controller's watches tell
-(VmNetworks and Namespaces): the binder asks before it places a VM and assigns its addresses."""
+(VmNetworks and Namespaces): the binder asks before it places a VM and assigns its addresses.
+Pure: what a deleted Node's entry leaves of a VmNetwork's status (network_status.py writes it)."""
 
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from formation_vmm.api.models import VirtualMachine, VmNetwork
+from formation_vmm.api.models import VirtualMachine, VmNetwork, VmNetworkStatus
 from formation_vmm.api.names import DEFAULT_NETWORK
 from formation_vmm.api.selectors import matches
 from formation_vmm.ipam import AddressRange, address_range
+
+
+def without_node(status: VmNetworkStatus, node: str) -> VmNetworkStatus | None:
+    """The status without ``node``'s entry, and its count of nodes where the network runs; None
+    when it has no such entry."""
+    nodes = [n for n in status.nodes if n.name != node]
+    if len(nodes) == len(status.nodes):
+        return None
+    ready = sum(1 for n in nodes if n.phase == "Ready")
+    return VmNetworkStatus(nodes=nodes, nodes_ready=f"{ready}/{len(nodes)}")
 
 
 @dataclass(frozen=True)
