@@ -70,6 +70,8 @@ def nodes(fleet: Fleet) -> Iterator[dict[str, OperatorProcess]]:
         fleet.kubectl("delete", "vm", "--all", "-n", NS, "--wait=true", "--timeout=60s", check=False)
         for agent in agents.values():
             stop(agent.pid)
+            # Or the control plane, seeing it dead, would refuse to start again (restart_apiserver).
+            fleet.plane.processes.forget(agent.name)
         for node in NODES:
             fleet.kubectl("delete", "node", node, check=False)
 
@@ -180,6 +182,7 @@ def test_the_vms_of_a_node_given_up_for_lost_start_elsewhere_if_allowed(
     fleet.kubectl("taint", "node", r1, "hold-")
 
     stop(nodes[r2].pid)  # the node dies with its agent (the test driver's domains go with it)
+    fleet.plane.processes.forget(nodes[r2].name)
     fleet.wait_phase(NS, "cattle", "Unknown", timeout=30)
     # Silence alone never moves a VM: the node may only be cut off, its guests running on.
     fleet.wait_phase(NS, "pet", "Unknown", timeout=30)

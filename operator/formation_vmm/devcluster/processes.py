@@ -116,6 +116,15 @@ class ProcessTable:
         tmp.write_text(json.dumps(table, indent=2))
         os.replace(tmp, self.path)
 
+    def forget(self, name: str) -> None:
+        """Stop recording ``name`` (a process stopped on purpose, that nothing is to wait for)."""
+        table = self._entries()
+        if table.pop(name, None) is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=2))
+        os.replace(tmp, self.path)
+
     def stop_all(self) -> None:
         """Stop every recorded process, newest first, and forget them."""
         for pid in reversed(list(self.read().values())):
