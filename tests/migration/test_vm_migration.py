@@ -10,7 +10,6 @@ move. A migration that cannot converge (a guest rewriting memory faster than the
 cluster allows) is cancelled with `kubectl vm migrate --cancel`: the guest runs on at the source
 under the same boot id, and the target keeps nothing."""
 
-import io
 import json
 import os
 import shutil
@@ -23,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pycdlib
 import pytest
 import yaml
 
@@ -39,6 +37,7 @@ from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.local import node_names
 from formation_vmm.devcluster.processes import alive, spawn
+from tests.support.seeds import seed_user_data
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.libvirt
@@ -171,17 +170,6 @@ def start(cluster: Cluster, vm: dict[str, Any]) -> str:
     log = cluster.console(name, node)
     wait_for(lambda: log.exists() and len(guest.ticks(log)) >= 2, 120, f"{name} to tick on {node}")
     return str(node)
-
-
-def seed_user_data(seed: Path) -> str:
-    iso = pycdlib.PyCdlib()
-    iso.open(str(seed))
-    try:
-        buf = io.BytesIO()
-        iso.get_file_from_iso_fp(buf, joliet_path="/user-data")
-    finally:
-        iso.close()
-    return buf.getvalue().decode()
 
 
 def test_a_vm_moves_to_another_node_and_back_with_its_memory_disk_and_address(cluster: Cluster) -> None:

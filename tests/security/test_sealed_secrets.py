@@ -4,18 +4,17 @@ a VmImage's Authorization reaches the server, the status shows ciphertext only, 
 Secret is missing waits with a reason until it exists."""
 
 import base64
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
-import pycdlib
 import pytest
 import yaml
 
 from tests.support import image_files as files
 from tests.support.fleet import TINY, Fleet, condition
 from tests.support.image_server import ImageServer, serve
+from tests.support.seeds import seed_user_data
 from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
@@ -43,16 +42,8 @@ def apply_secret(fleet: Fleet, namespace: str, name: str, key: str, value: str) 
     )
 
 
-def seed_user_data(fleet: Fleet, node: str, namespace: str, name: str, uid: str) -> str:
-    seed = fleet.node_dir(node) / "run" / namespace / name / uid / "cloud-init.iso"
-    iso = pycdlib.PyCdlib()
-    iso.open(str(seed))
-    try:
-        buf = io.BytesIO()
-        iso.get_file_from_iso_fp(buf, joliet_path="/user-data")
-    finally:
-        iso.close()
-    return buf.getvalue().decode()
+def user_data_on(fleet: Fleet, node: str, namespace: str, name: str, uid: str) -> str:
+    return seed_user_data(fleet.node_dir(node) / "run" / namespace / name / uid / "cloud-init.iso")
 
 
 def test_user_data_from_a_secret_reaches_the_seed_sealed_on_the_way(fleet: Fleet, ns: str) -> None:
@@ -64,7 +55,7 @@ def test_user_data_from_a_secret_reaches_the_seed_sealed_on_the_way(fleet: Fleet
     assert "hunter2" not in json.dumps(vm) and "hunter2" not in base64.b64decode(sealed["data"]).decode(
         "latin-1"
     )
-    assert seed_user_data(fleet, "node-a", ns, "sealed", vm["metadata"]["uid"]) == USER_DATA
+    assert user_data_on(fleet, "node-a", ns, "sealed", vm["metadata"]["uid"]) == USER_DATA
 
 
 def test_a_vm_whose_secret_is_missing_waits_and_says_why(fleet: Fleet, ns: str) -> None:
@@ -79,7 +70,7 @@ def test_a_vm_whose_secret_is_missing_waits_and_says_why(fleet: Fleet, ns: str) 
     assert f"Secret {ns}/later does not exist" in condition(vm, "ImageReady")["message"]
     apply_secret(fleet, ns, "later", "userdata", USER_DATA)
     vm = fleet.wait_phase(ns, "patient", "Running", 60)
-    assert seed_user_data(fleet, "node-a", ns, "patient", vm["metadata"]["uid"]) == USER_DATA
+    assert user_data_on(fleet, "node-a", ns, "patient", vm["metadata"]["uid"]) == USER_DATA
 
 
 def test_an_image_behind_authorization_is_fetched_with_the_sealed_value(
