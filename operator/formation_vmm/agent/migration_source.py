@@ -48,7 +48,7 @@ class OutgoingMigrations(MigrationWork):
         mig = VmMigration.model_validate(body)
         namespace, uid = mig.metadata.namespace or "", mig.metadata.uid or ""
         dom = domain_name(namespace, mig.spec.vm_name)
-        vm_body = self.cache.get(dom)
+        vm_body = self._bound_here(namespace, mig.spec.vm_name)
         if vm_body is None:
             self._fail(body, "NotHere", f"VM {mig.spec.vm_name} is not bound to node {self.node}")
             return

@@ -76,7 +76,7 @@ class IncomingMigrations(MigrationWork):
             self.relay.forget(uid)
         marks = self.marks.of_migration(uid, "in")
         for held in marks if mark is None else [mark]:
-            vm_body = self.cache.get(domain_name(held.namespace, held.vm_name))
+            vm_body = self._bound_here(held.namespace, held.vm_name)
             if vm_body is not None and vm_body["metadata"].get("uid") == held.vm_uid:
                 self.marks.clear(held.vm_uid, uid)  # it arrived: its sync owns it now
                 continue

@@ -25,7 +25,14 @@ from formation_vmm.api.models import (
     VirtualMachineStatus,
     VmMigrationStatus,
 )
-from formation_vmm.api.names import MIGRATION_ENDPOINT_ANNOTATION, MIGRATION_KIND, MIGRATION_PLURAL
+from formation_vmm.api.names import (
+    MIGRATION_ENDPOINT_ANNOTATION,
+    MIGRATION_KIND,
+    MIGRATION_PLURAL,
+    NODE_LABEL,
+    VM_PLURAL,
+)
+from formation_vmm.domain.naming import domain_name
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
 from formation_vmm.migration_rules import Limits
 
@@ -170,6 +177,19 @@ class MigrationWork:
         if status.get("phase") != phase or status.get(role) != self.node or status.get("domainMoved"):
             return None
         return fresh
+
+    def _bound_here(self, namespace: str, name: str) -> Body | None:
+        """VM ``name``'s body if it is bound to this node. The watch's cache first; on a miss,
+        the API: an agent that just started can get a migration's event before the VMs' list
+        has filled the cache, and must not take its own VM for another node's (seen: a
+        restarted source failed its migration with NotHere instead of SourceRestarted)."""
+        body = self.cache.get(domain_name(namespace, name))
+        if body is not None:
+            return body
+        body = self.kube.get_or_none(VM_PLURAL, namespace, name)
+        if body is None or (body["metadata"].get("labels") or {}).get(NODE_LABEL) != self.node:
+            return None
+        return body
 
     def _fail(self, body: Body, reason: str, message: str) -> None:
         meta = body["metadata"]
