@@ -59,9 +59,10 @@ build_k8s() {
   cd "$work"
   if [[ ! -f go.mod ]]; then
     log "preparing wrapper module for k8s.io/kubernetes $K8S_VERSION (staging $staging)"
+    # The release's go.mod, from the module cache (go fetches it; no other tool needed, so this
+    # runs before the Debian packages are installed).
     local modfile
-    modfile=$(mktemp)
-    curl -fsSL "$(go env GOPROXY | cut -d, -f1)/k8s.io/kubernetes/@v/$K8S_VERSION.mod" -o "$modfile"
+    modfile=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
     {
       echo "module formation.cloud/vmm-k8s-bins"
       echo
@@ -71,7 +72,6 @@ build_k8s() {
       echo
       grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$modfile" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
     } > go.mod.tmp
-    rm -f "$modfile"
     mv go.mod.tmp go.mod
   fi
   # Rewritten each time: a cache made before a binary was added learns of it here.
