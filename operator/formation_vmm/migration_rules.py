@@ -48,21 +48,13 @@ def cannot_move(vm: VirtualMachine, snapshots: int) -> Refusal | None:
             f"VM {name} is {vm.status.phase or 'not running'}; only a running VM moves live "
             "(a stopped VM starts on whichever node it is placed on)",
         )
-    refusal = not_live_migratable(vm, vm.spec.paused or vm.status.phase == "Paused")
-    if refusal is not None:
-        return refusal
-    if snapshots:
-        return Refusal(
-            "HasSnapshots",
-            f"VM {name} has {snapshots} VmSnapshot(s); they live inside its disks on node "
-            f"{vm.metadata.labels[NODE_LABEL]} and would be left behind: delete them to move it",
-        )
-    return None
+    return not_live_migratable(vm, vm.spec.paused or vm.status.phase == "Paused", snapshots)
 
 
-def not_live_migratable(vm: VirtualMachine, paused: bool) -> Refusal | None:
+def not_live_migratable(vm: VirtualMachine, paused: bool, snapshots: int = 0) -> Refusal | None:
     """What in the VM itself keeps it from moving live (its LiveMigratable condition): a pause,
-    a host bridge, UEFI."""
+    a host bridge, UEFI, VmSnapshots (``snapshots``: how many exist; they live inside its disks,
+    as qcow2 internal snapshots, which the copy leaves behind; a snapshot being taken is one)."""
     name = vm.metadata.name
     if paused:
         return Refusal("Paused", f"VM {name} is paused; resume it to move it")
@@ -77,6 +69,12 @@ def not_live_migratable(vm: VirtualMachine, paused: bool) -> Refusal | None:
         return Refusal(
             "UefiNvram",
             f"VM {name} boots with UEFI, and its NVRAM file is not copied by a live migration yet",
+        )
+    if snapshots:
+        return Refusal(
+            "HasSnapshots",
+            f"VM {name} has {snapshots} VmSnapshot(s); they live inside its disks on node "
+            f"{vm.metadata.labels.get(NODE_LABEL, '')} and would be left behind: delete them to move it",
         )
     return None
 

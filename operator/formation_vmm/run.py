@@ -33,6 +33,7 @@ from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.relay import Identity, Relay, Stream
+from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
@@ -329,6 +330,7 @@ def run_agent(settings: Settings) -> None:
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     prober = _prober(settings, hypervisor, queue.add)
     endpoint = settings.advertise_url or f"http://{node}:{settings.api_port}"
+    snapshot_index = SnapshotIndex()
     sync = VmSync(
         reconciler,
         vm_status,
@@ -338,6 +340,7 @@ def run_agent(settings: Settings) -> None:
         prober,
         endpoint,
         on_written=cache.written,
+        snapshots=snapshot_index.count,
     )
 
     def vm_bound_here(namespace: str, name: str, uid: str) -> bool:
@@ -402,6 +405,7 @@ def run_agent(settings: Settings) -> None:
         key=key,
         migration_endpoint=migration_endpoint(settings, relay),
         relay=relay,
+        snapshot_index=snapshot_index,
     )
     _agent_health(health, settings, hypervisor, state, queue, prober)
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.

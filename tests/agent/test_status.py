@@ -325,17 +325,19 @@ def test_the_bootable_condition_names_what_the_vm_boots_from(
 
 
 @pytest.mark.parametrize(
-    ("spec", "state", "reason"),
+    ("spec", "state", "snapshots", "reason"),
     [
-        ({}, DomainState.RUNNING, "Migratable"),
-        ({}, DomainState.PAUSED, "Paused"),
-        ({"networks": [{"name": "eth0", "bridge": "br0"}]}, DomainState.RUNNING, "HostBridge"),
-        ({"firmware": {"type": "efi"}}, DomainState.RUNNING, "UefiNvram"),
+        ({}, DomainState.RUNNING, 0, "Migratable"),
+        ({}, DomainState.PAUSED, 0, "Paused"),
+        ({"networks": [{"name": "eth0", "bridge": "br0"}]}, DomainState.RUNNING, 0, "HostBridge"),
+        ({"firmware": {"type": "efi"}}, DomainState.RUNNING, 0, "UefiNvram"),
+        ({}, DomainState.RUNNING, 1, "HasSnapshots"),  # one being taken counts
     ],
 )
 def test_live_migratable_says_what_keeps_the_vm_from_moving(
-    spec: dict[str, object], state: DomainState, reason: str
+    spec: dict[str, object], state: DomainState, snapshots: int, reason: str
 ) -> None:
     vm = make_vm(**spec)
-    status = status_after(vm, vm.status, Outcome([], domain(state), "h1"), "node-a", AT)
+    out = Outcome([], domain(state), "h1")
+    status = status_after(vm, vm.status, out, "node-a", AT, snapshots=snapshots)
     assert conditions(status)["LiveMigratable"] == ("True" if reason == "Migratable" else "False", reason)

@@ -132,6 +132,30 @@ def test_memory_snapshot_and_revert(fleet: Fleet, ns: str) -> None:
     assert condition(vm, "Ready")["status"] == "True"
 
 
+def test_a_vm_with_snapshots_says_it_cannot_move_live(fleet: Fleet, ns: str) -> None:
+    """A VmSnapshot lives inside the VM's disks, which a live migration leaves behind: from
+    the snapshot's creation (before it is taken: the agent counts the object, as the
+    controller does when it refuses the migration) until its deletion, the VM's
+    LiveMigratable condition is False, HasSnapshots."""
+    apply_vm_with_disk(fleet, ns, "kept")
+    vm = fleet.wait_phase(ns, "kept", "Running")
+    assert condition(vm, "LiveMigratable")["status"] == "True"
+
+    def migratable() -> dict[str, Any]:
+        return condition(fleet.vm(ns, "kept"), "LiveMigratable")
+
+    apply(fleet, "VmSnapshot", ns, "one", {"vmName": "kept", "includeMemory": True})
+    apply(fleet, "VmSnapshot", ns, "two", {"vmName": "kept"})
+    wait_for(lambda: "2 VmSnapshot(s)" in migratable().get("message", ""), 30, "LiveMigratable to count 2")
+    assert migratable()["status"] == "False" and migratable()["reason"] == "HasSnapshots"
+    wait_phase(fleet, "vmsnap", ns, "one", "Ready")
+    fleet.kubectl("delete", "vmsnap", "one", "-n", ns, "--wait=true", "--timeout=30s")
+    wait_for(lambda: "1 VmSnapshot(s)" in migratable().get("message", ""), 30, "LiveMigratable to count 1")
+    fleet.kubectl("delete", "vmsnap", "two", "-n", ns, "--wait=true", "--timeout=30s")
+    wait_for(lambda: migratable().get("status") == "True", 30, "LiveMigratable to be True again")
+    assert migratable()["reason"] == "Migratable"
+
+
 def test_deleting_a_vm_deletes_its_snapshots(fleet: Fleet, ns: str) -> None:
     apply_vm_with_disk(fleet, ns, "gone")
     fleet.wait_phase(ns, "gone", "Running")

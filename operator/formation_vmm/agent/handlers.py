@@ -18,6 +18,7 @@ from formation_vmm.agent.inputs import ImageCatalog
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations
 from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.relay import Relay
+from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
@@ -46,10 +47,11 @@ from formation_vmm.api.names import (
 )
 from formation_vmm.api.quantity import format_mebibytes
 from formation_vmm.config import Settings
+from formation_vmm.domain.naming import domain_name
 from formation_vmm.health import Health
 from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kopf_settings import watch_only
-from formation_vmm.kube import Kube
+from formation_vmm.kube import ApiError, Kube
 from formation_vmm.sealing import NodeKey
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class AgentMemo:
     key: NodeKey
     migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
     relay: Relay | None = None
+    snapshot_index: SnapshotIndex = field(default_factory=SnapshotIndex)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
     sent_beat: str = ""
@@ -151,6 +154,22 @@ def collect_images(state: AgentMemo) -> None:
     state.collector.collect(live)
 
 
+def _load_snapshots(state: AgentMemo) -> None:
+    """Count the VmSnapshots before the first sync (their watch may come later): a restarted
+    agent would otherwise write LiveMigratable True, then False again."""
+    try:
+        state.snapshot_index.load(state.kube.list(SNAPSHOT_PLURAL))
+    except ApiError as exc:
+        log.warning("cannot list VmSnapshots yet (their watch counts them): %s", exc)
+
+
+def _snapshot_event(state: AgentMemo, event_type: str | None, body: dict[str, Any]) -> None:
+    changed = state.snapshot_index.observe(event_type, body)
+    if changed is not None and state.cache.get(domain_name(*changed)) is not None:
+        state.queue.add(domain_name(*changed))  # its LiveMigratable condition changes
+    state.snapshots.event(SNAPSHOT_KIND, event_type, body)
+
+
 async def _every(seconds: float, work: Callable[[], Any], what: str, first: bool = True) -> None:
     """Run ``work`` in a thread every ``seconds``; a failure is logged, never fatal."""
     if not first:
@@ -178,6 +197,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         settings.watching.field_selectors["nodes"] = f"metadata.name={node}"
         watch_only(settings)
         config = state.settings
+        await asyncio.to_thread(_load_snapshots, state)
         state.queue.start(state.watcher.process, config.sync_workers, "sync")
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
@@ -255,7 +275,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
 
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshot", registry=registry)
     def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        agent_memo(memo).snapshots.event(SNAPSHOT_KIND, event.get("type"), dict(event["object"]))
+        _snapshot_event(agent_memo(memo), event.get("type"), dict(event["object"]))
 
     @kopf.on.event(GROUP, VERSION, MIGRATION_PLURAL, id="migration", registry=registry)
     def migration_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

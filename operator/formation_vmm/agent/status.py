@@ -82,10 +82,12 @@ def status_after(
     at: datetime | None = None,
     deleting: bool = False,
     readiness: Readiness | None = None,
+    snapshots: int = 0,
 ) -> VirtualMachineStatus:
     """The status fields after the reconciler left the domain as ``outcome.domain``; with a
     readiness probe, ``readiness`` says what it found in the domain's current run (a running
-    VM is Starting until the probe first passes, and Ready only while it passes)."""
+    VM is Starting until the probe first passes, and Ready only while it passes); ``snapshots``:
+    how many VmSnapshots of the VM exist (LiveMigratable)."""
     stamp = at or now()
     domain = outcome.domain
     actual = domain.actual if domain else None
@@ -140,7 +142,7 @@ def status_after(
             stamp,
         )
     if not deleting:
-        refusal = not_live_migratable(vm, paused or bool(vm.spec.paused))
+        refusal = not_live_migratable(vm, paused or bool(vm.spec.paused), snapshots)
         conditions = set_condition(
             conditions,
             "LiveMigratable",

@@ -63,8 +63,10 @@ class VmSync:
         prober: Prober | None = None,
         endpoint: str | None = None,
         on_written: Callable[[Body], None] | None = None,
+        snapshots: Callable[[str, str], int] | None = None,
     ) -> None:
         self.reconciler = reconciler
+        self.snapshots = snapshots or (lambda _namespace, _vm: 0)  # VmSnapshots of a VM
         self.on_written = on_written  # told of each VM our status write made, as it returns
         self.endpoint = endpoint
         self.prober = prober
@@ -120,8 +122,9 @@ class VmSync:
             key = _domain(vm)
             readiness = self.prober.readiness(key) if self.prober is not None else None
             failed = self.prober is not None and self.prober.liveness_failure(key) is not None
+            count = self.snapshots(vm.metadata.namespace or "", vm.metadata.name)
             would_write = self._bound(
-                vm, lambda st: status_after(vm, st, preview, self.node, readiness=readiness)
+                vm, lambda st: status_after(vm, st, preview, self.node, readiness=readiness, snapshots=count)
             )
             idle = (
                 not preview.actions
@@ -192,9 +195,12 @@ class VmSync:
             )
             return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
         outcome, readiness = self._probe(body, vm, outcome)
+        count = self.snapshots(vm.metadata.namespace or "", vm.metadata.name)
         old = dict(body.get("status") or {})
         fields = self._write_if_changed(
-            body, vm, lambda st: status_after(vm, st, outcome, self.node, readiness=readiness)
+            body,
+            vm,
+            lambda st: status_after(vm, st, outcome, self.node, readiness=readiness, snapshots=count),
         )
         if fields.phase != old.get("phase"):
             _observe_way_up(vm, old.get("phase"), str(fields.phase))
