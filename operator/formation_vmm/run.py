@@ -216,6 +216,7 @@ def run_controller(settings: Settings) -> None:
         ),
         drainer=Drainer(kube, binder, events, settings.eviction_strategy),
         network_status=StatusWriter(kube, NETWORK_PLURAL, VmNetworkStatus, cluster_scoped=True),
+        image_status=image_status,
         lost_nodes=LostNodes(kube, binder, events, settings.eviction_strategy),
         guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
         notes=SnapshotNotes(

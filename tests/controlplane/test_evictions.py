@@ -90,6 +90,12 @@ def annotation(vm: dict[str, Any], key: str) -> str:
     return str(vm["metadata"].get("annotations", {}).get(key, ""))
 
 
+def image_nodes(fleet: Fleet, name: str) -> set[str]:
+    """The nodes with an entry in VmImage ``name``'s status."""
+    got = json.loads(fleet.kubectl("get", "vmimg", name, "-n", NS, "-o", "json"))
+    return {n["name"] for n in (got.get("status") or {}).get("nodes") or []}
+
+
 def events(fleet: Fleet, vm: str) -> list[tuple[str, str]]:
     out = fleet.kubectl(
         "get", "events", "-n", NS, "--field-selector", f"involvedObject.name={vm}", "-o", "json"
@@ -180,6 +186,22 @@ def test_the_vms_of_a_node_given_up_for_lost_start_elsewhere_if_allowed(
     for name in ("cattle", "pet"):
         assert node_of(fleet.wait_phase(NS, name, "Running")) == r2
     fleet.kubectl("taint", "node", r1, "hold-")
+    # An image every node imports (or fails to: nothing listens there): each agent writes its
+    # node's entry in the image's status.
+    fleet.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input_text=json.dumps(
+            {
+                "apiVersion": "vmm.formation.cloud/v1alpha1",
+                "kind": "VmImage",
+                "metadata": {"name": "everywhere", "namespace": NS},
+                "spec": {"source": {"http": {"url": "http://127.0.0.1:9/none.raw"}}, "prefetch": "AllNodes"},
+            }
+        ),
+    )
+    wait_for(lambda: {r1, r2} <= image_nodes(fleet, "everywhere"), 60, "both nodes' entries in the image")
 
     stop(nodes[r2].pid)  # the node dies with its agent (the test driver's domains go with it)
     fleet.plane.processes.forget(nodes[r2].name)
@@ -214,6 +236,9 @@ def test_the_vms_of_a_node_given_up_for_lost_start_elsewhere_if_allowed(
         30,
         f"the default network to forget {r2}",
     )
+    wait_for(lambda: r2 not in image_nodes(fleet, "everywhere"), 30, f"the image to forget {r2}")
+    assert r1 in image_nodes(fleet, "everywhere")
+    fleet.kubectl("delete", "vmimg", "everywhere", "-n", NS, "--wait=true", "--timeout=30s")
     fleet.kubectl("patch", "vm", "pet", "-n", NS, "--type=merge", "-p", '{"spec":{"allowDiskLoss":true}}')
     pet = fleet.wait_vm(NS, "pet", lambda vm: node_of(vm) == r1, f"on {r1}", timeout=30)
     assert fleet.wait_phase(NS, "pet", "Running")["status"]["nodeName"] == r1

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import kopf
 
-from formation_vmm.api.models import VmNetworkStatus
+from formation_vmm.api.models import VmImageStatus, VmNetworkStatus
 from formation_vmm.api.names import (
     GROUP,
     HYPERVISOR_LABEL,
@@ -31,7 +31,7 @@ from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.lost_nodes import LostNodes
 from formation_vmm.controller.migrations import MigrationScheduler
-from formation_vmm.controller.network_status import forget_node
+from formation_vmm.controller.node_entries import forget_node_images, forget_node_networks
 from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
@@ -54,6 +54,7 @@ class ControllerMemo:
     migrations: MigrationScheduler
     drainer: Drainer
     network_status: StatusWriter[VmNetworkStatus]
+    image_status: StatusWriter[VmImageStatus]
     lost_nodes: LostNodes
     guard: ImageGuard
     notes: SnapshotNotes
@@ -65,6 +66,12 @@ class ControllerMemo:
 
 def controller_memo(memo: kopf.Memo) -> ControllerMemo:
     return cast(ControllerMemo, memo.state)
+
+
+def _forget_node(state: ControllerMemo, node: str) -> None:
+    """A deleted Node's entries leave the networks' and images' status (node_entries.py)."""
+    forget_node_networks(state.network_status, state.kube.list(NETWORK_PLURAL), node)
+    forget_node_images(state.image_status, state.kube.list(IMAGE_PLURAL), node)
 
 
 async def _bind_loop(state: ControllerMemo) -> None:
@@ -150,8 +157,7 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         state.binder.node_event(event.get("type"), summary)
         state.sealer.node_event(event.get("type"), summary)
         if event.get("type") == "DELETED" and state.leader.is_leader():
-            bodies = await asyncio.to_thread(state.kube.list, NETWORK_PLURAL)
-            await asyncio.to_thread(forget_node, state.network_status, bodies, summary["name"])
+            await asyncio.to_thread(_forget_node, state, summary["name"])
 
     @kopf.on.event("", "v1", "resourcequotas", id="quotas", registry=registry)
     async def quotas(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

@@ -32,6 +32,25 @@ def with_node(
         entry.message = message
     nodes = [n for n in status.nodes if n.name != node] + [entry]
     nodes.sort(key=lambda n: n.name)
+    fields = _overall(status, nodes, generation)
+    for name in details.model_fields_set if details is not None else set():
+        setattr(fields, name, getattr(details, name))
+    return fields
+
+
+def without_node(status: VmImageStatus, node: str) -> VmImageStatus | None:
+    """The status fields without ``node``'s entry (a deleted Node: its agent, which wrote it, is
+    gone), the overall ones recomputed (a failure there no longer fails the image); None when
+    it has no such entry."""
+    nodes = [n for n in status.nodes if n.name != node]
+    if len(nodes) == len(status.nodes):
+        return None
+    condition = next((c for c in status.conditions if c.type == "Ready"), None)
+    return _overall(status, nodes, condition.observed_generation if condition else None)
+
+
+def _overall(status: VmImageStatus, nodes: list[ImageNodeStatus], generation: int | None) -> VmImageStatus:
+    """The nodes' entries and the overall phase and Ready condition they make."""
     overall = summarize(nodes)
     failed = [n for n in nodes if n.phase == "Failed"]
     if overall == "Ready":
@@ -48,8 +67,6 @@ def with_node(
         nodes=nodes,
         conditions=set_condition(status.conditions, "Ready", overall == "Ready", reason, text, generation),
     )
-    for name in details.model_fields_set if details is not None else set():
-        setattr(fields, name, getattr(details, name))
     return fields
 
 
