@@ -145,12 +145,14 @@ build_helm() {
   rmdir "$gobin"
 }
 
-# `go install` of a command into the bin directory under a versioned name.
+# `go install` of a command into the bin directory under a versioned name; more arguments go to
+# go install before the module (build tags).
 go_install() {
   local module="$1" name="$2" gobin
+  shift 2
   log "building $name"
   gobin=$(mktemp -d)
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "$module"
+  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "$@" "$module"
   mv "$gobin/$(basename "${module%@*}")" "$BIN/$name"
   rmdir "$gobin"
 }
@@ -163,7 +165,8 @@ if ((${#missing_k8s[@]})); then build_k8s "${missing_k8s[@]}"; fi
 [[ -x "$BIN/etcd" ]] || adopt etcd "${ETCD_VERSION#v}" || build_etcd
 [[ -x "$BIN/helm" ]] || adopt helm "$HELM_VERSION" || build_helm
 [[ -x "$BIN/promtool-$PROMETHEUS_VERSION" ]] ||
-  go_install "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" "promtool-$PROMETHEUS_VERSION"
+  go_install "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" "promtool-$PROMETHEUS_VERSION" \
+    -tags remove_all_sd  # no service discovery (26 of them, with their clouds' SDKs): rules need none
 ln -sf "promtool-$PROMETHEUS_VERSION" "$BIN/promtool"
 [[ -x "$BIN/actionlint-$ACTIONLINT_VERSION" ]] ||
   go_install "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION" "actionlint-$ACTIONLINT_VERSION"
