@@ -8,11 +8,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 from pydantic import BaseModel
@@ -42,12 +43,34 @@ class ConflictError(ApiError):
     """409: the object changed since it was read (or already exists, for a create)."""
 
 
+class GoneError(ApiError):
+    """410: a watch's resourceVersion is older than the apiserver keeps; list again."""
+
+
+@contextlib.contextmanager
+def _unreachable_as_api_error() -> Iterator[None]:
+    """urllib3's errors (refused, reset, timed out: the apiserver away or restarting) as an
+    ApiError with status 0, for the callers that go on: the VM watch lists again."""
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as exc:
+        raise ApiError(0, f"cannot reach the API: {exc}") from None
+
+
+def _watch_event(event: Body) -> tuple[str, Body]:
+    kind, obj = str(event.get("type") or ""), dict(event.get("object") or {})
+    if kind == "ERROR":  # a Status object
+        code = int(obj.get("code") or 0)
+        raise (GoneError if code == 410 else ApiError)(code, str(obj.get("message") or "watch failed"))
+    return kind, obj
+
+
 def _translate(exc: client.ApiException) -> ApiError:
     message = str(exc.reason)
     with contextlib.suppress(ValueError):
         message = str(json.loads(exc.body or "{}").get("message") or message)
     status = int(exc.status or 0)
-    kind = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
+    kind = {404: NotFoundError, 409: ConflictError, 410: GoneError}.get(status, ApiError)
     return kind(status, message)
 
 
@@ -111,6 +134,16 @@ class Kube:
         except NotFoundError:
             return None
 
+    def list_at(self, plural: str, label_selector: str = "") -> tuple[list[Body], str]:
+        """Every object of ``plural`` (cluster-wide) and the list's resourceVersion: where a
+        watch takes up from."""
+        with _unreachable_as_api_error():
+            found = self._call(
+                self._custom.list_cluster_custom_object, GROUP, VERSION, plural, label_selector=label_selector
+            )
+        version = str((found.get("metadata") or {}).get("resourceVersion") or "")
+        return [dict(item) for item in found.get("items") or []], version
+
     def list(self, plural: str, namespace: str | None = None, label_selector: str = "") -> list[Body]:
         if namespace is None:
             found = self._call(
@@ -126,6 +159,46 @@ class Kube:
                 label_selector=label_selector,
             )
         return [dict(item) for item in found.get("items") or []]
+
+    def watch(
+        self, plural: str, resource_version: str, label_selector: str = "", timeout_seconds: int = 60
+    ) -> Iterator[tuple[str, Body]]:
+        """One watch request of ``plural`` (cluster-wide) from ``resource_version``: its events
+        as (type, object) as they arrive, BOOKMARKs included, until the apiserver ends it
+        (``timeout_seconds``). Raises GoneError when that version is too old to watch from.
+        The response is read line by line, unparsed by the client library: this is every
+        event of a burst, and the library's models would cost more than the JSON."""
+        with _unreachable_as_api_error():
+            yield from self._watch(plural, resource_version, label_selector, timeout_seconds)
+
+    def _watch(
+        self, plural: str, resource_version: str, label_selector: str, timeout_seconds: int
+    ) -> Iterator[tuple[str, Body]]:
+        response = self._call(
+            self._custom.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            plural,
+            label_selector=label_selector,
+            watch=True,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_seconds,
+            _preload_content=False,
+            # A connection that goes silent (the apiserver gone) ends too, a while after the
+            # apiserver's own end would have come.
+            _request_timeout=(10, timeout_seconds + 30),
+        )
+        try:
+            pending = b""
+            for chunk in response.stream(1 << 16):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield _watch_event(json.loads(line))
+        finally:
+            response.release_conn()
 
     def create(self, plural: str, namespace: str | None, body: Body) -> Body:
         if namespace is None:

@@ -37,6 +37,7 @@ from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
+from formation_vmm.agent.vm_watch import WATCH_SECONDS, VmWatch
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import (
@@ -407,6 +408,9 @@ def run_agent(settings: Settings) -> None:
         migration_endpoint=migration_endpoint(settings, relay),
         relay=relay,
         snapshot_index=snapshot_index,
+        vm_watch=VmWatch(
+            kube, node, watcher.vm_event, watcher.forget_unlisted, lambda: health.beat("vm-watch")
+        ),
     )
     _agent_health(health, settings, hypervisor, state, queue, prober)
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
@@ -488,12 +492,25 @@ def _agent_health(
     beat = settings.heartbeat_seconds
     health.pulse("api", 3 * beat, "the heartbeat reached the API")
     health.pulse("watch", 3 * beat, "the Node watch delivered the heartbeat")
+    health.pulse("vm-watch", 2 * WATCH_SECONDS + 30, "the VM watch listed or ended a watch request well")
+    health.live_check(
+        "vm-watch",
+        lambda: (
+            None
+            if state.vm_watch is None or state.vm_watch.alive() or not health.started.is_set()
+            else "the VM watch's thread died"
+        ),
+    )
     health.ready_check("libvirt", within(2.0, hypervisor.reachable))
     health.live_check("loops", lambda: _tasks_alive(state))
     health.live_check(
         "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
     )
     health.live_check("prober", lambda: None if prober.alive() else "the probe loop died")
+
+
+def _watching(state: AgentMemo) -> bool:
+    return state.vm_watch is None or state.vm_watch.alive()
 
 
 def _prober(settings: Settings, hypervisor: Hypervisor, on_change: Callable[[str], None]) -> Prober:

@@ -20,6 +20,7 @@ from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.relay import Relay
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
+from formation_vmm.agent.vm_watch import VmWatch
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
@@ -36,14 +37,12 @@ from formation_vmm.api.names import (
     MIGRATION_ENDPOINT_ANNOTATION,
     MIGRATION_PLURAL,
     NETWORK_PLURAL,
-    NODE_LABEL,
     RESTORE_KIND,
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
     VERSION,
     VM_COUNT_ANNOTATION,
-    VM_PLURAL,
 )
 from formation_vmm.api.quantity import format_mebibytes
 from formation_vmm.config import Settings
@@ -83,6 +82,7 @@ class AgentMemo:
     migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
     relay: Relay | None = None
     snapshot_index: SnapshotIndex = field(default_factory=SnapshotIndex)
+    vm_watch: VmWatch | None = None  # None only where a test drives the cache itself
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
     sent_beat: str = ""
@@ -187,18 +187,17 @@ def _task(coro: Awaitable[None], name: str) -> asyncio.Task[None]:
 
 
 def register(registry: kopf.OperatorRegistry, node: str) -> None:
-    mine = {NODE_LABEL: node}
-
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         state = agent_memo(memo)
-        # Only this node's VMs and Node come down the watches: the apiserver filters.
-        settings.watching.label_selectors[GROUP, VM_PLURAL] = f"{NODE_LABEL}={node}"
+        # Only this node's Node comes down its watch: the apiserver filters.
         settings.watching.field_selectors["nodes"] = f"metadata.name={node}"
         watch_only(settings)
         config = state.settings
         await asyncio.to_thread(_load_snapshots, state)
         state.queue.start(state.watcher.process, config.sync_workers, "sync")
+        if state.vm_watch is not None:
+            state.vm_watch.start()
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             _task(
@@ -231,6 +230,8 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if state.vm_watch is not None:
+            state.vm_watch.stop()
         state.queue.close()
         state.migrations.close()
         if state.relay is not None:
@@ -238,12 +239,9 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         state.node_images.close()
         state.hypervisor.close()
 
-    # Only watch handlers: the agent decides from the VM and the domain as they are, so it needs
-    # none of kopf's per-object bookkeeping (annotations, its own finalizer), each of which would
-    # cost a write per VM. The finalizer that guards deletion is ours (see Watcher.handle).
-    @kopf.on.event(GROUP, VERSION, VM_PLURAL, labels=mine, id="vm", registry=registry)
-    async def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        agent_memo(memo).watcher.vm_event(event.get("type"), dict(event["object"]))
+    # This node's VMs come down a watch of our own (agent/vm_watch.py), not kopf's. Elsewhere
+    # only watch handlers: the agent decides from objects as they are, so it needs none of
+    # kopf's per-object bookkeeping (annotations, its own finalizer), each a write per object.
 
     @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="image", registry=registry)
     def image_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

@@ -194,7 +194,7 @@ class Watcher:
     # --- what asks for a sync ------------------------------------------------------------------
 
     def vm_event(self, event_type: str | None, body: Body) -> None:
-        """A watch event of a VM bound to this node (from kopf). The echo of our own status
+        """A watch event of a VM bound to this node (agent/vm_watch.py). The echo of our own status
         write is not queued: a resourceVersion names one content, and the domain's own changes
         come as libvirt events (in a burst this halves the syncs: a dry-run reconcile per VM)."""
         key, news = self.cache.update(event_type, body)
@@ -233,6 +233,13 @@ class Watcher:
         except Exception as exc:  # no list, no conclusion: nothing is dropped
             log.warning("cannot list this node's VMs: %s", exc)
             return
+        self.forget_unlisted(listed)
+
+    def forget_unlisted(self, listed: set[str]) -> None:
+        """``listed``: the uids of this node's VMs as a list from the API shows them (the VM
+        watch's own list, or the periodic check's). A VM of the cache not among them was
+        deleted or moved away while no watch delivered it: dropped, and its domain looked at
+        as an orphan's (removed once the API confirms)."""
         for key in self.cache.names():
             body = self.cache.get(key)
             uid = (body or {}).get("metadata", {}).get("uid", "")
