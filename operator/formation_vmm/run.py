@@ -496,9 +496,7 @@ def _agent_health(
     health.live_check(
         "vm-watch",
         lambda: (
-            None
-            if state.vm_watch is None or state.vm_watch.alive() or not health.started.is_set()
-            else "the VM watch's thread died"
+            None if state.vm_watch.alive() or not health.started.is_set() else "the VM watch's thread died"
         ),
     )
     health.ready_check("libvirt", within(2.0, hypervisor.reachable))
@@ -507,10 +505,6 @@ def _agent_health(
         "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
     )
     health.live_check("prober", lambda: None if prober.alive() else "the probe loop died")
-
-
-def _watching(state: AgentMemo) -> bool:
-    return state.vm_watch is None or state.vm_watch.alive()
 
 
 def _prober(settings: Settings, hypervisor: Hypervisor, on_change: Callable[[str], None]) -> Prober:

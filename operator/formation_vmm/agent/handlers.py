@@ -79,10 +79,10 @@ class AgentMemo:
     networks: NodeNetworks
     health: Health
     key: NodeKey
+    vm_watch: VmWatch  # this node's VMs, into the cache and the queue
     migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
     relay: Relay | None = None
     snapshot_index: SnapshotIndex = field(default_factory=SnapshotIndex)
-    vm_watch: VmWatch | None = None  # None only where a test drives the cache itself
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
     sent_beat: str = ""
@@ -196,8 +196,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         config = state.settings
         await asyncio.to_thread(_load_snapshots, state)
         state.queue.start(state.watcher.process, config.sync_workers, "sync")
-        if state.vm_watch is not None:
-            state.vm_watch.start()
+        state.vm_watch.start()
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             _task(
@@ -230,8 +229,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if state.vm_watch is not None:
-            state.vm_watch.stop()
+        state.vm_watch.stop()
         state.queue.close()
         state.migrations.close()
         if state.relay is not None:

@@ -30,7 +30,7 @@ from formation_vmm.agent.status import (
 )
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
-from formation_vmm.api.names import VM_KIND
+from formation_vmm.api.names import NODE_LABEL, VM_KIND
 from formation_vmm.domain.build import UnsupportedSpecError
 from formation_vmm.domain.naming import UnsafeNameError, domain_name
 from formation_vmm.kube import EventRecorder, StatusWriter
@@ -105,7 +105,12 @@ class VmSync:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
                     return SyncResult(vm.status.phase)
-                if fresh.get("metadata", {}).get("uid") != uid:
+                meta = fresh.get("metadata", {})
+                if meta.get("uid") != uid or (meta.get("labels") or {}).get(NODE_LABEL) != self.node:
+                    # Gone, or bound to another node since the cache's copy (a migration or a
+                    # restart elsewhere whose binding the watch has not brought yet): not ours
+                    # to act on. Seen: a migrated VM's source, poked as the migration ended,
+                    # made the VM's files again from its stale copy.
                     return SyncResult(vm.status.phase, gone=True)
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
             with metrics.SYNC_SECONDS.time():
