@@ -5,13 +5,13 @@ control plane cannot blur it, and with no timing in it."""
 
 import json
 import queue
-import subprocess
 import threading
 from typing import Any
 
 import pytest
 
-from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL
+from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL, VM_PLURAL
+from formation_vmm.kube import ApiError, Kube
 from tests.support.fleet import TINY, Fleet, condition
 from tests.support.waiting import wait_for
 
@@ -19,44 +19,45 @@ pytestmark = pytest.mark.controlplane
 
 
 class VmWatch:
-    """Every version of one VM, in order, from a `kubectl get --watch` started before it exists."""
+    """Every version of one VM, in order, from a watch that starts at the version of a list made
+    before the VM exists: no version can fall between the list and the watch, however slowly a
+    loaded machine starts the watch (a `kubectl get --watch` started beside the create could
+    list the VM already bound, and see one write fewer)."""
 
     def __init__(self, fleet: Fleet, namespace: str, name: str) -> None:
-        argv = [
-            str(fleet.kubectl.binary), "--kubeconfig", str(fleet.kubectl.kubeconfig),
-            "get", "vm", "-n", namespace, "--watch", "--output-watch-events", "-o", "json",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        self.name = name
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.kube = Kube.from_kubeconfig(str(fleet.kubectl.kubeconfig))
+        self.namespace, self.name = namespace, name
+        self.events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.stopped = threading.Event()
+        listed, self.version = self.kube.list_at(VM_PLURAL)
+        assert not [vm for vm in listed if self._ours(vm)], "the VM exists before its watch"
+        threading.Thread(target=self._follow, daemon=True).start()
 
-    def _read(self) -> None:
-        decoder = json.JSONDecoder()
-        buffer = ""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            buffer += line
-            try:
-                event, end = decoder.raw_decode(buffer.lstrip())
-            except json.JSONDecodeError:
-                continue
-            buffer = buffer.lstrip()[end:]
-            if event["object"]["metadata"]["name"] == self.name:
-                self.events.put(event)
+    def _ours(self, vm: dict[str, Any]) -> bool:
+        return bool(vm["metadata"]["namespace"] == self.namespace and vm["metadata"]["name"] == self.name)
 
-    def until(self, done: Any, timeout: float = 60) -> list[dict[str, Any]]:
+    def _follow(self) -> None:
+        try:
+            while not self.stopped.is_set():  # each request ends after a while; the next takes up there
+                for kind, vm in self.kube.watch(VM_PLURAL, self.version, timeout_seconds=30):
+                    self.version = vm["metadata"]["resourceVersion"]
+                    if kind != "BOOKMARK" and self._ours(vm):
+                        self.events.put((kind, vm))
+        except ApiError as error:  # the test reads it in place of the next version
+            self.events.put(("ERROR", {"error": str(error)}))
+
+    def until(self, done: Any, timeout: float = 60) -> list[tuple[str, dict[str, Any]]]:
         """The versions seen, up to and including the first for which ``done`` holds."""
         seen = []
         while True:
             event = self.events.get(timeout=timeout)
+            assert event[0] != "ERROR", event[1]
             seen.append(event)
-            if done(event["object"]):
+            if done(event[1]):
                 return seen
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        self.stopped.set()
 
 
 def test_a_vm_reaches_running_in_two_writes_and_no_events(fleet: Fleet, ns: str) -> None:
@@ -66,9 +67,9 @@ def test_a_vm_reaches_running_in_two_writes_and_no_events(fleet: Fleet, ns: str)
         versions = watch.until(lambda vm: vm.get("status", {}).get("phase") == "Running")
     finally:
         watch.close()
-    kinds = [event["type"] for event in versions]
+    kinds = [kind for kind, _ in versions]
     assert kinds == ["ADDED", "MODIFIED", "MODIFIED"], kinds  # the create, the binding, the status
-    created, bound, running = (event["object"] for event in versions)
+    created, bound, running = (vm for _, vm in versions)
     # The binding is one write: label, finalizer and addresses together, no status yet.
     assert bound["metadata"]["labels"][NODE_LABEL] == "node-a"
     assert bound["metadata"]["finalizers"] and ADDRESSES_ANNOTATION in bound["metadata"]["annotations"]
