@@ -37,7 +37,6 @@ from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
 from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
-from formation_vmm.agent.vm_watch import WATCH_SECONDS, VmWatch
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import (
@@ -69,6 +68,7 @@ from formation_vmm.controller.lost_nodes import LostNodes
 from formation_vmm.controller.migrations import MigrationScheduler
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
+from formation_vmm.controller.vm_feed import VmFeed
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import NodeFirmware
 from formation_vmm.health import Health, within
@@ -79,6 +79,7 @@ from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
 from formation_vmm.migration_rules import Limits
 from formation_vmm.sealing import NodeKey
+from formation_vmm.vm_watch import WATCH_SECONDS, VmWatch
 from formation_vmm.waiting import WaitTimeoutError, wait_for
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,22 @@ def run_controller(settings: Settings) -> None:
     health.pulse("api", 3 * renew, "the API answered the leader election")
     health.pulse("watch", 3 * renew + 5, "the lease watch delivered a renewal")
     health.pulse("loop", 3 * RETRY_BIND, "the binding loop ran")
+    health.pulse("vm-watch", 2 * WATCH_SECONDS + 30, "the VM watch listed or ended a watch request well")
     image_status = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
     binder = Binder(
         vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
     )
+    guard = ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns))
+    sealer = Sealer(kube, vm_status, image_status, events, settings.seal_refresh_seconds)
+    leader = LeaderElector(
+        kube,
+        namespace,
+        LEASE_NAME,
+        identity,
+        settings.leader_lease_seconds,
+        settings.leader_renew_seconds,
+    )
+    feed = VmFeed(binder, sealer, guard, leader.is_leader)
     state = ControllerMemo(
         settings=settings,
         kube=kube,
@@ -219,22 +232,22 @@ def run_controller(settings: Settings) -> None:
         network_status=StatusWriter(kube, NETWORK_PLURAL, VmNetworkStatus, cluster_scoped=True),
         image_status=image_status,
         lost_nodes=LostNodes(kube, binder, events, settings.eviction_strategy),
-        guard=ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns)),
+        guard=guard,
         notes=SnapshotNotes(
             kube,
             StatusWriter(kube, SNAPSHOT_PLURAL, VmSnapshotStatus),
             StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
         ),
-        sealer=Sealer(kube, vm_status, image_status, events, settings.seal_refresh_seconds),
-        leader=LeaderElector(
-            kube,
-            namespace,
-            LEASE_NAME,
-            identity,
-            settings.leader_lease_seconds,
-            settings.leader_renew_seconds,
-        ),
+        sealer=sealer,
+        leader=leader,
         health=health,
+        vm_watch=VmWatch(kube, "", feed.event, feed.listed, lambda: health.beat("vm-watch")),
+    )
+    health.live_check(
+        "vm-watch",
+        lambda: (
+            None if state.vm_watch.alive() or not health.started.is_set() else "the VM watch's thread died"
+        ),
     )
     health.live_check("loops", lambda: _tasks_alive(state))
     asyncio.run(_serve(settings, registry, state, health))
@@ -409,7 +422,11 @@ def run_agent(settings: Settings) -> None:
         relay=relay,
         snapshot_index=snapshot_index,
         vm_watch=VmWatch(
-            kube, node, watcher.vm_event, watcher.forget_unlisted, lambda: health.beat("vm-watch")
+            kube,
+            f"{NODE_LABEL}={node}",
+            watcher.vm_event,
+            watcher.forget_unlisted,
+            lambda: health.beat("vm-watch"),
         ),
     )
     _agent_health(health, settings, hypervisor, state, queue, prober)

@@ -20,7 +20,6 @@ from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.relay import Relay
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
-from formation_vmm.agent.vm_watch import VmWatch
 from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
@@ -52,6 +51,7 @@ from formation_vmm.images.node import GarbageCollector, NodeImages
 from formation_vmm.kopf_settings import watch_only
 from formation_vmm.kube import ApiError, Kube
 from formation_vmm.sealing import NodeKey
+from formation_vmm.vm_watch import VmWatch
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         state.node_images.close()
         state.hypervisor.close()
 
-    # This node's VMs come down a watch of our own (agent/vm_watch.py), not kopf's. Elsewhere
+    # This node's VMs come down a watch of our own (vm_watch.py), not kopf's. Elsewhere
     # only watch handlers: the agent decides from objects as they are, so it needs none of
     # kopf's per-object bookkeeping (annotations, its own finalizer), each a write per object.
 

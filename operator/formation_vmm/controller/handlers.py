@@ -1,5 +1,6 @@
 """kopf handlers of the controller. The controller only watches (kopf ``on.event``: no
-finalizers, no annotations written on VMs) and hands what it sees to the Binder and its helpers.
+finalizers, no annotations written on VMs; the VMs themselves come down a watch of our own,
+vm_watch.py) and hands what it sees to the Binder and its helpers.
 Every replica watches (so a standby has warm caches); only the leader writes."""
 
 import asyncio
@@ -38,6 +39,7 @@ from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
 from formation_vmm.kopf_settings import watch_only
 from formation_vmm.kube import Kube, StatusWriter
+from formation_vmm.vm_watch import VmWatch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class ControllerMemo:
     leader: LeaderElector
     sealer: Sealer
     health: Health
+    vm_watch: VmWatch  # every VM, into the binder, the sealer and the image guard (vm_feed.py)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -120,6 +123,7 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         settings.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.name={lease_name}"
         watch_only(settings)
         state = controller_memo(memo)
+        state.vm_watch.start()
         state.tasks = [
             asyncio.create_task(_lead(state), name="leader"),
             asyncio.create_task(_bind_loop(state), name="bind"),
@@ -127,10 +131,12 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
-        for task in controller_memo(memo).tasks:
+        state = controller_memo(memo)
+        for task in state.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        state.vm_watch.stop()
 
     @kopf.on.event(
         "coordination.k8s.io",
@@ -164,19 +170,7 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
         """A namespace's VM quota (quota.py): the binder counts against it."""
         controller_memo(memo).binder.quota_event(event.get("type"), dict(event["object"]))
 
-    @kopf.on.event(GROUP, VERSION, VM_PLURAL, id="vms", registry=registry)
-    async def vms(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = controller_memo(memo)
-        body = dict(event["object"])
-        state.binder.vm_event(event.get("type"), body)
-        state.sealer.vm_event(event.get("type"), body)
-        released = state.guard.vm_event(event.get("type"), body)
-        if not state.leader.is_leader():
-            return
-        for image in released:
-            await asyncio.to_thread(state.guard.release_if_unused, image)
-        if event.get("type") != "DELETED" and state.binder.status_needs_repair(body):
-            await asyncio.to_thread(state.binder.repair_status, body)
+    # The VMs come down a watch of our own (vm_watch.py, controller/vm_feed.py), not kopf's.
 
     @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="images", registry=registry)
     def images(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
