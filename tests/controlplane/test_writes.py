@@ -25,7 +25,7 @@ from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.vm_feed import VmFeed
-from formation_vmm.devcluster.cluster import Kubectl, install_crds
+from formation_vmm.devcluster.cluster import Kubectl, install_crds, service_account_kubeconfig
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
 from formation_vmm.vm_watch import VmWatch
@@ -214,3 +214,38 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
     finally:
         second.stop()
     release(kubectl, ns, "waiting")
+
+
+def test_a_write_the_controllers_feed_cannot_make_is_logged_and_the_event_still_counts(
+    kube: Kube, kubectl: Kubectl, plane: ControlPlane, ns: str
+) -> None:
+    """The leader's writes happen in the watch's thread: one that fails (here a real 403, from
+    a service account with no rights) must not escape into the watch, which would end its
+    request and list every VM again, and must not keep the event from the binder."""
+    binder = binder_with_a_node(kube, cpus=1, node="node-repair")
+    kubectl("create", "serviceaccount", "nobody", "-n", ns)  # no role bound to it anywhere
+    powerless = Kube.from_kubeconfig(str(service_account_kubeconfig(kubectl, plane, "nobody", namespace=ns)))
+    images = StatusWriter(powerless, IMAGE_PLURAL, VmImageStatus)
+    events = EventRecorder(powerless, "test")
+    writer = StatusWriter(powerless, VM_PLURAL, VirtualMachineStatus)
+    admin_writer, binder.status = binder.status, writer  # the repair's writer: the one without rights
+    sealer = Sealer(powerless, writer, images, events)
+    feed = VmFeed(binder, sealer, ImageGuard(images, events, lambda _: []), leading=lambda: True)
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "relabeled", "namespace": ns, "labels": {NODE_LABEL: "node-repair"}},
+        "spec": {"cpus": 1, "memory": "32Mi", "runStrategy": "Halted"},
+    }
+    kubectl("create", "-f", "-", input_text=json.dumps(doc))
+    kubectl(
+        "patch", "vm", "relabeled", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", '{"status": {"nodeName": "node-elsewhere"}}',
+    )  # fmt: skip
+    body = kubectl_json(kubectl, ns, "relabeled")
+    assert Binder.status_needs_repair(body)  # so the feed tries the write, and is refused
+    feed.event("MODIFIED", body)  # raised before the fix
+    assert kubectl_json(kubectl, ns, "relabeled")["status"]["nodeName"] == "node-elsewhere"
+    # The binder took the event all the same: the 1-CPU node is full.
+    binder.status = admin_writer
+    assert binder.bind(make_vm(kubectl, ns, "next")).node is None

@@ -46,10 +46,16 @@ class VmFeed:
         released = self.guard.vm_event(kind, body)
         if not self.leading():
             return
-        for image in released:
-            self.guard.release_if_unused(image)
-        if kind != "DELETED" and self.binder.status_needs_repair(body):
-            self.binder.repair_status(body)
+        try:
+            for image in released:
+                self.guard.release_if_unused(image)
+            if kind != "DELETED" and self.binder.status_needs_repair(body):
+                self.binder.repair_status(body)
+        except Exception:
+            # Said, and left: raised into the watch, it would end the watch request and list
+            # every VM again. A held image is looked at again by each binding pass; a status
+            # that names the wrong node, at the VM's next event.
+            log.exception("acting on VM %s/%s failed", meta.get("namespace"), meta.get("name"))
 
     def listed(self, uids: set[str]) -> None:
         """``uids``: every VM a (re)list found. The others are gone."""
