@@ -200,7 +200,6 @@ def run_controller(settings: Settings) -> None:
     health.pulse("api", 3 * renew, "the API answered the leader election")
     health.pulse("watch", 3 * renew + 5, "the lease watch delivered a renewal")
     health.pulse("loop", 3 * RETRY_BIND, "the binding loop ran")
-    health.pulse("vm-watch", 2 * WATCH_SECONDS + 30, "the VM watch listed or ended a watch request well")
     image_status = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
     binder = Binder(
         vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
@@ -243,17 +242,22 @@ def run_controller(settings: Settings) -> None:
         health=health,
         vm_watch=VmWatch(kube, "", feed.event, feed.listed, lambda: health.beat("vm-watch")),
     )
-    health.live_check(
-        "vm-watch",
-        lambda: (
-            None if state.vm_watch.alive() or not health.started.is_set() else "the VM watch's thread died"
-        ),
-    )
+    _vm_watch_health(health, state.vm_watch)
     health.live_check("loops", lambda: _tasks_alive(state))
     asyncio.run(_serve(settings, registry, state, health))
 
 
 RETRY_BIND = controller_handlers.RETRY_SECONDS
+
+
+def _vm_watch_health(health: Health, watch: VmWatch) -> None:
+    """Both processes' VM watch (vm_watch.py beats "vm-watch"): readiness needs a list or a
+    watch request that ended well within two requests' time; liveness, its thread."""
+    health.pulse("vm-watch", 2 * WATCH_SECONDS + 30, "the VM watch listed or ended a watch request well")
+    health.live_check(
+        "vm-watch",
+        lambda: None if watch.alive() or not health.started.is_set() else "the VM watch's thread died",
+    )
 
 
 def _hold_agent_lock(settings: Settings, node: str) -> None:
@@ -509,13 +513,7 @@ def _agent_health(
     beat = settings.heartbeat_seconds
     health.pulse("api", 3 * beat, "the heartbeat reached the API")
     health.pulse("watch", 3 * beat, "the Node watch delivered the heartbeat")
-    health.pulse("vm-watch", 2 * WATCH_SECONDS + 30, "the VM watch listed or ended a watch request well")
-    health.live_check(
-        "vm-watch",
-        lambda: (
-            None if state.vm_watch.alive() or not health.started.is_set() else "the VM watch's thread died"
-        ),
-    )
+    _vm_watch_health(health, state.vm_watch)
     health.ready_check("libvirt", within(2.0, hypervisor.reachable))
     health.live_check("loops", lambda: _tasks_alive(state))
     health.live_check(

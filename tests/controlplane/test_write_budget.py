@@ -5,63 +5,54 @@ control plane cannot blur it, and with no timing in it."""
 
 import json
 import queue
-import threading
 from typing import Any
 
 import pytest
 
-from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL, VM_PLURAL
-from formation_vmm.kube import ApiError, Kube
+from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL
+from formation_vmm.kube import Kube
+from formation_vmm.vm_watch import VmWatch
 from tests.support.fleet import TINY, Fleet, condition
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
 
 
-class VmWatch:
-    """Every version of one VM, in order, from a watch that starts at the version of a list made
-    before the VM exists: no version can fall between the list and the watch, however slowly a
-    loaded machine starts the watch (a `kubectl get --watch` started beside the create could
-    list the VM already bound, and see one write fewer)."""
+class OneVm:
+    """Every version of one VM, in order, from the operators' own watch (vm_watch.py) of every
+    VM, whose list is made before the VM exists: no version can fall between the list and the
+    watch, however slowly a loaded machine starts it (a `kubectl get --watch` started beside the
+    create could list the VM already bound, and see one write fewer). A list made again (the
+    apiserver away) would show up as versions of kind None."""
 
     def __init__(self, fleet: Fleet, namespace: str, name: str) -> None:
-        self.kube = Kube.from_kubeconfig(str(fleet.kubectl.kubeconfig))
         self.namespace, self.name = namespace, name
-        self.events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-        self.stopped = threading.Event()
-        listed, self.version = self.kube.list_at(VM_PLURAL)
-        assert not [vm for vm in listed if self._ours(vm)], "the VM exists before its watch"
-        threading.Thread(target=self._follow, daemon=True).start()
+        self.events: queue.Queue[tuple[str | None, dict[str, Any]]] = queue.Queue()
+        kube = Kube.from_kubeconfig(str(fleet.kubectl.kubeconfig))
+        self.watch = VmWatch(kube, "", self._deliver, lambda _: None, timeout_seconds=30, name="one-vm")
+        self.watch.start()
+        wait_for(lambda: self.watch.lists == 1, 30, "the watch's list")
+        assert self.events.empty(), "the VM exists before its watch"
 
-    def _ours(self, vm: dict[str, Any]) -> bool:
-        return bool(vm["metadata"]["namespace"] == self.namespace and vm["metadata"]["name"] == self.name)
+    def _deliver(self, kind: str | None, vm: dict[str, Any]) -> None:
+        if vm["metadata"]["namespace"] == self.namespace and vm["metadata"]["name"] == self.name:
+            self.events.put((kind, vm))
 
-    def _follow(self) -> None:
-        try:
-            while not self.stopped.is_set():  # each request ends after a while; the next takes up there
-                for kind, vm in self.kube.watch(VM_PLURAL, self.version, timeout_seconds=30):
-                    self.version = vm["metadata"]["resourceVersion"]
-                    if kind != "BOOKMARK" and self._ours(vm):
-                        self.events.put((kind, vm))
-        except ApiError as error:  # the test reads it in place of the next version
-            self.events.put(("ERROR", {"error": str(error)}))
-
-    def until(self, done: Any, timeout: float = 60) -> list[tuple[str, dict[str, Any]]]:
+    def until(self, done: Any, timeout: float = 60) -> list[tuple[str | None, dict[str, Any]]]:
         """The versions seen, up to and including the first for which ``done`` holds."""
         seen = []
         while True:
             event = self.events.get(timeout=timeout)
-            assert event[0] != "ERROR", event[1]
             seen.append(event)
             if done(event[1]):
                 return seen
 
     def close(self) -> None:
-        self.stopped.set()
+        self.watch.stop()
 
 
 def test_a_vm_reaches_running_in_two_writes_and_no_events(fleet: Fleet, ns: str) -> None:
-    watch = VmWatch(fleet, ns, "frugal")
+    watch = OneVm(fleet, ns, "frugal")
     try:
         fleet.apply_vm(ns, "frugal", networks=[{"name": "eth0"}], nodeSelector={"zone": "a"}, **TINY)
         versions = watch.until(lambda vm: vm.get("status", {}).get("phase") == "Running")
