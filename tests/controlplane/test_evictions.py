@@ -24,6 +24,7 @@ from formation_vmm.devcluster.cluster import (
     start_controller,
 )
 from formation_vmm.devcluster.processes import stop
+from tests.support.agentless import beating
 from tests.support.fleet import FAST, TEST_NODE_RESERVED_CPUS, TINY, Fleet
 from tests.support.waiting import wait_for
 
@@ -96,9 +97,9 @@ def image_nodes(fleet: Fleet, name: str) -> set[str]:
     return {n["name"] for n in (got.get("status") or {}).get("nodes") or []}
 
 
-def events(fleet: Fleet, vm: str) -> list[tuple[str, str]]:
+def events(fleet: Fleet, vm: str, namespace: str = NS) -> list[tuple[str, str]]:
     out = fleet.kubectl(
-        "get", "events", "-n", NS, "--field-selector", f"involvedObject.name={vm}", "-o", "json"
+        "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={vm}", "-o", "json"
     )
     return [(e["reason"], e["message"]) for e in json.loads(out)["items"]]
 
@@ -276,3 +277,28 @@ def test_a_restart_mark_left_by_a_drain_that_ended_while_no_controller_ran_goes(
         timeout=90,
     )
     assert node_of(back) == node and not annotation(back, EVICTION_ANNOTATION)
+
+
+def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet, ns: str) -> None:
+    """A VM bound to a node whose agent will never come back (its Node deleted, nothing beating)
+    would wait forever for that agent to remove its finalizer: the controller removes it once
+    it gives the node up. The node is agentless (tests/support/agentless.py): the VM is bound
+    there, and nothing ever runs it, as on a node that died right after the binding."""
+    lost = "lost-d1"
+    stop, beater = beating(fleet, (lost,), {"zone": "lost"}, "lost", "2", "1Gi")
+    try:
+        toleration = {"key": "dedicated", "operator": "Equal", "value": "lost", "effect": "NoSchedule"}
+        fleet.apply_vm(ns, "doomed", **TINY, nodeSelector={"zone": "lost"}, tolerations=[toleration])
+        bound = fleet.wait_vm(ns, "doomed", lambda vm: node_of(vm) == lost, f"bound to {lost}")
+        assert f"agent.vmm.formation.cloud/{lost}" in bound["metadata"]["finalizers"]
+        fleet.kubectl("delete", "vm", "doomed", "-n", ns, "--wait=false")
+        deleting = fleet.vm(ns, "doomed")  # its agent is the one to let it go, and there is none
+        assert deleting["metadata"]["deletionTimestamp"] and deleting["metadata"]["finalizers"]
+    finally:
+        stop.set()
+        beater.join(10)
+        fleet.kubectl("delete", "node", lost, check=False)
+    # The fleet's controller gives a deleted Node up after VMM_NODE_LOST_SECONDS (6 s).
+    fleet.wait_gone("vm", ns, "doomed", timeout=60)
+    reasons = dict(events(fleet, "doomed", ns))
+    assert reasons["DeletedWithoutAgent"].startswith(f"node {lost} is lost (its Node was deleted)")

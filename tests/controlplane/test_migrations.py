@@ -3,28 +3,21 @@ that cannot go anywhere fail at once with their reason, and 20 requested togethe
 limits (5 in the cluster, 2 out of each node; KubeVirt's defaults).
 
 The copies themselves need two real libvirtds (tests/migration/test_vm_migration.py). Here the
-target nodes are Node objects with no agent: the test writes their heartbeat, capacity and
-migration endpoint, as an agent would, so migrations stop at Preparing (no agent prepares)
-and stay there: exactly what the limits count. Such a node stands in for an agent only where
-no agent can hold a migration still for as long as the test looks."""
+target nodes are Node objects with no agent (tests/support/agentless.py): the test writes their
+heartbeat, capacity and migration endpoint, as an agent would, so migrations stop at Preparing
+(no agent prepares) and stay there: exactly what the limits count. Such a node stands in for
+an agent only where no agent can hold a migration still for as long as the test looks."""
 
 import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from formation_vmm.api.names import (
-    CAPACITY_CPUS_ANNOTATION,
-    CAPACITY_MEMORY_ANNOTATION,
-    HEARTBEAT_ANNOTATION,
-    MIGRATION_ENDPOINT_ANNOTATION,
-    NODE_LABEL,
-)
-from formation_vmm.devcluster.cluster import register_node
+from formation_vmm.api.names import NODE_LABEL
+from tests.support.agentless import beating
 from tests.support.fleet import ON_QEMU, QEMU_TOLERATION, TINY, Fleet
 from tests.support.waiting import wait_for
 
@@ -32,6 +25,7 @@ pytestmark = pytest.mark.controlplane
 
 TARGETS = ("mig-t1", "mig-t2")
 TAINT = {"key": "dedicated", "operator": "Equal", "value": "migration", "effect": "NoSchedule"}
+MIGRATION_NODE = {"zone": "m", "migrations": "here"}
 
 
 def migrations(fleet: Fleet, ns: str) -> dict[str, dict[str, Any]]:
@@ -53,43 +47,10 @@ def request(ns: str, name: str, vm: str, target: str | None = None) -> dict[str,
     }
 
 
-def beating(
-    fleet: Fleet, nodes: tuple[str, ...], cpus: str, memory: str
-) -> tuple[threading.Event, threading.Thread]:
-    """Agentless hypervisor nodes (tainted: only this module's VMs tolerate them), whose
-    heartbeat, capacity and migration endpoint the test writes every second, as an agent would,
-    until the returned event is set."""
-    stop = threading.Event()
-    for node in nodes:
-        register_node(fleet.kubectl, node, {"zone": "m", "migrations": "here"})
-        fleet.kubectl("taint", "node", node, "dedicated=migration:NoSchedule", "--overwrite")
-
-    def beat() -> None:
-        while not stop.is_set():
-            at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            for node in nodes:
-                annotations = {
-                    CAPACITY_CPUS_ANNOTATION: cpus,
-                    CAPACITY_MEMORY_ANNOTATION: memory,
-                    HEARTBEAT_ANNOTATION: at,
-                    MIGRATION_ENDPOINT_ANNOTATION: json.dumps(
-                        {"libvirt": "test:///none", "sockets": "/nonexistent"}
-                    ),
-                }
-                fleet.kubectl(
-                    "annotate", "node", node, "--overwrite", *(f"{k}={v}" for k, v in annotations.items())
-                )
-            stop.wait(1.0)
-
-    beater = threading.Thread(target=beat, daemon=True)
-    beater.start()
-    return stop, beater
-
-
 @pytest.fixture
 def targets(fleet: Fleet) -> Iterator[threading.Event]:
     """Two roomy target nodes."""
-    stop, beater = beating(fleet, TARGETS, "64", "65536Mi")
+    stop, beater = beating(fleet, TARGETS, MIGRATION_NODE, "migration", "64", "65536Mi")
     try:
         yield stop
     finally:
@@ -222,7 +183,7 @@ def test_the_targets_room_is_held_for_the_vm_on_its_way(fleet: Fleet, ns: str) -
     fits only there stays Pending; once the migration is cancelled, the room is free again and
     the new VM takes it."""
     small = "mig-small"
-    stop, beater = beating(fleet, (small,), "1", "64Mi")
+    stop, beater = beating(fleet, (small,), MIGRATION_NODE, "migration", "1", "64Mi")
     try:
         fleet.apply_vm(ns, "mover", **movable(nodeSelector={"zone": "a"}))
         fleet.wait_phase(ns, "mover", "Running")

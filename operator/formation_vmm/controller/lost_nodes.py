@@ -8,7 +8,9 @@ elsewhere would run them twice, writing to two copies of their addresses. Each V
 evictionStrategy is not None and whose ``spec.allowDiskLoss`` is true is bound to another node
 in one write (``Binder.move_binding``); that node's agent starts it from its images. If the
 lost node comes back, its agent finds domains of VMs bound elsewhere and removes them as
-orphans. A VM that waits says why in its eviction annotation (docs/migration.md)."""
+orphans. A VM that waits says why in its eviction annotation (docs/migration.md). A VM deleted
+while its node is lost loses that node's agent finalizer, which no agent would ever remove: the
+deletion ends, as Kubernetes' pod GC ends the pods of a deleted Node."""
 
 import logging
 from typing import Any
@@ -20,6 +22,7 @@ from formation_vmm.api.names import (
     RESTART_ELSEWHERE_ANNOTATION,
     VM_KIND,
     VM_PLURAL,
+    agent_finalizer,
 )
 from formation_vmm.controller.binder import Binder
 from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError
@@ -64,6 +67,7 @@ class LostNodes:
     def _restart(self, node: str, why: str, body: Body) -> None:
         vm = VirtualMachine.model_validate(body)
         if vm.metadata.deletion_timestamp is not None:
+            self._let_go(node, why, body)
             return
         refusal = restart_after_node_loss(vm, self.default_strategy)
         if refusal is not None:
@@ -84,6 +88,22 @@ class LostNodes:
         )
         log.warning("%s/%s: %s", vm.metadata.namespace, vm.metadata.name, message)
         self.events.post(moved, VM_KIND, "RestartedElsewhere", message, "Warning")
+
+    def _let_go(self, node: str, why: str, body: Body) -> None:
+        """A VM deleted while its node is lost goes without its agent: the agent would remove its
+        domain and files first, but it will not come back to do so. If the node does come back,
+        its agent removes what the VM left there as an orphan's."""
+        if agent_finalizer(node) not in (body["metadata"].get("finalizers") or []):
+            return
+        if self.binder.let_go(body, node) is None:
+            return  # it changed: the next pass reads it again
+        meta = body["metadata"]
+        message = (
+            f"node {node} is lost ({why}): the VM is deleted without its agent; what it left on "
+            f"{node} is removed if the node's agent comes back"
+        )
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+        self.events.post(body, VM_KIND, "DeletedWithoutAgent", message, "Warning")
 
     def _say(self, body: Body, message: str | None) -> None:
         annotations = body["metadata"].get("annotations") or {}
