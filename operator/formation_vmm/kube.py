@@ -134,23 +134,20 @@ class Kube:
         except NotFoundError:
             return None
 
-    def list_at(self, plural: str, label_selector: str = "") -> tuple[list[Body], str]:
-        """Every object of ``plural`` (cluster-wide) and the list's resourceVersion: where a
-        watch takes up from."""
-        with _unreachable_as_api_error():
-            found = self._call(
-                self._custom.list_cluster_custom_object, GROUP, VERSION, plural, label_selector=label_selector
-            )
-        version = str((found.get("metadata") or {}).get("resourceVersion") or "")
-        return [dict(item) for item in found.get("items") or []], version
-
-    def list(self, plural: str, namespace: str | None = None, label_selector: str = "") -> list[Body]:
+    def _list(self, plural: str, namespace: str | None, label_selector: str) -> Body:
+        """The list response as the API sent it (items and the list's metadata)."""
         if namespace is None:
-            found = self._call(
-                self._custom.list_cluster_custom_object, GROUP, VERSION, plural, label_selector=label_selector
+            return dict(
+                self._call(
+                    self._custom.list_cluster_custom_object,
+                    GROUP,
+                    VERSION,
+                    plural,
+                    label_selector=label_selector,
+                )
             )
-        else:
-            found = self._call(
+        return dict(
+            self._call(
                 self._custom.list_namespaced_custom_object,
                 GROUP,
                 VERSION,
@@ -158,7 +155,18 @@ class Kube:
                 plural,
                 label_selector=label_selector,
             )
-        return [dict(item) for item in found.get("items") or []]
+        )
+
+    def list_at(self, plural: str, label_selector: str = "") -> tuple[list[Body], str]:
+        """Every object of ``plural`` (cluster-wide) and the list's resourceVersion: where a
+        watch takes up from."""
+        with _unreachable_as_api_error():
+            found = self._list(plural, None, label_selector)
+        version = str((found.get("metadata") or {}).get("resourceVersion") or "")
+        return [dict(item) for item in found.get("items") or []], version
+
+    def list(self, plural: str, namespace: str | None = None, label_selector: str = "") -> list[Body]:
+        return [dict(item) for item in self._list(plural, namespace, label_selector).get("items") or []]
 
     def watch(
         self, plural: str, resource_version: str, label_selector: str = "", timeout_seconds: int = 60
