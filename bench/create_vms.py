@@ -8,7 +8,9 @@ controller, no agent) in the same run, before our burst and again after it (the 
 agents stopped), and prints our throughput as a ratio of the two's mean: this machine's speed
 drifts by a quarter within minutes, and a baseline on one side only carried that drift into the
 ratio. The drift between the two is printed too. A small burst warms the fresh apiserver up
-first, so the first baseline does not pay for its first use. Fails fast
+first, so the first baseline does not pay for its first use. With --prebound, the VMs are
+created already bound (the label and finalizer the controller's binding writes): what binding at
+admission would buy, measured without building it. Fails fast
 when VMs stay unschedulable or stop moving; stops every process it started on success, failure,
 SIGINT and SIGTERM.
 
@@ -39,8 +41,10 @@ from formation_vmm.api.names import (
     CAPACITY_CPUS_ANNOTATION,
     CAPACITY_MEMORY_ANNOTATION,
     GROUP,
+    NODE_LABEL,
     VERSION,
     VM_PLURAL,
+    agent_finalizer,
 )
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.devcluster.cluster import (
@@ -110,16 +114,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def vm_body(name: str, image: str | None = None, namespace: str = "default") -> dict[str, Any]:
+def vm_body(
+    name: str, image: str | None = None, namespace: str = "default", node: str | None = None
+) -> dict[str, Any]:
+    """A VM of 1 vCPU; with ``node``, created already bound there (the label and the agent's
+    finalizer the controller's binding writes), as binding at admission would create it."""
     spec: dict[str, Any] = {"cpus": 1, "memory": VM_MEMORY}
     if image:  # a root disk from the image: a qcow2 overlay on the node's cached base
         spec["disks"] = [{"name": "root", "image": image}]
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "VirtualMachine",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if node:
+        metadata.update(labels={NODE_LABEL: node}, finalizers=[agent_finalizer(node)])
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualMachine", "metadata": metadata, "spec": spec}
 
 
 def cache_image(plane: ControlPlane, kubectl: Kubectl, nodes: list[str], size_mib: int) -> str:
@@ -326,6 +332,7 @@ def measure(
     vms: int,
     rate: float | None,
     image: str | None = None,
+    prebound: bool = False,
 ) -> dict[str, Any]:
     api = client.CustomObjectsApi()
     seen = RunningWatch(api, vms)
@@ -335,7 +342,10 @@ def measure(
     rss_before = {"controller": rss_kib(controller.pid), **{a.name: rss_kib(a.pid) for a in agent_procs}}
     watched = {**plane.processes.read(), "bench client": os.getpid()}
     cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
-    bodies = [vm_body(f"vm-{i:04d}", image) for i in range(vms)]
+    nodes = [a.name.removeprefix("agent-") for a in agent_procs]
+    bodies = [
+        vm_body(f"vm-{i:04d}", image, node=nodes[i % len(nodes)] if prebound else None) for i in range(vms)
+    ]
     started = time.monotonic()
     if rate:  # paced: the i-th VM is created at i / rate seconds, not as fast as possible
         created: dict[str, float] = {}
@@ -378,7 +388,12 @@ def measure(
 
 
 def run(
-    vms: int, agents: int, rate: float | None = None, image_mib: int = 0, bare: bool = True
+    vms: int,
+    agents: int,
+    rate: float | None = None,
+    image_mib: int = 0,
+    bare: bool = True,
+    prebound: bool = False,
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="vmm-bench-"))
     plane = ControlPlane(root)
@@ -400,8 +415,9 @@ def run(
             if image_mib
             else None
         )
-        result = measure(plane, kubectl, controller, agent_procs, vms, rate, image)
+        result = measure(plane, kubectl, controller, agent_procs, vms, rate, image, prebound)
         result.update(
+            prebound=prebound,
             image_mib=image_mib,
             vms=vms,
             agents=agents,
@@ -447,14 +463,23 @@ def main() -> None:
         action="store_true",
         help="skip the bare apiserver's baseline (two more bursts of the apiserver alone)",
     )
+    parser.add_argument(
+        "--prebound",
+        action="store_true",
+        help=(
+            "create each VM already bound to a node (round-robin): what binding at admission would "
+            "buy, with no binding write from the controller; a measurement, not the product's path"
+        ),
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
-    r = run(args.vms, args.agents, args.rate, args.image_mib, bare=not args.no_bare)
+    r = run(args.vms, args.agents, args.rate, args.image_mib, bare=not args.no_bare, prebound=args.prebound)
     kubevirt_p50, kubevirt_p95 = 15.0, 20.0  # the low ends of KubeVirt's published 100-VM figures
     print(f"machine: {platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores")
     pace = f"created at {r['rate']:g}/s" if r["rate"] else "created all at once"
     disks = f", each with a root disk on a cached {r['image_mib']} MiB image" if r["image_mib"] else ""
+    disks += ", created already bound (--prebound: no binding write)" if r["prebound"] else ""
     print(
         f"{r['vms']} VMs {pace} across {r['agents']} agents{disks} "
         "(libvirt test driver, real kube-apiserver + etcd)"
