@@ -281,9 +281,11 @@ def test_a_restart_mark_left_by_a_drain_that_ended_while_no_controller_ran_goes(
 
 def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet, ns: str) -> None:
     """A VM bound to a node whose agent will never come back (its Node deleted, nothing beating)
-    would wait forever for that agent to remove its finalizer: the controller removes it once
-    it gives the node up. The node is agentless (tests/support/agentless.py): the VM is bound
-    there, and nothing ever runs it, as on a node that died right after the binding."""
+    would wait forever for that agent to remove its finalizer, and so would its snapshots: the
+    controller removes them once it gives the node up. The node is agentless
+    (tests/support/agentless.py): the VM is bound there, and nothing ever runs it, as on a node
+    that died right after the binding. With no agent to claim the snapshot, the test claims it
+    as the agent does (label, finalizer, the VM as owner), as an admin."""
     lost = "lost-d1"
     stop, beater = beating(fleet, (lost,), {"zone": "lost"}, "lost", "2", "1Gi")
     try:
@@ -291,6 +293,20 @@ def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet
         fleet.apply_vm(ns, "doomed", **TINY, nodeSelector={"zone": "lost"}, tolerations=[toleration])
         bound = fleet.wait_vm(ns, "doomed", lambda vm: node_of(vm) == lost, f"bound to {lost}")
         assert f"agent.vmm.formation.cloud/{lost}" in bound["metadata"]["finalizers"]
+        owner = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VirtualMachine", "name": "doomed"}
+        claimed = {"labels": {NODE_LABEL: lost}, "finalizers": [f"agent.vmm.formation.cloud/{lost}"]}
+        snapshot = {
+            "apiVersion": "vmm.formation.cloud/v1alpha1",
+            "kind": "VmSnapshot",
+            "metadata": {
+                "name": "doomed-snap",
+                "namespace": ns,
+                **claimed,
+                "ownerReferences": [{**owner, "uid": bound["metadata"]["uid"], "blockOwnerDeletion": False}],
+            },
+            "spec": {"vmName": "doomed"},
+        }
+        fleet.apply(snapshot)
         fleet.kubectl("delete", "vm", "doomed", "-n", ns, "--wait=false")
         deleting = fleet.vm(ns, "doomed")  # its agent is the one to let it go, and there is none
         assert deleting["metadata"]["deletionTimestamp"] and deleting["metadata"]["finalizers"]
@@ -302,3 +318,5 @@ def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet
     fleet.wait_gone("vm", ns, "doomed", timeout=60)
     reasons = dict(events(fleet, "doomed", ns))
     assert reasons["DeletedWithoutAgent"].startswith(f"node {lost} is lost (its Node was deleted)")
+    # Its dependent, deleted by the garbage collector once the VM is gone, waits for no agent.
+    fleet.wait_gone("vmsnapshot", ns, "doomed-snap", timeout=60)

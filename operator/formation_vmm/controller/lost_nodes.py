@@ -9,8 +9,9 @@ evictionStrategy is not None and whose ``spec.allowDiskLoss`` is true is bound t
 in one write (``Binder.move_binding``); that node's agent starts it from its images. If the
 lost node comes back, its agent finds domains of VMs bound elsewhere and removes them as
 orphans. A VM that waits says why in its eviction annotation (docs/migration.md). A VM deleted
-while its node is lost loses that node's agent finalizer, which no agent would ever remove: the
-deletion ends, as Kubernetes' pod GC ends the pods of a deleted Node."""
+while its node is lost loses that node's agent finalizer, which no agent would ever remove (and
+so do its snapshots and restores there): the deletion ends, as Kubernetes' pod GC ends the pods
+of a deleted Node."""
 
 import logging
 from typing import Any
@@ -20,6 +21,8 @@ from formation_vmm.api.names import (
     EVICTION_ANNOTATION,
     NODE_LABEL,
     RESTART_ELSEWHERE_ANNOTATION,
+    RESTORE_PLURAL,
+    SNAPSHOT_PLURAL,
     VM_KIND,
     VM_PLURAL,
     agent_finalizer,
@@ -95,6 +98,9 @@ class LostNodes:
         its agent removes what the VM left there as an orphan's."""
         if agent_finalizer(node) not in (body["metadata"].get("finalizers") or []):
             return
+        # Its snapshots and restores first: once the VM is gone, their deletion (they are its
+        # dependents) would wait for the same agent, and nothing would list them by it.
+        self._let_go_of_dependents(node, body)
         if self.binder.let_go(body, node) is None:
             return  # it changed: the next pass reads it again
         meta = body["metadata"]
@@ -104,6 +110,22 @@ class LostNodes:
         )
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
         self.events.post(body, VM_KIND, "DeletedWithoutAgent", message, "Warning")
+
+    def _let_go_of_dependents(self, node: str, body: Body) -> None:
+        meta = body["metadata"]
+        finalizer = agent_finalizer(node)
+        for plural in (SNAPSHOT_PLURAL, RESTORE_PLURAL):
+            for item in self.kube.list(plural, meta["namespace"], label_selector=f"{NODE_LABEL}={node}"):
+                held = item["metadata"].get("finalizers") or []
+                if item["spec"].get("vmName") != meta["name"] or finalizer not in held:
+                    continue
+                patch = {
+                    "metadata": {
+                        "finalizers": [f for f in held if f != finalizer],
+                        "resourceVersion": item["metadata"]["resourceVersion"],
+                    }
+                }
+                self.kube.patch(plural, meta["namespace"], item["metadata"]["name"], patch)
 
     def _say(self, body: Body, message: str | None) -> None:
         annotations = body["metadata"].get("annotations") or {}
