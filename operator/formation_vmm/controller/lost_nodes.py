@@ -13,6 +13,7 @@ while its node is lost loses that node's agent finalizer, which no agent would e
 so do its snapshots and restores there): the deletion ends, as Kubernetes' pod GC ends the pods
 of a deleted Node."""
 
+import contextlib
 import logging
 from typing import Any
 
@@ -125,7 +126,9 @@ class LostNodes:
                         "resourceVersion": item["metadata"]["resourceVersion"],
                     }
                 }
-                self.kube.patch(plural, meta["namespace"], item["metadata"]["name"], patch)
+                # Gone meanwhile is as good; a conflict raises, so the VM waits for the next pass.
+                with contextlib.suppress(NotFoundError):
+                    self.kube.patch(plural, meta["namespace"], item["metadata"]["name"], patch)
 
     def _say(self, body: Body, message: str | None) -> None:
         annotations = body["metadata"].get("annotations") or {}
