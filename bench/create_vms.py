@@ -231,6 +231,11 @@ def _scheduled(vm: dict[str, Any]) -> dict[str, Any]:
     return next((c for c in conditions if c.get("type") == "Scheduled"), {})
 
 
+def node_names(agents: int) -> list[str]:
+    """The test nodes, one per agent."""
+    return [f"bench-{i}" for i in range(agents)]
+
+
 def start_cluster(
     plane: ControlPlane, agents: int, vms: int
 ) -> tuple[Kubectl, OperatorProcess, list[OperatorProcess]]:
@@ -239,7 +244,7 @@ def start_cluster(
     kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
     install_crds(kubectl)
     install_rbac(kubectl)
-    nodes = [f"bench-{i}" for i in range(agents)]
+    nodes = node_names(agents)
     for node in nodes:
         register_node(kubectl, node)
     agent_procs = [
@@ -342,7 +347,7 @@ def measure(
     rss_before = {"controller": rss_kib(controller.pid), **{a.name: rss_kib(a.pid) for a in agent_procs}}
     watched = {**plane.processes.read(), "bench client": os.getpid()}
     cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
-    nodes = [a.name.removeprefix("agent-") for a in agent_procs]
+    nodes = node_names(len(agent_procs))
     bodies = [
         vm_body(f"vm-{i:04d}", image, node=nodes[i % len(nodes)] if prebound else None) for i in range(vms)
     ]
@@ -410,11 +415,7 @@ def run(
             bare_rate(plane, kubectl, min(vms, WARM_UP), "bench-warm-up")
         before = bare_rate(plane, kubectl, vms, "bench-bare-before") if bare else None
         kubectl, controller, agent_procs = start_cluster(plane, agents, vms)
-        image = (
-            cache_image(plane, kubectl, [f"bench-{i}" for i in range(agents)], image_mib)
-            if image_mib
-            else None
-        )
+        image = cache_image(plane, kubectl, node_names(agents), image_mib) if image_mib else None
         result = measure(plane, kubectl, controller, agent_procs, vms, rate, image, prebound)
         result.update(
             prebound=prebound,

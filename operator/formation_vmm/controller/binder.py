@@ -457,13 +457,6 @@ class Binder:
             patch["annotations"] = annotations
         return self.status.patch_at_version(body, patch)
 
-    def let_go(self, body: dict[str, Any], node: str) -> dict[str, Any] | None:
-        """Remove ``node``'s agent finalizer from a VM being deleted, in one write at the version
-        read: its node is given up for lost, so no agent will ever remove it, and the VM would
-        wait for its deletion forever. None when the VM changed meanwhile."""
-        finalizers = [f for f in body["metadata"].get("finalizers") or [] if f != agent_finalizer(node)]
-        return self.status.patch_at_version(body, {"finalizers": finalizers})
-
     # --- restarts on another node (a drain's Restart, a lost node) ---------------------------
 
     def restart_target(self, body: dict[str, Any], source: str) -> Decision:

@@ -13,11 +13,10 @@ while its node is lost loses that node's agent finalizer, which no agent would e
 so do its snapshots and restores there): the deletion ends, as Kubernetes' pod GC ends the pods
 of a deleted Node."""
 
-import contextlib
 import logging
 from typing import Any
 
-from formation_vmm.api.models import VirtualMachine
+from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus, VmRestoreStatus, VmSnapshotStatus
 from formation_vmm.api.names import (
     EVICTION_ANNOTATION,
     NODE_LABEL,
@@ -29,7 +28,7 @@ from formation_vmm.api.names import (
     agent_finalizer,
 )
 from formation_vmm.controller.binder import Binder
-from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError
+from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
 from formation_vmm.migration_rules import restart_after_node_loss
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,12 @@ class LostNodes:
         self.binder = binder
         self.events = events
         self.default_strategy = default_strategy
+        # Finalizers are removed at the version read, read again on a conflict.
+        self.vms = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
+        self.dependents: list[StatusWriter[Any]] = [
+            StatusWriter(kube, SNAPSHOT_PLURAL, VmSnapshotStatus),
+            StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
+        ]
         self._given_up: set[str] = set()
 
     def pass_once(self) -> None:
@@ -57,7 +62,7 @@ class LostNodes:
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 try:
                     self._restart(node, why, body)
-                except ApiError:
+                except (ApiError, RuntimeError):  # RuntimeError: a finalizer kept changing
                     meta = body["metadata"]
                     log.exception("lost node %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
 
@@ -97,38 +102,25 @@ class LostNodes:
         """A VM deleted while its node is lost goes without its agent: the agent would remove its
         domain and files first, but it will not come back to do so. If the node does come back,
         its agent removes what the VM left there as an orphan's."""
-        if agent_finalizer(node) not in (body["metadata"].get("finalizers") or []):
+        finalizer = agent_finalizer(node)
+        if finalizer not in (body["metadata"].get("finalizers") or []):
             return
         # Its snapshots and restores first: once the VM is gone, their deletion (they are its
-        # dependents) would wait for the same agent, and nothing would list them by it.
-        self._let_go_of_dependents(node, body)
-        if self.binder.let_go(body, node) is None:
-            return  # it changed: the next pass reads it again
+        # dependents) would wait for the same agent, and nothing would list them by it. A write
+        # that fails raises, so the VM waits for the next pass.
         meta = body["metadata"]
+        on_node = f"{NODE_LABEL}={node}"
+        for writer in self.dependents:
+            for item in self.kube.list(writer.plural, meta["namespace"], label_selector=on_node):
+                if item["spec"].get("vmName") == meta["name"]:
+                    writer.remove_finalizer(item, finalizer)
+        self.vms.remove_finalizer(body, finalizer)
         message = (
             f"node {node} is lost ({why}): the VM is deleted without its agent; what it left on "
             f"{node} is removed if the node's agent comes back"
         )
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
         self.events.post(body, VM_KIND, "DeletedWithoutAgent", message, "Warning")
-
-    def _let_go_of_dependents(self, node: str, body: Body) -> None:
-        meta = body["metadata"]
-        finalizer = agent_finalizer(node)
-        for plural in (SNAPSHOT_PLURAL, RESTORE_PLURAL):
-            for item in self.kube.list(plural, meta["namespace"], label_selector=f"{NODE_LABEL}={node}"):
-                held = item["metadata"].get("finalizers") or []
-                if item["spec"].get("vmName") != meta["name"] or finalizer not in held:
-                    continue
-                patch = {
-                    "metadata": {
-                        "finalizers": [f for f in held if f != finalizer],
-                        "resourceVersion": item["metadata"]["resourceVersion"],
-                    }
-                }
-                # Gone meanwhile is as good; a conflict raises, so the VM waits for the next pass.
-                with contextlib.suppress(NotFoundError):
-                    self.kube.patch(plural, meta["namespace"], item["metadata"]["name"], patch)
 
     def _say(self, body: Body, message: str | None) -> None:
         annotations = body["metadata"].get("annotations") or {}
