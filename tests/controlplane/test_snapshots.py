@@ -5,6 +5,7 @@ live QEMU path (and a guest that finds its marker again) is in test_real_guest.p
 
 import json
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,17 @@ pytestmark = pytest.mark.controlplane
 ON_A = {"zone": "a"}
 
 
-def apply(fleet: Fleet, kind: str, namespace: str, name: str, spec: dict[str, Any]) -> None:
-    doc = {
+def doc(kind: str, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
         "apiVersion": "vmm.formation.cloud/v1alpha1",
         "kind": kind,
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
-    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
+
+
+def apply(fleet: Fleet, kind: str, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc(kind, namespace, name, spec)))
 
 
 def apply_vm_with_disk(fleet: Fleet, namespace: str, name: str) -> None:
@@ -195,6 +199,13 @@ def test_the_plugin_snapshots_and_restores(fleet: Fleet, ns: str) -> None:
     assert out.returncode == 0, out.stderr
     assert "Succeeded: cli is back at good" in out.stdout
     assert has_pattern(data, 0x51)
+    # The plugin once named a restore by the second alone, and a second one within that second
+    # failed with "already exists" (CI saw it): the names of the next 20 s are taken first.
+    now = datetime.now(UTC)
+    spec = {"vmName": "cli", "snapshotName": "no-such-snapshot"}
+    names = [f"cli-restore-{now + timedelta(seconds=s):%Y%m%d-%H%M%S}" for s in range(20)]
+    taken = {"apiVersion": "v1", "kind": "List", "items": [doc("VmRestore", ns, n, spec) for n in names]}
+    fleet.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(taken))
     out = fleet.plugin("-n", ns, "restore", "cli", "no-such-snapshot")
     assert out.returncode == 1 and "VmSnapshot no-such-snapshot does not exist" in out.stderr
     out = fleet.plugin("-n", ns, "snapshot", "nobody")

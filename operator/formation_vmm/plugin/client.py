@@ -38,13 +38,18 @@ class Vms:
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.kube.patch(VM_PLURAL, self.namespace, name, {"spec": spec})
 
-    def create(self, plural: str, kind: str, name: str, spec: dict[str, Any]) -> None:
-        body = {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    def create(
+        self, plural: str, kind: str, spec: dict[str, Any], *, name: str = "", prefix: str = ""
+    ) -> str:
+        """Create the object and return its name: ``name`` as given, else ``prefix`` and a suffix the
+        apiserver picks (``generateName``), so two made in the same second never collide."""
+        metadata = {"name": name} if name else {"generateName": prefix}
+        body = {"apiVersion": API_VERSION, "kind": kind, "metadata": metadata, "spec": spec}
         try:
-            self.kube.create(plural, self.namespace, body)
+            return str(self.kube.create(plural, self.namespace, body)["metadata"]["name"])
         except ApiError as exc:
             if exc.status in (409, 422):  # exists already, or refused by the schema: say why
-                raise PluginError(f"{kind} {name}: {exc}") from exc
+                raise PluginError(f"{kind} {name or prefix}: {exc}") from exc
             raise
 
     def wait_done(self, plural: str, name: str, done: set[str], timeout: float) -> dict[str, Any]:

@@ -76,8 +76,13 @@ def verb_list(vms: Vms, _: argparse.Namespace) -> str:
 
 def verb_snapshot(vms: Vms, args: argparse.Namespace) -> str:
     vms.get(args.name)  # a clear error for a VM that does not exist
-    name = args.snapshot or f"{args.name}-{stamp()}"
-    vms.create(SNAPSHOT_PLURAL, SNAPSHOT_KIND, name, {"vmName": args.name, "includeMemory": args.memory})
+    name = vms.create(
+        SNAPSHOT_PLURAL,
+        SNAPSHOT_KIND,
+        {"vmName": args.name, "includeMemory": args.memory},
+        name=args.snapshot or "",
+        prefix=f"{args.name}-{stamp()}-",
+    )
     if args.no_wait:
         return f"vmsnapshot/{name} requested"
     snap = vms.wait_done(SNAPSHOT_PLURAL, name, {"Ready", "Failed"}, args.timeout)
@@ -90,8 +95,8 @@ def verb_snapshot(vms: Vms, args: argparse.Namespace) -> str:
 
 def verb_restore(vms: Vms, args: argparse.Namespace) -> str:
     vms.get(args.name)
-    name = f"{args.name}-restore-{stamp()}"
-    vms.create(RESTORE_PLURAL, RESTORE_KIND, name, {"vmName": args.name, "snapshotName": args.snapshot})
+    spec = {"vmName": args.name, "snapshotName": args.snapshot}
+    name = vms.create(RESTORE_PLURAL, RESTORE_KIND, spec, prefix=f"{args.name}-restore-{stamp()}-")
     if args.no_wait:
         return f"vmrestore/{name} requested"
     restore = vms.wait_done(RESTORE_PLURAL, name, {"Succeeded", "Failed"}, args.timeout)

@@ -37,11 +37,10 @@ def verb_migrate(vms: Vms, args: argparse.Namespace) -> str:
         for name in active:
             vms.kube.delete(MIGRATION_PLURAL, vms.namespace, name)
         return f"vmmigration/{', '.join(active)} cancelled: {args.name} stays on {vm.status.node_name}"
-    name = f"{args.name}-migration-{stamp()}"
     spec: dict[str, Any] = {"vmName": args.name}
     if args.to:
         spec["targetNode"] = args.to
-    vms.create(MIGRATION_PLURAL, MIGRATION_KIND, name, spec)
+    name = vms.create(MIGRATION_PLURAL, MIGRATION_KIND, spec, prefix=f"{args.name}-migration-{stamp()}-")
     if args.no_wait:
         return f"vmmigration/{name} requested"
     deadline = time.monotonic() + args.timeout
