@@ -2,9 +2,11 @@
 verbs, restarts, crashes per runStrategy, drift, node loss, deletion while an agent is down, a
 controller killed mid-placement."""
 
+import json
 import os
 import signal
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -73,6 +75,16 @@ def test_plugin_verbs(fleet: Fleet, ns: str) -> None:
     after = fleet.vm(ns, "p")["status"]
     assert after["startedAt"] >= before["startedAt"] and after["lastRestartRequestedAt"]
     assert after["restartCount"] == before.get("restartCount", 0) + 1
+    # A restart asked by a client whose clock runs a minute ahead, carried out: the plugin's next
+    # one (stamped now, older than that) was no change and said "restarted" at once.
+    ahead = (datetime.now(UTC) + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    patch = json.dumps({"spec": {"restartRequestedAt": ahead}})
+    fleet.kubectl("patch", "vm", "p", "-n", ns, "--type=merge", "-p", patch)
+    count = after["restartCount"]
+    fleet.wait_vm(ns, "p", lambda v: v["status"].get("restartCount") == count + 1, "restarted")
+    out = fleet.plugin("-n", ns, "restart", "p")
+    assert out.returncode == 0, out.stderr
+    assert fleet.vm(ns, "p")["status"]["restartCount"] == count + 2
 
     listed = fleet.plugin("-n", ns, "list")
     assert listed.returncode == 0

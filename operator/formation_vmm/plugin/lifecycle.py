@@ -2,7 +2,7 @@
 creates an object, and waits for the status to show the result."""
 
 import argparse
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from formation_vmm.api.models import VirtualMachine
@@ -27,6 +27,17 @@ def _restarted(since: datetime) -> Check:
     return check
 
 
+def _next_restart_stamp(vm: VirtualMachine, now: datetime) -> datetime:
+    """Now, unless the last request is as new or newer: then a second after it. The agent restarts
+    only for a stamp newer than the last one it handled, and a stamp is to the second, so a restart
+    asked twice in one second (or after a client whose clock runs ahead) would otherwise be no
+    change at all, and the wait would see the earlier restart as this one."""
+    asked = vm.spec.restart_requested_at
+    if asked is not None and asked >= now:
+        return asked.replace(microsecond=0) + timedelta(seconds=1)
+    return now
+
+
 def verb_change(vms: Vms, args: argparse.Namespace) -> str:
     """start, stop, restart, pause, resume: the patch, and the status that shows it took."""
     name = args.name
@@ -37,7 +48,7 @@ def verb_change(vms: Vms, args: argparse.Namespace) -> str:
     elif args.verb == "stop":
         patch, check, what = {"runStrategy": "Halted"}, _phase("Stopped"), "stopped"
     elif args.verb == "restart":
-        since = utc_now()
+        since = _next_restart_stamp(vm, utc_now())
         patch, check, what = (
             {"restartRequestedAt": since.strftime("%Y-%m-%dT%H:%M:%SZ")},
             _restarted(since),
