@@ -85,11 +85,14 @@ from formation_vmm.waiting import WaitTimeoutError, wait_for
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "formation-vmm-controller"
+# Each process's name to the apiserver: the source of its events and the manager of its fields.
+CONTROLLER = "formation-vmm-controller"
+AGENT = "formation-vmm-agent"
 
 
-def _start(settings: Settings) -> Kube:
+def _start(settings: Settings, component: str) -> Kube:
     """What both processes do first: logging, the replaced service's settings, WAIT_FOR, the
-    API client."""
+    API client (``component`` names it to the apiserver, and in the events it posts)."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
@@ -106,7 +109,7 @@ def _start(settings: Settings) -> Kube:
         except WaitTimeoutError as exc:
             raise SystemExit(str(exc)) from exc
     load_config()
-    return Kube()
+    return Kube(user_agent=component)
 
 
 async def _serve(
@@ -186,11 +189,11 @@ def _tasks_alive(state: AgentMemo | ControllerMemo) -> str | None:
 
 
 def run_controller(settings: Settings) -> None:
-    kube = _start(settings)
+    kube = _start(settings, CONTROLLER)
     registry = _registry()
     namespace = settings.controller_namespace
     controller_handlers.register(registry, namespace, LEASE_NAME)
-    events = EventRecorder(kube, "formation-vmm-controller")
+    events = EventRecorder(kube, CONTROLLER)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     health = Health()
@@ -269,7 +272,7 @@ def _hold_agent_lock(settings: Settings, node: str) -> None:
 
 
 def run_agent(settings: Settings) -> None:
-    kube = _start(settings)
+    kube = _start(settings, AGENT)
     if not settings.node_name:
         raise SystemExit("the agent needs its node's name: set VMM_NODE_NAME or --node-name")
     node = settings.node_name
@@ -345,7 +348,7 @@ def run_agent(settings: Settings) -> None:
             efi_secure_vars=settings.efi_secure_vars,
         ),
     )
-    events = EventRecorder(kube, "formation-vmm-agent", node)
+    events = EventRecorder(kube, AGENT, node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     prober = _prober(settings, hypervisor, queue.add)
     endpoint = settings.advertise_url or f"http://{node}:{settings.api_port}"

@@ -12,7 +12,7 @@ import pytest
 
 from formation_vmm.api.names import NODE_LABEL
 from tests.support.fleet import ON_QEMU, QEMU_NODE, TINY, Fleet, condition
-from tests.support.waiting import wait_for
+from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -98,6 +98,15 @@ def test_plugin_verbs(fleet: Fleet, ns: str) -> None:
     fleet.wait_phase(ns, "p", "Paused")
     missing = fleet.plugin("-n", ns, "stop", "nope")
     assert missing.returncode == 1 and f"virtualmachine {ns}/nope not found" in missing.stderr
+
+    # Who wrote what, as managedFields (and audit logs) tell it: each process by its own name.
+    shown = get_json(fleet.kubectl, "vm", "p", "-n", ns, "--show-managed-fields")
+    managers = {(f["manager"], f.get("subresource", "")) for f in shown["metadata"]["managedFields"]}
+    assert {
+        ("formation-vmm-controller", ""),  # the binding
+        ("formation-vmm-agent", "status"),
+        ("kubectl-vm", ""),  # the plugin's spec patches
+    } <= managers, managers
 
 
 def test_cpu_change_requires_restart(fleet: Fleet, ns: str) -> None:

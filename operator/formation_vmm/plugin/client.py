@@ -24,7 +24,7 @@ class Vms:
     def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None) -> None:
         load_config(kubeconfig or _default_kubeconfig(), context)
         self.namespace = namespace or kubeconfig_namespace(kubeconfig)
-        self.kube = Kube()
+        self.kube = Kube(user_agent="kubectl-vm")
 
     def get(self, name: str) -> VirtualMachine:
         try:
