@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from formation_vmm.api.names import EVICTION_ANNOTATION, NODE_LABEL, RESTART_ELSEWHERE_ANNOTATION
+from formation_vmm.api.names import API_VERSION, EVICTION_ANNOTATION, NODE_LABEL, RESTART_ELSEWHERE_ANNOTATION
 from formation_vmm.devcluster.cluster import (
     OperatorProcess,
     register_node,
@@ -26,7 +26,7 @@ from formation_vmm.devcluster.cluster import (
 from formation_vmm.devcluster.processes import stop
 from tests.support.agentless import beating
 from tests.support.fleet import FAST, TEST_NODE_RESERVED_CPUS, TINY, Fleet
-from tests.support.waiting import wait_for
+from tests.support.waiting import get_json, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -320,3 +320,43 @@ def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet
     assert reasons["DeletedWithoutAgent"].startswith(f"node {lost} is lost (its Node was deleted)")
     # Its dependent, deleted by the garbage collector once the VM is gone, waits for no agent.
     fleet.wait_gone("vmsnapshot", ns, "doomed-snap", timeout=60)
+
+
+def test_snapshots_deleted_while_their_node_is_lost_go_unless_their_vm_waits_there(
+    fleet: Fleet, ns: str
+) -> None:
+    """Snapshots held by a lost node's agent, deleted: one of a VM bound to another node (it
+    restarted elsewhere) and one of a VM that no longer exists go without that agent; one of a VM
+    still bound to the lost node waits with its VM, and goes once the VM is deleted. With no
+    agent on the agentless node, the test claims the snapshots as the agent does (label,
+    finalizer), as an admin."""
+    lost = "lost-d2"
+    finalizer = f"agent.vmm.formation.cloud/{lost}"
+    stop, beater = beating(fleet, (lost,), {"zone": "lost-2"}, "lost-2", "2", "1Gi")
+    try:
+        toleration = {"key": "dedicated", "operator": "Equal", "value": "lost-2", "effect": "NoSchedule"}
+        fleet.apply_vm(ns, "waits", **TINY, nodeSelector={"zone": "lost-2"}, tolerations=[toleration])
+        fleet.wait_vm(ns, "waits", lambda vm: node_of(vm) == lost, f"bound to {lost}")
+        fleet.apply_vm(ns, "moved", **TINY, nodeSelector={"zone": "a"})
+        fleet.wait_vm(ns, "moved", lambda vm: node_of(vm) == "node-a", "bound to node-a")
+        for name, vm in (("of-waits", "waits"), ("of-moved", "moved"), ("of-gone", "gone")):
+            meta = {"name": name, "namespace": ns, "labels": {NODE_LABEL: lost}, "finalizers": [finalizer]}
+            fleet.apply(
+                {"apiVersion": API_VERSION, "kind": "VmSnapshot", "metadata": meta, "spec": {"vmName": vm}}
+            )
+            fleet.kubectl("delete", "vmsnapshot", name, "-n", ns, "--wait=false")
+    finally:
+        stop.set()
+        beater.join(10)
+        fleet.kubectl("delete", "node", lost, check=False)
+    # The fleet's controller gives a deleted Node up after VMM_NODE_LOST_SECONDS (6 s).
+    fleet.wait_gone("vmsnapshot", ns, "of-moved", timeout=60)
+    fleet.wait_gone("vmsnapshot", ns, "of-gone", timeout=60)
+    reasons = dict(events(fleet, "of-moved", ns))
+    assert reasons["DeletedWithoutAgent"].startswith(f"node {lost} is lost (its Node was deleted)")
+    # The pass that let those two go listed this one too: it waits with its VM.
+    waiting = get_json(fleet.kubectl, "vmsnapshot", "of-waits", "-n", ns)["metadata"]
+    assert waiting["deletionTimestamp"] and waiting["finalizers"] == [finalizer]
+    fleet.kubectl("delete", "vm", "waits", "-n", ns, "--wait=false")
+    fleet.wait_gone("vm", ns, "waits", timeout=60)
+    fleet.wait_gone("vmsnapshot", ns, "of-waits", timeout=60)

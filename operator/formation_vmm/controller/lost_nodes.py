@@ -11,7 +11,8 @@ lost node comes back, its agent finds domains of VMs bound elsewhere and removes
 orphans. A VM that waits says why in its eviction annotation (docs/migration.md). A VM deleted
 while its node is lost loses that node's agent finalizer, which no agent would ever remove (and
 so do its snapshots and restores there): the deletion ends, as Kubernetes' pod GC ends the pods
-of a deleted Node."""
+of a deleted Node. So do the snapshots and restores there of a VM that is gone or bound
+elsewhere, once deleted."""
 
 import logging
 from typing import Any
@@ -21,7 +22,9 @@ from formation_vmm.api.names import (
     EVICTION_ANNOTATION,
     NODE_LABEL,
     RESTART_ELSEWHERE_ANNOTATION,
+    RESTORE_KIND,
     RESTORE_PLURAL,
+    SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
     VM_KIND,
     VM_PLURAL,
@@ -56,15 +59,19 @@ class LostNodes:
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 self._say(body, None)
         self._given_up = set(given_up)
+        lost: dict[str, str] = {}
         for node, why in sorted(given_up.items()):
             if why.startswith("its Node") and self._node_exists(node):
                 continue  # the watch had not brought it yet
+            lost[node] = why
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 try:
                     self._restart(node, why, body)
                 except (ApiError, RuntimeError):  # RuntimeError: a finalizer kept changing
                     meta = body["metadata"]
                     log.exception("lost node %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
+        if lost:
+            self._let_go_of_dependents(lost)
 
     def _node_exists(self, node: str) -> bool:
         try:
@@ -121,6 +128,37 @@ class LostNodes:
         )
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
         self.events.post(body, VM_KIND, "DeletedWithoutAgent", message, "Warning")
+
+    def _let_go_of_dependents(self, lost: dict[str, str]) -> None:
+        """Snapshots and restores being deleted that wait for a lost node's agent, when their VM
+        is gone or bound elsewhere (it restarted on another node): their data was in the VM's
+        files on the lost node, which its agent removes as an orphan's if it comes back, so
+        nothing is left for the finalizer to clean. Those of a VM still bound there wait with it:
+        if the node comes back, its agent deletes their data from the VM's disks, which stay.
+        Listed by finalizer, not by the node's label: another node's agent may have claimed a
+        pending snapshot since, and labelled it its own."""
+        finalizers = {agent_finalizer(node): node for node in lost}
+        for writer, kind in zip(self.dependents, (SNAPSHOT_KIND, RESTORE_KIND), strict=True):
+            for item in self.kube.list(writer.plural):
+                meta = item["metadata"]
+                if not meta.get("deletionTimestamp"):
+                    continue
+                for finalizer in set(meta.get("finalizers") or []) & finalizers.keys():
+                    node = finalizers[finalizer]
+                    try:
+                        vm = self.kube.get_or_none(VM_PLURAL, meta["namespace"], item["spec"]["vmName"])
+                        if vm is not None and (vm["metadata"].get("labels") or {}).get(NODE_LABEL) == node:
+                            continue
+                        writer.remove_finalizer(item, finalizer)
+                    except (ApiError, RuntimeError):
+                        log.exception("lost node %s: %s %s/%s", node, kind, meta["namespace"], meta["name"])
+                        continue
+                    message = (
+                        f"node {node} is lost ({lost[node]}): deleted without its agent; its data is "
+                        "lost with the node"
+                    )
+                    log.warning("%s %s/%s: %s", kind, meta["namespace"], meta["name"], message)
+                    self.events.post(item, kind, "DeletedWithoutAgent", message, "Warning")
 
     def _say(self, body: Body, message: str | None) -> None:
         annotations = body["metadata"].get("annotations") or {}
