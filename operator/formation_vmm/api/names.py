@@ -1,6 +1,7 @@
 """Names shared by the controller, the agent, the CRDs and the tests."""
 
 import hashlib
+import re
 
 GROUP = "vmm.formation.cloud"
 VERSION = "v1alpha1"
@@ -47,8 +48,22 @@ def _node_key(node: str) -> str:
 IMAGE_FINALIZER = f"{GROUP}/image-in-use"
 
 
+AGENT_FINALIZER_PREFIX = f"agent.{GROUP}/"
+_DIGEST_KEY = re.compile(r"n[0-9a-f]{16}")
+
+
 def agent_finalizer(node: str) -> str:
-    return f"agent.{GROUP}/{_node_key(node)}"
+    return f"{AGENT_FINALIZER_PREFIX}{_node_key(node)}"
+
+
+def finalizer_node(finalizer: str) -> str | None:
+    """The node an agent finalizer names; None for another finalizer, or for a digest that
+    stands for a long name (the name cannot be read back, and a node named like a digest is
+    taken for one: the safe side, as a caller may act on a node it thinks gone)."""
+    if not finalizer.startswith(AGENT_FINALIZER_PREFIX):
+        return None
+    key = finalizer.removeprefix(AGENT_FINALIZER_PREFIX)
+    return None if _DIGEST_KEY.fullmatch(key) else key
 
 
 # Node annotations written by the agent: what the node offers to VMs.

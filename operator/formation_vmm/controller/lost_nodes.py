@@ -15,6 +15,7 @@ of a deleted Node. So do the snapshots and restores there of a VM that is gone o
 elsewhere, once deleted."""
 
 import logging
+import time
 from typing import Any
 
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus, VmRestoreStatus, VmSnapshotStatus
@@ -29,6 +30,7 @@ from formation_vmm.api.names import (
     VM_KIND,
     VM_PLURAL,
     agent_finalizer,
+    finalizer_node,
 )
 from formation_vmm.controller.binder import Binder
 from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
@@ -52,6 +54,8 @@ class LostNodes:
             StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
         ]
         self._given_up: set[str] = set()
+        self._next_sweep = 0.0
+        self._absent_since: dict[str, float] = {}
 
     def pass_once(self) -> None:
         given_up = self.binder.given_up_nodes()
@@ -70,8 +74,7 @@ class LostNodes:
                 except (ApiError, RuntimeError):  # RuntimeError: a finalizer kept changing
                     meta = body["metadata"]
                     log.exception("lost node %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
-        if lost:
-            self._let_go_of_dependents(lost)
+        self._sweep_dependents(lost)
 
     def _node_exists(self, node: str) -> bool:
         try:
@@ -129,36 +132,65 @@ class LostNodes:
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
         self.events.post(body, VM_KIND, "DeletedWithoutAgent", message, "Warning")
 
-    def _let_go_of_dependents(self, lost: dict[str, str]) -> None:
-        """Snapshots and restores being deleted that wait for a lost node's agent, when their VM
-        is gone or bound elsewhere (it restarted on another node): their data was in the VM's
-        files on the lost node, which its agent removes as an orphan's if it comes back, so
-        nothing is left for the finalizer to clean. Those of a VM still bound there wait with it:
-        if the node comes back, its agent deletes their data from the VM's disks, which stay.
-        Listed by finalizer, not by the node's label: another node's agent may have claimed a
-        pending snapshot since, and labelled it its own."""
-        finalizers = {agent_finalizer(node): node for node in lost}
-        for writer, kind in zip(self.dependents, (SNAPSHOT_KIND, RESTORE_KIND), strict=True):
-            for item in self.kube.list(writer.plural):
-                meta = item["metadata"]
-                if not meta.get("deletionTimestamp"):
-                    continue
-                for finalizer in set(meta.get("finalizers") or []) & finalizers.keys():
-                    node = finalizers[finalizer]
-                    try:
-                        vm = self.kube.get_or_none(VM_PLURAL, meta["namespace"], item["spec"]["vmName"])
-                        if vm is not None and (vm["metadata"].get("labels") or {}).get(NODE_LABEL) == node:
-                            continue
-                        writer.remove_finalizer(item, finalizer)
-                    except (ApiError, RuntimeError):
-                        log.exception("lost node %s: %s %s/%s", node, kind, meta["namespace"], meta["name"])
-                        continue
-                    message = (
-                        f"node {node} is lost ({lost[node]}): deleted without its agent; its data is "
-                        "lost with the node"
-                    )
-                    log.warning("%s %s/%s: %s", kind, meta["namespace"], meta["name"], message)
-                    self.events.post(item, kind, "DeletedWithoutAgent", message, "Warning")
+    def _sweep_dependents(self, lost: dict[str, str]) -> None:
+        """Snapshots and restores being deleted that wait for the agent of a node given up, or of
+        a node whose Node has been gone for ``node_lost_seconds`` (its VMs may all have restarted
+        elsewhere, so the binder no longer counts it), go without it when their VM is gone or
+        bound elsewhere: their data was in the VM's files on that node, which its agent removes
+        as an orphan's if it ever comes back. Those of a VM still bound there wait with it: if
+        the node comes back, its agent deletes their data from the VM's disks, which stay. Two
+        cluster-wide lists, at most once per ``node_lost_seconds``, not on every pass: a burst of
+        VMs runs many passes."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.binder.node_lost_seconds
+        try:
+            deleting = [
+                (writer, kind, item)
+                for writer, kind in zip(self.dependents, (SNAPSHOT_KIND, RESTORE_KIND), strict=True)
+                for item in self.kube.list(writer.plural)
+                if item["metadata"].get("deletionTimestamp")
+            ]
+        except ApiError:
+            log.exception("lost nodes: listing snapshots and restores")
+            return
+        held = {node for _, _, item in deleting for node in held_by(item)}
+        lost = {**lost, **self._gone_long_enough(held - lost.keys(), now)}
+        for writer, kind, item in deleting:
+            for node in sorted(held_by(item) & lost.keys()):
+                self._let_go_of(writer, kind, item, node, lost[node])
+
+    def _gone_long_enough(self, nodes: set[str], now: float) -> dict[str, str]:
+        """Of ``nodes``, those whose Node has been missing since a sweep ``node_lost_seconds`` ago."""
+        for node in self._absent_since.keys() - nodes:
+            del self._absent_since[node]
+        gone = {}
+        for node in sorted(nodes):
+            try:
+                exists = self._node_exists(node)
+            except ApiError:
+                log.exception("lost nodes: reading Node %s", node)
+                continue
+            if exists:
+                self._absent_since.pop(node, None)
+            elif now - self._absent_since.setdefault(node, now) >= self.binder.node_lost_seconds:
+                gone[node] = "its Node was deleted"
+        return gone
+
+    def _let_go_of(self, writer: StatusWriter[Any], kind: str, item: Body, node: str, why: str) -> None:
+        meta = item["metadata"]
+        try:
+            vm = self.kube.get_or_none(VM_PLURAL, meta["namespace"], item["spec"]["vmName"])
+            if vm is not None and (vm["metadata"].get("labels") or {}).get(NODE_LABEL) == node:
+                return  # it waits with its VM
+            writer.remove_finalizer(item, agent_finalizer(node))
+        except (ApiError, RuntimeError):
+            log.exception("lost node %s: %s %s/%s", node, kind, meta["namespace"], meta["name"])
+            return
+        message = f"node {node} is lost ({why}): deleted without its agent; its data is lost with the node"
+        log.warning("%s %s/%s: %s", kind, meta["namespace"], meta["name"], message)
+        self.events.post(item, kind, "DeletedWithoutAgent", message, "Warning")
 
     def _say(self, body: Body, message: str | None) -> None:
         annotations = body["metadata"].get("annotations") or {}
@@ -173,3 +205,16 @@ class LostNodes:
         )
         if message is not None:
             self.events.post(body, VM_KIND, "WaitingForNode", message, "Warning")
+
+
+def held_by(item: Body) -> set[str]:
+    """The nodes whose agent finalizer the object holds. A finalizer names its node, unless the
+    node's name is too long for it (then a digest stands in): the object's label names the node
+    that claimed it."""
+    meta = item["metadata"]
+    finalizers = set(meta.get("finalizers") or [])
+    candidates = {node for f in finalizers if (node := finalizer_node(f))}
+    label = (meta.get("labels") or {}).get(NODE_LABEL)
+    if label:
+        candidates.add(label)
+    return {node for node in candidates if agent_finalizer(node) in finalizers}
