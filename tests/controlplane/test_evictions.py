@@ -279,6 +279,13 @@ def test_a_restart_mark_left_by_a_drain_that_ended_while_no_controller_ran_goes(
     assert node_of(back) == node and not annotation(back, EVICTION_ANNOTATION)
 
 
+def held_snapshot(namespace: str, name: str, vm: str, node: str) -> dict[str, Any]:
+    """A VmSnapshot of ``vm`` as ``node``'s agent claims one: its label and its finalizer."""
+    held = {"labels": {NODE_LABEL: node}, "finalizers": [f"agent.vmm.formation.cloud/{node}"]}
+    meta = {"name": name, "namespace": namespace, **held}
+    return {"apiVersion": API_VERSION, "kind": "VmSnapshot", "metadata": meta, "spec": {"vmName": vm}}
+
+
 def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet, ns: str) -> None:
     """A VM bound to a node whose agent will never come back (its Node deleted, nothing beating)
     would wait forever for that agent to remove its finalizer, and so would its snapshots: the
@@ -293,19 +300,11 @@ def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet
         fleet.apply_vm(ns, "doomed", **TINY, nodeSelector={"zone": "lost"}, tolerations=[toleration])
         bound = fleet.wait_vm(ns, "doomed", lambda vm: node_of(vm) == lost, f"bound to {lost}")
         assert f"agent.vmm.formation.cloud/{lost}" in bound["metadata"]["finalizers"]
-        owner = {"apiVersion": "vmm.formation.cloud/v1alpha1", "kind": "VirtualMachine", "name": "doomed"}
-        claimed = {"labels": {NODE_LABEL: lost}, "finalizers": [f"agent.vmm.formation.cloud/{lost}"]}
-        snapshot = {
-            "apiVersion": "vmm.formation.cloud/v1alpha1",
-            "kind": "VmSnapshot",
-            "metadata": {
-                "name": "doomed-snap",
-                "namespace": ns,
-                **claimed,
-                "ownerReferences": [{**owner, "uid": bound["metadata"]["uid"], "blockOwnerDeletion": False}],
-            },
-            "spec": {"vmName": "doomed"},
-        }
+        snapshot = held_snapshot(ns, "doomed-snap", "doomed", lost)
+        owner = {"apiVersion": API_VERSION, "kind": "VirtualMachine", "name": "doomed"}
+        snapshot["metadata"]["ownerReferences"] = [
+            {**owner, "uid": bound["metadata"]["uid"], "blockOwnerDeletion": False}
+        ]
         fleet.apply(snapshot)
         fleet.kubectl("delete", "vm", "doomed", "-n", ns, "--wait=false")
         deleting = fleet.vm(ns, "doomed")  # its agent is the one to let it go, and there is none
@@ -320,13 +319,6 @@ def test_a_vm_deleted_while_its_node_is_lost_goes_without_its_agent(fleet: Fleet
     assert reasons["DeletedWithoutAgent"].startswith(f"node {lost} is lost (its Node was deleted)")
     # Its dependent, deleted by the garbage collector once the VM is gone, waits for no agent.
     fleet.wait_gone("vmsnapshot", ns, "doomed-snap", timeout=60)
-
-
-def held_snapshot(namespace: str, name: str, vm: str, node: str) -> dict[str, Any]:
-    """A VmSnapshot of ``vm`` as ``node``'s agent claims one: its label and its finalizer."""
-    held = {"labels": {NODE_LABEL: node}, "finalizers": [f"agent.vmm.formation.cloud/{node}"]}
-    meta = {"name": name, "namespace": namespace, **held}
-    return {"apiVersion": API_VERSION, "kind": "VmSnapshot", "metadata": meta, "spec": {"vmName": vm}}
 
 
 def test_snapshots_deleted_while_their_node_is_lost_go_unless_their_vm_waits_there(

@@ -10,7 +10,7 @@ from, so no VM is bound twice. The agent's status write then says where the VM r
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -469,11 +469,12 @@ class Binder:
                 return Decision(None, f"there is no node other than {source}")
             return place(_request_of(vm), nodes, self._loads(), self.cpu_overcommit, self.memory_overcommit)
 
-    def given_up_nodes(self) -> dict[str, str]:
+    def given_up_nodes(self, also: Iterable[str] = ()) -> dict[str, str]:
         """Nodes given up for lost, with why: an admin marked the node out of service
         (``node.kubernetes.io/out-of-service``) and its agent is silent past
-        ``node_lost_seconds``; or VMs are bound to it and its Node has been gone that long (the
-        caller confirms the Node is gone: a watch that has not delivered it yet looks the same)."""
+        ``node_lost_seconds``; or VMs are bound to it (or it is one of ``also``: nodes whose
+        agent something else waits for) and its Node has been gone that long (the caller
+        confirms the Node is gone: a watch that has not delivered it yet looks the same)."""
         now = time.monotonic()
         with self._lock:
             found = {
@@ -481,7 +482,7 @@ class Binder:
                 for info in self._node_infos()
                 if not info.ready and any(t.get("key") == OUT_OF_SERVICE_TAINT for t in info.taints)
             }
-            for node in {b.node for b in self._bound.values()} - self._nodes.keys():
+            for node in ({b.node for b in self._bound.values()} | set(also)) - self._nodes.keys():
                 since = self._missing_since.setdefault(node, now)
                 if now - since >= self.node_lost_seconds:
                     found[node] = "its Node was deleted"

@@ -55,7 +55,6 @@ class LostNodes:
         ]
         self._given_up: set[str] = set()
         self._next_sweep = 0.0
-        self._absent_since: dict[str, float] = {}
 
     def pass_once(self) -> None:
         given_up = self.binder.given_up_nodes()
@@ -63,18 +62,22 @@ class LostNodes:
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 self._say(body, None)
         self._given_up = set(given_up)
-        lost: dict[str, str] = {}
-        for node, why in sorted(given_up.items()):
-            if why.startswith("its Node") and self._node_exists(node):
-                continue  # the watch had not brought it yet
-            lost[node] = why
+        for node, why in sorted(self._confirmed(given_up).items()):
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 try:
                     self._restart(node, why, body)
                 except (ApiError, RuntimeError):  # RuntimeError: a finalizer kept changing
                     meta = body["metadata"]
                     log.exception("lost node %s: VM %s/%s", node, meta.get("namespace"), meta.get("name"))
-        self._sweep_dependents(lost)
+        self._sweep_dependents()
+
+    def _confirmed(self, given_up: dict[str, str]) -> dict[str, str]:
+        """``given_up`` without the nodes whose Node the watch had not brought yet."""
+        return {
+            node: why
+            for node, why in given_up.items()
+            if not (why.startswith("its Node") and self._node_exists(node))
+        }
 
     def _node_exists(self, node: str) -> bool:
         try:
@@ -132,51 +135,35 @@ class LostNodes:
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
         self.events.post(body, VM_KIND, "DeletedWithoutAgent", message, "Warning")
 
-    def _sweep_dependents(self, lost: dict[str, str]) -> None:
-        """Snapshots and restores being deleted that wait for the agent of a node given up, or of
-        a node whose Node has been gone for ``node_lost_seconds`` (its VMs may all have restarted
-        elsewhere, so the binder no longer counts it), go without it when their VM is gone or
-        bound elsewhere: their data was in the VM's files on that node, which its agent removes
-        as an orphan's if it ever comes back. Those of a VM still bound there wait with it: if
-        the node comes back, its agent deletes their data from the VM's disks, which stay. Two
-        cluster-wide lists, at most once per ``node_lost_seconds``, not on every pass: a burst of
-        VMs runs many passes."""
+    def _sweep_dependents(self) -> None:
+        """Snapshots and restores being deleted that wait for the agent of a node given up (its
+        Node gone for ``node_lost_seconds`` counts even once no VM is bound there: they may all
+        have restarted elsewhere) go without it when their VM is gone or bound elsewhere: their
+        data was in the VM's files on that node, which its agent removes as an orphan's if it
+        ever comes back. Those of a VM still bound there wait with it: if the node comes back,
+        its agent deletes their data from the VM's disks, which stay. Two cluster-wide lists, at
+        most once per ``node_lost_seconds``, not on every pass: a burst of VMs runs many passes."""
         now = time.monotonic()
         if now < self._next_sweep:
             return
         self._next_sweep = now + self.binder.node_lost_seconds
         try:
             deleting = [
-                (writer, kind, item)
+                (writer, kind, item, held_by(item))
                 for writer, kind in zip(self.dependents, (SNAPSHOT_KIND, RESTORE_KIND), strict=True)
                 for item in self.kube.list(writer.plural)
                 if item["metadata"].get("deletionTimestamp")
             ]
+            if not deleting:
+                return
+            waited_for = {node for *_, held in deleting for node in held}
+            lost = self._confirmed(self.binder.given_up_nodes(also=waited_for))
         except ApiError:
-            log.exception("lost nodes: listing snapshots and restores")
+            log.exception("lost nodes: listing snapshots and restores, or reading their nodes")
             return
-        held = {node for _, _, item in deleting for node in held_by(item)}
-        lost = {**lost, **self._gone_long_enough(held - lost.keys(), now)}
-        for writer, kind, item in deleting:
-            for node in sorted(held_by(item) & lost.keys()):
+        for writer, kind, item, held in deleting:
+            for node in sorted(held & lost.keys()):
                 self._let_go_of(writer, kind, item, node, lost[node])
-
-    def _gone_long_enough(self, nodes: set[str], now: float) -> dict[str, str]:
-        """Of ``nodes``, those whose Node has been missing since a sweep ``node_lost_seconds`` ago."""
-        for node in self._absent_since.keys() - nodes:
-            del self._absent_since[node]
-        gone = {}
-        for node in sorted(nodes):
-            try:
-                exists = self._node_exists(node)
-            except ApiError:
-                log.exception("lost nodes: reading Node %s", node)
-                continue
-            if exists:
-                self._absent_since.pop(node, None)
-            elif now - self._absent_since.setdefault(node, now) >= self.binder.node_lost_seconds:
-                gone[node] = "its Node was deleted"
-        return gone
 
     def _let_go_of(self, writer: StatusWriter[Any], kind: str, item: Body, node: str, why: str) -> None:
         meta = item["metadata"]
