@@ -48,6 +48,7 @@ from formation_vmm.api.names import (
 )
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.devcluster.cluster import (
+    TEST_DRIVER_ALLOCATABLE,
     Kubectl,
     OperatorProcess,
     install_crds,
@@ -246,7 +247,7 @@ def start_cluster(
     install_rbac(kubectl)
     nodes = node_names(agents)
     for node in nodes:
-        register_node(kubectl, node)
+        register_node(kubectl, node, allocatable=TEST_DRIVER_ALLOCATABLE)
     agent_procs = [
         start_agent(
             plane,

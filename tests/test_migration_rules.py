@@ -10,6 +10,7 @@ from formation_vmm.api.names import NODE_LABEL
 from formation_vmm.migration_rules import (
     Limits,
     ProgressWatch,
+    Slot,
     cannot_move,
     completion_timeout,
     eviction,
@@ -49,11 +50,31 @@ def test_which_vm_may_move(machine: VirtualMachine, snapshots: int, reason: str 
 
 def test_slots_per_cluster_and_per_node() -> None:
     limits = Limits(in_cluster=3, per_node=2)
-    assert slot_wait("a", [], limits) is None
-    assert slot_wait("a", ["a"], limits) is None
-    assert "leave node a" in (slot_wait("a", ["a", "a"], limits) or "")
-    assert slot_wait("b", ["a", "a"], limits) is None
-    assert "3 migrations run in the cluster" in (slot_wait("b", ["a", "a", "c"], limits) or "")
+    a, b = Slot("a", "t1", False), Slot("b", "t1", False)
+    assert slot_wait(a, [], limits) is None
+    assert slot_wait(a, [a], limits) is None
+    assert "leave node a" in (slot_wait(a, [a, a], limits) or "")
+    assert slot_wait(b, [a, a], limits) is None
+    assert "in the cluster" in (slot_wait(Slot("c", "t2", False), [a, a, b], limits) or "")
+
+
+def test_one_namespace_cannot_hold_every_slot() -> None:
+    limits = Limits(in_cluster=10, per_node=10, per_namespace=2)
+    mine = [Slot("a", "t1", False), Slot("b", "t1", False)]
+    assert "namespace t1" in (slot_wait(Slot("c", "t1", False), mine, limits) or "")
+    assert slot_wait(Slot("c", "t2", False), mine, limits) is None
+    # A drain's migrations are the administrator's: no namespace share holds them back.
+    assert slot_wait(Slot("c", "t1", True), mine, limits) is None
+
+
+def test_drains_go_first() -> None:
+    limits = Limits(in_cluster=10, per_node=10, per_namespace=5)
+    waiting = slot_wait(Slot("b", "t1", False), [], limits, drains_waiting=1)
+    assert "drain" in (waiting or "")
+    assert slot_wait(Slot("b", "t1", True), [], limits, drains_waiting=1) is None
+    # The cluster's own limit still holds a drain: it waits for a slot like anyone.
+    full = [Slot("x", "t2", False)] * 10
+    assert "in the cluster" in (slot_wait(Slot("b", "t1", True), full, limits) or "")
 
 
 def test_a_copy_is_overdue_when_it_stalls_or_runs_past_its_size() -> None:

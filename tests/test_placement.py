@@ -74,3 +74,17 @@ def test_disks_count_at_their_declared_size_where_the_node_reports_its_disk() ->
     decision = place(Request(1, GI, disk=30 * GI), nodes, loads)
     assert decision.node is None and "2 have too little disk space" in decision.message
     assert place(Request(1, GI, disk=30 * GI), [node("c")], {}).node == "c"  # no report: not checked
+
+
+def test_a_draining_node_gets_nothing_whatever_the_tolerations() -> None:
+    """``operator: Exists`` tolerates every taint, the drain's included: a draining node is
+    refused all the same, for new VMs and migration targets alike (both go through place)."""
+    drain = {"key": "vmm.formation.cloud/drain", "effect": "NoSchedule"}
+    everything = (Toleration(operator="Exists"),)
+    exact = (Toleration(key="vmm.formation.cloud/drain", operator="Exists", effect="NoSchedule"),)
+    nodes = [node("a", taints=(drain,))]
+    for tolerations in ((), everything, exact):
+        decision = place(Request(1, GI, tolerations=tolerations), nodes, {})
+        assert decision.node is None
+        assert decision.message.endswith("1 are being drained"), tolerations
+    assert place(Request(1, GI, tolerations=everything), [*nodes, node("b")], {}).node == "b"

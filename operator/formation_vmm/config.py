@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     reserved_memory: int = Field(default=0, ge=0, description="a quantity such as 2Gi, in bytes once read")
     cpu_overcommit: float = Field(default=1.0, gt=0)
     memory_overcommit: float = Field(default=1.0, gt=0)
+    # An admin's bound on any node's capacity, for nodes whose kubelet reports no allocatable
+    # (controller/nodes.py): an agent's own word is never enough.
+    node_max_cpus: int | None = Field(default=None, ge=0)
+    node_max_memory: int | None = Field(default=None, ge=0, description="a quantity, in bytes once read")
     # How often the agent refreshes its heartbeat and capacity on the Node, and how long the
     # controller waits without one before it calls the node's VMs Unknown.
     heartbeat_seconds: float = Field(default=10.0, gt=0)
@@ -97,6 +101,7 @@ class Settings(BaseSettings):
     # every node's libvirtd sees.
     migrations_in_cluster: int = Field(default=5, ge=1)
     migrations_per_node: int = Field(default=2, ge=1)
+    migrations_per_namespace: int = Field(default=3, ge=1)
     migration_completion_timeout_per_gib: float = Field(default=150.0, gt=0)
     migration_progress_timeout_seconds: float = Field(default=150.0, gt=0)
     migration_bandwidth_mib: int = Field(default=0, ge=0)
@@ -161,7 +166,7 @@ class Settings(BaseSettings):
     # (so old deployments start) and reported as ignored.
     state_url: str | None = None
 
-    @field_validator("reserved_memory", "image_qemu_img_memory", mode="before")
+    @field_validator("reserved_memory", "image_qemu_img_memory", "node_max_memory", mode="before")
     @classmethod
     def _quantity(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -75,16 +75,21 @@ def decode_addresses(value: str) -> dict[str, tuple[str, str]]:
 
 
 def assigned(body: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """interface name -> (network, address) the controller assigned: the annotation, or for a
-    VM bound before the annotation existed, its status's ipam entries."""
+    """interface name -> (network, address) the controller assigned: its annotation, and never
+    anything else (the status shows the assignment, and is never read back as its record)."""
     annotations = (body.get("metadata") or {}).get("annotations") or {}
-    if ADDRESSES_ANNOTATION in annotations:
-        return decode_addresses(str(annotations[ADDRESSES_ANNOTATION]))
-    found = {}
-    for entry in (body.get("status") or {}).get("interfaces") or []:
-        if from_ipam(entry.get("infoSource")) and entry.get("ipAddress") and entry.get("network"):
-            found[str(entry["name"])] = (str(entry["network"]), str(entry["ipAddress"]))
-    return found
+    return decode_addresses(str(annotations.get(ADDRESSES_ANNOTATION) or ""))
+
+
+def assignable(network: str, address: str, ranges: Mapping[str, "AddressRange | None"]) -> bool:
+    """Whether ``address`` is one IPAM could have given on ``network``: inside its range (never
+    its gateway, network or broadcast address). A record that says otherwise is not believed."""
+    rng = ranges.get(network)
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        return False
+    return rng is not None and rng.first <= ip <= rng.last and ip != rng.gateway
 
 
 def from_ipam(info_source: str | None) -> bool:
@@ -114,10 +119,18 @@ class AddressBook:
     def count(self, network: str) -> int:
         return sum(1 for net, _ in self._holders if net == network)
 
-    def record(self, uid: str, assignments: Mapping[str, tuple[str, str]]) -> None:
-        """A VM's assignments as its status shows them (the watch, a restart's listing). An
-        address another VM holds already stays that VM's: the first record wins."""
+    def record(
+        self,
+        uid: str,
+        assignments: Mapping[str, tuple[str, str]],
+        ranges: Mapping[str, AddressRange | None] | None = None,
+    ) -> None:
+        """A VM's assignments as its record shows them (the watch, a restart's listing). An
+        address another VM holds already stays that VM's: the first record wins. With
+        ``ranges``, an address outside its network's range (the gateway's) is not taken in."""
         for iface, key in assignments.items():
+            if ranges is not None and key[0] in ranges and not assignable(*key, ranges):
+                continue
             holder = self._holders.setdefault(key, uid)
             if holder == uid:
                 self._held.setdefault(uid, {})[iface] = key

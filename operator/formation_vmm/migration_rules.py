@@ -31,6 +31,19 @@ class Limits:
     per_node: int = 2
     completion_timeout_per_gib: float = 150.0
     progress_timeout: float = 150.0
+    # Slots one namespace's own migrations may hold at once (a drain's do not count): one tenant
+    # cannot take every slot and hold up an admin's drain, or other tenants.
+    per_namespace: int = 3
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A migration as the limits count it: where it leaves from, whose it is, and whether a
+    drain made it (an admin's: it goes first, and counts against no namespace)."""
+
+    source: str
+    namespace: str
+    drain: bool = False
 
 
 def cannot_move(vm: VirtualMachine, snapshots: int) -> Refusal | None:
@@ -79,14 +92,29 @@ def not_live_migratable(vm: VirtualMachine, paused: bool, snapshots: int = 0) ->
     return None
 
 
-def slot_wait(source: str, busy: list[str], limits: Limits) -> str | None:
-    """Why a migration out of ``source`` must wait, or None: ``busy`` are the source nodes of
-    the migrations that hold a slot now."""
+def slot_wait(asked: Slot, busy: list[Slot], limits: Limits, drains_waiting: int = 0) -> str | None:
+    """Why migration ``asked`` must wait, or None: ``busy`` hold a slot now, and
+    ``drains_waiting`` drain migrations wait for one (they go first)."""
     if len(busy) >= limits.in_cluster:
         return f"{len(busy)} migrations run in the cluster, the most allowed at once; this one waits its turn"
-    out = busy.count(source)
+    out = sum(1 for slot in busy if slot.source == asked.source)
     if out >= limits.per_node:
-        return f"{out} migrations leave node {source}, the most allowed at once; this one waits its turn"
+        return (
+            f"{out} migrations leave node {asked.source}, the most allowed at once; this one waits its turn"
+        )
+    if asked.drain:
+        return None
+    if drains_waiting:
+        return (
+            f"{drains_waiting} migrations of a node's drain wait for a slot and go first; "
+            "this one waits its turn"
+        )
+    mine = sum(1 for slot in busy if slot.namespace == asked.namespace and not slot.drain)
+    if mine >= limits.per_namespace:
+        return (
+            f"{mine} migrations of namespace {asked.namespace} run, the most one namespace may run at "
+            "once; this one waits its turn"
+        )
     return None
 
 

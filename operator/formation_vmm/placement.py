@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from formation_vmm.api.models import Toleration
+from formation_vmm.api.names import DRAIN_TAINT
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class NodeInfo:
     memory: int | None = None
     ready: bool = True
     disk: int | None = None  # bytes for VM disks; None: not reported, not checked
+    # Someone other than the node's agent bounds its capacity (the kubelet, an admin's ceiling).
+    vouched: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ def tolerates(tolerations: tuple[Toleration, ...], taint: dict[str, Any]) -> boo
 def _refusal(node: NodeInfo, req: Request, load: Load, cpu_ratio: float, mem_ratio: float) -> str | None:
     if any(node.labels.get(k) != v for k, v in req.node_selector.items()):
         return "do not match the nodeSelector"
+    # Whatever the tolerations say (``operator: Exists`` tolerates every taint): a node being
+    # drained is being emptied, and a VM placed there would only be moved again, or block it.
+    if any(taint.get("key") == DRAIN_TAINT for taint in node.taints):
+        return "are being drained"
     for taint in node.taints:
         if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(req.tolerations, taint):
             return "have a taint the VM does not tolerate"
@@ -77,6 +84,8 @@ def _refusal(node: NodeInfo, req: Request, load: Load, cpu_ratio: float, mem_rat
         return "have no live agent"
     if node.cpus is None or node.memory is None:
         return "have no agent that reported capacity"
+    if not node.vouched:
+        return "have no capacity the kubelet (status.allocatable) or an admin (node_max_*) vouches for"
     if load.vcpus + req.vcpus > node.cpus * cpu_ratio:
         return "have too few free vCPUs"
     if load.memory + req.memory > node.memory * mem_ratio:
@@ -84,6 +93,26 @@ def _refusal(node: NodeInfo, req: Request, load: Load, cpu_ratio: float, mem_rat
     if node.disk is not None and load.disk + req.disk > node.disk:
         return "have too little disk space"
     return None
+
+
+def room_refusal(node: NodeInfo, req: Request, load: Load, cpu_ratio: float, mem_ratio: float) -> str | None:
+    """Why a VM already on ``node`` cannot grow to ``req``, the rest of the node using ``load``
+    (its own share taken out), or None. Room only: the VM is there already, so its selector,
+    its tolerations, a drain and a silent agent do not count."""
+    if node.cpus is None or node.memory is None or not node.vouched:
+        return f"node {node.name} has no capacity its agent reported and the kubelet or an admin vouches for"
+    if load.vcpus + req.vcpus > node.cpus * cpu_ratio:
+        return f"node {node.name} has {_free(node.cpus * cpu_ratio - load.vcpus)} vCPUs free for it"
+    if load.memory + req.memory > node.memory * mem_ratio:
+        free = max(int(node.memory * mem_ratio) - load.memory, 0)
+        return f"node {node.name} has {free >> 20}Mi of memory free for it"
+    if node.disk is not None and load.disk + req.disk > node.disk:
+        return f"node {node.name} has {max(node.disk - load.disk, 0) >> 20}Mi of disk free for it"
+    return None
+
+
+def _free(value: float) -> str:
+    return f"{max(value, 0):g}"
 
 
 def _score(node: NodeInfo, load: Load, req: Request) -> float:

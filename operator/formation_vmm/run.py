@@ -66,6 +66,7 @@ from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.lost_nodes import LostNodes
 from formation_vmm.controller.migrations import MigrationScheduler
+from formation_vmm.controller.nodes import Ceiling
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.controller.vm_feed import VmFeed
@@ -205,7 +206,12 @@ def run_controller(settings: Settings) -> None:
     health.pulse("loop", 3 * RETRY_BIND, "the binding loop ran")
     image_status = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
     binder = Binder(
-        vm_status, events, settings.cpu_overcommit, settings.memory_overcommit, settings.node_lost_seconds
+        vm_status,
+        events,
+        settings.cpu_overcommit,
+        settings.memory_overcommit,
+        settings.node_lost_seconds,
+        ceiling=Ceiling(settings.node_max_cpus, settings.node_max_memory),
     )
     guard = ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns))
     sealer = Sealer(kube, vm_status, image_status, events, settings.seal_refresh_seconds)
@@ -499,8 +505,14 @@ def _migration_tuning(settings: Settings) -> Tuning:
         settings.migrations_per_node,
         settings.migration_completion_timeout_per_gib,
         settings.migration_progress_timeout_seconds,
+        settings.migrations_per_namespace,
     )
-    return Tuning(limits, settings.migration_bandwidth_mib, settings.migration_auto_converge)
+    return Tuning(
+        limits,
+        settings.migration_bandwidth_mib,
+        settings.migration_auto_converge,
+        direct=bool(settings.migration_libvirt_uri) and settings.migration_relay_listen is None,
+    )
 
 
 def _agent_health(

@@ -29,8 +29,8 @@ from formation_vmm.api.models import (
     to_wire,
 )
 from formation_vmm.api.names import ADDRESSES_ANNOTATION
-from formation_vmm.domain.naming import stable_mac
 from formation_vmm.domain.spec import Owner
+from formation_vmm.macs import legacy_mac
 from tests.support.factories import make_vm
 
 pytestmark = pytest.mark.pure
@@ -70,7 +70,7 @@ def test_a_first_start_reports_running_ready_and_when() -> None:
         "AddressesMatch": ("True", "AsAssigned"),
         "LiveMigratable": ("True", "Migratable"),
     }
-    assert wire["interfaces"] == [{"name": "eth0", "mac": stable_mac("uid-1", "eth0"), "network": "default"}]
+    assert wire["interfaces"] == [{"name": "eth0", "mac": legacy_mac("uid-1", "eth0"), "network": "default"}]
 
 
 def test_a_later_start_counts_a_restart() -> None:
@@ -160,7 +160,7 @@ def _addressed(value: str = "eth0=default/10.123.0.5") -> VirtualMachine:
 
 def test_the_assigned_address_shows_from_the_first_write_and_what_agrees_joins_its_source() -> None:
     vm = _addressed()
-    mac = stable_mac("uid-1", "eth0")
+    mac = legacy_mac("uid-1", "eth0")
     nothing = status_after(vm, VirtualMachineStatus(), _running(), "node-a", AT)
     assert to_wire(nothing)["interfaces"][0] == {
         "name": "eth0",
@@ -175,17 +175,19 @@ def test_the_assigned_address_shows_from_the_first_write_and_what_agrees_joins_i
     assert conditions(agreed)["AddressesMatch"] == ("True", "AsAssigned")
 
 
-def test_a_vm_bound_before_the_annotation_keeps_the_address_its_status_shows() -> None:
-    old = {"name": "eth0", "network": "default", "ipAddress": "10.123.0.7", "infoSource": "ipam, lease"}
+def test_an_address_a_status_claims_through_ipam_is_not_shown_again() -> None:
+    """Only the controller's annotation records an assignment (issue 26, finding 2): a status
+    claiming one (as a forger would write it) is dropped at the agent's next write."""
+    old = {"name": "eth0", "network": "default", "ipAddress": "10.123.0.1", "infoSource": "ipam, lease"}
     vm = make_vm(networks=[{"name": "eth0"}])
     vm.status = VirtualMachineStatus.model_validate({"interfaces": [old]})
     status = status_after(vm, vm.status, _running(), "node-a", AT)
-    assert (status.interfaces[0].ip_address, status.interfaces[0].info_source) == ("10.123.0.7", "ipam")
+    assert status.interfaces[0].ip_address is None and status.interfaces[0].info_source is None
 
 
 def test_a_report_that_contradicts_the_assignment_is_a_condition_never_the_address() -> None:
     vm = _addressed()
-    mac = stable_mac("uid-1", "eth0")
+    mac = legacy_mac("uid-1", "eth0")
     seen = replace(_running(), addresses={mac: {"guest-agent": "10.123.0.99"}})
     status = status_after(vm, VirtualMachineStatus(), seen, "node-a", AT)
     assert status.interfaces[0].ip_address == "10.123.0.5" and status.interfaces[0].info_source == "ipam"
@@ -208,7 +210,7 @@ def test_every_status_write_says_where_the_vm_is_bound_and_only_once() -> None:
 
 def test_without_an_assignment_the_lease_shows_and_an_empty_lookup_keeps_it() -> None:
     vm = make_vm(networks=[{"name": "lan", "network": "bridged"}])
-    mac = stable_mac("uid-1", "lan")
+    mac = legacy_mac("uid-1", "lan")
     first = status_after(
         vm, VirtualMachineStatus(), replace(_running(), addresses={mac: {"lease": "192.0.2.7"}}), "n", AT
     )

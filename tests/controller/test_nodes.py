@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from formation_vmm.api.names import CAPACITY_CPUS_ANNOTATION, CAPACITY_MEMORY_ANNOTATION, HEARTBEAT_ANNOTATION
-from formation_vmm.controller.nodes import node_info, node_summary
+from formation_vmm.controller.nodes import Ceiling, node_info, node_summary
 
 pytestmark = pytest.mark.pure
 
@@ -50,3 +50,29 @@ def test_capacity(annotations: dict[str, str], cpus: int | None, memory: int | N
 def test_liveness_follows_the_heartbeat(beat: str | None, ready: bool) -> None:
     annotations = {HEARTBEAT_ANNOTATION: beat} if beat else {}
     assert node_info(summary(**annotations), 40, NOW).ready is ready
+
+
+@pytest.mark.parametrize(
+    ("allocatable", "ceiling", "cpus", "memory", "vouched"),
+    [
+        # The kubelet's word bounds the agent's (which claims 8 and 16Gi here).
+        ({"cpu": "4", "memory": "8Gi"}, Ceiling(), 4, 8 << 30, True),
+        ({"cpu": "15500m", "memory": "32Gi"}, Ceiling(), 8, 16 << 30, True),
+        # No kubelet: an admin's ceiling, or nobody vouches and the node takes nothing.
+        (None, Ceiling(cpus=2, memory=1 << 30), 2, 1 << 30, True),
+        (None, Ceiling(), 8, 16 << 30, False),
+        ({"cpu": "many", "memory": "8Gi"}, Ceiling(), 8, 16 << 30, False),
+    ],
+)
+def test_capacity_is_bounded_by_what_the_kubelet_or_an_admin_vouches_for(
+    allocatable: dict[str, str] | None, ceiling: Ceiling, cpus: int, memory: int, vouched: bool
+) -> None:
+    body = {
+        "metadata": {
+            "name": "n1",
+            "annotations": {CAPACITY_CPUS_ANNOTATION: "8", CAPACITY_MEMORY_ANNOTATION: "16Gi"},
+        },
+        "status": {"allocatable": allocatable} if allocatable else {},
+    }
+    info = node_info(node_summary(body), 40, NOW, ceiling)
+    assert (info.cpus, info.memory, info.vouched) == (cpus, memory, vouched)

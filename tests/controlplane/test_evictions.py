@@ -17,6 +17,7 @@ import pytest
 
 from formation_vmm.api.names import API_VERSION, EVICTION_ANNOTATION, NODE_LABEL, RESTART_ELSEWHERE_ANNOTATION
 from formation_vmm.devcluster.cluster import (
+    TEST_DRIVER_ALLOCATABLE,
     OperatorProcess,
     register_node,
     service_account_kubeconfig,
@@ -52,7 +53,7 @@ def nodes(fleet: Fleet) -> Iterator[dict[str, OperatorProcess]]:
     """Two agents of this module's own, as the fleet's are (node-bound tokens, test driver)."""
     agents = {}
     for node in NODES:
-        register_node(fleet.kubectl, node, {"zone": "r"})
+        register_node(fleet.kubectl, node, {"zone": "r"}, TEST_DRIVER_ALLOCATABLE)
         fleet.kubectl("taint", "node", node, "dedicated=restart:NoSchedule", "--overwrite")
         agents[node] = start_agent(
             fleet.plane,

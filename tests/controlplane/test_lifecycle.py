@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from formation_vmm.api.names import NODE_LABEL
+from formation_vmm.api.names import MACS_ANNOTATION, NODE_LABEL
 from tests.support.fleet import ON_QEMU, QEMU_NODE, TINY, Fleet, condition
 from tests.support.waiting import get_json, wait_for
 
@@ -133,7 +133,9 @@ def test_interfaces_and_ip_in_status(fleet: Fleet, ns: str) -> None:
         ns, "net", lambda v: (v.get("status", {}).get("interfaces") or [{}])[0].get("ipAddress"), "an IP"
     )
     iface = vm["status"]["interfaces"][0]
-    assert iface["name"] == "eth0" and iface["mac"].startswith("52:54:00:")
+    # The controller's MAC, recorded at binding: locally administered, 40 bits of a digest.
+    assert iface["name"] == "eth0" and iface["mac"].startswith("02:")
+    assert fleet.vm(ns, "net")["metadata"]["annotations"][MACS_ANNOTATION] == f"eth0={iface['mac']}"
     table = fleet.kubectl(
         "get", "vm", "net", "-n", ns, "-o", "custom-columns=IP:.status.interfaces[0].ipAddress"
     )

@@ -1,6 +1,6 @@
 """The controller's side of live migration on the fleet, against the real apiserver: VmMigrations
 that cannot go anywhere fail at once with their reason, and 20 requested together respect the
-limits (5 in the cluster, 2 out of each node; KubeVirt's defaults).
+limits (5 in the cluster, 2 out of each node: KubeVirt's defaults; 3 of one namespace).
 
 The copies themselves need two real libvirtds (tests/migration/test_vm_migration.py). Here the
 target nodes are Node objects with no agent (tests/support/agentless.py): the test writes their
@@ -10,6 +10,7 @@ an agent only where no agent can hold a migration still for as long as the test 
 
 import json
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -107,32 +108,52 @@ def test_a_migration_that_cannot_happen_fails_at_once_with_its_reason(
     assert fleet.vm(ns, "runs")["status"]["nodeName"] == "node-b"
 
 
-def test_twenty_requests_at_once_respect_the_limits(fleet: Fleet, ns: str, targets: threading.Event) -> None:
-    """3 VMs on node-a, 3 on node-b, 2 on node-q; 20 requests in one apply: one for each VM,
-    a second for each (refused: one migration per VM), and 4 for VMs that do not exist. Of the
-    8 that may go, 5 take a slot (at most 2 out of each node) and 3 wait, saying why; a slot
-    freed goes to one that waited; a target that goes silent fails its migrations."""
-    vms = {f"a{i}": {"zone": "a"} for i in range(3)} | {f"b{i}": {"zone": "b"} for i in range(3)}
-    for name, selector in vms.items():
-        fleet.apply_vm(ns, name, **movable(nodeSelector=selector))
+@pytest.fixture
+def ns2(fleet: Fleet) -> Iterator[str]:
+    """A second tenant's namespace, cleaned up as ``ns`` is."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    fleet.kubectl("create", "namespace", name)
+    yield name
+    fleet.kubectl("delete", "vm", "--all", "-n", name, "--wait=true", "--timeout=60s", check=False)
+    fleet.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_twenty_requests_at_once_respect_the_limits(
+    fleet: Fleet, ns: str, ns2: str, targets: threading.Event
+) -> None:
+    """3 VMs on node-a and 2 on node-q in one namespace, 3 on node-b in another; 20 requests in
+    one apply: one for each VM, a second for each (refused: one migration per VM), and 4 for VMs
+    that do not exist. Of the 8 that may go, 5 take a slot (at most 2 out of each node, at most 3
+    of one namespace) and 3 wait, saying why; a slot freed goes to one that waited; a target that
+    goes silent fails its migrations."""
+    home = {f"a{i}": (ns, "a") for i in range(3)} | {f"b{i}": (ns2, "b") for i in range(3)}
+    for name, (where, zone) in home.items():
+        fleet.apply_vm(where, name, **movable(nodeSelector={"zone": zone}))
     for name in ("q0", "q1"):
         fleet.apply_vm(ns, name, **movable(**{**ON_QEMU, "tolerations": [QEMU_TOLERATION]}))
-        vms[name] = {"zone": "q"}
-    for name in vms:
-        fleet.wait_phase(ns, name, "Running", timeout=90)
+        home[name] = (ns, "q")
+    for name, (where, _) in home.items():
+        fleet.wait_phase(where, name, "Running", timeout=90)
         # From now on the VM may run on the target nodes only: where a migration takes it.
         anywhere_but_here = {"spec": {"nodeSelector": {"zone": None, "migrations": "here"}}}
-        fleet.kubectl("patch", "vm", name, "-n", ns, "--type=merge", "-p", json.dumps(anywhere_but_here))
-    docs = [request(ns, f"{vm}-1", vm) for vm in vms]
-    docs += [request(ns, f"{vm}-2", vm) for vm in vms]
+        fleet.kubectl("patch", "vm", name, "-n", where, "--type=merge", "-p", json.dumps(anywhere_but_here))
+    docs = [request(where, f"{vm}-1", vm) for vm, (where, _) in home.items()]
+    docs += [request(where, f"{vm}-2", vm) for vm, (where, _) in home.items()]
     docs += [request(ns, f"ghost{i}-1", f"ghost{i}") for i in range(4)]
     assert len(docs) == 20
     fleet.kubectl(
         "apply", "-f", "-", input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
     )
 
+    def both() -> dict[str, dict[str, Any]]:
+        return {
+            name: {**status, "namespace": where}
+            for where in (ns, ns2)
+            for name, status in migrations(fleet, where).items()
+        }
+
     def settled() -> bool:
-        seen = migrations(fleet, ns)
+        seen = both()
         return len(seen) == 20 and all(
             s.get("phase") in ("Preparing", "Pending", "Failed") for s in seen.values()
         )
@@ -140,42 +161,41 @@ def test_twenty_requests_at_once_respect_the_limits(fleet: Fleet, ns: str, targe
     try:
         wait_for(settled, 60, "every request to be decided")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; they are {summary(migrations(fleet, ns))}") from None
-    seen = migrations(fleet, ns)
+        raise AssertionError(f"{exc}; they are {summary(both())}") from None
+    seen = both()
     phases = Counter(s["phase"] for s in seen.values())
     assert phases == {"Failed": 12, "Preparing": 5, "Pending": 3}, seen
     reasons = Counter(s["reason"] for s in seen.values() if s["phase"] == "Failed")
     assert reasons == {"AlreadyMigrating": 8, "VmNotFound": 4}
-    assert all(seen[f"{vm}-2"]["phase"] == "Failed" for vm in vms)  # the later of each pair
+    assert all(seen[f"{vm}-2"]["phase"] == "Failed" for vm in home)  # the later of each pair
     preparing = {name: s for name, s in seen.items() if s["phase"] == "Preparing"}
     assert max(Counter(s["sourceNode"] for s in preparing.values()).values()) <= 2
+    assert Counter(s["namespace"] for s in preparing.values()) == {ns: 3, ns2: 2}
     assert {s["targetNode"] for s in preparing.values()} <= set(TARGETS)
     waiting = [s for s in seen.values() if s["phase"] == "Pending"]
     assert all(s["reason"] == "LimitReached" and "waits its turn" in s["message"] for s in waiting)
 
     # Cancel one that holds a slot: one that waited takes it, within the limits.
     gone = sorted(preparing)[0]
-    fleet.kubectl("delete", "vmmig", gone, "-n", ns)
+    fleet.kubectl("delete", "vmmig", gone, "-n", preparing[gone]["namespace"])
 
     def refilled() -> bool:
-        now = migrations(fleet, ns)
+        now = both()
         return gone not in now and Counter(s["phase"] for s in now.values())["Preparing"] == 5
 
     wait_for(refilled, 30, "a waiting migration to take the freed slot")
-    now = migrations(fleet, ns)
+    now = both()
     assert max(Counter(s["sourceNode"] for s in now.values() if s["phase"] == "Preparing").values()) <= 2
 
     # The targets go silent (their "agent" stops): every migration preparing there fails.
     targets.set()
-    wait_for(lambda: not any(s["phase"] == "Preparing" for s in migrations(fleet, ns).values()), 60,
+    wait_for(lambda: not any(s["phase"] == "Preparing" for s in both().values()), 60,
              "the migrations to a silent target to fail")  # fmt: skip
-    lost = [s for s in migrations(fleet, ns).values() if s.get("reason") == "TargetLost"]
-    assert len(lost) >= 5, migrations(fleet, ns)
+    lost = [s for s in both().values() if s.get("reason") == "TargetLost"]
+    assert len(lost) >= 5, both()
     # None of the VMs moved.
-    for name, selector in vms.items():
-        assert (
-            fleet.vm(ns, name)["metadata"]["labels"]["vmm.formation.cloud/node"] == f"node-{selector['zone']}"
-        )
+    for name, (where, zone) in home.items():
+        assert fleet.vm(where, name)["metadata"]["labels"]["vmm.formation.cloud/node"] == f"node-{zone}"
 
 
 def test_the_targets_room_is_held_for_the_vm_on_its_way(fleet: Fleet, ns: str) -> None:

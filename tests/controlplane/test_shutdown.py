@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from formation_vmm.devcluster.cluster import (
+    TEST_DRIVER_ALLOCATABLE,
     Kubectl,
     OperatorProcess,
     install_crds,
@@ -45,7 +46,7 @@ def running(plane: ControlPlane) -> tuple[Kubectl, OperatorProcess, OperatorProc
     kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
     install_crds(kubectl)
     install_rbac(kubectl)
-    register_node(kubectl, "node-s")
+    register_node(kubectl, "node-s", allocatable=TEST_DRIVER_ALLOCATABLE)
     agent = start_agent(plane, "node-s", "test:///default", "test", {"VMM_HEARTBEAT_SECONDS": "1"})
     controller = start_controller(plane)
     for proc in (agent, controller):

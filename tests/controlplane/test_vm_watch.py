@@ -11,7 +11,11 @@ from typing import Any
 import pytest
 
 from formation_vmm.api.names import NODE_LABEL, VM_PLURAL
-from formation_vmm.devcluster.cluster import register_node, service_account_kubeconfig
+from formation_vmm.devcluster.cluster import (
+    TEST_DRIVER_ALLOCATABLE,
+    register_node,
+    service_account_kubeconfig,
+)
 from formation_vmm.kube import GoneError, Kube
 from formation_vmm.vm_watch import VmWatch
 from tests.support.fleet import Fleet
@@ -45,7 +49,7 @@ class Seen:
 
 @pytest.fixture
 def kube(fleet: Fleet) -> Iterator[Kube]:
-    register_node(fleet.kubectl, NODE, {"zone": "w"})
+    register_node(fleet.kubectl, NODE, {"zone": "w"}, TEST_DRIVER_ALLOCATABLE)
     fleet.kubectl("taint", "node", NODE, "dedicated=watch:NoSchedule", "--overwrite")  # no VM is placed here
     try:
         yield Kube.from_kubeconfig(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from formation_vmm import metrics
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import VirtualMachineStatus, VmImageStatus
 from formation_vmm.api.names import (
@@ -115,13 +116,14 @@ def test_a_binder_that_loses_the_race_for_a_vm_binds_it_nowhere_else(
     # Someone else (an earlier controller) bound it while our copy was being read.
     kubectl("label", "vm", "contested", "-n", ns, f"{NODE_LABEL}=node-x")
     binder = binder_with_a_node(kube)
-    decision = binder.bind(body)
-    assert decision.node == NODE  # it would have fitted ...
+    conflicts = metrics.BINDINGS.labels("conflict")._value.get()
+    bind(binder, kubectl, body)
+    assert metrics.BINDINGS.labels("conflict")._value.get() == conflicts + 1  # it would have fitted ...
     vm = kubectl_json(kubectl, ns, "contested")
     assert vm["metadata"]["labels"][NODE_LABEL] == "node-x"  # ... but the binding of record stands
     assert "nodeName" not in vm.get("status", {})  # and the status does not claim otherwise
     # The slot it nearly took is free again: the next VM gets the whole node.
-    assert binder.bind(make_vm(kubectl, ns, "next")).node == NODE
+    assert bind(binder, kubectl, make_vm(kubectl, ns, "next")) == NODE
     assert kubectl_json(kubectl, ns, "next")["metadata"]["labels"][NODE_LABEL] == NODE
     release(kubectl, ns, "next")
 
@@ -132,9 +134,9 @@ def test_a_binder_binding_a_vm_deleted_meanwhile_frees_the_slot(
     binder = binder_with_a_node(kube, cpus=1)
     stale = make_vm(kubectl, ns, "brief")
     kubectl("delete", "vm", "brief", "-n", ns)
-    binder.bind(stale)
+    bind(binder, kubectl, stale)
     # Had the slot stayed counted, a 1-CPU node would have no room left.
-    assert binder.bind(make_vm(kubectl, ns, "after")).node == NODE
+    assert bind(binder, kubectl, make_vm(kubectl, ns, "after")) == NODE
     release(kubectl, ns, "after")
 
 
@@ -145,18 +147,18 @@ def test_the_binder_gives_back_the_slots_of_vms_deleted_or_moved_by_hand(
     take its share off the sum, or the node fills up with VMs that are gone."""
     binder = binder_with_a_node(kube, cpus=2)
     first, second = make_vm(kubectl, ns, "first"), make_vm(kubectl, ns, "second")
-    assert binder.bind(first).node == NODE and binder.bind(second).node == NODE
+    assert bind(binder, kubectl, first) == NODE and bind(binder, kubectl, second) == NODE
     third = make_vm(kubectl, ns, "third")
-    assert binder.bind(third).node is None  # full: 2 of 2 CPUs
+    assert bind(binder, kubectl, third) is None  # full: 2 of 2 CPUs
 
     binder.vm_event("DELETED", kubectl_json(kubectl, ns, "first"))
-    assert binder.bind(kubectl_json(kubectl, ns, "third")).node == NODE  # its CPU came back
+    assert bind(binder, kubectl, kubectl_json(kubectl, ns, "third")) == NODE  # its CPU came back
 
     moved = kubectl_json(kubectl, ns, "second")
     moved["metadata"]["labels"][NODE_LABEL] = "elsewhere"  # a label changed by hand
     binder.vm_event("MODIFIED", moved)
-    assert binder.bind(make_vm(kubectl, ns, "fourth")).node == NODE
-    assert binder.bind(make_vm(kubectl, ns, "fifth")).node is None  # and no more than that
+    assert bind(binder, kubectl, make_vm(kubectl, ns, "fourth")) == NODE
+    assert bind(binder, kubectl, make_vm(kubectl, ns, "fifth")) is None  # and no more than that
     for name in ("first", "second", "third", "fourth"):
         release(kubectl, ns, name)
 
@@ -169,14 +171,32 @@ def release(kubectl: Kubectl, ns: str, name: str) -> None:
 NODE = "node-writes"
 
 
+def bind(binder: Binder, kubectl: Kubectl, body: dict[str, Any]) -> str | None:
+    """Hand the binder an unbound VM as its watch would, and run a binding pass: the node the VM
+    is bound to now (its label), or None when it was not placed."""
+    binder.vm_event(None, body)
+    binder.bind_pending()
+    meta = body["metadata"]
+    found = json.loads(
+        kubectl("get", "vm", meta["name"], "-n", meta["namespace"], "-o", "json", check=False) or "{}"
+    )
+    return (found.get("metadata", {}).get("labels") or {}).get(NODE_LABEL)
+
+
 def binder_with_a_node(kube: Kube, cpus: int = 4, node: str = NODE) -> Binder:
     binder = Binder(StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), EventRecorder(kube, "test"))
+    binder.seed([])  # the VMs these tests hand it are all it knows
     annotations = {
         CAPACITY_CPUS_ANNOTATION: str(cpus),
         CAPACITY_MEMORY_ANNOTATION: "4096Mi",
         HEARTBEAT_ANNOTATION: now().strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    binder.node_event("ADDED", {"name": node, "labels": {}, "annotations": annotations, "taints": []})
+    # The kubelet's allocatable vouches for the capacity the agent claims (controller/nodes.py).
+    allocatable = {"cpus": cpus, "memory": 4096 << 20}
+    binder.node_event(
+        "ADDED",
+        {"name": node, "labels": {}, "annotations": annotations, "taints": [], "allocatable": allocatable},
+    )
     return binder
 
 
@@ -185,8 +205,9 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
 ) -> None:
     """The controller's own VM watch (vm_watch.py into controller/vm_feed.py): a VM deleted while
     no watch delivered it (here: between one watch's stop and the next one's list, as when the
-    apiserver was away) leaves the binder's sums when the next list lacks it. A node of its own:
-    the VMs other tests here leave bound to NODE come down the watch too."""
+    apiserver was away) leaves the binder's sums when the next list lacks it. A node of its own,
+    and a watch of this test's VMs only (by a label): the VMs other tests here leave, bound or
+    not, would come down the watch too, and a binding pass binds every VM it has pending."""
     binder = binder_with_a_node(kube, cpus=1, node="node-feed")
     images = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
     events = EventRecorder(kube, "test")
@@ -196,21 +217,28 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
         ImageGuard(images, events, lambda namespace: kube.list(VM_PLURAL, namespace)),
         leading=lambda: False,  # a standby: it feeds its memory and writes nothing
     )
-    assert binder.bind(make_vm(kubectl, ns, "gone")).node == "node-feed"
-    first = VmWatch(kube, "", feed.event, feed.listed, timeout_seconds=1, retry_seconds=0.2)
+    mine = f"feed-test={ns}"
+
+    def labeled_vm(name: str) -> dict[str, Any]:
+        make_vm(kubectl, ns, name)
+        kubectl("label", "vm", name, "-n", ns, mine)
+        return kubectl_json(kubectl, ns, name)
+
+    assert bind(binder, kubectl, labeled_vm("gone")) == "node-feed"
+    first = VmWatch(kube, mine, feed.event, feed.listed, timeout_seconds=1, retry_seconds=0.2)
     first.start()
     wait_for(lambda: first.lists == 1, 30, "the first watch's list")
     first.stop()
     wait_for(lambda: not first.alive(), 30, "the first watch's end")  # its last request ends within 1 s
-    assert binder.bind(make_vm(kubectl, ns, "waiting")).node is None  # 1 of 1 CPU held by "gone"
+    assert bind(binder, kubectl, labeled_vm("waiting")) is None  # 1 of 1 CPU held by "gone"
     release(kubectl, ns, "gone")
     kubectl("delete", "vm", "gone", "-n", ns, "--wait=true")
-    second = VmWatch(kube, "", feed.event, feed.listed, retry_seconds=0.2)
+    second = VmWatch(kube, mine, feed.event, feed.listed, retry_seconds=0.2)
     second.start()
     try:
         wait_for(lambda: second.lists == 1, 30, "the second watch's list")
         # Had the list's lack not freed its CPU, a 1-CPU node would still be full.
-        assert binder.bind(kubectl_json(kubectl, ns, "waiting")).node == "node-feed"
+        assert bind(binder, kubectl, kubectl_json(kubectl, ns, "waiting")) == "node-feed"
     finally:
         second.stop()
     release(kubectl, ns, "waiting")
@@ -248,4 +276,4 @@ def test_a_write_the_controllers_feed_cannot_make_is_logged_and_the_event_still_
     assert kubectl_json(kubectl, ns, "relabeled")["status"]["nodeName"] == "node-elsewhere"
     # The binder took the event all the same: the 1-CPU node is full.
     binder.status = admin_writer
-    assert binder.bind(make_vm(kubectl, ns, "next")).node is None
+    assert bind(binder, kubectl, make_vm(kubectl, ns, "next")) is None

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec
-from formation_vmm.domain.naming import UnsafeNameError, domain_name, stable_mac
+from formation_vmm.api.models import Network, VirtualMachine
+from formation_vmm.api.names import MACS_ANNOTATION
+from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec, interface_mac
+from formation_vmm.domain.naming import UnsafeNameError, domain_name
 from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
 from formation_vmm.domain.spec import NodeFirmware, Owner
 from formation_vmm.domain.xml import console_log_of, domain_xml, file_paths, metadata_of, networks_of
+from formation_vmm.macs import derived_mac, legacy_mac
 from tests.support.factories import make_vm
 from tests.support.golden import CASES, GOLDEN, LAYOUT, bases, render
 
@@ -48,11 +51,24 @@ def test_a_domain_without_our_metadata_has_no_owner() -> None:
     assert metadata_of("not xml") is None
 
 
-def test_mac_is_stable_and_local() -> None:
-    mac = stable_mac("uid-1", "eth0")
-    assert mac == stable_mac("uid-1", "eth0")
-    assert mac != stable_mac("uid-2", "eth0")
-    assert mac.startswith("52:54:00:")
+def test_macs_are_stable_local_and_the_recorded_one_wins() -> None:
+    """An interface's MAC: macAddress, else the controller's record (40 bits under 02:), else,
+    for a VM bound before records, the 24-bit one its domain was defined with (macs.py)."""
+    assert legacy_mac("uid-1", "eth0") == legacy_mac("uid-1", "eth0") != legacy_mac("uid-2", "eth0")
+    assert legacy_mac("uid-1", "eth0").startswith("52:54:00:")
+    given = derived_mac("uid-1", "eth0")
+    assert given.startswith("02:") and len(given.split(":")) == 6 and given != derived_mac("uid-1", "eth0", 1)
+    net = Network(name="eth0")
+    bare = VirtualMachine.model_validate(
+        {"metadata": {"name": "v", "namespace": "n", "uid": "uid-1"}, "spec": {}}
+    )
+    assert interface_mac(bare, net) == legacy_mac("uid-1", "eth0")
+    recorded = bare.model_copy(deep=True)
+    recorded.metadata.annotations[MACS_ANNOTATION] = f"eth0={given}"
+    assert interface_mac(recorded, net) == given
+    assert (
+        interface_mac(recorded, Network(name="eth0", mac_address="52:54:00:AA:BB:CC")) == "52:54:00:aa:bb:cc"
+    )
 
 
 def test_names_from_manifests_cannot_escape_into_paths() -> None:

@@ -96,20 +96,26 @@ def test_the_binding_records_assignments_in_an_annotation_a_restart_reads_back()
     assert decode_addresses("eth0=n/10.6.0.2,garbage,=x/y") == {"eth0": ("n", "10.6.0.2")}
 
 
-def test_a_vm_bound_before_the_annotation_is_read_from_its_status_and_never_handed_out_again() -> None:
+def test_a_status_is_never_read_as_a_record_and_a_record_outside_the_range_is_not_believed() -> None:
+    """The status shows assignments; only the annotation (the controller's alone) records them.
+    A status claiming an address through IPAM holds nothing, and a record naming the gateway,
+    or an address outside the range, is not taken in (issue 26, finding 2)."""
     body = {
         "status": {
             "interfaces": [
-                {"name": "eth0", "network": "n", "ipAddress": "10.6.0.2", "infoSource": "ipam, lease"},
-                {"name": "eth1", "network": "m", "ipAddress": "10.7.0.9", "infoSource": "lease"},  # not ours
+                {"name": "eth0", "network": "n", "ipAddress": "10.6.0.2", "infoSource": "ipam, lease"}
             ]
         }
     }
-    assert assigned(body) == {"eth0": ("n", "10.6.0.2")}
+    assert assigned(body) == {}
+    ranges = {"n": address_range(spec(subnet="10.6.0.0/24"))}
     book = AddressBook()
-    book.record("old", assigned(body))
-    got = book.assign("new", [("eth0", "n")], {"n": address_range(spec(subnet="10.6.0.0/24"))})
+    book.record("old", {"eth0": ("n", "10.6.0.2")}, ranges)
+    got = book.assign("new", [("eth0", "n")], ranges)
     assert got["eth0"] == ("n", "10.6.0.3")
     # A second VM claiming the same address (it cannot happen; if it did) does not take it.
-    book.record("intruder", {"eth0": ("n", "10.6.0.2")})
+    book.record("intruder", {"eth0": ("n", "10.6.0.2")}, ranges)
     assert book.holder("n", "10.6.0.2") == "old"
+    for address in ("10.6.0.1", "10.6.0.0", "10.6.0.255", "10.9.0.5", "not-an-address"):
+        book.record("forger", {"eth0": ("n", address)}, ranges)
+        assert book.holder("n", address) is None, address

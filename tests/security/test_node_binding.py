@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL, agent_finalizer
+from formation_vmm.api.names import (
+    ADDRESSES_ANNOTATION,
+    ADMITTED_ANNOTATION,
+    MACS_ANNOTATION,
+    NODE_LABEL,
+    agent_finalizer,
+)
 from formation_vmm.devcluster.cluster import Kubectl, service_account_kubeconfig
 from tests.support.fleet import TINY, Fleet
 from tests.support.waiting import wait_for
@@ -290,6 +296,49 @@ def test_a_tenant_cannot_assign_itself_an_address(fleet: Fleet, ns: str, tenant:
     assert fleet.vm(ns, "squatter")["metadata"]["annotations"][ADDRESSES_ANNOTATION] == given
 
 
+def test_a_tenant_cannot_forge_what_the_controller_admitted_or_the_macs_it_gave(
+    fleet: Fleet, ns: str, tenant: Kubectl
+) -> None:
+    """The admitted record says what the agent may apply of a spec (issue 26, finding 1); the
+    MAC record, which MAC an interface keeps (finding 6). Neither is the tenant's to write."""
+    doc = yaml.safe_load(vm_doc(ns, "recorded"))
+    doc["spec"]["networks"] = [{"name": "eth0"}]
+    for key, value in (
+        (ADMITTED_ANNOTATION, "digest=0000000000000000,cpus=1,memory=67108864,disk=0"),
+        (MACS_ANNOTATION, "eth0=02:00:00:00:00:01"),
+    ):
+        forged = {**doc, "metadata": {**doc["metadata"], "annotations": {key: value}}}
+        err = refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(forged))
+        assert "records of what it admitted of a VM's spec and of the MACs it gave" in err, key
+    tenant("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    vm = fleet.wait_phase(ns, "recorded", "Running")
+    records = {k: vm["metadata"]["annotations"][k] for k in (ADMITTED_ANNOTATION, MACS_ANNOTATION)}
+    assert records[MACS_ANNOTATION].startswith("eth0=02:")
+    for key in records:
+        for args in ((f"{key}=x", "--overwrite"), (f"{key}-",)):
+            err = refused(tenant, "annotate", "vm", "recorded", *args)
+            assert "records of what it admitted" in err, args
+    assert {k: fleet.vm(ns, "recorded")["metadata"]["annotations"][k] for k in records} == records
+
+
+def test_a_tenant_cannot_pass_a_migration_off_as_a_drains(fleet: Fleet, ns: str, tenant: Kubectl) -> None:
+    """The drain finds its own migrations by this label (issue 26, finding 13): a tenant's own
+    labeled one would be taken for the drain's, and a name the drain would use could be taken
+    before it (the drain now lets the apiserver pick its names)."""
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VmMigration",
+        "metadata": {"name": "decoy", "namespace": ns, "labels": {"vmm.formation.cloud/drain": "node-a"}},
+        "spec": {"vmName": "absent"},
+    }
+    err = refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(doc))
+    assert "marks the migrations a drain made" in err
+    del doc["metadata"]["labels"]
+    tenant("create", "-f", "-", input_text=yaml.safe_dump(doc))
+    err = refused(tenant, "label", "vmmig", "decoy", "vmm.formation.cloud/drain=node-a")
+    assert "marks the migrations a drain made" in err
+
+
 def test_an_agent_writes_only_its_own_entry_of_a_network(fleet: Fleet, agent_a: Kubectl) -> None:
     forged = {"status": {"nodes": [{"name": "node-b", "phase": "Failed", "message": "forged"}]}}
     args = ("patch", "vmnetwork", "default", "--subresource=status", "--type=merge", "-p", json.dumps(forged))
@@ -334,3 +383,9 @@ def test_an_agent_writes_only_the_status_of_migrations_from_or_to_its_node(
             json.dumps(patch),
         )
         assert "only the status of migrations from or to its node" in refused(agent_a, *args), (name, patch)
+    # The object itself is out of its reach (the RBAC grants no patch; the policy covers only
+    # the status): a label or a finalizer could hold a migration or hide it from a drain.
+    for change in ({"metadata": {"labels": {"vmm.formation.cloud/drain": "node-b"}}},
+                   {"metadata": {"finalizers": ["agent.vmm.formation.cloud/node-a"]}}):  # fmt: skip
+        err = refused(agent_a, "patch", "vmmig", "a-to-b", "-n", ns, "--type=merge", "-p", json.dumps(change))
+        assert "forbidden" in err.lower(), change

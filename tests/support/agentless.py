@@ -19,13 +19,22 @@ from tests.support.fleet import Fleet
 
 
 def beating(
-    fleet: Fleet, nodes: tuple[str, ...], labels: dict[str, str], taint: str, cpus: str, memory: str
+    fleet: Fleet,
+    nodes: tuple[str, ...],
+    labels: dict[str, str],
+    taint: str,
+    cpus: str,
+    memory: str,
+    allocatable: dict[str, str] | None = None,
 ) -> tuple[threading.Event, threading.Thread]:
     """``nodes`` registered with ``labels`` and tainted ``dedicated=<taint>:NoSchedule`` (only
-    the VMs of the test that tolerate it go there), beating until the returned event is set."""
+    the VMs of the test that tolerate it go there), beating until the returned event is set.
+    They claim ``cpus`` and ``memory``; their "kubelet" vouches for ``allocatable`` (by
+    default, the same)."""
     stop = threading.Event()
     for node in nodes:
-        register_node(fleet.kubectl, node, labels)
+        # What its kubelet would vouch for: what it claims (controller/nodes.py bounds a claim).
+        register_node(fleet.kubectl, node, labels, allocatable or {"cpu": cpus, "memory": memory})
         fleet.kubectl("taint", "node", node, f"dedicated={taint}:NoSchedule", "--overwrite")
 
     def beat() -> None:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from formation_vmm.devcluster.cluster import (
+    TEST_DRIVER_ALLOCATABLE,
     Kubectl,
     OperatorProcess,
     install_rbac,
@@ -250,7 +251,7 @@ def condition(vm: dict[str, Any], type_: str) -> dict[str, Any]:
 def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode) -> Iterator[Fleet]:
     install_rbac(kubectl)
     for node, zone in TEST_NODES.items():
-        register_node(kubectl, node, {"zone": zone})
+        register_node(kubectl, node, {"zone": zone}, TEST_DRIVER_ALLOCATABLE)
     register_node(kubectl, QEMU_NODE, {"zone": "q"})
     kubectl("taint", "node", QEMU_NODE, "dedicated=qemu:NoSchedule", "--overwrite")
     controller_config = service_account_kubeconfig(kubectl, control_plane, "formation-vmm-controller")

@@ -56,7 +56,7 @@ class OutgoingMigrations(MigrationWork):
         vm_uid = vm.metadata.uid or ""
         target = mig.status.target_node or ""
         try:
-            endpoint = Endpoint.of(self.kube.node(target))
+            endpoint = Endpoint.of(self.kube.node(target), allow_direct=self.tuning.direct)
         except NotFoundError:
             endpoint = None
         if endpoint is None:

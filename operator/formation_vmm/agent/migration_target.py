@@ -8,6 +8,7 @@ from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.migration_marks import Mark
 from formation_vmm.agent.migration_work import Body, MigrationError, MigrationWork, phase_of, target_of
+from formation_vmm.api.admission import change_held
 from formation_vmm.api.models import (
     VirtualMachine,
     VmMigration,
@@ -32,6 +33,10 @@ class IncomingMigrations(MigrationWork):
             self._fail(body, "VmNotFound", f"VM {mig.spec.vm_name} is gone")
             return
         vm = VirtualMachine.model_validate(vm_body)
+        if change_held(vm.metadata.annotations, vm.spec):
+            # The target would define the domain from a spec the controller has not admitted.
+            self._fail(body, "ChangeHeld", f"VM {vm.metadata.name} has a spec change that is not admitted")
+            return
         uuid = vm.status.domain_uuid
         if not uuid:
             self._fail(body, "NoDomain", f"VM {vm.metadata.name} has no domain on its node to move")

@@ -5,6 +5,7 @@ a time, how a migration is read afresh and how it fails; and how the source reac
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,24 @@ class MigrationError(RuntimeError):
         self.reason = reason
 
 
+# host:port of a relay, as the agents advertise it (a name, an IPv4 or a bracketed IPv6 address).
+_RELAY = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}$")
+_LOCAL_URI = re.compile(r"^qemu\+unix:///system\?socket=(/[A-Za-z0-9._/-]{1,200})$")
+
+
+def _safe_path(path: Path) -> bool:
+    return path.is_absolute() and ".." not in path.parts
+
+
+def local_socket(uri: str) -> Path | None:
+    """The socket of ``qemu+unix:///system?socket=<absolute path>`` (and no other parameter:
+    libvirt's ``command``, ``no_verify`` and the like never come from a peer); else None."""
+    match = _LOCAL_URI.match(uri)
+    if match is None or not _safe_path(Path(match[1])):
+        return None
+    return Path(match[1])
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """How the source reaches the target: through the target agent's relay (its address and
@@ -66,7 +85,12 @@ class Endpoint:
     sockets: Path | None = None
 
     @staticmethod
-    def of(node: Body) -> "Endpoint | None":
+    def of(node: Body, allow_direct: bool = False) -> "Endpoint | None":
+        """The endpoint a Node publishes (written by that node's agent, which may be a
+        compromised one). The relay form always; the direct form only when this node runs
+        migrations that way itself (one machine, ``migration_libvirt_uri``), and only as a
+        libvirtd's local socket: the URI is handed to our own libvirtd, which would otherwise
+        open whatever transport a peer names (ssh, tcp, a command of its choosing)."""
         text = ((node.get("metadata") or {}).get("annotations") or {}).get(MIGRATION_ENDPOINT_ANNOTATION)
         try:
             data = json.loads(text) if text else None
@@ -75,13 +99,17 @@ class Endpoint:
         if not isinstance(data, dict):
             return None
         if data.get("relay") and data.get("certificate"):
-            return Endpoint(relay=str(data["relay"]), certificate=str(data["certificate"]))
-        if not data.get("libvirt") or not data.get("sockets"):
+            relay = str(data["relay"])
+            return (
+                Endpoint(relay=relay, certificate=str(data["certificate"])) if _RELAY.match(relay) else None
+            )
+        if not allow_direct or not data.get("libvirt") or not data.get("sockets"):
             return None
         sockets = Path(str(data["sockets"]))
-        if not sockets.is_absolute():
+        uri = str(data["libvirt"])
+        if not _safe_path(sockets) or local_socket(uri) is None:
             return None
-        return Endpoint(libvirt=str(data["libvirt"]), sockets=sockets)
+        return Endpoint(libvirt=uri, sockets=sockets)
 
     def annotation(self) -> str:
         if self.relay:
@@ -94,6 +122,9 @@ class Tuning:
     limits: Limits = field(default_factory=Limits)
     bandwidth_mib: int = 0
     auto_converge: bool = False
+    # Migrations straight between libvirtds on one machine (no relay): only then is a peer's
+    # direct endpoint believed (Endpoint.of).
+    direct: bool = False
 
 
 class MigrationWork:

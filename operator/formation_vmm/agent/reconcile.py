@@ -19,6 +19,7 @@ from formation_vmm.agent.inputs import InputNotReadyError, Inputs
 from formation_vmm.agent.plan import Action, DomainState, plan, restart_done
 from formation_vmm.agent.seed import write_seed
 from formation_vmm.agent.state import DomainInfo, Outcome, desired_of, owner_of, stop_progress
+from formation_vmm.api.admission import change_held
 from formation_vmm.api.models import GuestOSInfo, VirtualMachine
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.build import build_domain_spec
@@ -133,8 +134,11 @@ class Reconciler:
         current = self.hypervisor.describe(name)
         if current is None or not current.actual.active:
             self._set_deadline(uid, None)  # whatever stop was under way is over
-        images = {} if deleting else self.inputs.images(vm)
-        spec = None if deleting else self.desired_spec(vm, images)
+        # A change the controller has not admitted (api/admission.py) is not applied: the
+        # domain stays as it was defined, and nothing the new spec names is fetched or built.
+        change_waits = not deleting and change_held(meta.annotations, vm.spec)
+        images = {} if deleting or change_waits else self.inputs.images(vm)
+        spec = None if deleting or change_waits else self.desired_spec(vm, images)
         ours = current is not None and (current.owner is None or current.owner.uid == uid)
         if spec is not None and current is not None and ours:
             # Redefining a domain must keep its UUID, or libvirt refuses the name as taken.
@@ -145,9 +149,23 @@ class Reconciler:
         progress = stop_progress(self._deadline(uid), now, self._nudge(uid))
         desired = desired_of(vm, deleting, digest, progress, grace_seconds, held)
         actions = plan(desired, current.actual if current else None)
+        if change_waits and Action.DEFINE in actions:
+            raise InputNotReadyError(
+                "ChangeHeld",
+                "the domain must be defined anew, and the spec's change is not admitted yet (see "
+                "condition SpecAccepted): the VM waits for it",
+                "Ready",
+            )
         if dry_run:
             addresses = self._addresses(vm, current)
-            return Outcome(actions, current, digest, addresses, guest_os=self._guest_os(name, current))
+            return Outcome(
+                actions,
+                current,
+                digest,
+                addresses,
+                guest_os=self._guest_os(name, current),
+                held=change_waits,
+            )
         if self.networks is not None and (Action.DEFINE in actions or Action.START in actions):
             self.networks.require(vm)  # its networks run here and hand out its addresses
         for action in actions:
@@ -161,7 +179,7 @@ class Reconciler:
         after = self.hypervisor.describe(name)
         if after is None or not after.actual.active or Action.DESTROY in actions or Action.START in actions:
             self._set_deadline(uid, None)  # the stop is over (and a restart's new run has begun)
-        if after is not None and not deleting:
+        if after is not None and not deleting and not change_waits:
             self._grow_disks(vm, name, after)
         deadline = self._deadline(uid)
         nudge = self._nudge(uid)
@@ -175,6 +193,7 @@ class Reconciler:
             requeue_after=max(wake - self.clock(), 0.0) if wake is not None else None,
             restart_done=restart_done(desired, actions),
             guest_os=self._guest_os(name, after),
+            held=change_waits,
         )
 
     def prepare_incoming(self, vm: VirtualMachine, uuid: str) -> None:

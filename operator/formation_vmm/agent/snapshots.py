@@ -41,7 +41,7 @@ from formation_vmm.api.names import (
     agent_finalizer,
 )
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.domain.naming import domain_name
+from formation_vmm.domain.naming import UnsafeNameError, domain_name
 from formation_vmm.domain.spec import Owner
 from formation_vmm.host import atomic, qemu_img
 from formation_vmm.kube import EventRecorder, StatusWriter
@@ -58,6 +58,15 @@ class SnapshotError(RuntimeError):
 
 def snapshot_name(uid: str) -> str:
     return f"vmsnap-{uid}"
+
+
+def recorded_disks(layout: NodeLayout, owner: Owner, snap: VmSnapshot) -> list[Path]:
+    """The disk files ``status.disks`` names, each name checked as a disk's (a status is data
+    from the API: never joined to a path as it is)."""
+    try:
+        return [layout.disk_path(owner, disk) for disk in snap.status.disks]
+    except UnsafeNameError as exc:
+        raise SnapshotError(f"VmSnapshot {snap.metadata.name} records an unusable disk: {exc}") from None
 
 
 class Snapshots:
@@ -115,7 +124,11 @@ class Snapshots:
         mine = (meta.get("labels") or {}).get(NODE_LABEL) == self.node
         if meta.get("deletionTimestamp"):
             if mine and self.finalizer in (meta.get("finalizers") or []):
-                self._delete_data(snap, _vm_uid(body))
+                try:
+                    self._delete_data(snap, _vm_uid(body))
+                except SnapshotError as exc:
+                    # Nothing it names can be found safely: what it left goes with the disks.
+                    log.warning("%s/%s: %s", namespace, meta["name"], exc)
                 self.snapshots.remove_finalizer(body, self.finalizer)
             return
         if snap.status.phase in ("Ready", "Failed"):
@@ -237,9 +250,8 @@ class Snapshots:
         namespace = snap.metadata.namespace or ""
         owner = Owner(namespace=namespace, name=snap.spec.vm_name, uid=vm_uid)
         name = snapshot_name(snap.metadata.uid or "")
-        vm_dir = self.layout.disk_dir(owner)
         self.layout.nvram_snapshot_path(owner, name).unlink(missing_ok=True)
-        disks = [vm_dir / f"{d}.qcow2" for d in snap.status.disks if (vm_dir / f"{d}.qcow2").exists()]
+        disks = [d for d in recorded_disks(self.layout, owner, snap) if d.exists()]
         if not disks:
             return  # deleted with the VM's disks
         dom = domain_name(namespace, snap.spec.vm_name)
@@ -339,8 +351,7 @@ class Snapshots:
 
     def _revert(self, vm: VirtualMachine, dom: str, snap: VmSnapshot, marker: Path, restore_uid: str) -> None:
         name = snapshot_name(snap.metadata.uid or "")
-        vm_dir = self.layout.disk_dir(owner_of(vm))
-        disks = [vm_dir / f"{d}.qcow2" for d in snap.status.disks]
+        disks = recorded_disks(self.layout, owner_of(vm), snap)
         with self.sync.locked(dom):
             state = _marker_of(marker)
             if state.get("restore") == restore_uid and state.get("stage") == "reverted":

@@ -39,6 +39,7 @@ class Outcome:
     requeue_after: float | None = None  # look again after this many seconds (a stop's deadline)
     restart_done: bool = False  # a requested restart was carried out by this sync
     guest_os: GuestOSInfo | None = None  # what the guest agent says of the OS, once it answers
+    held: bool = False  # the spec asks for a change the controller has not admitted: not applied
 
 
 def owner_of(vm: VirtualMachine) -> Owner:

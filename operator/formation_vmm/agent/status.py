@@ -57,6 +57,11 @@ def interfaces(
     return result, contradictions
 
 
+CHANGE_HELD_MESSAGE = (
+    "the spec's change is not admitted (see condition SpecAccepted): the VM runs as it was, and "
+    "a restart would not apply it"
+)
+
 NOTHING_BOOTABLE_MESSAGE = (
     "no kernel, no disk from an image and no disk with a bootOrder: the firmware will find "
     "nothing to boot ('No bootable device'); add one, or set bootOrder on a disk you installed"
@@ -120,15 +125,21 @@ def status_after(
         conditions, "Paused", paused, "PausedByUser" if paused else "NotPaused", "", gen, stamp
     )
     stale = actual is not None and actual.active and actual.spec_hash != outcome.spec_hash and not deleting
-    conditions = set_condition(
-        conditions,
-        "RestartRequired",
-        stale,
-        "SpecChanged" if stale else "UpToDate",
-        RESTART_REQUIRED_MESSAGE if stale else "",
-        gen,
-        stamp,
-    )
+    if outcome.held:
+        # A restart would not apply it: the controller has not admitted it (SpecAccepted).
+        conditions = set_condition(
+            conditions, "RestartRequired", False, "ChangeHeld", CHANGE_HELD_MESSAGE, gen, stamp
+        )
+    else:
+        conditions = set_condition(
+            conditions,
+            "RestartRequired",
+            stale,
+            "SpecChanged" if stale else "UpToDate",
+            RESTART_REQUIRED_MESSAGE if stale else "",
+            gen,
+            stamp,
+        )
     if not deleting:
         conditions = set_condition(conditions, "ImageReady", True, "ImagesReady", "", gen, stamp)
         source = boot_source(vm)

@@ -99,6 +99,13 @@ OUT_OF_SERVICE_TAINT = "node.kubernetes.io/out-of-service"
 # VM annotation the controller writes in the binding: the addresses it assigned, the record of
 # IPAM (``iface=network/address`` joined by commas; only the controller may set it).
 ADDRESSES_ANNOTATION = f"{GROUP}/addresses"
+# The MACs the controller gave the VM's interfaces that name none (``iface=mac`` joined by
+# commas): unique on each network, kept for the VM's life. Only the controller may set it.
+MACS_ANNOTATION = f"{GROUP}/macs"
+# What the controller admitted of a bound VM's spec (api/admission.py): the digest of the
+# placement-relevant fields and the resources counted for it. A spec whose digest differs is
+# held: the agent keeps running the VM as admitted. Only the controller may set it.
+ADMITTED_ANNOTATION = f"{GROUP}/admitted"
 
 # libvirt <metadata> namespace in which the agent records which VM owns a domain.
 LIBVIRT_METADATA_NS = f"https://{GROUP}/domain"

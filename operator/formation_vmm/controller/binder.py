@@ -16,27 +16,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from formation_vmm import metrics
+from formation_vmm.api.admission import Admitted, admitted_of, request_digest
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import (
     ADDRESSES_ANNOTATION,
+    ADMITTED_ANNOTATION,
+    DEFAULT_NETWORK,
     DRAIN_TAINT,
+    MACS_ANNOTATION,
     MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
     OUT_OF_SERVICE_TAINT,
     VM_KIND,
     agent_finalizer,
 )
+from formation_vmm.controller.admission import Refusal, change_refusal
 from formation_vmm.controller.networks import NetworkCatalog
-from formation_vmm.controller.nodes import node_info
+from formation_vmm.controller.nodes import Ceiling, node_info
+from formation_vmm.domain.build import interface_mac
 from formation_vmm.ipam import AddressBook, AddressesExhaustedError, assigned, encode_addresses
 from formation_vmm.kube import EventRecorder, StatusWriter
+from formation_vmm.macs import MacBook, MacInUseError, encode_macs, legacy_mac, recorded_macs
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
 from formation_vmm.quota import Quota, Usage, quota_of, refusal
 
 log = logging.getLogger(__name__)
 
 NODE_LOST_MESSAGE = "the agent on node {node} has not reported for {seconds:.0f}s; the VM's state is unknown"
+# The controller's condition on a bound VM whose spec changed: whether the change was admitted.
+SPEC_ACCEPTED = "SpecAccepted"
 
 
 # Binding writes in flight at once: enough to hide the apiserver's round trip in a burst, few
@@ -53,7 +62,20 @@ class _Plan:
     decision: Decision
     reason: str = "Unschedulable"
     addresses: dict[str, tuple[str, str]] = field(default_factory=dict)
+    macs: dict[str, str] = field(default_factory=dict)
     done: bool = False  # bound already: nothing to write
+
+
+@dataclass
+class _ChangePlan:
+    """A judged change of a bound VM's spec: admitted (the record to write) or refused."""
+
+    body: dict[str, Any]
+    vm: VirtualMachine
+    refusal: Refusal | None = None
+    admitted: Admitted | None = None
+    addresses: dict[str, tuple[str, str]] = field(default_factory=dict)
+    macs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,6 +93,7 @@ class Bound:
     disk: int = 0
     phase: str | None = None
     deleting: bool = False
+    admitted: str | None = None  # the record as read (vmm.formation.cloud/admitted)
 
     @property
     def usage(self) -> Usage:
@@ -81,19 +104,33 @@ class Bound:
         return Load(self.vcpus, self.memory, self.disk)
 
 
-def _bound_from(node: str, body: dict[str, Any], vm: VirtualMachine) -> Bound:
+def _bound_from(
+    node: str, body: dict[str, Any], vm: VirtualMachine, admitted: Admitted | None = None
+) -> Bound:
+    """What the VM takes: what was admitted of it (its record, or ``admitted``), else, for a VM
+    bound before records existed, what its spec asks."""
     meta = body["metadata"]
+    raw = (meta.get("annotations") or {}).get(ADMITTED_ANNOTATION)
+    record = admitted or Admitted.decode(raw) or admitted_of(vm.spec)
     return Bound(
         node,
-        vm.spec.vcpus,
-        vm.spec.memory_bytes,
+        record.vcpus,
+        record.memory,
         str(meta.get("namespace", "")),
         str(meta.get("name", "")),
         meta.get("generation"),
-        vm.spec.disk_bytes,
+        record.disk,
         (body.get("status") or {}).get("phase"),
         bool(meta.get("deletionTimestamp")),
+        admitted.encode() if admitted is not None else raw,
     )
+
+
+def _held(body: dict[str, Any], vm: VirtualMachine) -> bool:
+    """Whether the VM's spec is not (or not wholly) admitted: no record, or one for another
+    digest."""
+    record = Admitted.decode((body["metadata"].get("annotations") or {}).get(ADMITTED_ANNOTATION))
+    return record is None or record.digest != request_digest(vm.spec)
 
 
 class Binder:
@@ -105,10 +142,13 @@ class Binder:
         memory_overcommit: float = 1.0,
         node_lost_seconds: float = 40.0,
         networks: NetworkCatalog | None = None,
+        ceiling: Ceiling | None = None,
     ) -> None:
         self.status = status
+        self.ceiling = ceiling or Ceiling()
         self.networks = networks or NetworkCatalog()
         self.addresses = AddressBook()
+        self.macs = MacBook()
         # Nothing is bound before every VM's assignments are known (``seed``): a restarted
         # controller that bound from a half-delivered watch could hand out an address twice.
         self.seeded = False
@@ -130,6 +170,8 @@ class Binder:
         self._reserved_loads: dict[str, Load] = {}
         self._namespace_usage: dict[str, Usage] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
+        # uid -> latest body of a bound VM whose spec changed beyond what was admitted of it.
+        self._changes: dict[str, dict[str, Any]] = {}
         self._quotas: dict[tuple[str, str], Quota] = {}  # (namespace, ResourceQuota name) -> limits
         self.changed = threading.Event()  # set when binding could now succeed where it failed
         self._writers = ThreadPoolExecutor(max_workers=BIND_WRITERS, thread_name_prefix="bind")
@@ -212,25 +254,43 @@ class Binder:
             if event_type == "DELETED":
                 freed = self._release(uid)
                 self._pending.pop(uid, None)
+                self._changes.pop(uid, None)
                 self.addresses.release(uid)
+                self.macs.release(uid)
                 if freed is not None:
                     self.changed.set()
                 return
             # Assignments in the status hold their addresses, bound or not (a binding cut short
             # between its two writes keeps what it was given).
-            self.addresses.record(uid, assigned(body))
+            self.addresses.record(uid, assigned(body), self.networks.ranges())
             if label:
                 old = self._bound.get(uid)
                 meta = body["metadata"]
-                if old is not None and old.node == label and old.generation == meta.get("generation"):
-                    # The same spec (a status write or a metadata change): no model to validate.
+                record = (meta.get("annotations") or {}).get(ADMITTED_ANNOTATION)
+                if (
+                    old is not None
+                    and old.node == label
+                    and old.generation == meta.get("generation")
+                    and old.admitted == record
+                ):
+                    # The same spec and record (a status write, another metadata change): no
+                    # model to validate.
                     old.phase = (body.get("status") or {}).get("phase")
                     old.deleting = bool(meta.get("deletionTimestamp"))
+                    if uid in self._changes:
+                        self._changes[uid] = body  # judged and written from the latest version
                 else:
-                    new = _bound_from(label, body, VirtualMachine.model_validate(body))
+                    vm = VirtualMachine.model_validate(body)
+                    new = _bound_from(label, body, vm)
                     self._hold(uid, new)
                     if old is not None and (old.vcpus > new.vcpus or old.memory > new.memory):
                         self.changed.set()  # a VM shrank: room for a pending one, perhaps
+                    if not _held(body, vm):
+                        self.macs.record(uid, self._macs_of(vm))
+                        self._changes.pop(uid, None)
+                    elif not new.deleting:
+                        self._changes[uid] = body  # judged by the next pass (admit_changes)
+                        self.changed.set()
                 self._pending.pop(uid, None)
             elif not body["metadata"].get("deletionTimestamp"):
                 # Kept even while a binding of it is in flight: if that write loses to this newer
@@ -258,7 +318,10 @@ class Binder:
     # --- decisions ---------------------------------------------------------------------------
 
     def _node_infos(self) -> list[NodeInfo]:
-        return [node_info(summary, self.node_lost_seconds) for summary in self._nodes.values()]
+        return [
+            node_info(summary, self.node_lost_seconds, ceiling=self.ceiling)
+            for summary in self._nodes.values()
+        ]
 
     def _quota_refusal(self, namespace: str, wanted: Usage) -> str | None:
         quotas = [quota for (ns, _), quota in self._quotas.items() if ns == namespace]
@@ -285,8 +348,131 @@ class Binder:
                 log.exception("placing %s/%s failed", body["metadata"]["namespace"], body["metadata"]["name"])
         list(self._writers.map(self._carry_out_or_log, plans))
 
-    def bind(self, body: dict[str, Any]) -> Decision:
-        return self._carry_out(self._decide(body))
+    # --- changes of bound VMs ------------------------------------------------------------------
+
+    def admit_changes(self) -> None:
+        """Judge every bound VM whose spec changed beyond what was admitted of it, as a new VM
+        is judged (quota, room on its node, networks, MACs, addresses for new interfaces), and
+        write the outcome: the new record, or why the change waits (condition SpecAccepted,
+        and an event). A held change is not applied by the agent; it is judged again whenever
+        something changes, as a pending VM is."""
+        if not self.seeded:
+            return
+        with self._lock:
+            waiting = list(self._changes.values())
+        for body in waiting:
+            meta = body["metadata"]
+            try:
+                plan = self._judge(body)
+                if plan is not None:
+                    self._carry_out_change(plan)
+            except Exception:  # one VM's failure is logged; the others go on
+                log.exception("admitting the change of %s/%s failed", meta.get("namespace"), meta.get("name"))
+
+    def _judge(self, body: dict[str, Any]) -> _ChangePlan | None:
+        vm = VirtualMachine.model_validate(body)
+        uid = vm.metadata.uid or ""
+        annotations = vm.metadata.annotations
+        with self._lock:
+            bound = self._bound.get(uid)
+            if bound is None or bound.deleting or self._changes.get(uid) is not body:
+                return None  # unbound, going, or a newer version is waiting
+            legacy = ADMITTED_ANNOTATION not in annotations
+            refused: Refusal | None = None
+            if not legacy:  # a VM bound before records existed runs as it is: recorded, not judged
+                summary = self._nodes.get(bound.node)
+                refused = change_refusal(
+                    _request_of(vm),
+                    bound.load,
+                    node_info(summary, self.node_lost_seconds, ceiling=self.ceiling)
+                    if summary is not None
+                    else None,
+                    self._loads().get(bound.node, Load()),
+                    [quota for (ns, _), quota in self._quotas.items() if ns == bound.namespace],
+                    self._namespace_usage.get(bound.namespace, Usage()),
+                    self.cpu_overcommit,
+                    self.memory_overcommit,
+                )
+                network = self.networks.refusal(vm) if refused is None else None
+                if network is not None:
+                    refused = Refusal(network.reason, network.message)
+            if refused is not None:
+                return _ChangePlan(body, vm, refused)
+            kept = recorded_macs(annotations)
+            if legacy:  # the MACs its domain was defined with are its own
+                kept = {n.name: legacy_mac(uid, n.name) for n in vm.spec.networks} | kept
+            try:
+                macs = self.macs.assign(uid, _mac_asks(vm), kept)
+                addresses = self.addresses.assign(uid, self.networks.interfaces(vm), self.networks.ranges())
+            except MacInUseError as exc:
+                self.macs.record(uid, {})  # nothing new held; the admitted ones come back with the record
+                self._restore_records(uid, body)
+                return _ChangePlan(body, vm, Refusal("MacAddressInUse", self._mac_refusal(vm, exc)))
+            except AddressesExhaustedError as exc:
+                self._restore_records(uid, body)
+                return _ChangePlan(body, vm, Refusal("AddressesExhausted", str(exc)))
+            admitted = admitted_of(vm.spec)
+            # Counted at once, so that the next judgement sees the room as taken.
+            self._hold(uid, _bound_from(bound.node, body, vm, admitted))
+            self._changes.pop(uid, None)
+        return _ChangePlan(body, vm, None, admitted, addresses, macs)
+
+    def _restore_records(self, uid: str, body: dict[str, Any]) -> None:
+        """The VM's addresses and MACs as its record says (a judgement that assigned some and
+        then refused, or a write that lost to a newer version). Under the lock."""
+        self.addresses.release(uid)
+        self.addresses.record(uid, assigned(body), self.networks.ranges())
+        vm = VirtualMachine.model_validate(body)
+        if not _held(body, vm):
+            self.macs.record(uid, self._macs_of(vm))
+        else:
+            recorded = recorded_macs(vm.metadata.annotations)
+            networks = {n.name: n.network or DEFAULT_NETWORK for n in vm.spec.networks}
+            self.macs.record(uid, {i: (networks[i], m) for i, m in recorded.items() if i in networks})
+
+    def _carry_out_change(self, plan: _ChangePlan) -> None:
+        body, vm = plan.body, plan.vm
+        meta = body["metadata"]
+        shown = get_condition(vm.status.conditions, SPEC_ACCEPTED)
+        if plan.refusal is not None:
+            message = f"the change waits, the VM runs as it was admitted: {plan.refusal.message}"
+            if shown is None or shown.status != "False" or shown.message != message:
+                self._spec_accepted(body, vm, False, plan.refusal.reason, message)
+                self.events.post(body, VM_KIND, plan.refusal.reason, message, "Warning")
+            return
+        assert plan.admitted is not None
+        annotations = {
+            ADMITTED_ANNOTATION: plan.admitted.encode(),
+            ADDRESSES_ANNOTATION: None,
+            MACS_ANNOTATION: None,
+        }
+        if plan.addresses:
+            annotations[ADDRESSES_ANNOTATION] = encode_addresses(plan.addresses)
+        if plan.macs:
+            annotations[MACS_ANNOTATION] = encode_macs(plan.macs)
+        if self.status.patch_at_version(body, {"annotations": annotations}) is None:
+            uid = vm.metadata.uid or ""
+            with self._lock:  # it changed under us: its record as it is, judged again from the watch
+                if uid in self._bound:
+                    self._hold(uid, _bound_from(self._bound[uid].node, body, vm))
+                self._restore_records(uid, body)
+                self._changes.setdefault(uid, body)
+            self.changed.set()
+            return
+        log.info("%s/%s: spec change admitted", meta.get("namespace"), meta.get("name"))
+        if shown is not None and shown.status != "True":
+            self._spec_accepted(body, vm, True, "Admitted", "the spec as it is now is admitted")
+
+    def _spec_accepted(
+        self, body: dict[str, Any], vm: VirtualMachine, ok: bool, reason: str, message: str
+    ) -> None:
+        gen = vm.metadata.generation
+        self.status.write(
+            body,
+            lambda st: VirtualMachineStatus(
+                conditions=set_condition(st.conditions, SPEC_ACCEPTED, ok, reason, message, gen)
+            ),
+        )
 
     def _decide(self, body: dict[str, Any]) -> "_Plan":
         vm = VirtualMachine.model_validate(body)
@@ -309,18 +495,41 @@ class Binder:
                 decision = place(
                     request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
                 )
+            macs: dict[str, str] = {}
             if decision.node is not None:
                 try:
+                    macs = self.macs.assign(uid, _mac_asks(vm), {})
                     addresses = self.addresses.assign(
                         uid, self.networks.interfaces(vm), self.networks.ranges()
                     )
+                except MacInUseError as exc:
+                    decision, reason = Decision(None, self._mac_refusal(vm, exc)), "MacAddressInUse"
                 except AddressesExhaustedError as exc:
+                    self.macs.release(uid)
                     decision, reason = Decision(None, str(exc)), "AddressesExhausted"
             if decision.node is not None:
                 # Count it now, so the next VM in this pass sees the slot as taken.
-                self._hold(uid, _bound_from(decision.node, body, vm))
+                self._hold(uid, _bound_from(decision.node, body, vm, admitted_of(vm.spec)))
                 self._pending.pop(uid, None)
-        return _Plan(body, vm, decision, reason, addresses)
+        return _Plan(body, vm, decision, reason, addresses, macs)
+
+    def _mac_refusal(self, vm: VirtualMachine, exc: MacInUseError) -> str:
+        """Says whose the MAC is: by name within the namespace, not beyond it."""
+        holder = next((b for u, b in self._bound.items() if u == exc.holder), None)
+        if holder is not None and holder.namespace == vm.metadata.namespace:
+            owner = f"VM {holder.name}"
+        else:
+            owner = "a VM of another namespace"
+        return (
+            f"interface {exc.interface!r} asks for MAC {exc.mac}, which {owner} holds on network "
+            f"{exc.network!r}: a MAC is unique on its network"
+        )
+
+    def _macs_of(self, vm: VirtualMachine) -> dict[str, tuple[str, str]]:
+        """iface -> (network, MAC) of an admitted VM, as its domain has them."""
+        return {
+            net.name: (net.network or DEFAULT_NETWORK, interface_mac(vm, net)) for net in vm.spec.networks
+        }
 
     def _carry_out_or_log(self, plan: "_Plan") -> None:
         try:
@@ -338,13 +547,14 @@ class Binder:
             metrics.BINDINGS.labels(plan.reason.lower()).inc()
             self._unschedulable(body, vm, decision.message, plan.reason)
             return decision
-        if not self._write_binding(body, vm, decision.node, decision.message, plan.addresses):
+        if not self._write_binding(body, vm, decision.node, decision.message, plan.addresses, plan.macs):
             metrics.BINDINGS.labels("conflict").inc()
             uid = vm.metadata.uid or ""
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
                 self._release(uid)
                 self.addresses.release(uid)
-                self.addresses.record(uid, assigned(body))
+                self.addresses.record(uid, assigned(body), self.networks.ranges())
+                self.macs.release(uid)
             self.changed.set()  # the newer version may be in the pending set already
             return decision
         metrics.BINDINGS.labels("bound").inc()
@@ -357,6 +567,7 @@ class Binder:
         node: str,
         why: str,
         addresses: dict[str, tuple[str, str]],
+        macs: dict[str, str],
     ) -> bool:
         """True when the VM is bound to ``node``; False when it is gone or changed since the
         decision (the watch brings the truth, and the binder decides again). One write, at the
@@ -368,9 +579,16 @@ class Binder:
         finalizers = list(meta.get("finalizers") or [])
         if agent_finalizer(node) not in finalizers:
             finalizers.append(agent_finalizer(node))
-        patch: dict[str, Any] = {"labels": {NODE_LABEL: node}, "finalizers": finalizers}
+        annotations = {ADMITTED_ANNOTATION: admitted_of(vm.spec).encode()}
         if addresses:
-            patch["annotations"] = {ADDRESSES_ANNOTATION: encode_addresses(addresses)}
+            annotations[ADDRESSES_ANNOTATION] = encode_addresses(addresses)
+        if macs:
+            annotations[MACS_ANNOTATION] = encode_macs(macs)
+        patch: dict[str, Any] = {
+            "labels": {NODE_LABEL: node},
+            "finalizers": finalizers,
+            "annotations": annotations,
+        }
         bound = self.status.patch_at_version(body, patch)
         if bound is None:
             return False
@@ -439,7 +657,7 @@ class Binder:
         """The node's agent reports (its heartbeat is fresh)."""
         with self._lock:
             summary = self._nodes.get(node)
-        return summary is not None and node_info(summary, self.node_lost_seconds).ready
+        return summary is not None and node_info(summary, self.node_lost_seconds, ceiling=self.ceiling).ready
 
     def move_binding(
         self, body: dict[str, Any], source: str, target: str, annotations: dict[str, str | None] | None = None
@@ -522,6 +740,11 @@ class Binder:
             message = NODE_LOST_MESSAGE.format(node=bound.node, seconds=self.node_lost_seconds)
             self.status.write(body, _lost(message, body["metadata"].get("generation")))
             self.events.post(body, VM_KIND, "NodeLost", message, "Warning")
+
+
+def _mac_asks(vm: VirtualMachine) -> list[tuple[str, str, str | None]]:
+    """(interface, network, the MAC its spec names or None) of each interface."""
+    return [(net.name, net.network or DEFAULT_NETWORK, net.mac_address) for net in vm.spec.networks]
 
 
 def _request_of(vm: VirtualMachine) -> Request:

@@ -38,8 +38,10 @@ STOPPED_PHASES = ("Stopped", "Failed")
 RETRY_SECONDS = 30.0
 
 
-def drain_migration_name(vm: str) -> str:
-    return f"{vm[:240]}-drain"
+def drain_migration_prefix(vm: str) -> str:
+    """The drain's migrations are named by the apiserver from this prefix (generateName): a
+    tenant cannot create one ahead of the drain under the name it would take, and block it."""
+    return f"{vm[:200]}-drain-"
 
 
 class Drainer:
@@ -66,9 +68,14 @@ class Drainer:
         # Read once a pass, not once a VM: the snapshots, and each node's drain migrations.
         snapshots = snapshot_counts(self.kube)
         for node in sorted(draining):
+            # The drain's own, by their VM: only the controller may set this label (the placement
+            # policy), so a tenant's migration is never taken for one.
             drains = {
-                (m["metadata"]["namespace"], m["metadata"]["name"]): m
-                for m in self.kube.list(MIGRATION_PLURAL, label_selector=f"{DRAIN_LABEL}={node}")
+                (m["metadata"]["namespace"], str((m.get("spec") or {}).get("vmName", ""))): m
+                for m in sorted(
+                    self.kube.list(MIGRATION_PLURAL, label_selector=f"{DRAIN_LABEL}={node}"),
+                    key=lambda m: m["metadata"].get("creationTimestamp") or "",
+                )
             }
             for body in self.kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}"):
                 try:
@@ -104,13 +111,14 @@ class Drainer:
         if vm.metadata.deletion_timestamp is not None:
             return
         namespace = vm.metadata.namespace or ""
-        name = drain_migration_name(vm.metadata.name)
-        existing = drains.get((namespace, name))
+        existing = drains.get((namespace, vm.metadata.name))
         status = VmMigrationStatus.model_validate((existing or {}).get("status") or {})
         if existing is not None and status.phase in ("Failed", "Cancelled", "Succeeded"):
             ended = status.end_time or datetime.now(UTC)
             if status.phase == "Succeeded" or (datetime.now(UTC) - ended).total_seconds() > RETRY_SECONDS:
-                self.kube.delete(MIGRATION_PLURAL, namespace, name)  # done with, or tried again
+                self.kube.delete(
+                    MIGRATION_PLURAL, namespace, existing["metadata"]["name"]
+                )  # done, or tried again
             existing = None
         decision = eviction(
             vm,
@@ -138,7 +146,11 @@ class Drainer:
                 {
                     "apiVersion": API_VERSION,
                     "kind": MIGRATION_KIND,
-                    "metadata": {"name": name, "namespace": namespace, "labels": {DRAIN_LABEL: node}},
+                    "metadata": {
+                        "generateName": drain_migration_prefix(vm.metadata.name),
+                        "namespace": namespace,
+                        "labels": {DRAIN_LABEL: node},
+                    },
                     "spec": {"vmName": vm.metadata.name},
                 },
             )

@@ -89,6 +89,7 @@ async def _bind_loop(state: ControllerMemo) -> None:
             if not binder.seeded:  # every VM's binding and addresses, before binding any
                 binder.seed(await asyncio.to_thread(state.kube.list, VM_PLURAL))
             await asyncio.to_thread(binder.bind_pending)
+            await asyncio.to_thread(binder.admit_changes)
             await asyncio.to_thread(binder.mark_lost_nodes)
             await asyncio.to_thread(state.migrations.pass_once)
             await asyncio.to_thread(state.drainer.pass_once)

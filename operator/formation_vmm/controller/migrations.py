@@ -20,7 +20,14 @@ from formation_vmm.api.models import (
     VmMigrationStatus,
     VmMigrationSummary,
 )
-from formation_vmm.api.names import MIGRATION_KIND, NODE_LABEL, SNAPSHOT_PLURAL, VM_KIND, VM_PLURAL
+from formation_vmm.api.names import (
+    DRAIN_LABEL,
+    MIGRATION_KIND,
+    NODE_LABEL,
+    SNAPSHOT_PLURAL,
+    VM_KIND,
+    VM_PLURAL,
+)
 from formation_vmm.controller.binder import Binder
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
 from formation_vmm.migration_rules import (
@@ -28,6 +35,7 @@ from formation_vmm.migration_rules import (
     DONE_PHASES,
     SLOT_PHASES,
     Limits,
+    Slot,
     cannot_move,
     slot_wait,
 )
@@ -84,7 +92,9 @@ class MigrationScheduler:
         target that never got ready or a node lost mid-way ends the migration."""
         with self._guard:
             bodies = [b for b in self._known.values() if _phase(b) in (None, *ACTIVE_PHASES)]
-        for body in sorted(bodies, key=lambda b: b["metadata"].get("creationTimestamp") or ""):
+        # A drain's migrations first (an admin's), then by age.
+        order = sorted(bodies, key=lambda b: (not _drain(b), b["metadata"].get("creationTimestamp") or ""))
+        for body in order:
             try:
                 self.act(body)
             except Exception:
@@ -92,13 +102,21 @@ class MigrationScheduler:
                     "migration %s/%s", body["metadata"].get("namespace"), body["metadata"].get("name")
                 )
 
-    def _busy_sources(self, but: str) -> list[str]:
+    def _slots(self, but: str) -> tuple[list[Slot], int]:
+        """The migrations that hold a slot now, and how many of a drain's wait for one, but
+        migration ``but``."""
         with self._guard:
-            return [
-                str((b.get("status") or {}).get("sourceNode") or "")
-                for uid, b in self._known.items()
-                if uid != but and _phase(b) in SLOT_PHASES
-            ]
+            others = [b for uid, b in self._known.items() if uid != but]
+        busy = [
+            Slot(
+                str((b.get("status") or {}).get("sourceNode") or ""),
+                b["metadata"].get("namespace", ""),
+                _drain(b),
+            )
+            for b in others
+            if _phase(b) in SLOT_PHASES
+        ]
+        return busy, sum(1 for b in others if _drain(b) and _phase(b) in (None, "Pending"))
 
     def _older_active(self, body: Body) -> str | None:
         """Another unfinished migration of the same VM, created before this one."""
@@ -167,7 +185,8 @@ class MigrationScheduler:
         if older is not None:
             self._already(body, vm, older)
             return
-        wait = slot_wait(source, self._busy_sources(mig.metadata.uid or ""), self.limits)
+        busy, drains_waiting = self._slots(mig.metadata.uid or "")
+        wait = slot_wait(Slot(source, namespace, _drain(body)), busy, self.limits, drains_waiting)
         if wait is not None:
             self._wait(body, "Pending", "LimitReached", wait)
             return
@@ -318,6 +337,11 @@ def snapshot_counts(kube: Kube, namespace: str | None = None) -> Counter[tuple[s
         for snap in kube.list(SNAPSHOT_PLURAL, namespace)
         if not snap["metadata"].get("deletionTimestamp")
     )
+
+
+def _drain(body: Body) -> bool:
+    """A drain's migration: labeled so by the controller (only it may set the label)."""
+    return bool((body["metadata"].get("labels") or {}).get(DRAIN_LABEL))
 
 
 def _phase(body: Body) -> str | None:

@@ -33,6 +33,7 @@ class NetworkCatalog:
         self._lock = threading.Lock()
         self._networks: dict[str, VmNetwork] = {}
         self._namespaces: dict[str, dict[str, str]] = {}  # name -> labels
+        self._ranges: dict[str, AddressRange | None] | None = None  # from _networks, made on demand
 
     def network_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         network = VmNetwork.model_validate(body)
@@ -41,6 +42,7 @@ class NetworkCatalog:
                 self._networks.pop(network.metadata.name, None)
             else:
                 self._networks[network.metadata.name] = network
+            self._ranges = None
 
     def namespace_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -76,5 +78,9 @@ class NetworkCatalog:
         return None
 
     def ranges(self) -> dict[str, AddressRange | None]:
+        """VmNetwork -> the range IPAM assigns from (kept between changes: read on every VM
+        event, to check what a record says)."""
         with self._lock:
-            return {name: address_range(net.spec) for name, net in self._networks.items()}
+            if self._ranges is None:
+                self._ranges = {name: address_range(net.spec) for name, net in self._networks.items()}
+            return self._ranges

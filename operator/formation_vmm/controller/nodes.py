@@ -1,5 +1,13 @@
-"""Read a Node object into placement's NodeInfo. Pure."""
+"""Read a Node object into placement's NodeInfo. Pure.
 
+What a node offers is what its agent publishes (its annotations: the host as libvirt sees it,
+less the reserve), bounded by what someone other than the agent vouches for: the kubelet's
+``status.allocatable``, or an admin's ceiling (settings ``node_max_cpus``, ``node_max_memory``).
+An agent writes its own Node's annotations, so a compromised one could claim a huge host and
+draw new VMs, and the Secrets sealed for them (issue 26); a node nobody vouches for takes none.
+"""
+
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +21,31 @@ from formation_vmm.api.quantity import QuantityError, parse_quantity
 from formation_vmm.placement import NodeInfo
 
 
-def node_info(summary: dict[str, Any], lost_after: float, now: datetime | None = None) -> NodeInfo:
+@dataclass(frozen=True)
+class Ceiling:
+    """An admin's bound on every node's capacity, where no kubelet reports one (None: none)."""
+
+    cpus: int | None = None
+    memory: int | None = None
+
+
+def _cpus(text: str) -> int:
+    """Whole CPUs of a CPU quantity, rounded down (``15500m`` is 15)."""
+    if text.endswith("m"):
+        return int(text[:-1]) // 1000
+    return parse_quantity(text)
+
+
+def _bound(claimed: int | None, *bounds: int | None) -> int | None:
+    known = [b for b in bounds if b is not None]
+    if claimed is None:
+        return None
+    return min([claimed, *known])
+
+
+def node_info(
+    summary: dict[str, Any], lost_after: float, now: datetime | None = None, ceiling: Ceiling | None = None
+) -> NodeInfo:
     """A node is ready while its agent's heartbeat is younger than ``lost_after`` seconds."""
     ann = summary.get("annotations", {})
     cpus: int | None
@@ -23,6 +55,11 @@ def node_info(summary: dict[str, Any], lost_after: float, now: datetime | None =
         memory = parse_quantity(ann[CAPACITY_MEMORY_ANNOTATION])
     except (KeyError, ValueError, QuantityError):
         cpus = memory = None
+    limit = ceiling or Ceiling()
+    allocatable = summary.get("allocatable") or {}
+    vouched = bool(allocatable) or (limit.cpus is not None and limit.memory is not None)
+    cpus = _bound(cpus, allocatable.get("cpus"), limit.cpus)
+    memory = _bound(memory, allocatable.get("memory"), limit.memory)
     disk: int | None
     try:
         disk = parse_quantity(ann[CAPACITY_DISK_ANNOTATION])
@@ -44,6 +81,7 @@ def node_info(summary: dict[str, Any], lost_after: float, now: datetime | None =
         memory=memory,
         ready=ready,
         disk=disk,
+        vouched=vouched,
     )
 
 
@@ -56,4 +94,17 @@ def node_summary(body: dict[str, Any]) -> dict[str, Any]:
         "labels": dict(meta.get("labels") or {}),
         "annotations": dict(meta.get("annotations") or {}),
         "taints": [dict(t) for t in spec.get("taints") or []],
+        "allocatable": _allocatable((body.get("status") or {}).get("allocatable") or {}),
     }
+
+
+def _allocatable(reported: dict[str, Any]) -> dict[str, int]:
+    """The kubelet's allocatable CPUs and memory; a figure that does not parse is left out,
+    and a node with neither is one no kubelet vouches for."""
+    found = {}
+    try:
+        found["cpus"] = _cpus(str(reported["cpu"]))
+        found["memory"] = parse_quantity(str(reported["memory"]))
+    except (KeyError, ValueError, QuantityError):
+        return {}
+    return found

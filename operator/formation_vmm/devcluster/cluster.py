@@ -5,6 +5,7 @@ Shared by ``vmm dev up`` and the control-plane test fixtures, so the tests exerc
 users start.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -110,12 +111,36 @@ def service_account_kubeconfig(
     return path
 
 
-def register_node(kubectl: Kubectl, name: str, labels: dict[str, str] | None = None) -> None:
-    """A Node object for a machine that has no kubelet, labeled as a hypervisor."""
+# What libvirt's test driver (test:///default) says of its host: the "machine" of its nodes.
+TEST_DRIVER_ALLOCATABLE = {"cpu": "16", "memory": "3Gi"}
+
+
+def machine_allocatable() -> dict[str, str]:
+    """This machine's CPUs and memory, as a kubelet with no reservations reports them."""
+    memory_kib = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {"cpu": str(os.cpu_count() or 1), "memory": f"{memory_kib}Ki"}
+
+
+def register_node(
+    kubectl: Kubectl,
+    name: str,
+    labels: dict[str, str] | None = None,
+    allocatable: dict[str, str] | None = None,
+) -> None:
+    """A Node object for a machine that has no kubelet, labeled as a hypervisor. We stand in
+    for the kubelet: the Node's ``status.allocatable`` says what the machine has (this one's,
+    unless told), which bounds what its agent may claim (controller/nodes.py)."""
     all_labels = {HYPERVISOR_LABEL: "true", "kubernetes.io/hostname": name, **(labels or {})}
     kubectl.apply_docs(
         [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}}]
     )
+    resources = allocatable or machine_allocatable()
+    status = {"status": {"capacity": resources, "allocatable": resources}}
+    kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
     # The apiserver taints every new Node not-ready until a kubelet reports; there is no kubelet
     # here, so we stand in for it. Placement itself honours every taint.
     kubectl("taint", "node", name, "node.kubernetes.io/not-ready:NoSchedule-", check=False)

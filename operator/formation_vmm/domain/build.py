@@ -6,7 +6,7 @@ from formation_vmm.api.models import Disk, Network, VirtualMachine
 from formation_vmm.api.names import ADDRESSES_ANNOTATION, DEFAULT_NETWORK
 from formation_vmm.api.quantity import parse_quantity
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.domain.naming import domain_name, require_label, stable_mac
+from formation_vmm.domain.naming import domain_name, require_label
 from formation_vmm.domain.spec import (
     BaseImage,
     DiskDevice,
@@ -17,7 +17,8 @@ from formation_vmm.domain.spec import (
     NodeFirmware,
     Owner,
 )
-from formation_vmm.ipam import decode_addresses, from_ipam
+from formation_vmm.ipam import decode_addresses
+from formation_vmm.macs import legacy_mac, recorded_macs
 
 
 class UnsupportedSpecError(ValueError):
@@ -48,22 +49,19 @@ def _check_base(vm: VirtualMachine, disk: Disk, base: BaseImage) -> None:
 
 
 def interface_mac(vm: VirtualMachine, net: Network) -> str:
-    """The MAC of one of the VM's interfaces: ``macAddress``, else derived from the VM's uid,
-    so it stays the same for the VM's life."""
-    return (net.mac_address or stable_mac(vm.metadata.uid or "", net.name)).lower()
+    """The MAC of one of the VM's interfaces: ``macAddress``, else the one the controller gave
+    it (macs.py), else, for a VM bound before the controller recorded MACs, the one derived
+    from its uid then: the same for the VM's life."""
+    if net.mac_address:
+        return net.mac_address.lower()
+    return recorded_macs(vm.metadata.annotations).get(net.name) or legacy_mac(vm.metadata.uid or "", net.name)
 
 
 def assigned_addresses(vm: VirtualMachine) -> dict[str, str]:
-    """interface -> the address the controller assigned it (the binding's addresses annotation;
-    for a VM bound before it existed, status.interfaces with source ipam)."""
-    if ADDRESSES_ANNOTATION in vm.metadata.annotations:
-        given = decode_addresses(vm.metadata.annotations[ADDRESSES_ANNOTATION])
-        return {iface: ip for iface, (_, ip) in given.items()}
-    return {
-        entry.name: entry.ip_address
-        for entry in vm.status.interfaces
-        if entry.ip_address and from_ipam(entry.info_source)
-    }
+    """interface -> the address the controller assigned it: the binding's addresses annotation,
+    which only the controller may write (never the status, which only shows it)."""
+    given = decode_addresses(vm.metadata.annotations.get(ADDRESSES_ANNOTATION, ""))
+    return {iface: ip for iface, (_, ip) in given.items()}
 
 
 def _networks(vm: VirtualMachine) -> tuple[InterfaceDevice, ...]:

@@ -1,9 +1,8 @@
-"""Names the agent derives from a VM: domain names, MAC addresses, file names.
+"""Names the agent derives from a VM: domain names and file names (MACs: macs.py).
 
 Everything here is pure and deterministic, so a restarted agent derives the same names again.
 """
 
-import hashlib
 import re
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -34,12 +33,3 @@ def domain_name(namespace: str, name: str) -> str:
     The name is for humans running ``virsh list``; ownership is read from the domain's metadata.
     """
     return f"{require_label(namespace, 'namespace')}_{require_object_name(name, 'VM name')}"
-
-
-def stable_mac(vm_uid: str, interface: str) -> str:
-    """A MAC address derived from the VM's uid and interface name, stable across restarts.
-
-    52:54:00 is QEMU's locally administered prefix, the one libvirt itself picks from.
-    """
-    digest = hashlib.sha256(f"{vm_uid}/{interface}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
