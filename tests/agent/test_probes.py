@@ -13,6 +13,7 @@ from formation_vmm.agent.probe_state import ProbeRecord, readiness_of
 from formation_vmm.agent.prober import Prober, ProbeTarget, probe_target
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.api.models import InterfaceStatus, Probe
+from formation_vmm.api.names import ADDRESSES_ANNOTATION
 from tests.support.factories import make_vm
 from tests.support.waiting import wait_for
 
@@ -153,6 +154,56 @@ def test_guest_agent_ping_and_a_vm_without_an_assigned_address(prober: tuple[Pro
 
 
 @pytest.mark.host
+def test_guests_that_never_answer_cannot_fail_their_neighbours_pings() -> None:
+    """One tenant's guests accept the ping and never answer (the ping below blocks for its whole
+    timeout, as libvirt's call does on such a guest: libvirt cannot be made to hang on cue, so
+    this stands in for it). With as many of them as the pool has threads, a neighbour's ping
+    waits for a thread: that wait must not count as its timeout, and a ping that could not run
+    is unknown, so the neighbour's liveness (failureThreshold 1) never fails. Each hung VM
+    has at most one ping in flight."""
+    lock = threading.Lock()
+    calls: dict[str, int] = {}
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+
+    def ping(domain: str, timeout: float) -> str | None:
+        with lock:
+            calls[domain] = calls.get(domain, 0) + 1
+            in_flight[domain] = in_flight.get(domain, 0) + 1
+            most[domain] = max(most.get(domain, 0), in_flight[domain])
+        try:
+            if domain.startswith("hung"):
+                threading.Event().wait(timeout)
+                return f"the guest agent did not answer within {timeout:.0f}s"
+            return None
+        finally:
+            with lock:
+                in_flight[domain] -= 1
+
+    changes: list[str] = []  # every verdict that changed, in order
+    p = Prober(ping, changes.append, ping_threads=2)
+    p.start()
+    try:
+        for i in range(2):
+            hung = probe(guestAgentPing={}, timeoutSeconds=4, periodSeconds=1)
+            p.update(f"hung{i}", ProbeTarget(f"hung{i}", "r", None, liveness=hung))
+        neighbour = probe(guestAgentPing={}, timeoutSeconds=1, periodSeconds=1, failureThreshold=1)
+        p.update("neighbour", ProbeTarget("neighbour", "r", None, liveness=neighbour))
+        # Each hung VM's ping ran twice, holding both threads for 4 s each time, its probe
+        # asking every second meanwhile: the neighbour's ping waited for a thread longer than
+        # its 1 s timeout, and had failed without the fix.
+        wait_for(lambda: all(calls.get(f"hung{i}", 0) >= 2 for i in range(2)), 30, "the hung pings")
+        assert "neighbour" not in changes, changes  # its liveness never turned, not even for a while
+        assert p.states()["neighbour"] == {"liveness": True}
+        assert most["hung0"] == most["hung1"] == 1, most
+        # It did run in between, when a thread was free, and passed.
+        wait_for(lambda: calls.get("neighbour", 0) >= 1, 30, "the neighbour's ping")
+        assert "neighbour" not in changes, changes
+    finally:
+        p.close()
+
+
+@pytest.mark.host
 def test_hundreds_of_probes_share_one_thread(prober: tuple[Prober, list[str]]) -> None:
     p, _ = prober
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)  # accepts into its backlog
@@ -185,7 +236,7 @@ def test_probes_run_only_while_the_domain_runs_and_target_the_assigned_address()
     )
     spec = {"networks": [{"name": "eth0"}], "readinessProbe": {"tcpSocket": {"port": 22}}}
     vm = make_vm(**spec)
-    vm.status.interfaces = [InterfaceStatus(name="eth0", ip_address="10.123.0.9", info_source="ipam, lease")]
+    vm.metadata.annotations[ADDRESSES_ANNOTATION] = "eth0=default/10.123.0.9"
     target = probe_target(vm, running, stopping=False)
     assert target is not None and (target.address, target.run, target.domain) == ("10.123.0.9", "7", "ns_vm1")
     assert probe_target(vm, running, stopping=True) is None  # a graceful stop under way
@@ -198,7 +249,11 @@ def test_probes_run_only_while_the_domain_runs_and_target_the_assigned_address()
     assert probe_target(make_vm(networks=[{"name": "eth0"}]), running, stopping=False) is None  # no probes
     reported = make_vm(**spec)
     reported.status.interfaces = [
-        InterfaceStatus(name="eth0", ip_address="127.0.0.1", info_source="guest-agent")
+        InterfaceStatus(name="eth0", ip_address="127.0.0.1", info_source="guest-agent"),
     ]
     unassigned = probe_target(reported, running, stopping=False)
     assert unassigned is not None and unassigned.address is None  # a guest's own report is never probed
+    # Nor a status claiming IPAM's word: only the controller's annotation is the record.
+    reported.status.interfaces = [InterfaceStatus(name="eth0", ip_address="127.0.0.1", info_source="ipam")]
+    claimed = probe_target(reported, running, stopping=False)
+    assert claimed is not None and claimed.address is None

@@ -5,7 +5,11 @@ probed VMs needs no thread per probe, and at most ``max_concurrent`` checks are 
 once. ``tcpSocket`` and ``httpGet`` connect to the address the controller assigned the VM's
 first interface (never an address a guest reports: a guest must not point the node's probes at
 the node's own services); ``guestAgentPing`` asks qemu-guest-agent through libvirt, in a small
-pool of threads (libvirt's call blocks).
+pool of threads (libvirt's call blocks). A guest that accepts and never answers holds a thread
+for its whole timeout, so one tenant's guests must not fail their neighbours' probes: a VM has
+at most one ping in flight, a ping's timeout starts when a thread takes it (not while it
+waits for one), and a check that could not run (its VM's last ping still running, or no thread
+free within the probe's period) is unknown: it counts neither way.
 
 Where the node's VM networks live in a network namespace of their own (the dev cluster, the
 tests), the loop's thread enters it first (``setns`` moves only the calling thread), so every
@@ -103,6 +107,7 @@ class Prober:
         self.netns = netns
         self.max_concurrent = max_concurrent
         self._pool = ThreadPoolExecutor(ping_threads, thread_name_prefix="guest-ping")
+        self._pinging: set[str] = set()  # domains with a ping in flight (the loop's thread only)
         self._lock = threading.Lock()  # guards _watches' records as other threads read them
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,11 +229,11 @@ class Prober:
         await asyncio.sleep(probe.initial_delay_seconds)
         while True:
             async with self._limit:
-                ok, message = await self._check(target, probe)
+                verdict = await self._check(target, probe)
             with self._lock:
                 if self._watches.get(key) is not watch:
                     return  # replaced meanwhile
-                changed = watch.records[kind].record(ok, message)
+                changed = verdict is not None and watch.records[kind].record(*verdict)
             if changed:
                 try:
                     self.on_change(key)
@@ -236,19 +241,13 @@ class Prober:
                     log.exception("probe listener failed")
             await asyncio.sleep(probe.period_seconds)
 
-    async def _check(self, target: ProbeTarget, probe: Probe) -> tuple[bool, str]:
+    async def _check(self, target: ProbeTarget, probe: Probe) -> tuple[bool, str] | None:
+        """(passed, what was seen), or None when the check could not run (unknown)."""
         timeout = float(probe.timeout_seconds)
         if self.refuse is not None:
             return False, self.refuse
         if probe.guest_agent_ping is not None:
-            loop = asyncio.get_running_loop()
-            try:
-                why = await asyncio.wait_for(
-                    loop.run_in_executor(self._pool, self.ping, target.domain, timeout), timeout + 1
-                )
-            except TimeoutError:
-                why = f"the guest agent did not answer within {timeout:.0f}s"
-            return why is None, why or "the guest agent answers"
+            return await self._ping(target.domain, timeout, float(probe.period_seconds))
         if target.address is None:
             return False, NO_ADDRESS
         endpoint = probe.tcp_socket or probe.http_get
@@ -273,6 +272,39 @@ class Prober:
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def _ping(self, domain: str, timeout: float, queue_limit: float) -> tuple[bool, str] | None:
+        if domain in self._pinging:
+            return None  # its last ping still waits for the guest: one at a time per VM
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def run() -> str | None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(started.set)
+            try:
+                return self.ping(domain, timeout)
+            finally:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._pinging.discard, domain)
+
+        self._pinging.add(domain)
+        try:
+            future = self._pool.submit(run)
+        except RuntimeError:  # the pool is shut down: the prober is closing
+            self._pinging.discard(domain)
+            return None
+        try:
+            await asyncio.wait_for(started.wait(), queue_limit)
+        except TimeoutError:
+            if future.cancel():  # never ran: other VMs' pings held every thread
+                self._pinging.discard(domain)
+                return None
+        try:
+            why = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout + 1)
+        except TimeoutError:
+            why = f"the guest agent did not answer within {timeout:.0f}s"
+        return why is None, why or "the guest agent answers"
 
 
 def _http_verdict(line: bytes) -> tuple[bool, str]:
