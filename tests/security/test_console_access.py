@@ -173,3 +173,35 @@ def test_an_offset_that_is_no_number_is_refused(fleet: Fleet, ns: str) -> None:
     assert get(f"{url}&offset=4", token) == (200, "456789\n")
     status, body = get(f"{url}&offset=-1", token)
     assert status == 400 and "offset must be a number of bytes" in body
+
+
+def reviews(fleet: Fleet) -> dict[str, float]:
+    """TokenReviews and SubjectAccessReviews the apiserver has answered so far (its own counter:
+    only the agents' access checks make them in this cluster)."""
+    counts = {"tokenreviews": 0.0, "subjectaccessreviews": 0.0}
+    for line in fleet.kubectl("get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        for resource in counts:
+            if f'resource="{resource}"' in line:
+                counts[resource] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_flood_of_refused_requests_costs_the_apiserver_one_review(fleet: Fleet, ns: str) -> None:
+    """Each request to the public port used to be a TokenReview (and a SubjectAccessReview),
+    denials never cached: anyone reaching the port could make the agent hammer the apiserver.
+    Denials are cached now, as grants are."""
+    fleet.apply_vm(ns, "guarded", **ON_A)
+    fleet.wait_phase(ns, "guarded", "Running")
+    url = f"{fleet.agents['node-a'].url}/vms/{ns}/guarded/console?follow=false"
+    stranger = token_of(fleet.user(f"{ns}-x", "stranger", "edit"))
+    before = reviews(fleet)
+    for _ in range(30):
+        assert get(url, "not-a-token")[0] == 401
+        status, body = get(url, stranger)
+        assert status == 403 and "may not get virtualmachines/console" in body
+    after = reviews(fleet)
+    # One TokenReview per token, one SubjectAccessReview for the stranger: 60 requests, 3 reviews.
+    assert after["tokenreviews"] - before["tokenreviews"] == 2, (before, after)
+    assert after["subjectaccessreviews"] - before["subjectaccessreviews"] == 1, (before, after)

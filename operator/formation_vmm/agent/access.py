@@ -5,18 +5,28 @@ VM, ``stats`` of a namespace's VMs?). The aggregated ``edit`` and ``admin`` role
 ``view`` grants ``stats`` only: console output can say more than the VM's spec (KubeVirt draws
 the same line).
 
-Grants are cached for a short while per (token, what), so a client that reconnects does not
-cost two API calls each time; denials are not cached."""
+Anyone who reaches the port can send a request, and each would be API calls: so answers are
+cached per (token, what), grants for 30 s and denials for 10 s (a client retrying a bad token
+costs nothing more), the reviews run on two threads of their own (never the executor the
+heartbeat and the health checks use), and at most ``MAX_WAITING`` checks wait for them: past
+that a request is refused at once with 429, before any API call."""
 
+import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from formation_vmm.api.names import GROUP, VM_PLURAL
 from formation_vmm.kube import ApiError, Kube
 
 GRANT_SECONDS = 30.0
+DENIAL_SECONDS = 10.0
 CACHE_LIMIT = 1024
+REVIEW_THREADS = 2
+MAX_WAITING = 32
 
 
 class Denied(Exception):
@@ -31,6 +41,25 @@ class CallerAccess:
         self.kube = kube
         self._lock = threading.Lock()
         self._granted: dict[tuple[str, str, str, str], float] = {}  # (token, ns, name, what) -> until
+        self._denied: dict[tuple[str, str, str, str], tuple[float, Denied]] = {}
+        self._pool = ThreadPoolExecutor(REVIEW_THREADS, thread_name_prefix="access-review")
+        self._waiting = 0  # checks handed to the pool and not answered yet (the event loop's)
+
+    async def acheck(
+        self, authorization: str | None, namespace: str, name: str, subresource: str = "console"
+    ) -> str:
+        """check(), from the event loop: on the reviews' own threads, refused with 429 when too
+        many wait already."""
+        if self._waiting >= MAX_WAITING:
+            raise Denied(429, "too many access checks wait on this node; try again in a moment")
+        self._waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._pool, self.check, authorization, namespace, name, subresource
+            )
+        finally:
+            self._waiting -= 1
 
     def check(
         self, authorization: str | None, namespace: str, name: str, subresource: str = "console"
@@ -47,8 +76,22 @@ class CallerAccess:
         with self._lock:
             if self._granted.get(key, 0.0) > now:
                 return "(cached)"
+            until, denial = self._denied.get(key, (0.0, None))
+            if denial is not None and until > now:
+                raise denial
         try:
-            user = self.kube.review_token(token.strip())
+            return self._review(token.strip(), key, now)
+        except Denied as denied:
+            if denied.status in (401, 403):  # not "cannot tell now": that is asked again
+                with self._lock:
+                    _bound(self._denied, now, lambda entry: entry[0])
+                    self._denied[key] = (now + DENIAL_SECONDS, denied)
+            raise
+
+    def _review(self, token: str, key: tuple[str, str, str, str], now: float) -> str:
+        _, namespace, name, subresource = key
+        try:
+            user = self.kube.review_token(token)
         except ApiError as exc:
             raise Denied(503, f"cannot check the token now: {exc}") from None
         if user is None:
@@ -75,9 +118,17 @@ class CallerAccess:
                 f'in namespace "{namespace}"{detail}',
             )
         with self._lock:
-            if len(self._granted) >= CACHE_LIMIT:
-                self._granted = {k: v for k, v in self._granted.items() if v > now}
-                if len(self._granted) >= CACHE_LIMIT:
-                    self._granted.clear()
+            _bound(self._granted, now, lambda until: until)
             self._granted[key] = now + GRANT_SECONDS
         return username
+
+
+def _bound(cache: dict[Any, Any], now: float, until: Callable[[Any], float]) -> None:
+    """Keep ``cache`` under CACHE_LIMIT entries: the expired go first, then all (a flood of
+    distinct tokens must not grow the agent's memory)."""
+    if len(cache) < CACHE_LIMIT:
+        return
+    for key in [k for k, v in cache.items() if until(v) <= now]:
+        del cache[key]
+    if len(cache) >= CACHE_LIMIT:
+        cache.clear()

@@ -60,9 +60,7 @@ def public_routes(
     async def vmstats(request: web.Request) -> web.Response:
         namespace = request.match_info["namespace"]
         try:
-            await asyncio.to_thread(
-                access.check, request.headers.get("Authorization"), namespace, "", "stats"
-            )
+            await access.acheck(request.headers.get("Authorization"), namespace, "", "stats")
         except Denied as denied:
             return web.Response(status=denied.status, text=denied.message + "\n")
         try:
@@ -80,7 +78,7 @@ def public_routes(
     async def console(request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         try:
-            await asyncio.to_thread(access.check, request.headers.get("Authorization"), namespace, name)
+            await access.acheck(request.headers.get("Authorization"), namespace, name)
         except Denied as denied:
             return web.Response(status=denied.status, text=denied.message + "\n")
         for info in await asyncio.to_thread(hypervisor.owned_domains):
