@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     image_workers_per_namespace: int = Field(default=1, ge=1)
     image_gc_grace_seconds: float = Field(default=3600.0, ge=0)
     image_gc_interval_seconds: float = Field(default=300.0, gt=0)
+    # The most this node's image cache may hold, in bytes (0: no cap): past it, bases no VM disk
+    # here uses are removed, and no import starts while the bases in use fill it.
+    image_cache_max_bytes: int = Field(default=0, ge=0)
     # The longest a whole download may take, however steadily bytes arrive.
     image_download_deadline_seconds: float = Field(default=3600.0, gt=0)
     # Egress policy of image downloads (images/egress.py): CIDR ranges opened despite the

@@ -13,7 +13,7 @@ What each probe checks is what the process's own loops report to ``Health``:
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -110,7 +110,14 @@ def _run(checks: dict[str, Check]) -> list[str]:
     return problems
 
 
-def build_app(health: Health, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
+# Why a caller may not read /metrics (HTTP status, message), or None: the agent's names every
+# tenant's VMs, so it asks the apiserver who the caller is (agent/access.py).
+MetricsGuard = Callable[[str | None], Awaitable[tuple[int, str] | None]]
+
+
+def build_app(
+    health: Health, extra_routes: list[web.RouteDef] | None = None, metrics_guard: MetricsGuard | None = None
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         problems = health.not_live()
         if problems:
@@ -124,7 +131,11 @@ def build_app(health: Health, extra_routes: list[web.RouteDef] | None = None) ->
             return web.Response(status=503, text="not ready: " + "; ".join(problems) + "\n")
         return web.Response(text="ok\n")
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
+        if metrics_guard is not None:
+            refused = await metrics_guard(request.headers.get("Authorization"))
+            if refused is not None:
+                return web.Response(status=refused[0], text=refused[1] + "\n")
         # Off the event loop: the agent's per-VM series ask libvirt (vm_metrics.py).
         body = await asyncio.to_thread(generate_latest, REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -327,6 +327,21 @@ class Kube:
         status = self._call(self._authz.create_subject_access_review, review).status
         return bool(status.allowed), str(status.reason or "")
 
+    def review_path(self, user: Body, *, verb: str, path: str) -> tuple[bool, str]:
+        """Whether ``user`` may ``verb`` the non-resource URL ``path`` (``/metrics``), and the
+        authorizer's reason: what the kubelet and kube-rbac-proxy ask of Prometheus."""
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=user.get("username"),
+                uid=user.get("uid"),
+                groups=user.get("groups"),
+                extra=user.get("extra"),
+                non_resource_attributes=client.V1NonResourceAttributes(verb=verb, path=path),
+            )
+        )
+        status = self._call(self._authz.create_subject_access_review, review).status
+        return bool(status.allowed), str(status.reason or "")
+
     def bearer_token(self) -> str | None:
         """The bearer token this client sends (a kubeconfig's token, or one an exec or OIDC
         provider gave it), or None when it authenticates otherwise (a client certificate)."""

@@ -123,6 +123,14 @@ def completion_timeout(limits: Limits, memory_bytes: int, disk_bytes: int) -> fl
     return limits.completion_timeout_per_gib * max((memory_bytes + disk_bytes) / GIB, 1.0)
 
 
+def target_deadline(limits: Limits, memory_bytes: int, disk_bytes: int) -> float:
+    """Seconds after a VmMigration was made past which its target carries none of its streams,
+    whatever the source (or the status it writes) says: the copy's whole allowance, and one
+    progress timeout for the preparing before it. The target's own clock and the apiserver's
+    creationTimestamp: nothing the source can move."""
+    return completion_timeout(limits, memory_bytes, disk_bytes) + limits.progress_timeout
+
+
 @dataclass
 class ProgressWatch:
     """Follows a running copy: when it last made progress (what is left went down)."""

@@ -30,9 +30,11 @@ from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_author
 from formation_vmm.agent.migration_marks import MigrationMarks
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations, Tuning
 from formation_vmm.agent.networks import NodeNetworks
+from formation_vmm.agent.peer_certificates import PeerCertificates
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.relay import Identity, Relay, Stream
+from formation_vmm.agent.relay import Identity, Relay
+from formation_vmm.agent.relay_access import RelayAccess
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
@@ -120,10 +122,11 @@ async def _serve(
     health: Health,
     routes: list[web.RouteDef] | None = None,
     local_routes: list[web.RouteDef] | None = None,
+    metrics_guard: health_http.MetricsGuard | None = None,
 ) -> None:
     ready = asyncio.Event()
     runner = await health_http.serve(
-        health_http.build_app(health, routes), settings.api_host, settings.api_port
+        health_http.build_app(health, routes, metrics_guard), settings.api_host, settings.api_port
     )
     runners = [runner]
     if local_routes and settings.debug_port:
@@ -332,6 +335,7 @@ def run_agent(settings: Settings) -> None:
         progress_seconds=settings.image_progress_seconds,
         workers=settings.image_workers,
         per_namespace=settings.image_workers_per_namespace,
+        max_cache_bytes=settings.image_cache_max_bytes,
     )
     networks = NodeNetworks(
         HypervisorNetworks(hypervisor),
@@ -425,7 +429,9 @@ def run_agent(settings: Settings) -> None:
         watcher=watcher,
         images=images,
         node_images=node_images,
-        collector=GarbageCollector(node_images, settings.image_gc_grace_seconds),
+        collector=GarbageCollector(
+            node_images, settings.image_gc_grace_seconds, settings.image_cache_max_bytes
+        ),
         snapshots=snapshots,
         migrations=migrations,
         networks=networks,
@@ -446,9 +452,19 @@ def run_agent(settings: Settings) -> None:
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
     REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
     REGISTRY.register(ProbeCollector(prober.states, cache.labels, node))
-    routes = debug_api.public_routes(hypervisor, layout, health, CallerAccess(kube), cache.labels)
-    local_routes = debug_api.node_local_routes(hypervisor, layout, networks.libvirt)
-    asyncio.run(_serve(settings, registry, state, health, routes=routes, local_routes=local_routes))
+    access = CallerAccess(kube)
+    asyncio.run(
+        _serve(
+            settings,
+            registry,
+            state,
+            health,
+            routes=debug_api.public_routes(hypervisor, layout, health, access, cache.labels),
+            local_routes=debug_api.node_local_routes(hypervisor, layout, networks.libvirt),
+            # Its series name every tenant's VMs: for Prometheus only (formation-vmm-metrics-reader).
+            metrics_guard=access.metrics_refusal,
+        )
+    )
 
 
 def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
@@ -457,25 +473,16 @@ def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
         return None
     host, _, port = settings.migration_relay_listen.rpartition(":")
 
-    def authorize(source: str, stream: Stream) -> str | None:
-        """Whether a VmMigration asks for this stream now: that uid, under way, from ``source``
-        to this node."""
-        body = kube.get_or_none(MIGRATION_PLURAL, stream.namespace, stream.migration)
-        if body is None or body["metadata"].get("uid") != stream.uid:
-            return "no such migration"
-        status = body.get("status") or {}
-        if status.get("targetNode") != node or status.get("sourceNode") != source:
-            return f"the migration is not from node {source} to node {node}"
-        if status.get("phase") not in ("Preparing", "Migrating"):
-            return f"the migration is {status.get('phase') or 'not started'}"
-        return None
-
-    def certificate(peer: str) -> str | None:
+    def published(peer: str) -> str | None:
         try:
             endpoint = Endpoint.of(kube.node(peer))
         except ApiError:
             return None
         return endpoint.certificate if endpoint is not None and endpoint.certificate else None
+
+    # A connection names its node before TLS: looked up cached and rate-limited, never a Node
+    # GET per connection.
+    certificate = PeerCertificates(published)
 
     relay = Relay(
         node,
@@ -484,7 +491,7 @@ def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
         settings.migration_relay_dir,
         settings.migration_relay_host_dir or settings.migration_relay_dir,
         settings.migration_libvirt_socket,
-        authorize,
+        RelayAccess(kube, node, _migration_tuning(settings).limits),
         certificate,
         _owner(settings.migration_relay_socket_owner),
     )

@@ -159,3 +159,48 @@ def test_a_target_that_is_not_the_published_node_gets_nothing(pair: Pair) -> Non
         session = pair.root / "src" / "relay" / session_name(UID)
         assert send(session / "l.sock", b"hello") == b""
     assert pair.asked == []
+
+
+def echo_forever(path: Path) -> socket.socket:
+    """Answers each chunk with itself and never closes: a libvirtd connection kept open."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while chunk := conn.recv(65536):
+                conn.sendall(chunk)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def test_a_stream_is_cut_once_its_migration_no_longer_asks_for_it(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compromised source keeps its connection to the target's libvirtd open after the
+    migration ended (issue 26, finding 4): the target asks again every few seconds, and cuts the
+    stream once the answer is no (the migration ended, failed, or ran past the target's own
+    deadline: tests/agent/test_relay_access.py)."""
+    monkeypatch.setattr("formation_vmm.agent.relay.RECHECK_SECONDS", 0.2)
+    libvirtd = echo_forever(pair.root / "tgt" / "libvirt-sock")
+    with pair.source.outgoing(ASKED, pair.address(), pair.published["tgt"]):
+        session = pair.root / "src" / "relay" / session_name(UID)
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(20)
+            conn.connect(str(session / "l.sock"))
+            conn.sendall(b"ping")
+            assert conn.recv(4, socket.MSG_WAITALL) == b"ping"  # carried, and held open
+            pair.refusal = "the migration is Failed"
+            assert conn.recv(65536) == b""  # cut by the target (a timeout here fails the test)
+    assert len(pair.asked) >= 2  # asked when opened, and again
+    libvirtd.close()

@@ -129,6 +129,7 @@ def test_chart_and_manifests_grant_the_same_rbac() -> None:
         "ClusterRole/agent",
         "ClusterRole/edit",
         "ClusterRole/view",
+        "ClusterRole/metrics-reader",
         "Role/controller-leader",
     }
 

@@ -3,7 +3,6 @@ VMs boot from qcow2 overlays on the cached bases, failures show on the image and
 image in use cannot be deleted from under them."""
 
 import json
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,8 +104,7 @@ def test_a_vm_boots_from_an_http_image_on_an_overlay_that_grows(
     wait_for(lambda: disk_info(overlay).virtual_size == 8 * files.MIB, 30, "the disk to grow to 8Mi")
     vm = fleet.vm(ns, "web")
     assert vm["status"]["phase"] == "Running" and condition(vm, "RestartRequired")["status"] == "False"
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.agents['node-a'].port}/metrics", timeout=5) as resp:
-        exported = resp.read().decode()
+    exported = fleet.scrape(fleet.agents["node-a"])
     assert 'vmm_agent_image_imports_total{result="ready"}' in exported
     assert "vmm_agent_image_import_seconds_count" in exported
     # The replaced service's /images endpoint lists the cached base with what the import found.

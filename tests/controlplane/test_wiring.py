@@ -76,12 +76,10 @@ def test_apply_place_run_delete(fleet: Fleet, ns: str) -> None:
     assert wait_for(health, 30, "the agent's /health to say ok")["status"] == "ok"
     assert fleet.agent_get("node-a", f"/vms/{vm['metadata']['uid']}")["name"] == "wired"
     assert isinstance(fleet.agent_get("node-a", "/images"), list)
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.agents['node-a'].port}/metrics", timeout=5) as resp:
-        agent_metrics = resp.read().decode()
+    agent_metrics = fleet.scrape(fleet.agents["node-a"])
     assert 'vmm_agent_actions_total{action="start"}' in agent_metrics
     assert "vmm_agent_sync_seconds_count" in agent_metrics
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.controller.port}/metrics", timeout=5) as resp:
-        assert 'vmm_controller_bindings_total{result="bound"}' in resp.read().decode()
+    assert 'vmm_controller_bindings_total{result="bound"}' in fleet.scrape(fleet.controller)
 
     fleet.kubectl("delete", "vm", "wired", "-n", ns, "--timeout=60s")
     assert [d for d in fleet.agent_vms("node-a") if d["namespace"] == ns] == []

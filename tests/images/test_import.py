@@ -26,6 +26,7 @@ from formation_vmm.images.node import GarbageCollector, ImageNotReadyError, Node
 from formation_vmm.sealing import NodeKey, image_context, key_id, seal
 from tests.support import image_files as files
 from tests.support.image_server import ImageServer, serve
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.host
 
@@ -431,3 +432,50 @@ def test_garbage_collection_keeps_what_is_referenced_and_removes_the_rest_after_
     base_c = resolve(images, vmimage("c", url=server.url("/files/a.raw")))
     assert gc.collect([vmimage("c", url=server.url("/files/a.raw"))], now=1e9) == []
     assert base_c.path.exists()
+
+
+def test_a_cache_past_its_cap_loses_unused_bases_and_takes_no_import_while_full(
+    content: Path, server: ImageServer, layout: NodeLayout, recorder: Recorder
+) -> None:
+    """The admin's cap on a node's image cache (issue 26, finding 11): past it, the collector
+    removes bases no VM disk uses (oldest first, a live VmImage's too: it is fetched again when
+    needed), never one under a VM's disk; while the bases in use fill it, no import starts and
+    the VmImage says why on this node."""
+    for name in ("a", "b", "c"):
+        files.raw(content / f"{name}.raw", marker=name.encode())
+    images = manager(layout, recorder)
+    a, b, c = (vmimage(n, url=server.url(f"/files/{n}.raw")) for n in ("a", "b", "c"))
+    base_a = resolve(images, a)
+    base_b = resolve(images, b)
+    vm_files.create_overlay(
+        layout.disks_dir, layout.disk_path(Owner("ns", "vm", "uid-vm"), "root"), base_b, None
+    )
+    one = base_a.path.stat().st_size
+    # Room for the two bases and their metadata, not a third.
+    cap = sum(p.stat().st_size for p in (layout.cache_dir / "blobs").iterdir()) + one // 2
+    images.max_cache_bytes = cap
+    gc = GarbageCollector(images, grace_seconds=3600, max_bytes=cap)
+    assert gc.collect([a, b], now=1.0) == []  # within the cap: both stay, both VmImages live
+    base_c = resolve(images, c)  # past the cap now
+    assert gc.collect([a, b, c], now=2.0) == [base_a.sha256]  # the oldest base no disk uses
+    assert base_b.path.exists() and base_c.path.exists()
+    # The VmImage whose base went is fetched again when asked for.
+    fetched = len(server.requests)
+    again = resolve(images, a)
+    assert again.sha256 == base_a.sha256 and len(server.requests) > fetched
+    # Now every base backs a disk, and they fill the cap: no import starts, and the status says so.
+    for image, base in ((c, base_c), (a, again)):
+        vm_files.create_overlay(
+            layout.disks_dir,
+            layout.disk_path(Owner("ns", f"vm-{image.metadata.name}", "u"), "root"),
+            base,
+            None,
+        )
+    files.raw(content / "d.raw", marker=b"d")
+    d = vmimage("d", url=server.url("/files/d.raw"))
+    with pytest.raises(ImageNotReadyError) as refused:
+        images.ensure(d)
+    assert refused.value.reason == "ImageCacheFull"
+    assert "image_cache_max_bytes" in str(refused.value)
+    wait_for(lambda: recorder.phases("d") == ["Failed"], 10, "the VmImage's status on this node")
+    assert gc.collect([a, b, c, d], now=3.0) == []  # nothing it may remove

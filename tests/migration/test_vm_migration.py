@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.local import node_names
 from formation_vmm.devcluster.processes import alive, spawn
+from tests.support.scraper import scrape, scraper_token
 from tests.support.seeds import seed_user_data
 from tests.support.waiting import wait_for
 
@@ -57,6 +57,7 @@ class Cluster:
         self.env = env
         self.root = root
         self.kubectl = Kubectl(ControlPlane(root).binaries() / "kubectl", root / "kubeconfig")
+        self._scraper_token: str | None = None
 
     def vm(self, name: str) -> dict[str, Any]:
         return dict(json.loads(self.kubectl("get", "vm", name, "-o", "json")))
@@ -101,8 +102,9 @@ class Cluster:
     def relay_counts(self, node: str) -> dict[str, float]:
         """The node's agent's migration relay counters, ``name{labels}`` -> value."""
         url = self.node_annotation(node, AGENT_ENDPOINT_ANNOTATION)
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-            lines = resp.read().decode().splitlines()
+        if self._scraper_token is None:
+            self._scraper_token = scraper_token(self.kubectl)
+        lines = scrape(url, self._scraper_token).splitlines()
         return {
             line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in lines

@@ -205,3 +205,18 @@ def test_a_flood_of_refused_requests_costs_the_apiserver_one_review(fleet: Fleet
     # One TokenReview per token, one SubjectAccessReview for the stranger: 60 requests, 3 reviews.
     assert after["tokenreviews"] - before["tokenreviews"] == 2, (before, after)
     assert after["subjectaccessreviews"] - before["subjectaccessreviews"] == 1, (before, after)
+
+
+def test_the_agents_metrics_answer_prometheus_only(fleet: Fleet, ns: str) -> None:
+    """/metrics names every tenant's VMs (issue 26, finding 13): the agent asks the apiserver
+    whether the caller may get /metrics (a SubjectAccessReview, as kube-rbac-proxy does), which
+    the ClusterRole formation-vmm-metrics-reader grants and no tenant role does."""
+    fleet.apply_vm(ns, "counted-here", **ON_A)
+    fleet.wait_phase(ns, "counted-here", "Running")
+    url = f"{fleet.agents['node-a'].url}/metrics"
+    status, body = get(url)
+    assert status == 401 and "counted-here" not in body
+    status, body = get(url, token_of(fleet.user(ns, "admin-of-ns", "admin")))
+    assert status == 403 and "may not get /metrics" in body and "counted-here" not in body
+    scraped = fleet.scrape(fleet.agents["node-a"])
+    assert 'vmm_agent_actions_total{action="start"}' in scraped

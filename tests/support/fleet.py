@@ -33,6 +33,7 @@ from formation_vmm.devcluster.cluster import (
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.processes import stop
+from tests.support.scraper import scrape, scraper_token
 from tests.support.waiting import get_json, get_json_or_none, wait_for
 
 TEST_NODES = {"node-a": "a", "node-b": "b"}
@@ -71,6 +72,7 @@ class Fleet:
     controller: OperatorProcess
     agents: dict[str, OperatorProcess]
     qemu: LibvirtNode
+    _scraper_token: str | None = None
 
     def apply(self, doc: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(doc))
@@ -179,10 +181,19 @@ class Fleet:
     def agent_vms(self, node: str) -> list[dict[str, Any]]:
         return list(self.agent_get(node, "/vms"))
 
+    def scraper_token(self) -> str:
+        """A token Prometheus could hold (tests/support/scraper.py), made once."""
+        if self._scraper_token is None:
+            self._scraper_token = scraper_token(self.kubectl)
+        return self._scraper_token
+
+    def scrape(self, process: OperatorProcess) -> str:
+        """A process's /metrics, read as Prometheus does."""
+        return scrape(f"http://127.0.0.1:{process.port}", self.scraper_token())
+
     def metrics(self, process: OperatorProcess) -> dict[str, float]:
         """A process's Prometheus samples, ``name{labels}`` -> value."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{process.port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
+        text = self.scrape(process)
         samples = {}
         for line in text.splitlines():
             match = _SAMPLE.match(line)

@@ -47,6 +47,9 @@ T = TypeVar("T")
 # The stream a connection carries, and the socket it has on either side.
 SOCKETS = {"libvirt": "l.sock", "memory": "m.sock", "disks": "d.sock"}
 HANDSHAKE_SECONDS = 10.0
+# How often a stream carried to this node is asked for again: one whose migration ended, or
+# ran past this node's own deadline for it, is cut, whatever the source keeps sending.
+RECHECK_SECONDS = 5.0
 CHUNK = 256 * 1024
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _UID = re.compile(r"^[0-9a-f-]{36}$")
@@ -237,25 +240,58 @@ class Relay:
     async def _incoming(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         asked: list[Stream] = []
+        sources: list[str] = []
         try:
-            local = await asyncio.wait_for(self._accept(reader, writer, asked), HANDSHAKE_SECONDS)
+            local = await asyncio.wait_for(self._accept(reader, writer, asked, sources), HANDSHAKE_SECONDS)
         except (OSError, ValueError, ssl.SSLError, TimeoutError, RelayError) as exc:
             log.warning("migration relay: refused a connection from %s: %s", peer, exc)
             kind = asked[0].kind if asked and asked[0].kind in SOCKETS else "unknown"
             metrics.RELAY_STREAMS.labels("in", kind, "refused").inc()
             writer.close()
             return
-        metrics.RELAY_STREAMS.labels("in", asked[0].kind, "relayed").inc()
-        await _splice(reader, writer, *local, a_to_b="in")
+        stream = asked[0]
+        metrics.RELAY_STREAMS.labels("in", stream.kind, "relayed").inc()
+        splice = asyncio.ensure_future(_splice(reader, writer, *local, a_to_b="in"))
+        recheck = asyncio.ensure_future(self._while_asked(sources[0], stream))
+        done, _ = await asyncio.wait({splice, recheck}, return_when=asyncio.FIRST_COMPLETED)
+        if recheck in done:
+            log.warning(
+                "migration relay: cut %s of %s/%s from node %s: %s",
+                stream.kind, stream.namespace, stream.migration, sources[0], recheck.result(),
+            )  # fmt: skip
+            metrics.RELAY_STREAMS.labels("in", stream.kind, "cut").inc()
+            for end in (writer, local[1]):
+                end.close()
+        else:
+            recheck.cancel()
+        with contextlib.suppress(Exception):
+            await splice
+
+    async def _while_asked(self, source: str, stream: Stream) -> str:
+        """Returns (why) once the stream's migration no longer asks for it."""
+        while True:
+            await asyncio.sleep(RECHECK_SECONDS)
+            try:
+                problem = await asyncio.to_thread(self.authorize, source, stream)
+            except Exception as exc:  # the API away a moment: asked again next time
+                log.debug("migration relay: cannot check %s again: %s", stream.migration, exc)
+                continue
+            if problem is not None:
+                return problem
 
     async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, asked: list[Stream]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        asked: list[Stream],
+        sources: list[str],
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The source names its node in the clear; TLS then holds it to that node's published
         certificate; inside, the stream it wants, checked against the VmMigration."""
         source = (await reader.readline()).decode("ascii", "replace").strip()
         if not _NODE_NAME.match(source) or source == self.node:
             raise RelayError(f"not a node name: {source[:80]!r}")
+        sources.append(source)
         certificate = await asyncio.to_thread(self.certificates, source)
         if certificate is None:
             raise RelayError(f"node {source} publishes no relay certificate")

@@ -106,8 +106,10 @@ class NodeImages:
         progress_seconds: float = 3.0,
         workers: int = 2,
         per_namespace: int = 1,
+        max_cache_bytes: int = 0,
     ) -> None:
         self.node = node
+        self.max_cache_bytes = max_cache_bytes  # 0: no cap
         self.layout = layout
         self.cache = ImageCache(layout.cache_dir)
         self.limits = limits
@@ -153,6 +155,7 @@ class NodeImages:
                     state.phase, state.cached = "Ready", recalled
                 elif wanted in self._interrupted:
                     self._mark_interrupted(state, self._interrupted.pop(wanted))
+            newly_full = False
             if state.cached is not None and state.cached.path.is_file():
                 cached = state.cached
                 mine = [n for n in image.status.nodes if n.name == self.node]
@@ -168,10 +171,7 @@ class NodeImages:
                     or (state.reason in WAITING_REASONS and self._credentials(image) != state.credentials)
                 )
                 if not state.running and (state.phase != "Failed" or retry_due):
-                    state.running = True
-                    state.credentials = self._credentials(image)
-                    state.phase, state.reason, state.message = "Pending", "ImagePending", "queued"
-                    self._pool.submit(key[0], lambda: self._import(image, key, wanted))
+                    newly_full = not self._start_import(image, key, wanted, state)
                 reason, message = state.reason, state.message
                 phase, progress = state.phase, state.progress
         if cached is not None:
@@ -179,11 +179,53 @@ class NodeImages:
                 self._safe_report(image, "Ready", None, _details(cached))
             return cached
         if phase == "Failed":
+            if newly_full:
+                self._safe_report(image, "Failed", message, VmImageStatus(progress=""))
             raise ImageNotReadyError(reason, f"VmImage {image.metadata.name}: {message}")
         shown = f" ({progress})" if progress else ""
         raise ImageNotReadyError(
             "ImageDownloading", f"VmImage {image.metadata.name} is {phase.lower()} on this node{shown}"
         )
+
+    def _start_import(self, image: VmImage, key: Key, wanted: str, state: _State) -> bool:
+        """Queue the import (under the lock), unless the cache is full: False then, and the
+        state says why."""
+        full = self._cache_full()
+        if full is not None:
+            state.phase, state.reason, state.message = "Failed", "ImageCacheFull", full
+            state.failed_at, state.retry_after = time.monotonic(), 0.0
+            return False
+        state.running = True
+        state.credentials = self._credentials(image)
+        state.phase, state.reason, state.message = "Pending", "ImagePending", "queued"
+        self._pool.submit(key[0], lambda: self._import(image, key, wanted))
+        return True
+
+    def _cache_full(self) -> str | None:
+        """Why no import may start now: the bases VMs here use fill the cache's cap (those no
+        VM uses do not count: the collector removes them when the cache is past its cap)."""
+        if not self.max_cache_bytes:
+            return None
+        bases = overlay_bases(self.layout.disks_dir)
+        held = sum(
+            _size(path)
+            for paths in self.cache.blobs_on_disk().values()
+            if any(str(p) in bases for p in paths)
+            for path in paths
+        )
+        if held < self.max_cache_bytes:
+            return None
+        return (
+            f"the image cache of node {self.node} holds {held} bytes, its cap is {self.max_cache_bytes} "
+            "(image_cache_max_bytes); the bases in it back VMs' disks here. It is tried again later"
+        )
+
+    def forget_base(self, sha256: str) -> None:
+        """A base the collector removed: VmImages that resolved to it are fetched again."""
+        with self._lock:
+            for state in self._states.values():
+                if state.cached is not None and state.cached.sha256 == sha256:
+                    state.cached, state.phase = None, "Pending"
 
     def prefetch(self, image: VmImage) -> None:
         """Start importing now (``prefetch: AllNodes``); errors show in the status, not here."""
@@ -371,11 +413,17 @@ def overlay_bases(disks_dir: Path) -> set[str]:
 class GarbageCollector:
     """Removes cached bases no VmImage and no VM overlay refers to, ``grace`` seconds after
     they were first seen unreferenced (a VmImage deleted and re-created meanwhile keeps its
-    base). The clock is this process's: a restarted agent waits a full grace period again."""
+    base). The clock is this process's: a restarted agent waits a full grace period again.
 
-    def __init__(self, images: NodeImages, grace_seconds: float) -> None:
+    With ``max_bytes`` (the admin's cap on this node's cache, ``image_cache_max_bytes``), a
+    cache past it loses bases no VM overlay on the node uses, least recently stored first, live
+    VmImage or not, grace or not: a VmImage whose base went is fetched again when a VM needs
+    it. Bases under a VM's disk are never removed (the disk would be lost)."""
+
+    def __init__(self, images: NodeImages, grace_seconds: float, max_bytes: int = 0) -> None:
         self.images = images
         self.grace = grace_seconds
+        self.max_bytes = max_bytes
         self._unreferenced_since: dict[str, float] = {}
 
     def collect(self, live: list[VmImage], now: float | None = None) -> list[str]:
@@ -411,4 +459,49 @@ class GarbageCollector:
                 removed.append(sha)
                 metrics.IMAGE_CACHE_REMOVED.inc()
                 log.info("removed cached image %s: unreferenced for %.0fs", sha[:12], moment - since)
+        if self.max_bytes:
+            removed += self._evict(bases)
         return removed
+
+    def _evict(self, bases: set[str]) -> list[str]:
+        """Unused bases out, oldest first, until the cache is within its cap."""
+        cache = self.images.cache
+        blobs = cache.blobs_on_disk()
+        total = sum(_size(p) for paths in blobs.values() for p in paths)
+        unused = [
+            (min(_mtime(p) for p in paths), sha, paths)
+            for sha, paths in blobs.items()
+            if not any(str(p) in bases for p in paths)
+        ]
+        removed = []
+        for _, sha, paths in sorted(unused):
+            if total <= self.max_bytes:
+                break
+            for key in cache.spec_keys():
+                if cache.recalled_sha(key) == sha:
+                    cache.forget_spec(key)
+            for path in paths:
+                total -= _size(path)
+                path.unlink(missing_ok=True)
+            self.images.forget_base(sha)
+            self._unreferenced_since.pop(sha, None)
+            removed.append(sha)
+            metrics.IMAGE_CACHE_REMOVED.inc()
+            log.info(
+                "removed cached image %s: the cache is past its cap of %d bytes", sha[:12], self.max_bytes
+            )
+        return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
