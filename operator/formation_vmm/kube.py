@@ -308,35 +308,34 @@ class Kube:
     ) -> tuple[bool, str]:
         """Whether ``user`` (as review_token returned it) may ``verb`` that object, and the
         authorizer's reason (a SubjectAccessReview)."""
-        review = client.V1SubjectAccessReview(
-            spec=client.V1SubjectAccessReviewSpec(
-                user=user.get("username"),
-                uid=user.get("uid"),
-                groups=user.get("groups"),
-                extra=user.get("extra"),
-                resource_attributes=client.V1ResourceAttributes(
-                    verb=verb,
-                    group=group,
-                    resource=resource,
-                    subresource=subresource,
-                    namespace=namespace,
-                    name=name,
-                ),
-            )
+        return self._review(
+            user,
+            resource_attributes=client.V1ResourceAttributes(
+                verb=verb,
+                group=group,
+                resource=resource,
+                subresource=subresource,
+                namespace=namespace,
+                name=name,
+            ),
         )
-        status = self._call(self._authz.create_subject_access_review, review).status
-        return bool(status.allowed), str(status.reason or "")
 
     def review_path(self, user: Body, *, verb: str, path: str) -> tuple[bool, str]:
         """Whether ``user`` may ``verb`` the non-resource URL ``path`` (``/metrics``), and the
         authorizer's reason: what the kubelet and kube-rbac-proxy ask of Prometheus."""
+        return self._review(
+            user, non_resource_attributes=client.V1NonResourceAttributes(verb=verb, path=path)
+        )
+
+    def _review(self, user: Body, **attributes: Any) -> tuple[bool, str]:
+        """A SubjectAccessReview of ``user`` for ``attributes`` (resource or non-resource)."""
         review = client.V1SubjectAccessReview(
             spec=client.V1SubjectAccessReviewSpec(
                 user=user.get("username"),
                 uid=user.get("uid"),
                 groups=user.get("groups"),
                 extra=user.get("extra"),
-                non_resource_attributes=client.V1NonResourceAttributes(verb=verb, path=path),
+                **attributes,
             )
         )
         status = self._call(self._authz.create_subject_access_review, review).status

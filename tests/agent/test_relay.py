@@ -8,7 +8,7 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,29 +21,38 @@ UID = "0b7e9f4c-1d2a-4e5f-8a9b-0c1d2e3f4a5b"
 ASKED = Stream("tenant", "move-web", UID, "memory")
 
 
-def echo_server(path: Path) -> socket.socket:
-    """Reads a length-prefixed message and answers with its SHA-256, then closes: a request and
-    an answer, as libvirt's RPC and NBD have them (no half-close)."""
+def unix_server(path: Path, handle: Callable[[socket.socket], None]) -> socket.socket:
+    """A UNIX server at ``path`` that hands each connection to ``handle``, in a thread of its own."""
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen()
 
-    def serve() -> None:
+    def accept() -> None:
         while True:
             try:
                 conn, _ = server.accept()
             except OSError:
                 return
-            with conn:
-                wanted = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "big")
-                digest = hashlib.sha256()
-                while wanted > 0 and (chunk := conn.recv(min(65536, wanted))):
-                    digest.update(chunk)
-                    wanted -= len(chunk)
-                conn.sendall(digest.hexdigest().encode())
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
     return server
+
+
+def echo_server(path: Path) -> socket.socket:
+    """Reads a length-prefixed message and answers with its SHA-256, then closes: a request and
+    an answer, as libvirt's RPC and NBD have them (no half-close)."""
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            wanted = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "big")
+            digest = hashlib.sha256()
+            while wanted > 0 and (chunk := conn.recv(min(65536, wanted))):
+                digest.update(chunk)
+                wanted -= len(chunk)
+            conn.sendall(digest.hexdigest().encode())
+
+    return unix_server(path, answer)
 
 
 class Pair:
@@ -163,25 +172,13 @@ def test_a_target_that_is_not_the_published_node_gets_nothing(pair: Pair) -> Non
 
 def echo_forever(path: Path) -> socket.socket:
     """Answers each chunk with itself and never closes: a libvirtd connection kept open."""
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen()
 
-    def serve(conn: socket.socket) -> None:
+    def echo(conn: socket.socket) -> None:
         with conn:
             while chunk := conn.recv(65536):
                 conn.sendall(chunk)
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server
+    return unix_server(path, echo)
 
 
 def test_a_stream_is_cut_once_its_migration_no_longer_asks_for_it(

@@ -240,9 +240,8 @@ class Relay:
     async def _incoming(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         asked: list[Stream] = []
-        sources: list[str] = []
         try:
-            local = await asyncio.wait_for(self._accept(reader, writer, asked, sources), HANDSHAKE_SECONDS)
+            source, local = await asyncio.wait_for(self._accept(reader, writer, asked), HANDSHAKE_SECONDS)
         except (OSError, ValueError, ssl.SSLError, TimeoutError, RelayError) as exc:
             log.warning("migration relay: refused a connection from %s: %s", peer, exc)
             kind = asked[0].kind if asked and asked[0].kind in SOCKETS else "unknown"
@@ -252,12 +251,12 @@ class Relay:
         stream = asked[0]
         metrics.RELAY_STREAMS.labels("in", stream.kind, "relayed").inc()
         splice = asyncio.ensure_future(_splice(reader, writer, *local, a_to_b="in"))
-        recheck = asyncio.ensure_future(self._while_asked(sources[0], stream))
+        recheck = asyncio.ensure_future(self._while_asked(source, stream))
         done, _ = await asyncio.wait({splice, recheck}, return_when=asyncio.FIRST_COMPLETED)
         if recheck in done:
             log.warning(
                 "migration relay: cut %s of %s/%s from node %s: %s",
-                stream.kind, stream.namespace, stream.migration, sources[0], recheck.result(),
+                stream.kind, stream.namespace, stream.migration, source, recheck.result(),
             )  # fmt: skip
             metrics.RELAY_STREAMS.labels("in", stream.kind, "cut").inc()
             for end in (writer, local[1]):
@@ -280,18 +279,14 @@ class Relay:
                 return problem
 
     async def _accept(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        asked: list[Stream],
-        sources: list[str],
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, asked: list[Stream]
+    ) -> tuple[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         """The source names its node in the clear; TLS then holds it to that node's published
-        certificate; inside, the stream it wants, checked against the VmMigration."""
+        certificate; inside, the stream it wants, checked against the VmMigration. Returns the
+        source node and the local connection its stream goes to."""
         source = (await reader.readline()).decode("ascii", "replace").strip()
         if not _NODE_NAME.match(source) or source == self.node:
             raise RelayError(f"not a node name: {source[:80]!r}")
-        sources.append(source)
         certificate = await asyncio.to_thread(self.certificates, source)
         if certificate is None:
             raise RelayError(f"node {source} publishes no relay certificate")
@@ -329,7 +324,7 @@ class Relay:
         local = await asyncio.open_unix_connection(str(path))
         writer.write(b"ok\n")
         await writer.drain()
-        return local
+        return source, local
 
     # --- the source's side ---
 

@@ -62,6 +62,16 @@ CHANGE_HELD_MESSAGE = (
     "a restart would not apply it"
 )
 
+
+def _restart_required(held: bool, stale: bool) -> tuple[bool, str, str]:
+    """Condition RestartRequired: (status, reason, message)."""
+    if held:  # a restart would not apply it: the controller has not admitted it (SpecAccepted)
+        return False, "ChangeHeld", CHANGE_HELD_MESSAGE
+    if stale:
+        return True, "SpecChanged", RESTART_REQUIRED_MESSAGE
+    return False, "UpToDate", ""
+
+
 NOTHING_BOOTABLE_MESSAGE = (
     "no kernel, no disk from an image and no disk with a bootOrder: the firmware will find "
     "nothing to boot ('No bootable device'); add one, or set bootOrder on a disk you installed"
@@ -125,21 +135,9 @@ def status_after(
         conditions, "Paused", paused, "PausedByUser" if paused else "NotPaused", "", gen, stamp
     )
     stale = actual is not None and actual.active and actual.spec_hash != outcome.spec_hash and not deleting
-    if outcome.held:
-        # A restart would not apply it: the controller has not admitted it (SpecAccepted).
-        conditions = set_condition(
-            conditions, "RestartRequired", False, "ChangeHeld", CHANGE_HELD_MESSAGE, gen, stamp
-        )
-    else:
-        conditions = set_condition(
-            conditions,
-            "RestartRequired",
-            stale,
-            "SpecChanged" if stale else "UpToDate",
-            RESTART_REQUIRED_MESSAGE if stale else "",
-            gen,
-            stamp,
-        )
+    conditions = set_condition(
+        conditions, "RestartRequired", *_restart_required(outcome.held, stale), gen, stamp
+    )
     if not deleting:
         conditions = set_condition(conditions, "ImageReady", True, "ImagesReady", "", gen, stamp)
         source = boot_source(vm)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from formation_vmm import metrics
-from formation_vmm.api.admission import Admitted, admitted_of, request_digest
+from formation_vmm.api.admission import Admitted, admitted_of, change_held
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import (
@@ -129,8 +129,8 @@ def _bound_from(
 def _held(body: dict[str, Any], vm: VirtualMachine) -> bool:
     """Whether the VM's spec is not (or not wholly) admitted: no record, or one for another
     digest."""
-    record = Admitted.decode((body["metadata"].get("annotations") or {}).get(ADMITTED_ANNOTATION))
-    return record is None or record.digest != request_digest(vm.spec)
+    annotations = body["metadata"].get("annotations") or {}
+    return ADMITTED_ANNOTATION not in annotations or change_held(annotations, vm.spec)
 
 
 class Binder:
@@ -260,8 +260,8 @@ class Binder:
                 if freed is not None:
                     self.changed.set()
                 return
-            # Assignments in the status hold their addresses, bound or not (a binding cut short
-            # between its two writes keeps what it was given).
+            # The addresses annotation (the IPAM record) holds its addresses, bound or not; one
+            # outside its network's range is not believed.
             self.addresses.record(uid, assigned(body), self.networks.ranges())
             if label:
                 old = self._bound.get(uid)
@@ -318,10 +318,10 @@ class Binder:
     # --- decisions ---------------------------------------------------------------------------
 
     def _node_infos(self) -> list[NodeInfo]:
-        return [
-            node_info(summary, self.node_lost_seconds, ceiling=self.ceiling)
-            for summary in self._nodes.values()
-        ]
+        return [self._node_info(summary) for summary in self._nodes.values()]
+
+    def _node_info(self, summary: dict[str, Any]) -> NodeInfo:
+        return node_info(summary, self.node_lost_seconds, ceiling=self.ceiling)
 
     def _quota_refusal(self, namespace: str, wanted: Usage) -> str | None:
         quotas = [quota for (ns, _), quota in self._quotas.items() if ns == namespace]
@@ -384,9 +384,7 @@ class Binder:
                 refused = change_refusal(
                     _request_of(vm),
                     bound.load,
-                    node_info(summary, self.node_lost_seconds, ceiling=self.ceiling)
-                    if summary is not None
-                    else None,
+                    self._node_info(summary) if summary is not None else None,
                     self._loads().get(bound.node, Load()),
                     [quota for (ns, _), quota in self._quotas.items() if ns == bound.namespace],
                     self._namespace_usage.get(bound.namespace, Usage()),
@@ -515,7 +513,7 @@ class Binder:
 
     def _mac_refusal(self, vm: VirtualMachine, exc: MacInUseError) -> str:
         """Says whose the MAC is: by name within the namespace, not beyond it."""
-        holder = next((b for u, b in self._bound.items() if u == exc.holder), None)
+        holder = self._bound.get(exc.holder)
         if holder is not None and holder.namespace == vm.metadata.namespace:
             owner = f"VM {holder.name}"
         else:
@@ -657,7 +655,7 @@ class Binder:
         """The node's agent reports (its heartbeat is fresh)."""
         with self._lock:
             summary = self._nodes.get(node)
-        return summary is not None and node_info(summary, self.node_lost_seconds, ceiling=self.ceiling).ready
+        return summary is not None and self._node_info(summary).ready
 
     def move_binding(
         self, body: dict[str, Any], source: str, target: str, annotations: dict[str, str | None] | None = None

@@ -37,10 +37,9 @@ def _cpus(text: str) -> int:
 
 
 def _bound(claimed: int | None, *bounds: int | None) -> int | None:
-    known = [b for b in bounds if b is not None]
     if claimed is None:
         return None
-    return min([claimed, *known])
+    return min([claimed, *(b for b in bounds if b is not None)])
 
 
 def node_info(

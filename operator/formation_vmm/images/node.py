@@ -208,10 +208,7 @@ class NodeImages:
             return None
         bases = overlay_bases(self.layout.disks_dir)
         held = sum(
-            _size(path)
-            for paths in self.cache.blobs_on_disk().values()
-            if any(str(p) in bases for p in paths)
-            for path in paths
+            _size(p) for paths in self.cache.blobs_on_disk().values() if _backs(paths, bases) for p in paths
         )
         if held < self.max_cache_bytes:
             return None
@@ -448,7 +445,7 @@ class GarbageCollector:
         bases = overlay_bases(images.layout.disks_dir)
         removed = []
         for sha, paths in cache.blobs_on_disk().items():
-            if sha in referenced or any(str(p) in bases for p in paths):
+            if sha in referenced or _backs(paths, bases):
                 self._unreferenced_since.pop(sha, None)
                 continue
             since = self._unreferenced_since.setdefault(sha, moment)
@@ -471,7 +468,7 @@ class GarbageCollector:
         unused = [
             (min(_mtime(p) for p in paths), sha, paths)
             for sha, paths in blobs.items()
-            if not any(str(p) in bases for p in paths)
+            if not _backs(paths, bases)
         ]
         removed = []
         for _, sha, paths in sorted(unused):
@@ -491,6 +488,11 @@ class GarbageCollector:
                 "removed cached image %s: the cache is past its cap of %d bytes", sha[:12], self.max_bytes
             )
         return removed
+
+
+def _backs(paths: list[Path], bases: set[str]) -> bool:
+    """Whether a cached base (its files) is the backing file of a VM disk (``overlay_bases``)."""
+    return any(str(p) in bases for p in paths)
 
 
 def _size(path: Path) -> int:
