@@ -107,6 +107,7 @@ def test_a_vm_deleted_while_the_watch_was_down_does_not_keep_running(fleet: Flee
     wait_for(
         lambda: domain not in fleet.virsh("list", "--all", "--name"), 60, "the forgotten VM's domain to go"
     )
+    fleet.wait_binding_again()
     assert vm["metadata"]["uid"] not in json.dumps(fleet.agent_vms(QEMU_NODE))
 
 

@@ -98,7 +98,7 @@ def test_the_watch_lists_then_follows_this_nodes_vms_and_lists_again_after_a_res
         wait_for(lambda: seen.has("ADDED", "later"), 30, "the VM created after them")
         assert watch.lists == 1
 
-        fleet.plane.restart_apiserver()
+        fleet.restart_apiserver()
         wait_for(lambda: len(seen.lists) >= 2, 60, "a list after the apiserver restarted")
         assert len(seen.lists[-1]) == 2 and late in seen.lists[-1]  # the cache's part: test_robustness
         assert watch.alive()

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,29 @@ class Fleet:
             # Say where the VM was, not only that it was not there yet (a VM left Pending by a
             # full node and one its agent never synced fail alike otherwise).
             raise AssertionError(f"{exc}; the VM was: {_where(seen[0])}") from None
+
+    def restart_apiserver(self) -> None:
+        """Restart kube-apiserver, then wait until the controller binds a VM again: every watch
+        and connection of the fleet broke, and the next test must not inherit a fleet still
+        reconnecting (a VM applied right after a restart was once left unbound 60 s in CI)."""
+        self.plane.restart_apiserver()
+        self.wait_binding_again()
+
+    def wait_binding_again(self, timeout: float = 120) -> None:
+        """A stopped VM (nothing to start) bound by the controller, then deleted: proof that the
+        controller's watches, lease and writes are all back."""
+        name = f"canary-{uuid.uuid4().hex[:8]}"
+        self.apply_vm("default", name, runStrategy="Halted", nodeSelector={"zone": "a"}, **TINY)
+        try:
+            self.wait_vm(
+                "default",
+                name,
+                lambda vm: condition(vm, "Scheduled").get("status") == "True",
+                "bound",
+                timeout,
+            )
+        finally:
+            self.kubectl("delete", "vm", name, "-n", "default", "--wait=true", "--timeout=60s", check=False)
 
     def wait_phase(self, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
         return self.wait_vm(
