@@ -4,7 +4,11 @@ VMs are not pods, so Kubernetes' quota controller does not count their vCPUs, me
 An admin states the limits the Kubernetes way, in a ResourceQuota's ``spec.hard``, under our
 own resource names (``vmm.formation.cloud/cpus``, ``/memory``, ``/disk``); the controller counts
 the VMs bound in the namespace when it binds another, and a VM that would take the namespace
-past any limit stays Pending with reason ``QuotaExceeded`` until room is made. The number of VMs
+past any limit stays Pending with reason ``QuotaExceeded`` until room is made. Disk counts the
+declared sizes and every Ready VmSnapshot's ``status.size`` (the bytes its overlays held when it
+was taken: a snapshot keeps those blocks however the disk changes after), so snapshots cannot
+grow a namespace past its disk; their number is the apiserver's
+``count/vmsnapshots.vmm.formation.cloud``. The number of VMs
 needs nothing from us: ``count/virtualmachines.vmm.formation.cloud`` is the apiserver's own.
 """
 
@@ -59,15 +63,15 @@ def refusal(quotas: list[Quota], used: Usage, wanted: Usage) -> str | None:
     None when every quota has room."""
     after = used + wanted
     for quota in sorted(quotas, key=lambda q: q.name):
-        for what, limit, total, asked in (
-            ("vCPUs", quota.cpus, after.vcpus, wanted.vcpus),
-            ("memory", quota.memory, after.memory, wanted.memory),
-            ("disk", quota.disk, after.disk, wanted.disk),
+        for what, limit, total, asked, users in (
+            ("vCPUs", quota.cpus, after.vcpus, wanted.vcpus, "its VMs"),
+            ("memory", quota.memory, after.memory, wanted.memory, "its VMs"),
+            ("disk", quota.disk, after.disk, wanted.disk, "its VMs and snapshots"),
         ):
             if limit is not None and total > limit:
                 return (
                     f"ResourceQuota {quota.name} allows {_amount(what, limit)} of {what} for VMs in this "
-                    f"namespace; its VMs use {_amount(what, total - asked)} and this one asks for "
+                    f"namespace; {users} use {_amount(what, total - asked)} and this one asks for "
                     f"{_amount(what, asked)}"
                 )
     return None

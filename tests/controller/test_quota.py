@@ -33,3 +33,11 @@ def test_every_quota_of_the_namespace_holds_and_none_means_no_limit() -> None:
     assert refusal(quotas, Usage(2, 0, 90 * GI), Usage(1, 0, 10 * GI)) is None
     why = refusal(quotas, Usage(2, 0, 90 * GI), Usage(1, 0, 20 * GI))
     assert why is not None and why.startswith("ResourceQuota disks allows 100Gi of disk")
+
+
+def test_a_disk_refusal_says_snapshots_count_too() -> None:
+    why = refusal([quota_of("disks", {DISK: "20Mi"})], Usage(disk=25 << 20), Usage(disk=4 << 20))
+    assert why == (
+        "ResourceQuota disks allows 20Mi of disk for VMs in this namespace; "
+        "its VMs and snapshots use 25Mi and this one asks for 4Mi"
+    )

@@ -169,6 +169,10 @@ class Binder:
         self._reserved: dict[str, tuple[str, Load]] = {}
         self._reserved_loads: dict[str, Load] = {}
         self._namespace_usage: dict[str, Usage] = {}
+        # Ready snapshots' bytes, charged to their namespace's disk: uid -> (namespace, bytes),
+        # and the sums per namespace.
+        self._snapshots: dict[str, tuple[str, int]] = {}
+        self._snapshot_bytes: dict[str, int] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
         # uid -> latest body of a bound VM whose spec changed beyond what was admitted of it.
         self._changes: dict[str, dict[str, Any]] = {}
@@ -246,6 +250,29 @@ class Binder:
             else:
                 self._quotas[key] = quota_of(key[1], dict((body.get("spec") or {}).get("hard") or {}))
         self.changed.set()  # a quota raised or gone: VMs waiting on it may fit now
+
+    def snapshot_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        """A VmSnapshot's bytes (``status.size`` once Ready) count in its namespace's disk quota."""
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        size = status.get("size") if status.get("phase") == "Ready" else None
+        counted = (str(meta.get("namespace", "")), size if isinstance(size, int) and size > 0 else 0)
+        with self._lock:
+            old = self._snapshots.pop(str(meta.get("uid", "")), None)
+            if old is not None:
+                self._snapshot_bytes[old[0]] -= old[1]
+            if event_type != "DELETED" and counted[1]:
+                self._snapshots[str(meta.get("uid", ""))] = counted
+                self._snapshot_bytes[counted[0]] = self._snapshot_bytes.get(counted[0], 0) + counted[1]
+        if old is not None and (event_type == "DELETED" or counted[1] < old[1]):
+            self.changed.set()  # disk came free: VMs waiting on the quota may fit now
+
+    def _usage(self, namespace: str) -> Usage:
+        """What a namespace's quota counts as used (under the lock): its bound VMs, and its
+        snapshots' bytes as disk."""
+        return self._namespace_usage.get(namespace, Usage()) + Usage(
+            disk=self._snapshot_bytes.get(namespace, 0)
+        )
 
     def vm_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid = body["metadata"].get("uid", "")
@@ -327,7 +354,7 @@ class Binder:
         quotas = [quota for (ns, _), quota in self._quotas.items() if ns == namespace]
         if not quotas:
             return None
-        return refusal(quotas, self._namespace_usage.get(namespace, Usage()), wanted)
+        return refusal(quotas, self._usage(namespace), wanted)
 
     def bind_pending(self) -> None:
         """Try to bind every unbound VM, oldest first: decided one at a time under the lock (each
@@ -387,7 +414,7 @@ class Binder:
                     self._node_info(summary) if summary is not None else None,
                     self._loads().get(bound.node, Load()),
                     [quota for (ns, _), quota in self._quotas.items() if ns == bound.namespace],
-                    self._namespace_usage.get(bound.namespace, Usage()),
+                    self._usage(bound.namespace),
                     self.cpu_overcommit,
                     self.memory_overcommit,
                 )

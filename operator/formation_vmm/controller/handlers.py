@@ -183,6 +183,7 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
     @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshots", registry=registry)
     def snapshots(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         state = controller_memo(memo)
+        state.binder.snapshot_event(event.get("type"), dict(event["object"]))
         if event.get("type") != "DELETED" and state.leader.is_leader():
             state.notes.event(SNAPSHOT_KIND, dict(event["object"]))
 
