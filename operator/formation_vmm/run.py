@@ -25,11 +25,13 @@ from formation_vmm.agent.handlers import AgentMemo, migration_endpoint
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
+from formation_vmm.agent.hypervisor.nwfilters import HypervisorFilters
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
 from formation_vmm.agent.migration_marks import MigrationMarks
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations, Tuning
 from formation_vmm.agent.networks import NodeNetworks
+from formation_vmm.agent.node_guard import NodeGuard
 from formation_vmm.agent.peer_certificates import PeerCertificates
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
@@ -413,6 +415,7 @@ def run_agent(settings: Settings) -> None:
         queue.add,
     )
     relay = _relay(settings, kube, node)
+    guard = _guard(settings, hypervisor, relay, networks)
     migrations = NodeMigrations(
         node, kube, hypervisor, reconciler, sync, cache, watcher.marks,
         StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus), vm_status, events, queue.add,
@@ -439,6 +442,7 @@ def run_agent(settings: Settings) -> None:
         key=key,
         migration_endpoint=migration_endpoint(settings, relay),
         relay=relay,
+        guard=guard,
         snapshot_index=snapshot_index,
         vm_watch=VmWatch(
             kube,
@@ -497,6 +501,24 @@ def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
     )
     relay.start()
     return relay
+
+
+def _guard(
+    settings: Settings, hypervisor: Hypervisor, relay: Relay | None, networks: NodeNetworks
+) -> NodeGuard | None:
+    """The nwfilters that keep guests off this node's ports, defined before any domain starts
+    (node_guard.py); libvirt's test driver runs no guest and has no nwfilters."""
+    if not hypervisor.runs_qemu:
+        return None
+    listening = [(settings.api_host, settings.api_port)]
+    if relay is not None:
+        listening.append((relay.listen[0], relay.port))
+    guard = NodeGuard(HypervisorFilters(hypervisor), listening, networks.gateways)
+    try:
+        guard.start()
+    except HypervisorError as exc:
+        raise SystemExit(f"cannot keep guests off the node's ports: {exc}") from exc
+    return guard
 
 
 def _owner(text: str | None) -> tuple[int, int] | None:

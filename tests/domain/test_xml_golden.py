@@ -143,7 +143,7 @@ def test_an_interface_joins_the_libvirt_network_made_from_its_vmnetwork() -> Non
 
 def test_every_interface_carries_the_anti_spoofing_filter_with_its_mac_and_assigned_ip() -> None:
     xml = render("topology-networks")
-    assert xml.count('<filterref filter="clean-traffic">') == 3
+    assert xml.count('<filterref filter="formation-vmm-guest">') == 3
     assert '<parameter name="MAC" value="02:aa:bb:cc:dd:ee" />' in xml
     # The addresses the controller assigned (ipam), whatever else confirmed them; none on uplink.
     assert '<parameter name="IP" value="10.123.0.7" />' in xml

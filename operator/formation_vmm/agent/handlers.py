@@ -17,6 +17,7 @@ from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.inputs import ImageCatalog
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations
 from formation_vmm.agent.networks import NodeNetworks
+from formation_vmm.agent.node_guard import NodeGuard
 from formation_vmm.agent.relay import Relay
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
@@ -82,6 +83,7 @@ class AgentMemo:
     vm_watch: VmWatch  # this node's VMs, into the cache and the queue
     migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
     relay: Relay | None = None
+    guard: NodeGuard | None = None  # guests kept off the node's ports (real QEMU only)
     snapshot_index: SnapshotIndex = field(default_factory=SnapshotIndex)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
@@ -186,6 +188,13 @@ def _task(coro: Awaitable[None], name: str) -> asyncio.Task[None]:
     return asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
 
 
+def _converge_networks(state: "AgentMemo") -> None:
+    """The VmNetworks realised again, then the guard's rules (a new network's gateway)."""
+    state.networks.converge()
+    if state.guard is not None:
+        state.guard.refresh()
+
+
 def register(registry: kopf.OperatorRegistry, node: str) -> None:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -203,7 +212,10 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
                 _every(config.heartbeat_seconds, lambda: publish_node(state), "heartbeat", False), "heartbeat"
             ),
             _task(_every(config.resync_seconds, state.watcher.resync, "resync", False), "resync"),
-            _task(_every(config.resync_seconds, state.networks.converge, "networks", False), "networks"),
+            _task(
+                _every(config.resync_seconds, lambda: _converge_networks(state), "networks", False),
+                "networks",
+            ),
             _task(
                 _every(config.image_gc_interval_seconds, lambda: collect_images(state), "image GC", False),
                 "image-gc",

@@ -19,6 +19,7 @@ from formation_vmm.api.models import NetworkNodeStatus, VirtualMachine, VmNetwor
 from formation_vmm.api.names import DEFAULT_NETWORK, bridge_device, libvirt_network
 from formation_vmm.domain.build import assigned_addresses, interface_mac
 from formation_vmm.domain.network_xml import DhcpHost, dhcp_hosts, network_xml, shape
+from formation_vmm.ipam import address_range
 from formation_vmm.kube import StatusWriter
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,12 @@ class NodeNetworks:
             for network in list(self._networks.values()):
                 self._realise(network, ours, wanted)
             self._remove_unused(ours)
+
+    def gateways(self) -> list[str]:
+        """The node's own address on each nat or isolated VmNetwork (node_guard.py)."""
+        with self._lock:
+            ranges = [address_range(n.spec) for n in self._networks.values()]
+        return [str(rng.gateway) for rng in ranges if rng is not None]
 
     def failures(self) -> dict[str, str]:
         with self._lock:

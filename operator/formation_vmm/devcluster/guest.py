@@ -30,7 +30,7 @@ DIRTY = "formation-vmm guest: dirtied"
 # With vmm.net=1, /init brings eth0 up with DHCP (udhcpc), prints the address it got, and serves
 # HTTP on port 80 (busybox httpd); vmm.httpd_for=N stops the server after N seconds,
 # vmm.spoof=A/P replaces the address DHCP gave with another, vmm.spoofmac=M the interface's MAC;
-# vmm.fetch=A fetches http://A/
+# vmm.fetch=A fetches http://A/ (A:P from port P; A,B:P,... each in turn)
 # every 2 s (at most 2 s each) and prints whether it got through.
 ADDRESS = "formation-vmm guest: address"
 HTTPD_STOPPED = "formation-vmm guest: httpd stopped"
@@ -134,13 +134,18 @@ if [ -n "$net" ]; then
   fi
   if [ -n "$fetch" ]; then
     ( while true; do
-        # nc, not wget: busybox-static's wget crashes in Debian's build.
-        got=$(printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$fetch" 80 2>/dev/null | grep '^hello from')
-        if [ -n "$got" ]; then
-          echo "{FETCHED} $fetch ok: $got"
-        else
-          echo "{FETCHED} $fetch failed"
-        fi
+        for target in $(echo "$fetch" | tr ',' ' '); do
+          host="${{target%%:*}}"
+          port=80
+          case "$target" in *:*) port="${{target##*:}}" ;; esac
+          # nc, not wget: busybox-static's wget crashes in Debian's build.
+          got=$(printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$host" "$port" 2>/dev/null | grep '^hello from')
+          if [ -n "$got" ]; then
+            echo "{FETCHED} $target ok: $got"
+          else
+            echo "{FETCHED} $target failed"
+          fi
+        done
         sleep 2
       done ) &
   fi

@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 
 from formation_vmm.api.names import LIBVIRT_METADATA_NS, LIBVIRT_METADATA_PREFIX, libvirt_network
+from formation_vmm.domain.guard_xml import GUEST_FILTER
 from formation_vmm.domain.spec import DiskDevice, DomainSpec, InterfaceDevice, Owner
 
 ET.register_namespace(LIBVIRT_METADATA_PREFIX, LIBVIRT_METADATA_NS)
@@ -131,10 +132,11 @@ def _interfaces(devices: ET.Element, interfaces: tuple[InterfaceDevice, ...]) ->
         _sub(el, "source", network=libvirt_network(iface.network))
         _sub(el, "mac", address=iface.mac)
         _sub(el, "model", type=iface.model)
-        # libvirt's anti-spoofing filter: frames only from this MAC and packets only from the
-        # assigned IP, so a guest cannot take another guest's address on the network. Without
-        # an assignment (a bridge network) libvirt learns the guest's first address instead.
-        filterref = _sub(el, "filterref", filter="clean-traffic")
+        # libvirt's anti-spoofing filter (frames only from this MAC and packets only from the
+        # assigned IP, so a guest cannot take another guest's address on the network; without
+        # an assignment, a bridge network, libvirt learns the guest's first address instead),
+        # and no TCP to the node's own ports (guard_xml.py).
+        filterref = _sub(el, "filterref", filter=GUEST_FILTER)
         _sub(filterref, "parameter", name="MAC", value=iface.mac)
         if iface.ip is not None:
             _sub(filterref, "parameter", name="IP", value=iface.ip)

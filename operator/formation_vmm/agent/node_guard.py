@@ -1,0 +1,67 @@
+"""Keeps the node's own ports out of its guests' reach (issue 26, finding 7): the nwfilter
+``formation-vmm-node-ports`` drops guest TCP to every address where the agent listens (its
+public API, its migration relay) and to every VmNetwork's gateway (the node's own address on
+the guests' bridge, where a guest reaches the node first). Defined before any domain starts,
+and again when the set changes (a new VmNetwork): libvirt applies a redefined filter to the
+running guests at once."""
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+
+from formation_vmm.agent.hypervisor import HypervisorError
+from formation_vmm.agent.hypervisor.nwfilters import HypervisorFilters
+from formation_vmm.domain.guard_xml import GUEST_FILTER, NODE_PORTS_FILTER, guest_filter_xml, node_ports_xml
+
+log = logging.getLogger(__name__)
+
+
+def listen_address(host: str) -> str | None:
+    """The IPv4 address a listener bound to ``host`` is reached at; None for a wildcard or a
+    name (the chart binds the agent to the node's address, $(HOST_IP))."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    if address.version != 4 or address.is_unspecified:
+        return None
+    return str(address)
+
+
+class NodeGuard:
+    def __init__(
+        self,
+        filters: HypervisorFilters,
+        listening: Iterable[tuple[str, int]],
+        gateways: Callable[[], Iterable[str]],
+    ) -> None:
+        self.filters = filters
+        self.listening = [(listen_address(host), port) for host, port in listening if port]
+        self.gateways = gateways
+        self._applied: str | None = None
+
+    def ports(self) -> list[int]:
+        return sorted({port for _, port in self.listening})
+
+    def addresses(self) -> set[str]:
+        return {a for a, _ in self.listening if a is not None} | set(self.gateways())
+
+    def start(self) -> None:
+        """Both filters, before any domain that refers to them starts (a failure stops the
+        agent: a guest started without them would reach the node's ports)."""
+        self.filters.define(GUEST_FILTER, guest_filter_xml)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The ports filter again if its rules changed (the resync calls it)."""
+        addresses, ports = self.addresses(), self.ports()
+        rules = node_ports_xml(addresses, ports)
+        if rules == self._applied:
+            return
+        try:
+            self.filters.define(NODE_PORTS_FILTER, lambda uuid: node_ports_xml(addresses, ports, uuid))
+        except HypervisorError as exc:
+            log.warning("cannot keep guests off the node's ports: %s", exc)
+            return
+        self._applied = rules
+        log.info("guests kept off ports %s of %s", ports, ", ".join(sorted(addresses)) or "no address")
