@@ -44,7 +44,6 @@ Body = dict[str, Any]
 class SyncResult:
     """What happened, for the caller to decide when to look again."""
 
-    phase: str | None
     retry_after: float | None = None  # sync this VM again after this many seconds
     outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid, unavailable
     finished: bool = False  # a deletion: the domain and files are gone
@@ -104,14 +103,14 @@ class VmSync:
             if uid in self._written:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
-                    return SyncResult(vm.status.phase)
+                    return SyncResult()
                 meta = fresh.get("metadata", {})
                 if meta.get("uid") != uid or (meta.get("labels") or {}).get(NODE_LABEL) != self.node:
                     # Gone, or bound to another node since the cache's copy (a migration or a
                     # restart elsewhere whose binding the watch has not brought yet): not ours
                     # to act on. Seen: a migrated VM's source, poked as the migration ended,
                     # made the VM's files again from its stale copy.
-                    return SyncResult(vm.status.phase, gone=True)
+                    return SyncResult(gone=True)
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
             with metrics.SYNC_SECONDS.time():
                 result = self._sync(body, vm)
@@ -152,15 +151,15 @@ class VmSync:
                 outcome = self.reconciler.reconcile(vm, deleting=True, grace_seconds=grace_seconds)
             except HypervisorError as exc:
                 log.warning("%s: cannot remove the domain yet: %s", domain, exc)
-                return SyncResult("Terminating", retry_after=self.retry_seconds, outcome="unavailable")
+                return SyncResult(retry_after=self.retry_seconds, outcome="unavailable")
             owner = outcome.domain.owner if outcome.domain else None
             mine = owner is not None and owner.uid == vm.metadata.uid
             if mine and "resourceVersion" in body["metadata"]:
                 self._write(body, vm, lambda st: status_after(vm, st, outcome, self.node, deleting=True))
         if mine:
-            return SyncResult("Terminating", retry_after=outcome.requeue_after, outcome="acted")
+            return SyncResult(retry_after=outcome.requeue_after, outcome="acted")
         self.forget(domain, vm.metadata.uid or "")
-        return SyncResult("Terminating", outcome="acted", finished=True)
+        return SyncResult(outcome="acted", finished=True)
 
     def _sync(self, body: Body, vm: VirtualMachine) -> SyncResult:
         try:
@@ -170,13 +169,13 @@ class VmSync:
             self._report(
                 body, vm, lambda st: status_waiting(vm, st, reason, message, condition), reason, message
             )
-            return SyncResult("Provisioning", retry_after=self.retry_seconds, outcome="waiting")
+            return SyncResult(retry_after=self.retry_seconds, outcome="waiting")
         except (UnsupportedSpecError, UnsafeNameError) as exc:
             message = str(exc)
             self._report(
                 body, vm, lambda st: status_failed(vm, st, "InvalidSpec", message), "InvalidSpec", message
             )
-            return SyncResult("Failed", outcome="invalid")
+            return SyncResult(outcome="invalid")
         except HypervisorUnavailableError as exc:
             message = f"libvirt is unavailable on {self.node}: {exc}"
             self._report(
@@ -186,19 +185,19 @@ class VmSync:
                 "HypervisorUnavailable",
                 message,
             )
-            return SyncResult(vm.status.phase, retry_after=self.retry_seconds, outcome="unavailable")
+            return SyncResult(retry_after=self.retry_seconds, outcome="unavailable")
         except (HypervisorError, OSError) as exc:
             reason = "HypervisorError" if isinstance(exc, HypervisorError) else "HostError"
             message = str(exc)
             self._report(body, vm, lambda st: status_failed(vm, st, reason, message), reason, message)
-            return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
+            return SyncResult(retry_after=self.retry_seconds, outcome="failed")
         except Exception as exc:  # a bug, or input nobody foresaw: said, never a crash loop
             log.exception("%s: sync failed", _domain(vm))
             message = f"the agent could not handle this VM: {type(exc).__name__}: {exc}"[:500]
             self._report(
                 body, vm, lambda st: status_failed(vm, st, "InternalError", message), "InternalError", message
             )
-            return SyncResult("Failed", retry_after=self.retry_seconds, outcome="failed")
+            return SyncResult(retry_after=self.retry_seconds, outcome="failed")
         outcome, readiness = self._probe(body, vm, outcome)
         count = self.snapshots(vm.metadata.namespace or "", vm.metadata.name)
         old = dict(body.get("status") or {})
@@ -230,9 +229,7 @@ class VmSync:
                 "the guest stopped and was started again per runStrategy",
                 "Warning",
             )
-        return SyncResult(
-            fields.phase, retry_after=outcome.requeue_after, outcome="acted" if outcome.actions else "idle"
-        )
+        return SyncResult(retry_after=outcome.requeue_after, outcome="acted" if outcome.actions else "idle")
 
     def _probe(self, body: Body, vm: VirtualMachine, outcome: Outcome) -> tuple[Outcome, Readiness | None]:
         """Keep the VM's probes in step with its domain; a liveness probe that failed restarts the

@@ -270,14 +270,14 @@ class Watcher:
         finalizers = meta.get("finalizers") or []
         if meta.get("deletionTimestamp"):
             if self.finalizer not in finalizers:
-                return SyncResult("Terminating", finished=True)
+                return SyncResult(finished=True)
             result = self.sync.delete(body)
             if result.finished:
                 log.info("%s/%s: domain and files removed", meta["namespace"], meta["name"])
                 self.writer.remove_finalizer(body, self.finalizer)
             return result
         if self.marks.role(meta.get("uid", "")) == "out":
-            return SyncResult("Migrating", retry_after=self.sync.retry_seconds, outcome="waiting")
+            return SyncResult(retry_after=self.sync.retry_seconds, outcome="waiting")
         if self.finalizer not in finalizers:
             # The controller adds it when it binds the VM; a VM labeled by other means gets it here.
             self.writer.add_finalizer(body, self.finalizer)

@@ -15,14 +15,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bytes(path: Path, data: bytes, mode: int = 0o600, tmp: Path | None = None) -> None:
     """Replace ``path`` with ``data``; ``tmp`` is where it is written first (default: a dot-name
     beside it)."""
