@@ -78,9 +78,10 @@ from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import NodeFirmware
 from formation_vmm.health import Health, within
 from formation_vmm.host.paths import AlreadyRunningError, hold_lock
+from formation_vmm.images.collector import GarbageCollector
 from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
-from formation_vmm.images.node import GarbageCollector, NodeImages
+from formation_vmm.images.node import NodeImages
 from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
 from formation_vmm.migration_rules import Limits
 from formation_vmm.sealing import NodeKey

@@ -20,9 +20,10 @@ from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import BaseImage, Owner
 from formation_vmm.host.paths import remove_tree
 from formation_vmm.host.qemu_img import info as disk_info
+from formation_vmm.images.collector import GarbageCollector
 from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
-from formation_vmm.images.node import GarbageCollector, ImageNotReadyError, NodeImages
+from formation_vmm.images.node import ImageNotReadyError, NodeImages
 from formation_vmm.sealing import NodeKey, image_context, key_id, seal
 from tests.support import image_files as files
 from tests.support.image_server import ImageServer, serve

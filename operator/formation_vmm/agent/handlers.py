@@ -48,7 +48,8 @@ from formation_vmm.api.quantity import format_mebibytes
 from formation_vmm.config import Settings
 from formation_vmm.domain.naming import domain_name
 from formation_vmm.health import Health
-from formation_vmm.images.node import GarbageCollector, NodeImages
+from formation_vmm.images.collector import GarbageCollector
+from formation_vmm.images.node import NodeImages
 from formation_vmm.kopf_settings import watch_only
 from formation_vmm.kube import ApiError, Kube
 from formation_vmm.sealing import NodeKey

@@ -22,7 +22,8 @@ from formation_vmm.host.paths import UnsafePathError, ensure_inside
 from formation_vmm.images import fetch
 from formation_vmm.images.cache import ImageCache
 from formation_vmm.images.fetch import FetchError, FetchLimits, Throttle
-from formation_vmm.images.formats import ImageRefusedError, progress_text, qcow2_backing_name
+from formation_vmm.images.formats import ImageRefusedError, progress_text
+from formation_vmm.images.overlays import backs, overlay_bases, size_of
 from formation_vmm.images.pipeline import Expectation, import_fetched
 from formation_vmm.images.reporting import LatestReporter
 from formation_vmm.images.scheduling import FairPool
@@ -208,7 +209,7 @@ class NodeImages:
             return None
         bases = overlay_bases(self.layout.disks_dir)
         held = sum(
-            _size(p) for paths in self.cache.blobs_on_disk().values() if _backs(paths, bases) for p in paths
+            size_of(p) for paths in self.cache.blobs_on_disk().values() if backs(paths, bases) for p in paths
         )
         if held < self.max_cache_bytes:
             return None
@@ -390,120 +391,3 @@ def _details(cached: BaseImage) -> VmImageStatus:
     return VmImageStatus(
         progress="100%", size=cached.size, virtual_size=cached.virtual_size, format=cached.format
     )
-
-
-def overlay_bases(disks_dir: Path) -> set[str]:
-    """The backing files named by the qcow2 disks under ``disks_dir`` (VM overlays)."""
-    found: set[str] = set()
-    if not disks_dir.is_dir():
-        return found
-    for disk in disks_dir.glob("*/*/*/*.qcow2"):  # <namespace>/<vm>/<uid>/<disk>.qcow2
-        if disk.is_symlink() or not disk.is_file():
-            continue
-        with disk.open("rb") as f:
-            backing = qcow2_backing_name(f.read(4096))
-        if backing:
-            found.add(backing)
-    return found
-
-
-class GarbageCollector:
-    """Removes cached bases no VmImage and no VM overlay refers to, ``grace`` seconds after
-    they were first seen unreferenced (a VmImage deleted and re-created meanwhile keeps its
-    base). The clock is this process's: a restarted agent waits a full grace period again.
-
-    With ``max_bytes`` (the admin's cap on this node's cache, ``image_cache_max_bytes``), a
-    cache past it loses bases no VM overlay on the node uses, least recently stored first, live
-    VmImage or not, grace or not: a VmImage whose base went is fetched again when a VM needs
-    it. Bases under a VM's disk are never removed (the disk would be lost)."""
-
-    def __init__(self, images: NodeImages, grace_seconds: float, max_bytes: int = 0) -> None:
-        self.images = images
-        self.grace = grace_seconds
-        self.max_bytes = max_bytes
-        self._unreferenced_since: dict[str, float] = {}
-
-    def collect(self, live: list[VmImage], now: float | None = None) -> list[str]:
-        """Returns the content hashes removed."""
-        metrics.IMAGE_GC_RUNS.inc()
-        images = self.images
-        cache = images.cache
-        if not cache.root.is_dir():
-            return []
-        moment = time.monotonic() if now is None else now
-        keys = set()
-        for image in live:
-            try:
-                keys.add(spec_key(image, images.layout))
-            except (ImageRefusedError, FetchError, OSError):
-                continue
-        keys |= images.known_spec_keys(live)
-        for key in cache.spec_keys():
-            if key not in keys:
-                cache.forget_spec(key)
-        referenced = {sha for sha in (cache.recalled_sha(k) for k in cache.spec_keys()) if sha}
-        bases = overlay_bases(images.layout.disks_dir)
-        removed = []
-        for sha, paths in cache.blobs_on_disk().items():
-            if sha in referenced or _backs(paths, bases):
-                self._unreferenced_since.pop(sha, None)
-                continue
-            since = self._unreferenced_since.setdefault(sha, moment)
-            if moment - since >= self.grace:
-                for path in paths:
-                    path.unlink(missing_ok=True)
-                self._unreferenced_since.pop(sha, None)
-                removed.append(sha)
-                metrics.IMAGE_CACHE_REMOVED.inc()
-                log.info("removed cached image %s: unreferenced for %.0fs", sha[:12], moment - since)
-        if self.max_bytes:
-            removed += self._evict(bases)
-        return removed
-
-    def _evict(self, bases: set[str]) -> list[str]:
-        """Unused bases out, oldest first, until the cache is within its cap."""
-        cache = self.images.cache
-        blobs = cache.blobs_on_disk()
-        total = sum(_size(p) for paths in blobs.values() for p in paths)
-        unused = [
-            (min(_mtime(p) for p in paths), sha, paths)
-            for sha, paths in blobs.items()
-            if not _backs(paths, bases)
-        ]
-        removed = []
-        for _, sha, paths in sorted(unused):
-            if total <= self.max_bytes:
-                break
-            for key in cache.spec_keys():
-                if cache.recalled_sha(key) == sha:
-                    cache.forget_spec(key)
-            for path in paths:
-                total -= _size(path)
-                path.unlink(missing_ok=True)
-            self.images.forget_base(sha)
-            self._unreferenced_since.pop(sha, None)
-            removed.append(sha)
-            metrics.IMAGE_CACHE_REMOVED.inc()
-            log.info(
-                "removed cached image %s: the cache is past its cap of %d bytes", sha[:12], self.max_bytes
-            )
-        return removed
-
-
-def _backs(paths: list[Path], bases: set[str]) -> bool:
-    """Whether a cached base (its files) is the backing file of a VM disk (``overlay_bases``)."""
-    return any(str(p) in bases for p in paths)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
