@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import ssl
+import subprocess
 import sys
 import time
 import urllib.request
@@ -33,19 +34,39 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not start; the message names the log to read."""
 
 
-def find_binaries(bin_dir: Path | None = None) -> Path:
-    """The directory holding every binary: ``bin_dir``, ``$VMM_BIN_DIR``, ``$KUBEBUILDER_ASSETS``."""
+def find_binaries(bin_dir: Path | None = None, recorded: Path | None = None) -> Path:
+    """The directory holding every binary, the one way every ``vmm dev`` verb and test looks:
+    ``bin_dir``, ``$VMM_BIN_DIR``, ``$KUBEBUILDER_ASSETS``, the directory a dev cluster
+    recorded when it started (the file ``recorded``), then the cache hack/control-plane-bins.sh
+    fills (when run from a clone)."""
     candidates = [bin_dir] if bin_dir else []
     candidates += [
         Path(p) for p in (os.environ.get("VMM_BIN_DIR"), os.environ.get("KUBEBUILDER_ASSETS")) if p
     ]
-    for cand in candidates:
+    if recorded is not None and recorded.is_file():
+        candidates.append(Path(recorded.read_text().strip()))
+    for cand in [*candidates, *_cached()]:
         if all((cand / b).exists() for b in BINARIES):
             return cand
     raise ControlPlaneError(
         "kube-apiserver, kube-controller-manager, kubectl, etcd and helm were not found; run "
         "hack/control-plane-bins.sh and set VMM_BIN_DIR to the directory it prints"
     )
+
+
+def _cached() -> list[Path]:
+    """Where hack/control-plane-bins.sh keeps the pinned versions (it says, with --dir: the
+    versions live in that script alone); nothing outside a clone."""
+    script = Path(__file__).resolve().parents[3] / "hack" / "control-plane-bins.sh"
+    if not script.is_file():
+        return []
+    found = subprocess.run(  # noqa: S603 - our own script, fixed argv
+        ["bash", str(script), "--dir"],  # noqa: S607 - bash from PATH, as hack/ runs it
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [Path(found.stdout.strip())] if found.returncode == 0 and found.stdout.strip() else []
 
 
 @dataclass(frozen=True)
@@ -80,13 +101,7 @@ class ControlPlane:
     def binaries(self) -> Path:
         """The binaries this plane runs with: as given, found, or as recorded when it started
         (so `vmm dev status` works from a shell without VMM_BIN_DIR)."""
-        recorded = self.root / "bin-dir"
-        try:
-            return find_binaries(self.bin_dir)
-        except ControlPlaneError:
-            if recorded.exists():
-                return find_binaries(Path(recorded.read_text().strip()))
-            raise
+        return find_binaries(self.bin_dir, self.root / "bin-dir")
 
     def running(self) -> bool:
         table = self.processes.read()

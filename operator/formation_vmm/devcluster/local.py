@@ -212,7 +212,7 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
 def _kubelet_cluster(root: Path) -> NodeCluster:
     """The node brings nothing but the kernel: libvirtd and QEMU run in the chart's own pods
     (its `libvirtd.enabled`), as on a node that has only /dev/kvm."""
-    return NodeCluster(root / "kubelet", find_binaries(), chart_libvirtd=True)
+    return NodeCluster(root / "kubelet", find_binaries(recorded=root / "bin-dir"), chart_libvirtd=True)
 
 
 def _up_kubelet(sample: bool) -> int:
