@@ -50,7 +50,8 @@ RELAY_STREAMS = Counter(
     "vmm_agent_relay_streams_total",
     "Connections through the migration relay, by side (out: for a migration from this node; in: to"
     " it), stream (libvirt, memory, disks) and outcome (relayed, refused, failed, cut: ended by the"
-    " target because its migration no longer asked for it).",
+    " target because its migration no longer asked for it; call-refused: a libvirt call a migration"
+    " does not make).",
     ["side", "stream", "outcome"],
 )
 RELAY_BYTES = Counter(

@@ -23,11 +23,13 @@ from formation_vmm.agent.confinement import confinement_problem
 from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.handlers import AgentMemo, migration_endpoint
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
+from formation_vmm.agent.hypervisor import migration as libvirt_migration
 from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.hypervisor.nwfilters import HypervisorFilters
 from formation_vmm.agent.image_status import ImageStatusReporter
 from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
+from formation_vmm.agent.migration_calls import MigrationCalls
 from formation_vmm.agent.migration_marks import MigrationMarks
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations, Tuning
 from formation_vmm.agent.networks import NodeNetworks
@@ -35,7 +37,7 @@ from formation_vmm.agent.node_guard import NodeGuard
 from formation_vmm.agent.peer_certificates import PeerCertificates
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.relay import Identity, Relay
+from formation_vmm.agent.relay import Identity, Relay, Stream
 from formation_vmm.agent.relay_access import RelayAccess
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
@@ -415,7 +417,7 @@ def run_agent(settings: Settings) -> None:
         events,
         queue.add,
     )
-    relay = _relay(settings, kube, node)
+    relay = _relay(settings, kube, node, hypervisor)
     guard = _guard(settings, hypervisor, relay, networks)
     migrations = NodeMigrations(
         node, kube, hypervisor, reconciler, sync, cache, watcher.marks,
@@ -472,7 +474,7 @@ def run_agent(settings: Settings) -> None:
     )
 
 
-def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
+def _relay(settings: Settings, kube: Kube, node: str, hypervisor: Hypervisor) -> Relay | None:
     """The migration relay, started, when this node takes migrations through it."""
     if not settings.migration_relay_listen:
         return None
@@ -489,6 +491,12 @@ def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
     # GET per connection.
     certificate = PeerCertificates(published)
 
+    access = RelayAccess(kube, node, _migration_tuning(settings).limits)
+
+    def calls(stream: Stream) -> MigrationCalls:
+        domain = access.domain_of(stream)
+        return MigrationCalls(domain, lambda: libvirt_migration.own_definition(hypervisor, domain))
+
     relay = Relay(
         node,
         Identity.load_or_create(settings.state_dir / "relay", node),
@@ -496,9 +504,10 @@ def _relay(settings: Settings, kube: Kube, node: str) -> Relay | None:
         settings.migration_relay_dir,
         settings.migration_relay_host_dir or settings.migration_relay_dir,
         settings.migration_libvirt_socket,
-        RelayAccess(kube, node, _migration_tuning(settings).limits),
+        access,
         certificate,
         _owner(settings.migration_relay_socket_owner),
+        calls,
     )
     relay.start()
     return relay

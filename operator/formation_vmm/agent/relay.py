@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from formation_vmm import metrics
+from formation_vmm.agent.libvirt_rpc import Packet, RpcError, read_packet
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +185,17 @@ class Relay:
         authorize: Authorize,
         certificates: Certificates,
         socket_owner: tuple[int, int] | None = None,
+        calls: "Callable[[Stream], Callable[[Packet], Packet]] | None" = None,
     ) -> None:
         """``socket_dir``: where the sessions' sockets are as libvirtd and QEMU see them;
         ``host_dir``: the same directory as this agent sees it (they differ where libvirtd has
         a mount namespace of its own); ``libvirt_socket``: this node's libvirtd, for incoming
         RPC streams; ``socket_owner``: who the target QEMU runs as, if not root (it makes its
-        sockets in the migration's directory)."""
+        sockets in the migration's directory); ``calls``: the judge of what a source may send
+        to this node's libvirtd for an incoming stream (agent/migration_calls.py), which raises
+        RpcError to cut the connection."""
         self.node = node
+        self.calls = calls
         self.socket_owner = socket_owner
         self.identity = identity
         self.listen = listen
@@ -250,7 +255,8 @@ class Relay:
             return
         stream = asked[0]
         metrics.RELAY_STREAMS.labels("in", stream.kind, "relayed").inc()
-        splice = asyncio.ensure_future(_splice(reader, writer, *local, a_to_b="in"))
+        judge = self.calls(stream) if stream.kind == "libvirt" and self.calls is not None else None
+        splice = asyncio.ensure_future(_splice(reader, writer, *local, a_to_b="in", judge=judge))
         recheck = asyncio.ensure_future(self._while_asked(source, stream))
         done, _ = await asyncio.wait({splice, recheck}, return_when=asyncio.FIRST_COMPLETED)
         if recheck in done:
@@ -438,6 +444,7 @@ async def _splice(
     b_reader: asyncio.StreamReader,
     b_writer: asyncio.StreamWriter,
     a_to_b: str,
+    judge: "Callable[[Packet], Packet] | None" = None,
 ) -> None:
     """Copy both ways until both directions end; ``a_to_b`` says whether a to b goes towards
     the other node ("out") or from it ("in"), for the byte counters. An end is passed on as a
@@ -461,9 +468,35 @@ async def _splice(
             else:
                 writer.close()
 
+    async def calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+        """As ``pump``, a libvirt RPC packet at a time, each judged first (off the loop: the
+        judge may ask this node's libvirtd for a definition)."""
+        assert judge is not None
+        counter = metrics.RELAY_BYTES.labels(direction)
+        try:
+            while (packet := await read_packet(reader)) is not None:
+                data = (await asyncio.to_thread(judge, packet)).encode()
+                writer.write(data)
+                counter.inc(len(data))
+                await writer.drain()
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        except RpcError as exc:
+            log.warning("migration relay: cut a libvirt connection: %s", exc)
+            metrics.RELAY_STREAMS.labels("in", "libvirt", "call-refused").inc()
+            a_writer.close()
+            writer.close()  # nothing of the refused call, nor after it, reaches libvirtd
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()
+            else:
+                writer.close()
+
     try:
         back = "in" if a_to_b == "out" else "out"
-        await asyncio.gather(pump(a_reader, b_writer, a_to_b), pump(b_reader, a_writer, back))
+        first = pump(a_reader, b_writer, a_to_b) if judge is None else calls(a_reader, b_writer, a_to_b)
+        await asyncio.gather(first, pump(b_reader, a_writer, back))
     finally:
         for writer in (a_writer, b_writer):
             writer.close()

@@ -13,6 +13,7 @@ from typing import Any
 from formation_vmm.agent.relay import Stream
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import MIGRATION_PLURAL, VM_PLURAL
+from formation_vmm.domain.naming import domain_name
 from formation_vmm.kube import Kube
 from formation_vmm.migration_rules import Limits, target_deadline
 
@@ -51,16 +52,28 @@ class RelayAccess:
         self.clock = clock
         self._lock = threading.Lock()
         self._allowed: dict[str, float] = {}  # migration uid -> seconds after its creation
+        self._vms: dict[str, str] = {}  # migration uid -> its VM's name
 
     def __call__(self, source: str, stream: Stream) -> str | None:
         body = self.kube.get_or_none(MIGRATION_PLURAL, stream.namespace, stream.migration)
         problem = stream_refusal(body, self.node, source, stream)
         if problem is not None or body is None:
             return problem
-        allowed = self._deadline(stream, str((body.get("spec") or {}).get("vmName") or ""))
+        vm_name = str((body.get("spec") or {}).get("vmName") or "")
+        with self._lock:
+            if len(self._vms) >= REMEMBERED:
+                self._vms.clear()
+            self._vms[stream.uid] = vm_name
+        allowed = self._deadline(stream, vm_name)
         if allowed is None:
             return "its VM is gone"
         return past_deadline(body["metadata"].get("creationTimestamp"), allowed, self.clock())
+
+    def domain_of(self, stream: Stream) -> str:
+        """The libvirt domain a stream's migration moves (after it was authorised)."""
+        with self._lock:
+            vm_name = self._vms.get(stream.uid, "")
+        return domain_name(stream.namespace, vm_name)
 
     def _deadline(self, stream: Stream, vm_name: str) -> float | None:
         with self._lock:

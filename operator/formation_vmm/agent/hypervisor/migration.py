@@ -109,6 +109,15 @@ def target_definition(target_uri: str, name: str) -> str:
             raise hypervisor_error(exc, f"reading the target's definition of {name}") from exc
 
 
+def own_definition(hypervisor: Hypervisor, name: str) -> str:
+    """This node's definition of the incoming domain ``name``, as a migration carries it: what
+    the relay puts in a source's Prepare and Finish in place of what it sent."""
+    try:
+        return str(hypervisor.require(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    except libvirt.libvirtError as exc:
+        raise hypervisor_error(exc, f"reading the definition of {name}") from exc
+
+
 def runs_on(target_uri: str, name: str, uuid: str) -> bool:
     """Whether the target's libvirtd runs the domain ``name`` with this UUID (a source agent that
     restarted mid-migration asks where its guest went)."""
