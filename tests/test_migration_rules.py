@@ -16,6 +16,7 @@ from formation_vmm.migration_rules import (
     eviction,
     progress_summary,
     restart_after_node_loss,
+    schedule,
     slot_wait,
 )
 
@@ -148,3 +149,56 @@ def test_which_vm_of_a_lost_node_starts_elsewhere(
     assert (refusal.reason if refusal else None) == reason
     if refusal is not None:
         assert refusal.message.endswith("it waits for its node")
+
+
+def never() -> Any:
+    raise AssertionError("asked for what the decision did not need")
+
+
+@pytest.mark.parametrize(
+    ("case", "facts", "expected"),
+    [
+        ("vm gone", dict(vm=None), ("Failed", "VmNotFound", None, False)),
+        ("settling", dict(vm=vm("Migrating")), ("Pending", "VmSettling", None, True)),
+        ("older moves it", dict(vm=vm("Migrating"), older="m0"), ("Failed", "AlreadyMigrating", None, False)),
+        (
+            "cannot move",
+            dict(refusal=lambda: cannot_move(vm("Stopped"), 0), older="m0"),  # its own fault first
+            ("Failed", "NotRunning", None, True),
+        ),
+        (
+            "named node takes none",
+            dict(wanted="n9", wanted_refusal=lambda: "node n9 takes no migrations", older="m0"),
+            ("Failed", "BadTarget", None, True),
+        ),
+        ("older, no fault of its own", dict(older="m0"), ("Failed", "AlreadyMigrating", None, False)),
+        ("no slot", dict(wait=lambda: "5 migrations run"), ("Pending", "LimitReached", None, True)),
+        (
+            "no target",
+            dict(target=lambda: (None, "no node has room")),
+            ("Scheduling", "NoTarget", None, True),
+        ),
+        ("starts", dict(wanted="n2", wanted_refusal=lambda: None), ("Preparing", None, "n2", True)),
+    ],
+)
+def test_what_becomes_of_a_migration_asked_for(
+    case: str, facts: dict[str, Any], expected: tuple[Any, ...]
+) -> None:
+    """Each fact is asked for only when the decision gets that far (``never`` fails otherwise)."""
+    given: dict[str, Any] = {
+        "vm": vm(),
+        "older": None,
+        "refusal": lambda: None,
+        "wanted": None,
+        "wanted_refusal": never,
+        "wait": lambda: None,
+        "target": lambda: ("n2", ""),
+    }
+    if expected[0] != "Preparing" and expected[1] not in ("NoTarget",):
+        given["target"] = never
+    if expected[1] in ("VmNotFound", "VmSettling") or (expected[1] == "AlreadyMigrating" and "vm" in facts):
+        given["refusal"] = never
+    given.update(facts)
+    verdict = schedule(vm_name="web", namespace="t", **given)
+    assert (verdict.phase, verdict.reason, verdict.target, verdict.note_on_vm) == expected, case
+    assert verdict.message, case

@@ -4,6 +4,7 @@ Whether a VM can move at all (the VM's LiveMigratable condition, and a VmMigrati
 fast with its reason), whether a migration may start now under the cluster's limits, and when
 a running one has taken too long or stopped progressing."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,6 +91,68 @@ def not_live_migratable(vm: VirtualMachine, paused: bool, snapshots: int = 0) ->
             f"{vm.metadata.labels.get(NODE_LABEL, '')} and would be left behind: delete them to move it",
         )
     return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What becomes of a VmMigration asked for: its next phase (Failed, Pending, Scheduling or
+    Preparing), why, and the target once it has one. ``note_on_vm``: whether the VM's status
+    may carry this outcome (not when another migration of the VM owns it)."""
+
+    phase: Literal["Failed", "Pending", "Scheduling", "Preparing"]
+    reason: str | None
+    message: str
+    target: str | None = None
+    note_on_vm: bool = True
+
+
+def schedule(
+    vm: VirtualMachine | None,
+    vm_name: str,
+    namespace: str,
+    older: str | None,
+    refusal: "Callable[[], Refusal | None]",
+    wanted: str | None,
+    wanted_refusal: "Callable[[], str | None]",
+    wait: "Callable[[], str | None]",
+    target: "Callable[[], tuple[str | None, str]]",
+) -> Verdict:
+    """One VmMigration's next step, from what is known of it: its VM (None: gone), ``older``
+    (another unfinished migration of the VM, made before this one), and, asked for only when
+    the decision gets that far (each costs a lookup), why the VM cannot move, why the node the
+    user named takes no migration, why no slot is free, and the target placement finds (or
+    None and why not). A request's own faults are said whatever the order in which requests
+    made together are decided; only then does an older migration win."""
+    if vm is None:
+        return Verdict(
+            "Failed", "VmNotFound", f"VM {vm_name} does not exist in namespace {namespace}", note_on_vm=False
+        )
+    if vm.status.phase == "Migrating":
+        if older is None:  # its last migration ended a moment ago: the target has yet to say Running
+            return Verdict("Pending", "VmSettling", f"VM {vm_name} is settling after its last migration")
+        return _already(vm_name, older)
+    refused = refusal()
+    if refused is not None:
+        return Verdict("Failed", refused.reason, refused.message)
+    if wanted:
+        bad = wanted_refusal()
+        if bad is not None:
+            return Verdict("Failed", "BadTarget", bad)
+    if older is not None:
+        return _already(vm_name, older)
+    why = wait()
+    if why is not None:
+        return Verdict("Pending", "LimitReached", why)
+    node, message = target()
+    if node is None:
+        return Verdict("Scheduling", "NoTarget", message)
+    return Verdict("Preparing", None, f"node {node} prepares the VM's disks and domain", target=node)
+
+
+def _already(vm_name: str, older: str) -> Verdict:
+    return Verdict(
+        "Failed", "AlreadyMigrating", f"VM {vm_name} is being moved by VmMigration {older}", note_on_vm=False
+    )
 
 
 def slot_wait(asked: Slot, busy: list[Slot], limits: Limits, drains_waiting: int = 0) -> str | None:

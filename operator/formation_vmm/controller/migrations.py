@@ -36,7 +36,9 @@ from formation_vmm.migration_rules import (
     SLOT_PHASES,
     Limits,
     Slot,
+    Verdict,
     cannot_move,
+    schedule,
     slot_wait,
 )
 
@@ -152,55 +154,55 @@ class MigrationScheduler:
                 self._note_on_vm(body)
 
     def _schedule(self, body: Body) -> None:
+        """Gathers what ``schedule`` (migration_rules.py) asks for, and carries out its verdict."""
         mig = VmMigration.model_validate(body)
         namespace = mig.metadata.namespace or ""
         vm_body = self.kube.get_or_none(VM_PLURAL, namespace, mig.spec.vm_name)
-        if vm_body is None:
-            self._fail(body, "VmNotFound", f"VM {mig.spec.vm_name} does not exist in namespace {namespace}")
-            return
-        vm = VirtualMachine.model_validate(vm_body)
-        older = self._older_active(body)
-        if vm.status.phase == "Migrating" and older is None:
-            # Its last migration ended a moment ago: the target's agent has yet to say Running.
-            self._wait(
-                body, "Pending", "VmSettling", f"VM {vm.metadata.name} is settling after its last migration"
-            )
-            return
-        if vm.status.phase == "Migrating":
-            self._already(body, vm, older)
-            return
-        refusal = cannot_move(vm, self._snapshots_of(namespace, vm.metadata.name))
-        if refusal is not None:
-            self._fail(body, refusal.reason, refusal.message, vm_body)
-            return
-        source = vm.metadata.labels[NODE_LABEL]
+        vm = VirtualMachine.model_validate(vm_body) if vm_body is not None else None
+        source = vm.metadata.labels.get(NODE_LABEL, "") if vm is not None else ""
         wanted = mig.spec.target_node
-        if wanted and not self.binder.takes_migrations(wanted, source):
-            self._fail(
-                body, "BadTarget", self.binder.migration_target(vm_body, source, wanted).message, vm_body
-            )
-            return
-        # After the request's own faults, so that each says its own reason whatever the order
-        # in which requests made together are decided.
-        if older is not None:
-            self._already(body, vm, older)
-            return
-        busy, drains_waiting = self._slots(mig.metadata.uid or "")
-        wait = slot_wait(Slot(source, namespace, _drain(body)), busy, self.limits, drains_waiting)
-        if wait is not None:
-            self._wait(body, "Pending", "LimitReached", wait)
-            return
-        decision = self.binder.migration_target(vm_body, source, wanted)
-        if decision.node is None:
-            self._wait(body, "Scheduling", "NoTarget", decision.message)
-            return
-        target = decision.node
+
+        def wanted_refusal() -> str | None:
+            assert vm_body is not None and wanted
+            if self.binder.takes_migrations(wanted, source):
+                return None
+            return self.binder.migration_target(vm_body, source, wanted).message
+
+        def wait() -> str | None:
+            busy, drains_waiting = self._slots(mig.metadata.uid or "")
+            return slot_wait(Slot(source, namespace, _drain(body)), busy, self.limits, drains_waiting)
+
+        def target() -> tuple[str | None, str]:
+            assert vm_body is not None
+            decision = self.binder.migration_target(vm_body, source, wanted)
+            return decision.node, decision.message
+
+        verdict = schedule(
+            vm,
+            mig.spec.vm_name,
+            namespace,
+            self._older_active(body),
+            lambda: cannot_move(vm, self._snapshots_of(namespace, mig.spec.vm_name)) if vm else None,
+            wanted,
+            wanted_refusal,
+            wait,
+            target,
+        )
+        if verdict.phase == "Failed":
+            self._fail(body, verdict.reason or "", verdict.message, vm_body if verdict.note_on_vm else None)
+        elif verdict.phase != "Preparing":
+            self._wait(body, verdict.phase, verdict.reason or "", verdict.message)
+        else:
+            assert vm_body is not None and verdict.target is not None
+            self._start(body, vm_body, source, verdict)
+
+    def _start(self, body: Body, vm_body: Body, source: str, verdict: Verdict) -> None:
         fields = VmMigrationStatus(
             phase="Preparing",
             reason=None,
-            message=f"node {target} prepares the VM's disks and domain",
+            message=verdict.message,
             source_node=source,
-            target_node=target,
+            target_node=verdict.target,
             start_time=now(),
         )
         written = self.migrations.write(
@@ -209,12 +211,10 @@ class MigrationScheduler:
         if written is not None and _phase(written) == "Preparing":
             self.event("MODIFIED", written)  # its slot counts for the next decision at once
             self._note_on_vm(written, vm_body)
+            name = body["metadata"]["name"]
             self.events.post(
-                vm_body, VM_KIND, "Migrating", f"moving from {source} to {target} ({mig.metadata.name})"
+                vm_body, VM_KIND, "Migrating", f"moving from {source} to {verdict.target} ({name})"
             )
-
-    def _already(self, body: Body, vm: VirtualMachine, older: str | None) -> None:
-        self._fail(body, "AlreadyMigrating", f"VM {vm.metadata.name} is being moved by VmMigration {older}")
 
     def _check_nodes(self, body: Body) -> None:
         """A migration whose source or target node went silent ends, with the reason."""
