@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     # Start even when the node's libvirt confines QEMU with nothing (agent/confinement.py):
     # for development and tests only, where QEMU runs as root in a private libvirtd.
     allow_unconfined_qemu: bool = False
+    # The group each VM's QEMU runs in beside its own uid (qemu_uids.py); default: the group
+    # that owns /dev/kvm as the agent sees it (the chart mounts it where domainType is kvm),
+    # else the VM's uid.
+    qemu_group: int | None = Field(default=None, ge=0)
     # The network namespace the agent's probes connect from (a file such as /run/netns/x), where
     # the node's VM networks live in one of their own (the dev cluster, the tests); unset: the
     # agent's own (a real node, whose VM networks are the host's).

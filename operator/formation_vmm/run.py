@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -355,6 +356,8 @@ def run_agent(settings: Settings) -> None:
         ClusterInputs(kube, node_images, images, key, node),
         networks=networks,
         echoes=echoes,
+        qemu_gid=_qemu_group(settings),
+        qemu_uids=_qemu_uids_possible(settings),
         firmware=NodeFirmware(
             bios=settings.kernel_path,
             efi_code=settings.efi_code,
@@ -511,6 +514,31 @@ def _relay(settings: Settings, kube: Kube, node: str, hypervisor: Hypervisor) ->
     )
     relay.start()
     return relay
+
+
+def _qemu_uids_possible(settings: Settings) -> bool:
+    """Whether a QEMU running as a uid of its own reaches the VM's files: every directory above
+    them lets others through (the chart's and the manifests' do; a dev cluster under a home
+    directory may not). Otherwise each VM's QEMU runs as the node's QEMU user, said here."""
+    for top in (settings.disks_dir, settings.vm_dir, settings.image_cache_dir):
+        closed = [d for d in [top, *top.parents] if d.exists() and not d.stat().st_mode & stat.S_IXOTH]
+        if closed:
+            log.warning(
+                "each VM's QEMU runs as the node's QEMU user, not a uid of its own: %s lets no "
+                "other user through (docs/security.md)",
+                closed[0],
+            )
+            return False
+    return True
+
+
+def _qemu_group(settings: Settings) -> int | None:
+    if settings.qemu_group is not None:
+        return settings.qemu_group
+    try:
+        return os.stat("/dev/kvm").st_gid
+    except OSError:
+        return None
 
 
 def _guard(

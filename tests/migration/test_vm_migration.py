@@ -36,6 +36,7 @@ from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.local import node_names
 from formation_vmm.devcluster.processes import alive, spawn
+from tests.support.cluster import open_to_qemu
 from tests.support.scraper import scrape, scraper_token
 from tests.support.seeds import seed_user_data
 from tests.support.waiting import wait_for
@@ -128,6 +129,7 @@ def cluster() -> Iterator[Cluster]:
     # This machine has 2 CPUs, each node reports them all: room for a drain's four VMs on one.
     env["VMM_CPU_OVERCOMMIT"] = "8"
     short = Path(tempfile.mkdtemp(prefix="vmm-mig-", dir="/tmp"))  # node sockets live under it
+    open_to_qemu(short)
     env["VMM_DEV_DIR"] = str(short / "dev")
     up = run(env, sys.executable, "-m", "formation_vmm.cli", "dev", "up", "--nodes", "3")
     try:

@@ -19,6 +19,7 @@ from formation_vmm.api.names import MIGRATION_ENDPOINT_ANNOTATION
 from formation_vmm.devcluster import operator_image
 from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, HELM_UPGRADE, NodeCluster
 from tests.support.binaries import binaries
+from tests.support.cluster import open_to_qemu
 from tests.support.node_pods import (
     all_ready,
     commands_naming,
@@ -38,7 +39,11 @@ NS = "formation-vmm"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     started = time.monotonic()
-    c = NodeCluster(tmp_path_factory.mktemp("node-cluster"), binaries())
+    root = tmp_path_factory.mktemp("node-cluster")
+    # The node's own libvirtd reaches the VMs' files by their paths here: each VM's QEMU, as a
+    # uid of its own, must get through (inside the agent's container those paths look open).
+    open_to_qemu(root)
+    c = NodeCluster(root, binaries())
     c.start()
     print(
         f"node cluster (plane, libvirtd, containerd, kubelet, kube-proxy): {time.monotonic() - started:.1f}s"

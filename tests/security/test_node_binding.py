@@ -15,6 +15,7 @@ from formation_vmm.api.names import (
     ADMITTED_ANNOTATION,
     MACS_ANNOTATION,
     NODE_LABEL,
+    QEMU_UID_ANNOTATION,
     agent_finalizer,
 )
 from formation_vmm.devcluster.cluster import Kubectl, service_account_kubeconfig
@@ -300,19 +301,24 @@ def test_a_tenant_cannot_forge_what_the_controller_admitted_or_the_macs_it_gave(
     fleet: Fleet, ns: str, tenant: Kubectl
 ) -> None:
     """The admitted record says what the agent may apply of a spec (issue 26, finding 1); the
-    MAC record, which MAC an interface keeps (finding 6). Neither is the tenant's to write."""
+    MAC record, which MAC an interface keeps (finding 6); the QEMU uid, which uid its QEMU runs
+    as, and so which VM's files it may touch (finding 10). None is the tenant's to write."""
     doc = yaml.safe_load(vm_doc(ns, "recorded"))
     doc["spec"]["networks"] = [{"name": "eth0"}]
     for key, value in (
         (ADMITTED_ANNOTATION, "digest=0000000000000000,cpus=1,memory=67108864,disk=0"),
         (MACS_ANNOTATION, "eth0=02:00:00:00:00:01"),
+        (QEMU_UID_ANNOTATION, "1000000001"),
     ):
         forged = {**doc, "metadata": {**doc["metadata"], "annotations": {key: value}}}
         err = refused(tenant, "create", "-f", "-", input_text=yaml.safe_dump(forged))
-        assert "records of what it admitted of a VM's spec and of the MACs it gave" in err, key
+        assert "records of what it admitted of a VM's spec" in err, key
     tenant("create", "-f", "-", input_text=yaml.safe_dump(doc))
     vm = fleet.wait_phase(ns, "recorded", "Running")
-    records = {k: vm["metadata"]["annotations"][k] for k in (ADMITTED_ANNOTATION, MACS_ANNOTATION)}
+    records = {
+        k: vm["metadata"]["annotations"][k]
+        for k in (ADMITTED_ANNOTATION, MACS_ANNOTATION, QEMU_UID_ANNOTATION)
+    }
     assert records[MACS_ANNOTATION].startswith("eth0=02:")
     for key in records:
         for args in ((f"{key}=x", "--overwrite"), (f"{key}-",)):

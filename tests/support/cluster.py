@@ -6,6 +6,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ def private_plane(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterat
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), binaries())
+    open_to_qemu(plane.root)
     started = time.monotonic()
     plane.start()
     print(f"control plane ready in {time.monotonic() - started:.1f}s")
@@ -53,3 +55,14 @@ def ns(kubectl: Kubectl) -> Iterator[str]:
     yield name
     kubectl("delete", "vm", "--all", "-n", name, "--wait=true", "--timeout=60s", check=False)
     kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def open_to_qemu(path: Path) -> None:
+    """Let any user through ``path`` and the directories above it under /tmp (o+x, not o+r):
+    each VM's QEMU runs as a uid of its own and must reach its files, and pytest's and
+    mkdtemp's directories are 0700 (the agent would otherwise run QEMU as the node's user, and
+    the tests would not see the per-VM uids; run.py says so at start)."""
+    for directory in [path, *path.parents]:
+        if directory == Path("/tmp") or Path("/tmp") not in directory.parents:
+            break
+        directory.chmod(directory.stat().st_mode | 0o001)

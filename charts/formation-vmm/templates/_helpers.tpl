@@ -19,9 +19,10 @@ libvirtd.conf: |
   auth_unix_ro = "none"
   auth_unix_rw = "none"
   host_uuid_source = "machine-id"
-# QEMU as libvirt-qemu, its files chowned to it for their VM's run by libvirt's DAC driver;
-# no MAC driver (the image has no AppArmor profiles, and a container cannot load any). No
-# cgroups of libvirt's: the guests count against this pod's.
+# Each VM's QEMU as a uid of its own (a static DAC label in its domain; the agent hands it its
+# files); as libvirt-qemu, its files chowned to it by libvirt's DAC driver, for a VM bound
+# before uids were recorded. No MAC driver (the image has no AppArmor profiles, and a container
+# cannot load any). No cgroups of libvirt's: the guests count against this pod's.
 qemu.conf: |
   user = "libvirt-qemu"
   group = "libvirt-qemu"

@@ -3,12 +3,13 @@
 temporary name and renamed, so a crash never leaves a half-made disk under the real name."""
 
 import os
+import shutil
 from pathlib import Path
 
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import BaseImage, DomainSpec, Owner
 from formation_vmm.host import qemu_img
-from formation_vmm.host.paths import make_dir
+from formation_vmm.host.paths import make_dir, open_new
 
 
 def _create(base: Path, path: Path, args: list[str]) -> None:
@@ -43,6 +44,37 @@ def resize_offline(path: Path, size: int) -> None:
     qemu_img.run("resize", "-q", "-f", "qcow2", str(path), str(size))
 
 
+# The VM's own files, handed to its QEMU's uid: disks, UEFI variables (and their snapshots'
+# copies), the cloud-init seed. The console log stays virtlogd's, a restore's marker the agent's.
+_QEMU_FILES = (".qcow2", ".fd", ".iso")
+
+
+def hand_over(directories: list[Path], owner: tuple[int, int] | None) -> None:
+    """The VM's files in ``directories`` to ``owner`` (its QEMU's, qemu_uids.py), 0600: its QEMU
+    reads and writes them, no other VM's can. The directories stay root's (0711), so nothing but
+    the agent makes a name in them, and no symlink is followed."""
+    if owner is None:
+        return
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            if path.suffix in _QEMU_FILES and path.is_file() and not path.is_symlink():
+                os.chown(path, *owner, follow_symlinks=False)
+                os.chmod(path, 0o600)
+
+
+def _nvram_from_template(nvram: Path, template: Path) -> None:
+    """The VM's UEFI variables made from the template, as libvirt would at first start; made
+    here so they can be handed to the VM's QEMU uid before it starts."""
+    if nvram.exists():
+        return
+    tmp = nvram.with_name(f".{nvram.name}.tmp")
+    with os.fdopen(open_new(tmp, 0o600), "wb") as out, template.open("rb") as source:
+        shutil.copyfileobj(source, out)
+    os.replace(tmp, nvram)
+
+
 def prepare(
     spec: DomainSpec,
     sizes: dict[str, int],
@@ -51,10 +83,14 @@ def prepare(
     bases: dict[str, BaseImage],
 ) -> None:
     """Create what the domain refers to: its runtime directory, its overlays and blank disks,
-    and the directory of its NVRAM (libvirt makes the file itself, from the template)."""
+    and the directory of its NVRAM (libvirt makes the file itself, from the template, unless
+    the VM's QEMU runs as its own uid: then it is made here, to be handed over)."""
     make_dir(runtime_base, spec.console_log.parent)
-    if spec.firmware is not None and spec.firmware.nvram is not None:
-        make_dir(disks_base, spec.firmware.nvram.parent)
+    firmware = spec.firmware
+    if firmware is not None and firmware.nvram is not None:
+        make_dir(disks_base, firmware.nvram.parent)
+        if spec.qemu_uid is not None and firmware.nvram_template is not None:
+            _nvram_from_template(firmware.nvram, firmware.nvram_template)
     for disk in spec.disks:
         size = sizes.get(disk.name)
         if disk.name in bases:

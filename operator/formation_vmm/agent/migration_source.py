@@ -65,7 +65,12 @@ class OutgoingMigrations(MigrationWork):
         earlier = self.marks.get(vm_uid)
         self.marks.set(Mark(vm_uid, "out", uid, namespace, vm.metadata.name, mig.metadata.name))
         try:
-            with self._route(endpoint, namespace, mig.metadata.name, uid) as route, self.sync.locked(dom):
+            with (
+                self._route(
+                    endpoint, namespace, mig.metadata.name, uid, self.reconciler.qemu_owner(vm)
+                ) as route,
+                self.sync.locked(dom),
+            ):
                 info = self.hypervisor.describe(dom)
                 if info is None or not info.actual.active:
                     uuid = vm.status.domain_uuid or ""
@@ -99,7 +104,9 @@ class OutgoingMigrations(MigrationWork):
         self._moved(body, vm, job)
 
     @contextlib.contextmanager
-    def _route(self, endpoint: Endpoint, namespace: str, migration: str, uid: str) -> Iterator[Route]:
+    def _route(
+        self, endpoint: Endpoint, namespace: str, migration: str, uid: str, owner: tuple[int, int] | None
+    ) -> Iterator[Route]:
         """The way to the target for this migration: a relay session, or straight there."""
         if not endpoint.relay:
             short = uid.replace("-", "")[:12]
@@ -116,7 +123,7 @@ class OutgoingMigrations(MigrationWork):
                 "NoRelay", f"node {self.node} has no migration relay to reach the target with"
             )
         with self.relay.outgoing(
-            Stream(namespace, migration, uid, ""), endpoint.relay, endpoint.certificate
+            Stream(namespace, migration, uid, ""), endpoint.relay, endpoint.certificate, owner
         ) as route:
             yield route
 

@@ -57,7 +57,7 @@ class IncomingMigrations(MigrationWork):
                     self.hypervisor.undefine(dom)
                 self.reconciler.prepare_incoming(vm, uuid)
                 if self.relay is not None:
-                    self.relay.incoming(uid)  # where the target QEMU's sockets go
+                    self.relay.incoming(uid, self.reconciler.qemu_owner(vm))  # its QEMU makes sockets there
         except InputNotReadyError as exc:
             log.info("migration %s/%s waits on the target: %s", namespace, mig.metadata.name, exc)
             with self._lock:

@@ -29,6 +29,7 @@ from formation_vmm.domain.naming import domain_name
 from formation_vmm.domain.spec import BaseImage, DomainSpec, NodeFirmware
 from formation_vmm.domain.xml import domain_xml, spec_hash
 from formation_vmm.host.paths import remove_tree
+from formation_vmm.qemu_uids import qemu_owner
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,16 @@ class Reconciler:
         networks: VmNetworks | None = None,
         firmware: NodeFirmware | None = None,
         echoes: Echoes | None = None,
+        qemu_gid: int | None = None,
+        qemu_uids: bool = True,
     ) -> None:
+        """``qemu_uids``: whether each VM's QEMU runs as the uid the controller recorded for it
+        (qemu_uids.py; the agent's start says why not when not); ``qemu_gid``: the group it runs
+        in beside that uid (the group that owns the node's /dev/kvm, so QEMU can open it; None:
+        the VM's uid as its group)."""
         self.hypervisor = hypervisor
+        self.qemu_gid = qemu_gid
+        self.qemu_uids = qemu_uids
         self.echoes = echoes or Echoes()  # told of each call whose lifecycle event only echoes it
         self.layout = layout
         self.domain_type = domain_type
@@ -86,7 +95,9 @@ class Reconciler:
 
     def desired_spec(self, vm: VirtualMachine, images: dict[str, BaseImage]) -> DomainSpec:
         """The domain the VM asks for; raises when an input is not ready or the spec is unusable."""
-        spec = build_domain_spec(vm, self.layout, self.domain_type, images, self.firmware)
+        spec = build_domain_spec(
+            vm, self.layout, self.domain_type, images, self.firmware, self.qemu_owner(vm)
+        )
         if spec.firmware is not None:
             missing = [str(path) for path in spec.firmware.files() if not path.is_file()]
             if missing:
@@ -224,6 +235,16 @@ class Reconciler:
             for path in [p for p in self._sizes if p.parent == disk_dir]:
                 self._sizes.pop(path, None)
 
+    def _hand_over(self, vm: VirtualMachine) -> None:
+        """The VM's own files to its QEMU's uid (qemu_uids.py), before each start."""
+        owner = owner_of(vm)
+        own = [self.layout.runtime_dir(owner), self.layout.disk_dir(owner)]
+        files.hand_over(own, self.qemu_owner(vm))
+
+    def qemu_owner(self, vm: VirtualMachine) -> tuple[int, int] | None:
+        """(uid, gid) the VM's QEMU runs as here; None: the node's QEMU user."""
+        return qemu_owner(vm, self.qemu_gid) if self.qemu_uids else None
+
     def hard_stop(self, vm: VirtualMachine) -> None:
         """Stop the guest at once (its liveness probe failed): the next plan starts it again as
         after a crash, per runStrategy."""
@@ -301,10 +322,12 @@ class Reconciler:
                     self.layout.seed_path(owner_of(vm)),
                     seed_files(vm, self.inputs.user_data(vm)),
                 )
+            self._hand_over(vm)
         elif action is Action.DEFINE:
             assert spec is not None
             self.hypervisor.define(domain_xml(spec))
         elif action is Action.START:
+            self._hand_over(vm)  # files made or put back since (a restore's UEFI variables)
             self.hypervisor.start(name)
         elif action is Action.SUSPEND:
             self.hypervisor.suspend(name)

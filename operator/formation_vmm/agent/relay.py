@@ -229,14 +229,16 @@ class Relay:
 
     # --- the target's side ---
 
-    def incoming(self, migration_uid: str) -> Path:
-        """The directory the target QEMU's sockets go to for this migration (made here)."""
+    def incoming(self, migration_uid: str, owner: tuple[int, int] | None = None) -> Path:
+        """The directory the target QEMU's sockets go to for this migration (made here), its
+        QEMU's: ``owner`` (the VM's own uid and gid), else the node's QEMU user."""
         path = self.host_dir / session_name(migration_uid)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self.socket_owner is not None:
+        owner = owner or self.socket_owner
+        if owner is not None:
             # Only QEMU may make sockets there: a local user who could would be sent the guest's
             # memory by this relay.
-            os.chown(path, *self.socket_owner)
+            os.chown(path, *owner)
         return path
 
     def forget(self, migration_uid: str) -> None:
@@ -335,9 +337,13 @@ class Relay:
     # --- the source's side ---
 
     @contextlib.contextmanager
-    def outgoing(self, stream: Stream, address: str, certificate: str) -> Iterator[Route]:
+    def outgoing(
+        self, stream: Stream, address: str, certificate: str, owner: tuple[int, int] | None = None
+    ) -> Iterator[Route]:
         """Listen on this migration's sockets for as long as the caller needs the target; every
-        connection made to them goes to the target's relay at ``address``."""
+        connection made to them goes to the target's relay at ``address``. The source QEMU's
+        sockets are ``owner``'s (the VM's own uid and gid), else the node's QEMU user's."""
+        owner = owner or self.socket_owner
         name = session_name(stream.uid)
         directory = self.host_dir / name
         directory.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -354,8 +360,8 @@ class Relay:
                 servers.append(self._call(asyncio.start_unix_server(serve, str(directory / socket))))
                 # libvirtd (root) dials the RPC socket, the source QEMU the others: nobody else.
                 os.chmod(directory / socket, 0o600)
-                if self.socket_owner is not None and kind != "libvirt":
-                    os.chown(directory / socket, *self.socket_owner)
+                if owner is not None and kind != "libvirt":
+                    os.chown(directory / socket, *owner)
             seen = self.socket_dir / name
             yield Route(
                 libvirtd_uri=libvirt_uri(seen / SOCKETS["libvirt"]),

@@ -102,6 +102,9 @@ ADDRESSES_ANNOTATION = f"{GROUP}/addresses"
 # The MACs the controller gave the VM's interfaces that name none (``iface=mac`` joined by
 # commas): unique on each network, kept for the VM's life. Only the controller may set it.
 MACS_ANNOTATION = f"{GROUP}/macs"
+# The uid and gid the VM's QEMU runs as (qemu_uids.py): given at binding, kept for the VM's life.
+# Only the controller may set it.
+QEMU_UID_ANNOTATION = f"{GROUP}/qemu-uid"
 # What the controller admitted of a bound VM's spec (api/admission.py): the digest of the
 # placement-relevant fields and the resources counted for it. A spec whose digest differs is
 # held: the agent keeps running the VM as admitted. Only the controller may set it.

@@ -28,6 +28,7 @@ from formation_vmm.api.names import (
     MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
     OUT_OF_SERVICE_TAINT,
+    QEMU_UID_ANNOTATION,
     VM_KIND,
     agent_finalizer,
 )
@@ -39,6 +40,7 @@ from formation_vmm.ipam import AddressBook, AddressesExhaustedError, assigned, e
 from formation_vmm.kube import EventRecorder, StatusWriter
 from formation_vmm.macs import MacBook, MacInUseError, encode_macs, legacy_mac, recorded_macs
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
+from formation_vmm.qemu_uids import UidBook, recorded_uid
 from formation_vmm.quota import Quota, Usage, quota_of, refusal
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class _Plan:
     reason: str = "Unschedulable"
     addresses: dict[str, tuple[str, str]] = field(default_factory=dict)
     macs: dict[str, str] = field(default_factory=dict)
+    qemu_uid: int | None = None
     done: bool = False  # bound already: nothing to write
 
 
@@ -149,6 +152,7 @@ class Binder:
         self.networks = networks or NetworkCatalog()
         self.addresses = AddressBook()
         self.macs = MacBook()
+        self.qemu_uids = UidBook()
         # Nothing is bound before every VM's assignments are known (``seed``): a restarted
         # controller that bound from a half-delivered watch could hand out an address twice.
         self.seeded = False
@@ -284,9 +288,11 @@ class Binder:
                 self._changes.pop(uid, None)
                 self.addresses.release(uid)
                 self.macs.release(uid)
+                self.qemu_uids.release(uid)
                 if freed is not None:
                     self.changed.set()
                 return
+            self.qemu_uids.record(uid, recorded_uid(body["metadata"].get("annotations") or {}))
             # The addresses annotation (the IPAM record) holds its addresses, bound or not; one
             # outside its network's range is not believed.
             self.addresses.record(uid, assigned(body), self.networks.ranges())
@@ -521,7 +527,9 @@ class Binder:
                     request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
                 )
             macs: dict[str, str] = {}
+            qemu_uid: int | None = None
             if decision.node is not None:
+                qemu_uid = self.qemu_uids.assign(uid)
                 try:
                     macs = self.macs.assign(uid, _mac_asks(vm), {})
                     addresses = self.addresses.assign(
@@ -536,7 +544,7 @@ class Binder:
                 # Count it now, so the next VM in this pass sees the slot as taken.
                 self._hold(uid, _bound_from(decision.node, body, vm, admitted_of(vm.spec)))
                 self._pending.pop(uid, None)
-        return _Plan(body, vm, decision, reason, addresses, macs)
+        return _Plan(body, vm, decision, reason, addresses, macs, qemu_uid)
 
     def _mac_refusal(self, vm: VirtualMachine, exc: MacInUseError) -> str:
         """Says whose the MAC is: by name within the namespace, not beyond it."""
@@ -572,7 +580,9 @@ class Binder:
             metrics.BINDINGS.labels(plan.reason.lower()).inc()
             self._unschedulable(body, vm, decision.message, plan.reason)
             return decision
-        if not self._write_binding(body, vm, decision.node, decision.message, plan.addresses, plan.macs):
+        if not self._write_binding(
+            body, vm, decision.node, decision.message, plan.addresses, plan.macs, plan.qemu_uid
+        ):
             metrics.BINDINGS.labels("conflict").inc()
             uid = vm.metadata.uid or ""
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
@@ -580,6 +590,7 @@ class Binder:
                 self.addresses.release(uid)
                 self.addresses.record(uid, assigned(body), self.networks.ranges())
                 self.macs.release(uid)
+                self.qemu_uids.release(uid)
             self.changed.set()  # the newer version may be in the pending set already
             return decision
         metrics.BINDINGS.labels("bound").inc()
@@ -593,6 +604,7 @@ class Binder:
         why: str,
         addresses: dict[str, tuple[str, str]],
         macs: dict[str, str],
+        qemu_uid: int | None = None,
     ) -> bool:
         """True when the VM is bound to ``node``; False when it is gone or changed since the
         decision (the watch brings the truth, and the binder decides again). One write, at the
@@ -609,6 +621,8 @@ class Binder:
             annotations[ADDRESSES_ANNOTATION] = encode_addresses(addresses)
         if macs:
             annotations[MACS_ANNOTATION] = encode_macs(macs)
+        if qemu_uid is not None and recorded_uid(meta.get("annotations") or {}) is None:
+            annotations[QEMU_UID_ANNOTATION] = str(qemu_uid)
         patch: dict[str, Any] = {
             "labels": {NODE_LABEL: node},
             "finalizers": finalizers,

@@ -115,9 +115,11 @@ def build_domain_spec(
     domain_type: str,
     images: Mapping[str, BaseImage] | None = None,
     firmware: NodeFirmware | None = None,
+    qemu: tuple[int, int] | None = None,
 ) -> DomainSpec:
     """``images`` maps each name of ``image_names(vm)`` to its cached base on this node;
-    ``firmware``, the node's firmware files (default: Debian's)."""
+    ``firmware``, the node's firmware files (default: Debian's); ``qemu``, the uid and gid its
+    QEMU runs as (qemu_uids.py), None for the node's QEMU user."""
     images = images or {}
     missing = [name for name in image_names(vm) if name not in images]
     if missing:
@@ -180,4 +182,6 @@ def build_domain_spec(
         interfaces=interfaces,
         kernel=kernel,
         firmware=firmware_files(vm, layout, owner, firmware or NodeFirmware()),
+        qemu_uid=qemu[0] if qemu else None,
+        qemu_gid=qemu[1] if qemu else None,
     )

@@ -98,6 +98,10 @@ class DomainSpec:
     kernel: KernelFiles | None = None
     firmware: FirmwareFiles | None = None
     uuid: str | None = None
+    # The uid and gid its QEMU runs as (qemu_uids.py); None: the node's QEMU user (a VM bound
+    # before the controller recorded one).
+    qemu_uid: int | None = None
+    qemu_gid: int | None = None
 
     @property
     def vcpus(self) -> int:
