@@ -544,18 +544,16 @@ def _qemu_group(settings: Settings) -> int | None:
 def _guard(
     settings: Settings, hypervisor: Hypervisor, relay: Relay | None, networks: NodeNetworks
 ) -> NodeGuard | None:
-    """The nwfilters that keep guests off this node's ports, defined before any domain starts
-    (node_guard.py); libvirt's test driver runs no guest and has no nwfilters."""
-    if not hypervisor.runs_qemu:
+    """The nwfilters that keep guests off this node's ports (node_guard.py), defined now if
+    libvirtd answers, else with the resync once it does (the chart's libvirtd pod may start
+    after the agent's); libvirt's test driver runs no guest and has no nwfilters."""
+    if settings.libvirt_uri.startswith("test:"):
         return None
     listening = [(settings.api_host, settings.api_port)]
     if relay is not None:
         listening.append((relay.listen[0], relay.port))
     guard = NodeGuard(HypervisorFilters(hypervisor), listening, networks.gateways)
-    try:
-        guard.start()
-    except HypervisorError as exc:
-        raise SystemExit(f"cannot keep guests off the node's ports: {exc}") from exc
+    guard.refresh()
     return guard
 
 

@@ -1,9 +1,9 @@
 """Keeps the node's own ports out of its guests' reach (issue 26, finding 7): the nwfilter
 ``formation-vmm-node-ports`` drops guest TCP to every address where the agent listens (its
 public API, its migration relay) and to every VmNetwork's gateway (the node's own address on
-the guests' bridge, where a guest reaches the node first). Defined before any domain starts,
-and again when the set changes (a new VmNetwork): libvirt applies a redefined filter to the
-running guests at once."""
+the guests' bridge, where a guest reaches the node first). Defined at the agent's start (or as
+soon as libvirtd answers), and again when the set changes (a new VmNetwork): libvirt applies a
+redefined filter to the running guests at once."""
 
 import ipaddress
 import logging
@@ -46,22 +46,20 @@ class NodeGuard:
     def addresses(self) -> set[str]:
         return {a for a, _ in self.listening if a is not None} | set(self.gateways())
 
-    def start(self) -> None:
-        """Both filters, before any domain that refers to them starts (a failure stops the
-        agent: a guest started without them would reach the node's ports)."""
-        self.filters.define(GUEST_FILTER, guest_filter_xml)
-        self.refresh()
-
     def refresh(self) -> None:
-        """The ports filter again if its rules changed (the resync calls it)."""
+        """Both filters, defined or brought up to date: at the agent's start, then with every
+        resync (a new network's gateway; a libvirtd that did not answer yet). Until they are
+        defined no guest starts without them: libvirt refuses to start a domain whose filter it
+        does not know, and the sync tries again."""
         addresses, ports = self.addresses(), self.ports()
         rules = node_ports_xml(addresses, ports)
         if rules == self._applied:
             return
         try:
             self.filters.define(NODE_PORTS_FILTER, lambda uuid: node_ports_xml(addresses, ports, uuid))
+            self.filters.define(GUEST_FILTER, guest_filter_xml)
         except HypervisorError as exc:
-            log.warning("cannot keep guests off the node's ports: %s", exc)
+            log.warning("cannot keep guests off the node's ports yet: %s", exc)
             return
         self._applied = rules
         log.info("guests kept off ports %s of %s", ports, ", ".join(sorted(addresses)) or "no address")
