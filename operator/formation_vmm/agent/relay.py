@@ -28,7 +28,7 @@ import re
 import shutil
 import ssl
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -459,31 +459,25 @@ async def _splice(
     migration stream and NBD all end their connections with a full close, so nothing they send
     is cut off."""
 
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
+    async def chunks(reader: asyncio.StreamReader, judged: bool) -> AsyncIterator[bytes]:
+        """What to pass on: the bytes as read, or (``judged``) a libvirt RPC packet at a time,
+        each judged first (off the loop: the judge may ask this node's libvirtd)."""
+        if not judged:
+            while chunk := await reader.read(CHUNK):
+                yield chunk
+            return
+        assert judge is not None
+        while (packet := await read_packet(reader)) is not None:
+            yield (await asyncio.to_thread(judge, packet)).encode()
+
+    async def pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str, judged: bool = False
+    ) -> None:
         counter = metrics.RELAY_BYTES.labels(direction)
         try:
-            while chunk := await reader.read(CHUNK):
+            async for chunk in chunks(reader, judged):
                 writer.write(chunk)
                 counter.inc(len(chunk))
-                await writer.drain()
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
-            pass
-        with contextlib.suppress(OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
-            else:
-                writer.close()
-
-    async def calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
-        """As ``pump``, a libvirt RPC packet at a time, each judged first (off the loop: the
-        judge may ask this node's libvirtd for a definition)."""
-        assert judge is not None
-        counter = metrics.RELAY_BYTES.labels(direction)
-        try:
-            while (packet := await read_packet(reader)) is not None:
-                data = (await asyncio.to_thread(judge, packet)).encode()
-                writer.write(data)
-                counter.inc(len(data))
                 await writer.drain()
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
@@ -501,8 +495,9 @@ async def _splice(
 
     try:
         back = "in" if a_to_b == "out" else "out"
-        first = pump(a_reader, b_writer, a_to_b) if judge is None else calls(a_reader, b_writer, a_to_b)
-        await asyncio.gather(first, pump(b_reader, a_writer, back))
+        await asyncio.gather(
+            pump(a_reader, b_writer, a_to_b, judged=judge is not None), pump(b_reader, a_writer, back)
+        )
     finally:
         for writer in (a_writer, b_writer):
             writer.close()

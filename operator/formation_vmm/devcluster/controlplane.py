@@ -45,13 +45,21 @@ def find_binaries(bin_dir: Path | None = None, recorded: Path | None = None) -> 
     ]
     if recorded is not None and recorded.is_file():
         candidates.append(Path(recorded.read_text().strip()))
-    for cand in [*candidates, *_cached()]:
-        if all((cand / b).exists() for b in BINARIES):
+    for cand in candidates:
+        if _complete(cand):
+            return cand
+    # The script's cache last, asked only when nothing else has them (it runs a subprocess).
+    for cand in _cached():
+        if _complete(cand):
             return cand
     raise ControlPlaneError(
         "kube-apiserver, kube-controller-manager, kubectl, etcd and helm were not found; run "
         "hack/control-plane-bins.sh and set VMM_BIN_DIR to the directory it prints"
     )
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / b).exists() for b in BINARIES)
 
 
 def _cached() -> list[Path]:
