@@ -30,7 +30,15 @@ class Settings(BaseSettings):
 
     config_path: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    api_port: int = Field(default=3003, ge=0, le=65535, description="health, metrics and console HTTP port")
+    api_port: int = Field(default=3003, ge=0, le=65535, description="health and metrics HTTP port")
+    # The agent's TLS port for the controller only: consoles and counters (agent/controller_api.py);
+    # 0: not served. A followed console's response lasts this long at most, under the apiserver's
+    # request timeout (60 s): the client asks again from where it got to.
+    access_port: int = Field(default=3004, ge=0, le=65535)
+    console_segment_seconds: float = Field(default=45.0, gt=0)
+    # The controller's aggregated API (controller/subresources.py), behind the apiserver; 0: off.
+    subresources_port: int = Field(default=8443, ge=0, le=65535)
+    subresources_host: str = "0.0.0.0"  # noqa: S104 - the apiserver comes from outside the pod
     # The agent's node-local debug endpoints (/vms, /images, consoles of every VM), on
     # 127.0.0.1 only; 0: not served.
     debug_port: int = Field(default=0, ge=0, le=65535)
@@ -94,8 +102,6 @@ class Settings(BaseSettings):
     shutdown_seconds: float = Field(default=10.0, gt=0)
     # How long a VM whose inputs or hypervisor were not ready waits before it is tried again.
     retry_seconds: float = Field(default=10.0, gt=0)
-    # The address other machines reach this agent's API at (defaults to http://<node>:<port>).
-    advertise_url: str | None = None
     node_lost_seconds: float = Field(default=40.0, gt=0)
     # Live migration (docs/migration.md). KubeVirt's defaults: 5 at once in the cluster, 2 out
     # of each node, 150 s per GiB copied at most, 150 s without progress at most. 0: no

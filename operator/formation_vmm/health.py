@@ -111,7 +111,7 @@ def _run(checks: dict[str, Check]) -> list[str]:
 
 
 # Why a caller may not read /metrics (HTTP status, message), or None: the agent's names every
-# tenant's VMs, so it asks the apiserver who the caller is (agent/access.py).
+# tenant's VMs, so it asks the apiserver who the caller is (access.py).
 MetricsGuard = Callable[[str | None], Awaitable[tuple[int, str] | None]]
 
 

@@ -3,6 +3,7 @@ Secrets, Nodes, Events, reviews. ``ApiException`` is turned into this module's e
 objects come back as plain dicts (custom objects as the API sends them, core objects serialized
 the same way), so callers never see the client library's types."""
 
+import base64
 import contextlib
 import json
 import logging
@@ -107,6 +108,7 @@ class Kube:
         self._auth = client.AuthenticationV1Api(self._client)
         self._authz = client.AuthorizationV1Api(self._client)
         self._coordination = client.CoordinationV1Api(self._client)
+        self._registration = client.ApiregistrationV1Api(self._client)
 
     @classmethod
     def from_kubeconfig(cls, path: str) -> "Kube":
@@ -260,6 +262,50 @@ class Kube:
         """A Secret (its data base64, as the API sends it). The controller's only: agents read
         no Secrets (sealing.py)."""
         return self._plain(self._call(self._core.read_namespaced_secret, name, namespace))
+
+    def create_secret(self, namespace: str, body: Body) -> Body:
+        return self._plain(self._call(self._core.create_namespaced_secret, namespace, body))
+
+    def config_map(self, namespace: str, name: str) -> Body:
+        return self._plain(self._call(self._core.read_namespaced_config_map, name, namespace))
+
+    def api_service(self, name: str) -> Body:
+        return self._plain(self._call(self._registration.read_api_service, name))
+
+    def api_service_ca(self, name: str) -> str | None:
+        """The CA bundle an APIService names (PEM), or None when it names none or is missing."""
+        try:
+            bundle = (self.api_service(name).get("spec") or {}).get("caBundle")
+        except NotFoundError:
+            return None
+        return base64.b64decode(bundle).decode() if bundle else None
+
+    def patch_api_service(self, name: str, patch: Body) -> None:
+        self._call(self._registration.patch_api_service, name, patch)
+
+    def stream(self, path: str, query: dict[str, str], timeout: float) -> Any:
+        """GET ``path`` of the apiserver with this client's credentials, its body unread: the
+        urllib3 response (``read1``, ``release_conn``), for bodies that stream (an aggregated
+        API's console). An error status is an ApiError with the apiserver's message."""
+        method, url, headers, _, _ = self._client.param_serialize(
+            "GET",
+            path,
+            query_params=list(query.items()),
+            header_params={"Accept": "*/*", "User-Agent": self._client.user_agent},
+            auth_settings=["BearerToken"],
+        )
+        with _unreachable_as_api_error():
+            # (connect, each read): a long body is no timeout; a silence of ``timeout`` is.
+            response = self._client.call_api(method, url, headers, _request_timeout=(10, timeout)).response
+        if response.status >= 400:
+            body = response.read(65536).decode(errors="replace")
+            response.release_conn()
+            message = body.strip() or str(response.reason)
+            with contextlib.suppress(ValueError, AttributeError):
+                message = str(json.loads(body).get("message") or message)
+            kind = {404: NotFoundError, 409: ConflictError}.get(response.status, ApiError)
+            raise kind(response.status, message)
+        return response
 
     def node(self, name: str) -> Body:
         return self._plain(self._call(self._core.read_node, name))

@@ -8,7 +8,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import kopf
@@ -16,13 +16,14 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from formation_vmm import health as health_http
-from formation_vmm import metrics
-from formation_vmm.agent import debug_api
+from formation_vmm import metrics, tls
+from formation_vmm.access import CallerAccess
+from formation_vmm.agent import controller_api, debug_api
 from formation_vmm.agent import handlers as agent_handlers
-from formation_vmm.agent.access import CallerAccess
 from formation_vmm.agent.confinement import confinement_problem
+from formation_vmm.agent.controller_api import ControllerCertificate
 from formation_vmm.agent.echoes import Echoes
-from formation_vmm.agent.handlers import AgentMemo, migration_endpoint
+from formation_vmm.agent.handlers import AgentMemo, access_annotation, migration_endpoint
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
 from formation_vmm.agent.hypervisor import migration as libvirt_migration
 from formation_vmm.agent.hypervisor.guest_agent import guest_ping
@@ -61,11 +62,13 @@ from formation_vmm.api.names import (
     NODE_LABEL,
     RESTORE_PLURAL,
     SNAPSHOT_PLURAL,
+    SUBRESOURCES_API_SERVICE,
     VM_PLURAL,
     agent_finalizer,
 )
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
+from formation_vmm.controller import subresources
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.drain import Drainer
 from formation_vmm.controller.handlers import ControllerMemo
@@ -129,6 +132,7 @@ async def _serve(
     routes: list[web.RouteDef] | None = None,
     local_routes: list[web.RouteDef] | None = None,
     metrics_guard: health_http.MetricsGuard | None = None,
+    background: list[Callable[[], Coroutine[Any, Any, None]]] | None = None,
 ) -> None:
     ready = asyncio.Event()
     runner = await health_http.serve(
@@ -146,6 +150,9 @@ async def _serve(
         health.started.set()
 
     waiter = asyncio.create_task(started())
+    # Servers and loops of their own (the controller's aggregated API, the agent's access port).
+    # Each runs until kopf stops, and is cancelled then.
+    others = [asyncio.create_task(each(), name=each.__name__) for each in background or []]
     try:
         await kopf.operator(
             registry=registry,
@@ -165,6 +172,8 @@ async def _serve(
         # cut off in is idempotent (the next process converges).
         _exit_after(settings.shutdown_seconds)
         waiter.cancel()
+        for task in others:
+            task.cancel()
         for each in runners:
             await each.cleanup()
 
@@ -262,7 +271,12 @@ def run_controller(settings: Settings) -> None:
     )
     _vm_watch_health(health, state.vm_watch)
     health.live_check("loops", lambda: _tasks_alive(state))
-    asyncio.run(_serve(settings, registry, state, health))
+
+    async def aggregated_api() -> None:
+        await subresources.run(kube, namespace, settings.subresources_host, settings.subresources_port)
+
+    background = [aggregated_api] if settings.subresources_port else []
+    asyncio.run(_serve(settings, registry, state, health, background=background))
 
 
 RETRY_BIND = controller_handlers.RETRY_SECONDS
@@ -369,7 +383,8 @@ def run_agent(settings: Settings) -> None:
     events = EventRecorder(kube, AGENT, node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     prober = _prober(settings, hypervisor, queue.add)
-    endpoint = settings.advertise_url or f"http://{node}:{settings.api_port}"
+    # The agent's key and self-signed certificate: the relay's and the access port's.
+    identity = Identity.load_or_create(settings.state_dir / "relay", node)
     snapshot_index = SnapshotIndex()
     sync = VmSync(
         reconciler,
@@ -378,7 +393,6 @@ def run_agent(settings: Settings) -> None:
         node,
         settings.retry_seconds,
         prober,
-        endpoint,
         on_written=cache.written,
         snapshots=snapshot_index.count,
     )
@@ -420,7 +434,7 @@ def run_agent(settings: Settings) -> None:
         events,
         queue.add,
     )
-    relay = _relay(settings, kube, node, hypervisor)
+    relay = _relay(settings, kube, node, hypervisor, identity)
     guard = _guard(settings, hypervisor, relay, networks)
     migrations = NodeMigrations(
         node, kube, hypervisor, reconciler, sync, cache, watcher.marks,
@@ -430,7 +444,7 @@ def run_agent(settings: Settings) -> None:
     state = AgentMemo(
         settings=settings,
         node=node,
-        endpoint=endpoint,
+        access=access_annotation(settings, identity),
         kube=kube,
         hypervisor=hypervisor,
         queue=queue,
@@ -462,22 +476,52 @@ def run_agent(settings: Settings) -> None:
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
     REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
     REGISTRY.register(ProbeCollector(prober.states, cache.labels, node))
-    access = CallerAccess(kube)
     asyncio.run(
         _serve(
             settings,
             registry,
             state,
             health,
-            routes=debug_api.public_routes(hypervisor, layout, health, access, cache.labels),
+            routes=debug_api.public_routes(hypervisor, health),
             local_routes=debug_api.node_local_routes(hypervisor, layout, networks.libvirt),
             # Its series name every tenant's VMs: for Prometheus only (formation-vmm-metrics-reader).
-            metrics_guard=access.metrics_refusal,
+            metrics_guard=CallerAccess(kube).metrics_refusal,
+            background=_access_port(settings, kube, hypervisor, layout, identity),
         )
     )
 
 
-def _relay(settings: Settings, kube: Kube, node: str, hypervisor: Hypervisor) -> Relay | None:
+def _access_port(
+    settings: Settings, kube: Kube, hypervisor: Hypervisor, layout: NodeLayout, identity: Identity
+) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+    """The agent's TLS port for the controller (agent/controller_api.py), and the loop that
+    keeps the controller's certificate current; none when the port is 0."""
+    if not settings.access_port:
+        return []
+    context = tls.server_context(identity.pair())
+    controller = ControllerCertificate(
+        lambda: kube.api_service_ca(SUBRESOURCES_API_SERVICE), tls.GrowingTrust(context)
+    )
+
+    async def serve() -> None:
+        app = web.Application()
+        app.add_routes(
+            controller_api.routes(hypervisor, layout, controller, settings.console_segment_seconds)
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api_host, settings.access_port, ssl_context=context).start()
+        try:
+            await controller.keep_fresh()
+        finally:
+            await runner.cleanup()
+
+    return [serve]
+
+
+def _relay(
+    settings: Settings, kube: Kube, node: str, hypervisor: Hypervisor, identity: Identity
+) -> Relay | None:
     """The migration relay, started, when this node takes migrations through it."""
     if not settings.migration_relay_listen:
         return None
@@ -502,7 +546,7 @@ def _relay(settings: Settings, kube: Kube, node: str, hypervisor: Hypervisor) ->
 
     relay = Relay(
         node,
-        Identity.load_or_create(settings.state_dir / "relay", node),
+        identity,
         (host.strip("[]"), int(port)),
         settings.migration_relay_dir,
         settings.migration_relay_host_dir or settings.migration_relay_dir,
@@ -550,6 +594,8 @@ def _guard(
     if settings.libvirt_uri.startswith("test:"):
         return None
     listening = [(settings.api_host, settings.api_port)]
+    if settings.access_port:
+        listening.append((settings.api_host, settings.access_port))
     if relay is not None:
         listening.append((relay.listen[0], relay.port))
     guard = NodeGuard(HypervisorFilters(hypervisor), listening, networks.gateways)

@@ -44,7 +44,7 @@ HOLD = "hold=here:NoSchedule"
 RUN_ENV = (
     "VMM_API_PORT",
     "VMM_API_HOST",
-    "VMM_ADVERTISE_URL",
+    "VMM_ACCESS_PORT",
 )  # keeps new VMs off a node while the test fills the other
 
 

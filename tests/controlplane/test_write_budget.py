@@ -67,7 +67,7 @@ def test_a_vm_reaches_running_in_two_writes_and_no_events(fleet: Fleet, ns: str)
     assert "status" not in bound or not bound["status"].get("nodeName")
     # The agent's one write says everything the binding means.
     status = running["status"]
-    assert status["nodeName"] == "node-a" and status["agentEndpoint"] and status["vcpus"] == 1
+    assert status["nodeName"] == "node-a" and status["vcpus"] == 1
     assert condition(running, "Scheduled")["status"] == "True"
     given = bound["metadata"]["annotations"][ADDRESSES_ANNOTATION]
     assert given == f"eth0=default/{status['interfaces'][0]['ipAddress']}"

@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from formation_vmm.api.names import (
-    AGENT_ENDPOINT_ANNOTATION,
     MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
     agent_finalizer,
@@ -102,7 +101,8 @@ class Cluster:
 
     def relay_counts(self, node: str) -> dict[str, float]:
         """The node's agent's migration relay counters, ``name{labels}`` -> value."""
-        url = self.node_annotation(node, AGENT_ENDPOINT_ANNOTATION)
+        port = json.loads((self.root / "info.json").read_text())["agent_ports"][node]
+        url = f"http://127.0.0.1:{port}"
         if self._scraper_token is None:
             self._scraper_token = scraper_token(self.kubectl)
         lines = scrape(url, self._scraper_token).splitlines()

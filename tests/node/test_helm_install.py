@@ -100,10 +100,9 @@ def test_helm_install_runs_the_product_on_a_real_node(cluster: NodeCluster) -> N
     wait_for(lambda: cluster.in_node("curl", "-sf", "--max-time", "3", f"http://{address}/").returncode == 0,
              120, "the guest's HTTP server")  # fmt: skip
     boot_id = guest_boot_id(cluster, address)
-    assert vm["status"]["agentEndpoint"] == f"http://{cluster.node.node_ip}:3003"
 
-    # The console through the agent's port, with the user's token (where users are: on the
-    # node's network).
+    # The console through the apiserver: our APIService, proxied to a controller pod, which asks
+    # the agent on the node's address over mutual TLS (the certificates the chart's pods made).
     console = cluster.in_node(
         "env", f"KUBECONFIG={cluster.kubeconfig}", str(ROOT / ".venv" / "bin" / "kubectl-vm"),
         "console", "sample", "--no-follow",
@@ -215,7 +214,7 @@ def test_kubectl_apply_k_manifests_takes_over_the_running_vm(cluster: NodeCluste
     vm = wait_for(lambda: sample_running(kubectl, ready=True), 120, "the sample VM Ready under the new agent")
     assert qemu_pids(cluster) == pids
     assert guest_boot_id(cluster, address) == boot_id
-    assert vm["status"]["agentEndpoint"] == f"http://{cluster.node.node_ip}:3003"
+    assert vm["status"]["nodeName"] == cluster.node.name
 
 
 def test_a_node_stopped_with_pods_running_leaves_nothing_behind(tmp_path: Path) -> None:

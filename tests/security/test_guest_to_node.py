@@ -34,7 +34,8 @@ def test_a_guest_cannot_reach_the_agents_port_on_the_node(
 ) -> None:
     network = json.loads(fleet.kubectl("get", "vmnetwork", "default", "-o", "json"))
     gateway = str(ipaddress.IPv4Network(network["spec"]["subnet"], strict=False).network_address + 1)
-    guarded, other = fleet.agents[QEMU_NODE].port, free_port()
+    agent = fleet.agents[QEMU_NODE]
+    guarded, access, other = agent.port, int(agent.env["VMM_ACCESS_PORT"]), free_port()
     (tmp_path / "index.html").write_text("hello from the node\n")
     servers = [
         subprocess.Popen(
@@ -44,20 +45,21 @@ def test_a_guest_cannot_reach_the_agents_port_on_the_node(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for port in (guarded, other)
+        for port in (guarded, access, other)
     ]
     try:
         images(fleet, ns, guest_files)
-        guest(fleet, ns, "prober", f"vmm.fetch={gateway}:{other},{gateway}:{guarded}")
+        guest(fleet, ns, "prober", f"vmm.fetch={gateway}:{other},{gateway}:{guarded},{gateway}:{access}")
 
-        # Three rounds of both tries on the console.
-        wait_for(lambda: len(console_lines(fleet, ns, "prober", FETCHED)) >= 6, 150, "the guest's tries")
+        # Three rounds of the three tries on the console.
+        wait_for(lambda: len(console_lines(fleet, ns, "prober", FETCHED)) >= 9, 150, "the guest's tries")
         seen: dict[str, set[str]] = {}
         for line in console_lines(fleet, ns, "prober", FETCHED):
             target, _, outcome = line.partition(" ")
             seen.setdefault(target, set()).add(outcome.split(":")[0])
         assert seen[f"{gateway}:{other}"] == {"ok"}, seen  # the node answers the guest...
-        assert seen[f"{gateway}:{guarded}"] == {"failed"}, seen  # ...except on the agent's port
+        assert seen[f"{gateway}:{guarded}"] == {"failed"}, seen  # ...except on the agent's ports
+        assert seen[f"{gateway}:{access}"] == {"failed"}, seen
     finally:
         for server in servers:
             server.terminate()

@@ -62,6 +62,9 @@ FAST = {
     "VMM_IMAGE_GC_INTERVAL_SECONDS": "1",
     # Exactly the loopback address the tests serve images from; everything else stays refused.
     "VMM_IMAGE_EGRESS_ALLOW": "127.0.0.1/32",
+    # A followed console's responses end this often (45 s, under the apiserver's 60, by default):
+    # the console tests see the plugin go on across them.
+    "VMM_CONSOLE_SEGMENT_SECONDS": "2",
 }
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
@@ -299,6 +302,7 @@ def fleet(control_plane: ControlPlane, kubectl: Kubectl, qemu_node: LibvirtNode)
         control_plane,
         {"VMM_NODE_LOST_SECONDS": "6", "VMM_SEAL_REFRESH_SECONDS": "2"},
         kubeconfig=controller_config,
+        route=kubectl,
     )
     agents = {
         node: start_agent(

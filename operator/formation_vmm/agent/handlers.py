@@ -3,6 +3,7 @@ queues a key; the queue's workers and the components built in ``run.py`` do the 
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from formation_vmm.agent.inputs import ImageCatalog
 from formation_vmm.agent.migrations import Endpoint, NodeMigrations
 from formation_vmm.agent.networks import NodeNetworks
 from formation_vmm.agent.node_guard import NodeGuard
-from formation_vmm.agent.relay import Relay
+from formation_vmm.agent.relay import Identity, Relay
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.watch import VmCache, Watcher
@@ -26,7 +27,7 @@ from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VmImage
 from formation_vmm.api.names import (
-    AGENT_ENDPOINT_ANNOTATION,
+    AGENT_ACCESS_ANNOTATION,
     AGENT_KEY_ANNOTATION,
     CAPACITY_CPUS_ANNOTATION,
     CAPACITY_DISK_ANNOTATION,
@@ -67,7 +68,7 @@ class AgentMemo:
 
     settings: Settings
     node: str
-    endpoint: str
+    access: str | None  # the Node annotation: how the controller reaches us (None: it does not)
     kube: Kube
     hypervisor: Hypervisor
     queue: WorkQueue
@@ -106,7 +107,7 @@ def disk_capacity(disks_dir: Path) -> int:
 
 
 def publish_node(state: AgentMemo) -> None:
-    """Write this node's capacity (less the reserve), VM count, endpoint and a heartbeat."""
+    """Write this node's capacity (less the reserve), VM count, endpoints and a heartbeat."""
     if state.capacity is None:  # once: the host does not change under us
         state.capacity = (*state.hypervisor.capacity(), disk_capacity(state.settings.disks_dir))
     cpus, memory, disk = state.capacity
@@ -117,7 +118,8 @@ def publish_node(state: AgentMemo) -> None:
         CAPACITY_MEMORY_ANNOTATION: format_mebibytes(max(memory - settings.reserved_memory, 0)),
         CAPACITY_DISK_ANNOTATION: format_mebibytes(disk),
         VM_COUNT_ANNOTATION: str(len(state.cache)),
-        AGENT_ENDPOINT_ANNOTATION: state.endpoint,
+        AGENT_ACCESS_ANNOTATION: state.access,
+        f"{GROUP}/agent-endpoint": None,  # what agents before the aggregated API wrote
         AGENT_KEY_ANNOTATION: state.key.public_b64,
         HEARTBEAT_ANNOTATION: beat,
         MIGRATION_ENDPOINT_ANNOTATION: state.migration_endpoint,
@@ -126,6 +128,14 @@ def publish_node(state: AgentMemo) -> None:
     state.sent_beat = beat
     state.health.beat("api")
     metrics.HEARTBEATS.inc()
+
+
+def access_annotation(settings: Settings, identity: Identity) -> str | None:
+    """The node's access annotation: the TLS port the controller asks for consoles and
+    counters, and the certificate the agent shows there; None when it serves none."""
+    if not settings.access_port:
+        return None
+    return json.dumps({"port": settings.access_port, "certificate": identity.certificate})
 
 
 def migration_endpoint(settings: Settings, relay: Relay | None) -> str | None:

@@ -20,7 +20,6 @@ closes outgoing sessions from its thread."""
 
 import asyncio
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -33,12 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from formation_vmm import metrics
+from formation_vmm import metrics, tls
 from formation_vmm.agent.libvirt_rpc import Packet, RpcError, read_packet
 
 log = logging.getLogger(__name__)
@@ -97,37 +91,16 @@ class Identity:
     def load_or_create(directory: Path, node: str) -> "Identity":
         """The relay's key and self-signed certificate, kept in the agent's state directory so a
         restarted agent publishes the same one."""
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path, cert_path = directory / "relay-key.pem", directory / "relay-cert.pem"
         if not (key_path.exists() and cert_path.exists()):
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)])
-            start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(name)
-                .issuer_name(name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(start)
-                .not_valid_after(start + datetime.timedelta(days=3650))
-                # Its own trust anchor: the peer trusts exactly this certificate.
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
-                .sign(key, hashes.SHA256())
-            )
-            tmp = key_path.with_suffix(".tmp")
-            tmp.touch(mode=0o600)
-            tmp.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-            tmp.replace(key_path)
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            pair = tls.self_signed(node)
+            written_cert, written_key = pair.write(directory, "relay-new")
+            written_key.replace(key_path)
+            written_cert.replace(cert_path)
         return Identity(key_path, cert_path, cert_path.read_text())
+
+    def pair(self) -> tls.KeyPair:
+        return tls.KeyPair(self.key_path.read_bytes(), self.certificate)
 
     def context(self, server: bool, peer_certificate: str) -> ssl.SSLContext:
         """TLS that trusts only ``peer_certificate`` and shows ours."""
@@ -140,13 +113,9 @@ class Identity:
         return ctx
 
 
-def _der(pem: str) -> bytes:
-    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
-
-
 def _peer_is(writer: asyncio.StreamWriter, pem: str) -> bool:
     obj = writer.get_extra_info("ssl_object")
-    return obj is not None and obj.getpeercert(binary_form=True) == _der(pem)
+    return obj is not None and tls.same_certificate(obj.getpeercert(binary_form=True), pem)
 
 
 # --- the relay -----------------------------------------------------------------------------------

@@ -244,13 +244,11 @@ def bound_fields(
     old: VirtualMachineStatus,
     vm: VirtualMachine,
     node: str,
-    endpoint: str | None,
     at: datetime | None = None,
 ) -> VirtualMachineStatus:
-    """``fields`` with the binding as the status shows it: the node, the agent's endpoint (for
-    `kubectl vm console`), the vCPUs placement counted and Scheduled=True. The controller's
-    binding is one metadata write; this rides along in every status write of the agent, and
-    changes nothing once said."""
+    """``fields`` with the binding as the status shows it: the node, the vCPUs placement
+    counted and Scheduled=True. The controller's binding is one metadata write; this rides along
+    in every status write of the agent, and changes nothing once said."""
     gen = vm.metadata.generation
     base = fields.conditions or old.conditions
     fields.conditions = set_condition(
@@ -258,6 +256,4 @@ def bound_fields(
     )
     fields.node_name = node
     fields.vcpus = vm.spec.vcpus
-    if endpoint:
-        fields.agent_endpoint = endpoint
     return fields

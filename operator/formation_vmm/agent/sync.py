@@ -60,14 +60,12 @@ class VmSync:
         node: str,
         retry_seconds: float = 10.0,
         prober: Prober | None = None,
-        endpoint: str | None = None,
         on_written: Callable[[Body], None] | None = None,
         snapshots: Callable[[str, str], int] | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.snapshots = snapshots or (lambda _namespace, _vm: 0)  # VmSnapshots of a VM
         self.on_written = on_written  # told of each VM our status write made, as it returns
-        self.endpoint = endpoint
         self.prober = prober
         self.status = status
         self.events = events
@@ -281,7 +279,7 @@ class VmSync:
         finalizer and the addresses; the status says it in the agent's first write)."""
 
         def with_binding(st: VirtualMachineStatus) -> VirtualMachineStatus:
-            return bound_fields(update(st), st, vm, self.node, self.endpoint)
+            return bound_fields(update(st), st, vm, self.node)
 
         return with_binding
 

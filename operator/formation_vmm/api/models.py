@@ -234,9 +234,6 @@ class VmMigrationSummary(ApiModel):
 class VirtualMachineStatus(ApiModel):
     phase: VmPhase | None = None
     node_name: str | None = None
-    # Where the node's agent serves the console: the plugin sends the user's token there, so
-    # only the controller writes it (tenants cannot write status; Nodes they cannot read).
-    agent_endpoint: str | None = None
     interfaces: list[InterfaceStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

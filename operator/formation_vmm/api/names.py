@@ -72,8 +72,10 @@ CAPACITY_MEMORY_ANNOTATION = f"{GROUP}/capacity-memory"
 CAPACITY_DISK_ANNOTATION = f"{GROUP}/capacity-disk"  # the disks directory's filesystem
 HEARTBEAT_ANNOTATION = f"{GROUP}/agent-heartbeat"
 VM_COUNT_ANNOTATION = f"{GROUP}/vms"
-# Where the node's agent serves its HTTP API (console logs for `kubectl vm console`).
-AGENT_ENDPOINT_ANNOTATION = f"{GROUP}/agent-endpoint"
+# How the controller reaches the node's agent for consoles and counters (JSON: the TLS port on
+# the node's InternalIP, and the certificate the agent shows there). Users never read it: their
+# requests end at the apiserver (docs/security.md, "Consoles and counters").
+AGENT_ACCESS_ANNOTATION = f"{GROUP}/agent-access"
 # How another node's agent reaches this node for a live migration (JSON: the libvirt URI the
 # source's libvirtd opens, and the directory of the migration's sockets); absent on a node whose
 # agent takes no migrations (docs/migration.md).
@@ -124,3 +126,15 @@ def bridge_device(vmnetwork: str) -> str:
     """The bridge device of a nat or isolated VmNetwork: a digest of its name, so it fits
     Linux's 15 characters and never collides with an admin's own bridges (virbr*, br*)."""
     return "vmm" + hashlib.sha256(vmnetwork.encode()).hexdigest()[:10]
+
+
+# The aggregated API the controller serves behind the apiserver: VMs' consoles and counters
+# (`kubectl vm console`, `kubectl vm top`), authorised by the apiserver as subresources of
+# ``virtualmachines`` in this group, as KubeVirt's subresources.kubevirt.io.
+SUBRESOURCES_GROUP = f"subresources.{GROUP}"
+SUBRESOURCES_VERSION = "v1"
+SUBRESOURCES_API_SERVICE = f"{SUBRESOURCES_VERSION}.{SUBRESOURCES_GROUP}"
+# The Service the APIService names, and the Secret of the certificate the controller serves it
+# with (the APIService's caBundle; agents trust exactly it for their side).
+SUBRESOURCES_SERVICE = "formation-vmm-subresources"
+SUBRESOURCES_SECRET = "formation-vmm-subresources-tls"  # noqa: S105 - a name

@@ -1,5 +1,6 @@
 """The PKI a local control plane needs: a CA, the apiserver's serving cert, an admin client cert
-(group system:masters) and the service-account signing key."""
+(group system:masters), the service-account signing key, and the front proxy's own CA and
+client cert (what the apiserver shows aggregated API servers it proxies to)."""
 
 import datetime
 import ipaddress
@@ -11,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALIDITY = datetime.timedelta(days=365)
+# The front proxy's common name, the one the apiserver tells aggregated API servers to accept.
+FRONT_PROXY_CLIENT = "front-proxy-client"
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -100,6 +103,19 @@ def make_pki(directory: Path, server_ips: tuple[str, ...] = ()) -> None:
     admin_key = _key()
     _write_cert(_issue(_name("admin", "system:masters"), admin_key, ca_name, ca_key), directory / "admin.crt")
     _write_key(admin_key, directory / "admin.key")
+
+    proxy_ca_key = _key()
+    proxy_ca_name = _name("formation-vmm-dev-front-proxy-ca")
+    _write_cert(
+        _issue(proxy_ca_name, proxy_ca_key, proxy_ca_name, proxy_ca_key, ca=True),
+        directory / "front-proxy-ca.crt",
+    )
+    proxy_key = _key()
+    _write_cert(
+        _issue(_name(FRONT_PROXY_CLIENT), proxy_key, proxy_ca_name, proxy_ca_key),
+        directory / "front-proxy-client.crt",
+    )
+    _write_key(proxy_key, directory / "front-proxy-client.key")
 
     sa_key = _key()
     _write_key(sa_key, directory / "sa.key")

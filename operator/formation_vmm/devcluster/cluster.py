@@ -139,7 +139,10 @@ def register_node(
         [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}}]
     )
     resources = allocatable or machine_allocatable()
-    status = {"status": {"capacity": resources, "allocatable": resources}}
+    # Its agent answers the controller on this machine's loopback, as a kubelet reports a
+    # node's address (controller/agent_links.py).
+    addresses = [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}]
+    status = {"status": {"capacity": resources, "allocatable": resources, "addresses": addresses}}
     kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))
     # The apiserver taints every new Node not-ready until a kubelet reports; there is no kubelet
     # here, so we stand in for it. Placement itself honours every taint.
@@ -206,8 +209,10 @@ def start_operator(
         "KUBECONFIG": str(kubeconfig or plane.kubeconfig),
         "VMM_API_PORT": str(port),
         "VMM_API_HOST": "127.0.0.1",
-        # Local processes are reached on loopback, whatever their node is called.
-        "VMM_ADVERTISE_URL": f"http://127.0.0.1:{port}",
+        # The agent's TLS port for the controller, and the controller's aggregated API: loopback.
+        "VMM_ACCESS_PORT": str(free_port()),
+        "VMM_SUBRESOURCES_PORT": str(free_port()),
+        "VMM_SUBRESOURCES_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
         **env_extra,
     }
@@ -216,6 +221,26 @@ def start_operator(
     pid = spawn(argv, log, env=env)
     plane.processes.add(name, pid)
     return OperatorProcess(name=name, pid=pid, port=port, log=log, argv=argv, env=env)
+
+
+def route_subresources(kubectl: Kubectl, controller: OperatorProcess) -> None:
+    """The APIService of manifests/ with its Service an ExternalName for localhost: the apiserver
+    proxies our aggregated API to ``controller``, a process on this machine. (A ClusterIP
+    Service would need kube-proxy; an Endpoints address may not be loopback.)"""
+    manifest = source_root() / "manifests" / "base" / "subresources.yaml"
+    service, api_service = yaml.safe_load_all(manifest.read_text())
+    port = int(controller.env["VMM_SUBRESOURCES_PORT"])
+    service["spec"] = {
+        "type": "ExternalName",
+        "externalName": "localhost",
+        "ports": [{"name": "https", "port": port}],
+    }
+    api_service["spec"]["service"]["port"] = port
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    current = kubectl("get", "service", "-n", namespace, name, "-o", "jsonpath={.spec.type}", check=False)
+    if current and current != "ExternalName":  # a type a Service cannot be changed from by apply
+        kubectl("delete", "service", "-n", namespace, name)
+    kubectl.apply_docs([service, api_service])
 
 
 def start_agent(
@@ -244,6 +269,13 @@ def start_agent(
 
 
 def start_controller(
-    plane: ControlPlane, env_extra: dict[str, str] | None = None, kubeconfig: Path | None = None
+    plane: ControlPlane,
+    env_extra: dict[str, str] | None = None,
+    kubeconfig: Path | None = None,
+    route: Kubectl | None = None,
 ) -> OperatorProcess:
-    return start_operator(plane, "controller", ["controller"], env_extra or {}, kubeconfig)
+    """The controller; with ``route``, the apiserver proxies our aggregated API to it."""
+    controller = start_operator(plane, "controller", ["controller"], env_extra or {}, kubeconfig)
+    if route is not None:
+        route_subresources(route, controller)
+    return controller

@@ -205,6 +205,20 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-cluster-ip-range={SERVICE_RANGE}",
+            # The aggregation layer: the apiserver proxies our subresources API to the
+            # controller as a front proxy, naming the user in headers (controller/front_proxy.py).
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            f"--requestheader-allowed-names={certs.FRONT_PROXY_CLIENT}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-uid-headers=X-Remote-Uid",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+            # In a node's namespace the controller is a pod: reach it at its endpoint's address
+            # (no kube-proxy there for a Service's cluster IP). On the host it is a process the
+            # Service names by ExternalName (localhost).
+            *(["--enable-aggregator-routing=true"] if self.netns else []),
             "--allow-privileged=true",
             f"--cert-dir={pki}",
             "--v=1",

@@ -153,7 +153,7 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
     kubectl = Kubectl(plane.binaries() / "kubectl", plane.kubeconfig)
     install_crds(kubectl)
     install_rbac(kubectl)  # the namespace, as an install has it (the controller's Lease lives there)
-    controller = start_controller(plane)
+    controller = start_controller(plane, route=kubectl)  # consoles through the apiserver
     agents: dict[str, tuple[NodeLibvirt, OperatorProcess]] = {}
     for node in node_names(nodes):
         register_node(kubectl, node)
@@ -192,6 +192,7 @@ def up(sample: bool = True, kubelet: bool = False, nodes: int = 1) -> int:
                 "libvirt_uri": libvirt.uri,
                 "domain_type": libvirt.domain_type,
                 "agent_port": agent.port,
+                "agent_ports": {node: process.port for node, (_, process) in agents.items()},
                 "controller_port": controller.port,
             }
         )

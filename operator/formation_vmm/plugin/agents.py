@@ -1,79 +1,64 @@
-"""console and top: asked of the VM's node's agent, with the user's own token."""
+"""console and top: asked of the apiserver, as subresources of the VM in our aggregated API
+(controller/subresources.py). The apiserver authenticates the user however the kubeconfig says
+(token, client certificate, exec plugin) and authorises ``get`` on ``virtualmachines/console``
+or ``virtualmachines/stats``; no credential of the user goes anywhere else."""
 
 import argparse
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
-from formation_vmm.api.models import VirtualMachine
-from formation_vmm.api.names import (
-    AGENT_ENDPOINT_ANNOTATION,
-)
+import urllib3
+
+from formation_vmm.api.names import SUBRESOURCES_GROUP, SUBRESOURCES_VERSION, VM_PLURAL
+from formation_vmm.kube import ApiError
 from formation_vmm.plugin.client import PluginError, Vms, table
 
 
-def _endpoint(vms: Vms, vm: VirtualMachine) -> str:
-    """Where the VM's node's agent answers. The controller writes it into the status (tenants
-    cannot read Nodes); a VM bound before it did so is found through its Node."""
-    if not vm.status.node_name:
-        raise PluginError(f"{vm.metadata.name} is not bound to a node yet ({vm.status.phase or 'new'})")
-    endpoint = vm.status.agent_endpoint
-    if not endpoint:
-        node = vms.kube.node(vm.status.node_name)
-        endpoint = (node.get("metadata", {}).get("annotations") or {}).get(AGENT_ENDPOINT_ANNOTATION)
-    if not endpoint:
-        raise PluginError(
-            f"node {vm.status.node_name} has no agent endpoint annotation; is its agent running?"
-        )
-    if not endpoint.startswith(("http://", "https://")):
-        raise PluginError(f"agent endpoint {endpoint!r} is not an http(s) URL")
-    return endpoint.rstrip("/")
+def _path(vms: Vms, name: str, subresource: str) -> str:
+    return (
+        f"/apis/{SUBRESOURCES_GROUP}/{SUBRESOURCES_VERSION}/namespaces/{vms.namespace}"
+        f"/{VM_PLURAL}/{name}/{subresource}"
+    )
 
 
-def _open_agent(vms: Vms, url: str, node: str | None, timeout: float = 30) -> Any:
-    """GET ``url`` from an agent with the user's bearer token: the agent asks the apiserver who
-    that is and whether they may (agent/access.py)."""
-    token = vms.kube.bearer_token()
-    if token is None:
-        raise PluginError(
-            "the agent is asked with your bearer token, and your kubeconfig has none (a client "
-            "certificate?): use a context with a token (OIDC, or kubectl create token)"
-        )
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+def _open(vms: Vms, name: str, subresource: str, query: dict[str, str], timeout: float) -> Any:
     try:
-        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) checked by _endpoint
-    except urllib.error.HTTPError as exc:
-        detail = exc.read(2048).decode(errors="replace").strip()
-        raise PluginError(f"the agent on {node} refused: {detail or exc.reason}") from exc
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise PluginError(f"cannot reach the agent on {node}: {exc}") from exc
+        return vms.kube.stream(_path(vms, name, subresource), query, timeout)
+    except ApiError as exc:
+        if exc.status == 404 and "the server could not find the requested resource" in str(exc):
+            raise PluginError(
+                "the cluster does not serve VM consoles and counters: is the APIService "
+                f"{SUBRESOURCES_VERSION}.{SUBRESOURCES_GROUP} installed and Available?"
+            ) from exc
+        raise PluginError(f"{subresource} of {name}: {exc}") from exc
 
 
 def verb_console(vms: Vms, args: argparse.Namespace) -> str:
-    """Print the console. Following it, a guest silent for ``--idle-reconnect`` seconds is no
-    error: the read times out and the plugin asks again from the byte it got to (a quiet guest
-    used to end ``kubectl vm console`` after 30 s with "broke off: timed out")."""
-    vm = vms.get(args.name)
+    """Print the console. Following it, the server ends each response before the apiserver's
+    request timeout, and a guest silent for ``--idle-reconnect`` seconds is no error either:
+    the plugin asks again from the byte it got to."""
+    vms.get(args.name)  # "not found" said plainly, before any console request
     follow = "false" if args.no_follow else "true"
-    base = f"{_endpoint(vms, vm)}/vms/{vms.namespace}/{args.name}/console?follow={follow}"
     printed = 0
     while True:
-        url = f"{base}&offset={printed}" if printed else base
-        with _open_agent(vms, url, vm.status.node_name, args.idle_reconnect) as resp:
-            try:
-                while chunk := resp.read1(65536):
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-                    printed += len(chunk)
+        query = {"follow": follow, "offset": str(printed)}
+        response = _open(vms, args.name, "console", query, args.idle_reconnect)
+        try:
+            while chunk := response.read1(65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                printed += len(chunk)
+            if args.no_follow:
                 return ""
-            except TimeoutError as exc:
-                if args.no_follow:
-                    raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
-            except OSError as exc:
+        except (TimeoutError, urllib3.exceptions.ReadTimeoutError) as exc:
+            if args.no_follow:
                 raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:
+            raise PluginError(f"the console of {args.name} broke off: {exc}") from exc
+        finally:
+            response.release_conn()
 
 
 def top_rows(before: dict[str, Any], after: dict[str, Any], seconds: float) -> list[list[str]]:
@@ -111,14 +96,21 @@ def verb_top(vms: Vms, args: argparse.Namespace) -> str:
     targets = [vms.get(args.name)] if args.name else [vm for vm in vms.list() if vm.status.node_name]
     if not targets:
         raise PluginError(f"no VM of namespace {vms.namespace} is on a node")
-    wanted = {vm.metadata.name for vm in targets}
-    endpoints = {_endpoint(vms, vm): vm.status.node_name for vm in targets}
+    names = [vm.metadata.name for vm in targets]
 
     def sample() -> tuple[float, dict[str, Any]]:
         counters: dict[str, Any] = {}
-        for endpoint, node in endpoints.items():
-            with _open_agent(vms, f"{endpoint}/namespaces/{vms.namespace}/vmstats", node) as resp:
-                counters |= {v["name"]: v for v in json.load(resp)["vms"] if v["name"] in wanted}
+        for name in names:
+            try:
+                response = _open(vms, name, "stats", {}, 30)
+            except PluginError:
+                if args.name:
+                    raise
+                continue  # stopped, or gone since the list: not in the table
+            try:
+                counters[name] = json.loads(response.read())
+            finally:
+                response.release_conn()
         return time.monotonic(), counters
 
     first_at, first = sample()

@@ -1,0 +1,115 @@
+"""What the agent serves the controller on its access port (``VMM_ACCESS_PORT``): a VM's serial
+console and its counters, which the controller hands to users behind the apiserver
+(controller/subresources.py). Users' requests end at the apiserver; none of their credentials
+reaches a node.
+
+TLS both ways. The agent shows the certificate it publishes on its Node (the controller trusts
+exactly that one), and answers only a client holding the certificate the APIService of our
+aggregated API names in its caBundle (which only the controller may set): the request itself
+carries no credential, so a compromised node has nothing to replay at another. The controller
+has already asked the apiserver whether the user may (a SubjectAccessReview); the agent serves
+only VMs whose domains it runs."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from formation_vmm import tls
+from formation_vmm.agent import console_log
+from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.state import DomainInfo
+from formation_vmm.agent.vm_metrics import summary
+from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.kube import ApiError
+
+log = logging.getLogger(__name__)
+
+# How often the controller's certificate is read again from the APIService; at most this often
+# too when a client shows another one (it may have just been replaced).
+REFRESH_SECONDS = 30.0
+RETRY_SECONDS = 2.0
+SHUT_OFF = 5  # libvirt's VIR_DOMAIN_SHUTOFF
+
+
+class ControllerCertificate:
+    """The controller's certificate, as the APIService's caBundle says now."""
+
+    def __init__(self, read: Callable[[], str | None], trust: tls.GrowingTrust) -> None:
+        self.read = read
+        self.trust = trust
+        self.current: str | None = None
+        self._read_at = float("-inf")
+
+    async def refresh(self, at_most_every: float = RETRY_SECONDS) -> None:
+        if time.monotonic() - self._read_at < at_most_every:
+            return
+        self._read_at = time.monotonic()
+        try:
+            pem = await asyncio.to_thread(self.read)
+        except ApiError as exc:
+            log.warning("cannot read the controller's certificate from its APIService: %s", exc)
+            return
+        if pem:
+            self.trust.add(pem)
+        self.current = pem
+
+    async def keep_fresh(self) -> None:
+        """Read it every REFRESH_SECONDS, and every RETRY_SECONDS while there is none yet (the
+        controller publishes it when it starts): until then no handshake can succeed."""
+        while True:
+            await self.refresh(0.0)
+            await asyncio.sleep(REFRESH_SECONDS if self.current else RETRY_SECONDS)
+
+    async def is_peer(self, request: web.Request) -> bool:
+        peer = _peer_der(request)
+        if self.current and tls.same_certificate(peer, self.current):
+            return True
+        await self.refresh()  # replaced since we last read it?
+        return bool(self.current) and tls.same_certificate(peer, self.current or "")
+
+
+def _peer_der(request: web.Request) -> bytes | None:
+    transport = request.transport
+    obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    return obj.getpeercert(binary_form=True) if obj is not None else None
+
+
+def routes(
+    hypervisor: Hypervisor,
+    layout: NodeLayout,
+    controller: ControllerCertificate,
+    segment_seconds: float,
+) -> list[web.RouteDef]:
+    async def domain_of(request: web.Request) -> DomainInfo:
+        if not await controller.is_peer(request):
+            raise web.HTTPForbidden(text="only the controller's certificate is answered here\n")
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        for info in await asyncio.to_thread(hypervisor.owned_domains):
+            owner = info.owner
+            if owner is not None and (owner.namespace, owner.name) == (namespace, name):
+                return info
+        raise web.HTTPNotFound(text=f"VM {namespace}/{name} has no domain on this node\n")
+
+    async def console(request: web.Request) -> web.StreamResponse:
+        info = await domain_of(request)
+        assert info.owner is not None
+        return await console_log.serve(request, layout.console_log(info.owner), segment_seconds)
+
+    async def stats(request: web.Request) -> web.Response:
+        info = await domain_of(request)
+        try:
+            every = await asyncio.to_thread(hypervisor.all_domain_stats)
+        except HypervisorError as exc:
+            raise web.HTTPServiceUnavailable(text=f"libvirt does not answer: {exc}\n") from None
+        values = next((v for domain, v in every if domain == info.name), None)
+        if values is None or values.get("state.state") == SHUT_OFF:
+            raise web.HTTPNotFound(text="the VM is not running: a stopped VM has no counters\n")
+        return web.json_response({"at": time.time(), **summary(values)})
+
+    return [
+        web.get("/vms/{namespace}/{name}/console", console),
+        web.get("/vms/{namespace}/{name}/stats", stats),
+    ]
