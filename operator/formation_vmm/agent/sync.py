@@ -13,8 +13,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from formation_vmm import metrics
+from formation_vmm.agent import liveness
 from formation_vmm.agent.hypervisor import HypervisorError, HypervisorUnavailableError
 from formation_vmm.agent.inputs import InputNotReadyError
+from formation_vmm.agent.liveness import LivenessView, Move
 from formation_vmm.agent.plan import Action
 from formation_vmm.agent.probe_state import Readiness
 from formation_vmm.agent.prober import Prober, probe_target
@@ -241,7 +243,8 @@ class VmSync:
         )
         self.prober.update(key, probe_target(vm, outcome.domain, outcome.stopping), ready_already=arrived)
         failure = self.prober.liveness_failure(key)
-        if failure is not None:
+        view = LivenessView(failure, outcome.stopping, vm.status.phase == "Migrating")
+        if liveness.decide(view) is Move.KILL:
             self.prober.update(key, None)  # the next run is probed afresh
             self.events.post(
                 body, VM_KIND, "LivenessProbeFailed", f"{failure}; restarting the guest", "Warning"
