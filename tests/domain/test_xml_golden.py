@@ -15,7 +15,7 @@ from formation_vmm.domain.build import UnsupportedSpecError, build_domain_spec, 
 from formation_vmm.domain.naming import UnsafeNameError, domain_name
 from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
 from formation_vmm.domain.spec import NodeFirmware, Owner
-from formation_vmm.domain.xml import console_log_of, domain_xml, file_paths, metadata_of, networks_of
+from formation_vmm.domain.xml import domain_xml, observe
 from formation_vmm.macs import derived_mac, legacy_mac
 from tests.support.factories import make_vm
 from tests.support.golden import CASES, GOLDEN, LAYOUT, bases, render
@@ -40,15 +40,15 @@ def test_there_are_golden_cases() -> None:
 
 def test_owner_round_trips_through_the_xml() -> None:
     xml = render("basic")
-    meta = metadata_of(xml)
+    meta = observe(xml).metadata
     assert meta is not None
     assert meta.owner == Owner(namespace="prod", name="web", uid="0b6f8a3e-1c2d-4e5f-8a9b-0c1d2e3f4a5b")
     assert meta.spec_hash is not None and len(meta.spec_hash) == 16
 
 
 def test_a_domain_without_our_metadata_has_no_owner() -> None:
-    assert metadata_of("<domain type='kvm'><name>other</name></domain>") is None
-    assert metadata_of("not xml") is None
+    assert observe("<domain type='kvm'><name>other</name></domain>").metadata is None
+    assert observe("not xml").metadata is None
 
 
 def test_macs_are_stable_local_and_the_recorded_one_wins() -> None:
@@ -117,10 +117,12 @@ def test_hostpath_images_stay_inside_the_images_dir() -> None:
 def test_the_files_a_domain_names_are_read_back_from_its_xml() -> None:
     xml = render("kernel-cloudinit")
     log = "/run/form-vm/default/tiny/11111111-2222-3333-4444-555555555555/console.log"
-    assert console_log_of(xml) == log
-    assert log in file_paths(xml)
-    assert any(p.endswith("cloud-init.iso") for p in file_paths(xml))
-    assert file_paths("not xml") == [] and console_log_of("<domain/>") is None
+    observed = observe(xml)
+    assert observed.console_log == log
+    assert log in observed.file_paths
+    assert any(p.endswith("cloud-init.iso") for p in observed.file_paths)
+    assert observed.readonly_targets == [d.target for d in observed.disks if d.readonly] != []
+    assert observe("not xml").file_paths == [] and observe("<domain/>").console_log is None
 
 
 def test_memory_snapshot_xml_golden() -> None:
@@ -135,7 +137,7 @@ def test_an_interface_joins_the_libvirt_network_made_from_its_vmnetwork() -> Non
     vm = make_vm(networks=[{"name": "eth0"}, {"name": "eth1", "network": "storage"}])
     spec = build_domain_spec(vm, LAYOUT, "kvm", {})
     assert [i.network for i in spec.interfaces] == ["default", "storage"]
-    assert networks_of(domain_xml(spec)) == {"vmm-default", "vmm-storage"}  # never a host's own network
+    assert observe(domain_xml(spec)).networks == {"vmm-default", "vmm-storage"}  # never a host's own network
     bridged = make_vm(networks=[{"name": "eth0", "bridge": "br-mgmt"}])
     with pytest.raises(UnsupportedSpecError, match="names host bridge 'br-mgmt'"):
         build_domain_spec(bridged, LAYOUT, "kvm", {})
@@ -170,3 +172,19 @@ def test_each_uefi_vm_has_its_own_nvram_with_its_disks() -> None:
         Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
         Path("/usr/share/OVMF/OVMF_VARS_4M.fd"),
     ]
+
+
+def test_what_libvirt_adds_to_a_running_domain_reads_back() -> None:
+    """The live XML of a running UEFI domain: libvirt's source indexes name QEMU's block nodes;
+    the NVRAM file says the domain's variables go with it when it is undefined."""
+    live = """<domain type='kvm'><os><loader readonly='yes' type='pflash'>/usr/share/OVMF/c.fd</loader>
+      <nvram template='/usr/share/OVMF/v.fd'>/var/lib/d/nvram.fd</nvram></os><devices>
+      <disk type='file' device='disk'><source file='/d/root.qcow2' index='2'/><target dev='vda'/></disk>
+      <disk type='file' device='cdrom'><source file='/r/seed.iso' index='1'/><target dev='sda'/>
+      <readonly/></disk>
+      </devices></domain>"""
+    observed = observe(live)
+    assert observed.nvram == "/var/lib/d/nvram.fd"
+    assert observed.block_nodes == {"/d/root.qcow2": "libvirt-2-format", "/r/seed.iso": "libvirt-1-format"}
+    assert observed.readonly_targets == ["sda"]
+    assert observe("<domain><os/></domain>").nvram is None

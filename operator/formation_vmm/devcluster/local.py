@@ -27,7 +27,7 @@ from formation_vmm.devcluster.controlplane import ControlPlane, find_binaries
 from formation_vmm.devcluster.libvirt_node import LibvirtNode, LibvirtNodeError
 from formation_vmm.devcluster.node_cluster import APPLY_SAMPLE, NAMESPACE, NodeCluster
 from formation_vmm.devcluster.processes import alive, stop
-from formation_vmm.domain.xml import file_paths
+from formation_vmm.domain.xml import observe
 
 
 def state_dir() -> Path:
@@ -331,7 +331,7 @@ def sweep_domains(uri: str, files_root: Path) -> list[str]:
     removed = []
     try:
         for info in hypervisor.owned_domains():
-            paths = file_paths(hypervisor.domain_xml(info.name))
+            paths = observe(hypervisor.domain_xml(info.name)).file_paths
             if any(Path(p).is_relative_to(files_root) for p in paths):
                 hypervisor.destroy(info.name)
                 hypervisor.undefine(info.name)

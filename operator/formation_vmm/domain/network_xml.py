@@ -21,7 +21,8 @@ class DhcpHost:
     ip: str
 
     def xml(self) -> str:
-        return f"<host mac='{self.mac}' ip='{self.ip}'/>"
+        """The entry alone, as libvirt's network update takes it."""
+        return ET.tostring(ET.Element("host", mac=self.mac, ip=self.ip), encoding="unicode")
 
 
 def network_xml(name: str, spec: VmNetworkSpec, hosts: tuple[DhcpHost, ...] = ()) -> str:

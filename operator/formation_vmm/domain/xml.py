@@ -172,12 +172,86 @@ class DomainMetadata:
     spec_hash: str | None
 
 
-def metadata_of(xml: str) -> DomainMetadata | None:
-    """The VM recorded in a domain's metadata, or None for a domain that is not ours."""
+@dataclass(frozen=True)
+class ObservedDisk:
+    file: str | None  # the source file
+    target: str | None  # the guest's device name (vda)
+    readonly: bool
+    index: str | None  # libvirt's source index, in a running domain's live XML
+
+
+@dataclass(frozen=True)
+class DomainObserved:
+    """What the agent reads back from a domain's XML, in one parse (``observe``)."""
+
+    metadata: DomainMetadata | None = None  # None: not a domain of ours
+    disks: tuple[ObservedDisk, ...] = ()
+    logs: tuple[str, ...] = ()  # the serial's and the console's log files, serial first
+    networks: frozenset[str] = frozenset()  # the libvirt networks its interfaces use
+    nvram: str | None = None  # a UEFI domain's variables file
+
+    @property
+    def console_log(self) -> str | None:
+        """The file the domain logs its serial console to, if any."""
+        return self.logs[0] if self.logs else None
+
+    @property
+    def block_nodes(self) -> dict[str, str]:
+        """Disk file -> QEMU block node name, from a running domain's live XML: libvirt names
+        the format node of the disk whose source has index N ``libvirt-N-format``."""
+        return {d.file: f"libvirt-{d.index}-format" for d in self.disks if d.file and d.index}
+
+    @property
+    def readonly_targets(self) -> list[str]:
+        """Target names of the read-only disks (the cloud-init seed): left out of snapshots."""
+        return [d.target for d in self.disks if d.readonly and d.target]
+
+    @property
+    def file_paths(self) -> list[str]:
+        """Every host file the domain names: disk sources, serial and console logs."""
+        return [d.file for d in self.disks if d.file] + list(self.logs)
+
+
+def observe(xml: str) -> DomainObserved:
+    """A domain's XML, as libvirt gives it, read once; XML that does not parse reads as a
+    domain that names nothing."""
     try:
         root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
     except ET.ParseError:
-        return None
+        return DomainObserved()
+    disks = []
+    for disk in root.iterfind("./devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        disks.append(
+            ObservedDisk(
+                file=source.get("file") if source is not None else None,
+                target=target.get("dev") if target is not None else None,
+                readonly=disk.find("readonly") is not None,
+                index=source.get("index") if source is not None else None,
+            )
+        )
+    logs = tuple(
+        str(el.get("path"))
+        for tag in ("serial", "console")
+        for el in root.iterfind(f"./devices/{tag}/source")
+        if el.get("path")
+    )
+    networks = frozenset(
+        str(source.get("network"))
+        for source in root.iterfind("./devices/interface[@type='network']/source")
+        if source.get("network")
+    )
+    nvram = root.find("./os/nvram")
+    return DomainObserved(
+        metadata=_metadata(root),
+        disks=tuple(disks),
+        logs=logs,
+        networks=networks,
+        nvram=(nvram.text or "").strip() or None if nvram is not None else None,
+    )
+
+
+def _metadata(root: ET.Element) -> DomainMetadata | None:
     owner = root.find(f"metadata/{{{LIBVIRT_METADATA_NS}}}owner")
     if owner is None:
         return None
@@ -188,65 +262,3 @@ def metadata_of(xml: str) -> DomainMetadata | None:
         owner=Owner(namespace=values["namespace"] or "", name=values["name"] or "", uid=values["uid"] or ""),
         spec_hash=owner.findtext(f"{{{LIBVIRT_METADATA_NS}}}spec-hash"),
     )
-
-
-def block_nodes(xml: str) -> dict[str, str]:
-    """Disk file -> QEMU block node name, from a running domain's live XML: libvirt names the
-    format node of the disk whose source has index N ``libvirt-N-format``."""
-    found: dict[str, str] = {}
-    try:
-        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
-    except ET.ParseError:
-        return found
-    for disk in root.iterfind("./devices/disk"):
-        source = disk.find("source")
-        if source is None or source.get("file") is None or source.get("index") is None:
-            continue
-        found[str(source.get("file"))] = f"libvirt-{source.get('index')}-format"
-    return found
-
-
-def readonly_targets(xml: str) -> list[str]:
-    """Target names of a domain's read-only disks (the cloud-init seed): left out of snapshots."""
-    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
-    return [
-        str(disk.find("target").get("dev"))  # type: ignore[union-attr]
-        for disk in root.iterfind("./devices/disk")
-        if disk.find("readonly") is not None and disk.find("target") is not None
-    ]
-
-
-def file_paths(xml: str) -> list[str]:
-    """Every host file a domain's XML names: disk sources, serial and console logs."""
-    try:
-        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
-    except ET.ParseError:
-        return []
-    found = [str(el.get("file")) for el in root.iterfind("./devices/disk/source") if el.get("file")]
-    found += [
-        str(el.get("path"))
-        for tag in ("serial", "console")
-        for el in root.iterfind(f"./devices/{tag}/source")
-        if el.get("path")
-    ]
-    return found
-
-
-def console_log_of(xml: str) -> str | None:
-    """The file a domain logs its serial console to, if any."""
-    try:
-        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
-    except ET.ParseError:
-        return None
-    source = root.find("./devices/serial/source")
-    return source.get("path") if source is not None else None
-
-
-def networks_of(xml: str) -> set[str]:
-    """The libvirt networks a domain's interfaces use."""
-    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own output, not user input
-    return {
-        str(source.get("network"))
-        for source in root.iterfind("./devices/interface[@type='network']/source")
-        if source.get("network")
-    }

@@ -11,7 +11,7 @@ import libvirt
 
 from formation_vmm.agent.plan import Actual, DomainState, ShutoffReason
 from formation_vmm.agent.state import DomainInfo
-from formation_vmm.domain.xml import console_log_of, metadata_of
+from formation_vmm.domain.xml import observe
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +346,8 @@ class Hypervisor:
         if folded is DomainState.SHUTOFF:
             shutoff = _SHUTOFF_REASONS.get(reason, ShutoffReason.NEVER_STARTED)
         _, max_mem, _, vcpus, _ = dom.info()
-        xml = dom.XMLDesc(0)
-        meta = metadata_of(xml)
+        observed = observe(dom.XMLDesc(0))
+        meta = observed.metadata
         owner = meta.owner if meta else None
         return DomainInfo(
             name=dom.name(),
@@ -362,7 +362,7 @@ class Hypervisor:
             ),
             vcpus=int(vcpus),
             memory_kib=int(max_mem),
-            console_log=console_log_of(xml),
+            console_log=observed.console_log,
             run_id=int(dom.ID()) if dom.isActive() else None,
         )
 
@@ -495,7 +495,7 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         try:
             # A UEFI domain's NVRAM goes with it (libvirt refuses to undefine it otherwise).
-            if "<nvram" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
+            if observe(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).nvram is not None:
                 flags |= libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             try:
                 dom.undefineFlags(flags)

@@ -9,7 +9,7 @@ import libvirt
 from formation_vmm.agent.hypervisor.connection import Hypervisor, hypervisor_error
 from formation_vmm.api.names import LIBVIRT_NETWORK_PREFIX
 from formation_vmm.domain.network_xml import DhcpHost
-from formation_vmm.domain.xml import networks_of
+from formation_vmm.domain.xml import observe
 
 _LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
 
@@ -131,7 +131,7 @@ class HypervisorNetworks:
                     xml = str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
                 except libvirt.libvirtError:
                     continue  # undefined meanwhile
-                for network in networks_of(xml):
+                for network in observe(xml).networks:
                     used.setdefault(network, set()).add(str(dom.name()))
         except libvirt.libvirtError as exc:
             raise hypervisor_error(exc, "cannot list domains") from exc

@@ -10,7 +10,7 @@ import libvirt_qemu  # ships with libvirt-python
 
 from formation_vmm.agent.hypervisor.connection import Hypervisor, HypervisorError, hypervisor_error
 from formation_vmm.domain.snapshot_xml import memory_snapshot_xml
-from formation_vmm.domain.xml import block_nodes, readonly_targets
+from formation_vmm.domain.xml import observe
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class DomainSnapshots:
             raise hypervisor_error(exc, f"QEMU refused {command['execute']}") from exc
 
     def _block_nodes(self, dom: libvirt.virDomain, paths: list[str]) -> list[str]:
-        nodes = block_nodes(dom.XMLDesc(0))
+        nodes = observe(dom.XMLDesc(0)).block_nodes
         missing = [p for p in paths if p not in nodes]
         if missing:
             raise HypervisorError(f"the running domain has no block node for {', '.join(missing)}")
@@ -76,7 +76,7 @@ class DomainSnapshots:
         the guest where it was."""
         dom = self.hypervisor.require(name)
         try:
-            xml = memory_snapshot_xml(snapshot, readonly_targets(dom.XMLDesc(0)))
+            xml = memory_snapshot_xml(snapshot, observe(dom.XMLDesc(0)).readonly_targets)
             dom.snapshotCreateXML(xml, 0)
         except libvirt.libvirtError as exc:
             raise hypervisor_error(exc, f"cannot snapshot {name}") from exc
