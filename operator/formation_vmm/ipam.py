@@ -113,7 +113,7 @@ class AddressBook:
     def holder(self, network: str, address: str) -> str | None:
         return self._holders.get((network, address))
 
-    def held_by(self, uid: str) -> dict[str, tuple[str, str]]:
+    def addresses_of(self, uid: str) -> dict[str, tuple[str, str]]:
         return dict(self._held.get(uid, {}))
 
     def count(self, network: str) -> int:

@@ -4,9 +4,7 @@ next by its constructor, a kopf operator plus the HTTP server out."""
 import asyncio
 import logging
 import os
-import signal
 import socket
-import stat
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -16,15 +14,13 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from formation_vmm import health as health_http
-from formation_vmm import metrics, tls
+from formation_vmm import metrics
 from formation_vmm.access import CallerAccess
-from formation_vmm.agent import controller_api, debug_api
+from formation_vmm.agent import confinement_check, controller_api, debug_api, qemu_user
 from formation_vmm.agent import handlers as agent_handlers
-from formation_vmm.agent.confinement import confinement_problem
-from formation_vmm.agent.controller_api import ControllerCertificate
 from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.handlers import AgentMemo, access_annotation, migration_endpoint
-from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError, start_event_loop
+from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
 from formation_vmm.agent.hypervisor import migration as libvirt_migration
 from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
@@ -39,13 +35,13 @@ from formation_vmm.agent.node_guard import NodeGuard
 from formation_vmm.agent.peer_certificates import PeerCertificates
 from formation_vmm.agent.prober import Prober
 from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.relay import Identity, Relay, Stream
+from formation_vmm.agent.relay import Identity, Relay, Stream, socket_owner
 from formation_vmm.agent.relay_access import RelayAccess
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
 from formation_vmm.agent.sync import VmSync
+from formation_vmm.agent.vm_controller import VmCache, VmController, bound_here, bound_uids
 from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
-from formation_vmm.agent.watch import VmCache, Watcher
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import (
     VirtualMachineStatus,
@@ -62,7 +58,6 @@ from formation_vmm.api.names import (
     NODE_LABEL,
     RESTORE_PLURAL,
     SNAPSHOT_PLURAL,
-    SUBRESOURCES_API_SERVICE,
     VM_PLURAL,
     agent_finalizer,
 )
@@ -334,7 +329,7 @@ def run_agent(settings: Settings) -> None:
     key = NodeKey(settings.state_dir / "node.key")
     start_event_loop()  # before any libvirt connection opens, so lifecycle events arrive
     hypervisor = Hypervisor(settings.libvirt_uri, listener=on_domain_event)
-    _check_confinement(hypervisor, settings.allow_unconfined_qemu)
+    confinement_check.check(hypervisor, settings.allow_unconfined_qemu)
     node_images = NodeImages(
         node,
         layout,
@@ -370,8 +365,10 @@ def run_agent(settings: Settings) -> None:
         ClusterInputs(kube, node_images, images, key, node),
         networks=networks,
         echoes=echoes,
-        qemu_gid=_qemu_group(settings),
-        qemu_uids=_qemu_uids_possible(settings),
+        qemu_gid=qemu_user.kvm_group(settings.qemu_group),
+        qemu_uids=qemu_user.own_uids_possible(
+            (settings.disks_dir, settings.vm_dir, settings.image_cache_dir)
+        ),
         firmware=NodeFirmware(
             bios=settings.kernel_path,
             efi_code=settings.efi_code,
@@ -382,7 +379,9 @@ def run_agent(settings: Settings) -> None:
     )
     events = EventRecorder(kube, AGENT, node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
-    prober = _prober(settings, hypervisor, queue.add)
+    prober = Prober.started(
+        settings, lambda domain, timeout: guest_ping(hypervisor, domain, timeout), queue.add
+    )
     # The agent's key and self-signed certificate: the relay's and the access port's.
     identity = Identity.load_or_create(settings.state_dir / "relay", node)
     snapshot_index = SnapshotIndex()
@@ -397,29 +396,16 @@ def run_agent(settings: Settings) -> None:
         snapshots=snapshot_index.count,
     )
 
-    def vm_bound_here(namespace: str, name: str, uid: str) -> bool:
-        """Whether a VM still exists with that uid, bound to this node. Any doubt (an API
-        error) answers yes: it guards the removal of domains."""
-        try:
-            vm = kube.get_or_none(VM_PLURAL, namespace, name)
-        except ApiError:
-            return True
-        meta = (vm or {}).get("metadata", {})
-        return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
-
-    def list_bound() -> set[str]:
-        return {b["metadata"]["uid"] for b in kube.list(VM_PLURAL, label_selector=f"{NODE_LABEL}={node}")}
-
-    watcher = Watcher(
+    vm_controller = VmController(
         sync,
         hypervisor,
         cache,
         queue,
-        vm_bound_here,
+        bound_here(kube, node),
         vm_status,
         agent_finalizer(node),
         layout.vm_dir,
-        list_bound,
+        bound_uids(kube, node),
         MigrationMarks(settings.state_dir / "migrations"),
         max(1, round(settings.vm_list_seconds / settings.resync_seconds)),
     )
@@ -435,9 +421,9 @@ def run_agent(settings: Settings) -> None:
         queue.add,
     )
     relay = _relay(settings, kube, node, hypervisor, identity)
-    guard = _guard(settings, hypervisor, relay, networks)
+    guard = NodeGuard.started(settings, HypervisorFilters(hypervisor), relay, networks.gateways)
     migrations = NodeMigrations(
-        node, kube, hypervisor, reconciler, sync, cache, watcher.marks,
+        node, kube, hypervisor, reconciler, sync, cache, vm_controller.marks,
         StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus), vm_status, events, queue.add,
         _migration_tuning(settings), relay=relay,
     )  # fmt: skip
@@ -449,7 +435,7 @@ def run_agent(settings: Settings) -> None:
         hypervisor=hypervisor,
         queue=queue,
         cache=cache,
-        watcher=watcher,
+        vm_controller=vm_controller,
         images=images,
         node_images=node_images,
         collector=GarbageCollector(
@@ -467,8 +453,8 @@ def run_agent(settings: Settings) -> None:
         vm_watch=VmWatch(
             kube,
             f"{NODE_LABEL}={node}",
-            watcher.vm_event,
-            watcher.forget_unlisted,
+            vm_controller.vm_event,
+            vm_controller.forget_unlisted,
             lambda: health.beat("vm-watch"),
         ),
     )
@@ -486,37 +472,9 @@ def run_agent(settings: Settings) -> None:
             local_routes=debug_api.node_local_routes(hypervisor, layout, networks.libvirt),
             # Its series name every tenant's VMs: for Prometheus only (formation-vmm-metrics-reader).
             metrics_guard=CallerAccess(kube).metrics_refusal,
-            background=_access_port(settings, kube, hypervisor, layout, identity),
+            background=controller_api.serving(settings, kube, hypervisor, layout, identity),
         )
     )
-
-
-def _access_port(
-    settings: Settings, kube: Kube, hypervisor: Hypervisor, layout: NodeLayout, identity: Identity
-) -> list[Callable[[], Coroutine[Any, Any, None]]]:
-    """The agent's TLS port for the controller (agent/controller_api.py), and the loop that
-    keeps the controller's certificate current; none when the port is 0."""
-    if not settings.access_port:
-        return []
-    context = tls.server_context(identity.pair())
-    controller = ControllerCertificate(
-        lambda: kube.api_service_ca(SUBRESOURCES_API_SERVICE), tls.GrowingTrust(context)
-    )
-
-    async def serve() -> None:
-        app = web.Application()
-        app.add_routes(
-            controller_api.routes(hypervisor, layout, controller, settings.console_segment_seconds)
-        )
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, settings.api_host, settings.access_port, ssl_context=context).start()
-        try:
-            await controller.keep_fresh()
-        finally:
-            await runner.cleanup()
-
-    return [serve]
 
 
 def _relay(
@@ -553,77 +511,11 @@ def _relay(
         settings.migration_libvirt_socket,
         access,
         certificate,
-        _owner(settings.migration_relay_socket_owner),
+        socket_owner(settings.migration_relay_socket_owner),
         calls,
     )
     relay.start()
     return relay
-
-
-def _qemu_uids_possible(settings: Settings) -> bool:
-    """Whether a QEMU running as a uid of its own reaches the VM's files: every directory above
-    them lets others through (the chart's and the manifests' do; a dev cluster under a home
-    directory may not). Otherwise each VM's QEMU runs as the node's QEMU user, said here."""
-    for top in (settings.disks_dir, settings.vm_dir, settings.image_cache_dir):
-        closed = [d for d in [top, *top.parents] if d.exists() and not d.stat().st_mode & stat.S_IXOTH]
-        if closed:
-            log.warning(
-                "each VM's QEMU runs as the node's QEMU user, not a uid of its own: %s lets no "
-                "other user through (docs/security.md)",
-                closed[0],
-            )
-            return False
-    return True
-
-
-def _qemu_group(settings: Settings) -> int | None:
-    if settings.qemu_group is not None:
-        return settings.qemu_group
-    try:
-        return os.stat("/dev/kvm").st_gid
-    except OSError:
-        return None
-
-
-def _guard(
-    settings: Settings, hypervisor: Hypervisor, relay: Relay | None, networks: NodeNetworks
-) -> NodeGuard | None:
-    """The nwfilters that keep guests off this node's ports (node_guard.py), defined now if
-    libvirtd answers, else with the resync once it does (the chart's libvirtd pod may start
-    after the agent's); libvirt's test driver runs no guest and has no nwfilters."""
-    if settings.libvirt_uri.startswith("test:"):
-        return None
-    listening = [(settings.api_host, settings.api_port)]
-    if settings.access_port:
-        listening.append((settings.api_host, settings.access_port))
-    if relay is not None:
-        listening.append((relay.listen[0], relay.port))
-    guard = NodeGuard(HypervisorFilters(hypervisor), listening, networks.gateways)
-    guard.refresh()
-    return guard
-
-
-def _owner(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    uid, _, gid = text.partition(":")
-    return int(uid), int(gid)
-
-
-def _migration_tuning(settings: Settings) -> Tuning:
-    limits = Limits(
-        settings.migrations_in_cluster,
-        settings.migrations_per_node,
-        settings.migration_completion_timeout_per_gib,
-        settings.migration_progress_timeout_seconds,
-        settings.migrations_per_namespace,
-    )
-    return Tuning(
-        limits,
-        settings.migration_bandwidth_mib,
-        settings.migration_auto_converge,
-        direct=bool(settings.migration_libvirt_uri) and settings.migration_relay_listen is None,
-    )
 
 
 def _agent_health(
@@ -648,59 +540,18 @@ def _agent_health(
     health.live_check("prober", lambda: None if prober.alive() else "the probe loop died")
 
 
-def _prober(settings: Settings, hypervisor: Hypervisor, on_change: Callable[[str], None]) -> Prober:
-    """The node's probe loop, in the network namespace its VM networks live in (started here:
-    a namespace that cannot be entered stops the agent with the reason)."""
-    test_driver = settings.libvirt_uri.startswith("test:")
-    prober = Prober(
-        lambda domain, timeout: guest_ping(hypervisor, domain, timeout),
-        on_change,
-        netns=settings.probe_netns,
-        max_concurrent=settings.probe_concurrency,
-        refuse="libvirt's test driver runs no guest to probe" if test_driver else None,
+def _migration_tuning(settings: Settings) -> Tuning:
+    """The migration settings, as both processes use them (the controller its limits)."""
+    limits = Limits(
+        settings.migrations_in_cluster,
+        settings.migrations_per_node,
+        settings.migration_completion_timeout_per_gib,
+        settings.migration_progress_timeout_seconds,
+        settings.migrations_per_namespace,
     )
-    try:
-        prober.start()
-    except OSError as exc:
-        raise SystemExit(f"cannot start the probes: {exc}") from exc
-    return prober
-
-
-CONFINEMENT_RETRY_SECONDS = 1.0
-UNCONFINED_HINT = "VMM_ALLOW_UNCONFINED_QEMU=true allows it, for development only"
-
-
-def _check_confinement(hypervisor: Hypervisor, allowed: bool) -> None:
-    """Refuse to run QEMU unconfined (agent/confinement.py): loudly, at start. A libvirtd not
-    reachable yet is not a reason to stop: the agent waits for it as for any outage, and checks
-    as soon as it answers (the chart's libvirtd pod often starts after the agent's)."""
-    try:
-        problem = confinement_problem(hypervisor.capabilities())
-    except HypervisorError as exc:
-        log.warning("cannot check how libvirt confines QEMU yet: %s; checking once it answers", exc)
-        threading.Thread(
-            target=_check_confinement_later, args=(hypervisor, allowed), name="confinement", daemon=True
-        ).start()
-        return
-    if problem is None:
-        return
-    if not allowed:
-        raise SystemExit(f"{problem} ({UNCONFINED_HINT})")
-    log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)
-
-
-def _check_confinement_later(hypervisor: Hypervisor, allowed: bool) -> None:
-    """The check above, once libvirt answers; a refusal stops the agent as SIGTERM does."""
-    while True:
-        try:
-            problem = confinement_problem(hypervisor.capabilities())
-            break
-        except HypervisorError:
-            threading.Event().wait(CONFINEMENT_RETRY_SECONDS)
-    if problem is None:
-        log.info("libvirt confines QEMU")
-    elif allowed:
-        log.warning("%s; allowed by VMM_ALLOW_UNCONFINED_QEMU", problem)
-    else:
-        log.error("%s (%s); stopping", problem, UNCONFINED_HINT)
-        os.kill(os.getpid(), signal.SIGTERM)
+    return Tuning(
+        limits,
+        settings.migration_bandwidth_mib,
+        settings.migration_auto_converge,
+        direct=bool(settings.migration_libvirt_uri) and settings.migration_relay_listen is None,
+    )

@@ -1,11 +1,8 @@
-"""VMs as the API has them: a list, then a watch from the list's version, in a thread of its own;
-listed again when the version is too old to watch from (410) or the connection fails. It takes
-the place of kopf's watch of VMs in both processes (docs/decisions.md): each VM's events in a
-burst went through kopf's per-event machinery (a coroutine, its causes, its progress storage,
-its logging context), about a fifth of an agent's busy time and a third of the controller's,
-for handlers that only update memory. The agent's is filtered by its node's label by the
-apiserver, so only its VMs come down it, and a VM whose binding moves away comes as DELETED;
-the controller's has every VM."""
+"""VMs as the API has them: a list, then a watch from the list's version with bookmarks, in a
+thread of its own; listed again when the version is too old to watch from (410) or the
+connection fails, and a VM the new list lacks is reported as gone. The agent's is filtered by
+its node's label by the apiserver (a VM whose binding moves away comes as DELETED); the
+controller's has every VM. Why not kopf's watch: docs/decisions.md."""
 
 import logging
 import threading

@@ -59,7 +59,7 @@ def test_a_full_range_refuses_and_assigns_nothing_then_a_deletion_frees_one() ->
     with pytest.raises(AddressesExhaustedError, match="network 'small' has no free address left"):
         book.assign("late", [("eth0", "big"), ("eth1", "small")], ranges)
     assert book.count("big") == 0  # the VM's other interface got nothing either
-    freed = book.held_by("uid-3")["eth0"]
+    freed = book.addresses_of("uid-3")["eth0"]
     book.release("uid-3")
     assert book.assign("late", [("eth0", "small")], ranges)["eth0"] == freed
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from formation_vmm.api.models import VirtualMachine
-from formation_vmm.domain.build import build_domain_spec, image_names
+from formation_vmm.domain.build import build_domain_spec, needed_images
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import BaseImage
 from formation_vmm.domain.xml import domain_xml
@@ -35,7 +35,7 @@ def bases(vm: VirtualMachine, virtual_size: int = 1 << 30, **extra: object) -> d
             virtual_size=virtual_size,
             **extra,  # type: ignore[arg-type]
         )
-        for name in image_names(vm)
+        for name in needed_images(vm)
     }
 
 

@@ -13,17 +13,21 @@ only VMs whose domains it runs."""
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from formation_vmm import tls
 from formation_vmm.agent import console_log
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.relay import Identity
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.agent.vm_metrics import summary
+from formation_vmm.api.names import SUBRESOURCES_API_SERVICE
+from formation_vmm.config import Settings
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.kube import ApiError
+from formation_vmm.kube import ApiError, Kube
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +117,29 @@ def routes(
         web.get("/vms/{namespace}/{name}/console", console),
         web.get("/vms/{namespace}/{name}/stats", stats),
     ]
+
+
+def serving(
+    settings: Settings, kube: Kube, hypervisor: Hypervisor, layout: NodeLayout, identity: Identity
+) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+    """The access port's server, as a coroutine to run beside kopf (it also keeps the
+    controller's certificate current); none when the port is 0."""
+    if not settings.access_port:
+        return []
+    context = tls.server_context(identity.pair())
+    controller = ControllerCertificate(
+        lambda: kube.api_service_ca(SUBRESOURCES_API_SERVICE), tls.GrowingTrust(context)
+    )
+
+    async def serve() -> None:
+        app = web.Application()
+        app.add_routes(routes(hypervisor, layout, controller, settings.console_segment_seconds))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.api_host, settings.access_port, ssl_context=context).start()
+        try:
+            await controller.keep_fresh()
+        finally:
+            await runner.cleanup()
+
+    return [serve]

@@ -22,7 +22,7 @@ from formation_vmm.agent.node_guard import NodeGuard
 from formation_vmm.agent.relay import Identity, Relay
 from formation_vmm.agent.snapshot_index import SnapshotIndex
 from formation_vmm.agent.snapshots import Snapshots
-from formation_vmm.agent.watch import VmCache, Watcher
+from formation_vmm.agent.vm_controller import VmCache, VmController
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VmImage
@@ -73,7 +73,7 @@ class AgentMemo:
     hypervisor: Hypervisor
     queue: WorkQueue
     cache: VmCache
-    watcher: Watcher
+    vm_controller: VmController
     images: ImageCatalog
     node_images: NodeImages
     collector: GarbageCollector
@@ -215,14 +215,14 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         watch_only(settings)
         config = state.settings
         await asyncio.to_thread(_load_snapshots, state)
-        state.queue.start(state.watcher.process, config.sync_workers, "sync")
+        state.queue.start(state.vm_controller.process, config.sync_workers, "sync")
         state.vm_watch.start()
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             _task(
                 _every(config.heartbeat_seconds, lambda: publish_node(state), "heartbeat", False), "heartbeat"
             ),
-            _task(_every(config.resync_seconds, state.watcher.resync, "resync", False), "resync"),
+            _task(_every(config.resync_seconds, state.vm_controller.resync, "resync", False), "resync"),
             _task(
                 _every(config.resync_seconds, lambda: _converge_networks(state), "networks", False),
                 "networks",
@@ -272,7 +272,7 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             return
         if image.spec.prefetch == "AllNodes" and not image.metadata.deletion_timestamp:
             state.node_images.prefetch(image)
-        state.watcher.image_changed(image.metadata.namespace or "", image.metadata.name)
+        state.vm_controller.image_changed(image.metadata.namespace or "", image.metadata.name)
 
     @kopf.on.event(GROUP, VERSION, NETWORK_PLURAL, id="network", registry=registry)
     def network_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:

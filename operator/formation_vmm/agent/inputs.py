@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from formation_vmm.api.models import SealedValue, VirtualMachine, VmImage
 from formation_vmm.api.names import IMAGE_PLURAL
-from formation_vmm.domain.build import image_names
+from formation_vmm.domain.build import needed_images
 from formation_vmm.domain.spec import BaseImage
 from formation_vmm.images.fetch import FetchError
 from formation_vmm.images.node import ImageNotReadyError, NodeImages
@@ -86,7 +86,7 @@ class ClusterInputs:
     def images(self, vm: VirtualMachine) -> dict[str, BaseImage]:
         namespace = vm.metadata.namespace or ""
         found: dict[str, BaseImage] = {}
-        for name in image_names(vm):
+        for name in needed_images(vm):
             image = self._get_image(namespace, name)
             if image.metadata.deletion_timestamp is not None and vm.status.started_at is None:
                 raise InputNotReadyError("ImageDeleting", f"VmImage {name} is being deleted")

@@ -20,7 +20,7 @@ from formation_vmm.agent.migration_marks import MigrationMarks
 from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.relay import Relay
 from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.watch import VmCache
+from formation_vmm.agent.vm_controller import VmCache
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import (
     VirtualMachineStatus,

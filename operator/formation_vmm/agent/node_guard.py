@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.hypervisor.nwfilters import HypervisorFilters
+from formation_vmm.agent.relay import Relay
+from formation_vmm.config import Settings
 from formation_vmm.domain.guard_xml import GUEST_FILTER, NODE_PORTS_FILTER, guest_filter_xml, node_ports_xml
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,25 @@ class NodeGuard:
         self.listening = [(listen_address(host), port) for host, port in listening if port]
         self.gateways = gateways
         self._applied: str | None = None
+
+    @staticmethod
+    def started(
+        settings: Settings,
+        filters: HypervisorFilters,
+        relay: Relay | None,
+        gateways: Callable[[], Iterable[str]],
+    ) -> "NodeGuard | None":
+        """The guard of this agent's ports (its API, its access port, its relay), defined now
+        if libvirtd answers, else with the resync once it does (the chart's libvirtd pod may
+        start after the agent's); libvirt's test driver runs no guest and has no nwfilters."""
+        if settings.libvirt_uri.startswith("test:"):
+            return None
+        listening = [(settings.api_host, settings.api_port), (settings.api_host, settings.access_port)]
+        if relay is not None:
+            listening.append((relay.listen[0], relay.port))
+        guard = NodeGuard(filters, listening, gateways)
+        guard.refresh()
+        return guard
 
     def ports(self) -> list[int]:
         return sorted({port for _, port in self.listening})

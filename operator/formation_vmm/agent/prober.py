@@ -34,6 +34,7 @@ from formation_vmm.agent.plan import DomainState
 from formation_vmm.agent.probe_state import ProbeKind, ProbeRecord, Readiness, describe, readiness_of
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.api.models import Probe, VirtualMachine
+from formation_vmm.config import Settings
 from formation_vmm.domain.build import assigned_addresses
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,24 @@ def enter_netns(path: Path) -> None:
 
 
 class Prober:
+    @staticmethod
+    def started(settings: Settings, ping: GuestPing, on_change: Callable[[str], None]) -> "Prober":
+        """The node's probe loop, started in the network namespace its VM networks live in (a
+        namespace that cannot be entered stops the agent with the reason)."""
+        test_driver = settings.libvirt_uri.startswith("test:")
+        prober = Prober(
+            ping,
+            on_change,
+            netns=settings.probe_netns,
+            max_concurrent=settings.probe_concurrency,
+            refuse="libvirt's test driver runs no guest to probe" if test_driver else None,
+        )
+        try:
+            prober.start()
+        except OSError as exc:
+            raise SystemExit(f"cannot start the probes: {exc}") from exc
+        return prober
+
     def __init__(
         self,
         ping: GuestPing,

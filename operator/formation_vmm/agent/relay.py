@@ -136,6 +136,14 @@ def libvirt_uri(socket: Path) -> str:
     return f"qemu+unix:///system?socket={socket}"
 
 
+def socket_owner(text: str | None) -> tuple[int, int] | None:
+    """``uid:gid`` (the owner the relay gives its sockets, so the node's QEMU may use them)."""
+    if not text:
+        return None
+    uid, _, gid = text.partition(":")
+    return int(uid), int(gid)
+
+
 # Who may ask this node for a stream: None, or why not.
 Authorize = Callable[[str, Stream], "str | None"]
 # The certificate a node publishes, or None.

@@ -23,7 +23,7 @@ from formation_vmm.agent.hypervisor.snapshots import DomainSnapshots
 from formation_vmm.agent.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
 from formation_vmm.agent.state import owner_of
 from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.watch import VmCache
+from formation_vmm.agent.vm_controller import VmCache
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import (
     VirtualMachine,

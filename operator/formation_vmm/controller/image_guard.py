@@ -12,7 +12,7 @@ from typing import Any
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VmImageStatus
 from formation_vmm.api.names import IMAGE_FINALIZER, IMAGE_KIND
-from formation_vmm.api.references import images_named
+from formation_vmm.api.references import referenced_images
 from formation_vmm.kube import EventRecorder, StatusWriter
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,15 @@ class ImageGuard:
                 self._uses.pop(key, None)
                 after: set[str] = set()
             else:
-                after = images_named(body)
+                after = referenced_images(body)
                 self._uses[key] = after
             released = before - after
             return [b for (ns, name), b in self._deleting.items() if ns == key[0] and name in released]
 
     def users(self, namespace: str, image: str) -> list[str]:
-        return sorted(vm["metadata"]["name"] for vm in self.list_vms(namespace) if image in images_named(vm))
+        return sorted(
+            vm["metadata"]["name"] for vm in self.list_vms(namespace) if image in referenced_images(vm)
+        )
 
     def image_event(self, event_type: str | None, body: dict[str, Any], write: bool = True) -> None:
         """Add the finalizer to a live image; release or hold a deleted one. Runs in a thread.

@@ -1,18 +1,12 @@
 """VMs of a node given up for lost start on other nodes, where their owners allow it.
 
-A node is given up when an admin says it will not come back, and its agent is silent (longer
-than ``node_lost_seconds``): the Node is deleted, or tainted ``node.kubernetes.io/out-of-service``
-(Kubernetes' word for a node shut down for good; pods' volumes are detached on it too). Silence
-alone is never enough: a node cut off from the API may still run its guests, and starting them
-elsewhere would run them twice, writing to two copies of their addresses. Each VM whose
+A node is given up when an admin says it will not come back (the Node deleted, or tainted
+``node.kubernetes.io/out-of-service``) and its agent is silent past ``node_lost_seconds``;
+silence alone never is (a node cut off from the API may still run its guests). Each VM whose
 evictionStrategy is not None and whose ``spec.allowDiskLoss`` is true is bound to another node
-in one write (``Binder.move_binding``); that node's agent starts it from its images. If the
-lost node comes back, its agent finds domains of VMs bound elsewhere and removes them as
-orphans. A VM that waits says why in its eviction annotation (docs/migration.md). A VM deleted
-while its node is lost loses that node's agent finalizer, which no agent would ever remove (and
-so do its snapshots and restores there): the deletion ends, as Kubernetes' pod GC ends the pods
-of a deleted Node. So do the snapshots and restores there of a VM that is gone or bound
-elsewhere, once deleted."""
+in one write (``Binder.move_binding``); a VM that waits says why in its eviction annotation.
+Objects deleted while their node is lost lose that node's agent finalizer, which no agent would
+remove, as Kubernetes' pod GC ends the pods of a deleted Node (docs/migration.md)."""
 
 import logging
 import time
@@ -149,7 +143,7 @@ class LostNodes:
         self._next_sweep = now + self.binder.node_lost_seconds
         try:
             deleting = [
-                (writer, kind, item, held_by(item))
+                (writer, kind, item, finalizing_nodes(item))
                 for writer, kind in zip(self.dependents, (SNAPSHOT_KIND, RESTORE_KIND), strict=True)
                 for item in self.kube.list(writer.plural)
                 if item["metadata"].get("deletionTimestamp")
@@ -194,7 +188,7 @@ class LostNodes:
             self.events.post(body, VM_KIND, "WaitingForNode", message, "Warning")
 
 
-def held_by(item: Body) -> set[str]:
+def finalizing_nodes(item: Body) -> set[str]:
     """The nodes whose agent finalizer the object holds. A finalizer names its node, unless the
     node's name is too long for it (then a digest stands in): the object's label names the node
     that claimed it."""

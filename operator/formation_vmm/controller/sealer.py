@@ -26,7 +26,7 @@ from formation_vmm.api.models import (
     VmMigrationStatus,
 )
 from formation_vmm.api.names import AGENT_KEY_ANNOTATION, IMAGE_KIND, MIGRATION_PLURAL, NODE_LABEL, VM_KIND
-from formation_vmm.api.references import images_named
+from formation_vmm.api.references import referenced_images
 from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
 from formation_vmm.migration_rules import SLOT_PHASES
 from formation_vmm.sealing import image_context, key_id, seal, user_data_context
@@ -123,7 +123,7 @@ class Sealer:
                 self._bound.pop(uid, None)
                 self._seen.pop(uid, None)
                 return
-            images = images_named(body)
+            images = referenced_images(body)
             self._bound[uid] = (meta["namespace"], node, images, meta.get("name", ""))
             ref = ((body.get("spec") or {}).get("cloudInit") or {}).get("userDataSecretRef")
             if ref:

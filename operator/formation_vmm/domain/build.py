@@ -25,7 +25,7 @@ class UnsupportedSpecError(ValueError):
     """A spec this agent cannot turn into a domain; the message is shown to the user."""
 
 
-def image_names(vm: VirtualMachine) -> list[str]:
+def needed_images(vm: VirtualMachine) -> list[str]:
     """The VmImages a VM needs before it can get a domain: its disks' and its kernel's."""
     names = [d.image for d in vm.spec.disks if d.image]
     kernel = vm.spec.kernel
@@ -117,11 +117,11 @@ def build_domain_spec(
     firmware: NodeFirmware | None = None,
     qemu: tuple[int, int] | None = None,
 ) -> DomainSpec:
-    """``images`` maps each name of ``image_names(vm)`` to its cached base on this node;
+    """``images`` maps each name of ``needed_images(vm)`` to its cached base on this node;
     ``firmware``, the node's firmware files (default: Debian's); ``qemu``, the uid and gid its
     QEMU runs as (qemu_uids.py), None for the node's QEMU user."""
     images = images or {}
-    missing = [name for name in image_names(vm) if name not in images]
+    missing = [name for name in needed_images(vm) if name not in images]
     if missing:
         raise UnsupportedSpecError(f"images not resolved: {', '.join(missing)}")
     meta = vm.metadata

@@ -16,6 +16,11 @@ class NodeLayout:
     images_dir: Path  # hostPath image sources (VMM_IMAGES_DIR)
     cache_dir: Path  # verified image bases (VMM_IMAGE_CACHE_DIR), never under images_dir
 
+    def qemu_reaches(self) -> tuple[Path, ...]:
+        """The directories a VM's QEMU opens files under (not images_dir: bases come from the
+        cache)."""
+        return (self.disks_dir, self.vm_dir, self.cache_dir)
+
     @staticmethod
     def _relative(owner: Owner) -> Path:
         return (

@@ -1,4 +1,5 @@
-"""Every path by which a VM of this node gets synced, and the queue they share: the watch (a VM
+"""The agent's VM controller: every path by which a VM of this node gets synced, and the queue
+they share (as a Kubernetes controller's event handlers feed its work queue): the watch (a VM
 changed), libvirt's lifecycle events (run.py's listener queues them, less the echoes of our own
 calls, agent/echoes.py: a crash or a guest shutdown shows in status within a second), retries
 and stop deadlines, and the periodic resync (drift: a domain removed behind our back is
@@ -19,16 +20,36 @@ from formation_vmm.agent.sync import SyncResult, VmSync
 from formation_vmm.agent.vm_metrics import VmLabels
 from formation_vmm.agent.workqueue import WorkQueue
 from formation_vmm.api.models import VirtualMachine
-from formation_vmm.api.names import DEFAULT_NETWORK
-from formation_vmm.api.references import images_named
+from formation_vmm.api.names import DEFAULT_NETWORK, NODE_LABEL, VM_PLURAL
+from formation_vmm.api.references import referenced_images
 from formation_vmm.domain.naming import domain_name
-from formation_vmm.kube import StatusWriter
+from formation_vmm.kube import ApiError, Kube, StatusWriter
 
 log = logging.getLogger(__name__)
 
 Body = dict[str, Any]
 VmExists = Callable[[str, str, str], bool]  # (namespace, name, uid) -> still there, bound here
 ListBound = Callable[[], set[str]]  # the uids of the VMs bound to this node, as the API lists them
+
+
+def bound_here(kube: Kube, node: str) -> VmExists:
+    """Whether a VM still exists with that uid, bound to ``node``. Any doubt (an API error)
+    answers yes: it guards the removal of domains."""
+
+    def exists(namespace: str, name: str, uid: str) -> bool:
+        try:
+            vm = kube.get_or_none(VM_PLURAL, namespace, name)
+        except ApiError:
+            return True
+        meta = (vm or {}).get("metadata", {})
+        return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
+
+    return exists
+
+
+def bound_uids(kube: Kube, node: str) -> ListBound:
+    selector = f"{NODE_LABEL}={node}"
+    return lambda: {vm["metadata"]["uid"] for vm in kube.list(VM_PLURAL, label_selector=selector)}
 
 
 class VmCache:
@@ -104,7 +125,7 @@ class VmCache:
             return [
                 key
                 for key, body in self._bodies.items()
-                if body["metadata"]["namespace"] == namespace and image in images_named(body)
+                if body["metadata"]["namespace"] == namespace and image in referenced_images(body)
             ]
 
     def users_of_network(self, network: str) -> list[str]:
@@ -151,7 +172,7 @@ class VmCache:
             return len(self._bodies)
 
 
-class Watcher:
+class VmController:
     def __init__(
         self,
         sync: VmSync,
