@@ -35,7 +35,7 @@ from types import FrameType
 from bench.create_vms import percentile
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.hypervisor.migration import abort, completed_job, migrate
-from formation_vmm.agent.relay import Identity, Relay, Stream
+from formation_vmm.agent.migration.relay import Identity, Relay, Stream
 from formation_vmm.devcluster import guest
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.devcluster.processes import ProcessTable

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, generate_latest
 
 from formation_vmm.agent.hypervisor import Hypervisor
-from formation_vmm.agent.prober import Prober, ProbeTarget
-from formation_vmm.agent.vm_metrics import ProbeCollector, VmLabels, VmStatsCollector
+from formation_vmm.agent.probes.prober import Prober, ProbeTarget
+from formation_vmm.agent.vms.vm_metrics import ProbeCollector, VmLabels, VmStatsCollector
 from formation_vmm.api.models import Probe
 
 

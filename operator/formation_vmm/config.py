@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     config_path: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     api_port: int = Field(default=3003, ge=0, le=65535, description="health and metrics HTTP port")
-    # The agent's TLS port for the controller only: consoles and counters (agent/controller_api.py);
+    # The agent's TLS port for the controller only: consoles and counters (agent/serving/controller_api.py);
     # 0: not served. A followed console's response lasts this long at most, under the apiserver's
     # request timeout (60 s): the client asks again from where it got to.
     access_port: int = Field(default=3004, ge=0, le=65535)
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     # How often the agent compares every domain with its VM (drift, orphans, IP addresses).
     resync_seconds: float = Field(default=15.0, gt=0)
-    # Start even when the node's libvirt confines QEMU with nothing (agent/confinement.py):
+    # Start even when the node's libvirt confines QEMU with nothing (agent/vms/confinement.py):
     # for development and tests only, where QEMU runs as root in a private libvirtd.
     allow_unconfined_qemu: bool = False
     # The group each VM's QEMU runs in beside its own uid (qemu_uids.py); default: the group

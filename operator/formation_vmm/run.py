@@ -16,9 +16,7 @@ from prometheus_client import REGISTRY
 from formation_vmm import health as health_http
 from formation_vmm import metrics
 from formation_vmm.access import CallerAccess
-from formation_vmm.agent import confinement_check, controller_api, debug_api, qemu_user
 from formation_vmm.agent import handlers as agent_handlers
-from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.handlers import AgentMemo, access_annotation, migration_endpoint
 from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
 from formation_vmm.agent.hypervisor import migration as libvirt_migration
@@ -26,23 +24,26 @@ from formation_vmm.agent.hypervisor.guest_agent import guest_ping
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
 from formation_vmm.agent.hypervisor.nwfilters import HypervisorFilters
 from formation_vmm.agent.image_status import ImageStatusReporter
-from formation_vmm.agent.inputs import ClusterInputs, ImageCatalog, image_authorization
-from formation_vmm.agent.migration_calls import MigrationCalls
-from formation_vmm.agent.migration_marks import MigrationMarks
-from formation_vmm.agent.migrations import Endpoint, NodeMigrations, Tuning
-from formation_vmm.agent.networks import NodeNetworks
-from formation_vmm.agent.node_guard import NodeGuard
-from formation_vmm.agent.peer_certificates import PeerCertificates
-from formation_vmm.agent.prober import Prober
-from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.relay import Identity, Relay, Stream, socket_owner
-from formation_vmm.agent.relay_access import RelayAccess
-from formation_vmm.agent.snapshot_index import SnapshotIndex
-from formation_vmm.agent.snapshots import Snapshots
-from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.vm_controller import VmCache, VmController, bound_here, bound_uids
-from formation_vmm.agent.vm_metrics import ProbeCollector, VmStatsCollector
-from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.agent.migration.migration_calls import MigrationCalls
+from formation_vmm.agent.migration.migrations import Endpoint, NodeMigrations, Tuning
+from formation_vmm.agent.migration.peer_certificates import PeerCertificates
+from formation_vmm.agent.migration.relay import Identity, Relay, Stream, socket_owner
+from formation_vmm.agent.migration.relay_access import RelayAccess
+from formation_vmm.agent.networks.node_guard import NodeGuard
+from formation_vmm.agent.networks.node_networks import NodeNetworks
+from formation_vmm.agent.probes.prober import Prober
+from formation_vmm.agent.serving import controller_api, debug_api
+from formation_vmm.agent.snapshots.node_snapshots import Snapshots
+from formation_vmm.agent.snapshots.snapshot_index import SnapshotIndex
+from formation_vmm.agent.vms import confinement_check, qemu_user
+from formation_vmm.agent.vms.echoes import Echoes
+from formation_vmm.agent.vms.inputs import ClusterInputs, ImageCatalog, image_authorization
+from formation_vmm.agent.vms.migration_marks import MigrationMarks
+from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.sync import VmSync
+from formation_vmm.agent.vms.vm_controller import VmCache, VmController, bound_here, bound_uids
+from formation_vmm.agent.vms.vm_metrics import ProbeCollector, VmStatsCollector
+from formation_vmm.agent.vms.workqueue import WorkQueue
 from formation_vmm.api.models import (
     VirtualMachineStatus,
     VmImageStatus,

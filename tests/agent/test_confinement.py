@@ -3,7 +3,7 @@
 
 import pytest
 
-from formation_vmm.agent.confinement import confinement_problem
+from formation_vmm.agent.vms.confinement import confinement_problem
 
 pytestmark = pytest.mark.pure
 

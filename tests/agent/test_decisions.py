@@ -3,8 +3,8 @@ removed. Pure."""
 
 import pytest
 
-from formation_vmm.agent.disks import Growth, disk_growth
-from formation_vmm.agent.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
+from formation_vmm.agent.snapshots.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
+from formation_vmm.agent.vms.disks import Growth, disk_growth
 
 pytestmark = pytest.mark.pure
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.hypervisor import Hypervisor, start_event_loop
 from formation_vmm.agent.plan import Action
-from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.vm_controller import VmCache
+from formation_vmm.agent.vms.echoes import Echoes
+from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.vm_controller import VmCache
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
 from tests.support.factories import InlineInputs, make_vm

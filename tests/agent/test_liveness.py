@@ -3,7 +3,7 @@ being stopped or migrated."""
 
 import pytest
 
-from formation_vmm.agent.liveness import LivenessView, Move, decide
+from formation_vmm.agent.probes.liveness import LivenessView, Move, decide
 
 pytestmark = pytest.mark.pure
 

@@ -1,11 +1,11 @@
-"""What the migration relay lets a source ask of the target's libvirtd (agent/migration_calls.py),
+"""What the migration relay lets a source ask of the target's libvirtd (agent/migration/migration_calls.py),
 packet by packet: pure, on packets built as libvirt's client builds them. The same judge against
 a real libvirtd behind a real relay is in tests/agent/test_relay_calls.py; real migrations
 through it in tests/migration/test_vm_migration.py."""
 
 import pytest
 
-from formation_vmm.agent.libvirt_rpc import (
+from formation_vmm.agent.migration.libvirt_rpc import (
     CALL,
     KEEPALIVE_PROGRAM,
     MESSAGE,
@@ -21,7 +21,7 @@ from formation_vmm.agent.libvirt_rpc import (
     xdr_string,
     xdr_uint,
 )
-from formation_vmm.agent.migration_calls import (
+from formation_vmm.agent.migration.migration_calls import (
     DOMAIN_GET_XML_DESC,
     DOMAIN_LOOKUP_BY_NAME,
     MIGRATE_FINISH3_PARAMS,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from formation_vmm.agent.migration_work import Endpoint, local_socket
+from formation_vmm.agent.migration.migration_work import Endpoint, local_socket
 from formation_vmm.api.names import MIGRATION_ENDPOINT_ANNOTATION
 
 pytestmark = pytest.mark.pure

@@ -1,11 +1,11 @@
-"""The relay's certificate lookups (agent/peer_certificates.py), pure: a flood of connections
+"""The relay's certificate lookups (agent/migration/peer_certificates.py), pure: a flood of connections
 naming nodes before TLS costs the apiserver a bounded number of Node reads (issue 26, finding
 7). The lookup here counts calls in place of the Node GET: what is tested is how often it is
 made, which a real apiserver could only show as a rate."""
 
 import pytest
 
-from formation_vmm.agent.peer_certificates import PeerCertificates
+from formation_vmm.agent.migration.peer_certificates import PeerCertificates
 
 pytestmark = pytest.mark.pure
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from formation_vmm.agent.plan import Actual, DomainState
-from formation_vmm.agent.probe_state import ProbeRecord, readiness_of
-from formation_vmm.agent.prober import Prober, ProbeTarget, probe_target
+from formation_vmm.agent.probes.probe_state import ProbeRecord, readiness_of
+from formation_vmm.agent.probes.prober import Prober, ProbeTarget, probe_target
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.api.models import InterfaceStatus, Probe
 from formation_vmm.api.names import ADDRESSES_ANNOTATION

@@ -7,11 +7,11 @@ import libvirt
 import pytest
 
 from formation_vmm.agent.hypervisor import Hypervisor
-from formation_vmm.agent.inputs import InputNotReadyError
 from formation_vmm.agent.plan import Action, DomainState
-from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.state import owner_of
-from formation_vmm.agent.status import status_after
+from formation_vmm.agent.vms.inputs import InputNotReadyError
+from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.status import status_after
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import domain_name
 from formation_vmm.domain.spec import NodeFirmware

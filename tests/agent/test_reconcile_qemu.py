@@ -8,8 +8,8 @@ import pytest
 
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.plan import Action, DomainState
-from formation_vmm.agent.reconcile import Reconciler
 from formation_vmm.agent.state import owner_of
+from formation_vmm.agent.vms.reconcile import Reconciler
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 from formation_vmm.domain.layout import NodeLayout
 from tests.support.factories import InlineInputs, make_vm

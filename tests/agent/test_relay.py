@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from formation_vmm.agent.relay import SOCKETS, Identity, Relay, Stream, session_name
+from formation_vmm.agent.migration.relay import SOCKETS, Identity, Relay, Stream, session_name
 
 pytestmark = pytest.mark.host
 
@@ -188,7 +188,7 @@ def test_a_stream_is_cut_once_its_migration_no_longer_asks_for_it(
     migration ended (issue 26, finding 4): the target asks again every few seconds, and cuts the
     stream once the answer is no (the migration ended, failed, or ran past the target's own
     deadline: tests/agent/test_relay_access.py)."""
-    monkeypatch.setattr("formation_vmm.agent.relay.RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr("formation_vmm.agent.migration.relay.RECHECK_SECONDS", 0.2)
     libvirtd = echo_forever(pair.root / "tgt" / "libvirt-sock")
     with pair.source.outgoing(ASKED, pair.address(), pair.published["tgt"]):
         session = pair.root / "src" / "relay" / session_name(UID)

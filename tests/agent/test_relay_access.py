@@ -1,4 +1,4 @@
-"""Which streams a target's relay carries (agent/relay_access.py), pure: the VmMigration must be
+"""Which streams a target's relay carries (agent/migration/relay_access.py), pure: the VmMigration must be
 under way from that source to this node, and the target keeps its own deadline, from the
 migration's creation by the apiserver, whatever status the source writes (issue 26, finding 4)."""
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from formation_vmm.agent.relay import Stream
-from formation_vmm.agent.relay_access import past_deadline, stream_refusal
+from formation_vmm.agent.migration.relay import Stream
+from formation_vmm.agent.migration.relay_access import past_deadline, stream_refusal
 from formation_vmm.migration_rules import GIB, Limits, target_deadline
 
 pytestmark = pytest.mark.pure

@@ -15,8 +15,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from formation_vmm.agent.migration_calls import MigrationCalls
-from formation_vmm.agent.relay import Identity, Relay, Stream, session_name
+from formation_vmm.agent.migration.migration_calls import MigrationCalls
+from formation_vmm.agent.migration.relay import Identity, Relay, Stream, session_name
 from formation_vmm.devcluster.libvirt_node import LibvirtNode
 
 pytestmark = pytest.mark.libvirt

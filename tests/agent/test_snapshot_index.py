@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from formation_vmm.agent.snapshot_index import SnapshotIndex
+from formation_vmm.agent.snapshots.snapshot_index import SnapshotIndex
 
 pytestmark = pytest.mark.pure
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from formation_vmm.agent.snapshots import SnapshotError, recorded_disks
+from formation_vmm.agent.snapshots.node_snapshots import SnapshotError, recorded_disks
 from formation_vmm.api.models import VmSnapshot
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import Owner

@@ -9,9 +9,9 @@ import pytest
 
 from formation_vmm.agent.hypervisor.guest_agent import os_info_of
 from formation_vmm.agent.plan import Action, Actual, DomainState, ShutoffReason
-from formation_vmm.agent.probe_state import Readiness
+from formation_vmm.agent.probes.probe_state import Readiness
 from formation_vmm.agent.state import DomainInfo, Outcome
-from formation_vmm.agent.status import (
+from formation_vmm.agent.vms.status import (
     NOTHING_BOOTABLE_MESSAGE,
     RESTART_REQUIRED_MESSAGE,
     boot_source,

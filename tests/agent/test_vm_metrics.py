@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from formation_vmm.agent.vm_metrics import VmLabels, VmStatsCollector, families
+from formation_vmm.agent.vms.vm_metrics import VmLabels, VmStatsCollector, families
 
 pytestmark = pytest.mark.pure
 

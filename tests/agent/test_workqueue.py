@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.agent.vms.workqueue import WorkQueue
 
 pytestmark = pytest.mark.pure
 

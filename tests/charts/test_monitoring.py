@@ -13,7 +13,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 import formation_vmm.metrics  # noqa: F401 - registers the process series
-from formation_vmm.agent.vm_metrics import ProbeCollector, VmLabels, families
+from formation_vmm.agent.vms.vm_metrics import ProbeCollector, VmLabels, families
 from tests.support.binaries import binaries
 from tests.support.helm import CHART, helm
 

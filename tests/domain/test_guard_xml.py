@@ -1,12 +1,12 @@
 """The node guard's nwfilters (domain/guard_xml.py) and which addresses it covers
-(agent/node_guard.py). Pure; a real guest kept off the agent's port is in
+(agent/networks/node_guard.py). Pure; a real guest kept off the agent's port is in
 tests/security/test_guest_to_node.py."""
 
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from formation_vmm.agent.node_guard import listen_address
+from formation_vmm.agent.networks.node_guard import listen_address
 from formation_vmm.domain.guard_xml import guest_filter_xml, node_ports_xml
 
 pytestmark = pytest.mark.pure

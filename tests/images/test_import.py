@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from formation_vmm.agent import files as vm_files
-from formation_vmm.agent.inputs import image_authorization
+from formation_vmm.agent.vms import files as vm_files
+from formation_vmm.agent.vms.inputs import image_authorization
 from formation_vmm.api.models import SealedValue, VmImage, VmImageStatus
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import BaseImage, Owner

@@ -15,15 +15,15 @@ import kopf
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor
-from formation_vmm.agent.inputs import ImageCatalog
-from formation_vmm.agent.migrations import Endpoint, NodeMigrations
-from formation_vmm.agent.networks import NodeNetworks
-from formation_vmm.agent.node_guard import NodeGuard
-from formation_vmm.agent.relay import Identity, Relay
-from formation_vmm.agent.snapshot_index import SnapshotIndex
-from formation_vmm.agent.snapshots import Snapshots
-from formation_vmm.agent.vm_controller import VmCache, VmController
-from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.agent.migration.migrations import Endpoint, NodeMigrations
+from formation_vmm.agent.migration.relay import Identity, Relay
+from formation_vmm.agent.networks.node_guard import NodeGuard
+from formation_vmm.agent.networks.node_networks import NodeNetworks
+from formation_vmm.agent.snapshots.node_snapshots import Snapshots
+from formation_vmm.agent.snapshots.snapshot_index import SnapshotIndex
+from formation_vmm.agent.vms.inputs import ImageCatalog
+from formation_vmm.agent.vms.vm_controller import VmCache, VmController
+from formation_vmm.agent.vms.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VmImage
 from formation_vmm.api.names import (

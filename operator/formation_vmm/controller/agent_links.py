@@ -1,7 +1,7 @@
 """How the controller reaches the agent of the node a VM is bound to: at the node's address as
 the kubelet reports it (``status.addresses``, InternalIP first), on the port the agent publishes,
 over TLS pinned to the certificate it publishes (AGENT_ACCESS_ANNOTATION), showing the
-controller's own certificate (agent/controller_api.py). An agent chooses its port, never the
+controller's own certificate (agent/serving/controller_api.py). An agent chooses its port, never the
 host: it cannot point the controller anywhere but at its own node."""
 
 import ipaddress

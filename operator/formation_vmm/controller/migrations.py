@@ -2,7 +2,7 @@
 VM can move, or it fails at once with the reason), waits for a slot under the cluster's limits
 (Pending), gets a target (Scheduling, then Preparing), and once the source's agent says the
 guest runs on the target, the VM's binding moves there in one write (Succeeded). The agents do
-the rest: the target prepares, the source copies (agent/migrations.py).
+the rest: the target prepares, the source copies (agent/migration/migrations.py).
 
 Decisions are taken one migration at a time under a lock, so two never take the same last slot.
 The VM's status carries a copy of its migration's state (``status.migration``)."""

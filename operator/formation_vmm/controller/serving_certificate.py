@@ -1,7 +1,7 @@
 """The certificate the controller serves its aggregated API with, shared by its replicas: kept
 in a Secret of its namespace (made by the first replica that finds none), and named by the
 APIService's caBundle, so the apiserver trusts exactly it. Agents trust exactly it too, as the
-only client they answer (agent/controller_api.py)."""
+only client they answer (agent/serving/controller_api.py)."""
 
 import base64
 import logging

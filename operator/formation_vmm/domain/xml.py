@@ -76,7 +76,7 @@ def _render(spec: DomainSpec, digest: str | None) -> str:
     _guest_agent(devices)
     if spec.qemu_uid is not None:
         # QEMU as the VM's own uid and gid, and libvirt relabels nothing: the agent hands the
-        # VM's own files to that uid (agent/files.py), and the shared bases and kernels stay
+        # VM's own files to that uid (agent/vms/files.py), and the shared bases and kernels stay
         # root's, read-only to all (a relabel would chown them to whichever VM started last).
         label = _sub(dom, "seclabel", type="static", model="dac", relabel="no")
         _sub(label, "label", f"+{spec.qemu_uid}:+{spec.qemu_gid or spec.qemu_uid}")

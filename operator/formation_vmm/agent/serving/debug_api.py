@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from formation_vmm.agent import console_log
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks
+from formation_vmm.agent.serving import console_log
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.health import Health

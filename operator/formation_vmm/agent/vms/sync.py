@@ -13,16 +13,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from formation_vmm import metrics
-from formation_vmm.agent import liveness
 from formation_vmm.agent.hypervisor import HypervisorError, HypervisorUnavailableError
-from formation_vmm.agent.inputs import InputNotReadyError
-from formation_vmm.agent.liveness import LivenessView, Move
 from formation_vmm.agent.plan import Action
-from formation_vmm.agent.probe_state import Readiness
-from formation_vmm.agent.prober import Prober, probe_target
-from formation_vmm.agent.reconcile import Reconciler
+from formation_vmm.agent.probes import liveness
+from formation_vmm.agent.probes.liveness import LivenessView, Move
+from formation_vmm.agent.probes.probe_state import Readiness
+from formation_vmm.agent.probes.prober import Prober, probe_target
 from formation_vmm.agent.state import Outcome, restart_requested
-from formation_vmm.agent.status import (
+from formation_vmm.agent.vms.inputs import InputNotReadyError
+from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.status import (
     bound_fields,
     changes,
     status_after,

@@ -16,11 +16,11 @@ from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor
-from formation_vmm.agent.migration_marks import MigrationMarks
-from formation_vmm.agent.reconcile import Reconciler
-from formation_vmm.agent.relay import Relay
-from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.vm_controller import VmCache
+from formation_vmm.agent.migration.relay import Relay
+from formation_vmm.agent.vms.migration_marks import MigrationMarks
+from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.sync import VmSync
+from formation_vmm.agent.vms.vm_controller import VmCache
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import (
     VirtualMachineStatus,

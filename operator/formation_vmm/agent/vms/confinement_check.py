@@ -7,8 +7,8 @@ import os
 import signal
 import threading
 
-from formation_vmm.agent.confinement import confinement_problem
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
+from formation_vmm.agent.vms.confinement import confinement_problem
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ the definition this node's agent made for it. Pure.
 
 The relay used to splice the source to the whole libvirtd socket: a compromised source agent
 could define, start or read any domain here. Now each packet from the source is judged before it
-reaches libvirtd (agent/relay.py): libvirt's keepalives pass; of the remote program, only the
+reaches libvirtd (agent/migration/relay.py): libvirt's keepalives pass; of the remote program, only the
 calls below, each checked, and anything else cuts the connection. The list is what libvirt's
 source side and our source agent (agent/hypervisor/migration.py: the target's definition, where
 the guest runs, the finished job's figures) send, read off the wire of a real migration.
@@ -15,7 +15,7 @@ seed, its name and UUID), so the source chooses nothing of what runs here."""
 
 from collections.abc import Callable
 
-from formation_vmm.agent.libvirt_rpc import (
+from formation_vmm.agent.migration.libvirt_rpc import (
     CALL,
     KEEPALIVE_PROGRAM,
     REMOTE_PROGRAM,

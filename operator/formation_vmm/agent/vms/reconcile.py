@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Protocol
 
 from formation_vmm import metrics
-from formation_vmm.agent import files
-from formation_vmm.agent.disks import disk_growth
-from formation_vmm.agent.echoes import Echoes
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.hypervisor.guest_agent import guest_os_info
-from formation_vmm.agent.inputs import InputNotReadyError, Inputs
 from formation_vmm.agent.plan import Action, DomainState, plan, restart_done
-from formation_vmm.agent.seed import write_seed
 from formation_vmm.agent.state import DomainInfo, Outcome, desired_of, owner_of, stop_progress
+from formation_vmm.agent.vms import files
+from formation_vmm.agent.vms.disks import disk_growth
+from formation_vmm.agent.vms.echoes import Echoes
+from formation_vmm.agent.vms.inputs import InputNotReadyError, Inputs
+from formation_vmm.agent.vms.seed import write_seed
 from formation_vmm.api.admission import change_held
 from formation_vmm.api.models import GuestOSInfo, VirtualMachine
 from formation_vmm.api.quantity import parse_quantity
@@ -46,7 +46,7 @@ Clock = Callable[[], float]
 
 
 class VmNetworks(Protocol):
-    """The node's networks, as a VM's sync needs them (agent/networks.py)."""
+    """The node's networks, as a VM's sync needs them (agent/networks/node_networks.py)."""
 
     def require(self, vm: VirtualMachine) -> None: ...
 

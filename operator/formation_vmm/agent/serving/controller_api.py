@@ -19,11 +19,11 @@ from typing import Any
 from aiohttp import web
 
 from formation_vmm import tls
-from formation_vmm.agent import console_log
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
-from formation_vmm.agent.relay import Identity
+from formation_vmm.agent.migration.relay import Identity
+from formation_vmm.agent.serving import console_log
 from formation_vmm.agent.state import DomainInfo
-from formation_vmm.agent.vm_metrics import summary
+from formation_vmm.agent.vms.vm_metrics import summary
 from formation_vmm.api.names import SUBRESOURCES_API_SERVICE
 from formation_vmm.config import Settings
 from formation_vmm.domain.layout import NodeLayout

@@ -12,8 +12,7 @@ from pathlib import Path
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.hypervisor import migration as libvirt_migration
-from formation_vmm.agent.migration_marks import Mark
-from formation_vmm.agent.migration_work import (
+from formation_vmm.agent.migration.migration_work import (
     POLL_SECONDS,
     PROGRESS_WRITE_SECONDS,
     Body,
@@ -23,7 +22,8 @@ from formation_vmm.agent.migration_work import (
     phase_of,
     target_of,
 )
-from formation_vmm.agent.relay import RelayError, Route, Stream
+from formation_vmm.agent.migration.relay import RelayError, Route, Stream
+from formation_vmm.agent.vms.migration_marks import Mark
 from formation_vmm.api.models import (
     MigrationProgress,
     VirtualMachine,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from formation_vmm.agent.plan import DomainState
-from formation_vmm.agent.probe_state import ProbeKind, ProbeRecord, Readiness, describe, readiness_of
+from formation_vmm.agent.probes.probe_state import ProbeKind, ProbeRecord, Readiness, describe, readiness_of
 from formation_vmm.agent.state import DomainInfo
 from formation_vmm.api.models import Probe, VirtualMachine
 from formation_vmm.config import Settings

@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Any
 
 from formation_vmm.agent.plan import Action, DomainState, phase_of
-from formation_vmm.agent.probe_state import Readiness
+from formation_vmm.agent.probes.probe_state import Readiness
 from formation_vmm.agent.state import Outcome, desired_of, restart_requested
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import InterfaceStatus, VirtualMachine, VirtualMachineStatus, to_wire

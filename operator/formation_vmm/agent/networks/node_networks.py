@@ -14,7 +14,7 @@ from typing import Any
 
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.hypervisor.networks import HypervisorNetworks, NetworkState
-from formation_vmm.agent.inputs import InputNotReadyError
+from formation_vmm.agent.vms.inputs import InputNotReadyError
 from formation_vmm.api.models import NetworkNodeStatus, VirtualMachine, VmNetwork, VmNetworkStatus
 from formation_vmm.api.names import DEFAULT_NETWORK, bridge_device, libvirt_network
 from formation_vmm.domain.build import assigned_addresses, interface_mac

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from formation_vmm import metrics
-from formation_vmm.agent.files import restore_marker
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.hypervisor.snapshots import DomainSnapshots
-from formation_vmm.agent.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
+from formation_vmm.agent.snapshots.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
 from formation_vmm.agent.state import owner_of
-from formation_vmm.agent.sync import VmSync
-from formation_vmm.agent.vm_controller import VmCache
+from formation_vmm.agent.vms.files import restore_marker
+from formation_vmm.agent.vms.sync import VmSync
+from formation_vmm.agent.vms.vm_controller import VmCache
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import (
     VirtualMachine,

@@ -1,7 +1,7 @@
 """The agent's VM controller: every path by which a VM of this node gets synced, and the queue
 they share (as a Kubernetes controller's event handlers feed its work queue): the watch (a VM
 changed), libvirt's lifecycle events (run.py's listener queues them, less the echoes of our own
-calls, agent/echoes.py: a crash or a guest shutdown shows in status within a second), retries
+calls, agent/vms/echoes.py: a crash or a guest shutdown shows in status within a second), retries
 and stop deadlines, and the periodic resync (drift: a domain removed behind our back is
 recreated, a domain whose VM is gone is removed, IPs appear). Each only queues the domain's
 name; the queue's workers do the syncing."""
@@ -14,11 +14,11 @@ from typing import Any
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
-from formation_vmm.agent.migration_marks import MigrationMarks
 from formation_vmm.agent.state import DomainInfo
-from formation_vmm.agent.sync import SyncResult, VmSync
-from formation_vmm.agent.vm_metrics import VmLabels
-from formation_vmm.agent.workqueue import WorkQueue
+from formation_vmm.agent.vms.migration_marks import MigrationMarks
+from formation_vmm.agent.vms.sync import SyncResult, VmSync
+from formation_vmm.agent.vms.vm_metrics import VmLabels
+from formation_vmm.agent.vms.workqueue import WorkQueue
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import DEFAULT_NETWORK, NODE_LABEL, VM_PLURAL
 from formation_vmm.api.references import referenced_images

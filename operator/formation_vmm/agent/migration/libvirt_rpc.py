@@ -1,5 +1,5 @@
 """libvirt's RPC as it crosses the migration relay: packets read from the stream, their header
-and XDR body decoded as far as the relay's judgement needs (agent/migration_calls.py), and
+and XDR body decoded as far as the relay's judgement needs (agent/migration/migration_calls.py), and
 written again. Pure, but for the two coroutines that read and write a stream.
 
 A packet is a 4-byte big-endian length (counting itself), a 24-byte header (program, version,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from formation_vmm import metrics, tls
-from formation_vmm.agent.libvirt_rpc import Packet, RpcError, read_packet
+from formation_vmm.agent.migration.libvirt_rpc import Packet, RpcError, read_packet
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Relay:
         a mount namespace of its own); ``libvirt_socket``: this node's libvirtd, for incoming
         RPC streams; ``socket_owner``: who the target QEMU runs as, if not root (it makes its
         sockets in the migration's directory); ``calls``: the judge of what a source may send
-        to this node's libvirtd for an incoming stream (agent/migration_calls.py), which raises
+        to this node's libvirtd for an incoming stream (agent/migration/migration_calls.py), which raises
         RpcError to cut the connection."""
         self.node = node
         self.calls = calls

@@ -5,9 +5,15 @@ migration ends without arriving."""
 import logging
 
 from formation_vmm.agent.hypervisor import HypervisorError
-from formation_vmm.agent.inputs import InputNotReadyError
-from formation_vmm.agent.migration_marks import Mark
-from formation_vmm.agent.migration_work import Body, MigrationError, MigrationWork, phase_of, target_of
+from formation_vmm.agent.migration.migration_work import (
+    Body,
+    MigrationError,
+    MigrationWork,
+    phase_of,
+    target_of,
+)
+from formation_vmm.agent.vms.inputs import InputNotReadyError
+from formation_vmm.agent.vms.migration_marks import Mark
 from formation_vmm.api.admission import change_held
 from formation_vmm.api.models import (
     VirtualMachine,

@@ -1,7 +1,7 @@
 """Which streams this node's relay carries for a source node: those a VmMigration under way
 from that node to this one asks for, and only until this node's own deadline for it
 (migration_rules.target_deadline: from the migration's creation, by the VM's size). Asked when
-a stream is opened and again every few seconds while it runs (agent/relay.py), so a migration
+a stream is opened and again every few seconds while it runs (agent/migration/relay.py), so a migration
 that ended, failed or ran past the deadline keeps no connection to this node's libvirtd."""
 
 import threading
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from formation_vmm.agent.relay import Stream
+from formation_vmm.agent.migration.relay import Stream
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import MIGRATION_PLURAL, VM_PLURAL
 from formation_vmm.domain.naming import domain_name

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.hypervisor.nwfilters import HypervisorFilters
-from formation_vmm.agent.relay import Relay
+from formation_vmm.agent.migration.relay import Relay
 from formation_vmm.config import Settings
 from formation_vmm.domain.guard_xml import GUEST_FILTER, NODE_PORTS_FILTER, guest_filter_xml, node_ports_xml
 

@@ -11,9 +11,9 @@ against its node's sync and orphan sweep for as long as the migration may still 
 This module routes the watch's events; the target's half is migration_target.py, the source's
 migration_source.py, and what both share migration_work.py."""
 
-from formation_vmm.agent.migration_source import OutgoingMigrations
-from formation_vmm.agent.migration_target import IncomingMigrations
-from formation_vmm.agent.migration_work import Body, Endpoint, MigrationError, Tuning
+from formation_vmm.agent.migration.migration_source import OutgoingMigrations
+from formation_vmm.agent.migration.migration_target import IncomingMigrations
+from formation_vmm.agent.migration.migration_work import Body, Endpoint, MigrationError, Tuning
 from formation_vmm.api.models import VmMigration
 
 __all__ = ["Endpoint", "MigrationError", "NodeMigrations", "Tuning"]
