@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from formation_vmm.devcluster.cluster import Kubectl
+from formation_vmm.api.names import SUBRESOURCES_API_SERVICE
+from formation_vmm.devcluster.cluster import Kubectl, route_subresources
 from formation_vmm.devcluster.controlplane import ControlPlane, find_binaries
 from tests.support.cluster import private_plane
 from tests.support.prometheus_crds import crd_files
@@ -44,6 +45,9 @@ def test_helm_install_creates_everything(control_plane: ControlPlane, kubectl: K
         # not adopt an object it did not make). The chart renders it: tests/charts/test_chart.py.
         "--set",
         "defaultNetwork.enabled=false",
+        # Nor its APIService, which the fleet routes to its own controller.
+        "--set",
+        "aggregatedApi.enabled=false",
     )
     try:
         status = json.loads(helm(control_plane, "status", "vmm-helm", "-n", "vmm-helm", "-o", "json"))
@@ -64,12 +68,34 @@ def test_helm_install_creates_everything(control_plane: ControlPlane, kubectl: K
 
 
 def test_kustomize_manifests_apply(kubectl: Kubectl) -> None:
-    # Server-side, as the CRDs were installed that way by the session fixture.
-    kubectl("apply", "--server-side", "--force-conflicts", "-k", str(ROOT / "manifests"))
-    kubectl(
-        "get", "deployment/formation-vmm-controller", "daemonset/formation-vmm-agent", "-n", "formation-vmm"
+    # The fleet's controller serves the aggregated API from this machine: the manifests' APIService
+    # (to a Service of the controller's pods, which never run here) is routed back after.
+    routed = kubectl(
+        "get", "apiservice", SUBRESOURCES_API_SERVICE, "-o", "jsonpath={.spec.service.port}", check=False
     )
-    kubectl("get", "clusterrolebinding/formation-vmm-controller", "clusterrolebinding/formation-vmm-agent")
+    try:
+        # Server-side, as the CRDs were installed that way by the session fixture.
+        kubectl("apply", "--server-side", "--force-conflicts", "-k", str(ROOT / "manifests"))
+        kubectl(
+            "get",
+            "deployment/formation-vmm-controller",
+            "daemonset/formation-vmm-agent",
+            "-n",
+            "formation-vmm",
+        )
+        kubectl(
+            "get", "clusterrolebinding/formation-vmm-controller", "clusterrolebinding/formation-vmm-agent"
+        )
+        kubectl(
+            "get",
+            f"apiservice/{SUBRESOURCES_API_SERVICE}",
+            "service/formation-vmm-subresources",
+            "-n",
+            "formation-vmm",
+        )
+    finally:
+        if routed.isdecimal():
+            route_subresources(kubectl, int(routed))
 
 
 ALL_FEATURES = (

@@ -223,13 +223,12 @@ def start_operator(
     return OperatorProcess(name=name, pid=pid, port=port, log=log, argv=argv, env=env)
 
 
-def route_subresources(kubectl: Kubectl, controller: OperatorProcess) -> None:
+def route_subresources(kubectl: Kubectl, port: int) -> None:
     """The APIService of manifests/ with its Service an ExternalName for localhost: the apiserver
-    proxies our aggregated API to ``controller``, a process on this machine. (A ClusterIP
+    proxies our aggregated API to the controller on this machine's ``port``. (A ClusterIP
     Service would need kube-proxy; an Endpoints address may not be loopback.)"""
     manifest = source_root() / "manifests" / "base" / "subresources.yaml"
     service, api_service = yaml.safe_load_all(manifest.read_text())
-    port = int(controller.env["VMM_SUBRESOURCES_PORT"])
     service["spec"] = {
         "type": "ExternalName",
         "externalName": "localhost",
@@ -277,5 +276,5 @@ def start_controller(
     """The controller; with ``route``, the apiserver proxies our aggregated API to it."""
     controller = start_operator(plane, "controller", ["controller"], env_extra or {}, kubeconfig)
     if route is not None:
-        route_subresources(route, controller)
+        route_subresources(route, int(controller.env["VMM_SUBRESOURCES_PORT"]))
     return controller
