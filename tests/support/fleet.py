@@ -251,7 +251,7 @@ class Fleet:
         """What the guest printed so far; empty while its domain does not exist yet."""
         out = self.plugin("-n", namespace, "console", name, "--no-follow")
         if out.returncode != 0 and (
-            "not bound to a node yet" in out.stderr or "HTTP Error 404" in out.stderr
+            "not bound to a node yet" in out.stderr or "has no domain on this node" in out.stderr
         ):
             return ""
         assert out.returncode == 0, out.stderr
