@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -26,6 +27,25 @@ from formation_vmm.api.names import GROUP, VERSION
 log = logging.getLogger(__name__)
 
 Body = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A kind of object as the API serves it: our CRDs' plurals, or any group's."""
+
+    plural: str
+    group: str = GROUP
+    version: str = VERSION
+    namespace: str | None = None  # None: every namespace (or a cluster-scoped kind)
+
+    def path(self) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        scope = f"/namespaces/{self.namespace}" if self.namespace else ""
+        return f"{base}{scope}/{self.plural}"
+
+
+def _resource(resource: "Resource | str") -> Resource:
+    return Resource(resource) if isinstance(resource, str) else resource
 
 
 class ApiError(RuntimeError):
@@ -162,11 +182,18 @@ class Kube:
             )
         )
 
-    def list_at(self, plural: str, label_selector: str = "") -> tuple[list[Body], str]:
-        """Every object of ``plural`` (cluster-wide) and the list's resourceVersion: where a
-        watch takes up from."""
-        with _unreachable_as_api_error():
-            found = self._list(plural, None, label_selector)
+    def list_at(
+        self, resource: "Resource | str", label_selector: str = "", field_selector: str = ""
+    ) -> tuple[list[Body], str]:
+        """Every object of ``resource`` (one of our plurals, or any Resource) and the list's
+        resourceVersion: where a watch takes up from. Parsed as JSON, not into the client
+        library's models (a list of every VM would cost more in models than in JSON)."""
+        query = {"labelSelector": label_selector, "fieldSelector": field_selector}
+        response = self._raw(_resource(resource).path(), query, (10, 60))
+        try:
+            found = json.loads(response.read())
+        finally:
+            response.release_conn()
         version = str((found.get("metadata") or {}).get("resourceVersion") or "")
         return [dict(item) for item in found.get("items") or []], version
 
@@ -174,44 +201,62 @@ class Kube:
         return [dict(item) for item in self._list(plural, namespace, label_selector).get("items") or []]
 
     def watch(
-        self, plural: str, resource_version: str, label_selector: str = "", timeout_seconds: int = 60
+        self,
+        resource: "Resource | str",
+        resource_version: str,
+        label_selector: str = "",
+        timeout_seconds: int = 60,
+        field_selector: str = "",
     ) -> Iterator[tuple[str, Body]]:
-        """One watch request of ``plural`` (cluster-wide) from ``resource_version``: its events
-        as (type, object) as they arrive, BOOKMARKs included, until the apiserver ends it
+        """One watch request of ``resource`` from ``resource_version``: its events as (type,
+        object) as they arrive, BOOKMARKs included, until the apiserver ends it
         (``timeout_seconds``). Raises GoneError when that version is too old to watch from.
         The response is read line by line, unparsed by the client library: this is every
         event of a burst, and the library's models would cost more than the JSON."""
-        with _unreachable_as_api_error():
-            yield from self._watch(plural, resource_version, label_selector, timeout_seconds)
-
-    def _watch(
-        self, plural: str, resource_version: str, label_selector: str, timeout_seconds: int
-    ) -> Iterator[tuple[str, Body]]:
-        response = self._call(
-            self._custom.list_cluster_custom_object,
-            GROUP,
-            VERSION,
-            plural,
-            label_selector=label_selector,
-            watch=True,
-            resource_version=resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout_seconds,
-            _preload_content=False,
-            # A connection that goes silent (the apiserver gone) ends too, a while after the
-            # apiserver's own end would have come.
-            _request_timeout=(10, timeout_seconds + 30),
-        )
+        query = {
+            "labelSelector": label_selector,
+            "fieldSelector": field_selector,
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        # A connection that goes silent (the apiserver gone) ends too, a while after the
+        # apiserver's own end would have come.
+        response = self._raw(_resource(resource).path(), query, (10, timeout_seconds + 30))
         try:
-            pending = b""
-            for chunk in response.stream(1 << 16):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield _watch_event(json.loads(line))
+            with _unreachable_as_api_error():
+                pending = b""
+                for chunk in response.stream(1 << 16):
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield _watch_event(json.loads(line))
         finally:
             response.release_conn()
+
+    def _raw(self, path: str, query: dict[str, str], timeout: tuple[float, float]) -> Any:
+        """GET ``path`` with this client's credentials, its body unread (a urllib3 response);
+        an error status is an ApiError with the apiserver's message (GoneError for 410)."""
+        method, url, headers, _, _ = self._client.param_serialize(
+            "GET",
+            path,
+            query_params=[(k, v) for k, v in query.items() if v],
+            header_params={"Accept": "application/json, */*", "User-Agent": self._client.user_agent},
+            auth_settings=["BearerToken"],
+        )
+        with _unreachable_as_api_error():
+            response = self._client.call_api(method, url, headers, _request_timeout=timeout).response
+        if response.status >= 400:
+            body = response.read(65536).decode(errors="replace")
+            response.release_conn()
+            message = body.strip() or str(response.reason)
+            with contextlib.suppress(ValueError, AttributeError):
+                message = str(json.loads(body).get("message") or message)
+            kind = {404: NotFoundError, 409: ConflictError, 410: GoneError}.get(response.status, ApiError)
+            raise kind(response.status, message)
+        return response
 
     def create(self, plural: str, namespace: str | None, body: Body) -> Body:
         if namespace is None:
@@ -284,28 +329,10 @@ class Kube:
         self._call(self._registration.patch_api_service, name, patch)
 
     def stream(self, path: str, query: dict[str, str], timeout: float) -> Any:
-        """GET ``path`` of the apiserver with this client's credentials, its body unread: the
-        urllib3 response (``read1``, ``release_conn``), for bodies that stream (an aggregated
-        API's console). An error status is an ApiError with the apiserver's message."""
-        method, url, headers, _, _ = self._client.param_serialize(
-            "GET",
-            path,
-            query_params=list(query.items()),
-            header_params={"Accept": "*/*", "User-Agent": self._client.user_agent},
-            auth_settings=["BearerToken"],
-        )
-        with _unreachable_as_api_error():
-            # (connect, each read): a long body is no timeout; a silence of ``timeout`` is.
-            response = self._client.call_api(method, url, headers, _request_timeout=(10, timeout)).response
-        if response.status >= 400:
-            body = response.read(65536).decode(errors="replace")
-            response.release_conn()
-            message = body.strip() or str(response.reason)
-            with contextlib.suppress(ValueError, AttributeError):
-                message = str(json.loads(body).get("message") or message)
-            kind = {404: NotFoundError, 409: ConflictError}.get(response.status, ApiError)
-            raise kind(response.status, message)
-        return response
+        """GET ``path`` of the apiserver, its body unread: the urllib3 response (``read1``,
+        ``release_conn``), for bodies that stream (an aggregated API's console). A silence of
+        ``timeout`` is a read timeout; a long body is none."""
+        return self._raw(path, query, (10, timeout))
 
     def node(self, name: str) -> Body:
         return self._plain(self._call(self._core.read_node, name))

@@ -84,10 +84,10 @@ from formation_vmm.images.collector import GarbageCollector
 from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import NodeImages
+from formation_vmm.informer import WATCH_SECONDS, Informer
 from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
 from formation_vmm.migration_rules import Limits
 from formation_vmm.sealing import NodeKey
-from formation_vmm.vm_watch import WATCH_SECONDS, VmWatch
 from formation_vmm.waiting import WaitTimeoutError, wait_for
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def run_controller(settings: Settings) -> None:
     kube = _start(settings, CONTROLLER)
     registry = _registry()
     namespace = settings.controller_namespace
-    controller_handlers.register(registry, namespace, LEASE_NAME)
+    controller_handlers.register(registry)
     events = EventRecorder(kube, CONTROLLER)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
@@ -263,8 +263,16 @@ def run_controller(settings: Settings) -> None:
         sealer=sealer,
         leader=leader,
         health=health,
-        vm_watch=VmWatch(kube, "", feed.event, feed.listed, lambda: health.beat("vm-watch")),
+        vm_watch=Informer(
+            kube,
+            VM_PLURAL,
+            feed.event,
+            listed=feed.listed,
+            beat=lambda: health.beat("vm-watch"),
+            name="vm-watch",
+        ),
     )
+    state.informers = controller_handlers.informers(state, namespace, LEASE_NAME)
     _vm_watch_health(health, state.vm_watch)
     health.live_check("loops", lambda: _tasks_alive(state))
 
@@ -278,8 +286,8 @@ def run_controller(settings: Settings) -> None:
 RETRY_BIND = controller_handlers.RETRY_SECONDS
 
 
-def _vm_watch_health(health: Health, watch: VmWatch) -> None:
-    """Both processes' VM watch (vm_watch.py beats "vm-watch"): readiness needs a list or a
+def _vm_watch_health(health: Health, watch: Informer) -> None:
+    """Both processes' VM watch (informer.py, beating "vm-watch"): readiness needs a list or a
     watch request that ended well within two requests' time; liveness, its thread."""
     health.pulse("vm-watch", 2 * WATCH_SECONDS + 30, "the VM watch listed or ended a watch request well")
     health.live_check(
@@ -303,7 +311,7 @@ def run_agent(settings: Settings) -> None:
     node = settings.node_name
     _hold_agent_lock(settings, node)
     registry = _registry()
-    agent_handlers.register(registry, node)
+    agent_handlers.register(registry)
     health = Health()
     layout = NodeLayout(
         vm_dir=settings.vm_dir,
@@ -451,14 +459,17 @@ def run_agent(settings: Settings) -> None:
         relay=relay,
         guard=guard,
         snapshot_index=snapshot_index,
-        vm_watch=VmWatch(
+        vm_watch=Informer(
             kube,
-            f"{NODE_LABEL}={node}",
+            VM_PLURAL,
             vm_controller.vm_event,
-            vm_controller.forget_unlisted,
-            lambda: health.beat("vm-watch"),
+            label_selector=f"{NODE_LABEL}={node}",
+            listed=vm_controller.forget_unlisted,
+            beat=lambda: health.beat("vm-watch"),
+            name="vm-watch",
         ),
     )
+    state.informers = agent_handlers.informers(state)
     _agent_health(health, settings, hypervisor, state, queue, prober)
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
     REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))

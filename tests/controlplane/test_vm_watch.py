@@ -1,4 +1,4 @@
-"""The agent's own watch of its node's VMs (vm_watch.py), against the real apiserver with
+"""The agent's own watch of its node's VMs (informer.py), against the real apiserver with
 the agent's node-bound token: a list, then the events of this node's VMs only, a VM whose
 binding moves away as DELETED, a list again when the apiserver restarts, and a version too old
 to watch from as GoneError. The agent's behaviour built on it is in every other test here."""
@@ -16,8 +16,8 @@ from formation_vmm.devcluster.cluster import (
     register_node,
     service_account_kubeconfig,
 )
+from formation_vmm.informer import Informer
 from formation_vmm.kube import GoneError, Kube
-from formation_vmm.vm_watch import VmWatch
 from tests.support.fleet import Fleet
 from tests.support.waiting import wait_for
 
@@ -78,7 +78,15 @@ def test_the_watch_lists_then_follows_this_nodes_vms_and_lists_again_after_a_res
     early = vm_on(fleet, ns, "early", NODE)
     vm_on(fleet, ns, "elsewhere", "node-nowhere")
     selector = f"{NODE_LABEL}={NODE}"
-    watch = VmWatch(kube, selector, seen.deliver, seen.listed, timeout_seconds=5, retry_seconds=0.5)
+    watch = Informer(
+        kube,
+        VM_PLURAL,
+        seen.deliver,
+        label_selector=selector,
+        listed=seen.listed,
+        timeout_seconds=5,
+        retry_seconds=0.5,
+    )
     watch.start()
     try:
         wait_for(lambda: seen.has(None, "early"), 30, "the listed VM")

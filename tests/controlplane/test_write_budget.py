@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL
+from formation_vmm.api.names import ADDRESSES_ANNOTATION, NODE_LABEL, VM_PLURAL
+from formation_vmm.informer import Informer
 from formation_vmm.kube import Kube
-from formation_vmm.vm_watch import VmWatch
 from tests.support.fleet import TINY, Fleet, condition
 from tests.support.waiting import wait_for
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.controlplane
 
 
 class OneVm:
-    """Every version of one VM, in order, from the operators' own watch (vm_watch.py) of every
+    """Every version of one VM, in order, from the operators' own watch (informer.py) of every
     VM, whose list is made before the VM exists: no version can fall between the list and the
     watch, however slowly a loaded machine starts it (a `kubectl get --watch` started beside the
     create could list the VM already bound, and see one write fewer). A list made again (the
@@ -29,7 +29,9 @@ class OneVm:
         self.namespace, self.name = namespace, name
         self.events: queue.Queue[tuple[str | None, dict[str, Any]]] = queue.Queue()
         kube = Kube.from_kubeconfig(str(fleet.kubectl.kubeconfig))
-        self.watch = VmWatch(kube, "", self._deliver, lambda _: None, timeout_seconds=30, name="one-vm")
+        self.watch = Informer(
+            kube, VM_PLURAL, self._deliver, listed=lambda _: None, timeout_seconds=30, name="one-vm"
+        )
         self.watch.start()
         wait_for(lambda: self.watch.lists == 1, 30, "the watch's list")
         assert self.events.empty(), "the VM exists before its watch"

@@ -28,8 +28,8 @@ from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.vm_feed import VmFeed
 from formation_vmm.devcluster.cluster import Kubectl, install_crds, service_account_kubeconfig
 from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.informer import Informer
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
-from formation_vmm.vm_watch import VmWatch
 from tests.support.cluster import private_plane
 from tests.support.waiting import wait_for
 
@@ -203,7 +203,7 @@ def binder_with_a_node(kube: Kube, cpus: int = 4, node: str = NODE) -> Binder:
 def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
     kube: Kube, kubectl: Kubectl, ns: str
 ) -> None:
-    """The controller's own VM watch (vm_watch.py into controller/vm_feed.py): a VM deleted while
+    """The controller's own VM watch (informer.py into controller/vm_feed.py): a VM deleted while
     no watch delivered it (here: between one watch's stop and the next one's list, as when the
     apiserver was away) leaves the binder's sums when the next list lacks it. A node of its own,
     and a watch of this test's VMs only (by a label): the VMs other tests here leave, bound or
@@ -225,7 +225,15 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
         return kubectl_json(kubectl, ns, name)
 
     assert bind(binder, kubectl, labeled_vm("gone")) == "node-feed"
-    first = VmWatch(kube, mine, feed.event, feed.listed, timeout_seconds=1, retry_seconds=0.2)
+    first = Informer(
+        kube,
+        VM_PLURAL,
+        feed.event,
+        label_selector=mine,
+        listed=feed.listed,
+        timeout_seconds=1,
+        retry_seconds=0.2,
+    )
     first.start()
     wait_for(lambda: first.lists == 1, 30, "the first watch's list")
     first.stop()
@@ -233,7 +241,7 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
     assert bind(binder, kubectl, labeled_vm("waiting")) is None  # 1 of 1 CPU held by "gone"
     release(kubectl, ns, "gone")
     kubectl("delete", "vm", "gone", "-n", ns, "--wait=true")
-    second = VmWatch(kube, mine, feed.event, feed.listed, retry_seconds=0.2)
+    second = Informer(kube, VM_PLURAL, feed.event, label_selector=mine, listed=feed.listed, retry_seconds=0.2)
     second.start()
     try:
         wait_for(lambda: second.lists == 1, 30, "the second watch's list")

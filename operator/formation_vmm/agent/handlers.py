@@ -1,5 +1,6 @@
-"""kopf handlers of the agent, and its background loops. Thin: a watch event updates a cache and
-queues a key; the queue's workers and the components built in ``run.py`` do the rest."""
+"""The agent's process: kopf runs it (startup, login, cleanup), our informers watch every kind
+(informer.py), and background loops beat, resync and collect. Thin: a watch event updates a
+cache and queues a key; the queue's workers and the components built in ``run.py`` do the rest."""
 
 import asyncio
 import contextlib
@@ -42,7 +43,6 @@ from formation_vmm.api.names import (
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
-    VERSION,
     VM_COUNT_ANNOTATION,
 )
 from formation_vmm.api.quantity import format_mebibytes
@@ -51,10 +51,9 @@ from formation_vmm.domain.naming import domain_name
 from formation_vmm.health import Health
 from formation_vmm.images.collector import GarbageCollector
 from formation_vmm.images.node import NodeImages
-from formation_vmm.kopf_settings import watch_only
-from formation_vmm.kube import ApiError, Kube
+from formation_vmm.informer import Handler, Informer
+from formation_vmm.kube import ApiError, Body, Kube, Resource
 from formation_vmm.sealing import NodeKey
-from formation_vmm.vm_watch import VmWatch
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,8 @@ class AgentMemo:
     networks: NodeNetworks
     health: Health
     key: NodeKey
-    vm_watch: VmWatch  # this node's VMs, into the cache and the queue
+    vm_watch: Informer  # this node's VMs, into the cache and the queue
+    informers: list[Informer] = field(default_factory=list)  # every other kind (informers())
     migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
     relay: Relay | None = None
     guard: NodeGuard | None = None  # guests kept off the node's ports (real QEMU only)
@@ -206,17 +206,17 @@ def _converge_networks(state: "AgentMemo") -> None:
         state.guard.refresh()
 
 
-def register(registry: kopf.OperatorRegistry, node: str) -> None:
+def register(registry: kopf.OperatorRegistry) -> None:
+    """kopf runs the process (startup, login, cleanup); every watch is an Informer of ours."""
+
     @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    async def configure(memo: kopf.Memo, **_: Any) -> None:
         state = agent_memo(memo)
-        # Only this node's Node comes down its watch: the apiserver filters.
-        settings.watching.field_selectors["nodes"] = f"metadata.name={node}"
-        watch_only(settings)
         config = state.settings
         await asyncio.to_thread(_load_snapshots, state)
         state.queue.start(state.vm_controller.process, config.sync_workers, "sync")
-        state.vm_watch.start()
+        for informer in [state.vm_watch, *state.informers]:
+            informer.start()
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             _task(
@@ -252,7 +252,8 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        state.vm_watch.stop()
+        for informer in [state.vm_watch, *state.informers]:
+            informer.stop()
         state.queue.close()
         state.migrations.close()
         if state.relay is not None:
@@ -260,46 +261,59 @@ def register(registry: kopf.OperatorRegistry, node: str) -> None:
         state.node_images.close()
         state.hypervisor.close()
 
-    # This node's VMs come down a watch of our own (vm_watch.py), not kopf's. Elsewhere
-    # only watch handlers: the agent decides from objects as they are, so it needs none of
-    # kopf's per-object bookkeeping (annotations, its own finalizer), each a write per object.
 
-    @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="image", registry=registry)
-    def image_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = agent_memo(memo)
-        image = state.images.observe(event.get("type"), dict(event["object"]))
-        if event.get("type") == "DELETED":
-            return
-        if image.spec.prefetch == "AllNodes" and not image.metadata.deletion_timestamp:
-            state.node_images.prefetch(image)
-        state.vm_controller.image_changed(image.metadata.namespace or "", image.metadata.name)
+def informers(state: AgentMemo) -> list[Informer]:
+    """The agent's watches of everything but its VMs (``vm_watch``), each handler in its
+    informer's thread. The agent decides from objects as they are: it writes nothing of kopf's
+    kind on them (annotations, a finalizer of its own)."""
+    kube = state.kube
 
-    @kopf.on.event(GROUP, VERSION, NETWORK_PLURAL, id="network", registry=registry)
-    def network_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        """Realise the VmNetwork here (a thread of kopf's: libvirt and a status write), then
-        look again at the VMs that use it (those waiting for it start now)."""
-        state = agent_memo(memo)
-        body = dict(event["object"])
-        state.networks.event(event.get("type"), body)
-        for key in state.cache.users_of_network(str(event["object"]["metadata"]["name"])):
-            state.queue.add(key)
+    def each(
+        resource: Resource, handler: Handler, label_selector: str = "", field_selector: str = ""
+    ) -> Informer:
+        return Informer(
+            kube,
+            resource,
+            handler,
+            label_selector=label_selector,
+            field_selector=field_selector,
+            name=f"watch-{resource.plural}",
+        )
 
-    @kopf.on.event("", "v1", "nodes", id="own-node", registry=registry)
-    async def own_node(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        """The Node watch shows our last heartbeat back: proof that our watches deliver."""
-        state = agent_memo(memo)
-        annotations = dict(event["object"].get("metadata", {}).get("annotations") or {})
-        if state.sent_beat and annotations.get(HEARTBEAT_ANNOTATION) == state.sent_beat:
-            state.health.beat("watch")
+    return [
+        each(Resource(IMAGE_PLURAL), lambda kind, body: _image_event(state, kind, body)),
+        each(Resource(NETWORK_PLURAL), lambda kind, body: _network_event(state, kind, body)),
+        # Only this node's Node: the apiserver filters.
+        each(
+            Resource("nodes", "", "v1"),
+            lambda kind, body: _own_node(state, body),
+            field_selector=f"metadata.name={state.node}",
+        ),
+        each(Resource(SNAPSHOT_PLURAL), lambda kind, body: _snapshot_event(state, kind, body)),
+        each(Resource(MIGRATION_PLURAL), state.migrations.event),
+        each(Resource(RESTORE_PLURAL), lambda kind, body: state.snapshots.event(RESTORE_KIND, kind, body)),
+    ]
 
-    @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshot", registry=registry)
-    def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        _snapshot_event(agent_memo(memo), event.get("type"), dict(event["object"]))
 
-    @kopf.on.event(GROUP, VERSION, MIGRATION_PLURAL, id="migration", registry=registry)
-    def migration_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        agent_memo(memo).migrations.event(event.get("type"), dict(event["object"]))
+def _image_event(state: AgentMemo, kind: str | None, body: Body) -> None:
+    image = state.images.observe(kind, body)
+    if kind == "DELETED":
+        return
+    if image.spec.prefetch == "AllNodes" and not image.metadata.deletion_timestamp:
+        state.node_images.prefetch(image)
+    state.vm_controller.image_changed(image.metadata.namespace or "", image.metadata.name)
 
-    @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restore", registry=registry)
-    def restore_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        agent_memo(memo).snapshots.event(RESTORE_KIND, event.get("type"), dict(event["object"]))
+
+def _network_event(state: AgentMemo, kind: str | None, body: Body) -> None:
+    """Realise the VmNetwork here (libvirt and a status write), then look again at the VMs that
+    use it (those waiting for it start now)."""
+    state.networks.event(kind, body)
+    for key in state.cache.users_of_network(str(body["metadata"]["name"])):
+        state.queue.add(key)
+
+
+def _own_node(state: AgentMemo, body: Body) -> None:
+    """The Node watch shows our last heartbeat back: proof that our watches deliver."""
+    annotations = dict(body.get("metadata", {}).get("annotations") or {})
+    if state.sent_beat and annotations.get(HEARTBEAT_ANNOTATION) == state.sent_beat:
+        state.health.beat("watch")

@@ -341,11 +341,13 @@ class Binder:
         self.changed.set()
 
     def network_event(self, event_type: str | None, body: dict[str, Any]) -> None:
-        self.networks.network_event(event_type, body)
+        with self._lock:  # the networks' and the namespaces' watches run in threads of their own
+            self.networks.network_event(event_type, body)
         self.changed.set()  # VMs waiting for this network may be placed now
 
     def namespace_event(self, event_type: str | None, body: dict[str, Any]) -> None:
-        self.networks.namespace_event(event_type, body)
+        with self._lock:
+            self.networks.namespace_event(event_type, body)
         self.changed.set()
 
     # --- decisions ---------------------------------------------------------------------------

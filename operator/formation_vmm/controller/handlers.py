@@ -1,7 +1,7 @@
-"""kopf handlers of the controller. The controller only watches (kopf ``on.event``: no
-finalizers, no annotations written on VMs; the VMs themselves come down a watch of our own,
-vm_watch.py) and hands what it sees to the Binder and its helpers.
-Every replica watches (so a standby has warm caches); only the leader writes."""
+"""The controller's process: kopf runs it (startup, login, cleanup), our informers watch every
+kind (informer.py; the VMs through vm_feed.py) and hand what they see to the Binder and its
+helpers, and two loops lead and bind. Every replica watches (so a standby has warm caches);
+only the leader writes."""
 
 import asyncio
 import contextlib
@@ -13,7 +13,6 @@ import kopf
 
 from formation_vmm.api.models import VmImageStatus, VmNetworkStatus
 from formation_vmm.api.names import (
-    GROUP,
     HYPERVISOR_LABEL,
     IMAGE_PLURAL,
     MIGRATION_PLURAL,
@@ -22,7 +21,6 @@ from formation_vmm.api.names import (
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
-    VERSION,
     VM_PLURAL,
 )
 from formation_vmm.config import Settings
@@ -37,9 +35,8 @@ from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
-from formation_vmm.kopf_settings import watch_only
-from formation_vmm.kube import Kube, StatusWriter
-from formation_vmm.vm_watch import VmWatch
+from formation_vmm.informer import Handler, Informer
+from formation_vmm.kube import Body, Kube, Resource, StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +60,8 @@ class ControllerMemo:
     leader: LeaderElector
     sealer: Sealer
     health: Health
-    vm_watch: VmWatch  # every VM, into the binder, the sealer and the image guard (vm_feed.py)
+    vm_watch: Informer  # every VM, into the binder, the sealer and the image guard (vm_feed.py)
+    informers: list[Informer] = field(default_factory=list)  # every other kind (informers())
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -114,17 +112,14 @@ async def _lead(state: ControllerMemo) -> None:
         await asyncio.sleep(leader.renew)
 
 
-def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: str) -> None:
-    _register_networks(registry)
-    _register_requests(registry)
+def register(registry: kopf.OperatorRegistry) -> None:
+    """kopf runs the process (startup, login, cleanup); every watch is an Informer of ours."""
 
     @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        settings.watching.label_selectors["nodes"] = f"{HYPERVISOR_LABEL}=true"
-        settings.watching.field_selectors["coordination.k8s.io", "leases"] = f"metadata.name={lease_name}"
-        watch_only(settings)
+    async def configure(memo: kopf.Memo, **_: Any) -> None:
         state = controller_memo(memo)
-        state.vm_watch.start()
+        for informer in [state.vm_watch, *state.informers]:
+            informer.start()
         state.tasks = [
             asyncio.create_task(_lead(state), name="leader"),
             asyncio.create_task(_bind_loop(state), name="bind"),
@@ -137,89 +132,86 @@ def register(registry: kopf.OperatorRegistry, lease_namespace: str, lease_name: 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        state.vm_watch.stop()
-
-    @kopf.on.event(
-        "coordination.k8s.io",
-        "v1",
-        "leases",
-        id="lease",
-        registry=registry,
-        when=_in_namespace(lease_namespace),
-    )
-    async def lease(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        """The lease watch shows a renewal: proof that our watches deliver (the leader sees its
-        own; a standby, the leader's)."""
-        state = controller_memo(memo)
-        renewed = (event["object"].get("spec") or {}).get("renewTime")
-        if renewed and (not state.leader.is_leader() or renewed == state.leader.last_written):
-            state.health.beat("watch")
-
-    # Async on purpose: these only update the binder's memory (a thread hop per watch event
-    # would cost more than the work); the rare API write goes to a thread.
-    @kopf.on.event("", "v1", "nodes", labels={HYPERVISOR_LABEL: "true"}, id="nodes", registry=registry)
-    async def nodes(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = controller_memo(memo)
-        summary = node_summary(dict(event["object"]))
-        state.binder.node_event(event.get("type"), summary)
-        state.sealer.node_event(event.get("type"), summary)
-        if event.get("type") == "DELETED" and state.leader.is_leader():
-            await asyncio.to_thread(_forget_node, state, summary["name"])
-
-    @kopf.on.event("", "v1", "resourcequotas", id="quotas", registry=registry)
-    async def quotas(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        """A namespace's VM quota (quota.py): the binder counts against it."""
-        controller_memo(memo).binder.quota_event(event.get("type"), dict(event["object"]))
-
-    # The VMs come down a watch of our own (vm_watch.py, controller/vm_feed.py), not kopf's.
-
-    @kopf.on.event(GROUP, VERSION, IMAGE_PLURAL, id="images", registry=registry)
-    def images(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = controller_memo(memo)
-        body = dict(event["object"])
-        state.sealer.image_event(event.get("type"), body)
-        state.guard.image_event(event.get("type"), body, write=state.leader.is_leader())
-
-    @kopf.on.event(GROUP, VERSION, SNAPSHOT_PLURAL, id="snapshots", registry=registry)
-    def snapshots(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = controller_memo(memo)
-        state.binder.snapshot_event(event.get("type"), dict(event["object"]))
-        if event.get("type") != "DELETED" and state.leader.is_leader():
-            state.notes.event(SNAPSHOT_KIND, dict(event["object"]))
+        for informer in [state.vm_watch, *state.informers]:
+            informer.stop()
 
 
-def _register_requests(registry: kopf.OperatorRegistry) -> None:
-    """What users ask of a VM through objects of their own: snapshots, restores, migrations."""
+def informers(state: ControllerMemo, lease_namespace: str, lease_name: str) -> list[Informer]:
+    """The controller's watches of everything but VMs (vm_feed.py has those), each handler in
+    its informer's thread. Every replica watches (so a standby has warm caches); only the
+    leader writes."""
+    kube = state.kube
 
-    @kopf.on.event(GROUP, VERSION, MIGRATION_PLURAL, id="migrations", registry=registry)
-    async def migrations(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = controller_memo(memo)
-        state.sealer.migration_event(event.get("type"), dict(event["object"]))
-        body = state.migrations.event(event.get("type"), dict(event["object"]))
-        if body is not None and state.leader.is_leader():
-            await asyncio.to_thread(state.migrations.act, body)
+    def each(
+        resource: Resource, handler: Handler, label_selector: str = "", field_selector: str = ""
+    ) -> Informer:
+        return Informer(
+            kube,
+            resource,
+            handler,
+            label_selector=label_selector,
+            field_selector=field_selector,
+            name=f"watch-{resource.plural}",
+        )
 
-    @kopf.on.event(GROUP, VERSION, RESTORE_PLURAL, id="restores", registry=registry)
-    def restores(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        state = controller_memo(memo)
-        if event.get("type") != "DELETED" and state.leader.is_leader():
-            state.notes.event(RESTORE_KIND, dict(event["object"]))
+    return [
+        each(
+            Resource("leases", "coordination.k8s.io", "v1", namespace=lease_namespace),
+            lambda kind, body: _lease(state, body),
+            field_selector=f"metadata.name={lease_name}",
+        ),
+        each(
+            Resource("nodes", "", "v1"),
+            lambda kind, body: _node(state, kind, body),
+            label_selector=f"{HYPERVISOR_LABEL}=true",
+        ),
+        each(Resource("resourcequotas", "", "v1"), state.binder.quota_event),
+        each(Resource(IMAGE_PLURAL), lambda kind, body: _image(state, kind, body)),
+        each(Resource(SNAPSHOT_PLURAL), lambda kind, body: _snapshot(state, kind, body)),
+        each(Resource(MIGRATION_PLURAL), lambda kind, body: _migration(state, kind, body)),
+        each(Resource(RESTORE_PLURAL), lambda kind, body: _restore(state, kind, body)),
+        # Which VmNetworks exist (the binder refuses others, and assigns from their ranges), and
+        # the namespaces' labels their namespaceSelectors match.
+        each(Resource(NETWORK_PLURAL), state.binder.network_event),
+        each(Resource("namespaces", "", "v1"), state.binder.namespace_event),
+    ]
 
 
-def _register_networks(registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.event(GROUP, VERSION, NETWORK_PLURAL, id="networks", registry=registry)
-    async def networks(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        """Which VmNetworks exist (the binder refuses others, and assigns from their ranges)."""
-        controller_memo(memo).binder.network_event(event.get("type"), dict(event["object"]))
-
-    @kopf.on.event("", "v1", "namespaces", id="namespaces", registry=registry)
-    async def namespaces(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-        """Namespaces' labels: a VmNetwork's namespaceSelector matches them."""
-        controller_memo(memo).binder.namespace_event(event.get("type"), dict(event["object"]))
+def _lease(state: ControllerMemo, body: Body) -> None:
+    """The lease watch shows a renewal: proof that our watches deliver (the leader sees its own;
+    a standby, the leader's)."""
+    renewed = (body.get("spec") or {}).get("renewTime")
+    if renewed and (not state.leader.is_leader() or renewed == state.leader.last_written):
+        state.health.beat("watch")
 
 
-def _in_namespace(namespace: str) -> Any:
-    def check(body: kopf.Body, **_: Any) -> bool:
-        return bool(body.get("metadata", {}).get("namespace") == namespace)
+def _node(state: ControllerMemo, kind: str | None, body: Body) -> None:
+    summary = node_summary(body)
+    state.binder.node_event(kind, summary)
+    state.sealer.node_event(kind, summary)
+    if kind == "DELETED" and state.leader.is_leader():
+        _forget_node(state, summary["name"])
 
-    return check
+
+def _image(state: ControllerMemo, kind: str | None, body: Body) -> None:
+    state.sealer.image_event(kind, body)
+    state.guard.image_event(kind, body, write=state.leader.is_leader())
+
+
+def _snapshot(state: ControllerMemo, kind: str | None, body: Body) -> None:
+    state.binder.snapshot_event(kind, body)
+    if kind != "DELETED" and state.leader.is_leader():
+        state.notes.event(SNAPSHOT_KIND, body)
+
+
+def _migration(state: ControllerMemo, kind: str | None, body: Body) -> None:
+    """What users ask of a VM through objects of their own: migrations, snapshots, restores."""
+    state.sealer.migration_event(kind, body)
+    acted = state.migrations.event(kind, body)
+    if acted is not None and state.leader.is_leader():
+        state.migrations.act(acted)
+
+
+def _restore(state: ControllerMemo, kind: str | None, body: Body) -> None:
+    if kind != "DELETED" and state.leader.is_leader():
+        state.notes.event(RESTORE_KIND, body)

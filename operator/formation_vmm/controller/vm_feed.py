@@ -1,4 +1,4 @@
-"""What the controller does with its VMs' events, which come down its own watch (vm_watch.py),
+"""What the controller does with its VMs' events, which come down its own watch (informer.py),
 in that watch's thread: each goes to the binder, the sealer and the image guard (each keeps its
 memory under its own lock), and the leader makes the rare writes they ask for. Every replica
 feeds its memory, so a standby takes over warm; only the leader writes.

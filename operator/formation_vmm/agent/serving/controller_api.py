@@ -61,11 +61,19 @@ class ControllerCertificate:
         self.current = pem
 
     async def keep_fresh(self) -> None:
-        """Read it every REFRESH_SECONDS, and every RETRY_SECONDS while there is none yet (the
-        controller publishes it when it starts): until then no handshake can succeed."""
+        """Read it every REFRESH_SECONDS; while there is none yet (the controller publishes it
+        when it starts, and until then no handshake can succeed), soon again: RETRY_SECONDS,
+        doubled each time up to REFRESH_SECONDS (a cluster without the aggregated API costs a
+        GET per agent per REFRESH_SECONDS, not a poll)."""
+        delay = RETRY_SECONDS
         while True:
             await self.refresh(0.0)
-            await asyncio.sleep(REFRESH_SECONDS if self.current else RETRY_SECONDS)
+            if self.current:
+                delay = RETRY_SECONDS
+                await asyncio.sleep(REFRESH_SECONDS)
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REFRESH_SECONDS)
 
     async def is_peer(self, request: web.Request) -> bool:
         peer = _peer_der(request)

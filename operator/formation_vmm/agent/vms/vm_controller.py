@@ -215,7 +215,7 @@ class VmController:
     # --- what asks for a sync ------------------------------------------------------------------
 
     def vm_event(self, event_type: str | None, body: Body) -> None:
-        """A watch event of a VM bound to this node (vm_watch.py). The echo of our own status
+        """A watch event of a VM bound to this node (informer.py). The echo of our own status
         write is not queued: a resourceVersion names one content, and the domain's own changes
         come as libvirt events (in a burst this halves the syncs: a dry-run reconcile per VM)."""
         key, news = self.cache.update(event_type, body)
