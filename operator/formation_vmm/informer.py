@@ -12,7 +12,7 @@ Why not kopf's watches: docs/decisions.md."""
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 from formation_vmm.kube import ApiError, GoneError, Kube, Resource
@@ -27,6 +27,8 @@ WATCH_SECONDS = 60
 # informer goes on with the next event.
 Handler = Callable[[str | None, Body], None]
 Listed = Callable[[set[str]], None]  # the uids a (re)list found: the others are gone
+# An index of the store: the values an object is found under (none: not in the index).
+Indexer = Callable[[Body], Iterable[Hashable]]
 
 
 def key_of(body: Body) -> str:
@@ -35,12 +37,53 @@ def key_of(body: Body) -> str:
     return f"{namespace}/{meta.get('name')}" if namespace else str(meta.get("name"))
 
 
+class Store:
+    """Objects by namespace/name, and indexes of them (client-go's Indexer): thread-safe."""
+
+    def __init__(self, indexers: Mapping[str, Indexer] | None = None) -> None:
+        self._objects: dict[str, Body] = {}
+        self._indexers = dict(indexers or {})
+        self._index: dict[str, dict[Hashable, set[str]]] = {name: {} for name in self._indexers}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Body | None:
+        with self._lock:
+            return self._objects.get(key)
+
+    def items(self) -> list[Body]:
+        with self._lock:
+            return list(self._objects.values())
+
+    def by(self, index: str, value: Hashable) -> list[Body]:
+        """The objects ``index`` finds under ``value``."""
+        with self._lock:
+            return [self._objects[key] for key in self._index[index].get(value, ())]
+
+    def put(self, key: str, body: Body | None) -> None:
+        """Store (or, with None, forget) one object, the indexes in step."""
+        with self._lock:
+            old = self._objects.pop(key, None)
+            for name, indexer in self._indexers.items():
+                if old is not None:
+                    for value in indexer(old):
+                        keys = self._index[name].get(value)
+                        if keys is not None:
+                            keys.discard(key)
+                            if not keys:
+                                del self._index[name][value]
+                if body is not None:
+                    for value in indexer(body):
+                        self._index[name].setdefault(value, set()).add(key)
+            if body is not None:
+                self._objects[key] = body
+
+
 class Informer:
     def __init__(
         self,
         kube: Kube,
         resource: Resource | str,
-        handler: Handler,
+        handler: Handler = lambda kind, body: None,  # run.py may wire it once its users exist
         *,
         label_selector: str = "",
         field_selector: str = "",
@@ -49,6 +92,7 @@ class Informer:
         timeout_seconds: int = WATCH_SECONDS,
         retry_seconds: float = 1.0,
         name: str = "",
+        indexers: Mapping[str, Indexer] | None = None,
     ) -> None:
         self.kube = kube
         self.resource = Resource(resource) if isinstance(resource, str) else resource
@@ -60,22 +104,18 @@ class Informer:
         self.timeout_seconds = timeout_seconds
         self.retry_seconds = retry_seconds
         self.name = name or f"watch-{self.resource.plural}"
-        self._store: dict[str, Body] = {}
-        self._lock = threading.Lock()
+        self.store = Store(indexers)
+        self.synced = threading.Event()  # the first list is in the store (client-go's HasSynced)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lists = 0  # how many lists it made: more than one after a 410 or a failure
         self.requests = 0  # how many watch requests ended well (each taken up where it ended)
 
-    # --- the store ---------------------------------------------------------------------------
-
     def get(self, key: str) -> Body | None:
-        with self._lock:
-            return self._store.get(key)
+        return self.store.get(key)
 
-    def items(self) -> list[Body]:
-        with self._lock:
-            return list(self._store.values())
+    def by(self, index: str, value: Hashable) -> list[Body]:
+        return self.store.by(index, value)
 
     # --- the thread --------------------------------------------------------------------------
 
@@ -126,17 +166,18 @@ class Informer:
             self.listed({str(body["metadata"].get("uid", "")) for body in items})
         else:
             fresh = {key_of(body): body for body in items}
-            with self._lock:
-                gone = [
-                    old
-                    for key, old in self._store.items()
-                    if key not in fresh or fresh[key]["metadata"].get("uid") != old["metadata"].get("uid")
-                ]
+            gone = [
+                old
+                for old in self.store.items()
+                if key_of(old) not in fresh
+                or fresh[key_of(old)]["metadata"].get("uid") != old["metadata"].get("uid")
+            ]
             for old in gone:
                 self._deliver("DELETED", old)
             for body in items:
                 self._deliver(None, body)
         self.lists += 1
+        self.synced.set()
         self.beat()
         return version
 
@@ -157,11 +198,7 @@ class Informer:
 
     def _deliver(self, kind: str | None, body: Body) -> None:
         if self.listed is None:
-            with self._lock:
-                if kind == "DELETED":
-                    self._store.pop(key_of(body), None)
-                else:
-                    self._store[key_of(body)] = body
+            self.store.put(key_of(body), None if kind == "DELETED" else body)
         try:
             self.handler(kind, body)
         except Exception:

@@ -34,7 +34,7 @@ from formation_vmm.agent.networks.node_networks import NodeNetworks
 from formation_vmm.agent.probes.prober import Prober
 from formation_vmm.agent.serving import controller_api, debug_api
 from formation_vmm.agent.snapshots.node_snapshots import Snapshots
-from formation_vmm.agent.snapshots.snapshot_index import SnapshotIndex
+from formation_vmm.agent.snapshots.snapshot_index import BY_VM, counter, vm_of
 from formation_vmm.agent.vms import confinement_check, qemu_user
 from formation_vmm.agent.vms.echoes import Echoes
 from formation_vmm.agent.vms.inputs import ClusterInputs, ImageCatalog, image_authorization
@@ -321,7 +321,11 @@ def run_agent(settings: Settings) -> None:
     )
     queue = WorkQueue()
     cache = VmCache()
-    images = ImageCatalog()
+    # The images' and snapshots' informers, whose stores syncs read (their handlers are wired
+    # with the rest in agent_handlers.informers).
+    images_seen = Informer(kube, IMAGE_PLURAL, name="watch-vmimages")
+    snapshots_seen = Informer(kube, SNAPSHOT_PLURAL, name="watch-vmsnapshots", indexers={BY_VM: vm_of})
+    images = ImageCatalog(images_seen)
 
     echoes = Echoes()
 
@@ -393,7 +397,6 @@ def run_agent(settings: Settings) -> None:
     )
     # The agent's key and self-signed certificate: the relay's and the access port's.
     identity = Identity.load_or_create(settings.state_dir / "relay", node)
-    snapshot_index = SnapshotIndex()
     sync = VmSync(
         reconciler,
         vm_status,
@@ -402,7 +405,7 @@ def run_agent(settings: Settings) -> None:
         settings.retry_seconds,
         prober,
         on_written=cache.written,
-        snapshots=snapshot_index.count,
+        snapshots=counter(snapshots_seen),
     )
 
     vm_controller = VmController(
@@ -446,6 +449,7 @@ def run_agent(settings: Settings) -> None:
         cache=cache,
         vm_controller=vm_controller,
         images=images,
+        snapshots_seen=snapshots_seen,
         node_images=node_images,
         collector=GarbageCollector(
             node_images, settings.image_gc_grace_seconds, settings.image_cache_max_bytes
@@ -458,7 +462,6 @@ def run_agent(settings: Settings) -> None:
         migration_endpoint=migration_endpoint(settings, relay),
         relay=relay,
         guard=guard,
-        snapshot_index=snapshot_index,
         vm_watch=Informer(
             kube,
             VM_PLURAL,
@@ -469,7 +472,7 @@ def run_agent(settings: Settings) -> None:
             name="vm-watch",
         ),
     )
-    state.informers = agent_handlers.informers(state)
+    state.informers = agent_handlers.informers(state, images_seen, snapshots_seen)
     _agent_health(health, settings, hypervisor, state, queue, prober)
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
     REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))

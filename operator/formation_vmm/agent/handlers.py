@@ -21,7 +21,6 @@ from formation_vmm.agent.migration.relay import Identity, Relay
 from formation_vmm.agent.networks.node_guard import NodeGuard
 from formation_vmm.agent.networks.node_networks import NodeNetworks
 from formation_vmm.agent.snapshots.node_snapshots import Snapshots
-from formation_vmm.agent.snapshots.snapshot_index import SnapshotIndex
 from formation_vmm.agent.vms.inputs import ImageCatalog
 from formation_vmm.agent.vms.vm_controller import VmCache, VmController
 from formation_vmm.agent.vms.workqueue import WorkQueue
@@ -42,7 +41,6 @@ from formation_vmm.api.names import (
     RESTORE_KIND,
     RESTORE_PLURAL,
     SNAPSHOT_KIND,
-    SNAPSHOT_PLURAL,
     VM_COUNT_ANNOTATION,
 )
 from formation_vmm.api.quantity import format_mebibytes
@@ -52,11 +50,13 @@ from formation_vmm.health import Health
 from formation_vmm.images.collector import GarbageCollector
 from formation_vmm.images.node import NodeImages
 from formation_vmm.informer import Handler, Informer
-from formation_vmm.kube import ApiError, Body, Kube, Resource
+from formation_vmm.kube import Body, Kube, Resource
 from formation_vmm.sealing import NodeKey
 
 log = logging.getLogger(__name__)
 
+# How long the first syncs wait for the VmSnapshots' first list.
+SNAPSHOTS_LISTED_SECONDS = 10.0
 # A migration whose target still fetches a base is looked at again this often.
 MIGRATION_RETRY_SECONDS = 2.0
 
@@ -73,7 +73,7 @@ class AgentMemo:
     queue: WorkQueue
     cache: VmCache
     vm_controller: VmController
-    images: ImageCatalog
+    images: ImageCatalog  # a view of the images' informer store
     node_images: NodeImages
     collector: GarbageCollector
     snapshots: Snapshots
@@ -82,11 +82,12 @@ class AgentMemo:
     health: Health
     key: NodeKey
     vm_watch: Informer  # this node's VMs, into the cache and the queue
+    snapshots_seen: Informer | None = None  # the VmSnapshots' informer (its store counts them)
     informers: list[Informer] = field(default_factory=list)  # every other kind (informers())
+
     migration_endpoint: str | None = None  # the Node annotation: how other nodes' agents reach us
     relay: Relay | None = None
     guard: NodeGuard | None = None  # guests kept off the node's ports (real QEMU only)
-    snapshot_index: SnapshotIndex = field(default_factory=SnapshotIndex)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The heartbeat last written to the Node, until the Node's watch shows it back.
     sent_beat: str = ""
@@ -167,19 +168,20 @@ def collect_images(state: AgentMemo) -> None:
     state.collector.collect(live)
 
 
-def _load_snapshots(state: AgentMemo) -> None:
-    """Count the VmSnapshots before the first sync (their watch may come later): a restarted
-    agent would otherwise write LiveMigratable True, then False again."""
-    try:
-        state.snapshot_index.load(state.kube.list(SNAPSHOT_PLURAL))
-    except ApiError as exc:
-        log.warning("cannot list VmSnapshots yet (their watch counts them): %s", exc)
+def _snapshots_listed(state: AgentMemo) -> None:
+    """Wait (a while) for the snapshots' first list before the first sync: a restarted agent
+    would otherwise write LiveMigratable True, then False again."""
+    seen = state.snapshots_seen
+    if seen is not None and not seen.synced.wait(SNAPSHOTS_LISTED_SECONDS):
+        log.warning("the VmSnapshots are not listed yet: the first syncs count none")
 
 
 def _snapshot_event(state: AgentMemo, event_type: str | None, body: dict[str, Any]) -> None:
-    changed = state.snapshot_index.observe(event_type, body)
-    if changed is not None and state.cache.get(domain_name(*changed)) is not None:
-        state.queue.add(domain_name(*changed))  # its LiveMigratable condition changes
+    vm = domain_name(
+        str(body["metadata"].get("namespace", "")), str((body.get("spec") or {}).get("vmName", ""))
+    )
+    if state.cache.get(vm) is not None:
+        state.queue.add(vm)  # its LiveMigratable condition may change
     state.snapshots.event(SNAPSHOT_KIND, event_type, body)
 
 
@@ -213,10 +215,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
     async def configure(memo: kopf.Memo, **_: Any) -> None:
         state = agent_memo(memo)
         config = state.settings
-        await asyncio.to_thread(_load_snapshots, state)
-        state.queue.start(state.vm_controller.process, config.sync_workers, "sync")
-        for informer in [state.vm_watch, *state.informers]:
+        for informer in state.informers:
             informer.start()
+        await asyncio.to_thread(_snapshots_listed, state)
+        state.queue.start(state.vm_controller.process, config.sync_workers, "sync")
+        state.vm_watch.start()
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
             _task(
@@ -262,7 +265,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
         state.hypervisor.close()
 
 
-def informers(state: AgentMemo) -> list[Informer]:
+def informers(state: AgentMemo, images: Informer, snapshots: Informer) -> list[Informer]:
     """The agent's watches of everything but its VMs (``vm_watch``), each handler in its
     informer's thread. The agent decides from objects as they are: it writes nothing of kopf's
     kind on them (annotations, a finalizer of its own)."""
@@ -280,8 +283,12 @@ def informers(state: AgentMemo) -> list[Informer]:
             name=f"watch-{resource.plural}",
         )
 
+    def wired(informer: Informer, handler: Handler) -> Informer:
+        informer.handler = handler
+        return informer
+
     return [
-        each(Resource(IMAGE_PLURAL), lambda kind, body: _image_event(state, kind, body)),
+        wired(images, lambda kind, body: _image_event(state, kind, body)),
         each(Resource(NETWORK_PLURAL), lambda kind, body: _network_event(state, kind, body)),
         # Only this node's Node: the apiserver filters.
         each(
@@ -289,14 +296,14 @@ def informers(state: AgentMemo) -> list[Informer]:
             lambda kind, body: _own_node(state, body),
             field_selector=f"metadata.name={state.node}",
         ),
-        each(Resource(SNAPSHOT_PLURAL), lambda kind, body: _snapshot_event(state, kind, body)),
+        wired(snapshots, lambda kind, body: _snapshot_event(state, kind, body)),
         each(Resource(MIGRATION_PLURAL), state.migrations.event),
         each(Resource(RESTORE_PLURAL), lambda kind, body: state.snapshots.event(RESTORE_KIND, kind, body)),
     ]
 
 
 def _image_event(state: AgentMemo, kind: str | None, body: Body) -> None:
-    image = state.images.observe(kind, body)
+    image = VmImage.model_validate(body)
     if kind == "DELETED":
         return
     if image.spec.prefetch == "AllNodes" and not image.metadata.deletion_timestamp:

@@ -4,9 +4,8 @@ Reads the Kubernetes API (VmImages, Secrets) and the node's image cache. Kept be
 protocol so the reconciler can be driven in tests with files only.
 """
 
-import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from formation_vmm.api.models import SealedValue, VirtualMachine, VmImage
 from formation_vmm.api.names import IMAGE_PLURAL
@@ -14,6 +13,7 @@ from formation_vmm.domain.build import needed_images
 from formation_vmm.domain.spec import BaseImage
 from formation_vmm.images.fetch import FetchError
 from formation_vmm.images.node import ImageNotReadyError, NodeImages
+from formation_vmm.informer import Informer
 from formation_vmm.kube import Kube
 from formation_vmm.sealing import NodeKey, SealError, image_context, user_data_context
 
@@ -35,29 +35,15 @@ class Inputs(Protocol):
 
 
 class ImageCatalog:
-    """The VmImages the agent's watch has seen, so a sync reads them from memory, not the API."""
+    """The VmImages as the images' informer has them, so a sync reads them from memory, not the
+    API: a view of its store, typed."""
 
-    def __init__(self) -> None:
-        self._images: dict[tuple[str, str], VmImage] = {}
-        self._lock = threading.Lock()
-
-    def observe(self, event_type: str | None, body: dict[str, Any]) -> VmImage:
-        image = VmImage.model_validate(body)
-        key = (image.metadata.namespace or "", image.metadata.name)
-        with self._lock:
-            if event_type == "DELETED":
-                self._images.pop(key, None)
-            else:
-                self._images[key] = image
-        return image
+    def __init__(self, images: Informer) -> None:
+        self.images = images
 
     def get(self, namespace: str, name: str) -> VmImage | None:
-        with self._lock:
-            return self._images.get((namespace, name))
-
-    def all(self) -> list[VmImage]:
-        with self._lock:
-            return list(self._images.values())
+        body = self.images.get(f"{namespace}/{name}")
+        return VmImage.model_validate(body) if body is not None else None
 
 
 class ClusterInputs:
