@@ -6,8 +6,9 @@ the few lines we need). Each event goes to one handler, in that thread.
 A new list is compared with what the last one and the watch showed (the store, keyed by
 namespace/name): an object it lacks was deleted while the watch was down, and the handler gets
 that DELETED with the object as last seen; one that came back with another uid is a deletion and
-a creation. So no kind misses a deletion. The VMs keep their store in their consumers (the
-agent's VmCache, the controller's binder): their informer only says which uids a list found.
+a creation. So no kind misses a deletion. A store may keep less than the objects (the
+controller's VMs: who they are, not their bodies); the agent's VMs keep none, their cache being
+their store, and are told which uids a list found (their orphans need more than a deletion).
 Why not kopf's watches: docs/decisions.md."""
 
 import logging
@@ -93,6 +94,7 @@ class Informer:
         retry_seconds: float = 1.0,
         name: str = "",
         indexers: Mapping[str, Indexer] | None = None,
+        transform: Callable[[Body], Body] | None = None,
     ) -> None:
         self.kube = kube
         self.resource = Resource(resource) if isinstance(resource, str) else resource
@@ -105,6 +107,10 @@ class Informer:
         self.retry_seconds = retry_seconds
         self.name = name or f"watch-{self.resource.plural}"
         self.store = Store(indexers)
+        # What the store keeps of each object (client-go's SetTransform): all of it, or less
+        # (the controller keeps a VM's metadata, not its body). Handlers get the whole object,
+        # and a deletion found by a list gets what the store kept.
+        self.transform = transform or (lambda body: body)
         self.synced = threading.Event()  # the first list is in the store (client-go's HasSynced)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -198,7 +204,7 @@ class Informer:
 
     def _deliver(self, kind: str | None, body: Body) -> None:
         if self.listed is None:
-            self.store.put(key_of(body), None if kind == "DELETED" else body)
+            self.store.put(key_of(body), None if kind == "DELETED" else self.transform(body))
         try:
             self.handler(kind, body)
         except Exception:

@@ -309,13 +309,16 @@ class Kube:
         return self._plain(self._call(self._core.read_namespaced_secret, name, namespace))
 
     def create_secret(self, namespace: str, body: Body) -> Body:
-        return self._plain(self._call(self._core.create_namespaced_secret, namespace, body))
+        with _unreachable_as_api_error():
+            return self._plain(self._call(self._core.create_namespaced_secret, namespace, body))
 
     def config_map(self, namespace: str, name: str) -> Body:
-        return self._plain(self._call(self._core.read_namespaced_config_map, name, namespace))
+        with _unreachable_as_api_error():
+            return self._plain(self._call(self._core.read_namespaced_config_map, name, namespace))
 
     def api_service(self, name: str) -> Body:
-        return self._plain(self._call(self._registration.read_api_service, name))
+        with _unreachable_as_api_error():
+            return self._plain(self._call(self._registration.read_api_service, name))
 
     def api_service_ca(self, name: str) -> str | None:
         """The CA bundle an APIService names (PEM), or None when it names none or is missing."""
@@ -326,7 +329,8 @@ class Kube:
         return base64.b64decode(bundle).decode() if bundle else None
 
     def patch_api_service(self, name: str, patch: Body) -> None:
-        self._call(self._registration.patch_api_service, name, patch)
+        with _unreachable_as_api_error():
+            self._call(self._registration.patch_api_service, name, patch)
 
     def stream(self, path: str, query: dict[str, str], timeout: float) -> Any:
         """GET ``path`` of the apiserver, its body unread: the urllib3 response (``read1``,

@@ -75,7 +75,7 @@ from formation_vmm.controller.migrations import MigrationScheduler
 from formation_vmm.controller.nodes import Ceiling
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
-from formation_vmm.controller.vm_feed import VmFeed
+from formation_vmm.controller.vm_feed import VmFeed, vm_reference
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import NodeFirmware
 from formation_vmm.health import Health, within
@@ -149,6 +149,11 @@ async def _serve(
     # Servers and loops of their own (the controller's aggregated API, the agent's access port).
     # Each runs until kopf stops, and is cancelled then.
     others = [asyncio.create_task(each(), name=each.__name__) for each in background or []]
+    # A server that ended (it never should) restarts the process, rather than fail unseen.
+    health.live_check(
+        "servers",
+        lambda: ", ".join(f"{t.get_name()} ended" for t in others if t.done()) or None,
+    )
     try:
         await kopf.operator(
             registry=registry,
@@ -267,7 +272,7 @@ def run_controller(settings: Settings) -> None:
             kube,
             VM_PLURAL,
             feed.event,
-            listed=feed.listed,
+            transform=vm_reference,
             beat=lambda: health.beat("vm-watch"),
             name="vm-watch",
         ),

@@ -25,7 +25,7 @@ from formation_vmm.api.names import (
 from formation_vmm.controller.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.sealer import Sealer
-from formation_vmm.controller.vm_feed import VmFeed
+from formation_vmm.controller.vm_feed import VmFeed, vm_reference
 from formation_vmm.devcluster.cluster import Kubectl, install_crds, service_account_kubeconfig
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.informer import Informer
@@ -225,30 +225,29 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
         return kubectl_json(kubectl, ns, name)
 
     assert bind(binder, kubectl, labeled_vm("gone")) == "node-feed"
-    first = Informer(
+    watch = Informer(
         kube,
         VM_PLURAL,
         feed.event,
         label_selector=mine,
-        listed=feed.listed,
+        transform=vm_reference,
         timeout_seconds=1,
         retry_seconds=0.2,
     )
-    first.start()
-    wait_for(lambda: first.lists == 1, 30, "the first watch's list")
-    first.stop()
-    wait_for(lambda: not first.alive(), 30, "the first watch's end")  # its last request ends within 1 s
+    watch.start()
+    wait_for(lambda: watch.lists == 1, 30, "the first watch's list")
+    watch.stop()
+    wait_for(lambda: not watch.alive(), 30, "the first watch's end")  # its last request ends within 1 s
     assert bind(binder, kubectl, labeled_vm("waiting")) is None  # 1 of 1 CPU held by "gone"
     release(kubectl, ns, "gone")
     kubectl("delete", "vm", "gone", "-n", ns, "--wait=true")
-    second = Informer(kube, VM_PLURAL, feed.event, label_selector=mine, listed=feed.listed, retry_seconds=0.2)
-    second.start()
+    watch.start()  # as after the apiserver came back: it lists again
     try:
-        wait_for(lambda: second.lists == 1, 30, "the second watch's list")
+        wait_for(lambda: watch.lists == 2, 30, "the second watch's list")
         # Had the list's lack not freed its CPU, a 1-CPU node would still be full.
         assert bind(binder, kubectl, kubectl_json(kubectl, ns, "waiting")) == "node-feed"
     finally:
-        second.stop()
+        watch.stop()
     release(kubectl, ns, "waiting")
 
 

@@ -381,3 +381,24 @@ def test_the_agents_metrics_answer_prometheus_only(fleet: Fleet, ns: str) -> Non
     assert status == 403 and "may not get /metrics" in body and "counted-here" not in body
     scraped = fleet.scrape(fleet.agents["node-a"])
     assert 'vmm_agent_actions_total{action="start"}' in scraped
+
+
+def test_consoles_come_back_after_the_apiserver_restarts(fleet: Fleet, ns: str) -> None:
+    """The controller's aggregated API and the agents' access ports outlive an apiserver that
+    went away: each keeps serving, and asks the API again when it is back (a failed refresh of
+    the APIService once ended the controller's server, silently)."""
+    fleet.apply_vm(ns, "steady", **ON_A)
+    fleet.wait_phase(ns, "steady", "Running")
+    console_log(fleet, ns, "steady").write_text("still here\n")
+    owner = fleet.user(ns, "owner", "edit")
+    # Away longer than the controller's and the agents' refresh periods (10 s and 2-30 s).
+    fleet.restart_apiserver(down_seconds=12)
+    wait_for(
+        lambda: (
+            fleet.plugin("-n", ns, "console", "steady", "--no-follow", kubeconfig=owner).stdout
+            == "still here\n"
+        ),
+        60,
+        "the console through the restarted apiserver",
+    )
+    assert "servers" not in get(fleet.controller.url + "/healthz")[1]

@@ -118,11 +118,11 @@ class Fleet:
             # full node and one its agent never synced fail alike otherwise).
             raise AssertionError(f"{exc}; the VM was: {_where(seen[0])}") from None
 
-    def restart_apiserver(self) -> None:
+    def restart_apiserver(self, down_seconds: float = 0.0) -> None:
         """Restart kube-apiserver, then wait until the controller binds a VM again: every watch
         and connection of the fleet broke, and the next test must not inherit a fleet still
         reconnecting (a VM applied right after a restart was once left unbound 60 s in CI)."""
-        self.plane.restart_apiserver()
+        self.plane.restart_apiserver(down_seconds=down_seconds)
         self.wait_binding_again()
 
     def wait_binding_again(self, timeout: float = 120) -> None:

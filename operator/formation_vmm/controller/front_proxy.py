@@ -69,7 +69,7 @@ class FrontProxy:
         self._read_at = time.monotonic()
         try:
             self.headers = RequestHeaders.of(self.read())
-        except ApiError as exc:  # keep the last settings
+        except (ApiError, OSError, ValueError) as exc:  # keep the last settings
             log.warning("cannot read %s/%s: %s", AUTHENTICATION_NAMESPACE, AUTHENTICATION_CONFIG_MAP, exc)
             return
         if not self.headers.ca:

@@ -32,7 +32,7 @@ from formation_vmm.controller.front_proxy import (
     AUTHENTICATION_NAMESPACE,
     FrontProxy,
 )
-from formation_vmm.kube import ApiError, Body, Kube
+from formation_vmm.kube import Body, Kube
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ async def run(kube: Kube, namespace: str, host: str, port: int) -> None:
         try:
             pair = await asyncio.to_thread(serving_certificate.load_or_create, kube, namespace)
             break
-        except ApiError as exc:
+        except Exception as exc:
             log.warning("cannot get the aggregated API's certificate yet: %s", exc)
             await asyncio.sleep(RETRY_SECONDS)
     context = tls.server_context(pair)
@@ -177,9 +177,9 @@ async def run(kube: Kube, namespace: str, host: str, port: int) -> None:
         while True:
             try:
                 await asyncio.to_thread(serving_certificate.publish, kube, pair)
-            except ApiError as exc:
-                log.warning("cannot update APIService's caBundle now: %s", exc)
-            await asyncio.to_thread(front.refresh)
+                await asyncio.to_thread(front.refresh)
+            except Exception as exc:
+                log.warning("cannot update the APIService or read the front proxy's settings now: %s", exc)
             await asyncio.sleep(RETRY_SECONDS)
     finally:
         await session.close()

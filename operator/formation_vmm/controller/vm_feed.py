@@ -3,13 +3,11 @@ in that watch's thread: each goes to the binder, the sealer and the image guard 
 memory under its own lock), and the leader makes the rare writes they ask for. Every replica
 feeds its memory, so a standby takes over warm; only the leader writes.
 
-The feed also remembers each VM's name, so that a VM a new list lacks (deleted while no watch
-delivered it, the apiserver away or the watch's version too old) is forgotten as if its
-deletion had come: its room on the node and its addresses are freed at once, where kopf's
-re-list left them held until the controller restarted."""
+A VM a new list lacks (deleted while no watch delivered it, the apiserver away or the watch's
+version too old) comes as DELETED from the informer, with the metadata its store kept
+(``vm_reference``): its room on the node and its addresses are freed at once."""
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +28,10 @@ class VmFeed:
         self.sealer = sealer
         self.guard = guard
         self.leading = leading
-        self._names: dict[str, tuple[str, str]] = {}  # uid -> (namespace, name), of every VM seen
-        self._lock = threading.Lock()
 
     def event(self, kind: str | None, body: Body) -> None:
         """A watch event (``kind`` None for a VM a list found)."""
         meta = body["metadata"]
-        with self._lock:
-            if kind == "DELETED":
-                self._names.pop(str(meta.get("uid", "")), None)
-            else:
-                self._names[str(meta.get("uid", ""))] = (meta["namespace"], meta["name"])
         self.binder.vm_event(kind, body)
         self.sealer.vm_event(kind, body)
         released = self.guard.vm_event(kind, body)
@@ -57,10 +48,9 @@ class VmFeed:
             # that names the wrong node, at the VM's next event.
             log.exception("acting on VM %s/%s failed", meta.get("namespace"), meta.get("name"))
 
-    def listed(self, uids: set[str]) -> None:
-        """``uids``: every VM a (re)list found. The others are gone."""
-        with self._lock:
-            gone = [(uid, where) for uid, where in self._names.items() if uid not in uids]
-        for uid, (namespace, name) in gone:
-            log.warning("VM %s/%s is gone, though its deletion never came down the watch", namespace, name)
-            self.event("DELETED", {"metadata": {"uid": uid, "namespace": namespace, "name": name}})
+
+def vm_reference(body: Body) -> Body:
+    """What the controller's VM informer keeps of a VM: who it is, not its body (the binder
+    keeps the sums and facts it needs, docs/decisions.md)."""
+    meta = body["metadata"]
+    return {"metadata": {key: meta[key] for key in ("uid", "namespace", "name") if key in meta}}

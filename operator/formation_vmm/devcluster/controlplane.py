@@ -227,7 +227,7 @@ class ControlPlane:
         self.processes.add("kube-apiserver", spawn(argv, self.logs / "kube-apiserver.log"))
         self._apiserver = (argv, ports.apiserver)
 
-    def restart_apiserver(self, timeout: float = 60.0) -> None:
+    def restart_apiserver(self, timeout: float = 60.0, down_seconds: float = 0.0) -> None:
         """Stop kube-apiserver and start it again as before: every watch of every client
         breaks, and each must list again (what an apiserver upgrade or crash does)."""
         assert self._apiserver is not None, "only the process that started this plane restarts it"
@@ -235,6 +235,7 @@ class ControlPlane:
         pid = self.processes.read().get("kube-apiserver")
         if pid is not None:
             stop(pid)
+        time.sleep(down_seconds)  # an outage that long: what clients do while it lasts
         self.processes.add("kube-apiserver", spawn(argv, self.logs / "kube-apiserver.log"))
         self._wait_ready(port, timeout)
 

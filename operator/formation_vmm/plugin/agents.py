@@ -32,6 +32,11 @@ def _open(vms: Vms, name: str, subresource: str, query: dict[str, str], timeout:
                 "the cluster does not serve VM consoles and counters: is the APIService "
                 f"{SUBRESOURCES_VERSION}.{SUBRESOURCES_GROUP} installed and Available?"
             ) from exc
+        if exc.status == 503:
+            raise PluginError(
+                f"{subresource} of {name}: {exc} (the apiserver cannot reach the controller's "
+                f"aggregated API: kubectl get apiservice {SUBRESOURCES_VERSION}.{SUBRESOURCES_GROUP})"
+            ) from exc
         raise PluginError(f"{subresource} of {name}: {exc}") from exc
 
 

@@ -27,7 +27,7 @@ from formation_vmm.agent.vms.vm_metrics import summary
 from formation_vmm.api.names import SUBRESOURCES_API_SERVICE
 from formation_vmm.config import Settings
 from formation_vmm.domain.layout import NodeLayout
-from formation_vmm.kube import ApiError, Kube
+from formation_vmm.kube import Kube
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ControllerCertificate:
         self._read_at = time.monotonic()
         try:
             pem = await asyncio.to_thread(self.read)
-        except ApiError as exc:
+        except Exception as exc:
             log.warning("cannot read the controller's certificate from its APIService: %s", exc)
             return
         if pem:
