@@ -26,6 +26,7 @@ from aiohttp import web
 from formation_vmm import tls
 from formation_vmm.api.names import AGENT_ACCESS_ANNOTATION
 from formation_vmm.devcluster.cluster import Kubectl
+from formation_vmm.devcluster.processes import alive
 from tests.support.fleet import TINY, Fleet
 from tests.support.waiting import wait_for
 
@@ -250,6 +251,7 @@ def test_a_compromised_node_collects_no_users_credentials(fleet: Fleet, ns: str)
     agent = fleet.agents["node-a"]
     attacker = CompromisedAgent(fleet, controller_cert)
     agent.kill()
+    wait_for(lambda: not alive(agent.pid), 10, "node a's agent gone")  # its port free again
     runner = None
     try:
         attacker.thread.start()
