@@ -284,3 +284,21 @@ def test_a_write_the_controllers_feed_cannot_make_is_logged_and_the_event_still_
     # The binder took the event all the same: the 1-CPU node is full.
     binder.status = admin_writer
     assert bind(binder, kubectl, make_vm(kubectl, ns, "next")) is None
+
+
+def test_a_binding_write_that_fails_is_made_again_at_the_next_pass(
+    kube: Kube, kubectl: Kubectl, plane: ControlPlane, ns: str
+) -> None:
+    """A binding write the API refuses (here a real 403, from a service account with no rights;
+    in CI, an admission policy not configured yet just after the apiserver restarted) gives
+    back the node's room and leaves the VM to be decided again: it used to stay unbound until
+    it changed, its room held."""
+    binder = binder_with_a_node(kube, cpus=1, node="node-retry")
+    kubectl("create", "serviceaccount", "nobody", "-n", ns)  # no role bound to it anywhere
+    powerless = Kube.from_kubeconfig(str(service_account_kubeconfig(kubectl, plane, "nobody", namespace=ns)))
+    admin_writer, binder.status = binder.status, StatusWriter(powerless, VM_PLURAL, VirtualMachineStatus)
+    assert bind(binder, kubectl, make_vm(kubectl, ns, "first")) is None  # the write refused
+    binder.status = admin_writer
+    binder.bind_pending()  # the next pass: no event of the VM in between
+    assert kubectl_json(kubectl, ns, "first")["metadata"]["labels"][NODE_LABEL] == "node-retry"
+    release(kubectl, ns, "first")

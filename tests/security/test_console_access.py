@@ -24,6 +24,7 @@ import yaml
 from aiohttp import web
 
 from formation_vmm import tls
+from formation_vmm.agent.serving.controller_api import listen
 from formation_vmm.api.names import AGENT_ACCESS_ANNOTATION
 from formation_vmm.devcluster.cluster import Kubectl
 from formation_vmm.devcluster.processes import alive
@@ -231,7 +232,8 @@ class CompromisedAgent:
         app.router.add_route("*", "/{tail:.*}", self._record)
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx).start()
+        # The dead agent's accepted connections may hold the port a while (FIN_WAIT_2).
+        await listen(web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=ctx))
         return runner
 
 
@@ -255,7 +257,7 @@ def test_a_compromised_node_collects_no_users_credentials(fleet: Fleet, ns: str)
     runner = None
     try:
         attacker.thread.start()
-        runner = asyncio.run_coroutine_threadsafe(attacker._start(), attacker.loop).result(10)
+        runner = asyncio.run_coroutine_threadsafe(attacker._start(), attacker.loop).result(90)
         out = fleet.plugin("-n", ns, "console", "bait", "--no-follow", kubeconfig=admin)
         assert out.stdout == "harvested\n", out.stderr
         assert len(attacker.requests) == 1

@@ -37,7 +37,7 @@ from formation_vmm.controller.networks import NetworkCatalog
 from formation_vmm.controller.nodes import Ceiling, node_info
 from formation_vmm.domain.build import interface_mac
 from formation_vmm.ipam import AddressBook, AddressesExhaustedError, assigned, encode_addresses
-from formation_vmm.kube import EventRecorder, StatusWriter
+from formation_vmm.kube import EventRecorder, NotFoundError, StatusWriter
 from formation_vmm.macs import MacBook, MacInUseError, encode_macs, legacy_mac, recorded_macs
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
 from formation_vmm.qemu_uids import UidBook, recorded_uid
@@ -569,9 +569,26 @@ class Binder:
     def _carry_out_or_log(self, plan: "_Plan") -> None:
         try:
             self._carry_out(plan)
-        except Exception:  # one VM's failure is logged; the others' writes go on
+        except Exception as exc:  # one VM's failure is logged; the others' writes go on
             meta = plan.body["metadata"]
-            log.exception("binding %s/%s failed", meta["namespace"], meta["name"])
+            log.exception("binding %s/%s failed; it is decided again", meta["namespace"], meta["name"])
+            if plan.decision.node is not None and not plan.done:
+                self._undo(plan, gone=isinstance(exc, NotFoundError))
+
+    def _undo(self, plan: "_Plan", gone: bool) -> None:
+        """A binding write that failed (the API away; an admission policy not configured yet
+        after the apiserver restarted, which CI met): what the decision held goes back, and the
+        VM waits to be decided again at the next pass, unless it is gone."""
+        uid = plan.vm.metadata.uid or ""
+        with self._lock:
+            self._release(uid)
+            self.addresses.release(uid)
+            self.addresses.record(uid, assigned(plan.body), self.networks.ranges())
+            self.macs.release(uid)
+            self.qemu_uids.release(uid)
+            if not gone:
+                self._pending.setdefault(uid, plan.body)  # a newer version from the watch wins
+        self.changed.set()
 
     def _carry_out(self, plan: "_Plan") -> Decision:
         """The write a decision needs: the binding, or the reason it could not be placed."""

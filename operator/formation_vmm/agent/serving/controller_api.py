@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 REFRESH_SECONDS = 30.0
 RETRY_SECONDS = 2.0
 SHUT_OFF = 5  # libvirt's VIR_DOMAIN_SHUTOFF
+BIND_RETRY_SECONDS = 1.0
 
 
 class ControllerCertificate:
@@ -127,6 +128,19 @@ def routes(
     ]
 
 
+async def listen(site: web.TCPSite) -> None:
+    """Start ``site``, waiting while its port is still held: an agent started again at once
+    finds its last process's connections closing on it (FIN_WAIT_2 until the controller closes
+    its pooled side), which SO_REUSEADDR does not cover."""
+    while True:
+        try:
+            await site.start()
+            return
+        except OSError as exc:
+            log.warning("cannot listen on %s yet: %s; again in %.0f s", site.name, exc, BIND_RETRY_SECONDS)
+            await asyncio.sleep(BIND_RETRY_SECONDS)
+
+
 def serving(
     settings: Settings, kube: Kube, hypervisor: Hypervisor, layout: NodeLayout, identity: Identity
 ) -> list[Callable[[], Coroutine[Any, Any, None]]]:
@@ -144,7 +158,7 @@ def serving(
         app.add_routes(routes(hypervisor, layout, controller, settings.console_segment_seconds))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, settings.api_host, settings.access_port, ssl_context=context).start()
+        await listen(web.TCPSite(runner, settings.api_host, settings.access_port, ssl_context=context))
         try:
             await controller.keep_fresh()
         finally:
