@@ -137,6 +137,7 @@ async def listen(site: web.TCPSite) -> None:
             await site.start()
             return
         except OSError as exc:
+            await site.stop()  # unregistered from its runner, so that it may start again
             log.warning("cannot listen on %s yet: %s; again in %.0f s", site.name, exc, BIND_RETRY_SECONDS)
             await asyncio.sleep(BIND_RETRY_SECONDS)
 
