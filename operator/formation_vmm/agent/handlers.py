@@ -271,34 +271,25 @@ def informers(state: AgentMemo, images: Informer, snapshots: Informer) -> list[I
     kind on them (annotations, a finalizer of its own)."""
     kube = state.kube
 
-    def each(
-        resource: Resource, handler: Handler, label_selector: str = "", field_selector: str = ""
-    ) -> Informer:
-        return Informer(
-            kube,
-            resource,
-            handler,
-            label_selector=label_selector,
-            field_selector=field_selector,
-            name=f"watch-{resource.plural}",
-        )
-
     def wired(informer: Informer, handler: Handler) -> Informer:
         informer.handler = handler
         return informer
 
     return [
         wired(images, lambda kind, body: _image_event(state, kind, body)),
-        each(Resource(NETWORK_PLURAL), lambda kind, body: _network_event(state, kind, body)),
+        Informer(kube, Resource(NETWORK_PLURAL), lambda kind, body: _network_event(state, kind, body)),
         # Only this node's Node: the apiserver filters.
-        each(
+        Informer(
+            kube,
             Resource("nodes", "", "v1"),
             lambda kind, body: _own_node(state, body),
             field_selector=f"metadata.name={state.node}",
         ),
         wired(snapshots, lambda kind, body: _snapshot_event(state, kind, body)),
-        each(Resource(MIGRATION_PLURAL), state.migrations.event),
-        each(Resource(RESTORE_PLURAL), lambda kind, body: state.snapshots.event(RESTORE_KIND, kind, body)),
+        Informer(kube, Resource(MIGRATION_PLURAL), state.migrations.event),
+        Informer(
+            kube, Resource(RESTORE_PLURAL), lambda kind, body: state.snapshots.event(RESTORE_KIND, kind, body)
+        ),
     ]
 
 

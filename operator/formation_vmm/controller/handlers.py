@@ -35,7 +35,7 @@ from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
-from formation_vmm.informer import Handler, Informer
+from formation_vmm.informer import Informer
 from formation_vmm.kube import Body, Kube, Resource, StatusWriter
 
 log = logging.getLogger(__name__)
@@ -142,38 +142,28 @@ def informers(state: ControllerMemo, lease_namespace: str, lease_name: str) -> l
     leader writes."""
     kube = state.kube
 
-    def each(
-        resource: Resource, handler: Handler, label_selector: str = "", field_selector: str = ""
-    ) -> Informer:
-        return Informer(
-            kube,
-            resource,
-            handler,
-            label_selector=label_selector,
-            field_selector=field_selector,
-            name=f"watch-{resource.plural}",
-        )
-
     return [
-        each(
+        Informer(
+            kube,
             Resource("leases", "coordination.k8s.io", "v1", namespace=lease_namespace),
             lambda kind, body: _lease(state, body),
             field_selector=f"metadata.name={lease_name}",
         ),
-        each(
+        Informer(
+            kube,
             Resource("nodes", "", "v1"),
             lambda kind, body: _node(state, kind, body),
             label_selector=f"{HYPERVISOR_LABEL}=true",
         ),
-        each(Resource("resourcequotas", "", "v1"), state.binder.quota_event),
-        each(Resource(IMAGE_PLURAL), lambda kind, body: _image(state, kind, body)),
-        each(Resource(SNAPSHOT_PLURAL), lambda kind, body: _snapshot(state, kind, body)),
-        each(Resource(MIGRATION_PLURAL), lambda kind, body: _migration(state, kind, body)),
-        each(Resource(RESTORE_PLURAL), lambda kind, body: _restore(state, kind, body)),
+        Informer(kube, Resource("resourcequotas", "", "v1"), state.binder.quota_event),
+        Informer(kube, Resource(IMAGE_PLURAL), lambda kind, body: _image(state, kind, body)),
+        Informer(kube, Resource(SNAPSHOT_PLURAL), lambda kind, body: _snapshot(state, kind, body)),
+        Informer(kube, Resource(MIGRATION_PLURAL), lambda kind, body: _migration(state, kind, body)),
+        Informer(kube, Resource(RESTORE_PLURAL), lambda kind, body: _restore(state, kind, body)),
         # Which VmNetworks exist (the binder refuses others, and assigns from their ranges), and
         # the namespaces' labels their namespaceSelectors match.
-        each(Resource(NETWORK_PLURAL), state.binder.network_event),
-        each(Resource("namespaces", "", "v1"), state.binder.namespace_event),
+        Informer(kube, Resource(NETWORK_PLURAL), state.binder.network_event),
+        Informer(kube, Resource("namespaces", "", "v1"), state.binder.namespace_event),
     ]
 
 
