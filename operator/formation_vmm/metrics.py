@@ -73,3 +73,24 @@ PHASE_FROM_CREATION = Histogram(
     ["phase"],
     buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
 )
+
+# The agent's work queue (workqueue.py), by kind of key: client-go's workqueue metrics.
+QUEUE_DEPTH = Gauge("vmm_agent_queue_depth", "Keys queued and not yet taken, by kind.", ["kind"])
+QUEUE_WAIT_SECONDS = Histogram(
+    "vmm_agent_queue_wait_seconds",
+    "Time a key waited in the queue before a worker took it, by kind.",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30),
+)
+QUEUE_WORK_SECONDS = Histogram(
+    "vmm_agent_queue_work_seconds",
+    "Time one key's work took, by kind.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120, 600),
+)
+QUEUE_RETRIES = Counter(
+    "vmm_agent_queue_retries_total",
+    "Keys queued again for later, by kind and cause (asked: the work asked to look again; failed:"
+    " it raised, and waits a back-off that doubles with each failure in a row).",
+    ["kind", "cause"],
+)

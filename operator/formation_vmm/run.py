@@ -43,7 +43,6 @@ from formation_vmm.agent.vms.reconcile import Reconciler
 from formation_vmm.agent.vms.sync import VmSync
 from formation_vmm.agent.vms.vm_controller import VmCache, VmController, bound_here, bound_uids
 from formation_vmm.agent.vms.vm_metrics import ProbeCollector, VmStatsCollector
-from formation_vmm.agent.vms.workqueue import WorkQueue
 from formation_vmm.api.models import (
     VirtualMachineStatus,
     VmImageStatus,
@@ -57,8 +56,11 @@ from formation_vmm.api.names import (
     MIGRATION_PLURAL,
     NETWORK_PLURAL,
     NODE_LABEL,
+    RESTORE_KIND,
     RESTORE_PLURAL,
+    SNAPSHOT_KIND,
     SNAPSHOT_PLURAL,
+    VM_KIND,
     VM_PLURAL,
     agent_finalizer,
 )
@@ -89,6 +91,7 @@ from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load
 from formation_vmm.migration_rules import Limits
 from formation_vmm.sealing import NodeKey
 from formation_vmm.waiting import WaitTimeoutError, wait_for
+from formation_vmm.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -324,12 +327,16 @@ def run_agent(settings: Settings) -> None:
         images_dir=settings.images_dir,
         cache_dir=settings.image_cache_dir,
     )
+    # The one work queue: each kind's keys in a lane of their own (workers start in handlers).
     queue = WorkQueue()
+    vms = queue.lane(VM_KIND)
     cache = VmCache()
-    # The images' and snapshots' informers, whose stores syncs read (their handlers are wired
-    # with the rest in agent_handlers.informers).
+    # The informers whose stores the work reads (their handlers, which only queue keys, are
+    # wired with the rest in agent_handlers.informers).
     images_seen = Informer(kube, IMAGE_PLURAL, name="watch-vmimages")
     snapshots_seen = Informer(kube, SNAPSHOT_PLURAL, name="watch-vmsnapshots", indexers={BY_VM: vm_of})
+    restores_seen = Informer(kube, RESTORE_PLURAL, name="watch-vmrestores", indexers={BY_VM: vm_of})
+    migrations_seen = Informer(kube, MIGRATION_PLURAL, name="watch-vmmigrations")
     images = ImageCatalog(images_seen)
 
     echoes = Echoes()
@@ -337,11 +344,11 @@ def run_agent(settings: Settings) -> None:
     def on_domain_event(name: str, event: str) -> None:  # from libvirt's event thread
         metrics.DOMAIN_EVENTS.labels(event).inc()
         if not echoes.is_echo(name, event):
-            queue.add(name)
+            vms.add(name)
 
     def on_image_change(namespace: str, image: str) -> None:
         for key in cache.users_of(namespace, image):
-            queue.add(key)
+            vms.add(key)
 
     # The key the controller seals this node's Secrets to (sealing.py), kept across restarts.
     key = NodeKey(settings.state_dir / "node.key")
@@ -398,7 +405,7 @@ def run_agent(settings: Settings) -> None:
     events = EventRecorder(kube, AGENT, node)
     vm_status = StatusWriter(kube, VM_PLURAL, VirtualMachineStatus)
     prober = Prober.started(
-        settings, lambda domain, timeout: guest_ping(hypervisor, domain, timeout), queue.add
+        settings, lambda domain, timeout: guest_ping(hypervisor, domain, timeout), vms.add
     )
     # The agent's key and self-signed certificate: the relay's and the access port's.
     identity = Identity.load_or_create(settings.state_dir / "relay", node)
@@ -417,7 +424,7 @@ def run_agent(settings: Settings) -> None:
         sync,
         hypervisor,
         cache,
-        queue,
+        vms,
         bound_here(kube, node),
         vm_status,
         agent_finalizer(node),
@@ -435,14 +442,16 @@ def run_agent(settings: Settings) -> None:
         StatusWriter(kube, SNAPSHOT_PLURAL, VmSnapshotStatus),
         StatusWriter(kube, RESTORE_PLURAL, VmRestoreStatus),
         events,
-        queue.add,
+        vms.add,
+        seen={SNAPSHOT_KIND: snapshots_seen, RESTORE_KIND: restores_seen},
+        lanes={SNAPSHOT_KIND: queue.lane(SNAPSHOT_KIND), RESTORE_KIND: queue.lane(RESTORE_KIND)},
     )
     relay = _relay(settings, kube, node, hypervisor, identity)
     guard = NodeGuard.started(settings, HypervisorFilters(hypervisor), relay, networks.gateways)
     migrations = NodeMigrations(
         node, kube, hypervisor, reconciler, sync, cache, vm_controller.marks,
-        StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus), vm_status, events, queue.add,
-        _migration_tuning(settings), relay=relay,
+        StatusWriter(kube, MIGRATION_PLURAL, VmMigrationStatus), vm_status, events, vms.add,
+        migrations_seen, _migration_tuning(settings), relay=relay,
     )  # fmt: skip
     state = AgentMemo(
         settings=settings,
@@ -451,6 +460,7 @@ def run_agent(settings: Settings) -> None:
         kube=kube,
         hypervisor=hypervisor,
         queue=queue,
+        vms=vms,
         cache=cache,
         vm_controller=vm_controller,
         images=images,
@@ -470,14 +480,16 @@ def run_agent(settings: Settings) -> None:
         vm_watch=Informer(
             kube,
             VM_PLURAL,
-            vm_controller.vm_event,
+            lambda kind, body: agent_handlers.vm_event(state, kind, body),
             label_selector=f"{NODE_LABEL}={node}",
             listed=vm_controller.forget_unlisted,
             beat=lambda: health.beat("vm-watch"),
             name="vm-watch",
         ),
     )
-    state.informers = agent_handlers.informers(state, images_seen, snapshots_seen)
+    state.informers = agent_handlers.informers(
+        state, images_seen, snapshots_seen, restores_seen, migrations_seen
+    )
     _agent_health(health, settings, hypervisor, state, queue, prober)
     # Per-VM series (vm_metrics.py): one bulk libvirt call per scrape.
     REGISTRY.register(VmStatsCollector(hypervisor.all_domain_stats, cache.labels, node))
@@ -555,7 +567,7 @@ def _agent_health(
     health.ready_check("libvirt", within(2.0, hypervisor.reachable))
     health.live_check("loops", lambda: _tasks_alive(state))
     health.live_check(
-        "workers", lambda: None if queue.alive() or not health.started.is_set() else "sync workers died"
+        "workers", lambda: None if queue.alive() or not health.started.is_set() else "queue workers died"
     )
     health.live_check("prober", lambda: None if prober.alive() else "the probe loop died")
 

@@ -1,6 +1,7 @@
 """The agent's process: kopf runs it (startup, login, cleanup), our informers watch every kind
-(informer.py), and background loops beat, resync and collect. Thin: a watch event updates a
-cache and queues a key; the queue's workers and the components built in ``run.py`` do the rest."""
+(informer.py), one work queue (workqueue.py) does the work of VMs, snapshots, restores and
+migrations, and background loops beat, resync and collect. Thin: a watch event updates a store
+and queues a key; the queue's workers and the components built in ``run.py`` do the rest."""
 
 import asyncio
 import contextlib
@@ -23,7 +24,6 @@ from formation_vmm.agent.networks.node_networks import NodeNetworks
 from formation_vmm.agent.snapshots.node_snapshots import Snapshots
 from formation_vmm.agent.vms.inputs import ImageCatalog
 from formation_vmm.agent.vms.vm_controller import VmCache, VmController
-from formation_vmm.agent.vms.workqueue import WorkQueue
 from formation_vmm.api.conditions import now
 from formation_vmm.api.models import VmImage
 from formation_vmm.api.names import (
@@ -36,12 +36,12 @@ from formation_vmm.api.names import (
     HEARTBEAT_ANNOTATION,
     IMAGE_PLURAL,
     MIGRATION_ENDPOINT_ANNOTATION,
-    MIGRATION_PLURAL,
+    MIGRATION_KIND,
     NETWORK_PLURAL,
     RESTORE_KIND,
-    RESTORE_PLURAL,
     SNAPSHOT_KIND,
     VM_COUNT_ANNOTATION,
+    VM_KIND,
 )
 from formation_vmm.api.quantity import format_mebibytes
 from formation_vmm.config import Settings
@@ -49,16 +49,20 @@ from formation_vmm.domain.naming import domain_name
 from formation_vmm.health import Health
 from formation_vmm.images.collector import GarbageCollector
 from formation_vmm.images.node import NodeImages
-from formation_vmm.informer import Handler, Informer
+from formation_vmm.informer import Handler, Informer, key_of
 from formation_vmm.kube import Body, Kube, Resource
 from formation_vmm.sealing import NodeKey
+from formation_vmm.workqueue import Lane, WorkQueue
 
 log = logging.getLogger(__name__)
 
 # How long the first syncs wait for the VmSnapshots' first list.
 SNAPSHOTS_LISTED_SECONDS = 10.0
-# A migration whose target still fetches a base is looked at again this often.
-MIGRATION_RETRY_SECONDS = 2.0
+# Workers of the queue's lanes besides the VMs' (settings.sync_workers): a migration's copy
+# holds one for its whole length; snapshots and restores take the VM's domain lock.
+MIGRATION_WORKERS = 4
+SNAPSHOT_WORKERS = 2
+RESTORE_WORKERS = 1
 
 
 @dataclass
@@ -71,6 +75,7 @@ class AgentMemo:
     kube: Kube
     hypervisor: Hypervisor
     queue: WorkQueue
+    vms: Lane  # the VMs' keys (domain names) in the queue
     cache: VmCache
     vm_controller: VmController
     images: ImageCatalog  # a view of the images' informer store
@@ -154,13 +159,6 @@ def migration_endpoint(settings: Settings, relay: Relay | None) -> str | None:
     ).annotation()
 
 
-def sweep_migrations(state: AgentMemo) -> None:
-    """Marks of migrations deleted while this agent was away (from a list, never the watch's
-    memory)."""
-    existing = {body["metadata"]["uid"] for body in state.kube.list(MIGRATION_PLURAL)}
-    state.migrations.sweep(existing)
-
-
 def collect_images(state: AgentMemo) -> None:
     """One pass of the image cache's collector, against the VmImages the API lists now (never
     the watch's memory, which is empty until the watch has listed them all)."""
@@ -176,13 +174,24 @@ def _snapshots_listed(state: AgentMemo) -> None:
         log.warning("the VmSnapshots are not listed yet: the first syncs count none")
 
 
-def _snapshot_event(state: AgentMemo, event_type: str | None, body: dict[str, Any]) -> None:
+def vm_event(state: AgentMemo, event_type: str | None, body: Body) -> None:
+    """A VM of this node's watch: into the cache and the queue; one new here brings the
+    snapshots and restores that waited for it."""
+    meta = body["metadata"]
+    namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))
+    arrived = event_type != "DELETED" and state.cache.get(domain_name(namespace, name)) is None
+    state.vm_controller.vm_event(event_type, body)
+    if arrived:
+        state.snapshots.vm_arrived(namespace, name)
+
+
+def _snapshot_event(state: AgentMemo, body: Body) -> None:
     vm = domain_name(
         str(body["metadata"].get("namespace", "")), str((body.get("spec") or {}).get("vmName", ""))
     )
     if state.cache.get(vm) is not None:
-        state.queue.add(vm)  # its LiveMigratable condition may change
-    state.snapshots.event(SNAPSHOT_KIND, event_type, body)
+        state.vms.add(vm)  # its LiveMigratable condition may change
+    state.queue.add(SNAPSHOT_KIND, key_of(body))
 
 
 async def _every(seconds: float, work: Callable[[], Any], what: str, first: bool = True) -> None:
@@ -218,7 +227,13 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for informer in state.informers:
             informer.start()
         await asyncio.to_thread(_snapshots_listed, state)
-        state.queue.start(state.vm_controller.process, config.sync_workers, "sync")
+        queue = state.queue
+        queue.start(VM_KIND, state.vm_controller.process, config.sync_workers)
+        queue.start(MIGRATION_KIND, state.migrations.process, MIGRATION_WORKERS)
+        queue.start(SNAPSHOT_KIND, state.snapshots.process_snapshot, SNAPSHOT_WORKERS)
+        queue.start(RESTORE_KIND, state.snapshots.process_restore, RESTORE_WORKERS)
+        for key in state.migrations.marked():  # one deleted while this agent was away ends here
+            queue.add(MIGRATION_KIND, key)
         state.vm_watch.start()
         await asyncio.to_thread(publish_node, state)
         state.tasks = [
@@ -234,18 +249,6 @@ def register(registry: kopf.OperatorRegistry) -> None:
                 _every(config.image_gc_interval_seconds, lambda: collect_images(state), "image GC", False),
                 "image-gc",
             ),
-            _task(
-                _every(config.resync_seconds, state.snapshots.retry_waiting, "snapshot retry", False),
-                "snapshots",
-            ),
-            _task(
-                _every(MIGRATION_RETRY_SECONDS, state.migrations.retry_waiting, "migration retry", False),
-                "migrations",
-            ),
-            _task(
-                _every(config.vm_list_seconds, lambda: sweep_migrations(state), "migration sweep"),
-                "migration-sweep",
-            ),
         ]
 
     @kopf.on.cleanup(registry=registry)
@@ -258,18 +261,20 @@ def register(registry: kopf.OperatorRegistry) -> None:
         for informer in [state.vm_watch, *state.informers]:
             informer.stop()
         state.queue.close()
-        state.migrations.close()
         if state.relay is not None:
             state.relay.stop()
         state.node_images.close()
         state.hypervisor.close()
 
 
-def informers(state: AgentMemo, images: Informer, snapshots: Informer) -> list[Informer]:
+def informers(
+    state: AgentMemo, images: Informer, snapshots: Informer, restores: Informer, migrations: Informer
+) -> list[Informer]:
     """The agent's watches of everything but its VMs (``vm_watch``), each handler in its
     informer's thread. The agent decides from objects as they are: it writes nothing of kopf's
     kind on them (annotations, a finalizer of its own)."""
     kube = state.kube
+    queue = state.queue
 
     def wired(informer: Informer, handler: Handler) -> Informer:
         informer.handler = handler
@@ -285,11 +290,9 @@ def informers(state: AgentMemo, images: Informer, snapshots: Informer) -> list[I
             lambda kind, body: _own_node(state, body),
             field_selector=f"metadata.name={state.node}",
         ),
-        wired(snapshots, lambda kind, body: _snapshot_event(state, kind, body)),
-        Informer(kube, Resource(MIGRATION_PLURAL), state.migrations.event),
-        Informer(
-            kube, Resource(RESTORE_PLURAL), lambda kind, body: state.snapshots.event(RESTORE_KIND, kind, body)
-        ),
+        wired(snapshots, lambda kind, body: _snapshot_event(state, body)),
+        wired(migrations, lambda kind, body: queue.add(MIGRATION_KIND, key_of(body))),
+        wired(restores, lambda kind, body: queue.add(RESTORE_KIND, key_of(body))),
     ]
 
 
@@ -307,7 +310,7 @@ def _network_event(state: AgentMemo, kind: str | None, body: Body) -> None:
     use it (those waiting for it start now)."""
     state.networks.event(kind, body)
     for key in state.cache.users_of_network(str(body["metadata"]["name"])):
-        state.queue.add(key)
+        state.vms.add(key)
 
 
 def _own_node(state: AgentMemo, body: Body) -> None:

@@ -154,7 +154,7 @@ class OutgoingMigrations(MigrationWork):
         mover = threading.Thread(target=run, name=f"migrate-{short}", daemon=True)
         began = self.clock()
         mover.start()
-        stop = self._follow(mover, body, vm, dom, uid)
+        stop = self._follow(mover, body, vm, dom)
         log.info("%s: the copy to %s ended after %.2fs", dom, route.libvirtd_uri, self.clock() - began)
         if failure:
             if stop is not None:
@@ -178,10 +178,11 @@ class OutgoingMigrations(MigrationWork):
         return job
 
     def _follow(
-        self, mover: threading.Thread, body: Body, vm: VirtualMachine, dom: str, uid: str
+        self, mover: threading.Thread, body: Body, vm: VirtualMachine, dom: str
     ) -> "MigrationError | None":
         """Watch the copy until it ends: its progress written every few seconds, and cancelled
-        (libvirt's abortJob) when its VmMigration is deleted or it runs past its limits; returns
+        (libvirt's abortJob) when its VmMigration is deleted or ended (as the informer's store
+        shows it) or it runs past its limits; returns
         why it was cancelled, or None."""
         limits = self.tuning.limits
         completion = completion_timeout(limits, vm.spec.memory_bytes, vm.spec.disk_bytes)
@@ -193,11 +194,10 @@ class OutgoingMigrations(MigrationWork):
             mover.join(POLL_SECONDS)
             if not mover.is_alive() or stop is not None:
                 continue
-            with self._lock:
-                cancelled = uid in self._cancelled
+            ended = self._ended(body)
             at = self.clock()
-            if cancelled:
-                stop = MigrationError("Cancelled", "the VmMigration was deleted")
+            if ended is not None:
+                stop = MigrationError("Cancelled", ended)
             else:
                 try:
                     stats = libvirt_migration.progress(self.hypervisor, dom)

@@ -6,6 +6,7 @@ import logging
 
 from formation_vmm.agent.hypervisor import HypervisorError
 from formation_vmm.agent.migration.migration_work import (
+    RETRY_SECONDS,
     Body,
     MigrationError,
     MigrationWork,
@@ -27,26 +28,27 @@ log = logging.getLogger(__name__)
 
 
 class IncomingMigrations(MigrationWork):
-    def _prepare(self, body: Body) -> None:
+    def _prepare(self, body: Body) -> float | None:
+        """Returns when to look again (a base still being fetched)."""
         fresh = self._fresh(body, "Preparing", "targetNode")
         if fresh is None:
-            return
+            return None
         body = fresh
         mig = VmMigration.model_validate(body)
         namespace, uid = mig.metadata.namespace or "", mig.metadata.uid or ""
         vm_body = self.kube.get_or_none(VM_PLURAL, namespace, mig.spec.vm_name)
         if vm_body is None:
             self._fail(body, "VmNotFound", f"VM {mig.spec.vm_name} is gone")
-            return
+            return None
         vm = VirtualMachine.model_validate(vm_body)
         if change_held(vm.metadata.annotations, vm.spec):
             # The target would define the domain from a spec the controller has not admitted.
             self._fail(body, "ChangeHeld", f"VM {vm.metadata.name} has a spec change that is not admitted")
-            return
+            return None
         uuid = vm.status.domain_uuid
         if not uuid:
             self._fail(body, "NoDomain", f"VM {vm.metadata.name} has no domain on its node to move")
-            return
+            return None
         if mig.status.sealed_user_data is not None:
             # The VM's own copy is sealed for its node, the source: the controller sealed one
             # for this node in the migration (controller/sealer.py). The seed is built from it.
@@ -66,22 +68,22 @@ class IncomingMigrations(MigrationWork):
                     self.relay.incoming(uid, self.reconciler.qemu_owner(vm))  # its QEMU makes sockets there
         except InputNotReadyError as exc:
             log.info("migration %s/%s waits on the target: %s", namespace, mig.metadata.name, exc)
-            with self._lock:
-                self._waiting[uid] = body
-            return
+            return RETRY_SECONDS
         except (MigrationError, HypervisorError, OSError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, MigrationError) else "TargetFailed"
             self._fail(body, reason, f"preparing node {self.node}: {exc}")
-            return
+            return None
         self.migrations.write(
             body,
             lambda _: VmMigrationStatus(phase="Migrating", message=f"node {self.node} is ready"),
             guard=lambda b: phase_of(b) == "Preparing" and target_of(b) == self.node,
         )
+        return None
 
-    def _abandon_incoming(self, body: Body, mark: Mark | None = None) -> None:
+    def _abandon_incoming(self, body: Body, mark: Mark | None = None) -> float | None:
         """A migration to here that did not happen: its prepared domain and files go, unless the
-        VM is bound here after all (then they are its own)."""
+        VM is bound here after all (then they are its own). Returns when to try again (libvirtd
+        away)."""
         uid = body["metadata"].get("uid", "")
         if self.relay is not None:
             self.relay.forget(uid)
@@ -98,11 +100,9 @@ class IncomingMigrations(MigrationWork):
                 log.warning(
                     "cannot remove what was prepared for %s/%s yet: %s", held.namespace, held.vm_name, exc
                 )
-                if mark is None:
-                    with self._lock:
-                        self._waiting[uid] = body
-                return
+                return RETRY_SECONDS
             self.marks.clear(held.vm_uid, uid)
+        return None
 
     def _remove_prepared(self, mark: Mark) -> None:
         for info in self.hypervisor.owned_domains():

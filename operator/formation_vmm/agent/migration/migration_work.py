@@ -1,15 +1,14 @@
 """What this node's migration work shares, as the target (migration_target.py) and as the
-source (migration_source.py): the objects both act through, one worker job per migration at
-a time, how a migration is read afresh and how it fails; and how the source reaches the target
-(its published endpoint)."""
+source (migration_source.py): the objects both act through, how a migration is read afresh,
+whether it still asks for a running copy, and how it fails; and how the source reaches the
+target (its published endpoint). The work runs in the agent's work queue (workqueue.py), one
+key per VmMigration: never two jobs of one migration at a time."""
 
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from formation_vmm.api.names import (
     VM_PLURAL,
 )
 from formation_vmm.domain.naming import domain_name
+from formation_vmm.informer import Informer, key_of
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
 from formation_vmm.migration_rules import Limits
 
@@ -45,8 +45,8 @@ Poke = Callable[[str], None]
 # How often a running copy is looked at, and how often its progress is written.
 POLL_SECONDS = 0.5
 PROGRESS_WRITE_SECONDS = 2.0
-# A target still fetching a base looks again this soon.
-PREPARE_RETRY_SECONDS = 2.0
+# A target still fetching a base, or waiting for libvirtd to clean up, looks again this soon.
+RETRY_SECONDS = 2.0
 
 
 class MigrationError(RuntimeError):
@@ -129,7 +129,8 @@ class Tuning:
 
 class MigrationWork:
     """What both halves of this node's migration work share: the objects they act through,
-    the worker threads (one job per migration at a time), and the end of a migration."""
+    the VmMigrations' informer (its store: each job reads the migration as it is now), and
+    the end of a migration."""
 
     def __init__(
         self,
@@ -144,6 +145,7 @@ class MigrationWork:
         vms: StatusWriter[VirtualMachineStatus],
         events: EventRecorder,
         poke: Poke,
+        watched: Informer,
         tuning: Tuning | None = None,
         clock: Callable[[], float] = time.monotonic,
         relay: Relay | None = None,
@@ -160,42 +162,20 @@ class MigrationWork:
         self.vms = vms
         self.events = events
         self.poke = poke
+        self.watched = watched
         self.tuning = tuning or Tuning()
         self.clock = clock
-        self._lock = threading.Lock()
-        self._busy: set[str] = set()  # migration uids with a job in a worker now
-        self._cancelled: set[str] = set()  # migration uids deleted while their copy runs
-        self._waiting: dict[str, Body] = {}  # targets waiting for a base: uid -> body
-        self._again: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}  # asked while busy
-        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="migration")
 
-    def close(self) -> None:
-        self._workers.shutdown(wait=False, cancel_futures=True)
-
-    def _submit(self, uid: str, job: Callable[..., None], *args: Any) -> None:
-        """Run ``job`` for migration ``uid`` in a worker; one job per migration at a time. A job
-        asked for meanwhile runs after it (the latest asked: each reads the object afresh),
-        so an end that arrives while the target still prepares still cleans up after it."""
-        with self._lock:
-            if uid in self._busy:
-                self._again[uid] = (job, args)
-                return
-            self._busy.add(uid)
-
-        def run() -> None:
-            try:
-                job(*args)
-            except Exception:
-                log.exception("migration %s: %s failed", uid, job.__name__)
-            finally:
-                with self._lock:
-                    self._busy.discard(uid)
-                    self._cancelled.discard(uid)
-                    follow = self._again.pop(uid, None)
-                if follow is not None:
-                    self._submit(uid, follow[0], *follow[1])
-
-        self._workers.submit(run)
+    def _ended(self, body: Body) -> str | None:
+        """Why a running copy must stop, from the store: its VmMigration is deleted (or another
+        of that name replaced it), or the controller ended it (a node lost); None: it goes on."""
+        now = self.watched.get(key_of(body))
+        if now is None or now["metadata"].get("uid") != body["metadata"].get("uid"):
+            return "the VmMigration was deleted"
+        status = now.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed", "Cancelled") and not status.get("domainMoved"):
+            return f"the VmMigration ended ({status.get('phase')})"
+        return None
 
     def _fresh(self, body: Body, phase: str, role: str) -> Body | None:
         """The VmMigration as it is now, if it still asks this node for ``phase``'s work (an

@@ -8,17 +8,22 @@ A snapshot or restore works under the VM's domain lock (the one every sync takes
 starts, stops or redefines the domain in the middle of one. A restore leaves a marker beside the
 VM's disks (``restore.json``) from before it stops the VM until its result is written: while it is
 there the VM is held (no sync starts it), and an agent that crashed mid-restore finishes the same
-restore when it comes back instead of reverting again a VM that ran meanwhile."""
+restore when it comes back instead of reverting again a VM that ran meanwhile.
+
+Each VmSnapshot and VmRestore is a key of the agent's work queue (its namespace/name), worked
+on as its informer's store shows it. One of a VM not (yet) bound here waits for nothing: the
+VM's arrival queues its snapshots and restores again (``vm_arrived``)."""
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor, HypervisorError
 from formation_vmm.agent.hypervisor.snapshots import DomainSnapshots
+from formation_vmm.agent.snapshots.snapshot_index import BY_VM
 from formation_vmm.agent.snapshots.snapshot_mode import SnapshotMode, removal_mode, snapshot_mode
 from formation_vmm.agent.state import owner_of
 from formation_vmm.agent.vms.files import restore_marker
@@ -44,7 +49,9 @@ from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.naming import UnsafeNameError, domain_name
 from formation_vmm.domain.spec import Owner
 from formation_vmm.host import atomic, qemu_img
+from formation_vmm.informer import Informer, key_of
 from formation_vmm.kube import EventRecorder, StatusWriter
+from formation_vmm.workqueue import Lane
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,11 @@ class Snapshots:
         restores: StatusWriter[VmRestoreStatus],
         events: EventRecorder,
         poke: Poke,
+        seen: Mapping[str, Informer],
+        lanes: Mapping[str, Lane],
     ) -> None:
+        """``seen``: the VmSnapshots' and VmRestores' informers by kind (their stores are what
+        the work reads; both indexed by VM), ``lanes``: their keys' lanes in the work queue."""
         self.node = node
         self.hypervisor = hypervisor
         self.libvirt = DomainSnapshots(hypervisor)
@@ -92,32 +103,29 @@ class Snapshots:
         self.restores = restores
         self.events = events
         self.poke = poke
+        self.seen = seen
+        self.lanes = lanes
         self.finalizer = agent_finalizer(node)
-        # Snapshots and restores of VMs not (yet) in our cache: looked at again by retry_waiting,
-        # so one created before its VM was bound here is still taken.
-        self._waiting: dict[tuple[str, str, str], Body] = {}
 
-    def forget(self, kind: str, body: Body) -> None:
-        meta = body["metadata"]
-        self._waiting.pop((kind, meta["namespace"], meta["name"]), None)
+    def vm_arrived(self, namespace: str, vm: str) -> None:
+        """A VM new to this node's cache: its snapshots and restores that waited for it."""
+        for kind, informer in self.seen.items():
+            for body in informer.by(BY_VM, (namespace, vm)):
+                self.lanes[kind].add(key_of(body))
 
-    def event(self, kind: str, event_type: str | None, body: Body) -> None:
-        """A watch event of a VmSnapshot or VmRestore (``kind``)."""
-        if event_type == "DELETED":
-            self.forget(kind, body)
-        elif kind == SNAPSHOT_KIND:
-            self.snapshot_event(body)
-        else:
-            self.restore_event(body)
+    def process_snapshot(self, key: str) -> None:
+        body = self.seen[SNAPSHOT_KIND].get(key)
+        if body is not None:  # gone: its data went before it (the finalizer)
+            self.snapshot(body)
 
-    def retry_waiting(self) -> None:
-        for (kind, _ns, _name), body in list(self._waiting.items()):
-            self.forget(kind, body)
-            self.event(kind, None, body)
+    def process_restore(self, key: str) -> None:
+        body = self.seen[RESTORE_KIND].get(key)
+        if body is not None:
+            self.restore(body)
 
     # --- VmSnapshot ------------------------------------------------------------------------
 
-    def snapshot_event(self, body: Body) -> None:
+    def snapshot(self, body: Body) -> None:
         snap = VmSnapshot.model_validate(body)
         meta = body["metadata"]
         namespace = meta["namespace"]
@@ -134,8 +142,7 @@ class Snapshots:
         if snap.status.phase in ("Ready", "Failed"):
             return
         vm_body = self.cache.get(domain_name(namespace, snap.spec.vm_name))
-        if vm_body is None:  # not a VM of this node (or not bound yet): its node's agent takes it
-            self._waiting[(SNAPSHOT_KIND, namespace, meta["name"])] = body
+        if vm_body is None:  # not a VM of this node (or not yet: vm_arrived queues it again)
             return
         if not mine:
             # Label (so deletion finds us even after the VM is gone), finalizer (the data is
@@ -274,7 +281,7 @@ class Snapshots:
 
     # --- VmRestore -------------------------------------------------------------------------
 
-    def restore_event(self, body: Body) -> None:
+    def restore(self, body: Body) -> None:
         restore = VmRestore.model_validate(body)
         meta = body["metadata"]
         if meta.get("deletionTimestamp") or restore.status.phase in ("Succeeded", "Failed"):
@@ -282,8 +289,7 @@ class Snapshots:
         namespace = meta["namespace"]
         dom = domain_name(namespace, restore.spec.vm_name)
         vm_body = self.cache.get(dom)
-        if vm_body is None:  # not a VM of this node (or not yet)
-            self._waiting[(RESTORE_KIND, namespace, meta["name"])] = body
+        if vm_body is None:  # not a VM of this node (or not yet: vm_arrived queues it again)
             return
         vm = VirtualMachine.model_validate(vm_body)
         if (meta.get("labels") or {}).get(NODE_LABEL) != self.node:

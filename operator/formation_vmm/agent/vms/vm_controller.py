@@ -18,12 +18,12 @@ from formation_vmm.agent.state import DomainInfo
 from formation_vmm.agent.vms.migration_marks import MigrationMarks
 from formation_vmm.agent.vms.sync import SyncResult, VmSync
 from formation_vmm.agent.vms.vm_metrics import VmLabels
-from formation_vmm.agent.vms.workqueue import WorkQueue
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import DEFAULT_NETWORK, NODE_LABEL, VM_PLURAL
 from formation_vmm.api.references import referenced_images
 from formation_vmm.domain.naming import domain_name
 from formation_vmm.kube import ApiError, Kube, StatusWriter
+from formation_vmm.workqueue import Lane
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class VmController:
         sync: VmSync,
         hypervisor: Hypervisor,
         cache: VmCache,
-        queue: WorkQueue,
+        queue: Lane,
         vm_exists: VmExists,
         writer: StatusWriter[Any],
         finalizer: str,
@@ -271,19 +271,20 @@ class VmController:
 
     # --- the sync itself, in a queue worker ---------------------------------------------------
 
-    def process(self, key: str) -> None:
+    def process(self, key: str) -> float | None:
+        """One key's sync; returns when to look at it again (the queue sees to it)."""
         body = self.cache.get(key)
         if body is None:
             self._orphan(key)
-            return
+            return None
         result = self.handle(body)
         if result.written is not None:
             self.cache.advance(key, body, result.written)
         if result.gone:
             self.cache.drop(key, body["metadata"].get("uid", ""))
             self.queue.add(key)  # now an orphan: removed once the API confirms
-        elif result.retry_after is not None:
-            self.queue.add_after(key, result.retry_after)
+            return None
+        return result.retry_after
 
     def handle(self, body: Body) -> SyncResult:
         """One VM as the cache shows it now."""
