@@ -1,10 +1,17 @@
 """Binding VMs to nodes, and telling the truth about VMs whose node went silent.
 
-Fed by kopf's watch events (nodes and VMs); binds from one loop, so two placements never race
-for the last free slot. Writes go straight to the API with optimistic concurrency: the status
-is one metadata write: the node label (the binding of record), the agent's finalizer and the
-addresses, only ever written on an unlabeled VM at the resourceVersion the decision was made
-from, so no VM is bound twice. The agent's status write then says where the VM runs.
+Fed by the informers' events (nodes, VMs, quotas, snapshots, networks); binds from one loop, so
+two placements never race for the last free slot. The Binder keeps the one record of each bound
+VM (``Bound``: what it takes, never its body) and the VMs waiting for a decision, and decides;
+its collaborators keep the rest, each pure and used under the Binder's lock: ``NodeRoom``
+(nodes, loads, placement), ``QuotaBook`` (quotas and what counts against them),
+``Identities`` (addresses, MACs, QEMU uids), ``MigrationTargets`` (where a leaving VM may go)
+and ``NodeLoss`` (lost and given-up nodes).
+
+Writes go straight to the API with optimistic concurrency. A binding is one metadata write
+(the node label, the binding of record; the agent's finalizer; the addresses), only ever made
+on an unlabeled VM at the resourceVersion the decision was made from, so no VM is bound twice.
+The agent's status write then says where the VM runs.
 """
 
 import logging
@@ -16,32 +23,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from formation_vmm import metrics
-from formation_vmm.api.admission import Admitted, admitted_of, change_held
+from formation_vmm.api.admission import Admitted, admitted_of
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VirtualMachine, VirtualMachineStatus
 from formation_vmm.api.names import (
     ADDRESSES_ANNOTATION,
     ADMITTED_ANNOTATION,
-    DEFAULT_NETWORK,
-    DRAIN_TAINT,
     MACS_ANNOTATION,
-    MIGRATION_ENDPOINT_ANNOTATION,
     NODE_LABEL,
-    OUT_OF_SERVICE_TAINT,
     QEMU_UID_ANNOTATION,
     VM_KIND,
     agent_finalizer,
 )
 from formation_vmm.controller.admission import Refusal, change_refusal
+from formation_vmm.controller.identities import Identities, held, macs_of
+from formation_vmm.controller.migration_targets import MigrationTargets
 from formation_vmm.controller.networks import NetworkCatalog
-from formation_vmm.controller.nodes import Ceiling, node_info
-from formation_vmm.domain.build import interface_mac
-from formation_vmm.ipam import AddressBook, AddressesExhaustedError, assigned, encode_addresses
+from formation_vmm.controller.node_loss import NodeLoss
+from formation_vmm.controller.node_room import NodeRoom
+from formation_vmm.controller.nodes import Ceiling
+from formation_vmm.controller.quota_book import QuotaBook
+from formation_vmm.ipam import AddressesExhaustedError, encode_addresses
 from formation_vmm.kube import EventRecorder, NotFoundError, StatusWriter
-from formation_vmm.macs import MacBook, MacInUseError, encode_macs, legacy_mac, recorded_macs
-from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
-from formation_vmm.qemu_uids import UidBook, recorded_uid
-from formation_vmm.quota import Quota, Usage, quota_of, refusal
+from formation_vmm.macs import MacInUseError, encode_macs, legacy_mac, recorded_macs
+from formation_vmm.placement import Decision, Load, Request
+from formation_vmm.qemu_uids import recorded_uid
+from formation_vmm.quota import Usage
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +136,6 @@ def _bound_from(
     )
 
 
-def _held(body: dict[str, Any], vm: VirtualMachine) -> bool:
-    """Whether the VM's spec is not (or not wholly) admitted: no record, or one for another
-    digest."""
-    annotations = body["metadata"].get("annotations") or {}
-    return ADMITTED_ANNOTATION not in annotations or change_held(annotations, vm.spec)
-
-
 class Binder:
     def __init__(
         self,
@@ -148,39 +148,21 @@ class Binder:
         ceiling: Ceiling | None = None,
     ) -> None:
         self.status = status
-        self.ceiling = ceiling or Ceiling()
-        self.networks = networks or NetworkCatalog()
-        self.addresses = AddressBook()
-        self.macs = MacBook()
-        self.qemu_uids = UidBook()
+        self.events = events
+        self.node_lost_seconds = node_lost_seconds
+        self.room = NodeRoom(node_lost_seconds, cpu_overcommit, memory_overcommit, ceiling)
+        self.quota = QuotaBook()
+        self.ids = Identities(networks)
+        self.targets = MigrationTargets(self.room)
+        self.loss = NodeLoss(self.room)
         # Nothing is bound before every VM's assignments are known (``seed``): a restarted
         # controller that bound from a half-delivered watch could hand out an address twice.
         self.seeded = False
-        self.events = events
-        self.cpu_overcommit = cpu_overcommit
-        self.memory_overcommit = memory_overcommit
-        self.node_lost_seconds = node_lost_seconds
         self._lock = threading.Lock()
-        self._nodes: dict[str, dict[str, Any]] = {}
-        # Nodes VMs are bound to that have no Node object: since when this process knows so.
-        self._missing_since: dict[str, float] = {}
         self._bound: dict[str, Bound] = {}  # uid -> binding; changed only by _hold and _release
-        # Sums over _bound, kept as it changes: a decision reads them in O(1) (summing every
-        # binding per decision made a burst quadratic: 8.5 ms of CPU per VM at 5000, 5 at 1000).
-        self._node_loads: dict[str, Load] = {}
-        # Room held on a node for a VM on its way there (a migration from Preparing until its
-        # binding moves): migration key -> (node, load), and the sums per node.
-        self._reserved: dict[str, tuple[str, Load]] = {}
-        self._reserved_loads: dict[str, Load] = {}
-        self._namespace_usage: dict[str, Usage] = {}
-        # Ready snapshots' bytes, charged to their namespace's disk: uid -> (namespace, bytes),
-        # and the sums per namespace.
-        self._snapshots: dict[str, tuple[str, int]] = {}
-        self._snapshot_bytes: dict[str, int] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # uid -> latest body of an unbound VM
         # uid -> latest body of a bound VM whose spec changed beyond what was admitted of it.
         self._changes: dict[str, dict[str, Any]] = {}
-        self._quotas: dict[tuple[str, str], Quota] = {}  # (namespace, ResourceQuota name) -> limits
         self.changed = threading.Event()  # set when binding could now succeed where it failed
         self._writers = ThreadPoolExecutor(max_workers=BIND_WRITERS, thread_name_prefix="bind")
 
@@ -189,94 +171,52 @@ class Binder:
     def _hold(self, uid: str, bound: Bound) -> Bound | None:
         old = self._release(uid)
         self._bound[uid] = bound
-        self._node_loads[bound.node] = self._node_loads.get(bound.node, Load()) + bound.load
-        self._namespace_usage[bound.namespace] = (
-            self._namespace_usage.get(bound.namespace, Usage()) + bound.usage
-        )
+        self.room.add(bound.node, bound.load)
+        self.quota.charge(bound.namespace, bound.usage)
         return old
-
-    def _loads(self) -> dict[str, Load]:
-        """Each node's load as decisions see it: its bound VMs, and the room held for VMs on
-        their way to it (none, nearly always: then no copy is made)."""
-        if not self._reserved:
-            return self._node_loads
-        merged = dict(self._node_loads)
-        for node, load in self._reserved_loads.items():
-            merged[node] = merged.get(node, Load()) + load
-        return merged
 
     def reserve(self, key: str, node: str | None, namespace: str, vm: str) -> None:
         """Hold room on ``node`` for VM ``namespace/vm`` under ``key`` (a migration's uid) until
         called again with ``node`` None, so that no new VM, restart or other migration takes the
         last of it while the VM is on its way. Its load is that of its binding now."""
         with self._lock:
-            old = self._reserved.pop(key, None)
-            if old is not None:
-                self._reserved_loads[old[0]] -= old[1]
             bound = None
             if node is not None:
                 bound = next(
                     (b for b in self._bound.values() if b.namespace == namespace and b.name == vm), None
                 )
-            if node is not None and bound is not None and bound.node != node:
-                self._reserved[key] = (node, bound.load)
-                self._reserved_loads[node] = self._reserved_loads.get(node, Load()) + bound.load
             # (Not bound, or bound there already: its binding counts.)
-            freed = old is not None and key not in self._reserved
+            held_on = node if bound is not None and bound.node != node else None
+            freed = self.room.reserve(key, held_on, bound.load if bound is not None else None)
         if freed:
             self.changed.set()  # room came free: pending VMs may fit now
 
     def _release(self, uid: str) -> Bound | None:
         old = self._bound.pop(uid, None)
         if old is not None:
-            self._node_loads[old.node] -= old.load
-            self._namespace_usage[old.namespace] -= old.usage
+            self.room.remove(old.node, old.load)
+            self.quota.refund(old.namespace, old.usage)
         return old
 
     # --- what the watches tell us ------------------------------------------------------------
 
     def node_event(self, event_type: str | None, summary: dict[str, Any]) -> None:
         with self._lock:
-            if event_type == "DELETED":
-                self._nodes.pop(summary["name"], None)
-                self._missing_since.setdefault(summary["name"], time.monotonic())
-            else:
-                self._nodes[summary["name"]] = summary
-                self._missing_since.pop(summary["name"], None)
+            self.room.node_event(event_type, summary)
+            self.loss.node_event(event_type, summary["name"], time.monotonic())
         self.changed.set()
 
     def quota_event(self, event_type: str | None, body: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        key = (meta.get("namespace", ""), meta.get("name", ""))
         with self._lock:
-            if event_type == "DELETED":
-                self._quotas.pop(key, None)
-            else:
-                self._quotas[key] = quota_of(key[1], dict((body.get("spec") or {}).get("hard") or {}))
+            self.quota.quota_event(event_type, body)
         self.changed.set()  # a quota raised or gone: VMs waiting on it may fit now
 
     def snapshot_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         """A VmSnapshot's bytes (``status.size`` once Ready) count in its namespace's disk quota."""
-        meta = body["metadata"]
-        status = body.get("status") or {}
-        size = status.get("size") if status.get("phase") == "Ready" else None
-        counted = (str(meta.get("namespace", "")), size if isinstance(size, int) and size > 0 else 0)
         with self._lock:
-            old = self._snapshots.pop(str(meta.get("uid", "")), None)
-            if old is not None:
-                self._snapshot_bytes[old[0]] -= old[1]
-            if event_type != "DELETED" and counted[1]:
-                self._snapshots[str(meta.get("uid", ""))] = counted
-                self._snapshot_bytes[counted[0]] = self._snapshot_bytes.get(counted[0], 0) + counted[1]
-        if old is not None and (event_type == "DELETED" or counted[1] < old[1]):
+            freed = self.quota.snapshot_event(event_type, body)
+        if freed:
             self.changed.set()  # disk came free: VMs waiting on the quota may fit now
-
-    def _usage(self, namespace: str) -> Usage:
-        """What a namespace's quota counts as used (under the lock): its bound VMs, and its
-        snapshots' bytes as disk."""
-        return self._namespace_usage.get(namespace, Usage()) + Usage(
-            disk=self._snapshot_bytes.get(namespace, 0)
-        )
 
     def vm_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid = body["metadata"].get("uid", "")
@@ -286,16 +226,11 @@ class Binder:
                 freed = self._release(uid)
                 self._pending.pop(uid, None)
                 self._changes.pop(uid, None)
-                self.addresses.release(uid)
-                self.macs.release(uid)
-                self.qemu_uids.release(uid)
+                self.ids.release(uid)
                 if freed is not None:
                     self.changed.set()
                 return
-            self.qemu_uids.record(uid, recorded_uid(body["metadata"].get("annotations") or {}))
-            # The addresses annotation (the IPAM record) holds its addresses, bound or not; one
-            # outside its network's range is not believed.
-            self.addresses.record(uid, assigned(body), self.networks.ranges())
+            self.ids.record(uid, body)
             if label:
                 old = self._bound.get(uid)
                 meta = body["metadata"]
@@ -318,8 +253,8 @@ class Binder:
                     self._hold(uid, new)
                     if old is not None and (old.vcpus > new.vcpus or old.memory > new.memory):
                         self.changed.set()  # a VM shrank: room for a pending one, perhaps
-                    if not _held(body, vm):
-                        self.macs.record(uid, self._macs_of(vm))
+                    if not held(body, vm):
+                        self.ids.macs.record(uid, macs_of(vm))
                         self._changes.pop(uid, None)
                     elif not new.deleting:
                         self._changes[uid] = body  # judged by the next pass (admit_changes)
@@ -342,27 +277,15 @@ class Binder:
 
     def network_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         with self._lock:  # the networks' and the namespaces' watches run in threads of their own
-            self.networks.network_event(event_type, body)
+            self.ids.networks.network_event(event_type, body)
         self.changed.set()  # VMs waiting for this network may be placed now
 
     def namespace_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         with self._lock:
-            self.networks.namespace_event(event_type, body)
+            self.ids.networks.namespace_event(event_type, body)
         self.changed.set()
 
     # --- decisions ---------------------------------------------------------------------------
-
-    def _node_infos(self) -> list[NodeInfo]:
-        return [self._node_info(summary) for summary in self._nodes.values()]
-
-    def _node_info(self, summary: dict[str, Any]) -> NodeInfo:
-        return node_info(summary, self.node_lost_seconds, ceiling=self.ceiling)
-
-    def _quota_refusal(self, namespace: str, wanted: Usage) -> str | None:
-        quotas = [quota for (ns, _), quota in self._quotas.items() if ns == namespace]
-        if not quotas:
-            return None
-        return refusal(quotas, self._usage(namespace), wanted)
 
     def bind_pending(self) -> None:
         """Try to bind every unbound VM, oldest first: decided one at a time under the lock (each
@@ -415,18 +338,17 @@ class Binder:
             legacy = ADMITTED_ANNOTATION not in annotations
             refused: Refusal | None = None
             if not legacy:  # a VM bound before records existed runs as it is: recorded, not judged
-                summary = self._nodes.get(bound.node)
                 refused = change_refusal(
                     _request_of(vm),
                     bound.load,
-                    self._node_info(summary) if summary is not None else None,
-                    self._loads().get(bound.node, Load()),
-                    [quota for (ns, _), quota in self._quotas.items() if ns == bound.namespace],
-                    self._usage(bound.namespace),
-                    self.cpu_overcommit,
-                    self.memory_overcommit,
+                    self.room.info(bound.node),
+                    self.room.load(bound.node),
+                    self.quota.quotas(bound.namespace),
+                    self.quota.used(bound.namespace),
+                    self.room.cpu_overcommit,
+                    self.room.memory_overcommit,
                 )
-                network = self.networks.refusal(vm) if refused is None else None
+                network = self.ids.refusal(vm) if refused is None else None
                 if network is not None:
                     refused = Refusal(network.reason, network.message)
             if refused is not None:
@@ -435,33 +357,18 @@ class Binder:
             if legacy:  # the MACs its domain was defined with are its own
                 kept = {n.name: legacy_mac(uid, n.name) for n in vm.spec.networks} | kept
             try:
-                macs = self.macs.assign(uid, _mac_asks(vm), kept)
-                addresses = self.addresses.assign(uid, self.networks.interfaces(vm), self.networks.ranges())
+                macs, addresses = self.ids.assign(uid, vm, kept)
             except MacInUseError as exc:
-                self.macs.record(uid, {})  # nothing new held; the admitted ones come back with the record
-                self._restore_records(uid, body)
+                self.ids.as_recorded(uid, body)  # nothing new held; the admitted ones as recorded
                 return _ChangePlan(body, vm, Refusal("MacAddressInUse", self._mac_refusal(vm, exc)))
             except AddressesExhaustedError as exc:
-                self._restore_records(uid, body)
+                self.ids.as_recorded(uid, body)
                 return _ChangePlan(body, vm, Refusal("AddressesExhausted", str(exc)))
             admitted = admitted_of(vm.spec)
             # Counted at once, so that the next judgement sees the room as taken.
             self._hold(uid, _bound_from(bound.node, body, vm, admitted))
             self._changes.pop(uid, None)
         return _ChangePlan(body, vm, None, admitted, addresses, macs)
-
-    def _restore_records(self, uid: str, body: dict[str, Any]) -> None:
-        """The VM's addresses and MACs as its record says (a judgement that assigned some and
-        then refused, or a write that lost to a newer version). Under the lock."""
-        self.addresses.release(uid)
-        self.addresses.record(uid, assigned(body), self.networks.ranges())
-        vm = VirtualMachine.model_validate(body)
-        if not _held(body, vm):
-            self.macs.record(uid, self._macs_of(vm))
-        else:
-            recorded = recorded_macs(vm.metadata.annotations)
-            networks = {n.name: n.network or DEFAULT_NETWORK for n in vm.spec.networks}
-            self.macs.record(uid, {i: (networks[i], m) for i, m in recorded.items() if i in networks})
 
     def _carry_out_change(self, plan: _ChangePlan) -> None:
         body, vm = plan.body, plan.vm
@@ -488,7 +395,7 @@ class Binder:
             with self._lock:  # it changed under us: its record as it is, judged again from the watch
                 if uid in self._bound:
                     self._hold(uid, _bound_from(self._bound[uid].node, body, vm))
-                self._restore_records(uid, body)
+                self.ids.as_recorded(uid, body)
                 self._changes.setdefault(uid, body)
             self.changed.set()
             return
@@ -515,32 +422,26 @@ class Binder:
             if uid in self._bound:
                 return _Plan(body, vm, Decision(self._bound[uid].node, "bound already"), done=True)
             reason = "Unschedulable"
-            over = self._quota_refusal(
+            over = self.quota.refusal(
                 vm.metadata.namespace or "", Usage(request.vcpus, request.memory, request.disk)
             )
-            refused = self.networks.refusal(vm)
+            refused = self.ids.refusal(vm)
             addresses: dict[str, tuple[str, str]] = {}
             if over is not None:
                 decision, reason = Decision(None, over), "QuotaExceeded"
             elif refused is not None:
                 decision, reason = Decision(None, refused.message), refused.reason
             else:
-                decision = place(
-                    request, self._node_infos(), self._loads(), self.cpu_overcommit, self.memory_overcommit
-                )
+                decision = self.room.place(request)
             macs: dict[str, str] = {}
             qemu_uid: int | None = None
             if decision.node is not None:
-                qemu_uid = self.qemu_uids.assign(uid)
+                qemu_uid = self.ids.assign_uid(uid)
                 try:
-                    macs = self.macs.assign(uid, _mac_asks(vm), {})
-                    addresses = self.addresses.assign(
-                        uid, self.networks.interfaces(vm), self.networks.ranges()
-                    )
+                    macs, addresses = self.ids.assign(uid, vm, {})
                 except MacInUseError as exc:
                     decision, reason = Decision(None, self._mac_refusal(vm, exc)), "MacAddressInUse"
                 except AddressesExhaustedError as exc:
-                    self.macs.release(uid)
                     decision, reason = Decision(None, str(exc)), "AddressesExhausted"
             if decision.node is not None:
                 # Count it now, so the next VM in this pass sees the slot as taken.
@@ -560,12 +461,6 @@ class Binder:
             f"{exc.network!r}: a MAC is unique on its network"
         )
 
-    def _macs_of(self, vm: VirtualMachine) -> dict[str, tuple[str, str]]:
-        """iface -> (network, MAC) of an admitted VM, as its domain has them."""
-        return {
-            net.name: (net.network or DEFAULT_NETWORK, interface_mac(vm, net)) for net in vm.spec.networks
-        }
-
     def _carry_out_or_log(self, plan: "_Plan") -> None:
         try:
             self._carry_out(plan)
@@ -582,10 +477,7 @@ class Binder:
         uid = plan.vm.metadata.uid or ""
         with self._lock:
             self._release(uid)
-            self.addresses.release(uid)
-            self.addresses.record(uid, assigned(plan.body), self.networks.ranges())
-            self.macs.release(uid)
-            self.qemu_uids.release(uid)
+            self.ids.unbind(uid, plan.body)
             if not gone:
                 self._pending.setdefault(uid, plan.body)  # a newer version from the watch wins
         self.changed.set()
@@ -606,10 +498,7 @@ class Binder:
             uid = vm.metadata.uid or ""
             with self._lock:  # it changed under us: forget the slot and decide again from the watch
                 self._release(uid)
-                self.addresses.release(uid)
-                self.addresses.record(uid, assigned(body), self.networks.ranges())
-                self.macs.release(uid)
-                self.qemu_uids.release(uid)
+                self.ids.unbind(uid, body)
             self.changed.set()  # the newer version may be in the pending set already
             return decision
         metrics.BINDINGS.labels("bound").inc()
@@ -674,48 +563,24 @@ class Binder:
     # --- live migration ----------------------------------------------------------------------
 
     def migration_target(self, body: dict[str, Any], source: str, wanted: str | None) -> Decision:
-        """Where a running VM may move: placed as a new VM would be (its nodeSelector, its
-        tolerations, room on the node), among the other nodes whose agents take migrations;
-        only ``wanted`` when the user named a node."""
-        vm = VirtualMachine.model_validate(body)
-        request = _request_of(vm)
+        """Where a running VM may move (MigrationTargets.live)."""
+        request = _request_of(VirtualMachine.model_validate(body))
         with self._lock:
-            takers = {
-                name
-                for name, summary in self._nodes.items()
-                if name != source and MIGRATION_ENDPOINT_ANNOTATION in summary.get("annotations", {})
-            }
-            if wanted is not None and wanted not in takers:
-                return Decision(None, _not_a_target(wanted, source, wanted in self._nodes))
-            nodes = [n for n in self._node_infos() if n.name in takers and wanted in (None, n.name)]
-            if not nodes:
-                return Decision(None, f"no node other than {source} takes migrations")
-            return place(request, nodes, self._loads(), self.cpu_overcommit, self.memory_overcommit)
+            return self.targets.live(request, source, wanted)
 
     def takes_migrations(self, node: str, source: str) -> bool:
-        """Whether ``node`` could ever be this VM's target (room aside)."""
         with self._lock:
-            summary = self._nodes.get(node)
-        return (
-            node != source
-            and summary is not None
-            and MIGRATION_ENDPOINT_ANNOTATION in summary.get("annotations", {})
-        )
+            return self.targets.takes_migrations(node, source)
 
     def draining_nodes(self) -> set[str]:
-        """Nodes tainted for a drain (``kubectl vm drain``)."""
         with self._lock:
-            return {
-                name
-                for name, summary in self._nodes.items()
-                if any(t.get("key") == DRAIN_TAINT for t in summary.get("taints", []))
-            }
+            return self.targets.draining()
 
     def node_ready(self, node: str) -> bool:
         """The node's agent reports (its heartbeat is fresh)."""
         with self._lock:
-            summary = self._nodes.get(node)
-        return summary is not None and self._node_info(summary).ready
+            info = self.room.info(node)
+        return info is not None and info.ready
 
     def move_binding(
         self, body: dict[str, Any], source: str, target: str, annotations: dict[str, str | None] | None = None
@@ -736,33 +601,17 @@ class Binder:
     # --- restarts on another node (a drain's Restart, a lost node) ---------------------------
 
     def restart_target(self, body: dict[str, Any], source: str) -> Decision:
-        """Where a VM started again from its images goes: placed as a new VM would be (its
-        nodeSelector and tolerations, room, a ready node), on a node other than ``source``."""
-        vm = VirtualMachine.model_validate(body)
+        """Where a VM started again from its images goes (MigrationTargets.restart)."""
+        request = _request_of(VirtualMachine.model_validate(body))
         with self._lock:
-            nodes = [n for n in self._node_infos() if n.name != source]
-            if not nodes:
-                return Decision(None, f"there is no node other than {source}")
-            return place(_request_of(vm), nodes, self._loads(), self.cpu_overcommit, self.memory_overcommit)
+            return self.targets.restart(request, source)
 
     def given_up_nodes(self, also: Iterable[str] = ()) -> dict[str, str]:
-        """Nodes given up for lost, with why: an admin marked the node out of service
-        (``node.kubernetes.io/out-of-service``) and its agent is silent past
-        ``node_lost_seconds``; or VMs are bound to it (or it is one of ``also``: nodes whose
-        agent something else waits for) and its Node has been gone that long (the caller
-        confirms the Node is gone: a watch that has not delivered it yet looks the same)."""
-        now = time.monotonic()
+        """Nodes given up for lost, with why (NodeLoss.given_up): among the nodes VMs are bound
+        to and ``also`` (nodes whose agent something else waits for)."""
         with self._lock:
-            found = {
-                info.name: "marked out of service, and its agent is silent"
-                for info in self._node_infos()
-                if not info.ready and any(t.get("key") == OUT_OF_SERVICE_TAINT for t in info.taints)
-            }
-            for node in ({b.node for b in self._bound.values()} | set(also)) - self._nodes.keys():
-                since = self._missing_since.setdefault(node, now)
-                if now - since >= self.node_lost_seconds:
-                    found[node] = "its Node was deleted"
-            return found
+            needed = {b.node for b in self._bound.values()} | set(also)
+            return self.loss.given_up(needed, time.monotonic())
 
     @staticmethod
     def status_needs_repair(body: dict[str, Any]) -> bool:
@@ -785,9 +634,9 @@ class Binder:
         """VMs on a node whose agent stopped reporting become Unknown, with the reason. The agent
         rewrites their status when it comes back."""
         with self._lock:
-            infos = {info.name: info for info in self._node_infos()}
-            metrics.NODES_LOST.set(sum(1 for info in infos.values() if not info.ready))
-            victims = [b for b in self._bound.values() if b.node in infos and not infos[b.node].ready]
+            lost = self.loss.lost()
+            metrics.NODES_LOST.set(len(lost))
+            victims = [b for b in self._bound.values() if b.node in lost]
         for bound in victims:
             if bound.phase in ("Unknown", None) or bound.deleting:
                 continue
@@ -800,11 +649,6 @@ class Binder:
             self.events.post(body, VM_KIND, "NodeLost", message, "Warning")
 
 
-def _mac_asks(vm: VirtualMachine) -> list[tuple[str, str, str | None]]:
-    """(interface, network, the MAC its spec names or None) of each interface."""
-    return [(net.name, net.network or DEFAULT_NETWORK, net.mac_address) for net in vm.spec.networks]
-
-
 def _request_of(vm: VirtualMachine) -> Request:
     """What placing the VM asks of a node."""
     return Request(
@@ -814,14 +658,6 @@ def _request_of(vm: VirtualMachine) -> Request:
         tolerations=tuple(vm.spec.tolerations),
         disk=vm.spec.disk_bytes,
     )
-
-
-def _not_a_target(wanted: str, source: str, known: bool) -> str:
-    if wanted == source:
-        return f"the VM runs on node {source} already"
-    if not known:
-        return f"node {wanted} is not a hypervisor node (labeled vmm.formation.cloud/hypervisor=true)"
-    return f"node {wanted} takes no migrations: its agent publishes no migration endpoint"
 
 
 def _label(body: dict[str, Any]) -> str | None:
