@@ -1,10 +1,10 @@
 """Which nodes' agents a snapshot or restore waits for, read from its finalizers and label
-(controller/lost_nodes.py): what lets the controller release one whose node is lost."""
+(controller/moves/lost_nodes.py): what lets the controller release one whose node is lost."""
 
 import pytest
 
 from formation_vmm.api.names import IMAGE_FINALIZER, NODE_LABEL, agent_finalizer
-from formation_vmm.controller.lost_nodes import finalizing_nodes
+from formation_vmm.controller.moves.lost_nodes import finalizing_nodes
 
 pytestmark = pytest.mark.pure
 

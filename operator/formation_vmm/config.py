@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # request timeout (60 s): the client asks again from where it got to.
     access_port: int = Field(default=3004, ge=0, le=65535)
     console_segment_seconds: float = Field(default=45.0, gt=0)
-    # The controller's aggregated API (controller/subresources.py), behind the apiserver; 0: off.
+    # The controller's aggregated API (controller/serving/subresources.py), behind the apiserver; 0: off.
     subresources_port: int = Field(default=8443, ge=0, le=65535)
     subresources_host: str = "0.0.0.0"  # noqa: S104 - the apiserver comes from outside the pod
     # The agent's node-local debug endpoints (/vms, /images, consoles of every VM), on
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     cpu_overcommit: float = Field(default=1.0, gt=0)
     memory_overcommit: float = Field(default=1.0, gt=0)
     # An admin's bound on any node's capacity, for nodes whose kubelet reports no allocatable
-    # (controller/nodes.py): an agent's own word is never enough.
+    # (controller/binding/nodes.py): an agent's own word is never enough.
     node_max_cpus: int | None = Field(default=None, ge=0)
     node_max_memory: int | None = Field(default=None, ge=0, description="a quantity, in bytes once read")
     # How often the agent refreshes its heartbeat and capacity on the Node, and how long the

@@ -66,16 +66,16 @@ from formation_vmm.api.names import (
 )
 from formation_vmm.config import Settings
 from formation_vmm.controller import handlers as controller_handlers
-from formation_vmm.controller import subresources
-from formation_vmm.controller.binder import Binder
-from formation_vmm.controller.drain import Drainer
+from formation_vmm.controller.binding.binder import Binder
+from formation_vmm.controller.binding.nodes import Ceiling
 from formation_vmm.controller.handlers import ControllerMemo
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
-from formation_vmm.controller.lost_nodes import LostNodes
-from formation_vmm.controller.migrations import MigrationScheduler
-from formation_vmm.controller.nodes import Ceiling
+from formation_vmm.controller.moves.drain import Drainer
+from formation_vmm.controller.moves.lost_nodes import LostNodes
+from formation_vmm.controller.moves.migrations import MigrationScheduler
 from formation_vmm.controller.sealer import Sealer
+from formation_vmm.controller.serving import subresources
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.controller.vm_feed import VmFeed, vm_reference
 from formation_vmm.domain.layout import NodeLayout

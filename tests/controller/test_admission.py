@@ -1,4 +1,4 @@
-"""Admission of a bound VM's spec change (controller/admission.py, api/admission.py): the
+"""Admission of a bound VM's spec change (controller/binding/admission.py, api/admission.py): the
 table of what is admitted and what waits, and the record both processes read. Pure."""
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from formation_vmm.api.admission import Admitted, admitted_of, change_held, request_digest
 from formation_vmm.api.models import VirtualMachineSpec
 from formation_vmm.api.names import ADMITTED_ANNOTATION
-from formation_vmm.controller.admission import change_refusal
+from formation_vmm.controller.binding.admission import change_refusal
 from formation_vmm.placement import Load, NodeInfo, Request
 from formation_vmm.quota import Quota, Usage
 

@@ -8,7 +8,7 @@ import pytest
 
 from formation_vmm import tls
 from formation_vmm.api.names import AGENT_ACCESS_ANNOTATION
-from formation_vmm.controller.agent_links import Unreachable, link_of
+from formation_vmm.controller.serving.agent_links import Unreachable, link_of
 
 pytestmark = pytest.mark.pure
 

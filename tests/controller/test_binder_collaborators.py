@@ -16,12 +16,12 @@ from formation_vmm.api.names import (
     MIGRATION_ENDPOINT_ANNOTATION,
     OUT_OF_SERVICE_TAINT,
 )
-from formation_vmm.controller.identities import Identities
-from formation_vmm.controller.migration_targets import MigrationTargets
-from formation_vmm.controller.node_loss import NodeLoss
-from formation_vmm.controller.node_room import NodeRoom
-from formation_vmm.controller.nodes import Ceiling
-from formation_vmm.controller.quota_book import QuotaBook
+from formation_vmm.controller.binding.identities import Identities
+from formation_vmm.controller.binding.migration_targets import MigrationTargets
+from formation_vmm.controller.binding.node_loss import NodeLoss
+from formation_vmm.controller.binding.node_room import NodeRoom
+from formation_vmm.controller.binding.nodes import Ceiling
+from formation_vmm.controller.binding.quota_book import QuotaBook
 from formation_vmm.ipam import AddressesExhaustedError
 from formation_vmm.macs import MacInUseError
 from formation_vmm.placement import Load, Request

@@ -7,7 +7,7 @@ import pytest
 from multidict import CIMultiDict
 
 from formation_vmm import tls
-from formation_vmm.controller.front_proxy import FrontProxy, RequestHeaders
+from formation_vmm.controller.serving.front_proxy import FrontProxy, RequestHeaders
 from formation_vmm.devcluster import certs
 
 pytestmark = pytest.mark.pure

@@ -1,8 +1,8 @@
-"""Which VMs may use which VmNetworks (controller/networks.py), as the binder asks."""
+"""Which VMs may use which VmNetworks (controller/binding/networks.py), as the binder asks."""
 
 import pytest
 
-from formation_vmm.controller.networks import NetworkCatalog
+from formation_vmm.controller.binding.networks import NetworkCatalog
 from tests.support.factories import make_vm
 
 pytestmark = pytest.mark.pure

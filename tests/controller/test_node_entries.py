@@ -3,7 +3,7 @@
 import pytest
 
 from formation_vmm.api.models import NetworkNodeStatus, VmImageStatus, VmNetworkStatus
-from formation_vmm.controller.networks import without_node
+from formation_vmm.controller.binding.networks import without_node
 from formation_vmm.images import status as images
 
 pytestmark = pytest.mark.pure

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from formation_vmm.api.names import CAPACITY_CPUS_ANNOTATION, CAPACITY_MEMORY_ANNOTATION, HEARTBEAT_ANNOTATION
-from formation_vmm.controller.nodes import Ceiling, node_info, node_summary
+from formation_vmm.controller.binding.nodes import Ceiling, node_info, node_summary
 
 pytestmark = pytest.mark.pure
 

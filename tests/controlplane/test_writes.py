@@ -22,7 +22,7 @@ from formation_vmm.api.names import (
     NODE_LABEL,
     VM_PLURAL,
 )
-from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.binding.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.vm_feed import VmFeed, vm_reference
@@ -191,7 +191,7 @@ def binder_with_a_node(kube: Kube, cpus: int = 4, node: str = NODE) -> Binder:
         CAPACITY_MEMORY_ANNOTATION: "4096Mi",
         HEARTBEAT_ANNOTATION: now().strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    # The kubelet's allocatable vouches for the capacity the agent claims (controller/nodes.py).
+    # The kubelet's allocatable vouches for the capacity the agent claims (controller/binding/nodes.py).
     allocatable = {"cpus": cpus, "memory": 4096 << 20}
     binder.node_event(
         "ADDED",

@@ -33,7 +33,7 @@ def beating(
     default, the same)."""
     stop = threading.Event()
     for node in nodes:
-        # What its kubelet would vouch for: what it claims (controller/nodes.py bounds a claim).
+        # What its kubelet would vouch for: what it claims (controller/binding/nodes.py bounds a claim).
         register_node(fleet.kubectl, node, labels, allocatable or {"cpu": cpus, "memory": memory})
         fleet.kubectl("taint", "node", node, f"dedicated={taint}:NoSchedule", "--overwrite")
 

@@ -24,14 +24,14 @@ from formation_vmm.api.names import (
     VM_PLURAL,
 )
 from formation_vmm.config import Settings
-from formation_vmm.controller.binder import Binder
-from formation_vmm.controller.drain import Drainer
+from formation_vmm.controller.binding.binder import Binder
+from formation_vmm.controller.binding.nodes import node_summary
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.leader import LeaderElector
-from formation_vmm.controller.lost_nodes import LostNodes
-from formation_vmm.controller.migrations import MigrationScheduler
+from formation_vmm.controller.moves.drain import Drainer
+from formation_vmm.controller.moves.lost_nodes import LostNodes
+from formation_vmm.controller.moves.migrations import MigrationScheduler
 from formation_vmm.controller.node_entries import forget_node_images, forget_node_networks
-from formation_vmm.controller.nodes import node_summary
 from formation_vmm.controller.sealer import Sealer
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health

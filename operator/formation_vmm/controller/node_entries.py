@@ -4,7 +4,7 @@ them, since the node's agent, which wrote them, is gone with it."""
 from typing import Any
 
 from formation_vmm.api.models import VmImageStatus, VmNetworkStatus
-from formation_vmm.controller import networks
+from formation_vmm.controller.binding import networks
 from formation_vmm.images import status as images
 from formation_vmm.kube import StatusWriter
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.binding.binder import Binder
 from formation_vmm.controller.image_guard import ImageGuard
 from formation_vmm.controller.sealer import Sealer
 

@@ -133,14 +133,14 @@ def register_node(
 ) -> None:
     """A Node object for a machine that has no kubelet, labeled as a hypervisor. We stand in
     for the kubelet: the Node's ``status.allocatable`` says what the machine has (this one's,
-    unless told), which bounds what its agent may claim (controller/nodes.py)."""
+    unless told), which bounds what its agent may claim (controller/binding/nodes.py)."""
     all_labels = {HYPERVISOR_LABEL: "true", "kubernetes.io/hostname": name, **(labels or {})}
     kubectl.apply_docs(
         [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}}]
     )
     resources = allocatable or machine_allocatable()
     # Its agent answers the controller on this machine's loopback, as a kubelet reports a
-    # node's address (controller/agent_links.py).
+    # node's address (controller/serving/agent_links.py).
     addresses = [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}]
     status = {"status": {"capacity": resources, "allocatable": resources, "addresses": addresses}}
     kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p", json.dumps(status))

@@ -206,7 +206,7 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-cluster-ip-range={SERVICE_RANGE}",
             # The aggregation layer: the apiserver proxies our subresources API to the
-            # controller as a front proxy, naming the user in headers (controller/front_proxy.py).
+            # controller as a front proxy, naming the user in headers (controller/serving/front_proxy.py).
             f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
             f"--requestheader-allowed-names={certs.FRONT_PROXY_CLIENT}",
             "--requestheader-username-headers=X-Remote-User",

@@ -1,5 +1,5 @@
 """console and top: asked of the apiserver, as subresources of the VM in our aggregated API
-(controller/subresources.py). The apiserver authenticates the user however the kubeconfig says
+(controller/serving/subresources.py). The apiserver authenticates the user however the kubeconfig says
 (token, client certificate, exec plugin) and authorises ``get`` on ``virtualmachines/console``
 or ``virtualmachines/stats``; no credential of the user goes anywhere else."""
 

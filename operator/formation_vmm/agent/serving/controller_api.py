@@ -1,6 +1,6 @@
 """What the agent serves the controller on its access port (``VMM_ACCESS_PORT``): a VM's serial
 console and its counters, which the controller hands to users behind the apiserver
-(controller/subresources.py). Users' requests end at the apiserver; none of their credentials
+(controller/serving/subresources.py). Users' requests end at the apiserver; none of their credentials
 reaches a node.
 
 TLS both ways. The agent shows the certificate it publishes on its Node (the controller trusts

@@ -35,14 +35,14 @@ from formation_vmm.api.names import (
     VM_KIND,
     agent_finalizer,
 )
-from formation_vmm.controller.admission import Refusal, change_refusal
-from formation_vmm.controller.identities import Identities, held, macs_of
-from formation_vmm.controller.migration_targets import MigrationTargets
-from formation_vmm.controller.networks import NetworkCatalog
-from formation_vmm.controller.node_loss import NodeLoss
-from formation_vmm.controller.node_room import NodeRoom
-from formation_vmm.controller.nodes import Ceiling
-from formation_vmm.controller.quota_book import QuotaBook
+from formation_vmm.controller.binding.admission import Refusal, change_refusal
+from formation_vmm.controller.binding.identities import Identities, held, macs_of
+from formation_vmm.controller.binding.migration_targets import MigrationTargets
+from formation_vmm.controller.binding.networks import NetworkCatalog
+from formation_vmm.controller.binding.node_loss import NodeLoss
+from formation_vmm.controller.binding.node_room import NodeRoom
+from formation_vmm.controller.binding.nodes import Ceiling
+from formation_vmm.controller.binding.quota_book import QuotaBook
 from formation_vmm.ipam import AddressesExhaustedError, encode_addresses
 from formation_vmm.kube import EventRecorder, NotFoundError, StatusWriter
 from formation_vmm.macs import MacInUseError, encode_macs, legacy_mac, recorded_macs

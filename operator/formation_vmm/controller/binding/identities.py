@@ -9,7 +9,7 @@ from typing import Any
 from formation_vmm.api.admission import change_held
 from formation_vmm.api.models import VirtualMachine
 from formation_vmm.api.names import ADMITTED_ANNOTATION, DEFAULT_NETWORK
-from formation_vmm.controller.networks import NetworkCatalog, NetworkRefusal
+from formation_vmm.controller.binding.networks import NetworkCatalog, NetworkRefusal
 from formation_vmm.domain.build import interface_mac
 from formation_vmm.ipam import AddressBook, assigned
 from formation_vmm.macs import MacBook, recorded_macs

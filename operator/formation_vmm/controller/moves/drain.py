@@ -23,8 +23,8 @@ from formation_vmm.api.names import (
     VM_KIND,
     VM_PLURAL,
 )
-from formation_vmm.controller.binder import Binder
-from formation_vmm.controller.migrations import snapshot_counts
+from formation_vmm.controller.binding.binder import Binder
+from formation_vmm.controller.moves.migrations import snapshot_counts
 from formation_vmm.kube import ApiError, EventRecorder, Kube
 from formation_vmm.migration_rules import eviction
 

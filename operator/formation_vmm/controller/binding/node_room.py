@@ -7,7 +7,7 @@ lock, so a decision and the room it takes are one step."""
 from collections.abc import Callable
 from typing import Any
 
-from formation_vmm.controller.nodes import Ceiling, node_info
+from formation_vmm.controller.binding.nodes import Ceiling, node_info
 from formation_vmm.placement import Decision, Load, NodeInfo, Request, place
 
 Summary = dict[str, Any]

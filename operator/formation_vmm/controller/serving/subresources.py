@@ -25,9 +25,9 @@ from aiohttp import web
 from formation_vmm import tls
 from formation_vmm.access import Ask, Denied, UserAccess
 from formation_vmm.api.names import SUBRESOURCES_GROUP, SUBRESOURCES_VERSION, VM_PLURAL
-from formation_vmm.controller import serving_certificate
-from formation_vmm.controller.agent_links import AgentLinks, Unreachable
-from formation_vmm.controller.front_proxy import (
+from formation_vmm.controller.serving import serving_certificate
+from formation_vmm.controller.serving.agent_links import AgentLinks, Unreachable
+from formation_vmm.controller.serving.front_proxy import (
     AUTHENTICATION_CONFIG_MAP,
     AUTHENTICATION_NAMESPACE,
     FrontProxy,

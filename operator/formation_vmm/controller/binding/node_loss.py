@@ -2,12 +2,12 @@
 than ``node_lost_seconds``: their VMs' state is unknown) and which are given up for lost (an
 admin marked the node out of service and its agent is silent; or its Node object has been gone
 that long while VMs are bound to it). Pure, with the clock passed in; the binder calls it under
-its lock and writes what follows (controller/lost_nodes.py restarts what may restart)."""
+its lock and writes what follows (controller/moves/lost_nodes.py restarts what may restart)."""
 
 from collections.abc import Iterable
 
 from formation_vmm.api.names import OUT_OF_SERVICE_TAINT
-from formation_vmm.controller.node_room import NodeRoom
+from formation_vmm.controller.binding.node_room import NodeRoom
 
 
 class NodeLoss:

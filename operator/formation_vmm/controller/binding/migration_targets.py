@@ -4,7 +4,7 @@ lost node), placed as a new VM would be (its nodeSelector, its tolerations, room
 nodes are draining. Pure: it reads the binder's NodeRoom, under the binder's lock."""
 
 from formation_vmm.api.names import DRAIN_TAINT, MIGRATION_ENDPOINT_ANNOTATION
-from formation_vmm.controller.node_room import NodeRoom
+from formation_vmm.controller.binding.node_room import NodeRoom
 from formation_vmm.placement import Decision, Request
 
 

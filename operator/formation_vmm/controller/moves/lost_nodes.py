@@ -26,7 +26,7 @@ from formation_vmm.api.names import (
     agent_finalizer,
     finalizer_node,
 )
-from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.binding.binder import Binder
 from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
 from formation_vmm.migration_rules import restart_after_node_loss
 

@@ -28,7 +28,7 @@ from formation_vmm.api.names import (
     VM_KIND,
     VM_PLURAL,
 )
-from formation_vmm.controller.binder import Binder
+from formation_vmm.controller.binding.binder import Binder
 from formation_vmm.kube import EventRecorder, Kube, StatusWriter
 from formation_vmm.migration_rules import (
     ACTIVE_PHASES,
