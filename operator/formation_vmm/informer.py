@@ -28,6 +28,10 @@ WATCH_SECONDS = 60
 # informer goes on with the next event.
 Handler = Callable[[str | None, Body], None]
 Listed = Callable[[set[str]], None]  # the uids a (re)list found: the others are gone
+# What the store kept of one object before an event and after it (None: absent), as client-go's
+# OnUpdate(old, new) on the transformed object: a consumer that acts on a change of a few fields
+# compares them here instead of keeping its own copy of every object.
+Changed = Callable[[Body | None, Body | None], None]
 # An index of the store: the values an object is found under (none: not in the index).
 Indexer = Callable[[Body], Iterable[Hashable]]
 
@@ -60,8 +64,9 @@ class Store:
         with self._lock:
             return [self._objects[key] for key in self._index[index].get(value, ())]
 
-    def put(self, key: str, body: Body | None) -> None:
-        """Store (or, with None, forget) one object, the indexes in step."""
+    def put(self, key: str, body: Body | None) -> Body | None:
+        """Store (or, with None, forget) one object, the indexes in step; returns what it
+        replaced."""
         with self._lock:
             old = self._objects.pop(key, None)
             for name, indexer in self._indexers.items():
@@ -77,6 +82,7 @@ class Store:
                         self._index[name].setdefault(value, set()).add(key)
             if body is not None:
                 self._objects[key] = body
+            return old
 
 
 class Informer:
@@ -95,6 +101,7 @@ class Informer:
         name: str = "",
         indexers: Mapping[str, Indexer] | None = None,
         transform: Callable[[Body], Body] | None = None,
+        changed: Changed | None = None,
     ) -> None:
         self.kube = kube
         self.resource = Resource(resource) if isinstance(resource, str) else resource
@@ -111,6 +118,7 @@ class Informer:
         # (the controller keeps a VM's metadata, not its body). Handlers get the whole object,
         # and a deletion found by a list gets what the store kept.
         self.transform = transform or (lambda body: body)
+        self.changed = changed  # called before the handler, with what the store kept before and after
         self.synced = threading.Event()  # the first list is in the store (client-go's HasSynced)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,8 +212,14 @@ class Informer:
 
     def _deliver(self, kind: str | None, body: Body) -> None:
         if self.listed is None:
-            self.store.put(key_of(body), None if kind == "DELETED" else self.transform(body))
+            kept = None if kind == "DELETED" else self.transform(body)
+            old = self.store.put(key_of(body), kept)
+            if self.changed is not None:
+                self._call(self.changed, kind, body, old, kept)
+        self._call(self.handler, kind, body, kind, body)
+
+    def _call(self, hook: Callable[..., None], kind: str | None, body: Body, *args: Any) -> None:
         try:
-            self.handler(kind, body)
-        except Exception:
+            hook(*args)
+        except Exception:  # logged; the informer goes on with the next event
             log.exception("handling a %s event of %s failed", kind or "listed", key_of(body))

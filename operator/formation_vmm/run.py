@@ -52,6 +52,7 @@ from formation_vmm.api.models import (
     VmSnapshotStatus,
 )
 from formation_vmm.api.names import (
+    HYPERVISOR_LABEL,
     IMAGE_PLURAL,
     MIGRATION_PLURAL,
     NETWORK_PLURAL,
@@ -69,15 +70,17 @@ from formation_vmm.controller import handlers as controller_handlers
 from formation_vmm.controller.binding.binder import Binder
 from formation_vmm.controller.binding.nodes import Ceiling
 from formation_vmm.controller.handlers import ControllerMemo
-from formation_vmm.controller.image_guard import ImageGuard
+from formation_vmm.controller.image_guard import HELD, ImageGuard, held
 from formation_vmm.controller.leader import LeaderElector
 from formation_vmm.controller.moves.drain import Drainer
 from formation_vmm.controller.moves.lost_nodes import LostNodes
 from formation_vmm.controller.moves.migrations import MigrationScheduler
-from formation_vmm.controller.sealer import Sealer
+from formation_vmm.controller.sealer import Sealer, Seen
 from formation_vmm.controller.serving import subresources
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
-from formation_vmm.controller.vm_feed import VmFeed, vm_reference
+from formation_vmm.controller.vm_facts import INDEXERS as VM_INDEXERS
+from formation_vmm.controller.vm_facts import vm_facts
+from formation_vmm.controller.vm_feed import VmFeed
 from formation_vmm.domain.layout import NodeLayout
 from formation_vmm.domain.spec import NodeFirmware
 from formation_vmm.health import Health, within
@@ -87,7 +90,7 @@ from formation_vmm.images.egress import EgressPolicy
 from formation_vmm.images.fetch import FetchLimits
 from formation_vmm.images.node import NodeImages
 from formation_vmm.informer import WATCH_SECONDS, Informer
-from formation_vmm.kube import ApiError, EventRecorder, Kube, StatusWriter, load_config
+from formation_vmm.kube import ApiError, EventRecorder, Kube, Resource, StatusWriter, load_config
 from formation_vmm.migration_rules import Limits
 from formation_vmm.sealing import NodeKey
 from formation_vmm.waiting import WaitTimeoutError, wait_for
@@ -235,8 +238,23 @@ def run_controller(settings: Settings) -> None:
         settings.node_lost_seconds,
         ceiling=Ceiling(settings.node_max_cpus, settings.node_max_memory),
     )
-    guard = ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns))
-    sealer = Sealer(kube, vm_status, image_status, events, settings.seal_refresh_seconds)
+    # The informers whose stores the sealer and the image guard read (their handlers are wired
+    # with the rest in controller_handlers.informers; the VMs' here, below).
+    seen = Seen(
+        vms=Informer(
+            kube,
+            VM_PLURAL,
+            transform=vm_facts,
+            indexers=VM_INDEXERS,
+            beat=lambda: health.beat("vm-watch"),
+            name="vm-watch",
+        ),
+        nodes=Informer(kube, Resource("nodes", "", "v1"), label_selector=f"{HYPERVISOR_LABEL}=true"),
+        images=Informer(kube, IMAGE_PLURAL, indexers={HELD: held}),
+        migrations=Informer(kube, MIGRATION_PLURAL),
+    )
+    guard = ImageGuard(image_status, events, lambda ns: kube.list(VM_PLURAL, ns), seen.images)
+    sealer = Sealer(kube, vm_status, image_status, events, seen, settings.seal_refresh_seconds)
     leader = LeaderElector(
         kube,
         namespace,
@@ -271,16 +289,10 @@ def run_controller(settings: Settings) -> None:
         sealer=sealer,
         leader=leader,
         health=health,
-        vm_watch=Informer(
-            kube,
-            VM_PLURAL,
-            feed.event,
-            transform=vm_reference,
-            beat=lambda: health.beat("vm-watch"),
-            name="vm-watch",
-        ),
+        vm_watch=seen.vms,
     )
-    state.informers = controller_handlers.informers(state, namespace, LEASE_NAME)
+    seen.vms.handler, seen.vms.changed = feed.event, feed.changed
+    state.informers = controller_handlers.informers(state, namespace, LEASE_NAME, seen)
     _vm_watch_health(health, state.vm_watch)
     health.live_check("loops", lambda: _tasks_alive(state))
 

@@ -18,18 +18,21 @@ from formation_vmm.api.names import (
     CAPACITY_CPUS_ANNOTATION,
     CAPACITY_MEMORY_ANNOTATION,
     HEARTBEAT_ANNOTATION,
+    IMAGE_FINALIZER,
     IMAGE_PLURAL,
+    MIGRATION_PLURAL,
     NODE_LABEL,
     VM_PLURAL,
 )
 from formation_vmm.controller.binding.binder import Binder
-from formation_vmm.controller.image_guard import ImageGuard
-from formation_vmm.controller.sealer import Sealer
-from formation_vmm.controller.vm_feed import VmFeed, vm_reference
+from formation_vmm.controller.image_guard import HELD, ImageGuard, held
+from formation_vmm.controller.sealer import Sealer, Seen
+from formation_vmm.controller.vm_facts import INDEXERS, vm_facts
+from formation_vmm.controller.vm_feed import VmFeed
 from formation_vmm.devcluster.cluster import Kubectl, install_crds, service_account_kubeconfig
 from formation_vmm.devcluster.controlplane import ControlPlane
 from formation_vmm.informer import Informer
-from formation_vmm.kube import EventRecorder, Kube, StatusWriter
+from formation_vmm.kube import EventRecorder, Kube, Resource, StatusWriter
 from tests.support.cluster import private_plane
 from tests.support.waiting import wait_for
 
@@ -183,6 +186,17 @@ def bind(binder: Binder, kubectl: Kubectl, body: dict[str, Any]) -> str | None:
     return (found.get("metadata", {}).get("labels") or {}).get(NODE_LABEL)
 
 
+def unstarted_stores(kube: Kube) -> Seen:
+    """The informers the sealer and the image guard read, not started: empty stores (these
+    tests feed the binder; what the others read of the stores is theirs to test)."""
+    return Seen(
+        vms=Informer(kube, VM_PLURAL, transform=vm_facts, indexers=INDEXERS),
+        nodes=Informer(kube, Resource("nodes", "", "v1")),
+        images=Informer(kube, IMAGE_PLURAL, indexers={HELD: held}),
+        migrations=Informer(kube, MIGRATION_PLURAL),
+    )
+
+
 def binder_with_a_node(kube: Kube, cpus: int = 4, node: str = NODE) -> Binder:
     binder = Binder(StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), EventRecorder(kube, "test"))
     binder.seed([])  # the VMs these tests hand it are all it knows
@@ -211,10 +225,11 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
     binder = binder_with_a_node(kube, cpus=1, node="node-feed")
     images = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
     events = EventRecorder(kube, "test")
+    seen = unstarted_stores(kube)
     feed = VmFeed(
         binder,
-        Sealer(kube, StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), images, events),
-        ImageGuard(images, events, lambda namespace: kube.list(VM_PLURAL, namespace)),
+        Sealer(kube, StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), images, events, seen),
+        ImageGuard(images, events, lambda namespace: kube.list(VM_PLURAL, namespace), seen.images),
         leading=lambda: False,  # a standby: it feeds its memory and writes nothing
     )
     mine = f"feed-test={ns}"
@@ -230,7 +245,9 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
         VM_PLURAL,
         feed.event,
         label_selector=mine,
-        transform=vm_reference,
+        transform=vm_facts,
+        indexers=INDEXERS,
+        changed=feed.changed,
         timeout_seconds=1,
         retry_seconds=0.2,
     )
@@ -251,6 +268,71 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
     release(kubectl, ns, "waiting")
 
 
+def test_an_image_held_for_a_vm_deleted_while_the_watch_was_down_is_released_by_the_next_list(
+    kube: Kube, kubectl: Kubectl, ns: str
+) -> None:
+    """The image guard keeps no memory of which VM names which image: it compares what the VM
+    store kept before and after (vm_facts.py). A VM deleted while no watch delivered it comes
+    from the next list as a deletion, with the facts the store kept, and the deleted VmImage it
+    held is released (the guard confirms with a fresh list that nothing uses it)."""
+    images = StatusWriter(kube, IMAGE_PLURAL, VmImageStatus)
+    events = EventRecorder(kube, "test")
+    seen = unstarted_stores(kube)
+    guard = ImageGuard(images, events, lambda namespace: kube.list(VM_PLURAL, namespace), seen.images)
+    binder = binder_with_a_node(kube, cpus=1, node="node-guard")
+    sealer = Sealer(kube, StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), images, events, seen)
+    feed = VmFeed(binder, sealer, guard, leading=lambda: True)
+    image_doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VmImage",
+        "metadata": {"name": "base", "namespace": ns, "finalizers": [IMAGE_FINALIZER]},
+        "spec": {"source": {"http": {"url": "http://127.0.0.1:9/base.qcow2"}}},
+    }
+    kubectl("create", "-f", "-", input_text=json.dumps(image_doc))
+    vm_doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "user", "namespace": ns, "labels": {"guard-test": ns}},
+        "spec": {
+            "cpus": 1,
+            "memory": "32Mi",
+            "runStrategy": "Halted",
+            "disks": [{"name": "root", "image": "base"}],
+        },
+    }
+    kubectl("create", "-f", "-", input_text=json.dumps(vm_doc))
+    seen.images.start()
+    watch = Informer(
+        kube,
+        VM_PLURAL,
+        feed.event,
+        label_selector=f"guard-test={ns}",
+        transform=vm_facts,
+        indexers=INDEXERS,
+        changed=feed.changed,
+        timeout_seconds=1,
+        retry_seconds=0.2,
+    )
+    watch.start()
+    try:
+        wait_for(lambda: watch.lists == 1, 30, "the first watch's list")
+        kubectl("delete", "vmimage", "base", "-n", ns, "--wait=false")
+        wait_for(lambda: seen.images.by(HELD, True), 30, "the image held, in the images' store")
+        watch.stop()
+        wait_for(lambda: not watch.alive(), 30, "the first watch's end")
+        assert kubectl("get", "vmimage", "base", "-n", ns, "-o", "name", check=False)  # still held
+        kubectl("delete", "vm", "user", "-n", ns, "--wait=true")  # no watch sees it go
+        watch.start()  # as after the apiserver came back: it lists again
+        wait_for(
+            lambda: not kubectl("get", "vmimage", "base", "-n", ns, "-o", "name", check=False),
+            30,
+            "the image released by the list that lacks its last user",
+        )
+    finally:
+        watch.stop()
+        seen.images.stop()
+
+
 def test_a_write_the_controllers_feed_cannot_make_is_logged_and_the_event_still_counts(
     kube: Kube, kubectl: Kubectl, plane: ControlPlane, ns: str
 ) -> None:
@@ -264,8 +346,9 @@ def test_a_write_the_controllers_feed_cannot_make_is_logged_and_the_event_still_
     events = EventRecorder(powerless, "test")
     writer = StatusWriter(powerless, VM_PLURAL, VirtualMachineStatus)
     admin_writer, binder.status = binder.status, writer  # the repair's writer: the one without rights
-    sealer = Sealer(powerless, writer, images, events)
-    feed = VmFeed(binder, sealer, ImageGuard(images, events, lambda _: []), leading=lambda: True)
+    seen = unstarted_stores(powerless)
+    sealer = Sealer(powerless, writer, images, events, seen)
+    feed = VmFeed(binder, sealer, ImageGuard(images, events, lambda _: [], seen.images), leading=lambda: True)
     doc = {
         "apiVersion": "vmm.formation.cloud/v1alpha1",
         "kind": "VirtualMachine",

@@ -13,9 +13,7 @@ import kopf
 
 from formation_vmm.api.models import VmImageStatus, VmNetworkStatus
 from formation_vmm.api.names import (
-    HYPERVISOR_LABEL,
     IMAGE_PLURAL,
-    MIGRATION_PLURAL,
     NETWORK_PLURAL,
     RESTORE_KIND,
     RESTORE_PLURAL,
@@ -32,10 +30,10 @@ from formation_vmm.controller.moves.drain import Drainer
 from formation_vmm.controller.moves.lost_nodes import LostNodes
 from formation_vmm.controller.moves.migrations import MigrationScheduler
 from formation_vmm.controller.node_entries import forget_node_images, forget_node_networks
-from formation_vmm.controller.sealer import Sealer
+from formation_vmm.controller.sealer import Sealer, Seen
 from formation_vmm.controller.snapshot_notes import SnapshotNotes
 from formation_vmm.health import Health
-from formation_vmm.informer import Informer
+from formation_vmm.informer import Changed, Handler, Informer
 from formation_vmm.kube import Body, Kube, Resource, StatusWriter
 
 log = logging.getLogger(__name__)
@@ -136,11 +134,16 @@ def register(registry: kopf.OperatorRegistry) -> None:
             informer.stop()
 
 
-def informers(state: ControllerMemo, lease_namespace: str, lease_name: str) -> list[Informer]:
+def informers(state: ControllerMemo, lease_namespace: str, lease_name: str, seen: Seen) -> list[Informer]:
     """The controller's watches of everything but VMs (vm_feed.py has those), each handler in
-    its informer's thread. Every replica watches (so a standby has warm caches); only the
-    leader writes."""
+    its informer's thread; ``seen``'s, whose stores the sealer and the image guard read, are
+    wired here. Every replica watches (so a standby has warm caches); only the leader writes."""
     kube = state.kube
+    sealer = state.sealer
+
+    def wired(informer: Informer, handler: Handler, changed: Changed) -> Informer:
+        informer.handler, informer.changed = handler, changed
+        return informer
 
     return [
         Informer(
@@ -149,16 +152,11 @@ def informers(state: ControllerMemo, lease_namespace: str, lease_name: str) -> l
             lambda kind, body: _lease(state, body),
             field_selector=f"metadata.name={lease_name}",
         ),
-        Informer(
-            kube,
-            Resource("nodes", "", "v1"),
-            lambda kind, body: _node(state, kind, body),
-            label_selector=f"{HYPERVISOR_LABEL}=true",
-        ),
+        wired(seen.nodes, lambda kind, body: _node(state, kind, body), sealer.node_changed),
         Informer(kube, Resource("resourcequotas", "", "v1"), state.binder.quota_event),
-        Informer(kube, Resource(IMAGE_PLURAL), lambda kind, body: _image(state, kind, body)),
+        wired(seen.images, lambda kind, body: _image(state, kind, body), sealer.image_changed),
         Informer(kube, Resource(SNAPSHOT_PLURAL), lambda kind, body: _snapshot(state, kind, body)),
-        Informer(kube, Resource(MIGRATION_PLURAL), lambda kind, body: _migration(state, kind, body)),
+        wired(seen.migrations, lambda kind, body: _migration(state, kind, body), sealer.migration_changed),
         Informer(kube, Resource(RESTORE_PLURAL), lambda kind, body: _restore(state, kind, body)),
         # Which VmNetworks exist (the binder refuses others, and assigns from their ranges), and
         # the namespaces' labels their namespaceSelectors match.
@@ -178,13 +176,11 @@ def _lease(state: ControllerMemo, body: Body) -> None:
 def _node(state: ControllerMemo, kind: str | None, body: Body) -> None:
     summary = node_summary(body)
     state.binder.node_event(kind, summary)
-    state.sealer.node_event(kind, summary)
     if kind == "DELETED" and state.leader.is_leader():
         _forget_node(state, summary["name"])
 
 
 def _image(state: ControllerMemo, kind: str | None, body: Body) -> None:
-    state.sealer.image_event(kind, body)
     state.guard.image_event(kind, body, write=state.leader.is_leader())
 
 
@@ -196,7 +192,6 @@ def _snapshot(state: ControllerMemo, kind: str | None, body: Body) -> None:
 
 def _migration(state: ControllerMemo, kind: str | None, body: Body) -> None:
     """What users ask of a VM through objects of their own: migrations, snapshots, restores."""
-    state.sealer.migration_event(kind, body)
     acted = state.migrations.event(kind, body)
     if acted is not None and state.leader.is_leader():
         state.migrations.act(acted)

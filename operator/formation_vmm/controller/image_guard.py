@@ -1,23 +1,23 @@
 """Keeps a VmImage that VMs still use from being deleted under them: every VmImage carries the
 controller's finalizer; a deleted one keeps it, with condition InUse naming the VMs, until the
-last of them is gone. The watch tells when to look again (a VM changed or went away); the
-decision to release is made from a fresh list of the namespace's VMs, never from memory alone,
-so a controller that just started and has not seen every VM yet cannot release too early."""
+last of them is gone. The VMs' informer tells when to look again (a VM no longer names an image,
+or went away), and the images' store says which are held; the decision to release is made from
+a fresh list of the namespace's VMs, never from a store alone, so a controller that just started
+and has not seen every VM yet cannot release too early."""
 
 import logging
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from formation_vmm.api.conditions import get_condition, set_condition
 from formation_vmm.api.models import VmImageStatus
 from formation_vmm.api.names import IMAGE_FINALIZER, IMAGE_KIND
 from formation_vmm.api.references import referenced_images
+from formation_vmm.informer import Informer
 from formation_vmm.kube import EventRecorder, StatusWriter
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str]
 ListVms = Callable[[str], list[dict[str, Any]]]  # namespace -> the VMs in it, from the API
 
 
@@ -26,29 +26,35 @@ def in_use_message(users: list[str]) -> str:
     return f"deletion waits: VirtualMachine(s) {shown} still use this image; delete them first"
 
 
+HELD = "held"  # the images' store index: True for a deleted image our finalizer holds
+
+
+def held(body: dict[str, Any]) -> Iterable[Hashable]:
+    meta = body["metadata"]
+    return (
+        [True] if meta.get("deletionTimestamp") and IMAGE_FINALIZER in (meta.get("finalizers") or []) else []
+    )
+
+
 class ImageGuard:
-    def __init__(self, writer: StatusWriter[VmImageStatus], events: EventRecorder, list_vms: ListVms) -> None:
+    def __init__(
+        self, writer: StatusWriter[VmImageStatus], events: EventRecorder, list_vms: ListVms, images: Informer
+    ) -> None:
+        """``images``: the VmImages' informer, indexed by ``HELD``."""
         self.writer = writer
         self.events = events
         self.list_vms = list_vms
-        self._uses: dict[Key, set[str]] = {}  # VM -> images it names
-        self._deleting: dict[Key, dict[str, Any]] = {}  # VmImages waiting for their users
-        self._lock = threading.Lock()
+        self.images = images
 
-    def vm_event(self, event_type: str | None, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """Record a VM's images; returns the deleted images that may now be released."""
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
-        with self._lock:
-            before = self._uses.get(key, set())
-            if event_type == "DELETED":
-                self._uses.pop(key, None)
-                after: set[str] = set()
-            else:
-                after = referenced_images(body)
-                self._uses[key] = after
-            released = before - after
-            return [b for (ns, name), b in self._deleting.items() if ns == key[0] and name in released]
+    def vm_changed(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """What the store keeps of a VM (vm_facts.py) changed: the held images it no longer
+        names, which may be released now."""
+        if old is None:
+            return []
+        namespace = old["metadata"].get("namespace", "")
+        dropped = set(old.get("images") or ()) - set((new or {}).get("images") or ())
+        found = (self.images.get(f"{namespace}/{name}") for name in sorted(dropped))
+        return [image for image in found if image is not None and held(image)]
 
     def users(self, namespace: str, image: str) -> list[str]:
         return sorted(
@@ -56,14 +62,12 @@ class ImageGuard:
         )
 
     def image_event(self, event_type: str | None, body: dict[str, Any], write: bool = True) -> None:
-        """Add the finalizer to a live image; release or hold a deleted one. Runs in a thread.
-        With ``write`` False (a standby controller) it only remembers what it saw."""
+        """Add the finalizer to a live image; release or hold a deleted one. Runs in the
+        informer's thread. With ``write`` False (a standby controller) it does nothing: the store
+        remembers."""
         meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
         finalizers = meta.get("finalizers") or []
         if event_type == "DELETED":
-            with self._lock:
-                self._deleting.pop(key, None)
             return
         if not meta.get("deletionTimestamp"):
             if IMAGE_FINALIZER not in finalizers and write:
@@ -71,8 +75,6 @@ class ImageGuard:
             return
         if IMAGE_FINALIZER not in finalizers:
             return
-        with self._lock:
-            self._deleting[key] = body
         if write:
             self.release_if_unused(body)
 
@@ -94,9 +96,7 @@ class ImageGuard:
             return
         log.info("VmImage %s/%s: no VM uses it any more, releasing it", namespace, name)
         self.writer.remove_finalizer(body, IMAGE_FINALIZER)
-        with self._lock:
-            self._deleting.pop((namespace, name), None)
 
     def pending(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._deleting.values())
+        """Deleted images held for their VMs, as the images' store shows them."""
+        return self.images.by(HELD, True)

@@ -5,8 +5,9 @@ Authorization value (``secretRef``) in ``status.credentials``, one entry per nod
 migration's target gets its own: the user data in the VmMigration's ``status.sealedUserData``,
 and an entry in the images' credentials, from Preparing on. Agents read no Secrets.
 
-Fed by the watches (which objects need what, and each node's key); a pass writes what is missing
-or stale (another node, a new key, a changed Secret). Passes run on change, and every
+It reads the informers' stores (which objects need what, and each node's key) and keeps no copy
+of its own: the informers tell it when what sealing reads of an object changed, and a pass
+writes what is missing or stale (another node, a new key, a changed Secret). Passes run on change, and every
 ``refresh_seconds`` for Secrets changed behind our back. What a node gets (``sealed_for``) and
 whether what it has will do (``unchanged``) are pure."""
 
@@ -14,6 +15,7 @@ import base64
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from formation_vmm.api.models import (
@@ -26,7 +28,8 @@ from formation_vmm.api.models import (
     VmMigrationStatus,
 )
 from formation_vmm.api.names import AGENT_KEY_ANNOTATION, IMAGE_KIND, MIGRATION_PLURAL, NODE_LABEL, VM_KIND
-from formation_vmm.api.references import referenced_images
+from formation_vmm.controller.vm_facts import BY_IMAGE, SEALING, node_of
+from formation_vmm.informer import Informer
 from formation_vmm.kube import ApiError, EventRecorder, Kube, NotFoundError, StatusWriter
 from formation_vmm.migration_rules import SLOT_PHASES
 from formation_vmm.sealing import image_context, key_id, seal, user_data_context
@@ -70,6 +73,17 @@ def sealed_for(node: str, public: str | None, secret: Secret, context: str) -> S
     )
 
 
+@dataclass(frozen=True)
+class Seen:
+    """The informers whose stores the sealer reads: the VMs (vm_facts.py, indexed), the
+    hypervisor Nodes (their agents' keys), the VmImages and the VmMigrations."""
+
+    vms: Informer
+    nodes: Informer
+    images: Informer
+    migrations: Informer
+
+
 class Sealer:
     def __init__(
         self,
@@ -77,6 +91,7 @@ class Sealer:
         vms: StatusWriter[VirtualMachineStatus],
         images: StatusWriter[VmImageStatus],
         events: EventRecorder,
+        seen: Seen,
         refresh_seconds: float = 60.0,
         migrations: StatusWriter[VmMigrationStatus] | None = None,
     ) -> None:
@@ -85,116 +100,71 @@ class Sealer:
         self.vm_writer = vms
         self.image_writer = images
         self.events = events
+        self.seen = seen
         self.refresh_seconds = refresh_seconds
         self._lock = threading.Lock()
-        self._keys: dict[str, str] = {}  # node -> its agent's public key (base64)
-        self._vms: dict[str, Body] = {}  # uid -> bound VM with a userDataSecretRef
-        # uid -> (namespace, node, images named, name)
-        self._bound: dict[str, tuple[str, str, set[str], str]] = {}
-        self._images: dict[Key, Body] = {}  # VmImages with a secretRef
-        # Migrations under way (Preparing, Migrating): uid -> body. Their target fetches the
-        # VM's images and builds its seed before the binding moves (docs/migration.md).
-        self._incoming: dict[str, Body] = {}
-        # What sealing reads of each VM and image, as last seen: only a change there asks for a
-        # pass (a status write of the agents, every few seconds per VM, does not).
-        self._seen: dict[str | Key, Any] = {}
         self._dirty = True
         self._last_full = 0.0
 
-    # --- what the watches tell --------------------------------------------------------------
+    # --- what the informers tell: a change of what sealing reads asks for a pass -------------
+    # (an agent's status write, every few seconds per VM, does not)
 
-    def node_event(self, event_type: str | None, summary: dict[str, Any]) -> None:
-        key = (summary.get("annotations") or {}).get(AGENT_KEY_ANNOTATION)
-        with self._lock:
-            if event_type == "DELETED" or not key:
-                changed = self._keys.pop(summary["name"], None) is not None
-            else:
-                changed = self._keys.get(summary["name"]) != key
-                self._keys[summary["name"]] = key
-            self._dirty |= changed
-
-    def vm_event(self, event_type: str | None, body: Body) -> None:
-        meta = body["metadata"]
-        uid = meta.get("uid", "")
-        node = (meta.get("labels") or {}).get(NODE_LABEL)
-        with self._lock:
-            if event_type == "DELETED" or not node or meta.get("deletionTimestamp"):
-                self._vms.pop(uid, None)
-                self._bound.pop(uid, None)
-                self._seen.pop(uid, None)
-                return
-            images = referenced_images(body)
-            self._bound[uid] = (meta["namespace"], node, images, meta.get("name", ""))
-            ref = ((body.get("spec") or {}).get("cloudInit") or {}).get("userDataSecretRef")
-            if ref:
-                self._vms[uid] = body
-            else:
-                self._vms.pop(uid, None)
-            seen = (node, sorted(images), ref, (body.get("status") or {}).get("sealedUserData"))
-            if self._seen.get(uid) != seen:
-                self._seen[uid] = seen
+    def _changed(self, before: object, after: object) -> None:
+        if before != after:
+            with self._lock:
                 self._dirty = True
 
-    def migration_event(self, event_type: str | None, body: Body) -> None:
-        uid = body["metadata"].get("uid", "")
-        status = body.get("status") or {}
-        with self._lock:
-            if (
-                event_type == "DELETED"
-                or status.get("phase") not in SLOT_PHASES
-                or not status.get("targetNode")
-            ):
-                self._incoming.pop(uid, None)
-                self._seen.pop(uid, None)
-                return
-            self._incoming[uid] = body
-            seen = (status.get("targetNode"), status.get("sealedUserData"))
-            if self._seen.get(uid) != seen:
-                self._seen[uid] = seen
-                self._dirty = True
+    def node_changed(self, old: Body | None, new: Body | None) -> None:
+        self._changed(_agent_key(old), _agent_key(new))
 
-    def image_event(self, event_type: str | None, body: Body) -> None:
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
-        source = ((body.get("spec") or {}).get("source") or {}).get("http") or {}
-        with self._lock:
-            if event_type == "DELETED" or not source.get("secretRef") or meta.get("deletionTimestamp"):
-                self._images.pop(key, None)
-                self._seen.pop(key, None)
-            else:
-                self._images[key] = body
-                spec = body.get("spec") or {}
-                seen = (
-                    source["secretRef"],
-                    spec.get("prefetch"),
-                    (body.get("status") or {}).get("credentials"),
-                )
-                if self._seen.get(key) != seen:
-                    self._seen[key] = seen
-                    self._dirty = True
+    def vm_changed(self, old: Body | None, new: Body | None) -> None:
+        self._changed(_vm_print(old), _vm_print(new))
+
+    def migration_changed(self, old: Body | None, new: Body | None) -> None:
+        self._changed(_migration_print(old), _migration_print(new))
+
+    def image_changed(self, old: Body | None, new: Body | None) -> None:
+        self._changed(_image_print(old), _image_print(new))
+
+    # --- what the stores hold ----------------------------------------------------------------
+
+    def _keys(self) -> dict[str, str]:
+        """Each hypervisor node's agent's public key (base64), as its Node says."""
+        keys = {}
+        for node in self.seen.nodes.store.items():
+            key = _agent_key(node)
+            if key:
+                keys[str(node["metadata"]["name"])] = key
+        return keys
+
+    def _incoming(self) -> list[Body]:
+        """Migrations under way (Preparing, Migrating): their target fetches the VM's images
+        and builds its seed before the binding moves (docs/migration.md)."""
+        return [m for m in self.seen.migrations.store.items() if _migration_print(m) is not None]
+
+    def _images(self) -> list[Body]:
+        return [i for i in self.seen.images.store.items() if _image_print(i) is not None]
 
     # --- decisions ---------------------------------------------------------------------------
 
     def nodes_fetching(self, image: VmImage) -> set[str]:
         """The nodes that fetch ``image``: those of the VMs that name it, every node with a key
         for ``prefetch: AllNodes``."""
-        with self._lock:
-            if image.spec.prefetch == "AllNodes":
-                return set(self._keys)
-            namespace = image.metadata.namespace
-            users = {
-                name: node
-                for ns, node, names, name in self._bound.values()
-                if ns == namespace and image.metadata.name in names
-            }
-            # A migration's target fetches the VM's images before the VM is bound there.
-            targets = {
-                str(m["status"]["targetNode"])
-                for m in self._incoming.values()
-                if m["metadata"].get("namespace") == namespace
-                and (m.get("spec") or {}).get("vmName") in users
-            }
-            return set(users.values()) | targets
+        if image.spec.prefetch == "AllNodes":
+            return set(self._keys())
+        namespace = image.metadata.namespace or ""
+        users = {
+            str(facts["metadata"].get("name")): node
+            for facts in self.seen.vms.by(BY_IMAGE, (namespace, image.metadata.name))
+            if (node := node_of(facts)) is not None
+        }
+        # A migration's target fetches the VM's images before the VM is bound there.
+        targets = {
+            str(m["status"]["targetNode"])
+            for m in self._incoming()
+            if m["metadata"].get("namespace") == namespace and (m.get("spec") or {}).get("vmName") in users
+        }
+        return set(users.values()) | targets
 
     # --- passes ------------------------------------------------------------------------------
 
@@ -207,11 +177,11 @@ class Sealer:
             self._dirty = False
             if full:
                 self._last_full = moment
-            vms = list(self._vms.values())
-            images = list(self._images.values())
-            keys = dict(self._keys)
-            incoming = list(self._incoming.values())
-            by_name = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in vms}
+        vms = self.seen.vms.by(SEALING, True)
+        images = self._images()
+        keys = self._keys()
+        incoming = self._incoming()
+        by_name = {(b["metadata"]["namespace"], b["metadata"]["name"]): b for b in vms}
         secrets: dict[Key, Body | None] = {}  # each Secret read once per pass, however many use it
         for body in vms:
             try:
@@ -310,3 +280,33 @@ class Sealer:
                 self.events.post(
                     body, IMAGE_KIND, "SecretNotSealed", f"{entry.node}: {entry.error}", "Warning"
                 )
+
+
+def _agent_key(node: Body | None) -> str | None:
+    return ((node or {}).get("metadata", {}).get("annotations") or {}).get(AGENT_KEY_ANNOTATION) or None
+
+
+def _vm_print(facts: Body | None) -> tuple[Any, ...] | None:
+    """What sealing reads of a VM (vm_facts.py); None for one it has nothing to do with."""
+    if facts is None or facts["metadata"].get("deletionTimestamp") or node_of(facts) is None:
+        return None
+    ref = ((facts.get("spec") or {}).get("cloudInit") or {}).get("userDataSecretRef")
+    sealed = (facts.get("status") or {}).get("sealedUserData")
+    return (node_of(facts), tuple(facts.get("images") or ()), repr(ref), repr(sealed))
+
+
+def _migration_print(body: Body | None) -> tuple[Any, ...] | None:
+    status = (body or {}).get("status") or {}
+    if status.get("phase") not in SLOT_PHASES or not status.get("targetNode"):
+        return None
+    return (status.get("targetNode"), repr(status.get("sealedUserData")))
+
+
+def _image_print(body: Body | None) -> tuple[Any, ...] | None:
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    spec = body.get("spec") or {}
+    ref = ((spec.get("source") or {}).get("http") or {}).get("secretRef")
+    if not ref:
+        return None
+    return (repr(ref), spec.get("prefetch"), repr((body.get("status") or {}).get("credentials")))
