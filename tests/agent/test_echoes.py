@@ -107,11 +107,13 @@ def _vm(version: str, uid: str = "u1") -> dict[str, object]:
 def test_the_watch_copy_of_our_own_status_write_is_no_news() -> None:
     cache = VmCache()
     assert cache.update("ADDED", _vm("1")) == ("ns_a", True)
-    cache.written(_vm("2"))  # our status write made version 2
+    cache.written("1", _vm("2"))  # our status write made version 2, from the copy held
+    assert cache.get("ns_a") == _vm("2")  # held at once, before the watch's echo
     assert cache.update("MODIFIED", _vm("2")) == ("ns_a", False)
     assert cache.get("ns_a") == _vm("2")  # held all the same
     assert cache.update("MODIFIED", _vm("3")) == ("ns_a", True)  # someone else's write
     assert cache.update("MODIFIED", _vm("3")) == ("ns_a", False)  # the same version again
-    cache.written(_vm("4"))
+    cache.written("1", _vm("4"))  # written from a copy older than the one held
+    assert cache.get("ns_a") == _vm("3")  # the watch's newer copy is not replaced by ours
     assert cache.update("MODIFIED", _vm("5")) == ("ns_a", True)  # a newer version than ours
     assert cache.update("MODIFIED", _vm("4")) == ("ns_a", True)  # a late echo of ours: news (harmless)

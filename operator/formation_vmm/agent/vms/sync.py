@@ -50,7 +50,10 @@ class SyncResult:
     outcome: str = "idle"  # for the metrics: idle, acted, waiting, failed, invalid, unavailable
     finished: bool = False  # a deletion: the domain and files are gone
     gone: bool = False  # the VM no longer exists in the API (its deletion was missed)
-    written: Body | None = None  # the VM as our last status write left it
+
+
+# (the resourceVersion of the cache's copy the sync started from, or None; the VM as written)
+Written = Callable[[str | None, Body], None]
 
 
 class VmSync:
@@ -62,7 +65,7 @@ class VmSync:
         node: str,
         retry_seconds: float = 10.0,
         prober: Prober | None = None,
-        on_written: Callable[[Body], None] | None = None,
+        on_written: Written | None = None,
         snapshots: Callable[[str, str], int] | None = None,
     ) -> None:
         self.reconciler = reconciler
@@ -75,7 +78,8 @@ class VmSync:
         self.retry_seconds = retry_seconds
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._written: set[str] = set()  # VM uids whose status this process has written
-        self._last_written: dict[str, Body] = {}  # uid -> the VM as this sync's write left it
+        # uid -> the resourceVersion the sync under way started from (the cache's copy)
+        self._origin: dict[str, str | None] = {}
         self._guard = threading.Lock()
 
     @contextlib.contextmanager
@@ -90,7 +94,6 @@ class VmSync:
         with self._guard:
             self._locks.pop(domain, None)
             self._written.discard(uid)
-            self._last_written.pop(uid, None)
 
     def sync(self, body: Body) -> SyncResult:
         """Reconcile ``body``, which comes from a watch or a cache and may lag behind our own
@@ -100,6 +103,7 @@ class VmSync:
         vm = VirtualMachine.model_validate(body)
         uid = vm.metadata.uid or ""
         with self.locked(_domain(vm)):
+            self._origin[uid] = body["metadata"].get("resourceVersion")
             if uid in self._written:
                 fresh = self._fresh(body, vm)
                 if fresh is None:
@@ -112,9 +116,11 @@ class VmSync:
                     # made the VM's files again from its stale copy.
                     return SyncResult(gone=True)
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
-            with metrics.SYNC_SECONDS.time():
-                result = self._sync(body, vm)
-            result = replace(result, written=self._last_written.pop(uid, None))
+            try:
+                with metrics.SYNC_SECONDS.time():
+                    result = self._sync(body, vm)
+            finally:
+                self._origin.pop(uid, None)
         metrics.SYNCS.labels(result.outcome).inc()
         return result
 
@@ -258,12 +264,16 @@ class VmSync:
     def _write(
         self, body: Body, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]
     ) -> None:
+        uid = vm.metadata.uid or ""
         written = self.status.write(body, self._bound(vm, update))
-        self._written.add(vm.metadata.uid or "")
-        if written is not None:
-            if self.on_written is not None:
-                self.on_written(written)
-            self._last_written[vm.metadata.uid or ""] = written
+        self._written.add(uid)
+        if written is not None and self.on_written is not None:
+            # Once, as the write returns: before the watch's echo of it, which the cache then
+            # knows for ours; and the cache's copy, if still the one the sync started from,
+            # becomes the written one.
+            self.on_written(self._origin.get(uid), written)
+        if written is not None and uid in self._origin:  # a second write follows from this one
+            self._origin[uid] = written["metadata"].get("resourceVersion")
 
     def _write_if_changed(
         self, body: Body, vm: VirtualMachine, update: Callable[[VirtualMachineStatus], VirtualMachineStatus]

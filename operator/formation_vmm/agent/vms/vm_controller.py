@@ -80,24 +80,20 @@ class VmCache:
             self._bodies[key] = body
         return key, news
 
-    def written(self, body: Body) -> None:
-        """Our status write made ``body``: called from the writing thread as the write returns,
-        before the watch's echo of it usually arrives (``advance`` comes later, too late for
-        that in a burst)."""
-        meta = body["metadata"]
+    def written(self, since: str | None, written: Body) -> None:
+        """Our status write made ``written``, from the copy at version ``since`` (None: not
+        from the cache's): called once, from the writing thread, as the write returns. Its
+        version is remembered, so the watch's echo of it is no news; and it replaces the held
+        copy if that is still the one the write was made from (resourceVersions compared for
+        equality only, never ordered: a newer version from the watch is never replaced). Without
+        the latter a domain event that echoes our own start finds the old body, and the sync
+        reads the VM from the API again for nothing (one GET per VM in a burst)."""
+        meta = written["metadata"]
+        key = domain_name(meta["namespace"], meta["name"])
         with self._lock:
-            self._own[domain_name(meta["namespace"], meta["name"])] = meta.get("resourceVersion", "")
-
-    def advance(self, key: str, acted_on: Body, written: Body) -> None:
-        """Our own write made ``written`` from ``acted_on``: hold it now, unless the watch brought
-        something else meanwhile. Compared by equality of resourceVersion (opaque: never
-        ordered), so a newer version from the watch is never replaced by ours. Without this, a
-        domain event that echoes our own start finds the old body, and the sync reads the VM
-        from the API again for nothing (one GET per VM in a burst)."""
-        version = acted_on["metadata"].get("resourceVersion")
-        with self._lock:
+            self._own[key] = meta.get("resourceVersion", "")
             held = self._bodies.get(key)
-            if held is not None and held["metadata"].get("resourceVersion") == version:
+            if since is not None and held is not None and held["metadata"].get("resourceVersion") == since:
                 self._bodies[key] = written
 
     def drop(self, key: str, uid: str) -> None:
@@ -278,8 +274,6 @@ class VmController:
             self._orphan(key)
             return None
         result = self.handle(body)
-        if result.written is not None:
-            self.cache.advance(key, body, result.written)
         if result.gone:
             self.cache.drop(key, body["metadata"].get("uid", ""))
             self.queue.add(key)  # now an orphan: removed once the API confirms
