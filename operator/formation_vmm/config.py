@@ -92,9 +92,6 @@ class Settings(BaseSettings):
     probe_netns: Path | None = None
     # Probe checks in flight at once on a node (all of them share one thread).
     probe_concurrency: int = Field(default=64, ge=1, le=1024)
-    # How often the agent checks its memory of the node's VMs against a list from the API (a
-    # deletion missed while the watch was down); one LIST of the node's VMs.
-    vm_list_seconds: float = Field(default=300.0, gt=0)
     # Threads syncing VMs on a node; a sync never waits out a grace period, so a few suffice.
     sync_workers: int = Field(default=8, ge=1, le=64)
     # After SIGTERM, the process is gone within this many seconds, whatever it waits on (an

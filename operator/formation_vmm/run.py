@@ -41,7 +41,7 @@ from formation_vmm.agent.vms.inputs import ClusterInputs, ImageCatalog, image_au
 from formation_vmm.agent.vms.migration_marks import MigrationMarks
 from formation_vmm.agent.vms.reconcile import Reconciler
 from formation_vmm.agent.vms.sync import VmSync
-from formation_vmm.agent.vms.vm_controller import VmCache, VmController, bound_here, bound_uids
+from formation_vmm.agent.vms.vm_controller import VmCache, VmController, bound_here
 from formation_vmm.agent.vms.vm_metrics import ProbeCollector, VmStatsCollector
 from formation_vmm.api.models import (
     VirtualMachineStatus,
@@ -441,9 +441,7 @@ def run_agent(settings: Settings) -> None:
         vm_status,
         agent_finalizer(node),
         layout.vm_dir,
-        bound_uids(kube, node),
         MigrationMarks(settings.state_dir / "migrations"),
-        max(1, round(settings.vm_list_seconds / settings.resync_seconds)),
     )
     snapshots = Snapshots(
         node,

@@ -34,7 +34,6 @@ from formation_vmm.api.names import (
     CAPACITY_MEMORY_ANNOTATION,
     GROUP,
     HEARTBEAT_ANNOTATION,
-    IMAGE_PLURAL,
     MIGRATION_ENDPOINT_ANNOTATION,
     MIGRATION_KIND,
     NETWORK_PLURAL,
@@ -160,10 +159,12 @@ def migration_endpoint(settings: Settings, relay: Relay | None) -> str | None:
 
 
 def collect_images(state: AgentMemo) -> None:
-    """One pass of the image cache's collector, against the VmImages the API lists now (never
-    the watch's memory, which is empty until the watch has listed them all)."""
-    live = [VmImage.model_validate(body) for body in state.kube.list(IMAGE_PLURAL)]
-    state.collector.collect(live)
+    """One pass of the image cache's collector, against the VmImages of the informer's store
+    (none before its first list: an empty store is not a cluster without images). A VmImage
+    deleted while the watch was down leaves the store with the next list, as any deletion."""
+    live = state.images.all()
+    if live is not None:
+        state.collector.collect(live)
 
 
 def _snapshots_listed(state: AgentMemo) -> None:

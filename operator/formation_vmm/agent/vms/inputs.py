@@ -45,6 +45,13 @@ class ImageCatalog:
         body = self.images.get(f"{namespace}/{name}")
         return VmImage.model_validate(body) if body is not None else None
 
+    def all(self) -> list[VmImage] | None:
+        """Every VmImage; None until the informer's first list is in (an empty store then says
+        nothing of what exists)."""
+        if not self.images.synced.is_set():
+            return None
+        return [VmImage.model_validate(body) for body in self.images.store.items()]
+
 
 class ClusterInputs:
     """Images through the node's image manager (which fetches, verifies and caches them), user

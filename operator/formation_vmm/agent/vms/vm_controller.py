@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 Body = dict[str, Any]
 VmExists = Callable[[str, str, str], bool]  # (namespace, name, uid) -> still there, bound here
-ListBound = Callable[[], set[str]]  # the uids of the VMs bound to this node, as the API lists them
 
 
 def bound_here(kube: Kube, node: str) -> VmExists:
@@ -45,11 +44,6 @@ def bound_here(kube: Kube, node: str) -> VmExists:
         return bool(meta.get("uid") == uid and (meta.get("labels") or {}).get(NODE_LABEL) == node)
 
     return exists
-
-
-def bound_uids(kube: Kube, node: str) -> ListBound:
-    selector = f"{NODE_LABEL}={node}"
-    return lambda: {vm["metadata"]["uid"] for vm in kube.list(VM_PLURAL, label_selector=selector)}
 
 
 class VmCache:
@@ -179,9 +173,7 @@ class VmController:
         writer: StatusWriter[Any],
         finalizer: str,
         files_root: Path,
-        list_bound: ListBound,
         marks: MigrationMarks,
-        list_every: int = 20,
     ) -> None:
         self.sync = sync
         self.hypervisor = hypervisor
@@ -191,9 +183,6 @@ class VmController:
         self.writer = writer
         self.finalizer = finalizer
         self.files_root = files_root
-        self.list_bound = list_bound
-        self.list_every = list_every
-        self._resyncs = 0
         # VMs a live migration moves away from here (their sync waits until it has ended: the
         # guest may run on the target already) or brings here (the domain prepared for one is
         # not an orphan, though the VM is bound elsewhere yet).
@@ -224,14 +213,10 @@ class VmController:
             self.queue.add(key)
 
     def resync(self) -> None:
-        """Queue every VM of the cache, and every domain of ours whose VM the cache lacks. Every
-        ``list_every``-th time, first check the cache against a list from the API: a VM deleted
-        while the watch was down (a re-list shows no deletion) is dropped, and its domain goes
-        the way of an orphan's."""
+        """Queue every VM of the cache, and every domain of ours whose VM the cache lacks (an
+        orphan: removed once the API confirms its VM is gone). A VM deleted while the watch was
+        down leaves the cache with the informer's next list (``forget_unlisted``)."""
         metrics.RESYNCS.inc()
-        self._resyncs += 1
-        if self._resyncs % self.list_every == 0:
-            self.forget_missing()
         try:
             domains = self.hypervisor.owned_domains()
         except HypervisorError as exc:
@@ -244,17 +229,9 @@ class VmController:
         for key in self.cache.names():
             self.queue.add(key)
 
-    def forget_missing(self) -> None:
-        try:
-            listed = self.list_bound()
-        except Exception as exc:  # no list, no conclusion: nothing is dropped
-            log.warning("cannot list this node's VMs: %s", exc)
-            return
-        self.forget_unlisted(listed)
-
     def forget_unlisted(self, listed: set[str]) -> None:
         """``listed``: the uids of this node's VMs as a list from the API shows them (the VM
-        watch's own list, or the periodic check's). A VM of the cache not among them was
+        informer's, at its start and after a broken watch). A VM of the cache not among them was
         deleted or moved away while no watch delivered it: dropped, and its domain looked at
         as an orphan's (removed once the API confirms)."""
         for key in self.cache.names():
