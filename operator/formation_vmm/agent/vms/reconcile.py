@@ -5,14 +5,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from formation_vmm import metrics
 from formation_vmm.agent.hypervisor import Hypervisor
 from formation_vmm.agent.hypervisor.guest_agent import guest_os_info
-from formation_vmm.agent.plan import Action, DomainState, plan, restart_done
+from formation_vmm.agent.plan import Action, Desired, DomainState, plan, restart_done
 from formation_vmm.agent.state import DomainInfo, Outcome, desired_of, owner_of, stop_progress
 from formation_vmm.agent.vms import files
 from formation_vmm.agent.vms.disks import disk_growth
@@ -51,6 +51,23 @@ class VmNetworks(Protocol):
     def require(self, vm: VirtualMachine) -> None: ...
 
     def release(self, vm: VirtualMachine) -> None: ...
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A plan made from one version of a VM and the domain as it was: what ``carry_out`` does."""
+
+    name: str
+    uid: str
+    current: DomainInfo | None
+    images: dict[str, BaseImage]
+    spec: DomainSpec | None
+    digest: str | None
+    desired: Desired
+    actions: list[Action]
+    change_waits: bool
+    deleting: bool
+    now: float
 
 
 class Reconciler:
@@ -135,10 +152,16 @@ class Reconciler:
         vm: VirtualMachine,
         deleting: bool = False,
         grace_seconds: float | None = None,
-        dry_run: bool = False,
+        decided: "Decided | None" = None,
     ) -> Outcome:
-        """Plan and act. With ``dry_run``, only plan: the actions it would take, and the domain
-        as it is."""
+        """Plan and act: the plan ``decided`` already (from this very version of the VM), or a
+        new one."""
+        return self.carry_out(vm, decided or self.decide(vm, deleting, grace_seconds))
+
+    def decide(
+        self, vm: VirtualMachine, deleting: bool = False, grace_seconds: float | None = None
+    ) -> "Decided":
+        """The domain as it is, and what to do with it; nothing done yet."""
         meta = vm.metadata
         uid = meta.uid or ""
         name = domain_name(meta.namespace or "", meta.name)
@@ -167,44 +190,57 @@ class Reconciler:
                 "condition SpecAccepted): the VM waits for it",
                 "Ready",
             )
-        if dry_run:
-            addresses = self._addresses(vm, current)
-            return Outcome(
-                actions,
-                current,
-                digest,
-                addresses,
-                guest_os=self._guest_os(name, current),
-                held=change_waits,
-            )
-        if self.networks is not None and (Action.DEFINE in actions or Action.START in actions):
+        return Decided(
+            name, uid, current, images, spec, digest, desired, actions, change_waits, deleting, now
+        )
+
+    def preview(self, vm: VirtualMachine, decided: "Decided") -> Outcome:
+        """What carrying ``decided`` out would do, and the domain as it is: nothing done."""
+        return Outcome(
+            decided.actions,
+            decided.current,
+            decided.digest,
+            self._addresses(vm, decided.current),
+            guest_os=self._guest_os(decided.name, decided.current),
+            held=decided.change_waits,
+        )
+
+    def carry_out(self, vm: VirtualMachine, d: "Decided") -> Outcome:
+        """Do what ``d`` says to the domain; ``vm``: the version acted for (the one ``d`` was
+        made from)."""
+        if self.networks is not None and (Action.DEFINE in d.actions or Action.START in d.actions):
             self.networks.require(vm)  # its networks run here and hand out its addresses
-        for action in actions:
-            with self.echoes.expecting(name, action.value):
-                self._act(action, vm, name, spec, images)
+        for action in d.actions:
+            with self.echoes.expecting(d.name, action.value):
+                self._act(action, vm, d.name, d.spec, d.images)
             if action is Action.SHUTDOWN:
-                grace = desired.grace_seconds
-                self._set_deadline(uid, now + grace, now + grace / 2)
+                grace = d.desired.grace_seconds
+                self._set_deadline(d.uid, d.now + grace, d.now + grace / 2)
             elif action is Action.AGENT_SHUTDOWN:
-                self._nudged(uid)
-        after = self.hypervisor.describe(name)
-        if after is None or not after.actual.active or Action.DESTROY in actions or Action.START in actions:
-            self._set_deadline(uid, None)  # the stop is over (and a restart's new run has begun)
-        if after is not None and not deleting and not change_waits:
-            self._grow_disks(vm, name, after)
-        deadline = self._deadline(uid)
-        nudge = self._nudge(uid)
+                self._nudged(d.uid)
+        after = self.hypervisor.describe(d.name)
+        if (
+            after is None
+            or not after.actual.active
+            or Action.DESTROY in d.actions
+            or Action.START in d.actions
+        ):
+            self._set_deadline(d.uid, None)  # the stop is over (and a restart's new run has begun)
+        if after is not None and not d.deleting and not d.change_waits:
+            self._grow_disks(vm, d.name, after)
+        deadline = self._deadline(d.uid)
+        nudge = self._nudge(d.uid)
         wake = min(deadline, nudge) if deadline is not None and nudge is not None else deadline
         return Outcome(
-            actions,
+            d.actions,
             after,
-            digest,
+            d.digest,
             self._addresses(vm, after),
             stopping=deadline is not None,
             requeue_after=max(wake - self.clock(), 0.0) if wake is not None else None,
-            restart_done=restart_done(desired, actions),
-            guest_os=self._guest_os(name, after),
-            held=change_waits,
+            restart_done=restart_done(d.desired, d.actions),
+            guest_os=self._guest_os(d.name, after),
+            held=d.change_waits,
         )
 
     def prepare_incoming(self, vm: VirtualMachine, uuid: str) -> None:

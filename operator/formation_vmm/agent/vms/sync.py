@@ -21,7 +21,7 @@ from formation_vmm.agent.probes.probe_state import Readiness
 from formation_vmm.agent.probes.prober import Prober, probe_target
 from formation_vmm.agent.state import Outcome, restart_requested
 from formation_vmm.agent.vms.inputs import InputNotReadyError
-from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.reconcile import Decided, Reconciler
 from formation_vmm.agent.vms.status import (
     bound_fields,
     changes,
@@ -96,18 +96,23 @@ class VmSync:
             self._written.discard(uid)
 
     def sync(self, body: Body) -> SyncResult:
-        """Reconcile ``body``, which comes from a watch or a cache and may lag behind our own
-        last status write: first look, and if anything is to be done or written, re-read the VM
-        and work from that, so a restart already carried out is never carried out twice. A VM
-        we have not written since we started cannot lag behind us: no re-read for it."""
+        """Reconcile ``body``, which comes from the cache and may lag behind the API (a binding
+        moved by a migration or a restart elsewhere that the watch has not brought yet): plan
+        from it, and if anything is to be done or written, read the VM from the API before
+        acting. The plan is carried out as made when the API has the very version planned from
+        (nearly always: the cache holds our own writes as they return); else it is made again
+        from the API's. A VM we have not written since we started cannot lag behind us: no read
+        for it."""
         vm = VirtualMachine.model_validate(body)
         uid = vm.metadata.uid or ""
         with self.locked(_domain(vm)):
             self._origin[uid] = body["metadata"].get("resourceVersion")
+            decided: Decided | None = None
             if uid in self._written:
-                fresh = self._fresh(body, vm)
-                if fresh is None:
+                decided, idle = self._look(body, vm)
+                if idle:
                     return SyncResult()
+                fresh = self.status.get_or_none(vm.metadata.namespace, vm.metadata.name) or {}
                 meta = fresh.get("metadata", {})
                 if meta.get("uid") != uid or (meta.get("labels") or {}).get(NODE_LABEL) != self.node:
                     # Gone, or bound to another node since the cache's copy (a migration or a
@@ -115,20 +120,24 @@ class VmSync:
                     # to act on. Seen: a migrated VM's source, poked as the migration ended,
                     # made the VM's files again from its stale copy.
                     return SyncResult(gone=True)
+                if meta.get("resourceVersion") != body["metadata"].get("resourceVersion"):
+                    decided = None  # the VM changed since the cache's copy: planned anew
                 body, vm = fresh, VirtualMachine.model_validate(fresh)
             try:
                 with metrics.SYNC_SECONDS.time():
-                    result = self._sync(body, vm)
+                    result = self._sync(body, vm, decided)
             finally:
                 self._origin.pop(uid, None)
         metrics.SYNCS.labels(result.outcome).inc()
         return result
 
-    def _fresh(self, body: Body, vm: VirtualMachine) -> Body | None:
-        """None when nothing needs doing; else the VM as the API has it now (an empty body when
-        it is gone, or another VM's when the name was taken again)."""
+    def _look(self, body: Body, vm: VirtualMachine) -> tuple[Decided | None, bool]:
+        """The plan from the cache's copy, and whether the sync is idle (nothing to do, nothing
+        to write). No plan when making one failed (an input or libvirt problem: the sync
+        proper meets it again and reports it)."""
         try:
-            preview = self.reconciler.reconcile(vm, dry_run=True)
+            decided = self.reconciler.decide(vm)
+            preview = self.reconciler.preview(vm, decided)
             key = _domain(vm)
             readiness = self.prober.readiness(key) if self.prober is not None else None
             failed = self.prober is not None and self.prober.liveness_failure(key) is not None
@@ -141,11 +150,9 @@ class VmSync:
                 and not failed
                 and not changes(dict(body.get("status") or {}), would_write(vm.status))
             )
-        except Exception:  # an input or libvirt problem: the full pass reports it
-            idle = False
-        if idle:
-            return None
-        return self.status.get_or_none(vm.metadata.namespace, vm.metadata.name) or {}
+        except Exception:
+            return None, False
+        return decided, idle
 
     def delete(self, body: Body, grace_seconds: float | None = None) -> SyncResult:
         """One step of a deleted VM's way out: a graceful stop first (the result says when to
@@ -167,9 +174,9 @@ class VmSync:
         self.forget(domain, vm.metadata.uid or "")
         return SyncResult(outcome="acted", finished=True)
 
-    def _sync(self, body: Body, vm: VirtualMachine) -> SyncResult:
+    def _sync(self, body: Body, vm: VirtualMachine, decided: Decided | None = None) -> SyncResult:
         try:
-            outcome = self.reconciler.reconcile(vm)
+            outcome = self.reconciler.reconcile(vm, decided=decided)
         except InputNotReadyError as exc:
             reason, message, condition = exc.reason, str(exc), exc.condition
             self._report(

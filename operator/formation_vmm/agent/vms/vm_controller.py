@@ -202,7 +202,7 @@ class VmController:
     def vm_event(self, event_type: str | None, body: Body) -> None:
         """A watch event of a VM bound to this node (informer.py). The echo of our own status
         write is not queued: a resourceVersion names one content, and the domain's own changes
-        come as libvirt events (in a burst this halves the syncs: a dry-run reconcile per VM)."""
+        come as libvirt events (in a burst this halves the syncs: a plan and a describe per VM)."""
         key, news = self.cache.update(event_type, body)
         if event_type != "DELETED" and news:
             self.queue.add(key)
