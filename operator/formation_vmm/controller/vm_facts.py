@@ -43,14 +43,16 @@ def node_of(facts: Body) -> str | None:
     return (facts["metadata"].get("labels") or {}).get(NODE_LABEL)
 
 
-def images_named(facts: Body) -> Iterable[Hashable]:
+def images_of(facts: Body) -> Iterable[Hashable]:
+    """The index BY_IMAGE: (namespace, VmImage) of each image the VM names."""
     namespace = facts["metadata"].get("namespace", "")
     return [(namespace, image) for image in facts.get("images") or []]
 
 
 def sealing(facts: Body) -> Iterable[Hashable]:
+    """The index SEALING: True for a bound VM, not being deleted, with a user-data Secret."""
     bound = node_of(facts) is not None and not facts["metadata"].get("deletionTimestamp")
     return [True] if bound and facts.get("spec") else []
 
 
-INDEXERS = {BY_IMAGE: images_named, SEALING: sealing}
+INDEXERS = {BY_IMAGE: images_of, SEALING: sealing}
