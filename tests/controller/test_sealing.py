@@ -3,12 +3,22 @@ with that node's key only, for the object it was sealed for only, and not once t
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from formation_vmm.api.models import SealedValue, VmImage, to_wire
-from formation_vmm.api.names import NODE_LABEL
-from formation_vmm.controller.sealer import Sealer, sealed_for, unchanged
+from formation_vmm.api.names import (
+    AGENT_KEY_ANNOTATION,
+    IMAGE_PLURAL,
+    MIGRATION_PLURAL,
+    NODE_LABEL,
+    VM_PLURAL,
+)
+from formation_vmm.controller.sealer import Sealer, Seen, sealed_for, unchanged
+from formation_vmm.controller.vm_facts import INDEXERS, vm_facts
+from formation_vmm.informer import Informer
+from formation_vmm.kube import Resource
 from formation_vmm.sealing import NodeKey, SealError, seal, user_data_context
 
 pytestmark = pytest.mark.pure
@@ -78,15 +88,28 @@ def test_a_seal_patched_over_an_error_clears_it(tmp_path: Path) -> None:
     assert to_wire(missing)["data"] is None and to_wire(missing)["keyId"] is None
 
 
+def stores() -> Seen:
+    """The informers the sealer reads, never started: their stores filled by hand, as their
+    lists and watches would (tests/controlplane has the real ones)."""
+    nowhere: Any = None
+    return Seen(
+        vms=Informer(nowhere, VM_PLURAL, transform=vm_facts, indexers=INDEXERS),
+        nodes=Informer(nowhere, Resource("nodes", "", "v1")),
+        images=Informer(nowhere, IMAGE_PLURAL),
+        migrations=Informer(nowhere, MIGRATION_PLURAL),
+    )
+
+
 def test_a_migrations_target_fetches_the_vms_images_with_their_credentials() -> None:
     """The nodes an image's credentials are sealed for: those of the VMs that use it, and the
     target of a migration of such a VM while it is under way (it fetches the bases first)."""
-    sealer = Sealer(None, None, None, None, migrations=object())  # type: ignore[arg-type]
+    seen = stores()
+    sealer = Sealer(None, None, None, None, seen, migrations=object())  # type: ignore[arg-type]
     vm = {
         "metadata": {"uid": "u1", "namespace": "team-a", "name": "web", "labels": {NODE_LABEL: "n1"}},
         "spec": {"disks": [{"name": "root", "image": "private"}]},
     }
-    sealer.vm_event("ADDED", vm)
+    seen.vms.store.put("team-a/web", vm_facts(vm))
     image = VmImage.model_validate(
         {
             "metadata": {"namespace": "team-a", "name": "private"},
@@ -99,7 +122,35 @@ def test_a_migrations_target_fetches_the_vms_images_with_their_credentials() -> 
         "spec": {"vmName": "web"},
         "status": {"phase": "Preparing", "sourceNode": "n1", "targetNode": "n2"},
     }
-    sealer.migration_event("MODIFIED", migration)
+    seen.migrations.store.put("team-a/move", migration)
     assert sealer.nodes_fetching(image) == {"n1", "n2"}
-    sealer.migration_event("MODIFIED", {**migration, "status": {**migration["status"], "phase": "Failed"}})
+    seen.migrations.store.put(
+        "team-a/move", {**migration, "status": {**migration["status"], "phase": "Failed"}}
+    )
     assert sealer.nodes_fetching(image) == {"n1"}
+
+
+def test_only_a_change_of_what_sealing_reads_asks_for_a_pass() -> None:
+    """The informers hand the sealer what their stores kept before and after each event: an
+    agent's status write (every few seconds per VM) asks for no pass; a new node, image or
+    Secret reference does."""
+    sealer = Sealer(None, None, None, None, stores())  # type: ignore[arg-type]
+    web: dict[str, Any] = {
+        "metadata": {"uid": "u1", "namespace": "team-a", "name": "web", "labels": {NODE_LABEL: "n1"}},
+        "spec": {"cloudInit": {"userDataSecretRef": {"name": "cloud"}}},
+        "status": {"phase": "Running"},
+    }
+    sealer._dirty = False
+    sealer.vm_changed(vm_facts(web), vm_facts({**web, "status": {"phase": "Stopped"}}))
+    assert not sealer._dirty
+    moved = {**web, "metadata": {**web["metadata"], "labels": {NODE_LABEL: "n2"}}}
+    sealer.vm_changed(vm_facts(web), vm_facts(moved))
+    assert sealer._dirty
+    sealer._dirty = False
+    node = {"metadata": {"name": "n1", "annotations": {AGENT_KEY_ANNOTATION: "a2V5"}}}
+    sealer.node_changed(
+        node, {"metadata": {"name": "n1", "annotations": {"other": "x", AGENT_KEY_ANNOTATION: "a2V5"}}}
+    )
+    assert not sealer._dirty
+    sealer.node_changed(node, None)  # the node went: its VMs' values are sealed for nobody now
+    assert sealer._dirty
