@@ -6,12 +6,17 @@ these writes itself."""
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from formation_vmm import metrics
+from formation_vmm.agent.hypervisor import Hypervisor
+from formation_vmm.agent.vms.echoes import Echoes
+from formation_vmm.agent.vms.reconcile import Reconciler
+from formation_vmm.agent.vms.sync import VmSync
 from formation_vmm.api.conditions import now, set_condition
 from formation_vmm.api.models import VirtualMachineStatus, VmImageStatus
 from formation_vmm.api.names import (
@@ -31,9 +36,12 @@ from formation_vmm.controller.vm_facts import INDEXERS, vm_facts
 from formation_vmm.controller.vm_feed import VmFeed
 from formation_vmm.devcluster.cluster import Kubectl, install_crds, service_account_kubeconfig
 from formation_vmm.devcluster.controlplane import ControlPlane
+from formation_vmm.domain.layout import NodeLayout
+from formation_vmm.domain.naming import domain_name
 from formation_vmm.informer import Informer
 from formation_vmm.kube import EventRecorder, Kube, Resource, StatusWriter
 from tests.support.cluster import private_plane
+from tests.support.factories import InlineInputs
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.controlplane
@@ -385,3 +393,49 @@ def test_a_binding_write_that_fails_is_made_again_at_the_next_pass(
     binder.bind_pending()  # the next pass: no event of the VM in between
     assert kubectl_json(kubectl, ns, "first")["metadata"]["labels"][NODE_LABEL] == "node-retry"
     release(kubectl, ns, "first")
+
+
+def test_a_sync_reads_the_api_before_acting_on_a_copy_older_than_a_moved_binding(
+    kube: Kube, kubectl: Kubectl, ns: str, tmp_path: Path
+) -> None:
+    """VmSync plans from the cache's copy and reads the VM from the API before acting on it:
+    a copy from before the binding moved (a migration that just ended; its domain gone from
+    here) defines and starts nothing. Its status write reaches the cache once, with the
+    version of the copy the sync started from. Real parts: the apiserver, libvirt's test
+    driver."""
+    hypervisor = Hypervisor("test:///default")
+    layout = NodeLayout(tmp_path / "run", tmp_path / "disks", tmp_path / "images", tmp_path / "cache")
+    writes: list[tuple[str | None, dict[str, Any]]] = []
+    sync = VmSync(
+        Reconciler(hypervisor, layout, "test", InlineInputs(), echoes=Echoes()),
+        StatusWriter(kube, VM_PLURAL, VirtualMachineStatus),
+        EventRecorder(kube, "test"),
+        "node-sync",
+        on_written=lambda since, written: writes.append((since, written)),
+    )
+    doc = {
+        "apiVersion": "vmm.formation.cloud/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "moved", "namespace": ns, "labels": {NODE_LABEL: "node-sync"}},
+        "spec": {"cpus": 1, "memory": "32Mi"},
+    }
+    kubectl("create", "-f", "-", input_text=json.dumps(doc))
+    body = kubectl_json(kubectl, ns, "moved")
+    domain = domain_name(ns, "moved")
+    try:
+        assert sync.sync(body).outcome == "acted"
+        info = hypervisor.describe(domain)
+        assert info is not None and info.actual.active
+        assert [since for since, _ in writes] == [body["metadata"]["resourceVersion"]]  # once
+        stale = writes[-1][1]  # the cache's copy: the one our write made
+        kubectl("label", "vm", "moved", "-n", ns, "--overwrite", f"{NODE_LABEL}=node-elsewhere")
+        hypervisor.destroy(domain)  # the guest runs on the target now: nothing of it here
+        hypervisor.undefine(domain)
+        result = sync.sync(stale)
+        assert result.gone
+        assert hypervisor.describe(domain) is None  # not defined again from the stale copy
+    finally:
+        if hypervisor.describe(domain) is not None:
+            hypervisor.destroy(domain)
+            hypervisor.undefine(domain)
+        hypervisor.close()
