@@ -62,7 +62,7 @@ class WorkQueue:
     def lane(self, kind: str) -> "Lane":
         """What a kind's producers hold: add and add_after of names of that kind."""
         with self._cond:
-            self._lanes.setdefault(kind, _Lane())
+            self._lane(kind)
         return Lane(self, kind)
 
     # --- producers -----------------------------------------------------------------------------
@@ -89,12 +89,12 @@ class WorkQueue:
             return
         self._dirty[key] = self._clock()
         if key not in self._processing:  # else done() queues it
-            self._ready(key).append(key[1])
+            self._lane(key[0]).ready.append(key[1])
             self._depth_changed(key[0])
             self._cond.notify_all()
 
-    def _ready(self, key: Key) -> deque[str]:
-        return self._lanes.setdefault(key[0], _Lane()).ready
+    def _lane(self, kind: str) -> _Lane:
+        return self._lanes.setdefault(kind, _Lane())
 
     def _depth_changed(self, kind: str) -> None:
         metrics.QUEUE_DEPTH.labels(kind).set(len(self._lanes[kind].ready))
@@ -115,7 +115,7 @@ class WorkQueue:
         """The next name of ``kind`` to work on (the caller's until ``done``), or None once
         closed."""
         with self._cond:
-            ready = self._lanes.setdefault(kind, _Lane()).ready
+            ready = self._lane(kind).ready
             while True:
                 wait = self._promote_locked()
                 if self._closed:
@@ -137,7 +137,7 @@ class WorkQueue:
         with self._cond:
             self._processing.discard(key)
             if key in self._dirty:
-                self._ready(key).append(name)
+                self._lane(kind).ready.append(name)
                 self._depth_changed(kind)
                 self._cond.notify_all()
             if failed:
@@ -166,7 +166,7 @@ class WorkQueue:
                     metrics.QUEUE_WORK_SECONDS.labels(kind).observe(max(self._clock() - began, 0.0))
                     self.done(kind, name, again, failed)
 
-        lane = self._lanes.setdefault(kind, _Lane())
+        lane = self._lane(kind)
         for index in range(workers):
             thread = threading.Thread(target=serve, name=f"{kind}-{index}", daemon=True)
             thread.start()

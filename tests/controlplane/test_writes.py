@@ -205,6 +205,22 @@ def unstarted_stores(kube: Kube) -> Seen:
     )
 
 
+def feed_watch(kube: Kube, feed: VmFeed, selector: str) -> Informer:
+    """The controller's VM informer as run.py builds it, fed to ``feed``, over the VMs
+    ``selector`` picks (a test's own), its requests short so a stop ends within a second."""
+    return Informer(
+        kube,
+        VM_PLURAL,
+        feed.event,
+        label_selector=selector,
+        transform=vm_facts,
+        indexers=INDEXERS,
+        changed=feed.changed,
+        timeout_seconds=1,
+        retry_seconds=0.2,
+    )
+
+
 def binder_with_a_node(kube: Kube, cpus: int = 4, node: str = NODE) -> Binder:
     binder = Binder(StatusWriter(kube, VM_PLURAL, VirtualMachineStatus), EventRecorder(kube, "test"))
     binder.seed([])  # the VMs these tests hand it are all it knows
@@ -248,17 +264,7 @@ def test_the_controllers_feed_frees_the_room_of_a_vm_a_new_list_lacks(
         return kubectl_json(kubectl, ns, name)
 
     assert bind(binder, kubectl, labeled_vm("gone")) == "node-feed"
-    watch = Informer(
-        kube,
-        VM_PLURAL,
-        feed.event,
-        label_selector=mine,
-        transform=vm_facts,
-        indexers=INDEXERS,
-        changed=feed.changed,
-        timeout_seconds=1,
-        retry_seconds=0.2,
-    )
+    watch = feed_watch(kube, feed, mine)
     watch.start()
     wait_for(lambda: watch.lists == 1, 30, "the first watch's list")
     watch.stop()
@@ -310,17 +316,7 @@ def test_an_image_held_for_a_vm_deleted_while_the_watch_was_down_is_released_by_
     }
     kubectl("create", "-f", "-", input_text=json.dumps(vm_doc))
     seen.images.start()
-    watch = Informer(
-        kube,
-        VM_PLURAL,
-        feed.event,
-        label_selector=f"guard-test={ns}",
-        transform=vm_facts,
-        indexers=INDEXERS,
-        changed=feed.changed,
-        timeout_seconds=1,
-        retry_seconds=0.2,
-    )
+    watch = feed_watch(kube, feed, f"guard-test={ns}")
     watch.start()
     try:
         wait_for(lambda: watch.lists == 1, 30, "the first watch's list")

@@ -152,7 +152,7 @@ class Reconciler:
         vm: VirtualMachine,
         deleting: bool = False,
         grace_seconds: float | None = None,
-        decided: "Decided | None" = None,
+        decided: Decided | None = None,
     ) -> Outcome:
         """Plan and act: the plan ``decided`` already (from this very version of the VM), or a
         new one."""
@@ -160,7 +160,7 @@ class Reconciler:
 
     def decide(
         self, vm: VirtualMachine, deleting: bool = False, grace_seconds: float | None = None
-    ) -> "Decided":
+    ) -> Decided:
         """The domain as it is, and what to do with it; nothing done yet."""
         meta = vm.metadata
         uid = meta.uid or ""
@@ -194,7 +194,7 @@ class Reconciler:
             name, uid, current, images, spec, digest, desired, actions, change_waits, deleting, now
         )
 
-    def preview(self, vm: VirtualMachine, decided: "Decided") -> Outcome:
+    def preview(self, vm: VirtualMachine, decided: Decided) -> Outcome:
         """What carrying ``decided`` out would do, and the domain as it is: nothing done."""
         return Outcome(
             decided.actions,
@@ -205,7 +205,7 @@ class Reconciler:
             held=decided.change_waits,
         )
 
-    def carry_out(self, vm: VirtualMachine, d: "Decided") -> Outcome:
+    def carry_out(self, vm: VirtualMachine, d: Decided) -> Outcome:
         """Do what ``d`` says to the domain; ``vm``: the version acted for (the one ``d`` was
         made from)."""
         if self.networks is not None and (Action.DEFINE in d.actions or Action.START in d.actions):

@@ -36,7 +36,7 @@ from formation_vmm.api.names import (
     agent_finalizer,
 )
 from formation_vmm.controller.binding.admission import Refusal, change_refusal
-from formation_vmm.controller.binding.identities import Identities, held, macs_of
+from formation_vmm.controller.binding.identities import Identities, macs_of, wholly_admitted
 from formation_vmm.controller.binding.migration_targets import MigrationTargets
 from formation_vmm.controller.binding.networks import NetworkCatalog
 from formation_vmm.controller.binding.node_loss import NodeLoss
@@ -253,7 +253,7 @@ class Binder:
                     self._hold(uid, new)
                     if old is not None and (old.vcpus > new.vcpus or old.memory > new.memory):
                         self.changed.set()  # a VM shrank: room for a pending one, perhaps
-                    if not held(body, vm):
+                    if wholly_admitted(body, vm):
                         self.ids.macs.record(uid, macs_of(vm))
                         self._changes.pop(uid, None)
                     elif not new.deleting:

@@ -35,7 +35,7 @@ class Identities:
     def record_macs(self, uid: str, body: Body, vm: VirtualMachine) -> None:
         """The MACs of a bound VM: those of its domain when all of its spec is admitted; else
         those its record names, for the interfaces it still has."""
-        if not held(body, vm):
+        if wholly_admitted(body, vm):
             self.macs.record(uid, macs_of(vm))
         else:
             recorded = recorded_macs(vm.metadata.annotations)
@@ -80,11 +80,10 @@ class Identities:
         self.qemu_uids.release(uid)
 
 
-def held(body: Body, vm: VirtualMachine) -> bool:
-    """Whether the VM's spec is not (or not wholly) admitted: no record, or one for another
-    digest."""
+def wholly_admitted(body: Body, vm: VirtualMachine) -> bool:
+    """Whether the VM's spec is admitted as it is: a record, and for this spec's digest."""
     annotations = body["metadata"].get("annotations") or {}
-    return ADMITTED_ANNOTATION not in annotations or change_held(annotations, vm.spec)
+    return ADMITTED_ANNOTATION in annotations and not change_held(annotations, vm.spec)
 
 
 def mac_asks(vm: VirtualMachine) -> list[tuple[str, str, str | None]]:
